@@ -1,0 +1,89 @@
+"""Socket addresses as users write them: ``127.0.0.1:80``, ``[::1]:80``, ``localhost:8080``.
+
+Parsing is separate from resolving: the text is checked at once (so a typo is reported
+before anything starts), and names are resolved later *inside the namespace that will
+use them* via the socket factory, because resolution depends on that namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A parsed but unresolved ``HOST:PORT``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ResolvedAddress:
+    """A concrete socket address: what socket(), bind() and connect() take."""
+
+    family: int
+    sockaddr: tuple
+
+    def __str__(self) -> str:
+        return format_sockaddr(self.sockaddr)
+
+
+def parse_host_port(text: str, *, what: str, allow_port_zero: bool) -> HostPort:
+    """Split ``HOST:PORT`` / ``[V6]:PORT``; ``what`` names the option in error messages."""
+    example = "e.g. 127.0.0.1:8080 or [::1]:8080"
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1 :].startswith(":"):
+            raise UserError(f"{what} {text!r}: malformed address ({example})")
+        host, port_text = text[1:close], text[close + 2 :]
+        if not host:
+            raise UserError(f"{what} {text!r}: empty IPv6 address ({example})")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise UserError(f"{what} {text!r}: expected HOST:PORT ({example})")
+        if ":" in host:
+            raise UserError(
+                f"{what} {text!r}: IPv6 addresses need brackets, e.g. [{host}]:{port_text}"
+            )
+    if not port_text.isdigit():
+        raise UserError(f"{what} {text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise UserError(f"{what} {text!r}: port {port} out of range ({low}-65535)")
+    return HostPort(host, port)
+
+
+def resolve(addr: HostPort, *, what: str, passive: bool) -> ResolvedAddress:
+    """Resolve in the *calling thread's* namespace; run it through the socket factory."""
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICSERV
+        )
+    except socket.gaierror as exc:
+        raise UserError(
+            f"{what} {addr}: cannot resolve host {addr.host!r} ({exc.strerror})"
+        ) from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return ResolvedAddress(family, sockaddr)
+
+
+def format_sockaddr(sockaddr: object) -> str:
+    """``1.2.3.4:5`` / ``[::1]:5`` / a Unix path, for log lines."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        host, port = sockaddr[0], sockaddr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(sockaddr, bytes):
+        if sockaddr[:1] == b"\0":
+            return "@" + sockaddr[1:].decode(errors="replace")
+        return repr(sockaddr)
+    return str(sockaddr) or "unnamed"

@@ -1,0 +1,277 @@
+"""Command line: argument parsing only; everything else is a library call.
+
+``nsbridge forward`` takes netns_tcp_bridge's flags (-l -L -S -c -C -f -F -t -T) plus
+friendlier ones; ``netns-tcp-bridge`` (see compat.py) takes exactly the original's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .addresses import parse_host_port
+from .bridge import Bridge
+from .errors import UserError
+from .forward import (
+    ConnectAddress,
+    ConnectSide,
+    ForwardSpec,
+    ListenAddress,
+    ListenSide,
+    ListenSocket,
+    Preaccepted,
+    Preconnected,
+)
+from .limits import raise_nofile_limit
+from .netns import Netns
+from .sockets import adopt_connected_fd, adopt_listening_fd
+
+log = logging.getLogger("nsbridge")
+
+FORWARD_EPILOG = """\
+modes (one listen side, one connect side; every combination works):
+  -l ADDR  -c ADDR   listen, dial the target for every client            (the usual)
+  -L FD    -c ADDR   inherited listening socket, dial for every client
+  -S FD    -c ADDR   one pre-accepted client, dial once, exit when done
+  -l/-L    -C FD     accept one client, relay it to a pre-connected target, exit
+  -S FD    -C FD     relay two connected sockets to each other, exit when done
+
+namespaces (for -l and -c; default: the namespace nsbridge runs in):
+  --listen-netns/--connect-netns SPEC   SPEC is a path (/proc/123/ns/net), pid:123,
+                                        fd:N, or a name from `ip netns` (/run/netns/NAME)
+  -f/-t PATH, -F/-T FD                  netns_tcp_bridge's spellings of the same
+
+examples:
+  # expose port 80 of namespace "web" on 127.0.0.1:8080 here
+  nsbridge forward -l 127.0.0.1:8080 --connect-netns web -c 127.0.0.1:80
+  # let a process in namespace of PID 6448 reach a host service at its 127.0.0.1:80
+  nsbridge forward -f /proc/6448/ns/net -l 127.0.0.1:80 -c 192.0.2.10:80
+
+Resets are carried as resets, half-close as half-close; a refused or unreachable target
+resets the client at once.  SIGINT/SIGTERM stop listening and exit 0 (after --drain).
+"""
+
+
+def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
+    """The netns_tcp_bridge flags, with its long names; extras unless ``compat``."""
+    parser.add_argument("-l", "--listen", metavar="ADDR",
+                        help="address to listen on, e.g. 127.0.0.1:1234 or [::1]:1234")
+    parser.add_argument("-L", "--listen-fd", metavar="FD",
+                        help="inherited file descriptor of a listening socket")
+    parser.add_argument("-S", "--preaccepted-fd", metavar="FD",
+                        help="inherited connected client socket: forward just it, then exit")
+    parser.add_argument("-c", "--connect", metavar="ADDR",
+                        help="address to forward incoming connections to")
+    parser.add_argument("-C", "--connect-fd", metavar="FD",
+                        help="pre-connected target socket: forward one connection to it, then exit")
+    parser.add_argument("-f", "--listen-netns-file", metavar="PATH",
+                        help="network namespace file to listen in, e.g. /proc/1234/ns/net")
+    parser.add_argument("-F", "--listen-netns-fd", metavar="FD",
+                        help="open fd of the network namespace to listen in")
+    parser.add_argument("-t", "--connect-netns-file", metavar="PATH",
+                        help="network namespace file to connect from")
+    parser.add_argument("-T", "--connect-netns-fd", metavar="FD",
+                        help="open fd of the network namespace to connect from")
+    if compat:
+        parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
+                            drain=0.0, verbose=0, engine="splice")
+        return
+    parser.add_argument("--listen-netns", metavar="SPEC",
+                        help="namespace to listen in: path, pid:N, fd:N or an `ip netns` name")
+    parser.add_argument("--connect-netns", metavar="SPEC",
+                        help="namespace to connect from: path, pid:N, fd:N or an `ip netns` name")
+    parser.add_argument("--connect-timeout", metavar="SECONDS", type=float, default=30.0,
+                        help="reset the client if the target has not answered by then "
+                        "(default 30; 0 = the kernel's own timeout)")
+    parser.add_argument("--drain", metavar="SECONDS", type=float, default=0.0,
+                        help="on SIGINT/SIGTERM let open connections finish for up to this "
+                        "long before resetting them (default 0)")
+    parser.add_argument("--engine", choices=("splice", "copy"), default="splice",
+                        help="data mover: splice (zero-copy through pipes, default) or copy")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: one line per connection; -vv: debug")
+
+
+def _one_of(args: argparse.Namespace, names: Sequence[tuple[str, str]], role: str,
+            required: bool) -> tuple[str, str] | None:
+    given = [(flag, getattr(args, attr)) for flag, attr in names if getattr(args, attr) is not None]
+    if len(given) > 1:
+        flags = " and ".join(flag for flag, _ in given)
+        raise UserError(f"conflicting options: {flags} both given; choose one {role}")
+    if not given:
+        if required:
+            choices = ", ".join(flag for flag, _ in names)
+            raise UserError(f"missing {role}: give one of {choices}")
+        return None
+    return given[0]
+
+
+def _netns_from(chosen: tuple[str, str] | None) -> Netns | None:
+    if chosen is None:
+        return None
+    flag, value = chosen
+    if flag in ("-F", "-T"):
+        return Netns.from_fd(value, label=f"{flag} {value}")
+    if flag in ("-f", "-t"):
+        return Netns.from_path(value)
+    return Netns.from_spec(value)
+
+
+def spec_from_args(args: argparse.Namespace) -> ForwardSpec:
+    """Turn parsed flags into a validated ForwardSpec (raises UserError naming the input)."""
+    listen_flag = _one_of(args, [("-l", "listen"), ("-L", "listen_fd"),
+                                 ("-S", "preaccepted_fd")], "listen side", required=True)
+    connect_flag = _one_of(args, [("-c", "connect"), ("-C", "connect_fd")], "connect side",
+                           required=True)
+    listen_ns_flag = _one_of(args, [("-f", "listen_netns_file"), ("-F", "listen_netns_fd"),
+                                    ("--listen-netns", "listen_netns")], "listen namespace",
+                             required=False)
+    connect_ns_flag = _one_of(args, [("-t", "connect_netns_file"), ("-T", "connect_netns_fd"),
+                                     ("--connect-netns", "connect_netns")], "connect namespace",
+                              required=False)
+    if args.connect_timeout is not None and args.connect_timeout < 0:
+        raise UserError(f"--connect-timeout {args.connect_timeout}: must be 0 or more seconds")
+    if args.drain is not None and args.drain < 0:
+        raise UserError(f"--drain {args.drain}: must be 0 or more seconds")
+    assert listen_flag is not None and connect_flag is not None
+
+    # Parse addresses before opening anything, so a typo is the first thing reported.
+    lflag, lvalue = listen_flag
+    cflag, cvalue = connect_flag
+    listen_addr = (parse_host_port(lvalue, what=lflag, allow_port_zero=True)
+                   if lflag == "-l" else None)
+    connect_addr = (parse_host_port(cvalue, what=cflag, allow_port_zero=False)
+                    if cflag == "-c" else None)
+
+    listen: ListenSide
+    if listen_addr is not None:
+        listen = ListenAddress(listen_addr, _netns_from(listen_ns_flag))
+    else:
+        if listen_ns_flag is not None:
+            log.warning("%s has no effect with %s: that socket already exists",
+                        listen_ns_flag[0], lflag)
+        if lflag == "-L":
+            listen = ListenSocket(adopt_listening_fd(lvalue, "-L/--listen-fd"))
+        else:
+            listen = Preaccepted(adopt_connected_fd(lvalue, "-S/--preaccepted-fd"))
+
+    connect: ConnectSide
+    if connect_addr is not None:
+        connect = ConnectAddress(connect_addr, _netns_from(connect_ns_flag))
+    else:
+        if connect_ns_flag is not None:
+            log.warning("%s has no effect with -C: that socket already exists",
+                        connect_ns_flag[0])
+        connect = Preconnected(adopt_connected_fd(cvalue, "-C/--connect-fd"))
+    return ForwardSpec(listen, connect, connect_timeout=args.connect_timeout or None)
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nsbridge: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def run_forward(args: argparse.Namespace) -> int:
+    """Run forwards until they finish or a signal arrives."""
+    setup_logging(args.verbose)
+    spec = spec_from_args(args)
+    raise_nofile_limit()
+    bridge = Bridge(mover=args.engine)
+    try:
+        forward = bridge.add(spec)
+        log.info("forwarding %s (netns %s) -> %s (netns %s)", forward.listen_address,
+                 forward.listen_factory.label, forward.target_description,
+                 forward.connect_factory.label)
+        install_stop_signals(bridge, args.drain)
+        bridge.run()
+    finally:
+        bridge.close()
+    return 0
+
+
+def install_stop_signals(bridge: Bridge, drain: float) -> None:
+    """First SIGINT/SIGTERM: graceful stop (with drain); a second one: stop now."""
+    state = {"count": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        state["count"] += 1
+        if state["count"] == 1:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            bridge.loop.call_soon_threadsafe(lambda: bridge.shutdown(drain))
+        else:
+            bridge.loop.call_soon_threadsafe(lambda: bridge.shutdown(None))
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nsbridge",
+        description="Connect Linux network namespaces: forward TCP between them.",
+        epilog="Run `nsbridge demo` to see a forward work end to end; "
+        "`nsbridge COMMAND --help` for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"nsbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fwd = sub.add_parser(
+        "forward",
+        help="listen in one namespace, connect in another (netns_tcp_bridge compatible)",
+        description="Listen in one network namespace and forward every connection to a "
+        "target reached from another namespace.",
+        epilog=FORWARD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_forward_flags(fwd, compat=False)
+    fwd.set_defaults(handler=run_forward)
+
+    demo = sub.add_parser(
+        "demo",
+        help="show a real forward into a throwaway namespace, step by step",
+        description="Create a throwaway network namespace with a small HTTP server on its "
+        "own loopback, forward a port of this namespace into it, fetch a page through the "
+        "forward, and remove everything.  Needs root (or run it as `unshare -Ur nsbridge demo`).",
+    )
+    demo.add_argument("--engine", choices=("splice", "copy"), default="splice")
+    demo.set_defaults(handler=_run_demo)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(engine=args.engine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    return run_guarded(args.handler, args)
+
+
+def run_guarded(handler, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """Turn UserError into one line on stderr and exit code 2; Ctrl-C before the loop runs
+    into exit 130 without a traceback."""
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"nsbridge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

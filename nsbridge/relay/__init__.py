@@ -1,0 +1,1 @@
+"""The data engines: the event loop and the TCP relay."""

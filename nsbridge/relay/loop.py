@@ -1,0 +1,134 @@
+"""A small epoll event loop: fd handlers, timers, and thread-safe wake-ups.
+
+Why not asyncio: the relay's hot path is "event on fd -> two syscalls", and asyncio's
+transports/protocols add layers (and copies) between those.  This loop calls the
+handler registered for an fd with the epoll event mask, nothing more.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+Handler = Callable[[int], None]
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+ERR = select.EPOLLERR
+HUP = select.EPOLLHUP
+RDHUP = select.EPOLLRDHUP
+ET = select.EPOLLET
+
+
+class Timer:
+    """A pending call_later; cancel() makes it a no-op."""
+
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """Single-threaded reactor.  Only call_soon_threadsafe() and stop() may be used from
+    other threads."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Handler] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, IN)
+        self._handlers[self._wake_r] = self._drain_wakeups
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # ---- registration ------------------------------------------------------------
+
+    def add(self, fd: int, mask: int, handler: Handler) -> None:
+        self._epoll.register(fd, mask)
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._epoll.modify(fd, mask)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd``; call before closing it (a dup'ed fd would keep firing)."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    # ---- timers and cross-thread calls ----------------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Queue ``callback`` for the loop thread; safe from signal handlers and threads."""
+        self._calls.append(callback)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already awake-pending
+
+    def _drain_wakeups(self, _events: int) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._calls:
+            self._calls.popleft()()
+
+    # ---- running ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Dispatch events until stop() is called."""
+        self._running = True
+        self._thread = threading.current_thread()
+        poll = self._epoll.poll
+        handlers = self._handlers
+        timers = self._timers
+        while self._running:
+            timeout = -1.0
+            if timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            for fd, events in poll(timeout, 512):
+                handler = handlers.get(fd)
+                if handler is not None:
+                    handler(events)
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
+                    if not timer.cancelled:
+                        timer.callback()
+
+    def stop(self) -> None:
+        """Make run() return after the current iteration (any thread)."""
+        def _stop() -> None:
+            self._running = False
+
+        self.call_soon_threadsafe(_stop)
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
