@@ -65,10 +65,12 @@ class Bridge:
             factory = self._factories[key] = factory_for(None if key is None else netns)
         return factory
 
-    def add(self, spec: ForwardSpec) -> Forward:
+    def add(self, spec: ForwardSpec, *, start: bool = True) -> Forward:
         """Validate and open ``spec`` (raises UserError), then start carrying connections.
 
         Safe before run() or from the loop thread; from other threads use call().
+        ``start=False`` only opens it (listener bound, target resolved): the supervisor
+        does that once, then hands the opened forward to its workers with adopt().
         """
         listen_ns = spec.listen.netns if isinstance(spec.listen, ListenAddress) else None
         connect_ns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
@@ -82,8 +84,32 @@ class Bridge:
         )
         forward.open()
         self.forwards.append(forward)
-        forward.start()
+        if start:
+            forward.start()
         return forward
+
+    def adopt(self, opened: Forward) -> Forward:
+        """A worker's copy of a forward the supervisor opened: same target, no listener
+        (clients arrive through start_session), and this process's own socket factory."""
+        spec = opened.spec
+        connect_ns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
+        forward = Forward(
+            spec=spec,
+            loop=self.loop,
+            mover=self.mover,
+            listen_factory=self.factory(None),
+            connect_factory=self.factory(connect_ns),
+            on_finished=self._forward_finished,
+            target=opened.target,
+        )
+        self.forwards.append(forward)
+        return forward
+
+    def close_factories(self) -> None:
+        """End the namespace threads (before fork(): a child must not inherit threads)."""
+        for factory in self._factories.values():
+            factory.close()
+        self._factories.clear()
 
     def _forward_finished(self, _forward: Forward) -> None:
         if all(f.finished for f in self.forwards):
@@ -159,9 +185,7 @@ class Bridge:
         for forward in self.forwards:
             forward.stop_listening()
             forward.abort_all("reset: nsbridge closing")
-        for factory in self._factories.values():
-            factory.close()
-        self._factories.clear()
+        self.close_factories()
         if isinstance(self.mover, SplicePipeMover):
             self.mover.pool.close()
         self.loop.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from .errors import UserError
 from .forward import (
     ConnectAddress,
     ConnectSide,
+    Forward,
     ForwardSpec,
     ListenAddress,
     ListenSide,
@@ -29,8 +31,11 @@ from .forward import (
 from .limits import raise_nofile_limit
 from .netns import Netns
 from .sockets import adopt_connected_fd, adopt_listening_fd
+from .workers import Supervisor
 
 log = logging.getLogger("nsbridge")
+
+MAX_DEFAULT_WORKERS = 4
 
 FORWARD_EPILOG = """\
 modes (one listen side, one connect side; every combination works):
@@ -78,7 +83,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
                         help="open fd of the network namespace to connect from")
     if compat:
         parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
-                            drain=0.0, verbose=0, engine="splice")
+                            drain=0.0, verbose=0, engine="splice", workers=None)
         return
     parser.add_argument("--listen-netns", metavar="SPEC",
                         help="namespace to listen in: path, pid:N, fd:N or an `ip netns` name")
@@ -92,6 +97,9 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
                         "long before resetting them (default 0)")
     parser.add_argument("--engine", choices=("splice", "copy"), default="splice",
                         help="data mover: splice (zero-copy through pipes, default) or copy")
+    parser.add_argument("--workers", metavar="N", type=int, default=None,
+                        help="relay in N worker processes (default: one per CPU, at most "
+                        f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: one line per connection; -vv: debug")
 
@@ -183,18 +191,42 @@ def run_forward(args: argparse.Namespace) -> int:
     """Run forwards until they finish or a signal arrives."""
     setup_logging(args.verbose)
     spec = spec_from_args(args)
+    workers = worker_count(args.workers, spec)
     raise_nofile_limit()
     bridge = Bridge(mover=args.engine)
+    if workers > 1:
+        try:
+            forward = bridge.add(spec, start=False)
+            _log_forward(forward)
+            bridge.close_factories()  # no threads may exist across fork()
+            return Supervisor([forward], workers, args.engine, args.drain).run()
+        finally:
+            bridge.close()
     try:
         forward = bridge.add(spec)
-        log.info("forwarding %s (netns %s) -> %s (netns %s)", forward.listen_address,
-                 forward.listen_factory.label, forward.target_description,
-                 forward.connect_factory.label)
+        _log_forward(forward)
         install_stop_signals(bridge, args.drain)
         bridge.run()
     finally:
         bridge.close()
     return 0
+
+
+def _log_forward(forward: Forward) -> None:
+    log.info("forwarding %s (netns %s) -> %s (netns %s)", forward.listen_address,
+             forward.listen_factory.label, forward.target_description,
+             forward.connect_factory.label)
+
+
+def worker_count(requested: int | None, spec: ForwardSpec) -> int:
+    """One process for one-shot forwards; otherwise one worker per CPU unless told."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--workers {requested}: must be 1 or more")
+    if spec.one_shot:
+        return 1
+    if requested is None:
+        return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
+    return requested
 
 
 def install_stop_signals(bridge: Bridge, drain: float) -> None:

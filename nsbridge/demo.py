@@ -66,7 +66,7 @@ def bring_loopback_up() -> None:
 
 def _make_handler(greeting: bytes, blob: bytes) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             body = blob if self.path == "/blob" else greeting
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream" if body is blob

@@ -135,7 +135,7 @@ class Forward:
     def start(self) -> None:
         spec = self.spec
         if isinstance(spec.listen, Preaccepted):
-            self._start_session(spec.listen.sock)
+            self.start_session(spec.listen.sock)
         else:
             assert self.listener is not None
             self.loop.add(self.listener.fileno(), IN, self._on_listener)
@@ -160,9 +160,9 @@ class Forward:
             self.stats.accepted += 1
             if self.spec.one_shot:
                 self.stop_listening()
-                self._start_session(client)
+                self.start_session(client)
                 return
-            self._start_session(client)
+            self.start_session(client)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of fds: stop polling the listener for a moment instead of spinning on it."""
@@ -178,7 +178,8 @@ class Forward:
 
         self.loop.call_later(_EMFILE_PAUSE, resume)
 
-    def _start_session(self, client: socket.socket) -> None:
+    def start_session(self, client: socket.socket) -> None:
+        """Relay ``client`` (accepted here or handed over by the supervisor) to the target."""
         connect = self.spec.connect
         if isinstance(connect, Preconnected):
             session = TcpSession(self.loop, self.mover, client, connect.sock, self._session_done,

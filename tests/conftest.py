@@ -256,6 +256,24 @@ def _wait_listening(fwd: Forwarder, timeout: float = 15) -> None:
     raise AssertionError(f"nsbridge did not start listening:\n{fwd.log()}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (nsbridge's supervisor and its workers)."""
+    pids = [pid]
+    for current in pids:
+        for task in os.listdir(f"/proc/{current}/task"):
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    pids.extend(int(x) for x in f.read().split())
+            except OSError:
+                pass
+    return pids
+
+
+def open_fds(pid: int) -> int:
+    """Open fds summed over the process tree of ``pid``."""
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in process_tree(pid))
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
