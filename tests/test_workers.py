@@ -1,0 +1,103 @@
+"""Worker processes: flows are split evenly, a dead worker is replaced, stop is clean."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from conftest import echo, listen_in, process_tree, recv_all, serve_in_thread, wait_until
+
+
+def _workers(pid: int) -> list[int]:
+    return [p for p in process_tree(pid) if p != pid]
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def test_long_flows_are_split_evenly_across_workers(netns, forwarder):
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "2", "-l", "127.0.0.1:0",
+                    "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2, what="two workers")
+    for i in range(2):  # one connection per worker fills its pool of target sockets
+        assert _roundtrip(fwd.port, b"warm %d" % i) == b"warm %d" % i
+    wait_until(lambda: fwd.log().count(", closed") == 2, what="warm-up connections closed")
+    idle = {pid: _sockets(pid) for pid in _workers(fwd.proc.pid)}
+    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=10) for _ in range(4)]
+    for i, sock in enumerate(flows):
+        sock.sendall(b"flow %d" % i)
+        assert sock.recv(100) == b"flow %d" % i
+    # each worker now relays two flows: two client sockets more (the target sockets come
+    # from its pool, which was counted already)
+    grown = {pid: _sockets(pid) - idle[pid] for pid in idle}
+    for sock in flows:
+        sock.close()
+    listener.close()
+    assert sorted(grown.values()) == [2, 2], grown
+
+
+def test_killed_worker_is_replaced_and_service_continues(netns, forwarder):
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "2", "-l", "127.0.0.1:0",
+                    "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2, what="two workers")
+    victim = _workers(fwd.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "ended unexpectedly (signal SIGKILL)" in fwd.log(), what="restart log")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2 and victim not in
+               _workers(fwd.proc.pid), what="replacement worker")
+    for i in range(6):  # round-robin reaches both workers, the new one included
+        assert _roundtrip(fwd.port, b"after restart %d" % i) == b"after restart %d" % i
+    assert fwd.stop() == 0
+    listener.close()
+
+
+def test_sigterm_ends_every_worker(netns, forwarder):
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "3", "-l", "127.0.0.1:0",
+                    "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 3, what="three workers")
+    workers = _workers(fwd.proc.pid)
+    assert _roundtrip(fwd.port, b"ping") == b"ping"
+    assert fwd.stop() == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie_or_gone(pid)
+    listener.close()
+
+
+def _is_zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_single_worker_mode_has_no_children(netns, forwarder):
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "1", "-l", "127.0.0.1:0",
+                    "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    assert _roundtrip(fwd.port, b"one process") == b"one process"
+    assert _workers(fwd.proc.pid) == []
+    listener.close()
