@@ -53,7 +53,8 @@ def parse_host_port(text: str, *, what: str, allow_port_zero: bool) -> HostPort:
             raise UserError(
                 f"{what} {text!r}: IPv6 addresses need brackets, e.g. [{host}]:{port_text}"
             )
-    if not port_text.isdigit():
+    # isdigit() alone accepts "²" and other Unicode digits that int() then rejects.
+    if not (port_text.isascii() and port_text.isdigit()):
         raise UserError(f"{what} {text!r}: port {port_text!r} is not a number")
     port = int(port_text)
     low = 0 if allow_port_zero else 1

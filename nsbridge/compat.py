@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .cli import add_forward_flags, run_forward, run_guarded
+from .cli import OneLineErrorParser, add_forward_flags, run_forward, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="netns_tcp_bridge",
         description="TCP forwarder whose listening and connecting parts can each live in "
         "another Linux network namespace (nsbridge's drop-in for netns_tcp_bridge; "

@@ -164,10 +164,13 @@ class Netns:
             setns(self.fd, CLONE_NEWNET)
         except OSError as exc:
             if exc.errno == errno.EPERM:
+                # "Run as root" alone misleads inside `unshare -U`, where we *are* uid 0
+                # but hold no capability over the namespace's owning user namespace.
                 raise UserError(
-                    f"permission denied entering network namespace {self.label}: "
-                    "setns needs CAP_SYS_ADMIN over that namespace (run as root, or as the "
-                    "user that owns its user namespace)"
+                    f"permission denied entering network namespace {self.label}: setns "
+                    "needs CAP_SYS_ADMIN in the user namespace that owns it; run nsbridge as "
+                    "real root (not inside an unprivileged user namespace such as "
+                    "`unshare -U`) or as the owner of that namespace"
                 ) from None
             raise UserError(
                 f"cannot enter network namespace {self.label}: {describe_oserror(exc)}"

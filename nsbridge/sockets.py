@@ -29,6 +29,14 @@ def _fd_kind(mode: int) -> str:
     return "not a socket"
 
 
+# Saying what an inherited socket *is* tells the user which fd they mixed up.
+_SOCKET_KINDS = {
+    socket.SOCK_DGRAM: "a datagram (UDP or Unix datagram) socket",
+    socket.SOCK_SEQPACKET: "a seqpacket socket",
+    socket.SOCK_RAW: "a raw socket",
+}
+
+
 def _adopt_stream_socket(fd_text: str | int, what: str) -> socket.socket:
     try:
         fd = int(fd_text)
@@ -45,8 +53,11 @@ def _adopt_stream_socket(fd_text: str | int, what: str) -> socket.socket:
         raise UserError(f"{what} {fd}: file descriptor {fd} is {kind}, not a socket")
     sock = socket.socket(fileno=fd)
     if sock.type != socket.SOCK_STREAM:
+        kind = _SOCKET_KINDS.get(sock.type, f"a type {int(sock.type)} socket")
         sock.detach()
-        raise UserError(f"{what} {fd}: socket is not a stream (TCP or Unix stream) socket")
+        raise UserError(
+            f"{what} {fd}: socket is {kind}; expected a stream (TCP or Unix stream) socket"
+        )
     os.set_inheritable(fd, False)
     return sock
 
@@ -69,12 +80,17 @@ def adopt_connected_fd(fd_text: str | int, what: str) -> socket.socket:
     sock = _adopt_stream_socket(fd_text, what)
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         fd = sock.detach()
-        raise UserError(f"{what} {fd}: socket is listening, not connected (use -L/--listen-fd)")
+        # A listener is a valid listen side (-L), but never a target: say so only for -S.
+        hint = ("pass a listening socket with -L/--listen-fd" if what.startswith("-S")
+                else "it must already be connected to the target")
+        raise UserError(f"{what} {fd}: socket is listening, not connected ({hint})")
     try:
         sock.getpeername()
     except OSError:
         fd = sock.detach()
-        raise UserError(f"{what} {fd}: socket is not connected") from None
+        raise UserError(
+            f"{what} {fd}: socket is not connected (connect it before passing it)"
+        ) from None
     sock.setblocking(False)
     return sock
 
