@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .addresses import parse_host_port
@@ -30,6 +31,7 @@ from .forward import (
 )
 from .limits import raise_nofile_limit
 from .netns import Netns
+from .signals import StopSignals
 from .sockets import adopt_connected_fd, adopt_listening_fd
 from .workers import Supervisor
 
@@ -59,6 +61,17 @@ examples:
 Resets are carried as resets, half-close as half-close; a refused or unreachable target
 resets the client at once.  SIGINT/SIGTERM stop listening and exit 0 (after --drain).
 """
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``nsbridge: error:`` line like every other error.
+
+    argparse's default prints the whole usage block and its own prefix; scripts and people
+    grepping logs then see two formats.  The line points at ``--help`` instead.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nsbridge: error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
@@ -119,14 +132,32 @@ def _one_of(args: argparse.Namespace, names: Sequence[tuple[str, str]], role: st
 
 
 def _netns_from(chosen: tuple[str, str] | None) -> Netns | None:
+    """Open the namespace a -f/-F/-t/-T/--*-netns flag names (None: stay where we are)."""
     if chosen is None:
         return None
     flag, value = chosen
+    if not value:
+        # Caught here because only here is the flag known; os.open("") would otherwise
+        # report a file named "" that "does not exist".
+        expected = {"-F": "an open file descriptor number", "-T": "an open file descriptor number",
+                    "-f": "a path such as /proc/1234/ns/net",
+                    "-t": "a path such as /proc/1234/ns/net"}.get(
+                        flag, "a path, pid:N, fd:N or an `ip netns` name")
+        raise UserError(f"{flag} '': empty network namespace; expected {expected}")
     if flag in ("-F", "-T"):
         return Netns.from_fd(value, label=f"{flag} {value}")
     if flag in ("-f", "-t"):
         return Netns.from_path(value)
     return Netns.from_spec(value)
+
+
+def _same_number(a: str, b: str) -> bool:
+    """True when two fd arguments name the same fd ("5" and "05" do); junk compares False
+    and is reported later by the fd's own check."""
+    try:
+        return int(a) == int(b)
+    except ValueError:
+        return False
 
 
 def spec_from_args(args: argparse.Namespace) -> ForwardSpec:
@@ -141,10 +172,11 @@ def spec_from_args(args: argparse.Namespace) -> ForwardSpec:
     connect_ns_flag = _one_of(args, [("-t", "connect_netns_file"), ("-T", "connect_netns_fd"),
                                      ("--connect-netns", "connect_netns")], "connect namespace",
                               required=False)
+    # :g prints the number as typed (-1, not -1.0), so the message quotes the input.
     if args.connect_timeout is not None and args.connect_timeout < 0:
-        raise UserError(f"--connect-timeout {args.connect_timeout}: must be 0 or more seconds")
+        raise UserError(f"--connect-timeout {args.connect_timeout:g}: must be 0 or more seconds")
     if args.drain is not None and args.drain < 0:
-        raise UserError(f"--drain {args.drain}: must be 0 or more seconds")
+        raise UserError(f"--drain {args.drain:g}: must be 0 or more seconds")
     assert listen_flag is not None and connect_flag is not None
 
     # Parse addresses before opening anything, so a typo is the first thing reported.
@@ -154,6 +186,14 @@ def spec_from_args(args: argparse.Namespace) -> ForwardSpec:
                    if lflag == "-l" else None)
     connect_addr = (parse_host_port(cvalue, what=cflag, allow_port_zero=False)
                     if cflag == "-c" else None)
+
+    # One socket as both client and target would be registered twice with epoll and
+    # closed twice; refuse it up front instead of crashing mid-relay.
+    if lflag == "-S" and cflag == "-C" and _same_number(lvalue, cvalue):
+        raise UserError(
+            f"-S {lvalue} and -C {cvalue} are the same file descriptor: -S is the client's "
+            "socket and -C the target's; pass two different sockets"
+        )
 
     listen: ListenSide
     if listen_addr is not None:
@@ -190,6 +230,14 @@ def setup_logging(verbosity: int) -> None:
 def run_forward(args: argparse.Namespace) -> int:
     """Run forwards until they finish or a signal arrives."""
     setup_logging(args.verbose)
+    stops = StopSignals()  # from here on SIGINT/SIGTERM wait in a signalfd: none is lost
+    try:
+        return _run_forward(args, stops)
+    finally:
+        stops.close()
+
+
+def _run_forward(args: argparse.Namespace, stops: StopSignals) -> int:
     spec = spec_from_args(args)
     workers = worker_count(args.workers, spec)
     raise_nofile_limit()
@@ -197,22 +245,32 @@ def run_forward(args: argparse.Namespace) -> int:
     if workers > 1:
         try:
             forward = bridge.add(spec, start=False)
-            _log_forward(forward)
             bridge.close_factories()  # no threads may exist across fork()
-            return Supervisor([forward], workers, args.engine, args.drain).run()
+            supervisor = Supervisor([forward], workers, args.engine, args.drain)
+            _log_forward(forward)
+            return supervisor.run(stops)
         finally:
             bridge.close()
     try:
         forward = bridge.add(spec)
+
+        def on_stop(signum: int, count: int) -> None:
+            if count == 1:
+                log.info("%s: stopping", signal.Signals(signum).name)
+            bridge.shutdown(args.drain if count == 1 else None)
+
+        stops.attach(bridge.loop, on_stop)
         _log_forward(forward)
-        install_stop_signals(bridge, args.drain)
         bridge.run()
     finally:
         bridge.close()
+    if spec.one_shot and forward.stats.connect_failed:
+        return 1  # the one connection we were given never reached its target
     return 0
 
 
 def _log_forward(forward: Forward) -> None:
+    """The start-up line (-v); printed once signals are handled, so it means "ready"."""
     log.info("forwarding %s (netns %s) -> %s (netns %s)", forward.listen_address,
              forward.listen_factory.label, forward.target_description,
              forward.connect_factory.label)
@@ -229,30 +287,15 @@ def worker_count(requested: int | None, spec: ForwardSpec) -> int:
     return requested
 
 
-def install_stop_signals(bridge: Bridge, drain: float) -> None:
-    """First SIGINT/SIGTERM: graceful stop (with drain); a second one: stop now."""
-    state = {"count": 0}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        state["count"] += 1
-        if state["count"] == 1:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            bridge.loop.call_soon_threadsafe(lambda: bridge.shutdown(drain))
-        else:
-            bridge.loop.call_soon_threadsafe(lambda: bridge.shutdown(None))
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="nsbridge",
         description="Connect Linux network namespaces: forward TCP between them.",
         epilog="Run `nsbridge demo` to see a forward work end to end; "
         "`nsbridge COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"nsbridge {__version__}")
+    # Subparsers are built with the parent's class, so they also report in one line.
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     fwd = sub.add_parser(
@@ -288,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
-        parser.print_help()
-        return 2
+        # Bare `nsbridge` is a usage error: one line (like every other), not a help dump.
+        parser.error("missing command: give one of forward, demo")
     return run_guarded(args.handler, args)
 
 

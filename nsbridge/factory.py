@@ -13,6 +13,7 @@ namespace thread refills in batches.
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -64,7 +65,8 @@ class ThreadFactory:
     def __init__(self, netns: Netns) -> None:
         self.label = netns.label
         self._netns = netns
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns",
+                                            initializer=_block_stop_signals)
         self._pools: dict[tuple[int, int], deque[socket.socket]] = {}
         try:
             self._executor.submit(netns.enter).result()
@@ -89,6 +91,11 @@ class ThreadFactory:
             while pool:
                 pool.popleft().close()
         self._executor.shutdown(wait=True)
+
+
+def _block_stop_signals() -> None:
+    """Namespace threads never take SIGINT/SIGTERM: the main thread's loop handles them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _make_sockets(family: int, type: int, count: int) -> list[socket.socket]:

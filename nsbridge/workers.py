@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from .bridge import Bridge, MoverName
 from .forward import Forward
 from .relay.loop import IN, EventLoop
+from .signals import StopSignals
 
 log = logging.getLogger("nsbridge")
 
@@ -65,28 +66,24 @@ class Supervisor:
         self._next = 0
         self._stopping = False
         self._restarts: list[float] = []
+        self._stops: StopSignals | None = None
         self.exit_code = 0
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, stops: StopSignals) -> int:
+        """Fork the workers, then accept and distribute until stopped."""
+        self._stops = stops
         for index in range(self.count):
             self._spawn(index)
         for position, forward in enumerate(self.opened):
             assert forward.listener is not None
             self.loop.add(forward.listener.fileno(), IN,
                           lambda _e, p=position: self._accept(p))
-        self._install_signals()
+        stops.attach(self.loop, lambda signum, _count: self.stop(signum))
         self.loop.run()
         self.loop.close()
         return self.exit_code
-
-    def _install_signals(self) -> None:
-        def on_signal(signum: int, _frame: object) -> None:
-            self.loop.call_soon_threadsafe(lambda: self.stop(signum))
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Close the listeners and pass the signal on; return once every worker exited."""
@@ -111,9 +108,14 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stderr.flush()
+        # SIGINT/SIGTERM are blocked (StopSignals) and stay blocked in the child: a
+        # SIGTERM that arrives before the worker reads its own signalfd just waits there.
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
+            # Ctrl-C reaches the whole process group; workers obey only the supervisor,
+            # which turns it into one SIGTERM (drain) or, on a second Ctrl-C, another (now).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 parent_end.close()
                 code = self._worker_main(child_end)
@@ -133,6 +135,8 @@ class Supervisor:
     def _worker_main(self, channel: socket.socket) -> int:
         """Runs in the child: drop the supervisor's fds, relay what arrives on ``channel``."""
         self.loop.close()
+        if self._stops is not None:
+            os.close(self._stops.fd)  # the supervisor's; this worker reads its own
         for forward in self.opened:
             if forward.listener is not None:
                 forward.listener.close()
@@ -142,17 +146,9 @@ class Supervisor:
         bridge = Bridge(mover=self.mover, pipe_size=self.pipe_size)
         forwards = [bridge.adopt(forward) for forward in self.opened]
 
-        # Workers obey the supervisor only: Ctrl-C reaches the whole process group, and the
-        # supervisor turns it into one SIGTERM (drain) or, on a second Ctrl-C, another (now).
-        state = {"signals": 0}
-
-        def on_signal(_signum: int, _frame: object) -> None:
-            state["signals"] += 1
-            drain = self.drain if state["signals"] == 1 else None
-            bridge.loop.call_soon_threadsafe(lambda: bridge.shutdown(drain))
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, on_signal)
+        stops = StopSignals((signal.SIGTERM,))
+        stops.attach(bridge.loop, lambda _signum, count: bridge.shutdown(
+            self.drain if count == 1 else None))
 
         def on_handoff(_events: int) -> None:
             while True:
@@ -173,6 +169,7 @@ class Supervisor:
         try:
             bridge.run()
         finally:
+            stops.close()
             bridge.close()
         return 0
 
