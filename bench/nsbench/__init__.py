@@ -1,0 +1,1 @@
+"""Helpers of bench/forward_bench.py: namespace, servers, forwarder rows, measurements, report."""
