@@ -217,7 +217,8 @@ class Forward:
             stats.connect_failed += 1
         else:
             stats.reset += 1
-        log.info("%s", session.describe())
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", session.describe())
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

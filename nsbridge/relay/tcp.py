@@ -237,8 +237,7 @@ class TcpSession:
         if code:
             self._abort(f"connect failed: {errno_name(code)}")
         elif events & (OUT | ERR | HUP):
-            self._loop.remove(self.server_fd)
-            self._loop.add(self.server_fd, _REGISTER_MASK, self._on_server)
+            self._loop.set_handler(self.server_fd, self._on_server)
             self._connected()
 
     def _connect_timed_out(self) -> None:
@@ -251,8 +250,7 @@ class TcpSession:
             self._timer = None
         # Swap in the relaying handler; edges that fired while connecting were not
         # acted on, so run both directions once by hand.
-        self._loop.remove(self.client_fd)
-        self._loop.add(self.client_fd, _REGISTER_MASK, self._on_client)
+        self._loop.set_handler(self.client_fd, self._on_client)
         self._pump(self.up)
         if not self.ended:
             self._pump(self.down)
