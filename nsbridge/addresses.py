@@ -25,11 +25,27 @@ class HostPort:
 
 
 @dataclass(frozen=True)
+class UnixAddress:
+    """A Unix socket: a filesystem path, or an abstract name (which belongs to a network
+    namespace, so exposing one in another namespace is a real use)."""
+
+    path: str
+    abstract: bool = False
+
+    @property
+    def sockaddr(self) -> str | bytes:
+        return b"\0" + self.path.encode() if self.abstract else self.path
+
+    def __str__(self) -> str:
+        return f"unix-abstract:{self.path}" if self.abstract else f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
 class ResolvedAddress:
     """A concrete socket address: what socket(), bind() and connect() take."""
 
     family: int
-    sockaddr: tuple
+    sockaddr: tuple | str | bytes
 
     def __str__(self) -> str:
         return format_sockaddr(self.sockaddr)
@@ -63,12 +79,15 @@ def parse_host_port(text: str, *, what: str, allow_port_zero: bool) -> HostPort:
     return HostPort(host, port)
 
 
-def resolve(addr: HostPort, *, what: str, passive: bool) -> ResolvedAddress:
+def resolve(addr: HostPort | UnixAddress, *, what: str, passive: bool,
+            socktype: int = socket.SOCK_STREAM) -> ResolvedAddress:
     """Resolve in the *calling thread's* namespace; run it through the socket factory."""
+    if isinstance(addr, UnixAddress):
+        return ResolvedAddress(socket.AF_UNIX, addr.sockaddr)
     flags = socket.AI_PASSIVE if passive else 0
     try:
         infos = socket.getaddrinfo(
-            addr.host, addr.port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICSERV
+            addr.host, addr.port, type=socktype, flags=flags | socket.AI_NUMERICSERV
         )
     except socket.gaierror as exc:
         raise UserError(

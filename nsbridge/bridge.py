@@ -22,6 +22,7 @@ import logging
 import threading
 from typing import Literal
 
+from .addresses import ResolvedAddress
 from .factory import SocketFactory, factory_for
 from .forward import ConnectAddress, Forward, ForwardSpec, ListenAddress
 from .netns import Netns
@@ -88,20 +89,19 @@ class Bridge:
             forward.start()
         return forward
 
-    def adopt(self, opened: Forward) -> Forward:
+    def adopt(self, spec: ForwardSpec, target: ResolvedAddress, netns: Netns | None) -> Forward:
         """A worker's copy of a forward the supervisor opened: same target, no listener
         (clients arrive through start_session), and this process's own socket factory."""
-        spec = opened.spec
-        connect_ns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
         forward = Forward(
             spec=spec,
             loop=self.loop,
             mover=self.mover,
             listen_factory=self.factory(None),
-            connect_factory=self.factory(connect_ns),
+            connect_factory=self.factory(netns),
             on_finished=self._forward_finished,
-            target=opened.target,
+            target=target,
         )
+        forward.build_acl()
         self.forwards.append(forward)
         return forward
 

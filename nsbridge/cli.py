@@ -17,6 +17,8 @@ from typing import NoReturn
 from . import __version__
 from .addresses import parse_host_port
 from .bridge import Bridge
+from .daemon import DaemonOptions, run_daemon
+from .endpoints import build_spec, parse_endpoint
 from .errors import UserError
 from .forward import (
     ConnectAddress,
@@ -33,7 +35,6 @@ from .limits import raise_nofile_limit
 from .netns import Netns
 from .signals import StopSignals
 from .sockets import adopt_connected_fd, adopt_listening_fd
-from .workers import Supervisor
 
 log = logging.getLogger("nsbridge")
 
@@ -57,6 +58,13 @@ examples:
   nsbridge forward -l 127.0.0.1:8080 --connect-netns web -c 127.0.0.1:80
   # let a process in namespace of PID 6448 reach a host service at its 127.0.0.1:80
   nsbridge forward -f /proc/6448/ns/net -l 127.0.0.1:80 -c 192.0.2.10:80
+
+endpoints (several forwards in one process: give LISTEN CONNECT pairs):
+  tcp:HOST:PORT  udp:HOST:PORT  unix:/PATH  unix-abstract:NAME  fd:N  systemd:NAME
+  each optionally followed by ,netns=SPEC  (listeners also ,allow=CIDR ,deny=CIDR
+  ,mode=0660 ,owner=USER[:GROUP]; stream targets also ,proxy=v1|v2)
+  nsbridge forward tcp:127.0.0.1:8080 tcp:127.0.0.1:80,netns=web \
+                   udp:127.0.0.1:5353 udp:127.0.0.1:53,netns=web
 
 Resets are carried as resets, half-close as half-close; a refused or unreachable target
 resets the client at once.  SIGINT/SIGTERM stop listening and exit 0 (after --drain).
@@ -96,7 +104,9 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
                         help="open fd of the network namespace to connect from")
     if compat:
         parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
-                            drain=0.0, verbose=0, engine="splice", workers=None)
+                            drain=0.0, verbose=0, engine="splice", workers=None, endpoints=[],
+                            control=None, allow=[], deny=[], proxy_protocol=None,
+                            idle_timeout=60.0, max_flows=4096, exit_with=None, ready_fd=None)
         return
     parser.add_argument("--listen-netns", metavar="SPEC",
                         help="namespace to listen in: path, pid:N, fd:N or an `ip netns` name")
@@ -115,6 +125,31 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: one line per connection; -vv: debug")
+    add_daemon_flags(parser)
+    parser.add_argument("--allow", metavar="CIDR", action="append", default=[],
+                        help="only clients from this network may connect (repeatable)")
+    parser.add_argument("--deny", metavar="CIDR", action="append", default=[],
+                        help="refuse clients from this network (repeatable; wins over --allow)")
+    parser.add_argument("--proxy-protocol", choices=("v1", "v2"),
+                        help="send a PROXY protocol header with the client's address to "
+                        "stream targets")
+    parser.add_argument("--idle-timeout", metavar="SECONDS", type=float, default=60.0,
+                        help="UDP: forget a flow after this long without datagrams (default 60)")
+    parser.add_argument("--max-flows", metavar="N", type=int, default=4096,
+                        help="UDP: at most this many flows per forward (default 4096)")
+    parser.add_argument("endpoints", nargs="*", metavar="LISTEN CONNECT",
+                        help="forwards as endpoint pairs, e.g. tcp:127.0.0.1:8080 "
+                        "tcp:127.0.0.1:80,netns=web (see ENDPOINTS below)")
+
+
+def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of a long-running daemon (forward and serve)."""
+    parser.add_argument("--control", metavar="PATH",
+                        help="serve a control socket at PATH (mode 0600) for `nsbridge ctl`")
+    parser.add_argument("--exit-with", metavar="PID",
+                        help="stop when process PID exits (e.g. the container it serves)")
+    parser.add_argument("--ready-fd", metavar="FD",
+                        help="write a newline to FD and close it once everything listens")
 
 
 def _one_of(args: argparse.Namespace, names: Sequence[tuple[str, str]], role: str,
@@ -238,19 +273,56 @@ def run_forward(args: argparse.Namespace) -> int:
 
 
 def _run_forward(args: argparse.Namespace, stops: StopSignals) -> int:
-    spec = spec_from_args(args)
-    workers = worker_count(args.workers, spec)
+    specs = specs_from_args(args)
+    if len(specs) == 1 and specs[0].one_shot:
+        return _run_one_shot(specs[0], args, stops)
+    if any(spec.one_shot for spec in specs):
+        raise UserError("-S/-C (and fd: targets) carry exactly one connection and cannot be "
+                        "combined with other forwards; run them on their own")
+    workers = worker_count(args.workers)
     raise_nofile_limit()
+    return run_daemon(specs, _daemon_options(args, workers), stops)
+
+
+def _daemon_options(args: argparse.Namespace, workers: int) -> DaemonOptions:
+    return DaemonOptions(workers=workers, engine=args.engine, drain=args.drain,
+                         control=args.control, ready_fd=args.ready_fd,
+                         exit_with=args.exit_with)
+
+
+def specs_from_args(args: argparse.Namespace) -> list[ForwardSpec]:
+    """The netns_tcp_bridge-style flags (one forward) plus any endpoint pairs."""
+    legacy = [args.listen, args.listen_fd, args.preaccepted_fd, args.connect, args.connect_fd,
+              args.listen_netns_file, args.listen_netns_fd, args.connect_netns_file,
+              args.connect_netns_fd, args.listen_netns, args.connect_netns]
+    specs: list[ForwardSpec] = []
+    if any(value is not None for value in legacy) or not args.endpoints:
+        spec = spec_from_args(args)
+        spec.allow, spec.deny, spec.proxy = list(args.allow), list(args.deny), args.proxy_protocol
+        specs.append(spec)
+    if len(args.endpoints) % 2:
+        raise UserError(f"endpoint {args.endpoints[-1]!r} has no partner: give endpoints in "
+                        "pairs, LISTEN CONNECT (e.g. tcp:127.0.0.1:8080 tcp:127.0.0.1:80)")
+    if args.idle_timeout <= 0:
+        raise UserError(f"--idle-timeout {args.idle_timeout:g}: must be more than 0 seconds")
+    if args.max_flows < 1:
+        raise UserError(f"--max-flows {args.max_flows}: must be 1 or more")
+    for listen_text, connect_text in zip(args.endpoints[::2], args.endpoints[1::2],
+                                         strict=True):
+        specs.append(build_spec(
+            parse_endpoint(listen_text, role="listen"),
+            parse_endpoint(connect_text, role="connect"),
+            connect_timeout=args.connect_timeout or None, allow=args.allow, deny=args.deny,
+            proxy=args.proxy_protocol, idle_timeout=args.idle_timeout,
+            max_flows=args.max_flows))
+    return specs
+
+
+def _run_one_shot(spec: ForwardSpec, args: argparse.Namespace, stops: StopSignals) -> int:
+    """-S/-C: one connection, in this process, no workers."""
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be 1 or more")
     bridge = Bridge(mover=args.engine)
-    if workers > 1:
-        try:
-            forward = bridge.add(spec, start=False)
-            bridge.close_factories()  # no threads may exist across fork()
-            supervisor = Supervisor([forward], workers, args.engine, args.drain)
-            _log_forward(forward)
-            return supervisor.run(stops)
-        finally:
-            bridge.close()
     try:
         forward = bridge.add(spec)
 
@@ -264,7 +336,7 @@ def _run_forward(args: argparse.Namespace, stops: StopSignals) -> int:
         bridge.run()
     finally:
         bridge.close()
-    if spec.one_shot and forward.stats.connect_failed:
+    if forward.stats.connect_failed:
         return 1  # the one connection we were given never reached its target
     return 0
 
@@ -276,12 +348,10 @@ def _log_forward(forward: Forward) -> None:
              forward.connect_factory.label)
 
 
-def worker_count(requested: int | None, spec: ForwardSpec) -> int:
-    """One process for one-shot forwards; otherwise one worker per CPU unless told."""
+def worker_count(requested: int | None) -> int:
+    """One worker per CPU (at most MAX_DEFAULT_WORKERS) unless told."""
     if requested is not None and requested < 1:
         raise UserError(f"--workers {requested}: must be 1 or more")
-    if spec.one_shot:
-        return 1
     if requested is None:
         return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
     return requested
@@ -309,6 +379,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_forward_flags(fwd, compat=False)
     fwd.set_defaults(handler=run_forward)
 
+    serve = sub.add_parser(
+        "serve",
+        help="run the forwards described in a TOML file (see README: Config file)",
+        description="Run a set of forwards from a TOML file, as a daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONFIG_EPILOG,
+    )
+    serve.add_argument("--config", metavar="FILE", required=True, help="the TOML file")
+    serve.add_argument("--workers", metavar="N", type=int, default=None,
+                       help="worker processes (overrides the file; default one per CPU)")
+    serve.add_argument("--drain", metavar="SECONDS", type=float, default=None,
+                       help="on SIGTERM let connections finish this long (overrides the file)")
+    serve.add_argument("--engine", choices=("splice", "copy"), default=None)
+    serve.add_argument("-v", "--verbose", action="count", default=0)
+    add_daemon_flags(serve)
+    serve.set_defaults(handler=run_serve)
+
+    ctl = sub.add_parser(
+        "ctl",
+        help="talk to a running daemon's control socket: list, stats, add, remove",
+        description="Change and inspect a running `nsbridge forward/serve --control PATH`.",
+    )
+    ctl.add_argument("--control", metavar="PATH", required=True, help="the control socket")
+    ctl_sub = ctl.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
+    ctl_sub.add_parser("list", help="the forwards and where they listen").add_argument(
+        "--json", action="store_true", help="print the raw JSON reply")
+    ctl_sub.add_parser("stats", help="counters per forward").add_argument(
+        "--json", action="store_true", help="print the raw JSON reply")
+    add = ctl_sub.add_parser("add", help="add a forward: NAME LISTEN CONNECT")
+    add.add_argument("name")
+    add.add_argument("listen", metavar="LISTEN", help="e.g. tcp:127.0.0.1:8080")
+    add.add_argument("connect", metavar="CONNECT", help="e.g. tcp:127.0.0.1:80,netns=web")
+    add.add_argument("--allow", metavar="CIDR", action="append", default=[])
+    add.add_argument("--deny", metavar="CIDR", action="append", default=[])
+    add.add_argument("--proxy-protocol", choices=("v1", "v2"))
+    remove = ctl_sub.add_parser("remove", help="remove a forward by name")
+    remove.add_argument("name")
+    remove.add_argument("--kill", action="store_true",
+                        help="reset its open connections too (default: let them finish)")
+    ctl.set_defaults(handler=run_ctl)
+
     demo = sub.add_parser(
         "demo",
         help="show a real forward into a throwaway namespace, step by step",
@@ -319,6 +430,78 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=("splice", "copy"), default="splice")
     demo.set_defaults(handler=_run_demo)
     return parser
+
+
+CONFIG_EPILOG = """\
+example FILE.toml:
+  workers = 2
+  control = "/run/nsbridge.sock"
+
+  [[forward]]
+  name = "web"
+  listen = "tcp:127.0.0.1:8080"
+  connect = "tcp:127.0.0.1:80,netns=web"
+  allow = ["127.0.0.0/8"]
+
+  [[forward]]
+  name = "dns"
+  listen = "udp:127.0.0.1:5353"
+  connect = "udp:127.0.0.1:53,netns=web"
+"""
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .config import load
+
+    setup_logging(args.verbose)
+    stops = StopSignals()
+    try:
+        config = load(args.config)
+        workers = worker_count(args.workers if args.workers is not None else config.workers)
+        raise_nofile_limit()
+        options = DaemonOptions(
+            workers=workers, engine=args.engine or config.engine or "splice",
+            drain=args.drain if args.drain is not None else (config.drain or 0.0),
+            control=args.control or config.control, ready_fd=args.ready_fd,
+            exit_with=args.exit_with, defaults=config.defaults)
+        return run_daemon(config.forwards, options, stops)
+    finally:
+        stops.close()
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import request
+
+    if args.ctl_command == "add":
+        message = {"cmd": "add", "name": args.name, "listen": args.listen,
+                   "connect": args.connect, "allow": args.allow, "deny": args.deny}
+        if args.proxy_protocol:
+            message["proxy"] = args.proxy_protocol
+    elif args.ctl_command == "remove":
+        message = {"cmd": "remove", "name": args.name, "kill": args.kill}
+    else:
+        message = {"cmd": args.ctl_command}
+    reply = request(args.control, message)
+    if not reply.get("ok"):
+        raise UserError(f"{args.ctl_command}: {reply.get('error', 'failed')}")
+    if getattr(args, "json", False):
+        print(json.dumps(reply, indent=2))
+    elif args.ctl_command == "list":
+        print_table(reply["forwards"], ["name", "protocol", "listening_on", "connect"])
+    elif args.ctl_command == "stats":
+        print_table(reply["stats"], ["name", "protocol", "active", "accepted", "closed",
+                                     "reset", "connect_failed", "denied", "bytes_up",
+                                     "bytes_down"])
+    return 0
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -332,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         # Bare `nsbridge` is a usage error: one line (like every other), not a help dump.
-        parser.error("missing command: give one of forward, demo")
+        parser.error("missing command: give one of forward, serve, ctl, demo")
     return run_guarded(args.handler, args)
 
 

@@ -1,13 +1,9 @@
-"""A forward: where connections come from (listen side) and where they go (connect side).
+"""A running forward: owns the listener, admits clients, starts a relay per client and
+keeps statistics.  What a forward *is* (its description) lives in spec.py.
 
-The spec classes are plain data: what the user asked for, already validated.  A
-:class:`Forward` is the running thing: it owns the listener, starts a
-:class:`~nsbridge.relay.tcp.TcpSession` per client and keeps statistics.
-
-Listen side, one of:  ``ListenAddress`` (-l, bind in a namespace), ``ListenSocket``
-(-L, an inherited listening socket), ``Preaccepted`` (-S, one connected client).
-Connect side, one of: ``ConnectAddress`` (-c, dial in a namespace), ``Preconnected``
-(-C, one connected target).  With -S or -C the forward carries exactly one connection.
+Stream forwards (TCP and Unix, in any mix) start a :class:`~nsbridge.relay.tcp.TcpSession`
+per client; UDP forwards run one :class:`~nsbridge.relay.udp.UdpRelay` with a flow per
+client address.
 """
 
 from __future__ import annotations
@@ -17,14 +13,29 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .addresses import HostPort, ResolvedAddress, format_sockaddr, resolve
-from .errors import UserError
+from .addresses import ResolvedAddress, format_sockaddr, resolve
 from .factory import SocketFactory
-from .netns import Netns
 from .relay.loop import IN, EventLoop
 from .relay.tcp import Mover, TcpSession
-from .sockets import open_listener
+from .sockets import open_listener, open_udp_socket, open_unix_listener, remove_unix_socket
+from .spec import (
+    UDP,
+    ConnectAddress,
+    ConnectSide,
+    ForwardSpec,
+    ListenAddress,
+    ListenSide,
+    ListenSocket,
+    Preaccepted,
+    Preconnected,
+)
+
+__all__ = [
+    "ConnectAddress", "ConnectSide", "Forward", "ForwardSpec", "ForwardStats", "ListenAddress",
+    "ListenSide", "ListenSocket", "Preaccepted", "Preconnected",
+]
 
 log = logging.getLogger("nsbridge")
 
@@ -33,58 +44,23 @@ _EMFILE_PAUSE = 0.1
 
 
 @dataclass
-class ListenAddress:
-    address: HostPort
-    netns: Netns | None = None
-
-
-@dataclass
-class ListenSocket:
-    sock: socket.socket
-
-
-@dataclass
-class Preaccepted:
-    sock: socket.socket
-
-
-@dataclass
-class ConnectAddress:
-    address: HostPort
-    netns: Netns | None = None
-
-
-@dataclass
-class Preconnected:
-    sock: socket.socket
-
-
-ListenSide = ListenAddress | ListenSocket | Preaccepted
-ConnectSide = ConnectAddress | Preconnected
-
-
-@dataclass
-class ForwardSpec:
-    listen: ListenSide
-    connect: ConnectSide
-    connect_timeout: float | None = 30.0
-    name: str = ""
-
-    @property
-    def one_shot(self) -> bool:
-        """-S or -C: exactly one connection is carried, then the forward is finished."""
-        return isinstance(self.listen, Preaccepted) or isinstance(self.connect, Preconnected)
-
-
-@dataclass
 class ForwardStats:
+    """Counters of one forward.  For UDP, "connections" are flows."""
+
     accepted: int = 0
     active: int = 0
     closed: int = 0
     reset: int = 0
     connect_failed: int = 0
+    denied: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    datagrams_up: int = 0  # UDP only
+    datagrams_down: int = 0
+    dropped: int = 0  # UDP datagrams not delivered (too large, send error, no flow)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 @dataclass
@@ -102,23 +78,44 @@ class Forward:
     target: ResolvedAddress | None = None
     sessions: set[TcpSession] = field(default_factory=set)
     finished: bool = False
+    acl: Any = None  # ClientAcl when the forward has allow/deny rules
+    udp: Any = None  # the UdpRelay of a UDP forward
+    _unix_path: str | None = None  # socket file we created, removed when we stop
 
     # ---- setup ------------------------------------------------------------------------
 
     def open(self) -> None:
         """Resolve, bind and validate everything; raises UserError before anything runs."""
         spec = self.spec
+        self.build_acl()
+        socktype = socket.SOCK_DGRAM if spec.protocol == UDP else socket.SOCK_STREAM
         if isinstance(spec.connect, ConnectAddress):
             self.target = self.connect_factory.call(
-                resolve, spec.connect.address, what="--connect", passive=False
+                resolve, spec.connect.address, what="connect", passive=False, socktype=socktype
             )
-        if isinstance(spec.listen, ListenAddress):
+        listen = spec.listen
+        if isinstance(listen, ListenAddress):
             where = self.listen_factory.call(
-                resolve, spec.listen.address, what="--listen", passive=True
+                resolve, listen.address, what="listen", passive=True, socktype=socktype
             )
-            self.listener = open_listener(self.listen_factory, where, what="--listen")
-        elif isinstance(spec.listen, ListenSocket):
-            self.listener = spec.listen.sock
+            if listen.protocol == UDP:
+                self.listener = open_udp_socket(self.listen_factory, where, what="listen")
+            elif where.family == socket.AF_UNIX:
+                self.listener = open_unix_listener(self.listen_factory, listen.address,
+                                                   mode=listen.mode, owner=listen.owner)
+                if isinstance(where.sockaddr, str):
+                    self._unix_path = where.sockaddr
+            else:
+                self.listener = open_listener(self.listen_factory, where, what="listen")
+        elif isinstance(listen, ListenSocket):
+            self.listener = listen.sock
+
+    def build_acl(self) -> None:
+        """The client ACL from allow/deny rules (raises UserError for a bad rule)."""
+        if self.spec.allow or self.spec.deny:
+            from .acl import ClientAcl  # only forwards with rules pay for the import
+
+            self.acl = ClientAcl.parse(self.spec.allow, self.spec.deny)
 
     @property
     def listen_address(self) -> str:
@@ -136,9 +133,41 @@ class Forward:
         spec = self.spec
         if isinstance(spec.listen, Preaccepted):
             self.start_session(spec.listen.sock)
+        elif spec.protocol == UDP:
+            self.start_udp(self.listener)
         else:
             assert self.listener is not None
             self.loop.add(self.listener.fileno(), IN, self._on_listener)
+
+    def start_udp(self, sock: socket.socket | None) -> None:
+        """Relay datagrams arriving on ``sock`` (bound here, or handed to a worker)."""
+        from .relay.udp import UdpRelay
+
+        assert sock is not None and self.target is not None
+
+        def flow_closed(flow: Any) -> None:
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", flow.describe())
+
+        self.udp = UdpRelay(self.loop, sock, self.target, self.connect_factory,
+                            idle_timeout=self.spec.idle_timeout, max_flows=self.spec.max_flows,
+                            on_flow_closed=flow_closed,
+                            admit=self.admits if self.acl is not None else None)
+        self.listener = sock
+        self.udp.start()
+
+    def admits(self, peer: object) -> bool:
+        """The forward's client ACL (allow/deny); counts refusals."""
+        if self.acl is None or self.acl.permits(peer):
+            return True
+        self.stats.denied += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: client %s denied by policy", self.name, format_sockaddr(peer))
+        return False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.listen_address
 
     # ---- accepting ----------------------------------------------------------------------
 
@@ -148,7 +177,7 @@ class Forward:
             return
         for _ in range(_ACCEPT_BATCH):
             try:
-                fd, _peer = listener._accept()  # type: ignore[attr-defined]
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -157,6 +186,9 @@ class Forward:
                     return
                 continue  # ECONNABORTED and friends: that client is gone, take the next
             client = socket.socket(listener.family, listener.type, fileno=fd)
+            if not self.admits(peer):
+                reset_and_close(client)
+                continue
             self.stats.accepted += 1
             if self.spec.one_shot:
                 self.stop_listening()
@@ -193,11 +225,13 @@ class Forward:
         except OSError as exc:
             log.warning("cannot create socket for %s: %s; resetting client",
                         self.target, exc.strerror)
-            _reset_and_close(client)
+            reset_and_close(client)
             self.stats.connect_failed += 1
             self._maybe_finish()
             return
         session = TcpSession(self.loop, self.mover, client, server, self._session_done)
+        if self.spec.proxy:
+            session.preamble = proxy_header(self.spec.proxy, client)
         self._track(session)
         session.connect(self.target.sockaddr, self.spec.connect_timeout)
 
@@ -229,15 +263,50 @@ class Forward:
     # ---- stopping ---------------------------------------------------------------------
 
     def stop_listening(self) -> None:
-        """Close the listener; open connections carry on."""
+        """Close the listener (a UDP forward ends its flows); open connections carry on."""
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+            self.listener = None  # the relay owned and closed it
         if self.listener is not None:
             self.loop.remove(self.listener.fileno())
             self.listener.close()
             self.listener = None
+        if self._unix_path is not None:
+            remove_unix_socket(self._unix_path)
+            self._unix_path = None
 
     def abort_all(self, outcome: str) -> None:
         for session in list(self.sessions):
             session.abort(outcome)
+
+    def snapshot(self) -> ForwardStats:
+        """Counters including the bytes that still-open connections moved so far."""
+        stats = ForwardStats(**self.stats.as_dict())
+        if self.udp is not None:  # flows count as connections
+            u = self.udp.stats
+            stats.accepted, stats.active = u.total_flows, u.active_flows
+            stats.closed = u.expired_flows + u.evicted_flows
+            stats.bytes_up, stats.bytes_down = u.bytes_up, u.bytes_down
+            stats.datagrams_up, stats.datagrams_down = u.datagrams_up, u.datagrams_down
+            stats.dropped, stats.connect_failed = u.dropped, u.dropped_no_flow
+            return stats
+        for session in self.sessions:
+            stats.bytes_up += session.up.total
+            stats.bytes_down += session.down.total
+        return stats
+
+
+def proxy_header(version: str, client: socket.socket) -> bytes:
+    """The PROXY protocol header telling the target who the client really is."""
+    try:
+        src, dst = client.getpeername(), client.getsockname()
+    except OSError:
+        src = dst = None
+    from .proxy_protocol import encode_v1, encode_v2
+
+    encode = encode_v2 if version == "v2" else encode_v1
+    return encode(src, dst, client.family)
 
 
 def _peer(sock: socket.socket) -> str:
@@ -247,14 +316,10 @@ def _peer(sock: socket.socket) -> str:
         return "?"
 
 
-def _reset_and_close(sock: socket.socket) -> None:
+def reset_and_close(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     except OSError:
         pass
     sock.close()
 
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)

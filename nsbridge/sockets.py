@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 
-from .addresses import ResolvedAddress
+from .addresses import ResolvedAddress, UnixAddress
 from .errors import UserError, describe_oserror
 from .factory import SocketFactory
 
@@ -37,7 +37,8 @@ _SOCKET_KINDS = {
 }
 
 
-def _adopt_stream_socket(fd_text: str | int, what: str) -> socket.socket:
+def _adopt_stream_socket(fd_text: str | int, what: str, *, allow_udp: bool = False,
+                         ) -> socket.socket:
     try:
         fd = int(fd_text)
         if fd < 0:
@@ -52,6 +53,9 @@ def _adopt_stream_socket(fd_text: str | int, what: str) -> socket.socket:
         kind = _fd_kind(st.st_mode)
         raise UserError(f"{what} {fd}: file descriptor {fd} is {kind}, not a socket")
     sock = socket.socket(fileno=fd)
+    if allow_udp and sock.type == socket.SOCK_DGRAM and sock.family != socket.AF_UNIX:
+        os.set_inheritable(fd, False)
+        return sock
     if sock.type != socket.SOCK_STREAM:
         kind = _SOCKET_KINDS.get(sock.type, f"a type {int(sock.type)} socket")
         sock.detach()
@@ -62,9 +66,17 @@ def _adopt_stream_socket(fd_text: str | int, what: str) -> socket.socket:
     return sock
 
 
-def adopt_listening_fd(fd_text: str | int, what: str = "--listen-fd") -> socket.socket:
-    """An inherited listening socket (netns_tcp_bridge -L, systemd socket activation)."""
-    sock = _adopt_stream_socket(fd_text, what)
+def adopt_listening_fd(fd_text: str | int, what: str = "--listen-fd", *,
+                       allow_udp: bool = False) -> socket.socket:
+    """An inherited listening socket (netns_tcp_bridge -L, systemd socket activation), or
+    with ``allow_udp`` a bound UDP socket (fd:N and systemd:NAME endpoints)."""
+    sock = _adopt_stream_socket(fd_text, what, allow_udp=allow_udp)
+    if sock.type == socket.SOCK_DGRAM:
+        if sock.getsockname()[1] == 0:
+            fd = sock.detach()
+            raise UserError(f"{what} {fd}: UDP socket is not bound to an address")
+        sock.setblocking(False)
+        return sock
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         fd = sock.detach()
         raise UserError(
@@ -116,3 +128,73 @@ def open_listener(
         text = f"{what} {address}: {place}: {describe_oserror(exc)}"
         raise UserError(text + (f" ({hint})" if hint else "")) from None
     return sock
+
+
+def open_udp_socket(factory: SocketFactory, address: ResolvedAddress, *, what: str,
+                    ) -> socket.socket:
+    """A bound UDP socket inside the factory's namespace."""
+    sock = factory.socket(address.family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(address.sockaddr)
+    except OSError as exc:
+        sock.close()
+        where = f" in network namespace {factory.label}" if factory.label != "current" else ""
+        raise UserError(f"{what} udp:{address}: cannot bind{where}: {describe_oserror(exc)}"
+                        ) from None
+    return sock
+
+
+def open_unix_listener(factory: SocketFactory, address: UnixAddress, *, mode: int | None,
+                       owner: tuple[int, int] | None, backlog: int = socket.SOMAXCONN,
+                       ) -> socket.socket:
+    """A listening Unix stream socket; abstract ones are made inside the namespace.
+
+    A leftover socket file that nobody listens on any more (a crashed predecessor) is
+    replaced; a live one, or a file that is not a socket, is refused.
+    """
+    if not address.abstract:
+        clear_stale_socket(address.path)
+    sock = factory.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address.sockaddr)
+        if not address.abstract:
+            if mode is not None:
+                os.chmod(address.path, mode)
+            if owner is not None:
+                os.chown(address.path, *owner)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"listen {address}: cannot listen: {describe_oserror(exc)}") from None
+    return sock
+
+
+def clear_stale_socket(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"listen unix:{path}: {describe_oserror(exc)}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError(f"listen unix:{path}: a file that is not a socket is in the way; "
+                        "remove it or pick another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: left behind by a process that is gone
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise UserError(f"listen unix:{path}: another process is listening on it; stop it or "
+                    "pick another path")
+
+
+def remove_unix_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

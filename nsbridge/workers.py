@@ -1,10 +1,10 @@
-"""Several worker processes, so the relay can use every core.
+"""The daemon: a supervisor process that owns every listener, and N worker processes that
+relay.  This is how every non-one-shot forward runs from the command line.
 
-Shape: the supervisor (the process the user started) opens every forward — binds the
-listeners, resolves the targets, checks the namespaces — then forks N workers.  It keeps
-accepting and hands each accepted socket to the next worker, round-robin, over a
-``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS``.  Each worker runs its own event loop
-and socket factories and relays the connections it was given.
+Shape: the supervisor opens each forward — binds the listener, resolves the target,
+checks the namespaces — then forks N workers.  It keeps accepting and hands each
+accepted socket to the next worker, round-robin, over a ``SOCK_SEQPACKET`` socketpair
+with ``SCM_RIGHTS``.  Each worker runs its own event loop and socket factories.
 
 Why hand-off rather than every worker accepting from a shared listener: with
 EPOLLEXCLUSIVE the kernel wakes the *first idle* waiter, so on an idle machine every new
@@ -13,33 +13,64 @@ SO_REUSEPORT the 4-tuple hash decides, which splits four flows 3:1 or 4:0 half o
 time.  Round-robin hand-off costs one sendmsg per connection in the supervisor and
 splits N flows evenly.
 
-The supervisor also watches each worker through a pidfd and restarts one that dies, so a
-crash loses only that worker's connections.
+The supervisor is also the control plane: forwards can be added and removed while it
+runs (it tells the workers over the same channel), a UDP forward is relayed by one
+worker (chosen by forward id), workers report per-forward counters every
+``STATS_INTERVAL`` seconds, and a worker that dies is replaced.  The supervisor never
+keeps threads alive (namespace threads are only used while opening a forward), because
+fork() in a threaded process can deadlock the child.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import struct
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from .addresses import HostPort, ResolvedAddress
 from .bridge import Bridge, MoverName
-from .forward import Forward
+from .errors import UserError
+from .forward import Forward, ForwardStats, reset_and_close
+from .netns import Netns
 from .relay.loop import IN, EventLoop
 from .signals import StopSignals
+from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 
 log = logging.getLogger("nsbridge")
 
+STATS_INTERVAL = 0.5
 _ACCEPT_BATCH = 64
-_INDEX = struct.Struct("H")
 _RESTART_WINDOW = 10.0
 _MAX_RESTARTS_IN_WINDOW = 5
+_MAX_MESSAGE = 1 << 16
+
+# Supervisor -> worker messages: one type byte, then the body.
+_CONNECTIONS = b"C"  # body: forward ids (uint32 each); fds: the accepted sockets
+_ADD = b"A"  # body: pickled _WorkerForward; fds: [connect netns fd] [udp socket]
+_REMOVE = b"R"  # body: pickled (forward id, kill)
+# Worker -> supervisor:
+_STATS = b"S"  # body: pickled {forward id: counters}
+
+
+@dataclass
+class _WorkerForward:
+    """What a worker needs to relay a forward; picklable, the fds travel beside it."""
+
+    id: int
+    spec: ForwardSpec  # listen side is a placeholder; connect netns travels as an fd
+    target: ResolvedAddress
+    netns_label: str | None
+    udp: bool  # this worker relays the forward's UDP socket
 
 
 @dataclass
@@ -49,52 +80,136 @@ class Worker:
     pidfd: int
     channel: socket.socket  # supervisor's end of the hand-off socketpair
     started: float
+    stats: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+def _stats_from(counters: dict[str, int]) -> ForwardStats:
+    return ForwardStats(**{k: v for k, v in counters.items() if k in ForwardStats.__annotations__})
 
 
 class Supervisor:
-    """Accepts for every forward and distributes connections to worker processes."""
+    """Owns the listeners, accepts, distributes connections, answers the control socket."""
 
-    def __init__(self, opened: list[Forward], count: int, mover: MoverName, drain: float,
+    def __init__(self, count: int, mover: MoverName, drain: float,
                  pipe_size: int | None = None) -> None:
-        self.opened = opened
         self.count = count
         self.mover = mover
         self.pipe_size = pipe_size
         self.drain = drain
         self.loop = EventLoop()
+        self.opener = Bridge(mover=mover)  # only for its namespace threads while opening
+        self.forwards: dict[int, Forward] = {}
         self.workers: dict[int, Worker] = {}
+        self._ids = itertools.count(1)
         self._next = 0
+        self._running = False
         self._stopping = False
         self._restarts: list[float] = []
+        self._retired: dict[int, ForwardStats] = {}  # counters of workers that died
         self._stops: StopSignals | None = None
+        self._extra_fds: list[int] = []  # supervisor-only fds a worker must close
         self.exit_code = 0
+
+    # ---- forwards -------------------------------------------------------------------------
+
+    def add(self, spec: ForwardSpec) -> Forward:
+        """Open ``spec`` (raises UserError) and start carrying it, now or once running."""
+        name = spec.name or f"forward-{len(self.forwards) + 1}"
+        if any(f.spec.name == name for f in self.forwards.values()):
+            raise UserError(f"a forward named {name!r} exists already; names must be unique")
+        spec.name = name
+        if spec.one_shot:
+            raise UserError(f"forward {name}: -S/-C (one connection) cannot run as a daemon "
+                            "forward; run it on its own")
+        try:
+            forward = self.opener.add(spec, start=False)
+        finally:
+            self.opener.close_factories()  # no threads may exist across fork()
+            self.opener.forwards.clear()
+        forward_id = next(self._ids)
+        forward.stats = ForwardStats()
+        self.forwards[forward_id] = forward
+        if self._running:
+            self._broadcast_add(forward_id, forward)
+            self._watch_listener(forward_id, forward)
+        log.info("forwarding %s (netns %s) -> %s (netns %s)%s", forward.listen_address,
+                 forward.listen_factory.label, forward.target_description,
+                 forward.connect_factory.label,
+                 f" [{spec.protocol}]" if spec.protocol == UDP else "")
+        return forward
+
+    def remove(self, name: str, kill: bool = False) -> None:
+        """Close a forward's listener; its connections finish unless ``kill``."""
+        forward_id = self._id_of(name)
+        forward = self.forwards.pop(forward_id)
+        if forward.listener is not None and forward.spec.protocol != UDP:
+            self.loop.remove(forward.listener.fileno())
+        forward.stop_listening()
+        for worker in list(self.workers.values()):
+            self._send(worker, _REMOVE + pickle.dumps((forward_id, kill)), [])
+        self._retired.pop(forward_id, None)
+        log.info("removed forward %s%s", name, " (connections reset)" if kill else "")
+
+    def _id_of(self, name: str) -> int:
+        for forward_id, forward in self.forwards.items():
+            if forward.spec.name == name:
+                return forward_id
+        known = ", ".join(f.spec.name for f in self.forwards.values()) or "none"
+        raise UserError(f"no forward named {name!r} (forwards: {known})")
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": f.spec.name, "protocol": f.spec.protocol,
+                 "listen": f.spec.source.get("listen", f.listen_address),
+                 "connect": f.spec.source.get("connect", f.target_description),
+                 "listening_on": f.listen_address, "allow": f.spec.allow, "deny": f.spec.deny,
+                 "proxy": f.spec.proxy}
+                for f in self.forwards.values()]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Counters per forward, summed over workers (at most STATS_INTERVAL old)."""
+        rows = []
+        for forward_id, forward in self.forwards.items():
+            total = ForwardStats(**self._retired.get(forward_id, ForwardStats()).as_dict())
+            for worker in self.workers.values():
+                counters = worker.stats.get(forward_id)
+                if counters:
+                    _add_into(total, _stats_from(counters))
+            if forward.spec.protocol != UDP:  # the supervisor admits stream clients
+                total.accepted = forward.stats.accepted
+                total.denied = forward.stats.denied
+            rows.append({"name": forward.spec.name, "protocol": forward.spec.protocol,
+                         **total.as_dict()})
+        return rows
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    def run(self, stops: StopSignals) -> int:
+    def run(self, stops: StopSignals, extra_fds: list[int] | None = None) -> int:
         """Fork the workers, then accept and distribute until stopped."""
         self._stops = stops
+        self._extra_fds = list(extra_fds or [])
         for index in range(self.count):
             self._spawn(index)
-        for position, forward in enumerate(self.opened):
-            assert forward.listener is not None
-            self.loop.add(forward.listener.fileno(), IN,
-                          lambda _e, p=position: self._accept(p))
+        self._running = True
+        for forward_id, forward in self.forwards.items():
+            self._watch_listener(forward_id, forward)
         stops.attach(self.loop, lambda signum, _count: self.stop(signum))
         self.loop.run()
-        self.loop.close()
         return self.exit_code
+
+    def _watch_listener(self, forward_id: int, forward: Forward) -> None:
+        if forward.spec.protocol != UDP and forward.listener is not None:
+            self.loop.add(forward.listener.fileno(), IN,
+                          lambda _e, i=forward_id: self._accept(i))
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Close the listeners and pass the signal on; return once every worker exited."""
         if not self._stopping:
             log.info("%s: stopping", signal.Signals(signum).name)
         self._stopping = True
-        for forward in self.opened:
-            if forward.listener is not None:
+        for forward in self.forwards.values():
+            if forward.listener is not None and forward.spec.protocol != UDP:
                 self.loop.remove(forward.listener.fileno())
-                forward.listener.close()
-                forward.listener = None
+            forward.stop_listening()
         for worker in self.workers.values():
             try:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -102,6 +217,12 @@ class Supervisor:
                 pass
         if not self.workers:
             self.loop.stop()
+
+    def close(self) -> None:
+        for forward in self.forwards.values():
+            forward.stop_listening()
+        self.opener.close()
+        self.loop.close()
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -118,7 +239,7 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 parent_end.close()
-                code = self._worker_main(child_end)
+                code = _WorkerProcess(self, index, child_end).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -130,61 +251,41 @@ class Supervisor:
         worker = Worker(index, pid, pidfd, parent_end, time.monotonic())
         self.workers[index] = worker
         self.loop.add(pidfd, IN, lambda _e, w=worker: self._reap(w))
+        self.loop.add(parent_end.fileno(), IN, lambda _e, w=worker: self._on_worker_message(w))
         log.debug("worker %d started (pid %d)", index, pid)
 
-    def _worker_main(self, channel: socket.socket) -> int:
-        """Runs in the child: drop the supervisor's fds, relay what arrives on ``channel``."""
-        self.loop.close()
-        if self._stops is not None:
-            os.close(self._stops.fd)  # the supervisor's; this worker reads its own
-        for forward in self.opened:
-            if forward.listener is not None:
-                forward.listener.close()
-        for worker in self.workers.values():
-            worker.channel.close()
-            os.close(worker.pidfd)
-        bridge = Bridge(mover=self.mover, pipe_size=self.pipe_size)
-        forwards = [bridge.adopt(forward) for forward in self.opened]
-
-        stops = StopSignals((signal.SIGTERM,))
-        stops.attach(bridge.loop, lambda _signum, count: bridge.shutdown(
-            self.drain if count == 1 else None))
-
-        def on_handoff(_events: int) -> None:
-            while True:
-                try:
-                    data, fds, _flags, _addr = socket.recv_fds(channel, 2 * _ACCEPT_BATCH,
-                                                               _ACCEPT_BATCH)
-                except BlockingIOError:
-                    return
-                if not data and not fds:  # the supervisor is gone: finish and exit
-                    bridge.loop.remove(channel.fileno())
-                    bridge.shutdown(self.drain or None)
-                    return
-                for (position,), fd in zip(_INDEX.iter_unpack(data), fds, strict=False):
-                    forwards[position].start_session(socket.socket(fileno=fd))
-
-        channel.setblocking(False)
-        bridge.loop.add(channel.fileno(), IN, on_handoff)
-        try:
-            bridge.run()
-        finally:
-            stops.close()
-            bridge.close()
-        return 0
+    def _on_worker_message(self, worker: Worker) -> None:
+        while True:
+            try:
+                data = worker.channel.recv(_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the worker is gone; its pidfd will tell
+                self.loop.remove(worker.channel.fileno())
+                return
+            if data[:1] == _STATS:
+                worker.stats = pickle.loads(data[1:])
 
     def _reap(self, worker: Worker) -> None:
         self.loop.remove(worker.pidfd)
+        self.loop.remove(worker.channel.fileno())
         os.close(worker.pidfd)
         worker.channel.close()
         _, status = os.waitpid(worker.pid, 0)
         del self.workers[worker.index]
+        for forward_id, counters in worker.stats.items():  # keep totals monotonic
+            stats = _stats_from(counters)
+            stats.reset += stats.active  # its open connections died with it
+            stats.active = 0
+            _add_into(self._retired.setdefault(forward_id, ForwardStats()), stats)
         if self._stopping:
             if not self.workers:
                 self.loop.stop()
             return
-        how = (f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
-               if os.WIFSIGNALED(status) else f"exit code {os.waitstatus_to_exitcode(status)}")
+        code = os.waitstatus_to_exitcode(status)
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW]
         if len(self._restarts) >= _MAX_RESTARTS_IN_WINDOW:
@@ -198,62 +299,202 @@ class Supervisor:
                     "lost; starting a new one", worker.index, worker.pid, how)
         self._spawn(worker.index)
 
+    def _send(self, worker: Worker, message: bytes, fds: list[int]) -> bool:
+        try:
+            socket.send_fds(worker.channel, [message], fds)
+            return True
+        except OSError:
+            return False
+
+    def _broadcast_add(self, forward_id: int, forward: Forward) -> None:
+        for worker in list(self.workers.values()):
+            udp = self._udp_owner(forward_id) == worker.index
+            portable, fds = _portable(forward_id, forward, udp)
+            if not self._send(worker, _ADD + pickle.dumps(portable), fds):
+                log.warning("worker %d did not take forward %s", worker.index, forward.spec.name)
+
+    def _udp_owner(self, forward_id: int) -> int:
+        return forward_id % self.count
+
     # ---- accepting and handing off ------------------------------------------------------
 
-    def _accept(self, position: int) -> None:
-        forward = self.opened[position]
-        listener = forward.listener
-        if listener is None:
+    def _accept(self, forward_id: int) -> None:
+        forward = self.forwards.get(forward_id)
+        listener = forward.listener if forward is not None else None
+        if forward is None or listener is None:
             return
         accepted: list[int] = []
         for _ in range(_ACCEPT_BATCH):
             try:
-                fd, _peer = listener._accept()  # type: ignore[attr-defined]
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in (24, 23, 105, 12):  # EMFILE ENFILE ENOBUFS ENOMEM
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept on %s failed: %s", forward.listen_address, exc.strerror)
                     break
                 continue
+            if not forward.admits(peer):
+                reset_and_close(socket.socket(fileno=fd))
+                continue
+            forward.stats.accepted += 1
             accepted.append(fd)
         if accepted:
-            self._hand_off(position, accepted)
+            self._hand_off(forward_id, accepted)
 
-    def _hand_off(self, position: int, fds: list[int]) -> None:
+    def _hand_off(self, forward_id: int, fds: list[int]) -> None:
         """Give each fd to the next worker in turn; if one cannot take it, try the others."""
         order = sorted(self.workers)
         if not order:
             for fd in fds:
-                _reset_fd(fd)
+                reset_and_close(socket.socket(fileno=fd))
             return
         batches: dict[int, list[int]] = {}
         for fd in fds:
             batches.setdefault(order[self._next % len(order)], []).append(fd)
             self._next += 1
-        header = _INDEX.pack(position)
         for index, batch in batches.items():
+            message = _CONNECTIONS + struct.pack(f"{len(batch)}I", *([forward_id] * len(batch)))
             for attempt in range(len(order)):
                 worker = self.workers.get(order[(order.index(index) + attempt) % len(order)])
-                if worker is None:
-                    continue
-                try:
-                    socket.send_fds(worker.channel, [header * len(batch)], batch)
+                if worker is not None and self._send(worker, message, batch):
                     break
-                except OSError:
-                    continue  # busy or dying worker: try the next one
             else:
                 for fd in batch:
-                    _reset_fd(fd)
+                    reset_and_close(socket.socket(fileno=fd))
                 continue
             for fd in batch:
                 os.close(fd)
 
 
-def _reset_fd(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
+def _add_into(total: ForwardStats, more: ForwardStats) -> None:
+    for key, value in more.as_dict().items():
+        setattr(total, key, getattr(total, key) + value)
+
+
+def _portable(forward_id: int, forward: Forward, udp: bool) -> tuple[_WorkerForward, list[int]]:
+    """A forward as a worker receives it after start-up: data plus fds."""
+    spec = forward.spec
+    assert forward.target is not None and isinstance(spec.connect, ConnectAddress)
+    netns = spec.connect.netns
+    fds = [netns.fd] if netns is not None else []
+    if udp:
+        assert forward.listener is not None
+        fds.append(forward.listener.fileno())
+    stripped = replace(spec, listen=ListenAddress(HostPort("supervisor", 0),
+                                                  protocol=spec.protocol),
+                       connect=replace(spec.connect, netns=None))
+    label = netns.label if netns is not None else None
+    return _WorkerForward(forward_id, stripped, forward.target, label, udp), fds
+
+
+class _WorkerProcess:
+    """Runs in a forked child: relays what the supervisor hands over."""
+
+    def __init__(self, supervisor: Supervisor, index: int, channel: socket.socket) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.channel = channel
+        self.bridge = Bridge(mover=supervisor.mover, pipe_size=supervisor.pipe_size)
+        self.forwards: dict[int, Forward] = {}
+        self._last_stats: dict[int, dict[str, int]] = {}
+
+    def run(self) -> int:
+        sup = self.supervisor
+        sup.loop.close()
+        if sup._stops is not None:
+            os.close(sup._stops.fd)  # the supervisor's; this worker reads its own
+        for fd in sup._extra_fds:
+            os.close(fd)
+        for worker in sup.workers.values():
+            worker.channel.close()
+            os.close(worker.pidfd)
+        for forward_id, forward in sup.forwards.items():
+            udp = forward.spec.protocol == UDP and sup._udp_owner(forward_id) == self.index
+            spec = forward.spec
+            netns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
+            self._adopt(forward_id, spec, forward.target, netns,
+                        forward.listener if udp else None)
+            if forward.listener is not None and not udp:
+                forward.listener.close()  # the supervisor's: only it accepts
+        stops = StopSignals((signal.SIGTERM,))
+        stops.attach(self.bridge.loop, lambda _signum, count: self.bridge.shutdown(
+            sup.drain if count == 1 else None))
+        self.channel.setblocking(False)
+        self.bridge.loop.add(self.channel.fileno(), IN, self._on_message)
+        self._schedule_stats()
+        try:
+            self.bridge.run()
+        finally:
+            stops.close()
+            self.bridge.close()
+        return 0
+
+    def _adopt(self, forward_id: int, spec: ForwardSpec, target: ResolvedAddress | None,
+               netns: Netns | None, udp_sock: socket.socket | None) -> None:
+        assert target is not None
+        forward = self.bridge.adopt(spec, target, netns)
+        if udp_sock is not None:
+            forward.start_udp(udp_sock)
+        self.forwards[forward_id] = forward
+
+    def _on_message(self, _events: int) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.channel, _MAX_MESSAGE,
+                                                           _ACCEPT_BATCH)
+            except BlockingIOError:
+                return
+            if not data and not fds:  # the supervisor is gone: finish and exit
+                self.bridge.loop.remove(self.channel.fileno())
+                self.bridge.shutdown(self.supervisor.drain or None)
+                return
+            kind, body = data[:1], data[1:]
+            if kind == _CONNECTIONS:
+                self._start_sessions(body, fds)
+            elif kind == _ADD:
+                self._add(pickle.loads(body), fds)
+            elif kind == _REMOVE:
+                forward_id, kill = pickle.loads(body)
+                self._remove(forward_id, kill)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def _start_sessions(self, body: bytes, fds: list[int]) -> None:
+        ids = struct.unpack(f"{len(body) // 4}I", body)
+        for forward_id, fd in zip(ids, fds, strict=False):
+            forward = self.forwards.get(forward_id)
+            client = socket.socket(fileno=fd)
+            if forward is None:
+                reset_and_close(client)
+            else:
+                forward.start_session(client)
+
+    def _add(self, message: _WorkerForward, fds: list[int]) -> None:
+        fds = list(fds)
+        netns = Netns(fds.pop(0), message.netns_label) if message.netns_label else None
+        udp_sock = socket.socket(fileno=fds.pop(0)) if message.udp else None
+        self._adopt(message.id, message.spec, message.target, netns, udp_sock)
+
+    def _remove(self, forward_id: int, kill: bool) -> None:
+        forward = self.forwards.pop(forward_id, None)
+        if forward is None:
+            return
+        forward.stop_listening()
+        if kill:
+            forward.abort_all("reset: forward removed")
+        self._last_stats.pop(forward_id, None)
+
+    def _schedule_stats(self) -> None:
+        self.bridge.loop.call_later(STATS_INTERVAL, self._report_stats)
+
+    def _report_stats(self) -> None:
+        current = {i: f.snapshot().as_dict() for i, f in self.forwards.items()}
+        if current != self._last_stats:
+            try:
+                self.channel.send(_STATS + pickle.dumps(current))
+                self._last_stats = current
+            except OSError:
+                pass
+        self._schedule_stats()

@@ -375,7 +375,8 @@ def test_conflicting_options(args: list[str], flags: tuple[str, str]) -> None:
     pytest.param(["forward", "-l", "127.0.0.1:0"], "missing connect side: give one of -c, -C",
                  id="no-connect-side"),
     pytest.param(["forward"], "missing listen side", id="forward-without-arguments"),
-    pytest.param([], "missing command: give one of forward, demo", id="no-arguments-at-all"),
+    pytest.param([], "missing command: give one of forward, serve, ctl, demo",
+                 id="no-arguments-at-all"),
 ])
 def test_missing_options(args: list[str], why: str) -> None:
     assert_one_line_error(run_nsbridge(*args), why)

@@ -57,8 +57,10 @@ def test_http_through_forward_with_curl(netns, forwarder, tmp_path):
                               f"http://127.0.0.1:{fwd.port}/index.html"],
                              capture_output=True, check=True)
         assert out.stdout == page.read_bytes()
+        wait_until(lambda: ", closed" in fwd.log(), what="the connection's log line")
         assert fwd.stop() == 0
-        assert "B down" in fwd.log() and "closed" in fwd.log()
+        assert f"B up, {len(page.read_bytes())}" not in fwd.log()  # headers count too
+        assert "B down" in fwd.log()
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -93,11 +93,11 @@ def _is_zombie_or_gone(pid: int) -> bool:
         return True
 
 
-def test_single_worker_mode_has_no_children(netns, forwarder):
+def test_single_worker_mode_has_one_worker(netns, forwarder):
     listener = listen_in(netns)
     serve_in_thread(listener, echo)
     fwd = forwarder("forward", "-v", "--workers", "1", "-l", "127.0.0.1:0",
                     "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
-    assert _roundtrip(fwd.port, b"one process") == b"one process"
-    assert _workers(fwd.proc.pid) == []
+    assert _roundtrip(fwd.port, b"one worker") == b"one worker"
+    assert len(_workers(fwd.proc.pid)) == 1
     listener.close()

@@ -169,6 +169,7 @@ class TcpSession:
         "down",
         "ended",
         "outcome",
+        "preamble",
         "server",
         "server_fd",
         "server_name",
@@ -201,6 +202,7 @@ class TcpSession:
         self.started = time.monotonic()
         self.ended = False
         self.outcome = ""
+        self.preamble = b""  # sent to the server first (a PROXY protocol header)
         for sock in (client, server):
             sock.setblocking(False)
             _set_nodelay(sock)
@@ -251,9 +253,23 @@ class TcpSession:
         # Swap in the relaying handler; edges that fired while connecting were not
         # acted on, so run both directions once by hand.
         self._loop.set_handler(self.client_fd, self._on_client)
+        if self.preamble and not self._send_preamble():
+            return
         self._pump(self.up)
         if not self.ended:
             self._pump(self.down)
+
+    def _send_preamble(self) -> bool:
+        """A fresh connection's send buffer always has room for a ~100-byte header."""
+        try:
+            sent = self.server.send(self.preamble)
+        except OSError as exc:
+            self._abort(f"server reset ({errno_name(exc.errno)})")
+            return False
+        if sent != len(self.preamble):
+            self._abort("server did not take the PROXY header")
+            return False
+        return True
 
     # ---- phase 2: relaying --------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""``nsbridge serve --config FILE.toml``: a set of forwards and daemon options in a file.
+
+    workers = 2                      # optional, like --workers
+    control = "/run/nsbridge.sock"   # optional, like --control
+    drain = 5                        # optional, like --drain
+
+    [defaults]                       # optional: applied to every forward below
+    connect_timeout = 10
+
+    [[forward]]
+    name = "web"                     # unique; used by `nsbridge ctl remove`
+    listen = "tcp:127.0.0.1:8080"
+    connect = "tcp:127.0.0.1:80,netns=web"
+    allow = ["127.0.0.0/8"]          # optional; also deny, proxy, idle_timeout, max_flows
+
+Errors name the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+from .spec import ForwardSpec
+
+TOP_KEYS = {"workers", "control", "drain", "engine", "defaults", "forward"}
+FORWARD_KEYS = {"name", "listen", "connect", "allow", "deny", "proxy", "connect_timeout",
+                "idle_timeout", "max_flows"}
+DEFAULT_KEYS = FORWARD_KEYS - {"name", "listen", "connect"}
+
+
+@dataclass
+class Config:
+    forwards: list[ForwardSpec]
+    defaults: dict[str, Any]
+    workers: int | None = None
+    control: str | None = None
+    drain: float | None = None
+    engine: str | None = None
+
+
+def load(path: str) -> Config:
+    from .daemon import spec_from_mapping
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UserError(f"--config {path}: {exc.strerror}") from None
+    text = raw.decode(errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise UserError(f"{path}:{_line_of(text, unknown[0])}: unknown key {unknown[0]!r}; "
+                        f"expected {', '.join(sorted(TOP_KEYS))}")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UserError(f"{path}: [defaults] must be a table")
+    bad = sorted(set(defaults) - DEFAULT_KEYS)
+    if bad:
+        raise UserError(f"{path}:{_line_of(text, bad[0])}: [defaults]: unknown key {bad[0]!r}")
+    entries = data.get("forward", [])
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: no [[forward]] tables: add at least one forward")
+    specs: list[ForwardSpec] = []
+    names: set[str] = set()
+    for number, entry in enumerate(entries, start=1):
+        label = entry.get("name", f"#{number}")
+        line = _forward_line(text, number)
+        where = f"{path}:{line}: [[forward]] {label}"
+        try:
+            spec = spec_from_mapping(entry, defaults=defaults, where=where,
+                                     allowed=FORWARD_KEYS, allow_fds=True)
+        except UserError as exc:
+            message = str(exc)
+            key = re.search(r"unknown key '([^']+)'", message)
+            if key:  # point at the offending line rather than the table's
+                message = message.replace(f"{path}:{line}:",
+                                          f"{path}:{_line_of(text, key.group(1), line)}:")
+            raise UserError(message) from None
+        spec.name = spec.name or f"forward-{number}"
+        if spec.name in names:
+            raise UserError(f"{where}: duplicate forward name {spec.name!r}")
+        names.add(spec.name)
+        specs.append(spec)
+    return Config(specs, defaults, workers=_opt(data, "workers", int, path),
+                  control=_opt(data, "control", str, path),
+                  drain=_opt(data, "drain", (int, float), path),
+                  engine=_opt(data, "engine", str, path))
+
+
+def _opt(data: dict[str, Any], key: str, kind: Any, path: str) -> Any:
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise UserError(f"{path}: {key} = {value!r}: wrong type")
+    return value
+
+
+def _forward_line(text: str, number: int) -> int:
+    """Line of the ``number``-th ``[[forward]]`` header (1-based)."""
+    seen = 0
+    for index, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith("[[forward]]"):
+            seen += 1
+            if seen == number:
+                return index
+    return 1
+
+
+def _line_of(text: str, key: str, start: int = 1) -> int:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for index, line in enumerate(text.splitlines(), start=1):
+        if index >= start and pattern.match(line):
+            return index
+    return start

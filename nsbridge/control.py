@@ -1,0 +1,236 @@
+"""The control socket: change and inspect a running daemon, one JSON object per line.
+
+Protocol (documented in the README for other programs): a client connects to the Unix
+socket, writes one JSON object per line, and reads one JSON object per line back, in
+order.  Every reply has ``"ok"``; a failed request has ``"error"`` with a sentence.
+
+    {"cmd": "list"}                      -> {"ok": true, "forwards": [...]}
+    {"cmd": "stats"}                     -> {"ok": true, "stats": [...]}
+    {"cmd": "add", "name": "web", "listen": "tcp:127.0.0.1:8080",
+     "connect": "tcp:127.0.0.1:80,netns=web", ...}  -> {"ok": true}
+    {"cmd": "remove", "name": "web", "kill": false} -> {"ok": true}
+
+Who may talk: the socket file is created mode 0600, and each client's credentials
+(SO_PEERCRED) are checked: only root and the daemon's own user are served.  A hostile or
+broken client cannot hurt the daemon: lines are capped at ``MAX_LINE`` bytes (a longer one
+ends that client), garbage gets an error reply, a client that does not read its replies
+is dropped once ``MAX_PENDING`` bytes are waiting, and at most ``MAX_CLIENTS`` are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from .errors import UserError
+from .relay.loop import IN, OUT, EventLoop
+from .sockets import remove_unix_socket
+
+log = logging.getLogger("nsbridge")
+
+MAX_LINE = 64 * 1024
+MAX_PENDING = 1 << 20
+MAX_CLIENTS = 32
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    def __init__(self, loop: EventLoop, path: str, handle: Handler) -> None:
+        self.loop = loop
+        self.path = path
+        self.handle = handle
+        self.sock = _listen(path)
+        self.clients: dict[int, _Client] = {}
+        loop.add(self.sock.fileno(), IN, self._on_accept)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _on_accept(self, _events: int) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return
+                continue
+            conn.setblocking(False)
+            uid = _peer_uid(conn)
+            if uid not in (0, os.geteuid()):
+                log.warning("control: refused a client with uid %s", uid)
+                _send_now(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
+                                 "use this control socket (only root and the daemon's user)"})
+                conn.close()
+                continue
+            if len(self.clients) >= MAX_CLIENTS:
+                _send_now(conn, {"ok": False, "error": "too many control clients"})
+                conn.close()
+                continue
+            client = _Client(self, conn)
+            self.clients[conn.fileno()] = client
+            self.loop.add(conn.fileno(), IN, client.on_event)
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        """One request line to one reply; never raises."""
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return {"ok": False, "error": f"not JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "a request is a JSON object, e.g. {\"cmd\": \"list\"}"}
+        try:
+            return self.handle(request)
+        except UserError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must not take the daemon down
+            log.exception("control: request %r failed", request.get("cmd"))
+            return {"ok": False, "error": f"internal error: {exc}"}
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            client.close()
+        self.loop.remove(self.sock.fileno())
+        self.sock.close()
+        remove_unix_socket(self.path)
+
+
+class _Client:
+    def __init__(self, server: ControlServer, conn: socket.socket) -> None:
+        self.server = server
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+
+    def on_event(self, events: int) -> None:
+        if events & OUT and not self._flush():
+            return
+        if events & IN:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.inbox += data
+        while (end := self.inbox.find(b"\n")) >= 0:
+            line = bytes(self.inbox[:end])
+            del self.inbox[: end + 1]
+            if line.strip():
+                self._reply(self.server.answer(line))
+            if self.fd < 0:
+                return
+        if len(self.inbox) > MAX_LINE:
+            self._reply({"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+            self.close()
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        self.outbox += json.dumps(reply).encode() + b"\n"
+        if len(self.outbox) > MAX_PENDING:
+            log.warning("control: dropping a client that does not read its replies")
+            self.close()
+            return
+        self._flush()
+
+    def _flush(self) -> bool:
+        try:
+            while self.outbox:
+                sent = self.conn.send(self.outbox)
+                del self.outbox[:sent]
+        except BlockingIOError:
+            self.server.loop.modify(self.fd, IN | OUT)
+            return True
+        except OSError:
+            self.close()
+            return False
+        self.server.loop.modify(self.fd, IN)
+        return True
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.server.loop.remove(self.fd)
+        self.server.clients.pop(self.fd, None)
+        self.conn.close()
+        self.fd = -1
+
+
+def _listen(path: str) -> socket.socket:
+    """Create the socket file 0600 from the start (umask), replacing a stale one."""
+    from .sockets import clear_stale_socket
+
+    if not path:
+        raise UserError("--control: empty path")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"--control {path}: directory {directory} does not exist")
+    clear_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--control {path}: cannot create the socket: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _send_now(conn: socket.socket, reply: dict[str, Any]) -> None:
+    try:
+        conn.send(json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass
+
+
+# ---- client side (nsbridge ctl, and other Python programs) ----------------------------
+
+
+def request(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to the daemon at ``path`` and return its reply."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        raise UserError(f"--control {path}: no such socket (is the daemon running with "
+                        f"--control {path}?)") from None
+    except PermissionError:
+        raise UserError(f"--control {path}: permission denied (the socket is only for root "
+                        "and the daemon's user)") from None
+    except OSError as exc:
+        raise UserError(f"--control {path}: cannot connect: {exc.strerror}") from None
+    with sock:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        buffer = b""
+        while b"\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise UserError(f"--control {path}: the daemon closed the connection")
+            buffer += chunk
+    return json.loads(buffer.split(b"\n", 1)[0])
