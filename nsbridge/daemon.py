@@ -45,23 +45,20 @@ def run_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopSign
         check_ready_fd(options.ready_fd)
     supervisor = Supervisor(options.workers, options.engine, options.drain)  # type: ignore[arg-type]
     control: ControlServer | None = None
-    extra_fds: list[int] = []
     try:
         for spec in specs:
             supervisor.add(spec)
         if options.control:
             control = ControlServer(supervisor.loop, options.control,
                                     lambda request: handle_request(supervisor, request, options))
-            extra_fds.append(control.fileno())
             log.info("control socket at %s", options.control)
         if options.exit_with:
             from .lifetime import open_exit_with
 
             pidfd = open_exit_with(options.exit_with)
-            extra_fds.append(pidfd)
             supervisor.loop.add(pidfd, IN, lambda _e: _watched_process_exited(supervisor))
         _announce_ready(options)
-        return supervisor.run(stops, extra_fds=extra_fds)
+        return supervisor.run(stops)
     finally:
         if control is not None:
             control.close()

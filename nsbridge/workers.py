@@ -106,8 +106,6 @@ class Supervisor:
         self._stopping = False
         self._restarts: list[float] = []
         self._retired: dict[int, ForwardStats] = {}  # counters of workers that died
-        self._stops: StopSignals | None = None
-        self._extra_fds: list[int] = []  # supervisor-only fds a worker must close
         self.exit_code = 0
 
     # ---- forwards -------------------------------------------------------------------------
@@ -183,10 +181,8 @@ class Supervisor:
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    def run(self, stops: StopSignals, extra_fds: list[int] | None = None) -> int:
-        """Fork the workers, then accept and distribute until stopped."""
-        self._stops = stops
-        self._extra_fds = list(extra_fds or [])
+    def run(self, stops: StopSignals) -> int:
+        """Start the workers, then accept and distribute until stopped."""
         for index in range(self.count):
             self._spawn(index)
         self._running = True
@@ -227,31 +223,32 @@ class Supervisor:
     # ---- workers ------------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
+        """Start worker ``index`` as a fresh ``python3 -S`` process and send it the forwards.
+
+        A fresh interpreter instead of fork(): a forked worker would carry the
+        supervisor's whole heap (and this environment's site-packages start-up, ~11 MiB)
+        as resident memory of its own, and every supervisor fd it must not keep.  The
+        worker starts with only the channel, the relay modules, and the stop signals still
+        blocked (the signal mask survives exec), so a SIGTERM waits in its signalfd.
+        """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child_end.set_inheritable(True)
+        args = [sys.executable, "-S", "-c", _WORKER_BOOT, _package_root(),
+                str(child_end.fileno()), str(index), self.mover, str(self.pipe_size or 0),
+                str(self.drain), str(logging.getLogger("nsbridge").level)]
         sys.stderr.flush()
-        # SIGINT/SIGTERM are blocked (StopSignals) and stay blocked in the child: a
-        # SIGTERM that arrives before the worker reads its own signalfd just waits there.
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            # Ctrl-C reaches the whole process group; workers obey only the supervisor,
-            # which turns it into one SIGTERM (drain) or, on a second Ctrl-C, another (now).
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                parent_end.close()
-                code = _WorkerProcess(self, index, child_end).run()
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        child_end.close()
+        try:
+            pid = os.posix_spawn(sys.executable, args, os.environ)
+        finally:
+            child_end.close()
         parent_end.setblocking(False)
         pidfd = os.pidfd_open(pid)
         worker = Worker(index, pid, pidfd, parent_end, time.monotonic())
         self.workers[index] = worker
         self.loop.add(pidfd, IN, lambda _e, w=worker: self._reap(w))
         self.loop.add(parent_end.fileno(), IN, lambda _e, w=worker: self._on_worker_message(w))
+        for forward_id, forward in self.forwards.items():
+            self._send_forward(worker, forward_id, forward)
         log.debug("worker %d started (pid %d)", index, pid)
 
     def _on_worker_message(self, worker: Worker) -> None:
@@ -308,10 +305,13 @@ class Supervisor:
 
     def _broadcast_add(self, forward_id: int, forward: Forward) -> None:
         for worker in list(self.workers.values()):
-            udp = self._udp_owner(forward_id) == worker.index
-            portable, fds = _portable(forward_id, forward, udp)
-            if not self._send(worker, _ADD + pickle.dumps(portable), fds):
-                log.warning("worker %d did not take forward %s", worker.index, forward.spec.name)
+            self._send_forward(worker, forward_id, forward)
+
+    def _send_forward(self, worker: Worker, forward_id: int, forward: Forward) -> None:
+        udp = forward.spec.protocol == UDP and self._udp_owner(forward_id) == worker.index
+        portable, fds = _portable(forward_id, forward, udp)
+        if not self._send(worker, _ADD + pickle.dumps(portable), fds):
+            log.warning("worker %d did not take forward %s", worker.index, forward.spec.name)
 
     def _udp_owner(self, forward_id: int) -> int:
         return forward_id % self.count
@@ -388,38 +388,49 @@ def _portable(forward_id: int, forward: Forward, udp: bool) -> tuple[_WorkerForw
     return _WorkerForward(forward_id, stripped, forward.target, label, udp), fds
 
 
-class _WorkerProcess:
-    """Runs in a forked child: relays what the supervisor hands over."""
+_WORKER_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from nsbridge.workers import worker_main; sys.exit(worker_main(sys.argv[2:]))"
+)
 
-    def __init__(self, supervisor: Supervisor, index: int, channel: socket.socket) -> None:
-        self.supervisor = supervisor
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_main(argv: list[str]) -> int:
+    """Entry point of a worker process (see Supervisor._spawn)."""
+    channel_fd, index, mover, pipe_size, drain, level = argv
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nsbridge: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(int(level))
+    log.propagate = False
+    channel = socket.socket(fileno=int(channel_fd))
+    try:
+        return _WorkerProcess(int(index), channel, mover, int(pipe_size) or None,  # type: ignore[arg-type]
+                              float(drain)).run()
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+class _WorkerProcess:
+    """Runs in a worker process: relays what the supervisor hands over."""
+
+    def __init__(self, index: int, channel: socket.socket, mover: MoverName,
+                 pipe_size: int | None, drain: float) -> None:
         self.index = index
         self.channel = channel
-        self.bridge = Bridge(mover=supervisor.mover, pipe_size=supervisor.pipe_size)
+        self.drain = drain
+        self.bridge = Bridge(mover=mover, pipe_size=pipe_size)
         self.forwards: dict[int, Forward] = {}
         self._last_stats: dict[int, dict[str, int]] = {}
 
     def run(self) -> int:
-        sup = self.supervisor
-        sup.loop.close()
-        if sup._stops is not None:
-            os.close(sup._stops.fd)  # the supervisor's; this worker reads its own
-        for fd in sup._extra_fds:
-            os.close(fd)
-        for worker in sup.workers.values():
-            worker.channel.close()
-            os.close(worker.pidfd)
-        for forward_id, forward in sup.forwards.items():
-            udp = forward.spec.protocol == UDP and sup._udp_owner(forward_id) == self.index
-            spec = forward.spec
-            netns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
-            self._adopt(forward_id, spec, forward.target, netns,
-                        forward.listener if udp else None)
-            if forward.listener is not None and not udp:
-                forward.listener.close()  # the supervisor's: only it accepts
         stops = StopSignals((signal.SIGTERM,))
         stops.attach(self.bridge.loop, lambda _signum, count: self.bridge.shutdown(
-            sup.drain if count == 1 else None))
+            self.drain if count == 1 else None))
         self.channel.setblocking(False)
         self.bridge.loop.add(self.channel.fileno(), IN, self._on_message)
         self._schedule_stats()
@@ -430,9 +441,8 @@ class _WorkerProcess:
             self.bridge.close()
         return 0
 
-    def _adopt(self, forward_id: int, spec: ForwardSpec, target: ResolvedAddress | None,
+    def _adopt(self, forward_id: int, spec: ForwardSpec, target: ResolvedAddress,
                netns: Netns | None, udp_sock: socket.socket | None) -> None:
-        assert target is not None
         forward = self.bridge.adopt(spec, target, netns)
         if udp_sock is not None:
             forward.start_udp(udp_sock)
@@ -447,7 +457,7 @@ class _WorkerProcess:
                 return
             if not data and not fds:  # the supervisor is gone: finish and exit
                 self.bridge.loop.remove(self.channel.fileno())
-                self.bridge.shutdown(self.supervisor.drain or None)
+                self.bridge.shutdown(self.drain or None)
                 return
             kind, body = data[:1], data[1:]
             if kind == _CONNECTIONS:
