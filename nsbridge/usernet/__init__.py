@@ -1,0 +1,18 @@
+"""User-mode networking: the host side of ``nsbridge run`` / ``nsbridge attach``.
+
+A namespace created without root gets a tun device as its default route.  The host
+side reads IP packets from it and answers them with host sockets: UDP flows, DNS at
+the resolver address, ICMP echo through ping sockets and (later) TCP.  This package
+is split so that everything that *decides* is separate from everything that *does*:
+
+* :mod:`.packets` — sans-IO: parse a tun frame (virtio_net_hdr + IPv4/IPv6 + UDP,
+  TCP, ICMP) into values, build reply frames, Internet checksums.  Bytes in, values
+  out; never raises on what the namespace sends.
+* :mod:`.policy` — sans-IO: the addresses of the virtual network and the firewall
+  that decides every new flow (allow and where to dial, or deny and why).
+* :mod:`.dns` — sans-IO: the host's resolvers from ``resolv.conf`` text, minimal
+  validation of DNS queries, SERVFAIL answers.
+
+The event loop that owns the tun fd and the host sockets is a thin driver over these
+modules, so the protocol logic is testable with crafted packets and no devices.
+"""

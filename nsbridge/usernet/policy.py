@@ -1,0 +1,462 @@
+"""The host-side firewall of a user-mode namespace, sans-IO.
+
+Every new flow the namespace starts — a TCP connection, a UDP flow, an ICMP echo id —
+is dialed *from the host*, with the host's privileges and the host's view of the
+network.  So a packet to ``10.0.2.2`` could reach services bound to the host's
+loopback, a packet to ``0.0.0.0`` or ``::`` connects to loopback too, and a packet to
+``169.254.169.254`` reaches a cloud's metadata service.  :meth:`Policy.decide` is the
+one place that says yes or no, once per flow, before anything is dialed, and says
+*what* to dial: the namespace's view of an address is not always the host's.
+
+Decision order (the first that applies wins):
+
+1. Port 0 (TCP/UDP) → deny.  Nothing listens there; dialing it means "pick one".
+2. Addresses that are never a destination on the wire → deny: IPv4-mapped
+   (``::ffff:a.b.c.d``: the namespace's kernel sends those as IPv4, so an IPv6 packet
+   carrying one is crafted, and a dual-stack host socket would dial the IPv4 address,
+   e.g. ``::ffff:127.0.0.1``), IPv4-compatible (``::a.b.c.d``, deprecated), unspecified
+   and "this network" (``0.0.0.0/8``, ``::``; connecting to them reaches loopback),
+   loopback (``127.0.0.0/8``, ``::1``), multicast, broadcast and the reserved
+   ``240.0.0.0/4`` (limited broadcast and the namespace network's broadcast included).
+   NAT64 addresses (``64:ff9b::/96``) of such IPv4 addresses are denied the same way.
+   No rule overrides these.
+3. The gateway (``10.0.2.2``, ``fd00::2``), any port and protocol → the host's loopback
+   (``127.0.0.1``, ``::1``, same port) when ``allow_host_loopback``, else deny.
+4. The DNS address (``10.0.2.3``, ``fd00::3``) → :class:`AllowResolver` for TCP/UDP port
+   53; any other port, and ICMP, is denied.
+5. Any other address in the namespace's own networks (``10.0.2.0/24``, ``fd00::/64``) →
+   deny: nothing lives there but the namespace, and dialing it from the host would
+   reach whatever the *host's* network has at that address.
+6. Link-local (``169.254.0.0/16``, ``fe80::/10``) → deny ("link-local"), unless an
+   allow rule *inside* that range names it (``allow 169.254.169.254``): a broad rule
+   such as ``0.0.0.0/0`` does not open metadata services by accident.  IPv6
+   link-local cannot be dialed without an interface, so it is always denied.
+7. Deny rules → deny.  They are matched against the namespace's destination *and*
+   the address actually dialed, so ``deny tcp:127.0.0.1:22`` holds with host
+   loopback on, and they see the IPv4 address inside a NAT64 ``64:ff9b::/96`` address.
+8. Allow rules, if there are any, must match (an allow list); without allow rules
+   everything else is allowed.  Allow rules select outside destinations only: the
+   gateway and DNS service follow their own switches (and deny rules).
+
+Deny wins over allow: rules are checked deny-first, whatever their order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from ..acl import parse_network
+from ..errors import UserError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Protocol = Literal["tcp", "udp", "icmp"]
+PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
+
+_LOOPBACK_V4 = ipaddress.IPv4Address("127.0.0.1")
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_LINK_LOCAL = (ipaddress.IPv4Network("169.254.0.0/16"), ipaddress.IPv6Network("fe80::/10"))
+
+# ---- addresses ----------------------------------------------------------------------
+
+_DEFAULT_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
+_DEFAULT_NAMESPACE = ipaddress.IPv4Address("10.0.2.100")
+_DEFAULT_GATEWAY = ipaddress.IPv4Address("10.0.2.2")
+_DEFAULT_DNS = ipaddress.IPv4Address("10.0.2.3")
+_DEFAULT_NETWORK6 = ipaddress.IPv6Network("fd00::/64")
+_DEFAULT_NAMESPACE6 = ipaddress.IPv6Address("fd00::100")
+_DEFAULT_GATEWAY6 = ipaddress.IPv6Address("fd00::2")
+_DEFAULT_DNS6 = ipaddress.IPv6Address("fd00::3")
+
+
+@dataclass(frozen=True)
+class UsernetAddresses:
+    """The virtual network a user-mode namespace sees (slirp4netns's defaults).
+
+    Build it from user text with :meth:`parse`, which derives the gateway (``.2``),
+    DNS (``.3``) and namespace (``.100``) addresses from a network the way slirp4netns's
+    ``--cidr`` does.
+    """
+
+    network: ipaddress.IPv4Network = _DEFAULT_NETWORK
+    namespace: ipaddress.IPv4Address = _DEFAULT_NAMESPACE
+    gateway: ipaddress.IPv4Address = _DEFAULT_GATEWAY
+    dns: ipaddress.IPv4Address = _DEFAULT_DNS
+    network6: ipaddress.IPv6Network = _DEFAULT_NETWORK6
+    namespace6: ipaddress.IPv6Address = _DEFAULT_NAMESPACE6
+    gateway6: ipaddress.IPv6Address = _DEFAULT_GATEWAY6
+    dns6: ipaddress.IPv6Address = _DEFAULT_DNS6
+    mtu: int = 65520
+
+    MIN_MTU = 1280  # IPv6's minimum; the namespace always has IPv6
+    MAX_MTU = 65520  # slirp4netns's maximum; leaves room under the 64 KiB packet limit
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        network: str = "10.0.2.0/24",
+        namespace: str | None = None,
+        gateway: str | None = None,
+        dns: str | None = None,
+        network6: str = "fd00::/64",
+        namespace6: str | None = None,
+        gateway6: str | None = None,
+        dns6: str | None = None,
+        mtu: str | int = 65520,
+    ) -> UsernetAddresses:
+        """Addresses from user text; a :class:`UserError` names the first bad input.
+
+        Omitted host addresses default to the network's ``.2``/``.3``/``.100``
+        (``::2``/``::3``/``::100``).
+        """
+        net4 = _parse_net(network, "network", 4)
+        net6 = _parse_net(network6, "network6", 6)
+        four = [
+            _host(net4, text, default, name)
+            for text, default, name in (
+                (namespace, 100, "namespace"),
+                (gateway, 2, "gateway"),
+                (dns, 3, "dns"),
+            )
+        ]
+        six = [
+            _host(net6, text, default, name)
+            for text, default, name in (
+                (namespace6, 0x100, "namespace6"),
+                (gateway6, 2, "gateway6"),
+                (dns6, 3, "dns6"),
+            )
+        ]
+        _distinct(four, ("namespace", "gateway", "dns"))
+        _distinct(six, ("namespace6", "gateway6", "dns6"))
+        return cls(net4, *four, net6, *six, _parse_mtu(mtu))  # type: ignore[arg-type]
+
+    def local_addresses(self) -> frozenset[IPAddress]:
+        """Addresses the host side answers for (gateway and DNS, both families)."""
+        return frozenset((self.gateway, self.dns, self.gateway6, self.dns6))
+
+
+def _parse_net(text: str, name: str, version: int) -> Network:
+    network = parse_network(text, what=f"usernet {name}")
+    if network.version != version:
+        raise UserError(f"usernet {name} {text}: not an IPv{version} network")
+    return network
+
+
+def _host(network: Network, text: str | None, default: int, name: str) -> IPAddress:
+    """The address given for ``name``, or the network's default host ``default``."""
+    if text is None:
+        if default >= network.num_addresses - 1:
+            raise UserError(
+                f"usernet network {network}: too small for the default {name} address "
+                f"(host {default}); use a larger network"
+            )
+        return network[default]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise UserError(f"usernet {name} {text!r}: not an IP address") from None
+    if address not in network or address in (network.network_address, _last(network)):
+        raise UserError(f"usernet {name} {text}: not a host address in {network}")
+    return address
+
+
+def _last(network: Network) -> IPAddress:
+    return network.broadcast_address
+
+
+def _distinct(addresses: list[IPAddress], names: tuple[str, ...]) -> None:
+    for i, address in enumerate(addresses):
+        if address in addresses[:i]:
+            other = names[addresses.index(address)]
+            raise UserError(f"usernet {names[i]} {address}: same address as {other}")
+
+
+def _parse_mtu(value: str | int) -> int:
+    text = str(value)
+    low, high = UsernetAddresses.MIN_MTU, UsernetAddresses.MAX_MTU
+    if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+        raise UserError(f"usernet mtu {text!r}: not a number from {low} to {high}")
+    return int(text)
+
+
+# ---- rules --------------------------------------------------------------------------
+
+_RULE_EXAMPLES = "e.g. 10.0.0.0/8, 192.0.2.1:443, tcp:0.0.0.0/0:22 or udp:[2001:db8::]/32:53"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allow or deny rule: ``[PROTO:]NETWORK[:PORT[-PORT]]``.
+
+    ``protocol`` None matches every protocol; ``ports`` None matches every port (and
+    ICMP).  IPv6 networks with a port are bracketed: ``[2001:db8::]/32:53`` or
+    ``[2001:db8::/32]:53``; without a port the brackets may be left out.
+    """
+
+    action: Literal["allow", "deny"]
+    network: Network
+    protocol: Protocol | None = None
+    ports: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, action: str, text: str, *, what: str | None = None) -> Rule:
+        """Parse one rule; a :class:`UserError` quotes it and says what is wrong.
+
+        ``what`` is how the user wrote the option (``--usernet-deny``), default the
+        action itself.
+        """
+        shown = text if text and text.isprintable() and " " not in text else repr(text)
+        label = f"{what or action} {shown}"
+        if action not in ("allow", "deny"):
+            raise UserError(f"{label}: action must be allow or deny, not {action!r}")
+        protocol, rest = _split_protocol(text, label)
+        address_text, port_text = _split_port(rest, label)
+        network = parse_network(address_text, what=f"{label}:")
+        ports = None if port_text is None else _parse_ports(port_text, label)
+        if ports is not None and protocol == "icmp":
+            raise UserError(f"{label}: icmp has no ports")
+        return cls(action, network, protocol, ports)  # type: ignore[arg-type]
+
+    def matches(self, protocol: str, address: IPAddress, port: int | None) -> bool:
+        """Whether this rule covers a flow (ports are ignored for ICMP flows)."""
+        if self.protocol is not None and self.protocol != protocol:
+            return False
+        if address not in self.network:
+            return False
+        if self.ports is None or port is None or protocol == "icmp":
+            return True
+        return self.ports[0] <= port <= self.ports[1]
+
+    def __str__(self) -> str:
+        network = str(self.network)
+        if self.ports is not None and self.network.version == 6:
+            network = f"[{self.network.network_address}]/{self.network.prefixlen}"
+        text = network if self.protocol is None else f"{self.protocol}:{network}"
+        if self.ports is not None:
+            low, high = self.ports
+            text += f":{low}" if low == high else f":{low}-{high}"
+        return f"{self.action} {text}"
+
+
+def _split_protocol(text: str, label: str) -> tuple[Protocol | None, str]:
+    head, colon, rest = text.partition(":")
+    if colon and head.lower() in PROTOCOLS:
+        return head.lower(), rest  # type: ignore[return-value]
+    if colon and head.isalpha() and not all(c in "0123456789abcdefABCDEF" for c in head):
+        # letters that cannot start an IPv6 address: a protocol we do not know
+        raise UserError(f"{label}: unknown protocol {head!r} (tcp, udp or icmp)")
+    return None, text
+
+
+def _split_port(text: str, label: str) -> tuple[str, str | None]:
+    """``NET[:PORT]`` / ``[V6NET]:PORT`` / ``[V6]/LEN:PORT`` / bare IPv6 network."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise UserError(f"{label}: missing ']' ({_RULE_EXAMPLES})")
+        inside, after = text[1:close], text[close + 1 :]
+        prefix, colon, port = after.partition(":")
+        if prefix and not prefix.startswith("/"):
+            raise UserError(f"{label}: unexpected {after!r} after ']' ({_RULE_EXAMPLES})")
+        if after and not colon and not prefix:
+            raise UserError(f"{label}: unexpected {after!r} after ']' ({_RULE_EXAMPLES})")
+        return inside + prefix, port if colon else None
+    if text.count(":") > 1:  # bare IPv6, no port possible
+        return text, None
+    address, colon, port = text.partition(":")
+    return address, port if colon else None
+
+
+def _parse_ports(text: str, label: str) -> tuple[int, int]:
+    low_text, dash, high_text = text.partition("-")
+    ports = []
+    for part in (low_text, high_text) if dash else (low_text,):
+        if not (part.isascii() and part.isdigit() and 1 <= int(part) <= 65535):
+            raise UserError(f"{label}: port {part!r} is not 1-65535 ({_RULE_EXAMPLES})")
+        ports.append(int(part))
+    low, high = ports[0], ports[-1]
+    if low > high:
+        raise UserError(f"{label}: port range {text} is backwards")
+    return low, high
+
+
+# ---- decisions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allow:
+    """Dial ``host_ip:host_port`` from the host (for ICMP, ``host_port`` is 0)."""
+
+    host_ip: IPAddress
+    host_port: int
+
+
+@dataclass(frozen=True)
+class AllowResolver:
+    """Hand the query to the host's resolvers (the flow was to the DNS address, port 53)."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class Deny:
+    """Refuse the flow; ``reason`` is short and stable (the denial counters' key)."""
+
+    reason: str
+
+
+Decision = Allow | AllowResolver | Deny
+
+
+class Policy:
+    """Decides every new flow; see the module docstring for the order and the why.
+
+    ``denied`` counts denials by reason, for the stats a user reads when something
+    does not connect.
+    """
+
+    def __init__(
+        self,
+        allow_host_loopback: bool = False,
+        rules: Iterable[Rule] = (),
+        addresses: UsernetAddresses | None = None,
+    ) -> None:
+        self.allow_host_loopback = allow_host_loopback
+        self.addresses = addresses or UsernetAddresses()
+        rules = tuple(rules)
+        self.deny_rules = tuple(rule for rule in rules if rule.action == "deny")
+        self.allow_rules = tuple(rule for rule in rules if rule.action == "allow")
+        self.denied: Counter[str] = Counter()
+        self.allowed = 0
+        a = self.addresses
+        self._gateways = {a.gateway: _LOOPBACK_V4, a.gateway6: _LOOPBACK_V6}
+        self._dns = frozenset((a.dns, a.dns6))
+        self._broadcast = a.network.broadcast_address
+
+    def decide(
+        self, protocol: str, dst_ip: IPAddress | bytes | str, dst_port: int | None
+    ) -> Decision:
+        """The decision for a new flow to ``dst_ip:dst_port`` (port None/ignored for ICMP).
+
+        ``dst_ip`` may be packed bytes straight from :mod:`.packets`.  Raises ValueError
+        only for a protocol other than tcp, udp, icmp (a caller bug, not input).
+        """
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        address = ipaddress.ip_address(dst_ip)
+        port = 0 if protocol == "icmp" else dst_port
+        decision = self._decide(protocol, address, port)
+        if isinstance(decision, Deny):
+            self.denied[decision.reason] += 1
+        else:
+            self.allowed += 1
+        return decision
+
+    def _decide(self, protocol: str, address: IPAddress, port: int | None) -> Decision:
+        if protocol != "icmp" and not port:
+            return Deny("port 0")
+        special = self._never(address)
+        if special is not None:
+            return Deny(special)
+        if address in self._gateways:
+            if not self.allow_host_loopback:
+                return Deny("host loopback disabled")
+            return self._ruled(protocol, address, port, Allow(self._gateways[address], port or 0))
+        if address in self._dns:
+            if protocol == "icmp" or port != 53:
+                return Deny("dns address: port 53 only")
+            return self._ruled(protocol, address, port, AllowResolver(address.version))
+        if address in self.addresses.network or address in self.addresses.network6:
+            return Deny("namespace network")
+        return self._outside(protocol, address, port)
+
+    def _never(self, address: IPAddress) -> str | None:
+        """The reason an address is never dialed, whatever the rules say; else None."""
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return "ipv4-mapped address"
+            if address in _COMPATIBLE and address > _LOOPBACK_V6:
+                return "ipv4-compatible address"
+            if address in _NAT64 and self._never(ipaddress.IPv4Address(address.packed[12:])):
+                return "nat64 of a special address"
+        if address.is_unspecified or (address.version == 4 and address.packed[0] == 0):
+            return "unspecified address"
+        if address.is_loopback:
+            return "loopback"
+        if address.is_multicast:
+            return "multicast"
+        if address.version == 4 and (address == self._broadcast or address.packed[0] >= 240):
+            return "broadcast or reserved"
+        return None
+
+    def _outside(self, protocol: str, address: IPAddress, port: int | None) -> Decision:
+        if address.is_link_local and not self._link_local_allowed(protocol, address, port):
+            return Deny("link-local")
+        return self._ruled(protocol, address, port, Allow(address, port or 0), outside=True)
+
+    def _link_local_allowed(self, protocol: str, address: IPAddress, port: int | None) -> bool:
+        if address.version == 6:
+            return False
+        return any(
+            rule.network.subnet_of(_LINK_LOCAL[0]) and rule.matches(protocol, address, port)
+            for rule in self.allow_rules
+            if rule.network.version == 4
+        )
+
+    def _ruled(
+        self,
+        protocol: str,
+        address: IPAddress,
+        port: int | None,
+        allow: Allow | AllowResolver,
+        *,
+        outside: bool = False,
+    ) -> Decision:
+        """Deny rules (on every name of the destination), then the allow list."""
+        names = _names(address, allow)
+        if any(rule.matches(protocol, name, port) for rule in self.deny_rules for name in names):
+            return Deny("deny rule")
+        if (
+            outside
+            and self.allow_rules
+            and not any(rule.matches(protocol, address, port) for rule in self.allow_rules)
+        ):
+            return Deny("not in allow rules")
+        return allow
+
+    def describe(self) -> str:
+        """One line for the start-up log: loopback switch and rules."""
+        parts = ["host loopback " + ("allowed" if self.allow_host_loopback else "denied")]
+        parts.extend(str(rule) for rule in (*self.deny_rules, *self.allow_rules))
+        return "; ".join(parts)
+
+    def accepts_source(self, src_ip: IPAddress | bytes) -> bool:
+        """Whether a packet's source is plausibly the namespace (anti-spoofing check).
+
+        The namespace's own address, or another host address of its networks (users
+        may add addresses), but never the gateway, DNS or broadcast addresses.
+        """
+        address = ipaddress.ip_address(src_ip)
+        a = self.addresses
+        if address in a.local_addresses() or address == self._broadcast:
+            return False
+        network = a.network if address.version == 4 else a.network6
+        return address in network and address != network.network_address
+
+
+def _names(address: IPAddress, allow: Allow | AllowResolver) -> tuple[IPAddress, ...]:
+    """Every address a deny rule should see for this destination."""
+    names: list[IPAddress] = [address]
+    if isinstance(allow, Allow) and allow.host_ip != address:
+        names.append(allow.host_ip)
+    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
+        names.append(ipaddress.IPv4Address(address.packed[12:]))
+    return tuple(names)
