@@ -128,7 +128,9 @@ class _Client:
             self.close()
             return
         self.inbox += data
-        while (end := self.inbox.find(b"\n")) >= 0:
+        # Look for the newline only within MAX_LINE bytes: a longer line must be refused
+        # even when its newline arrived in the same read.
+        while (end := self.inbox.find(b"\n", 0, MAX_LINE + 1)) >= 0:
             line = bytes(self.inbox[:end])
             del self.inbox[: end + 1]
             if line.strip():
@@ -226,11 +228,20 @@ def request(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[s
     except OSError as exc:
         raise UserError(f"--control {path}: cannot connect: {exc.strerror}") from None
     with sock:
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError:
+            pass  # refused (too many clients, wrong user): its reply is waiting to be read
         buffer = b""
-        while b"\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise UserError(f"--control {path}: the daemon closed the connection")
-            buffer += chunk
+        try:
+            while b"\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise UserError(f"--control {path}: the daemon closed the connection")
+                buffer += chunk
+        except TimeoutError:
+            raise UserError(f"--control {path}: no reply within {timeout:g}s") from None
+        except OSError as exc:
+            raise UserError(f"--control {path}: cannot read the reply: {exc.strerror}"
+                            ) from None
     return json.loads(buffer.split(b"\n", 1)[0])

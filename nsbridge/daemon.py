@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .control import ControlServer
-from .endpoints import build_spec, parse_endpoint
+from .endpoints import Endpoint, build_spec, parse_endpoint
 from .errors import UserError
 from .relay.loop import IN
 from .signals import StopSignals
@@ -126,8 +126,8 @@ def spec_from_mapping(entry: dict[str, Any], *, defaults: dict[str, Any], where:
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise UserError(f"{where}: \"{key}\" is required: an endpoint such as "
                             "tcp:127.0.0.1:8080")
-    listen = parse_endpoint(entry["listen"], role="listen")
-    connect = parse_endpoint(entry["connect"], role="connect")
+    listen = _endpoint(entry, "listen", where)
+    connect = _endpoint(entry, "connect", where)
     if not allow_fds and (listen.kind in ("fd", "systemd") or connect.kind == "fd"):
         raise UserError(f"{where}: fd: and systemd: endpoints cannot be added at run time "
                         "(file descriptors cannot travel in a JSON line)")
@@ -135,6 +135,24 @@ def spec_from_mapping(entry: dict[str, Any], *, defaults: dict[str, Any], where:
     name = merged.get("name", "")
     if not isinstance(name, str):
         raise UserError(f"{where}: \"name\" must be a string")
+    try:
+        return _build(listen, connect, name, merged, where)
+    except UserError as exc:  # a namespace or fd that cannot be opened: say where
+        message = str(exc)
+        raise UserError(message if message.startswith(where) else f"{where}: {message}"
+                        ) from None
+
+
+def _endpoint(entry: dict[str, Any], key: str, where: str) -> Endpoint:
+    """Parse ``entry[key]``; the error names where (file and line, or "add") and the key."""
+    try:
+        return parse_endpoint(entry[key], role=key)
+    except UserError as exc:
+        raise UserError(f"{where}: \"{key}\": {exc}") from None
+
+
+def _build(listen: Endpoint, connect: Endpoint, name: str, merged: dict[str, Any],
+           where: str) -> ForwardSpec:
     return build_spec(
         listen, connect, name=name,
         connect_timeout=_number(merged, "connect_timeout", where, 30.0) or None,
@@ -159,6 +177,10 @@ def _strings(entry: dict[str, Any], key: str, where: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UserError(f"{where}: \"{key}\" must be a list of networks like [\"10.0.0.0/8\"]")
+    from .acl import parse_network
+
+    for text in value:  # a bad network is reported here, naming where it was written
+        parse_network(text, what=f"{where}: \"{key}\"")
     return list(value)
 
 

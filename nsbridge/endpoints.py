@@ -221,14 +221,10 @@ def _listen_side(ep: Endpoint) -> ListenSide:
     if ep.kind == "fd":
         return ListenSocket(adopt_listening_fd(ep.address, what, allow_udp=True), ep.text)
     if ep.kind == "systemd":
-        from .systemd import listen_fds
+        from .systemd import fds_named, listen_fds
 
-        named = listen_fds(unset=False).get(str(ep.address), [])
-        if not named:
-            raise UserError(
-                f"{what} systemd passed no socket named {ep.address!r} (check "
-                "FileDescriptorName= in the .socket unit; LISTEN_FDNAMES lists the names)"
-            )
+        # fds_named's message lists the names systemd did pass, so a typo is obvious.
+        named = fds_named(listen_fds(unset=False), str(ep.address), what=what)
         return ListenSocket(adopt_listening_fd(named[0], what, allow_udp=True), ep.text)
     assert isinstance(ep.address, (HostPort, UnixAddress))
     mode = parse_mode(ep.options["mode"][-1], what) if "mode" in ep.options else None

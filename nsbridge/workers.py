@@ -112,7 +112,7 @@ class Supervisor:
 
     def add(self, spec: ForwardSpec) -> Forward:
         """Open ``spec`` (raises UserError) and start carrying it, now or once running."""
-        name = spec.name or f"forward-{len(self.forwards) + 1}"
+        name = spec.name or self._unused_name()
         if any(f.spec.name == name for f in self.forwards.values()):
             raise UserError(f"a forward named {name!r} exists already; names must be unique")
         spec.name = name
@@ -135,6 +135,14 @@ class Supervisor:
                  forward.connect_factory.label,
                  f" [{spec.protocol}]" if spec.protocol == UDP else "")
         return forward
+
+    def _unused_name(self) -> str:
+        """forward-N for an unnamed forward; after a removal len()+1 may be taken."""
+        taken = {f.spec.name for f in self.forwards.values()}
+        number = len(self.forwards) + 1
+        while f"forward-{number}" in taken:
+            number += 1
+        return f"forward-{number}"
 
     def remove(self, name: str, kill: bool = False) -> None:
         """Close a forward's listener; its connections finish unless ``kill``."""

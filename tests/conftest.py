@@ -285,3 +285,225 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10, what: str = "
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+# ---- daemon helpers (endpoints, daemon, control socket, serve) ----------------------
+
+_FORWARDING_RE = re.compile(r"forwarding (\S+) \(netns")
+
+
+def wait_forwarding(fwd: Forwarder, count: int = 1, timeout: float = 15) -> list[str]:
+    """Wait for ``count`` ``forwarding ADDR (netns …)`` lines (-v) and return the ADDRs.
+
+    The supervisor logs that line once a listener is bound, for every kind of endpoint
+    (the ``forwarder`` fixture's own wait only understands HOST:PORT listeners).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = fwd.log()
+        found = _FORWARDING_RE.findall(text)
+        if len(found) >= count:
+            return found
+        if fwd.proc.poll() is not None:
+            raise AssertionError(f"nsbridge exited with {fwd.proc.returncode}:\n{text}")
+        time.sleep(0.02)
+    raise AssertionError(f"nsbridge did not log {count} forwards:\n{fwd.log()}")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:80`` / ``[::1]:80`` (as nsbridge logs them) to a sockaddr tuple."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def free_port(netns: str | None = None, kind: int = socket.SOCK_STREAM,
+              host: str = "127.0.0.1") -> int:
+    """A port nobody uses right now (bound, noted, closed) in ``netns``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def pick() -> int:
+        with socket.socket(family, kind) as sock:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+
+    return pick() if netns is None else in_netns(netns, pick)  # type: ignore[return-value]
+
+
+@dataclass
+class StreamServer:
+    """A stream server (TCP or Unix) that records every connection it accepted."""
+
+    listener: socket.socket
+    accepted: list[object] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+
+@pytest.fixture
+def stream_server() -> Iterator[Callable[..., StreamServer]]:
+    """Factory fixture: ``stream_server(listener, handle=echo)`` serves in threads and
+    records each accepted peer (so a test can prove a refused client never got through);
+    every listener is closed at the end."""
+    servers: list[StreamServer] = []
+
+    def start(listener: socket.socket,
+              handle: Callable[[socket.socket], None] = echo) -> StreamServer:
+        server = StreamServer(listener)
+        servers.append(server)
+
+        def recording(conn: socket.socket) -> None:
+            try:
+                server.accepted.append(conn.getpeername())
+            except OSError:
+                server.accepted.append(None)
+            handle(conn)
+
+        serve_in_thread(listener, recording)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            try:
+                server.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            server.listener.close()
+
+
+def echo_listener(netns: str | None, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP listener for an echo server in ``netns`` (see ``stream_server``)."""
+    return listen_in(netns, host)
+
+
+class UdpServer:
+    """A UDP server bound inside a namespace, answering from its own thread.
+
+    ``answer(data)`` returns the reply (None: no reply); every peer is recorded.
+    """
+
+    def __init__(self, netns: str, answer: Callable[[bytes], bytes | None],
+                 host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def bind() -> socket.socket:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.bind((host, 0))
+            return sock
+
+        self.sock: socket.socket = in_netns(netns, bind)  # type: ignore[assignment]
+        self.sock.settimeout(0.1)  # lets the thread notice close() without a wake-up trick
+        self.port: int = self.sock.getsockname()[1]
+        self.answer = answer
+        self.peers: set[tuple] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.peers.add(peer)
+            reply = self.answer(data)
+            if reply is not None:
+                self.sock.sendto(reply, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_server() -> Iterator[Callable[..., UdpServer]]:
+    """Factory fixture: ``udp_server(netns, answer=bytes)`` (echo by default); all closed."""
+    servers: list[UdpServer] = []
+
+    def start(netns: str, answer: Callable[[bytes], bytes | None] = bytes,
+              host: str = "127.0.0.1") -> UdpServer:
+        server = UdpServer(netns, answer, host)
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+def tcp_roundtrip(address: tuple | str | bytes, payload: bytes) -> bytes:
+    """Send ``payload`` through a forward (TCP or Unix listener), half-close, read all."""
+    family = (socket.AF_UNIX if isinstance(address, (str, bytes))
+              else socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(address)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def udp_roundtrip(address: tuple, payload: bytes, sock: socket.socket | None = None,
+                  attempts: int = 5) -> bytes:
+    """One datagram and its reply; UDP may drop, so a lost one is sent again."""
+    own = sock is None
+    if sock is None:
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+                             socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(2)
+        for _ in range(attempts):
+            sock.sendto(payload, address)
+            try:
+                data, _peer = sock.recvfrom(1 << 16)
+                return data
+            except TimeoutError:
+                continue
+        raise AssertionError(f"no UDP reply from {address} after {attempts} tries")
+    finally:
+        if own:
+            sock.close()
+
+
+def ctl(control: str | Path, *args: str) -> subprocess.CompletedProcess:
+    """``nsbridge ctl --control PATH ARGS...`` as a user would type it."""
+    return run_nsbridge("ctl", "--control", str(control), *args)
+
+
+def ctl_json(control: str | Path, *args: str) -> dict:
+    """``nsbridge ctl ... ARGS --json``, parsed (asserting it succeeded)."""
+    result = ctl(control, *args, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    return json.loads(result.stdout)
+
+
+def stats_by_name(control: str | Path) -> dict[str, dict]:
+    """The daemon's counters per forward name, via ``nsbridge ctl stats --json``."""
+    return {row["name"]: row for row in ctl_json(control, "stats")["stats"]}
+
+
+def wait_stats(control: str | Path, condition: Callable[[dict[str, dict]], bool],
+               what: str, timeout: float = 10) -> dict[str, dict]:
+    """Poll ``ctl stats`` until ``condition`` holds: workers report every 0.5 s."""
+    box: dict[str, dict[str, dict]] = {}
+
+    def check() -> bool:
+        box["stats"] = stats_by_name(control)
+        return condition(box["stats"])
+
+    try:
+        wait_until(check, timeout=timeout, what=what)
+    except AssertionError:
+        raise AssertionError(f"timed out waiting for {what}: {box.get('stats')}") from None
+    return box["stats"]
