@@ -34,6 +34,7 @@ import struct
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +43,7 @@ from .bridge import Bridge, MoverName
 from .errors import UserError
 from .forward import Forward, ForwardStats, reset_and_close
 from .netns import Netns
-from .relay.loop import IN, EventLoop
+from .relay.loop import IN, OUT, EventLoop
 from .signals import StopSignals
 from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 
@@ -81,6 +82,7 @@ class Worker:
     channel: socket.socket  # supervisor's end of the hand-off socketpair
     started: float
     stats: dict[int, dict[str, int]] = field(default_factory=dict)
+    backlog: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # not yet sent
 
 
 def _stats_from(counters: dict[str, int]) -> ForwardStats:
@@ -103,6 +105,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._next = 0
         self._running = False
+        self._paused = False
         self._stopping = False
         self._restarts: list[float] = []
         self._retired: dict[int, ForwardStats] = {}  # counters of workers that died
@@ -254,10 +257,16 @@ class Supervisor:
         worker = Worker(index, pid, pidfd, parent_end, time.monotonic())
         self.workers[index] = worker
         self.loop.add(pidfd, IN, lambda _e, w=worker: self._reap(w))
-        self.loop.add(parent_end.fileno(), IN, lambda _e, w=worker: self._on_worker_message(w))
+        self.loop.add(parent_end.fileno(), IN, lambda e, w=worker: self._on_channel(w, e))
         for forward_id, forward in self.forwards.items():
             self._send_forward(worker, forward_id, forward)
         log.debug("worker %d started (pid %d)", index, pid)
+
+    def _on_channel(self, worker: Worker, events: int) -> None:
+        if events & OUT:
+            self._flush_backlog(worker)
+        if events & IN:
+            self._on_worker_message(worker)
 
     def _on_worker_message(self, worker: Worker) -> None:
         while True:
@@ -280,6 +289,11 @@ class Supervisor:
         worker.channel.close()
         _, status = os.waitpid(worker.pid, 0)
         del self.workers[worker.index]
+        for _message, fds in worker.backlog:  # handed to a worker that never took them
+            for fd in fds:
+                reset_and_close(socket.socket(fileno=fd))
+        worker.backlog.clear()
+        self._update_accepting()
         for forward_id, counters in worker.stats.items():  # keep totals monotonic
             stats = _stats_from(counters)
             stats.reset += stats.active  # its open connections died with it
@@ -351,7 +365,12 @@ class Supervisor:
             self._hand_off(forward_id, accepted)
 
     def _hand_off(self, forward_id: int, fds: list[int]) -> None:
-        """Give each fd to the next worker in turn; if one cannot take it, try the others."""
+        """Give each fd to the next worker in turn.
+
+        A worker whose channel is full gets the batch queued (backpressure: accepting
+        pauses until it drains, and the kernel's listen backlog holds new clients), so a
+        burst never turns into resets.  Only when no worker exists are clients reset.
+        """
         order = sorted(self.workers)
         if not order:
             for fd in fds:
@@ -363,16 +382,51 @@ class Supervisor:
             self._next += 1
         for index, batch in batches.items():
             message = _CONNECTIONS + struct.pack(f"{len(batch)}I", *([forward_id] * len(batch)))
-            for attempt in range(len(order)):
-                worker = self.workers.get(order[(order.index(index) + attempt) % len(order)])
-                if worker is not None and self._send(worker, message, batch):
-                    break
+            self._deliver(self.workers[index], message, batch)
+
+    def _deliver(self, worker: Worker, message: bytes, fds: list[int]) -> None:
+        if not worker.backlog:
+            try:
+                socket.send_fds(worker.channel, [message], fds)
+            except (BlockingIOError, InterruptedError):
+                pass  # full: queue it below
+            except OSError:
+                pass  # dying worker: queued, then reset when it is reaped
             else:
-                for fd in batch:
-                    reset_and_close(socket.socket(fileno=fd))
-                continue
-            for fd in batch:
+                for fd in fds:
+                    os.close(fd)
+                return
+        worker.backlog.append((message, fds))
+        self.loop.modify(worker.channel.fileno(), IN | OUT)
+        self._update_accepting()
+
+    def _flush_backlog(self, worker: Worker) -> None:
+        while worker.backlog:
+            message, fds = worker.backlog[0]
+            try:
+                socket.send_fds(worker.channel, [message], fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # the worker is going; _reap resets what it never took
+            worker.backlog.popleft()
+            for fd in fds:
                 os.close(fd)
+        self.loop.modify(worker.channel.fileno(), IN)
+        self._update_accepting()
+
+    def _update_accepting(self) -> None:
+        """Poll the listeners only while no worker has a backlog."""
+        paused = any(w.backlog for w in self.workers.values())
+        if paused == self._paused:
+            return
+        self._paused = paused
+        mask = 0 if paused else IN
+        for forward in self.forwards.values():
+            if forward.listener is not None and forward.spec.protocol != UDP:
+                self.loop.modify(forward.listener.fileno(), mask)
+        if paused:
+            log.debug("workers are busy: accepting paused")
 
 
 def _add_into(total: ForwardStats, more: ForwardStats) -> None:

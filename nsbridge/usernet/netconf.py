@@ -1,0 +1,299 @@
+"""Network setup *inside* a user-mode namespace: the tun device, addresses, routes, DNS file.
+
+Everything here runs in a process that already lives in the target network namespace (the
+forked helper of :mod:`nsbridge.usernet.sandbox`).  It is kept apart from the fork/namespace
+plumbing so each half can be read on its own: this file says *what* the namespace looks
+like, ``sandbox.py`` says *how* we get into it and hand the results back.
+
+Errors are raised as :class:`SetupError` with a message a user can act on; the helper sends
+that text to the parent, which turns it into a :class:`~nsbridge.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError, describe_oserror
+
+TUN_PATH = "/dev/net/tun"
+
+# <linux/if_tun.h>: _IOW('T', 202, int) and friends.
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000  # fail with EBUSY rather than silently reuse an existing device
+
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+OFFLOAD_NAMES = {
+    TUN_F_CSUM: "csum",
+    TUN_F_TSO4: "tso4",
+    TUN_F_TSO6: "tso6",
+    TUN_F_USO4: "uso4",
+    TUN_F_USO6: "uso6",
+}
+# Tried in order, richest first: UDP segmentation offload (USO) needs Linux 6.2, TSO and
+# checksum offload are much older.  TSO_ECN is never asked for: it would make the engine
+# split segments on CWR, for no gain.
+_OFFLOAD_CHOICES = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+    TUN_F_CSUM,
+    0,
+)
+
+# struct virtio_net_hdr (no mergeable buffers): flags, gso_type, hdr_len, gso_size,
+# csum_start, csum_offset.  Every frame read from or written to the tun starts with it.
+VNET_HDR_SIZE = 10
+
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>: the address is usable at once, no DAD wait
+IFNAMSIZ = 16
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """How the namespace's side of user-mode networking looks (slirp4netns conventions).
+
+    ``ipv6=None`` gives an IPv4-only namespace.  The defaults are the address table of
+    DESIGN.md, so users who know slirp4netns find the addresses they expect.
+    """
+
+    ifname: str = "nsb0"
+    mtu: int = 65520
+    ipv4: ipaddress.IPv4Interface = field(
+        default_factory=lambda: ipaddress.IPv4Interface("10.0.2.100/24")
+    )
+    gateway4: ipaddress.IPv4Address = field(
+        default_factory=lambda: ipaddress.IPv4Address("10.0.2.2")
+    )
+    dns4: ipaddress.IPv4Address = field(default_factory=lambda: ipaddress.IPv4Address("10.0.2.3"))
+    ipv6: ipaddress.IPv6Interface | None = field(
+        default_factory=lambda: ipaddress.IPv6Interface("fd00::100/64")
+    )
+    gateway6: ipaddress.IPv6Address = field(
+        default_factory=lambda: ipaddress.IPv6Address("fd00::2")
+    )
+    dns6: ipaddress.IPv6Address = field(default_factory=lambda: ipaddress.IPv6Address("fd00::3"))
+    offload: bool = True
+
+    def validate(self) -> None:
+        """Refuse a bad configuration in the parent, before any process is forked."""
+        name = self.ifname
+        if (
+            not name
+            or len(name) >= IFNAMSIZ
+            or "/" in name
+            or any(c.isspace() for c in name)
+            or name in (".", "..")
+        ):
+            raise UserError(f"bad interface name {name!r}: 1-15 characters, no '/' or spaces")
+        low = 1280 if self.ipv6 is not None else 68
+        if not low <= self.mtu <= 65535:
+            raise UserError(
+                f"bad MTU {self.mtu}: must be between {low} and 65535"
+                + (" (IPv6 needs at least 1280)" if self.ipv6 is not None else "")
+            )
+        if self.gateway4 not in self.ipv4.network:
+            raise UserError(f"gateway {self.gateway4} is not inside {self.ipv4.network}")
+        if self.ipv6 is not None and self.gateway6 not in self.ipv6.network:
+            raise UserError(f"gateway {self.gateway6} is not inside {self.ipv6.network}")
+
+    def resolv_conf(self) -> str:
+        """The namespace's /etc/resolv.conf: only our DNS addresses, which the engine serves."""
+        lines = [
+            "# written by nsbridge: DNS is answered by the host side of nsbridge",
+            f"nameserver {self.dns4}",
+        ]
+        if self.ipv6 is not None:
+            lines.append(f"nameserver {self.dns6}")
+        return "\n".join(lines) + "\n"
+
+
+class SetupError(Exception):
+    """A step of the namespace setup failed; the message is meant for the user."""
+
+
+@dataclass
+class Tun:
+    """An open tun device: the fd, its name and the offloads the kernel accepted."""
+
+    fd: int
+    ifname: str
+    offloads: tuple[str, ...]
+    vnet_hdr_size: int = VNET_HDR_SIZE
+
+
+def open_tun(config: NetConfig, path: str = TUN_PATH) -> Tun:
+    """Create the tun device in the *calling thread's* network namespace.
+
+    The device lands in the namespace current at ``open()`` time (the kernel records it
+    when /dev/net/tun is opened), so this must run after entering the namespace.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SetupError(
+            f"{path} does not exist: load the tun module (`modprobe tun`) or, in a "
+            "container, give it the device (e.g. `--device /dev/net/tun`)"
+        ) from None
+    except PermissionError:
+        raise SetupError(
+            f"permission denied opening {path}: it must be readable and writable by your "
+            f"user (most systems ship it mode 0666; `chmod 0666 {path}`) or run as root"
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            raise SetupError(
+                f"{path} has no driver behind it: load the tun module (`modprobe tun`)"
+            ) from None
+        raise SetupError(f"cannot open {path}: {describe_oserror(exc)}") from None
+    try:
+        ifr = struct.pack(
+            "16sH22x", config.ifname.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL
+        )
+        try:
+            result = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EPERM:
+                hint = " (no CAP_NET_ADMIN over this network namespace)"
+            elif exc.errno == errno.EBUSY:
+                hint = (
+                    " (a device of that name already exists in the namespace: is "
+                    "nsbridge already attached to it?)"
+                )
+            raise SetupError(
+                f"cannot create tun device {config.ifname}: {describe_oserror(exc)}{hint}"
+            ) from None
+        ifname = result[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        except OSError as exc:
+            raise SetupError(
+                f"tun device {ifname}: TUNSETVNETHDRSZ failed: {describe_oserror(exc)}"
+            ) from None
+        flags = _set_offloads(fd, config.offload)
+        names = tuple(name for bit, name in OFFLOAD_NAMES.items() if flags & bit)
+        return Tun(fd, ifname, names)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _set_offloads(fd: int, wanted: bool) -> int:
+    """Ask for the richest offload set this kernel accepts; return the flags in force."""
+    choices = _OFFLOAD_CHOICES if wanted else (0,)
+    for flags in choices:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise SetupError(f"TUNSETOFFLOAD failed: {describe_oserror(exc)}") from None
+    return 0
+
+
+def configure(config: NetConfig, ifname: str) -> bool:
+    """Bring ``lo`` and ``ifname`` up with addresses, MTU and default routes, over netlink.
+
+    Returns whether IPv6 is configured: a namespace whose kernel has IPv6 switched off
+    (``ipv6.disable=1``, ``disable_ipv6``) still gets working IPv4 rather than an error.
+    """
+    # Imported by the parent before fork (see sandbox.py), so this is only a lookup here.
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    ipv6 = config.ipv6 is not None
+    with IPRoute() as ipr:
+        lo = _step("find lo", ipr.link_lookup, ifname="lo")
+        if lo:
+            _step("bring lo up", ipr.link, "set", index=lo[0], state="up")
+        found = _step(f"find {ifname}", ipr.link_lookup, ifname=ifname)
+        if not found:
+            raise SetupError(f"tun device {ifname} vanished before it could be configured")
+        index = found[0]
+        _step(f"set MTU {config.mtu} on {ifname}", ipr.link, "set", index=index, mtu=config.mtu)
+        _step(f"bring {ifname} up", ipr.link, "set", index=index, state="up")
+        _step(
+            f"add {config.ipv4} to {ifname}",
+            ipr.addr,
+            "add",
+            index=index,
+            address=str(config.ipv4.ip),
+            prefixlen=config.ipv4.network.prefixlen,
+        )
+        if config.ipv6 is not None:
+            what = f"add {config.ipv6} to {ifname}"
+            try:
+                ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(config.ipv6.ip),
+                    prefixlen=config.ipv6.network.prefixlen,
+                    flags=IFA_F_NODAD,
+                    family=socket.AF_INET6,
+                )
+            except (NetlinkError, OSError) as exc:
+                if getattr(exc, "code", None) not in _IPV6_OFF:
+                    raise _netlink_error(what, exc) from None
+                ipv6 = False
+        _step(
+            f"add default route via {config.gateway4}",
+            ipr.route,
+            "add",
+            dst="0.0.0.0/0",
+            gateway=str(config.gateway4),
+            oif=index,
+        )
+        if ipv6:
+            _step(
+                f"add default route via {config.gateway6}",
+                ipr.route,
+                "add",
+                family=socket.AF_INET6,
+                dst="::/0",
+                gateway=str(config.gateway6),
+                oif=index,
+            )
+    return ipv6
+
+
+# What adding an IPv6 address fails with when IPv6 is off in this namespace or kernel.
+_IPV6_OFF = (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP)
+
+
+def _step(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one netlink request, turning its error into a message naming the step."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return fn(*args, **kwargs)
+    except (NetlinkError, OSError) as exc:
+        raise _netlink_error(what, exc) from None
+
+
+def _netlink_error(what: str, exc: Exception) -> SetupError:
+    """pyroute2's NetlinkError carries ``.code``; a plain OSError carries ``.errno``."""
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+    text = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
+    hint = ""
+    if code == errno.EEXIST and "route" in what:
+        hint = " (the namespace already has a default route)"
+    elif code == errno.EEXIST:
+        hint = " (already present: is nsbridge already attached to this namespace?)"
+    elif code == errno.EPERM:
+        hint = " (no CAP_NET_ADMIN over this network namespace)"
+    return SetupError(f"netlink: cannot {what}: {text}{hint}")
