@@ -12,6 +12,11 @@ is split so that everything that *decides* is separate from everything that *doe
   that decides every new flow (allow and where to dial, or deny and why).
 * :mod:`.dns` — sans-IO: the host's resolvers from ``resolv.conf`` text, minimal
   validation of DNS queries, SERVFAIL answers.
+* :mod:`.netconf` — the virtual network's configuration (interface name, MTU,
+  addresses), validated before anything is created.
+* :mod:`.sandbox` — the part that *does* set-up: a single-threaded child creates (or
+  enters) the user+network(+mount) namespaces, opens the tun device there, configures
+  it over netlink and hands the fds back.
 
 The event loop that owns the tun fd and the host sockets is a thin driver over these
 modules, so the protocol logic is testable with crafted packets and no devices.
