@@ -842,3 +842,29 @@ def build_icmp_time_exceeded(
     v6 = bool(original) and original[0] >> 4 == 6
     icmp_type = ICMPV6_TIME_EXCEEDED if v6 else ICMP_TIME_EXCEEDED
     return build_icmp_error(original, icmp_type, 0, src=src, ttl=ttl, vnet=vnet)
+
+
+def build_tcp_rst(original: Parsed, *, ttl: int = 64, vnet: bool = True) -> bytes | None:
+    """The reset answering a TCP segment for which no connection exists (RFC 9293 3.10.7.1).
+
+    The host side answers TCP that reaches the tun (the redirect fast path normally
+    keeps it away) with a reset, so the namespace's connect() fails at once with
+    ECONNREFUSED instead of retrying SYNs for minutes.  As the RFC says: a segment
+    with ACK gets ``RST`` with ``seq = SEG.ACK``; one without gets ``RST|ACK`` with
+    ``seq = 0, ack = SEG.SEQ + SEG.LEN`` (SYN and FIN count one each).  A reset is
+    never answered: None.  The header is 20 bytes, window 0, checksum computed here
+    (a reset is tiny).
+    """
+    tcp = original.l4
+    if not isinstance(tcp, TCP):
+        raise ValueError("build_tcp_rst needs a parsed TCP segment")
+    if tcp.flags & TCP_RST:
+        return None
+    if tcp.flags & TCP_ACK:
+        seq, ack, flags = tcp.ack, 0, TCP_RST
+    else:
+        length = len(tcp.payload) + bool(tcp.flags & TCP_SYN) + bool(tcp.flags & TCP_FIN)
+        seq, ack, flags = 0, (tcp.seq + length) & 0xFFFFFFFF, TCP_RST | TCP_ACK
+    header = _TCP.pack(tcp.dport, tcp.sport, seq, ack, 5 << 4, flags, 0, 0, 0)
+    ip = original.ip
+    return _assemble(ip.dst, ip.src, PROTO_TCP, header, b"", ttl=ttl, offload=False, vnet=vnet)

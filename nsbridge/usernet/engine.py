@@ -1,0 +1,814 @@
+"""The tun engine: the host side of a user-mode namespace's catch-all default route.
+
+The namespace's default route is a tun device (see :mod:`.sandbox`); :class:`TunEngine`
+owns its fd on an :class:`~nsbridge.relay.loop.EventLoop`, reads every IP packet the
+namespace sends, and answers with sockets made in *this* process's network namespace
+(plain ``socket.socket``: the engine runs on the host side, so every socket it makes is
+a host socket).  The protocol work is done by the sans-IO modules — :mod:`.packets`
+parses and builds frames, :mod:`.policy` decides each new flow, :mod:`.dns` checks
+queries — and this module only does the I/O between them.
+
+Run it as root, or as a user who may open ``/dev/net/tun`` (mode 0600 on some machines,
+0666 on most): the sandbox that creates the tun device maps the caller to root inside
+its user namespace, and the engine only reads and writes the fd it is given.
+
+What it does with each packet, and why:
+
+* **UDP** to ``X:P``: one host UDP socket per flow (namespace source ip/port,
+  destination ip/port), made only when :meth:`Policy.decide` allows and ``connect()``-ed
+  to what the policy says to dial (``10.0.2.2:P`` becomes ``127.0.0.1:P``).  A reply is
+  routed by *which socket it arrived on* and written back from ``X:P`` as the namespace
+  addressed it.  Flows end after ``idle_timeout`` seconds without traffic, and the
+  least recently used one is evicted when ``max_flows`` exist — the
+  :class:`~nsbridge.relay.udp.FlowTable` of the UDP relay, for the same reasons (UDP
+  never says goodbye).  ICMP errors the host socket reports (``ECONNREFUSED`` from a
+  closed port, unreachable hosts) go back to the namespace as ICMP unreachable, so its
+  application sees the same error it would see on a real network.
+* **Denied flows** get ICMP "administratively prohibited" from the gateway at once:
+  the namespace's socket fails fast with ``EHOSTUNREACH`` (v4) / ``EACCES`` (v6) instead
+  of waiting for a timeout, and the reason is counted in ``stats.denied``.
+* **DNS** to ``10.0.2.3``/``fd00::3`` port 53: each valid query (:func:`dns.check_query`)
+  is sent from a fresh host socket (a kernel-chosen source port per query, so one
+  namespace client cannot steer another's answers) to the first host resolver; on a
+  timeout or an error the next one is tried, and when none answers the namespace gets
+  SERVFAIL rather than waiting out its own timeouts.  Garbage is dropped and counted.
+* **ICMP echo**: one host ping socket (``SOCK_DGRAM``/``IPPROTO_ICMP``, no privilege
+  needed when ``net.ipv4.ping_group_range`` includes our gid) per (namespace source,
+  echo id, destination).  The kernel rewrites the echo id of a ping socket, so replies
+  are mapped back to the namespace's own id (the sequence number passes through).
+  When ping sockets are not permitted and we may open raw sockets (root), a connected
+  raw socket with a random id of our own is used instead; otherwise the request is
+  answered with ICMP "administratively prohibited" and counted (``icmp_unavailable``).
+* **Echo to the gateway** is answered by the engine itself — the gateway *is* us —
+  without any host socket, but only when the policy allows ICMP to the gateway (which
+  it does exactly when host loopback is allowed and no deny rule matches).  Otherwise
+  it is treated like every other denied flow: ICMP "administratively prohibited", so
+  ``ping 10.0.2.2`` says "Packet filtered" at once (iputils' words for it).  Answering it anyway
+  would have been harmless, but one rule ("the gateway is the host; the loopback switch
+  and the deny rules decide") is easier to reason about than an exception to it.
+* **TCP** normally never reaches the tun (the redirect fast path takes it), so any TCP
+  segment that does is answered with a reset (:func:`packets.build_tcp_rst`): the
+  namespace's ``connect()`` fails at once instead of retrying SYNs for minutes.  A
+  future TCP handler can take over through ``tcp_handler``.
+* Everything else (neighbour discovery, MLD, other protocols, broken frames) is
+  dropped and counted by reason; hostile input never raises (:func:`parse_frame`), and
+  an unexpected exception while handling one frame is counted in ``stats.errors`` and
+  logged instead of stopping the engine.
+
+I/O shape: everything is level-triggered and never blocks.  Each tun event reads up to
+``_BATCH`` frames (until ``EAGAIN``) into one preallocated buffer; each flow socket event
+reads up to ``_BATCH`` datagrams.  Stopping early is safe (the fd fires again) and keeps
+one busy source from starving the rest.  Frames the tun will not take right now are
+dropped and counted: IP may drop, and queueing would only add latency and memory.
+
+Threading: every method runs on the loop's thread (or before ``loop.run()``); the engine
+never closes the tun fd, which belongs to whoever opened it (the
+:class:`~nsbridge.usernet.sandbox.SandboxHandle`).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any
+
+from ..errors import errno_name
+from ..relay.loop import IN, EventLoop, Timer
+from ..relay.udp import FlowTable
+from . import dns
+from .packets import (
+    ICMP_ECHO,
+    ICMP_ECHO_REPLY,
+    ICMPV6_ECHO,
+    ICMPV6_ECHO_REPLY,
+    MIN_MTU_V6,
+    TCP,
+    UDP,
+    VNET_HDR_LEN,
+    ICMPEcho,
+    ICMPError,
+    Malformed,
+    Parsed,
+    UnreachableKind,
+    build_icmp_echo,
+    build_icmp_echo_reply,
+    build_icmp_unreachable,
+    build_tcp_rst,
+    build_udp,
+    checksum,
+    may_send_icmp_error,
+    parse_frame,
+    udp_datagrams,
+)
+from .policy import Allow, AllowResolver, Deny, Policy, UsernetAddresses
+
+log = logging.getLogger("nsbridge")
+
+_BATCH = 256  # frames (or datagrams) per readiness event, for fairness
+_READ_SIZE = 1 << 17  # a TSO/USO frame is at most 64 KiB of IP plus the virtio header
+_RECV_SIZE = 1 << 16  # above the largest UDP payload
+_OFFLOAD_MIN = 512  # payloads above this get their UDP checksum from the kernel
+_QUOTE = MIN_MTU_V6  # an ICMP error never quotes more than this; keep no more per flow
+_MAX_SWEEP_INTERVAL = 1.0
+_ICMP_HEADER = struct.Struct("!BBHHH")
+
+# Socket errors that report an ICMP error about an earlier datagram, and the unreachable
+# kind that tells the namespace the same thing.
+_ERRNO_KINDS: dict[int, UnreachableKind] = {
+    errno.ECONNREFUSED: "port",
+    errno.EHOSTUNREACH: "host",
+    errno.EHOSTDOWN: "host",
+    errno.ENONET: "host",
+    errno.ENETUNREACH: "net",
+    errno.EACCES: "admin",
+    errno.EPERM: "admin",
+}
+
+Resolver = tuple[str, int]
+FlowKey = tuple[bytes, int, bytes, int]  # namespace src ip, src port, dst ip, dst port
+EchoKey = tuple[bytes, int, bytes]  # namespace src ip, echo id, dst ip
+
+
+# ---- statistics -----------------------------------------------------------------------
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine.  "out" is namespace -> host, "in" the answers.
+
+    ``denied`` is the policy's own counter (the same object as ``policy.denied``), so a
+    user reading why something does not connect finds every denial in one place.
+    """
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    malformed: Counter[str] = field(default_factory=Counter)  # by parse_frame's reason
+    unsupported: Counter[str] = field(default_factory=Counter)  # well-formed, not handled
+    denied: Counter[str] = field(default_factory=Counter)  # by the policy's reason
+    drops: Counter[str] = field(default_factory=Counter)  # accepted, then not delivered
+    unreachable_sent: Counter[str] = field(default_factory=Counter)  # ICMP errors, by kind
+    udp_flows_active: int = 0
+    udp_flows_total: int = 0
+    udp_flows_expired: int = 0
+    udp_flows_evicted: int = 0
+    udp_datagrams_out: int = 0
+    udp_datagrams_in: int = 0
+    udp_bytes_out: int = 0
+    udp_bytes_in: int = 0
+    dns_queries: int = 0  # queries to the DNS address, valid or not
+    dns_answers: int = 0  # answers relayed from a host resolver
+    dns_failures: int = 0  # SERVFAIL sent because no resolver answered
+    dns_malformed: int = 0  # dropped by dns.check_query
+    dns_retries: int = 0  # a resolver failed or timed out and the next one was asked
+    icmp_echo_requests: int = 0
+    icmp_echo_replies: int = 0  # relayed from the host, or answered for the gateway
+    icmp_echo_local: int = 0  # of those, answered by the engine (the gateway)
+    icmp_flows_active: int = 0
+    icmp_flows_total: int = 0
+    icmp_flows_expired: int = 0
+    icmp_sockets: Counter[str] = field(default_factory=Counter)  # "ping" / "raw" flows
+    icmp_unavailable: int = 0  # neither ping nor raw sockets are permitted
+    icmp_errors_in: int = 0  # ICMP errors the namespace sent (ignored)
+    tcp_resets: int = 0
+    errors: int = 0  # unexpected exceptions while handling a frame (a bug; logged)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (Counters become dicts)."""
+        return {
+            f.name: dict(value) if isinstance(value := getattr(self, f.name), Counter) else value
+            for f in fields(self)
+        }
+
+
+# ---- flows ------------------------------------------------------------------------------
+
+
+class _UdpFlow:
+    """One namespace UDP flow and its connected host socket."""
+
+    __slots__ = ("dport", "fd", "ns_dst", "ns_src", "quote", "sock", "sport")
+
+    def __init__(self, key: FlowKey, sock: socket.socket) -> None:
+        self.ns_src, self.sport, self.ns_dst, self.dport = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.quote = b""  # the start of the latest datagram, to quote in ICMP errors
+
+
+class _EchoFlow:
+    """One namespace echo "session" and its host ping (or raw) socket."""
+
+    __slots__ = ("fd", "host_ident", "ident", "kind", "ns_dst", "ns_src", "quote", "sock")
+
+    def __init__(self, key: EchoKey, sock: socket.socket, kind: str, host_ident: int) -> None:
+        self.ns_src, self.ident, self.ns_dst = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.kind = kind  # "ping" (the kernel owns the id) or "raw" (host_ident is ours)
+        self.host_ident = host_ident
+        self.quote = b""
+
+
+class _DnsQuery:
+    """One query in flight to the host resolvers."""
+
+    __slots__ = ("dns_ip", "message", "next_resolver", "ns_src", "query", "sock", "sport", "timer")
+
+    def __init__(
+        self, ns_src: bytes, sport: int, dns_ip: bytes, message: bytes, query: dns.DnsQuery
+    ) -> None:
+        self.ns_src = ns_src
+        self.sport = sport
+        self.dns_ip = dns_ip
+        self.message = message
+        self.query = query
+        self.next_resolver = 0
+        self.sock: socket.socket | None = None
+        self.timer: Timer | None = None
+
+
+# ---- the engine -------------------------------------------------------------------------
+
+
+class TunEngine:
+    """Serves a namespace's tun device from this process's network namespace.
+
+    ``tun_fd`` is the tun device (its frames start with a ``vnet_hdr_size``-byte virtio
+    header: 10, or 0 for a tun without ``IFF_VNET_HDR``); it is made non-blocking and is
+    never closed here.  ``resolvers`` are the host's DNS servers as ``(ip, port)``, tried
+    in order.  ``offloads`` are the tun's accepted offloads (``handle.offloads``): with
+    ``csum`` large UDP replies leave their checksum to the kernel.  ``tcp_handler``, when
+    given, sees every parsed TCP frame first and returns True if it took it.
+    """
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        tun_fd: int,
+        vnet_hdr_size: int,
+        policy: Policy,
+        addresses: UsernetAddresses,
+        resolvers: Iterable[Resolver],
+        idle_timeout: float = 60.0,
+        max_flows: int = 4096,
+        *,
+        offloads: Iterable[str] = (),
+        dns_timeout: float = 2.0,
+        max_dns_pending: int = 256,
+        tcp_handler: Callable[[Parsed], bool] | None = None,
+    ) -> None:
+        if vnet_hdr_size not in (0, VNET_HDR_LEN):
+            raise ValueError(f"vnet_hdr_size must be 0 or {VNET_HDR_LEN}, not {vnet_hdr_size}")
+        self._loop = loop
+        self._tun = tun_fd
+        self._vnet = vnet_hdr_size == VNET_HDR_LEN
+        self._offload = self._vnet and "csum" in tuple(offloads)
+        self.policy = policy
+        self.addresses = addresses
+        self.resolvers = [_resolver_sockaddr(host, port) for host, port in resolvers]
+        self.dns_timeout = dns_timeout
+        self.max_dns_pending = max_dns_pending
+        self.tcp_handler = tcp_handler
+        self.stats = EngineStats(denied=policy.denied)
+        self._udp: FlowTable[FlowKey, _UdpFlow] = FlowTable(max_flows, idle_timeout)
+        self._echo: FlowTable[EchoKey, _EchoFlow] = FlowTable(max_flows, idle_timeout)
+        self._dns_pending: dict[int, _DnsQuery] = {}
+        self._gateways = {addresses.gateway.packed, addresses.gateway6.packed}
+        self._gateway_of = {4: addresses.gateway.packed, 6: addresses.gateway6.packed}
+        # Per address family: None (not tried yet), "ping", "raw" or "none".
+        self.icmp_mode: dict[int, str | None] = {4: None, 6: None}
+        self.sweep_interval = min(_MAX_SWEEP_INTERVAL, idle_timeout / 4)
+        self._sweep_timer: Timer | None = None
+        self._rbuf = bytearray(_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._ubuf = bytearray(_RECV_SIZE)
+        self._uview = memoryview(self._ubuf)
+        self._started = False
+        self._closed = False
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._udp.idle_timeout
+
+    @property
+    def max_flows(self) -> int:
+        return self._udp.capacity
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reading the tun (once; from the loop's thread or before it runs)."""
+        if self._started or self._closed:
+            raise RuntimeError("TunEngine.start() called twice or after close()")
+        self._started = True
+        os.set_blocking(self._tun, False)
+        self._loop.add(self._tun, IN, self._on_tun)
+
+    def close(self) -> None:
+        """Stop reading the tun and close every host socket (idempotent; tun stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        if self._started:
+            self._loop.remove(self._tun)
+        for _key, flow in self._udp.clear():
+            self._close_udp(flow)
+        for _key, echo in self._echo.clear():
+            self._close_echo(echo)
+        for query in list(self._dns_pending.values()):
+            self._dns_finish(query)
+
+    # ---- reading the tun ----------------------------------------------------------------
+
+    def _on_tun(self, _events: int) -> None:
+        fd, buf, view = self._tun, [self._rbuf], self._rview
+        for _ in range(_BATCH):
+            try:
+                n = os.readv(fd, buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EBADFD/EIO: the device is gone (namespace ended).  Level-triggered, so
+                # staying registered would spin; the owner notices CMD's exit.
+                log.warning("tun read failed: %s; no longer reading it", errno_name(exc.errno))
+                self.stats.errors += 1
+                self._loop.remove(fd)
+                return
+            if n == 0:
+                return
+            self.handle_frame(bytes(view[:n]))
+
+    def handle_frame(self, frame: bytes) -> None:
+        """Handle one frame as read from the tun (public so tests can feed crafted ones)."""
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(frame)
+        parsed = parse_frame(frame, vnet=self._vnet)
+        if type(parsed) is not Parsed:
+            if isinstance(parsed, Malformed):
+                stats.malformed[parsed.reason] += 1
+            else:
+                stats.unsupported[parsed.reason] += 1
+            return
+        try:
+            l4 = parsed.l4
+            if type(l4) is UDP:
+                self._on_udp(parsed, l4)
+            elif type(l4) is ICMPEcho:
+                self._on_echo(parsed, l4)
+            elif type(l4) is TCP:
+                self._on_tcp(parsed)
+            elif type(l4) is ICMPError:
+                stats.icmp_errors_in += 1
+        except Exception:
+            stats.errors += 1
+            log.exception("tun engine: unexpected error handling a frame")
+
+    # ---- writing the tun ----------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            os.write(self._tun, frame)
+        except BlockingIOError:
+            self.stats.drops["tun full"] += 1
+        except OSError as exc:
+            self.stats.drops[f"tun write {errno_name(exc.errno)}"] += 1
+        else:
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(frame)
+
+    def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None) -> None:
+        """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``."""
+        self._write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
+        self.stats.unreachable_sent[kind] += 1
+
+    def _deny(self, parsed: Parsed) -> None:
+        """Answer a denied flow with "administratively prohibited" from the gateway."""
+        if may_send_icmp_error(parsed):
+            self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version])
+
+    def _new_flow_source_ok(self, parsed: Parsed) -> bool:
+        """Anti-spoofing, once per new flow: the source must be the namespace's."""
+        if self.policy.accepts_source(parsed.ip.src):
+            return True
+        self.stats.drops["foreign source address"] += 1
+        return False
+
+    # ---- UDP ------------------------------------------------------------------------------
+
+    def _on_udp(self, parsed: Parsed, udp: UDP) -> None:
+        ip = parsed.ip
+        key = (ip.src, udp.sport, ip.dst, udp.dport)
+        now = time.monotonic()
+        flow = self._udp.get(key, now)
+        if flow is None:
+            if not self._new_flow_source_ok(parsed):
+                return
+            decision = self.policy.decide("udp", ip.dst, udp.dport)
+            if isinstance(decision, Deny):
+                self._deny(parsed)
+                return
+            if isinstance(decision, AllowResolver):
+                self._dns_query(parsed, udp)
+                return
+            flow = self._open_udp(parsed, key, decision, now)
+            if flow is None:
+                return
+        offset = parsed.ip_offset
+        flow.quote = parsed.frame[offset : offset + min(ip.total_length, _QUOTE)]
+        for datagram in udp_datagrams(parsed):
+            self._send_udp(flow, datagram)
+
+    def _open_udp(self, parsed: Parsed, key: FlowKey, allow: Allow, now: float) -> _UdpFlow | None:
+        family = socket.AF_INET if allow.host_ip.version == 4 else socket.AF_INET6
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self.stats.drops[f"udp socket {errno_name(exc.errno)}"] += 1
+            return None
+        try:
+            sock.connect((str(allow.host_ip), allow.host_port))  # UDP: never blocks
+        except OSError as exc:
+            sock.close()
+            self.stats.drops[f"udp connect {errno_name(exc.errno)}"] += 1
+            kind = _ERRNO_KINDS.get(exc.errno or 0)
+            if kind is not None and may_send_icmp_error(parsed):
+                self._unreachable(parsed.packet[:_QUOTE], kind, parsed.ip.dst)
+            return None
+        flow = _UdpFlow(key, sock)
+        for _old_key, old in self._udp.add(key, flow, now):
+            self.stats.udp_flows_evicted += 1
+            self._close_udp(old)
+        self._loop.add(flow.fd, IN, partial(self._on_udp_reply, flow))
+        self.stats.udp_flows_active += 1
+        self.stats.udp_flows_total += 1
+        self._schedule_sweep()
+        return flow
+
+    def _send_udp(self, flow: _UdpFlow, datagram: bytes) -> None:
+        for attempt in range(2):
+            try:
+                flow.sock.send(datagram)
+            except BlockingIOError:
+                self.stats.drops["udp send buffer full"] += 1
+                return
+            except OSError as exc:
+                if attempt == 0 and exc.errno in _ERRNO_KINDS:
+                    # An ICMP error about an earlier datagram: report it, and send this
+                    # one again (it was not sent; the error was only collected).
+                    self._udp_socket_error(flow, exc)
+                    continue
+                self.stats.drops[f"udp send {errno_name(exc.errno)}"] += 1
+                return
+            self.stats.udp_datagrams_out += 1
+            self.stats.udp_bytes_out += len(datagram)
+            return
+
+    def _on_udp_reply(self, flow: _UdpFlow, _events: int) -> None:
+        recv_into, buf, view, stats = flow.sock.recv_into, self._ubuf, self._uview, self.stats
+        received = False
+        for _ in range(_BATCH):
+            try:
+                n = recv_into(buf, 0, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._udp_socket_error(flow, exc)  # reading it cleared it
+                continue
+            if n > _RECV_SIZE:
+                stats.drops["udp reply too large"] += 1
+                continue
+            received = True
+            payload = view[:n]
+            self._write(
+                build_udp(
+                    flow.ns_dst,
+                    flow.ns_src,
+                    flow.dport,
+                    flow.sport,
+                    payload,  # type: ignore[arg-type]  # any bytes-like works
+                    offload=self._offload and n > _OFFLOAD_MIN,
+                    vnet=self._vnet,
+                )
+            )
+            stats.udp_datagrams_in += 1
+            stats.udp_bytes_in += n
+        if received:
+            self._udp.touch((flow.ns_src, flow.sport, flow.ns_dst, flow.dport), time.monotonic())
+
+    def _udp_socket_error(self, flow: _UdpFlow, exc: OSError) -> None:
+        """An ICMP error the host got for this flow: pass it on as ICMP unreachable."""
+        kind = _ERRNO_KINDS.get(exc.errno or 0)
+        if kind is None or not flow.quote:
+            self.stats.drops[f"udp error {errno_name(exc.errno)}"] += 1
+            return
+        self._unreachable(flow.quote, kind, flow.ns_dst)
+
+    def _close_udp(self, flow: _UdpFlow) -> None:
+        self._loop.remove(flow.fd)
+        flow.sock.close()
+        self.stats.udp_flows_active -= 1
+
+    # ---- DNS ------------------------------------------------------------------------------
+
+    def _dns_query(self, parsed: Parsed, udp: UDP) -> None:
+        stats = self.stats
+        stats.dns_queries += 1
+        query = dns.check_query(udp.payload)
+        if isinstance(query, Malformed):
+            stats.dns_malformed += 1
+            stats.malformed[query.reason] += 1
+            return
+        pending = _DnsQuery(parsed.ip.src, udp.sport, parsed.ip.dst, udp.payload, query)
+        if len(self._dns_pending) >= self.max_dns_pending:
+            stats.drops["dns too many pending"] += 1
+            self._dns_answer(pending, dns.servfail(query))
+            stats.dns_failures += 1
+            return
+        self._dns_ask_next(pending)
+
+    def _dns_ask_next(self, query: _DnsQuery) -> None:
+        """Send the query to the next resolver that takes it; SERVFAIL when none is left."""
+        self._dns_finish(query)
+        while query.next_resolver < len(self.resolvers):
+            family, sockaddr = self.resolvers[query.next_resolver]
+            query.next_resolver += 1
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            except OSError:
+                self.stats.dns_retries += 1
+                continue
+            try:
+                sock.connect(sockaddr)
+                sock.send(query.message)
+            except OSError:
+                sock.close()
+                self.stats.dns_retries += 1
+                continue
+            query.sock = sock
+            self._dns_pending[sock.fileno()] = query
+            self._loop.add(sock.fileno(), IN, partial(self._on_dns_reply, query))
+            query.timer = self._loop.call_later(self.dns_timeout, partial(self._dns_timeout, query))
+            return
+        self.stats.dns_failures += 1
+        self._dns_answer(query, dns.servfail(query.query))
+
+    def _on_dns_reply(self, query: _DnsQuery, _events: int) -> None:
+        sock = query.sock
+        assert sock is not None
+        for _ in range(_BATCH):
+            try:
+                reply = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.stats.dns_retries += 1  # ECONNREFUSED: nobody listens there
+                self._dns_ask_next(query)
+                return
+            # Only a response to this query counts; anything else is ignored (the
+            # socket is connected, so it can only come from the resolver itself).
+            if (
+                len(reply) >= dns.HEADER_LENGTH
+                and reply[:2] == query.message[:2]
+                and reply[2] & 0x80
+            ):
+                self._dns_finish(query)
+                self.stats.dns_answers += 1
+                self._dns_answer(query, reply)
+                return
+
+    def _dns_timeout(self, query: _DnsQuery) -> None:
+        query.timer = None
+        self.stats.dns_retries += 1
+        self._dns_ask_next(query)
+
+    def _dns_finish(self, query: _DnsQuery) -> None:
+        """Forget the query's current socket and timer (before a retry or at the end)."""
+        if query.timer is not None:
+            query.timer.cancel()
+            query.timer = None
+        if query.sock is not None:
+            fd = query.sock.fileno()
+            self._dns_pending.pop(fd, None)
+            self._loop.remove(fd)
+            query.sock.close()
+            query.sock = None
+
+    def _dns_answer(self, query: _DnsQuery, message: bytes) -> None:
+        try:
+            frame = build_udp(
+                query.dns_ip,
+                query.ns_src,
+                dns.DNS_PORT,
+                query.sport,
+                message,
+                offload=self._offload and len(message) > _OFFLOAD_MIN,
+                vnet=self._vnet,
+            )
+        except ValueError:  # a 64 KiB answer does not fit the IP packet
+            self.stats.drops["dns answer too large"] += 1
+            return
+        self._write(frame)
+
+    # ---- ICMP echo -------------------------------------------------------------------------
+
+    def _on_echo(self, parsed: Parsed, echo: ICMPEcho) -> None:
+        if echo.reply:
+            self.stats.unsupported["icmp echo reply"] += 1  # nobody pings the namespace
+            return
+        ip = parsed.ip
+        self.stats.icmp_echo_requests += 1
+        key = (ip.src, echo.ident, ip.dst)
+        flow = self._echo.get(key, time.monotonic())
+        if flow is None:
+            if not self._new_flow_source_ok(parsed):
+                return
+            decision = self.policy.decide("icmp", ip.dst, None)
+            if isinstance(decision, (Deny, AllowResolver)):
+                self._deny(parsed)
+                return
+            if ip.dst in self._gateways:
+                # The gateway is us: answer without touching the host's network.
+                self._write(build_icmp_echo_reply(parsed, vnet=self._vnet))
+                self.stats.icmp_echo_replies += 1
+                self.stats.icmp_echo_local += 1
+                return
+            flow = self._open_echo(parsed, key, decision)
+            if flow is None:
+                return
+        offset = parsed.ip_offset
+        flow.quote = parsed.frame[offset : offset + min(ip.total_length, _QUOTE)]
+        self._send_echo(flow, echo)
+
+    def _open_echo(self, parsed: Parsed, key: EchoKey, allow: Allow) -> _EchoFlow | None:
+        version = allow.host_ip.version
+        made = self._echo_socket(version)
+        if made is None:
+            self.stats.icmp_unavailable += 1
+            self._deny(parsed)
+            return None
+        sock, kind = made
+        try:
+            sock.connect((str(allow.host_ip), 0))
+        except OSError as exc:
+            sock.close()
+            self.stats.drops[f"icmp connect {errno_name(exc.errno)}"] += 1
+            err_kind = _ERRNO_KINDS.get(exc.errno or 0)
+            if err_kind is not None and may_send_icmp_error(parsed):
+                self._unreachable(parsed.packet[:_QUOTE], err_kind, parsed.ip.dst)
+            return None
+        host_ident = random.getrandbits(16) if kind == "raw" else 0
+        flow = _EchoFlow(key, sock, kind, host_ident)
+        for _old_key, old in self._echo.add(key, flow, time.monotonic()):
+            self._close_echo(old)
+        self._loop.add(flow.fd, IN, partial(self._on_echo_reply, flow))
+        self.stats.icmp_flows_active += 1
+        self.stats.icmp_flows_total += 1
+        self.stats.icmp_sockets[kind] += 1
+        self._schedule_sweep()
+        return flow
+
+    def _echo_socket(self, version: int) -> tuple[socket.socket, str] | None:
+        """A ping socket, else (root) a raw one, else None; remembers what works."""
+        family, proto = (
+            (socket.AF_INET, socket.IPPROTO_ICMP)
+            if version == 4
+            else (socket.AF_INET6, socket.IPPROTO_ICMPV6)
+        )
+        mode = self.icmp_mode[version]
+        if mode == "none":
+            return None
+        kinds = {"ping": socket.SOCK_DGRAM, "raw": socket.SOCK_RAW}
+        for kind, sock_type in kinds.items():
+            if mode is not None and mode != kind:
+                continue
+            try:
+                sock = socket.socket(family, sock_type | socket.SOCK_NONBLOCK, proto)
+            except PermissionError:
+                continue  # EACCES: gid not in ping_group_range; EPERM: no CAP_NET_RAW
+            except OSError as exc:  # EMFILE, IPv6 switched off...: try again next flow
+                self.stats.drops[f"icmp socket {errno_name(exc.errno)}"] += 1
+                return None
+            if mode is None:
+                log.debug("icmp echo for IPv%d through %s sockets", version, kind)
+            self.icmp_mode[version] = kind
+            return sock, kind
+        # Nothing permitted.  Remembered (probing costs two syscalls per request); a
+        # changed sysctl takes effect for the next engine.
+        self.icmp_mode[version] = "none" if mode is None else None
+        return None
+
+    def _send_echo(self, flow: _EchoFlow, echo: ICMPEcho) -> None:
+        v4 = len(flow.ns_dst) == 4
+        icmp_type = ICMP_ECHO if v4 else ICMPV6_ECHO
+        if flow.kind == "ping":
+            # The kernel fills in the id (the socket's "port") and the checksum.
+            message = _ICMP_HEADER.pack(icmp_type, 0, 0, 0, echo.seq) + echo.payload
+        else:
+            header = _ICMP_HEADER.pack(icmp_type, 0, 0, flow.host_ident, echo.seq)
+            if v4:  # raw ICMPv6 sockets get their checksum from the kernel; IPv4 do not
+                csum = checksum(header + echo.payload)
+                header = header[:2] + csum.to_bytes(2, "big") + header[4:]
+            message = header + echo.payload
+        try:
+            flow.sock.send(message)
+        except BlockingIOError:
+            self.stats.drops["icmp send buffer full"] += 1
+        except OSError as exc:
+            kind = _ERRNO_KINDS.get(exc.errno or 0)
+            if kind is not None:
+                self._unreachable(flow.quote, kind, flow.ns_dst)
+            else:
+                self.stats.drops[f"icmp send {errno_name(exc.errno)}"] += 1
+
+    def _on_echo_reply(self, flow: _EchoFlow, _events: int) -> None:
+        v4 = len(flow.ns_dst) == 4
+        reply_type = ICMP_ECHO_REPLY if v4 else ICMPV6_ECHO_REPLY
+        received = False
+        for _ in range(_BATCH):
+            try:
+                data = flow.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                kind = _ERRNO_KINDS.get(exc.errno or 0)
+                if kind is not None and flow.quote:
+                    self._unreachable(flow.quote, kind, flow.ns_dst)
+                continue
+            if flow.kind == "raw" and v4 and data:
+                data = data[(data[0] & 0x0F) * 4 :]  # raw IPv4 sockets see the IP header
+            if len(data) < 8:
+                continue
+            icmp_type, _code, _csum, ident, seq = _ICMP_HEADER.unpack_from(data)
+            if icmp_type != reply_type or (flow.kind == "raw" and ident != flow.host_ident):
+                continue  # a raw socket sees every ICMP message from that host
+            received = True
+            self._write(
+                build_icmp_echo(
+                    flow.ns_dst, flow.ns_src, flow.ident, seq, data[8:], vnet=self._vnet
+                )
+            )
+            self.stats.icmp_echo_replies += 1
+        if received:
+            self._echo.touch((flow.ns_src, flow.ident, flow.ns_dst), time.monotonic())
+
+    def _close_echo(self, flow: _EchoFlow) -> None:
+        self._loop.remove(flow.fd)
+        flow.sock.close()
+        self.stats.icmp_flows_active -= 1
+
+    # ---- TCP ------------------------------------------------------------------------------
+
+    def _on_tcp(self, parsed: Parsed) -> None:
+        if self.tcp_handler is not None and self.tcp_handler(parsed):
+            return
+        reset = build_tcp_rst(parsed, vnet=self._vnet)
+        if reset is None:
+            return  # never answer a reset
+        self._write(reset)
+        self.stats.tcp_resets += 1
+
+    # ---- expiry ---------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        """Arm the idle sweep if it is not armed: it runs only while flows exist."""
+        if self._sweep_timer is None and not self._closed:
+            self._sweep_timer = self._loop.call_later(self.sweep_interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        now = time.monotonic()
+        for _key, flow in self._udp.expire(now):
+            self.stats.udp_flows_expired += 1
+            self._close_udp(flow)
+        for _key, echo in self._echo.expire(now):
+            self.stats.icmp_flows_expired += 1
+            self._close_echo(echo)
+        if len(self._udp) or len(self._echo):
+            self._schedule_sweep()
+
+
+def _resolver_sockaddr(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr) of a numeric resolver address; ``fe80::1%eth0`` scopes kept."""
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except (ValueError, OSError):
+        raise ValueError(f"resolver {host!r} is not an IP address") from None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return family, sockaddr
