@@ -60,11 +60,19 @@ class Bridge:
 
     def factory(self, netns: Netns | None) -> SocketFactory:
         """The shared socket factory for ``netns`` (None: this thread's namespace)."""
-        key = None if netns is None or netns.is_current() else netns.identity()
+        key = None if netns is None else netns.identity()
         factory = self._factories.get(key)
+        if factory is None and key is not None and netns is not None and netns.is_current():
+            key = None
+            factory = self._factories.get(key)
         if factory is None:
             factory = self._factories[key] = factory_for(None if key is None else netns)
         return factory
+
+    def register_factory(self, netns: Netns, factory: SocketFactory) -> None:
+        """Use ``factory`` for sockets in ``netns`` (e.g. a process living inside a
+        sandbox, where a thread cannot setns)."""
+        self._factories[netns.identity()] = factory
 
     def add(self, spec: ForwardSpec, *, start: bool = True) -> Forward:
         """Validate and open ``spec`` (raises UserError), then start carrying connections.

@@ -420,6 +420,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reset its open connections too (default: let them finish)")
     ctl.set_defaults(handler=run_ctl)
 
+    run = sub.add_parser(
+        "run",
+        help="run a command with networking in a new user+network namespace (no root)",
+        description="Run CMD in a new user+network(+mount) namespace with user-mode "
+        "networking: outbound TCP/UDP, DNS at 10.0.2.3, ping, IPv6, published ports.  "
+        "Every new flow is decided by the host-side policy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=USERNET_EPILOG,
+    )
+    add_usernet_flags(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    run.set_defaults(handler=run_usernet)
+
+    att = sub.add_parser(
+        "attach",
+        help="give an existing network namespace user-mode networking",
+        description="Provide user-mode networking to an existing namespace (as "
+        "slirp4netns does for container runtimes) until its process exits.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=USERNET_EPILOG,
+    )
+    add_usernet_flags(att)
+    att.add_argument("target", metavar="PID|PATH",
+                     help="a process whose namespace to serve, or an nsfs path")
+    att.set_defaults(handler=attach_usernet)
+
     demo = sub.add_parser(
         "demo",
         help="show a real forward into a throwaway namespace, step by step",
@@ -504,6 +530,86 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
+USERNET_EPILOG = """\
+addresses inside: 10.0.2.100/24 and fd00::100/64; gateway (the host) 10.0.2.2 / fd00::2;
+DNS 10.0.2.3 / fd00::3.  The host's own loopback is reachable through the gateway
+address only with --allow-host-loopback.
+
+policy rules (--allow/--deny, repeatable; deny wins): [tcp|udp|icmp:]NETWORK[:PORT[-PORT]]
+  e.g. --deny 192.0.2.0/24  --deny tcp:0.0.0.0/0:25  --allow udp:[2001:db8::]/32:53
+
+examples:
+  nsbridge run -- curl https://example.org/
+  nsbridge run -p 8080:80 -- python3 -m http.server 80
+"""
+
+
+def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
+                        action="append", default=[],
+                        help="publish a namespace port on the host (docker syntax)")
+    parser.add_argument("--allow-host-loopback", action="store_true",
+                        help="let the namespace reach the host's 127.0.0.1/::1 through the "
+                        "gateway address (off by default)")
+    parser.add_argument("--allow", metavar="RULE", action="append", default=[],
+                        help="allow destinations matching RULE (see below)")
+    parser.add_argument("--deny", metavar="RULE", action="append", default=[],
+                        help="deny destinations matching RULE; a denied TCP flow is reset, a "
+                        "denied UDP/ICMP flow answered with ICMP unreachable")
+    parser.add_argument("--tcp", choices=("auto", "redirect", "tun"), default="auto",
+                        help="TCP path: redirect = kernel fast path via nftables (auto "
+                        "falls back when nf_tables is missing); tun = through the tun device")
+    parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
+                        help="host resolver to forward DNS to (default: /etc/resolv.conf)")
+    parser.add_argument("--mtu", type=int, default=65520, help="MTU (default 65520)")
+    parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def _usernet_options(args: argparse.Namespace) -> object:
+    from .usernet.publish import parse_publish
+    from .usernet.runner import UsernetOptions
+
+    dns = None
+    if args.dns:
+        dns = []
+        for text in args.dns:
+            if text.startswith("[") or text.count(":") == 1:
+                hp = parse_host_port(text, what="--dns", allow_port_zero=False)
+                dns.append((hp.host, hp.port))
+            else:
+                dns.append((text, 53))
+    return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
+                          allow_host_loopback=args.allow_host_loopback, allow=args.allow,
+                          deny=args.deny, tcp=args.tcp, dns=dns, mtu=args.mtu,
+                          ipv6=not args.disable_ipv6)
+
+
+def run_usernet(args: argparse.Namespace) -> int:
+    from .usernet.runner import run_command
+
+    setup_logging(args.verbose)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    options = _usernet_options(args)
+    stops = StopSignals()
+    try:
+        return run_command(command, options, stops)  # type: ignore[arg-type]
+    finally:
+        stops.close()
+
+
+def attach_usernet(args: argparse.Namespace) -> int:
+    from .usernet.runner import attach
+
+    setup_logging(args.verbose)
+    options = _usernet_options(args)
+    stops = StopSignals()
+    try:
+        return attach(args.target, options, stops)  # type: ignore[arg-type]
+    finally:
+        stops.close()
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -515,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         # Bare `nsbridge` is a usage error: one line (like every other), not a help dump.
-        parser.error("missing command: give one of forward, serve, ctl, demo")
+        parser.error("missing command: give one of forward, serve, ctl, run, attach, demo")
     return run_guarded(args.handler, args)
 
 

@@ -375,7 +375,7 @@ def test_conflicting_options(args: list[str], flags: tuple[str, str]) -> None:
     pytest.param(["forward", "-l", "127.0.0.1:0"], "missing connect side: give one of -c, -C",
                  id="no-connect-side"),
     pytest.param(["forward"], "missing listen side", id="forward-without-arguments"),
-    pytest.param([], "missing command: give one of forward, serve, ctl, demo",
+    pytest.param([], "missing command: give one of forward, serve, ctl, run, attach, demo",
                  id="no-arguments-at-all"),
 ])
 def test_missing_options(args: list[str], why: str) -> None:

@@ -14,6 +14,13 @@ is split so that everything that *decides* is separate from everything that *doe
   validation of DNS queries, SERVFAIL answers.
 * :mod:`.netconf` — the virtual network's configuration (interface name, MTU,
   addresses), validated before anything is created.
+* :mod:`.engine` — the tun engine: UDP flows, DNS, ICMP echo, resets for stray TCP.
+* :mod:`.nft`, :mod:`.redirect` — the TCP fast path: nftables REDIRECT (programmed over
+  netlink) to listeners inside the namespace, original destination from SO_ORIGINAL_DST,
+  relayed by the forwarding engine.
+* :mod:`.nsfactory` — a socket-factory process living inside the sandbox (published
+  ports' connect side).
+* :mod:`.publish`, :mod:`.runner` — ``-p`` parsing; ``nsbridge run``/``attach``.
 * :mod:`.sandbox` — the part that *does* set-up: a single-threaded child creates (or
   enters) the user+network(+mount) namespaces, opens the tun device there, configures
   it over netlink and hands the fds back.

@@ -1,0 +1,108 @@
+"""A socket factory that lives *inside* a sandbox's namespaces, as its own process.
+
+The thread factory (nsbridge.factory.ThreadFactory) enters a namespace with setns(), which
+an unprivileged host process cannot do for a namespace owned by a child user namespace
+(setns also wants CAP_SYS_ADMIN in the caller's own user namespace), and a multithreaded
+process may not enter a user namespace at all.  So for a sandbox the factory is a small
+single-threaded process started inside it (through SandboxHandle.make_fds, once) that
+answers "N sockets of family F, type T" over a SOCK_SEQPACKET socketpair with SCM_RIGHTS.
+It exits when the host side closes its end, so nothing outlives the sandbox.
+
+Published ports use it as the connect side of an ordinary forward: the relay engine is
+the same one ``nsbridge forward`` uses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_REQUEST = struct.Struct("iii")  # family, type, count
+_BATCH = 16
+_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+class ProcessFactory:
+    """SocketFactory whose sockets are created by a process inside the namespace."""
+
+    def __init__(self, channel: socket.socket, label: str) -> None:
+        self.label = label
+        self._channel = channel
+        self._pools: dict[tuple[int, int], deque[socket.socket]] = {}
+
+    @classmethod
+    def inside(cls, handle: Any) -> ProcessFactory:
+        """Start the factory process inside ``handle``'s namespaces (a SandboxHandle)."""
+        (fd,) = handle.make_fds(_start_server)
+        return cls(socket.socket(fileno=fd), handle.netns.label)
+
+    def socket(self, family: int, type: int = socket.SOCK_STREAM) -> socket.socket:
+        pool = self._pools.setdefault((family, type), deque())
+        if not pool:
+            pool.extend(self._request(family, type, _BATCH))
+        return pool.popleft()
+
+    def _request(self, family: int, type: int, count: int) -> list[socket.socket]:
+        try:
+            self._channel.send(_REQUEST.pack(family, type, count))
+            data, fds, _flags, _addr = socket.recv_fds(self._channel, 256, count)
+        except OSError as exc:
+            raise OSError(exc.errno, f"socket factory in {self.label}: {exc.strerror}"
+                          ) from None
+        if not fds:
+            message = data.decode(errors="replace") or "the factory process is gone"
+            raise OSError(0, f"socket factory in {self.label}: {message}")
+        return [socket.socket(fileno=fd) for fd in fds]
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` here: only namespace-independent work (numeric address parsing) is
+        asked of this factory; anything else would need the namespace's resolver."""
+        return fn(*args, **kwargs)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            while pool:
+                pool.popleft().close()
+        self._channel.close()
+
+
+def _start_server() -> list[int]:
+    """Runs inside the namespace (in a make_fds helper): fork the long-lived server."""
+    host_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()  # not in the caller's process group: Ctrl-C is the host's business
+            os.dup2(server_end.fileno(), 3)
+            os.closerange(4, 1 << 16)
+            _serve(socket.socket(fileno=3))
+        finally:
+            os._exit(0)
+    server_end.close()
+    return [host_end.detach()]
+
+
+def _serve(channel: socket.socket) -> None:
+    while True:
+        try:
+            data = channel.recv(_REQUEST.size)
+        except OSError:
+            return
+        if len(data) != _REQUEST.size:
+            return  # EOF: the host side is gone
+        family, type_, count = _REQUEST.unpack(data)
+        count = max(1, min(count, 64))
+        try:
+            made = [socket.socket(family, type_ | _FLAGS) for _ in range(count)]
+        except OSError as exc:
+            channel.send(f"cannot create socket: {exc.strerror}".encode())
+            continue
+        socket.send_fds(channel, [b"ok"], [s.fileno() for s in made])
+        for sock in made:
+            sock.close()

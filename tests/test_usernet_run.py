@@ -1,0 +1,246 @@
+"""``nsbridge run`` end to end, with no packet able to leave the machine.
+
+Each test first creates a "host" namespace of its own: loopback plus a dummy interface
+with TEST-NET addresses (192.0.2.1/24, 2001:db8::1/64) that exist only there.  The
+servers run in it, and nsbridge itself runs in it (``ip netns exec HOST nsbridge run``),
+so every socket the host side opens is opened in that namespace.
+
+/dev/net/tun is mode 0600 on this machine: these tests run the namespace creator as
+root (inside the new user namespace it is mapped to root too); .ci/run makes the device
+0666 as on normal systems, which the unprivileged sandbox test in test_sandbox.py uses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, in_netns, wait_until
+
+HTTP_PORT = 8000
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def host() -> Iterator[str]:
+    """The "host" namespace: lo, and d0 with 192.0.2.1/24 and 2001:db8::1/64 (a veth
+    pair whose both ends stay inside it: this kernel has no dummy link type)."""
+    name = f"nsbh-{uuid.uuid4().hex[:10]}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        _ip("-n", name, "link", "set", "d1", "up")
+        _ip("-n", name, "addr", "add", "192.0.2.1/24", "dev", "d0")
+        _ip("-n", name, "addr", "add", "2001:db8::1/64", "dev", "d0", "nodad")
+        _ip("-n", name, "link", "set", "d0", "up")
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
+                        "net.ipv4.ping_group_range=0 2147483647"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def web(host: str, tmp_path: Path) -> Iterator[Path]:
+    """An HTTP server in the host namespace on 192.0.2.1, [2001:db8::1] and 127.0.0.1."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("hello from the host namespace\n")
+    procs = [subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-m", "http.server",
+                               str(HTTP_PORT), "--bind", bind, "-d", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for bind in ("192.0.2.1", "2001:db8::1", "127.0.0.1")]
+    try:
+        for address in (("192.0.2.1", HTTP_PORT), ("127.0.0.1", HTTP_PORT)):
+            wait_until(lambda a=address: _reachable(host, a), what=f"http server {address}")
+        yield root
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _reachable(netns: str, address: tuple) -> bool:
+    def probe() -> bool:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    return bool(in_netns(netns, probe))
+
+
+def nsbridge_run(host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run",
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_exit_status_of_the_command_is_ours(host):
+    result = nsbridge_run(host, "--", "sh", "-c", "exit 7")
+    assert result.returncode == 7, result.stderr
+
+
+def test_tcp_to_the_host_network_with_curl(host, web):
+    result = nsbridge_run(host, "--", "curl", "-sS", "--max-time", "10",
+                          f"http://192.0.2.1:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host namespace\n"
+
+
+def test_tcp_over_ipv6(host, web):
+    result = nsbridge_run(host, "--", "curl", "-sS", "-g", "--max-time", "10",
+                          f"http://[2001:db8::1]:{HTTP_PORT}/index.html")
+    assert result.returncode == 0, result.stderr
+    assert "hello" in result.stdout
+
+
+def test_host_loopback_is_off_by_default_and_on_by_option(host, web):
+    url = f"http://10.0.2.2:{HTTP_PORT}/index.html"
+    denied = nsbridge_run(host, "--", "curl", "-sS", "--max-time", "10", url)
+    assert denied.returncode != 0
+    allowed = nsbridge_run(host, "--allow-host-loopback", "--", "curl", "-sS", "--max-time",
+                           "10", url)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "hello" in allowed.stdout
+
+
+def test_deny_rule_resets_at_once(host, web):
+    started = time.monotonic()
+    result = nsbridge_run(host, "--deny", "192.0.2.0/24", "--", "curl", "-sS", "--max-time",
+                          "10", f"http://192.0.2.1:{HTTP_PORT}/")
+    assert result.returncode != 0
+    assert time.monotonic() - started < 8  # refused, not timed out
+
+
+def test_dns_through_the_resolver_address(host):
+    pytest.importorskip("dns.message")
+    import dns.message
+    import dns.rrset
+
+    server = in_netns(host, lambda: _bind_udp("127.0.0.1"))
+    stop = threading.Event()
+
+    def answer() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)
+            reply.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                                    "192.0.2.77"))
+            server.sendto(reply.to_wire(), peer)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        result = nsbridge_run(host, "--dns", f"127.0.0.1:{port}", "--", "dig", "+short",
+                              "+time=5", "+tries=1", "@10.0.2.3", "example.test")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "192.0.2.77"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def _bind_udp(host_ip: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host_ip, 0))
+    return sock
+
+
+def test_ping_the_host_network(host):
+    result = nsbridge_run(host, "--", "ping", "-c", "2", "-W", "5", "192.0.2.1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 received" in result.stdout
+
+
+def test_published_port_reached_from_the_host(host, tmp_path):
+    (tmp_path / "page.txt").write_text("served from inside the sandbox\n")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run", "-v",
+         "-p", "127.0.0.1:18080:8000", "--", sys.executable, "-m", "http.server", "8000",
+         "--bind", "127.0.0.1", "-d", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        def fetch() -> bytes | None:
+            def get() -> bytes | None:
+                try:
+                    with socket.create_connection(("127.0.0.1", 18080), timeout=5) as sock:
+                        sock.sendall(b"GET /page.txt HTTP/1.0\r\n\r\n")
+                        data = b""
+                        while chunk := sock.recv(65536):
+                            data += chunk
+                        return data
+                except OSError:
+                    return None
+
+            return in_netns(host, get)  # type: ignore[return-value]
+
+        wait_until(lambda: (fetch() or b"").endswith(b"served from inside the sandbox\n"),
+                   timeout=20, what="published port")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), proc.stderr.read()
+
+
+def test_nothing_left_behind(host):
+    """The helper processes (sandbox set-up, the in-namespace socket factory) all end."""
+    marker = f"127.0.0.{2 + os.getpid() % 250}:{20000 + uuid.uuid4().int % 20000}:80"
+    result = nsbridge_run(host, "-p", marker, "--", "true")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: not _processes_mentioning(marker), timeout=5,
+               what="every process of that run to end")
+
+
+def _processes_mentioning(word: str) -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if word.encode() in f.read():
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["-p", "80"], "-p '80'"),
+    (["-p", "8080:99999"], "namespace port"),
+    (["-p", "8080:80/sctp"], "protocol 'sctp'"),
+    (["--deny", "10.0.0.300/8"], "10.0.0.300"),
+    ([], "give the command"),
+])
+def test_bad_run_input(host, args, needle):
+    result = nsbridge_run(host, *args, "--", *([] if not args else ["true"]))
+    if not args:
+        result = nsbridge_run(host)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
