@@ -488,6 +488,10 @@ class _WorkerProcess:
         self.bridge = Bridge(mover=mover, pipe_size=pipe_size)
         self.forwards: dict[int, Forward] = {}
         self._last_stats: dict[int, dict[str, int]] = {}
+        # (family, type, proto) of each forward's clients: socket(fileno=fd) without them
+        # asks the kernel (getsockname + 2 getsockopt) for every handed-over connection,
+        # and all clients of one forward come from the same listener.
+        self._client_kinds: dict[int, tuple[int, int, int]] = {}
 
     def run(self) -> int:
         stops = StopSignals((signal.SIGTERM,))
@@ -537,7 +541,12 @@ class _WorkerProcess:
         ids = struct.unpack(f"{len(body) // 4}I", body)
         for forward_id, fd in zip(ids, fds, strict=False):
             forward = self.forwards.get(forward_id)
-            client = socket.socket(fileno=fd)
+            kind = self._client_kinds.get(forward_id)
+            if kind is None:
+                client = socket.socket(fileno=fd)
+                self._client_kinds[forward_id] = (client.family, client.type, client.proto)
+            else:
+                client = socket.socket(*kind, fileno=fd)
             if forward is None:
                 reset_and_close(client)
             else:
@@ -557,6 +566,7 @@ class _WorkerProcess:
         if kill:
             forward.abort_all("reset: forward removed")
         self._last_stats.pop(forward_id, None)
+        self._client_kinds.pop(forward_id, None)
 
     def _schedule_stats(self) -> None:
         self.bridge.loop.call_later(STATS_INTERVAL, self._report_stats)

@@ -15,9 +15,12 @@ Sockets are registered once, edge-triggered, for IN|OUT; there is no epoll_ctl p
 chunk.  Edge-triggered means a direction must run until the source says EAGAIN (or
 the destination is full) and must be resumed by hand when its destination drains.
 
-Two data movers are provided: :class:`SpliceMover` (socket -> pipe -> socket, the
-bytes never enter Python) and :class:`CopyMover` (``readv``/``write`` through one shared
-buffer).  Which is faster is measured in ``bench/``.
+Two data movers are provided: :class:`SplicePipeMover` (bulk goes socket -> pipe ->
+socket and never enters Python; reads up to 64 KiB are copied, which is cheaper for
+request/response traffic) and :class:`CopyMover` (``readv``/``write`` through one shared
+buffer).  Either way a short copied read proves the socket had nothing more queued, so
+an IN edge is served with two syscalls (read, write) instead of three.  The figures
+behind these choices are in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -41,22 +44,30 @@ _REGISTER_MASK = IN | OUT | RDHUP | ET
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _CHUNK = 1 << 20
+# Reads up to this size are copied (readv/write) even by the splice engine: for a
+# request or a response the pipe round trip costs more than copying a few KiB (measured:
+# bench/RESULTS.md).  A read that fills it marks the direction as bulk, which then
+# splices.  Tunable for experiments with NSBRIDGE_SMALL_READ (bytes; 0 = always splice).
+_SMALL_READ = int(os.environ.get("NSBRIDGE_SMALL_READ", 64 << 10))
 
 
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``."""
 
-    __slots__ = ("data", "done", "dst", "eof", "name", "pending", "pipe", "src", "total")
+    __slots__ = ("bulk", "data", "done", "drained", "dst", "eof", "name", "pending", "pipe",
+                 "src", "total")
 
     def __init__(self, src: int, dst: int, name: str) -> None:
         self.src = src
         self.dst = dst
         self.name = name
         self.pending = 0  # bytes read from src and not yet written to dst
-        self.pipe: tuple[int, int] | None = None  # SpliceMover: where pending bytes sit
-        self.data: memoryview | None = None  # CopyMover: where pending bytes sit
+        self.pipe: tuple[int, int] | None = None  # spliced: where pending bytes sit
+        self.data: memoryview | None = None  # copied: where pending bytes sit
         self.eof = False  # src said EOF
         self.done = False  # EOF passed on to dst (shutdown SHUT_WR)
+        self.bulk = False  # the last read filled the copy buffer: splice from now on
+        self.drained = False  # the last read was short: src had nothing more queued
         self.total = 0
 
 
@@ -64,56 +75,18 @@ class SourceFailed(Exception):
     """Reading the source failed: that side reset or vanished."""
 
 
-class SplicePipeMover:
-    """Moves bytes with splice() through a pooled pipe."""
-
-    def __init__(self, pool: PipePool | None = None) -> None:
-        self.pool = pool or PipePool()
-
-    def fill(self, d: Direction) -> int:
-        if d.pipe is None:
-            d.pipe = self.pool.acquire()
-        try:
-            n = os.splice(d.src, d.pipe[1], self.pool.pipe_size, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            self.pool.release(d.pipe)  # idle connections hold no pipe
-            d.pipe = None
-            raise
-        except OSError as exc:
-            raise SourceFailed(exc) from exc
-        d.pending = n
-        return n
-
-    def flush(self, d: Direction) -> bool:
-        """Write pending bytes; True when all are written (the pipe goes back to the pool)."""
-        assert d.pipe is not None
-        while d.pending:
-            try:
-                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return False
-            d.pending -= n
-            d.total += n
-        self.pool.release(d.pipe)
-        d.pipe = None
-        return True
-
-    def drop(self, d: Direction) -> None:
-        if d.pipe is not None:
-            if d.pending:
-                self.pool.discard(d.pipe)
-            else:
-                self.pool.release(d.pipe)
-            d.pipe = None
-            d.pending = 0
-
-
 class CopyMover:
-    """Moves bytes with readv()/write() through one buffer shared by all connections."""
+    """Moves bytes with readv()/write() through one buffer shared by all connections.
+
+    A read shorter than the buffer took everything the socket had queued (TCP's
+    recvmsg stops only when the queue is empty or the buffer full), so it sets
+    ``Direction.drained`` and the relay can skip the read that would only say EAGAIN.
+    """
 
     def __init__(self, size: int = _CHUNK) -> None:
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
+        self._size = size
 
     def fill(self, d: Direction) -> int:
         try:
@@ -124,9 +97,11 @@ class CopyMover:
             raise SourceFailed(exc) from exc
         d.pending = n
         d.data = self._view[:n]
+        d.drained = n < self._size
         return n
 
     def flush(self, d: Direction) -> bool:
+        """Write pending bytes; True when all are written."""
         data = d.data
         assert data is not None
         while d.pending:
@@ -147,6 +122,70 @@ class CopyMover:
     def drop(self, d: Direction) -> None:
         d.data = None
         d.pending = 0
+
+
+class SplicePipeMover(CopyMover):
+    """Moves bulk bytes with splice() through a pooled pipe; small reads are copied.
+
+    Splicing costs three syscalls per chunk (in, out, and the read that says EAGAIN,
+    which edge-triggering needs because a short splice does not prove the socket is
+    empty: it also stops when the pipe runs out of slots) plus a pipe from the pool.
+    For a 600-byte response that is more work than copying it, so each direction starts
+    by copying up to ``small_read`` bytes; a read that fills the buffer switches the
+    direction to splice (the bytes never enter Python), and a splice read that gets
+    less than a quarter of ``small_read`` switches it back.
+    """
+
+    def __init__(self, pool: PipePool | None = None, small_read: int = _SMALL_READ) -> None:
+        super().__init__(max(small_read, 1))
+        self.pool = pool or PipePool()
+        self._always_splice = small_read <= 0
+        self._back_to_copy = small_read // 4
+
+    def fill(self, d: Direction) -> int:
+        if not d.bulk and not self._always_splice:
+            n = super().fill(d)
+            d.bulk = not d.drained
+            return n
+        if d.pipe is None:
+            d.pipe = self.pool.acquire()
+        d.drained = False
+        try:
+            n = os.splice(d.src, d.pipe[1], self.pool.pipe_size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self.pool.release(d.pipe)  # idle connections hold no pipe
+            d.pipe = None
+            raise
+        except OSError as exc:
+            raise SourceFailed(exc) from exc
+        d.pending = n
+        if n < self._back_to_copy:
+            d.bulk = False
+        return n
+
+    def flush(self, d: Direction) -> bool:
+        """Write pending bytes; True when all are written (a pipe goes back to the pool)."""
+        if d.pipe is None:
+            return super().flush(d)
+        while d.pending:
+            try:
+                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            d.pending -= n
+            d.total += n
+        self.pool.release(d.pipe)
+        d.pipe = None
+        return True
+
+    def drop(self, d: Direction) -> None:
+        if d.pipe is not None:
+            if d.pending:
+                self.pool.discard(d.pipe)
+            else:
+                self.pool.release(d.pipe)
+            d.pipe = None
+        super().drop(d)
 
 
 Mover = SplicePipeMover | CopyMover
@@ -195,7 +234,9 @@ class TcpSession:
         self.server = server
         self.client_fd = client.fileno()
         self.server_fd = server.fileno()
-        self.client_name = client_name or _peer_name(client)
+        # The name is only printed by -v; getpeername() is a syscall per connection.
+        self.client_name = client_name or (
+            _peer_name(client) if log.isEnabledFor(logging.INFO) else "?")
         self.server_name = server_name
         self.up = Direction(self.client_fd, self.server_fd, "up")
         self.down = Direction(self.server_fd, self.client_fd, "down")
@@ -204,7 +245,8 @@ class TcpSession:
         self.outcome = ""
         self.preamble = b""  # sent to the server first (a PROXY protocol header)
         for sock in (client, server):
-            sock.setblocking(False)
+            if sock.gettimeout() != 0.0:  # made with SOCK_NONBLOCK: skip the ioctl
+                sock.setblocking(False)
             _set_nodelay(sock)
 
     # ---- phase 1: connecting -----------------------------------------------------
@@ -277,7 +319,7 @@ class TcpSession:
         if events & ERR and self._check_error(self.client, "client"):
             return
         if events & (IN | RDHUP | HUP) and not self.up.pending:
-            self._pump(self.up)
+            self._pump(self.up, not events & (RDHUP | HUP))
         if events & OUT and self.down.pending and not self.ended:
             self._pump(self.down)
 
@@ -285,7 +327,7 @@ class TcpSession:
         if events & ERR and self._check_error(self.server, "server"):
             return
         if events & (IN | RDHUP | HUP) and not self.down.pending:
-            self._pump(self.down)
+            self._pump(self.down, not events & (RDHUP | HUP))
         if events & OUT and self.up.pending and not self.ended:
             self._pump(self.up)
 
@@ -296,8 +338,15 @@ class TcpSession:
             return True
         return False
 
-    def _pump(self, d: Direction) -> None:
-        """Move bytes src -> dst until src is empty, dst is full, or src ends."""
+    def _pump(self, d: Direction, edge: bool = False) -> None:
+        """Move bytes src -> dst until src is empty, dst is full, or src ends.
+
+        ``edge``: called for an IN edge that carried no RDHUP/HUP.  Then a read the
+        mover marks ``drained`` ends the pump once written, without the read that would
+        only say EAGAIN: bytes arriving after epoll_wait() reported the edge raise a new
+        edge, and an EOF already queued would have come with RDHUP.  Pumps resumed by
+        the destination's OUT edge, or by hand, still read until EAGAIN.
+        """
         mover = self._mover
         try:
             while True:
@@ -308,6 +357,9 @@ class TcpSession:
                     return
                 if mover.fill(d) == 0:
                     d.eof = True
+                elif edge and d.drained:
+                    mover.flush(d)  # written or not, the next edge resumes us
+                    return
         except BlockingIOError:
             return  # src empty: its IN edge resumes us
         except SourceFailed as exc:
