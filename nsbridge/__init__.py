@@ -1,31 +1,36 @@
 """nsbridge: connect Linux network namespaces.
 
 The library has the same powers as the command line; start with :class:`Bridge`.
+Names are imported on first use (PEP 562), so a worker process that needs only the
+relay does not pay, in resident memory, for everything the package offers.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .bridge import Bridge
-from .errors import UserError
-from .forward import (
-    ConnectAddress,
-    ForwardSpec,
-    ListenAddress,
-    ListenSocket,
-    Preaccepted,
-    Preconnected,
-)
-from .netns import Netns
+_EXPORTS = {
+    "Bridge": "bridge",
+    "UserError": "errors",
+    "ConnectAddress": "spec",
+    "ForwardSpec": "spec",
+    "ListenAddress": "spec",
+    "ListenSocket": "spec",
+    "Preaccepted": "spec",
+    "Preconnected": "spec",
+    "Netns": "netns",
+}
 
-__all__ = [
-    "Bridge",
-    "ConnectAddress",
-    "ForwardSpec",
-    "ListenAddress",
-    "ListenSocket",
-    "Netns",
-    "Preaccepted",
-    "Preconnected",
-    "UserError",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nsbridge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
