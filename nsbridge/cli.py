@@ -35,6 +35,7 @@ from .limits import raise_nofile_limit
 from .netns import Netns
 from .signals import StopSignals
 from .sockets import adopt_connected_fd, adopt_listening_fd
+from .workers import ACCEPT_MODES
 
 log = logging.getLogger("nsbridge")
 
@@ -105,6 +106,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     if compat:
         parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
                             drain=0.0, verbose=0, engine="splice", workers=None, endpoints=[],
+                            accept="handoff",
                             control=None, allow=[], deny=[], proxy_protocol=None,
                             idle_timeout=60.0, max_flows=4096, exit_with=None, ready_fd=None)
         return
@@ -123,6 +125,8 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="relay in N worker processes (default: one per CPU, at most "
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
+    parser.add_argument("--accept", choices=ACCEPT_MODES, default="handoff",
+                        help=ACCEPT_HELP)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: one line per connection; -vv: debug")
     add_daemon_flags(parser)
@@ -286,7 +290,7 @@ def _run_forward(args: argparse.Namespace, stops: StopSignals) -> int:
 
 def _daemon_options(args: argparse.Namespace, workers: int) -> DaemonOptions:
     return DaemonOptions(workers=workers, engine=args.engine, drain=args.drain,
-                         control=args.control, ready_fd=args.ready_fd,
+                         accept=args.accept, control=args.control, ready_fd=args.ready_fd,
                          exit_with=args.exit_with)
 
 
@@ -348,6 +352,13 @@ def _log_forward(forward: Forward) -> None:
              forward.connect_factory.label)
 
 
+ACCEPT_HELP = ("who accepts TCP clients: handoff (default: the supervisor accepts and deals "
+               "them round-robin to workers) or reuseport (each worker accepts from its own "
+               "SO_REUSEPORT listener: cheaper per connection, but the kernel's hash places "
+               "long flows and a crashing worker's unaccepted clients wait for its "
+               "replacement); inherited, Unix and UDP listeners always use handoff")
+
+
 def worker_count(requested: int | None) -> int:
     """One worker per CPU (at most MAX_DEFAULT_WORKERS) unless told."""
     if requested is not None and requested < 1:
@@ -392,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain", metavar="SECONDS", type=float, default=None,
                        help="on SIGTERM let connections finish this long (overrides the file)")
     serve.add_argument("--engine", choices=("splice", "copy"), default=None)
+    serve.add_argument("--accept", choices=ACCEPT_MODES, default=None,
+                       help=ACCEPT_HELP + " (overrides the file)")
     serve.add_argument("-v", "--verbose", action="count", default=0)
     add_daemon_flags(serve)
     serve.set_defaults(handler=run_serve)
@@ -487,6 +500,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise_nofile_limit()
         options = DaemonOptions(
             workers=workers, engine=args.engine or config.engine or "splice",
+            accept=args.accept or config.accept or "handoff",
             drain=args.drain if args.drain is not None else (config.drain or 0.0),
             control=args.control or config.control, ready_fd=args.ready_fd,
             exit_with=args.exit_with, defaults=config.defaults)

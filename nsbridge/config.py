@@ -3,6 +3,7 @@
     workers = 2                      # optional, like --workers
     control = "/run/nsbridge.sock"   # optional, like --control
     drain = 5                        # optional, like --drain
+    accept = "reuseport"             # optional, like --accept (default "handoff")
 
     [defaults]                       # optional: applied to every forward below
     connect_timeout = 10
@@ -26,7 +27,7 @@ from typing import Any
 from .errors import UserError
 from .spec import ForwardSpec
 
-TOP_KEYS = {"workers", "control", "drain", "engine", "defaults", "forward"}
+TOP_KEYS = {"workers", "control", "drain", "engine", "accept", "defaults", "forward"}
 FORWARD_KEYS = {"name", "listen", "connect", "allow", "deny", "proxy", "connect_timeout",
                 "idle_timeout", "max_flows"}
 DEFAULT_KEYS = FORWARD_KEYS - {"name", "listen", "connect"}
@@ -40,6 +41,7 @@ class Config:
     control: str | None = None
     drain: float | None = None
     engine: str | None = None
+    accept: str | None = None
 
 
 def load(path: str) -> Config:
@@ -104,7 +106,9 @@ def load(path: str) -> Config:
                   drain=_opt(data, "drain", (int, float), path, text, "seconds >= 0",
                              lambda v: v >= 0),
                   engine=_opt(data, "engine", str, path, text, '"splice" or "copy"',
-                              lambda v: v in ("splice", "copy")))
+                              lambda v: v in ("splice", "copy")),
+                  accept=_opt(data, "accept", str, path, text, '"handoff" or "reuseport"',
+                              lambda v: v in ("handoff", "reuseport")))
 
 
 def _opt(data: dict[str, Any], key: str, kind: Any, path: str, text: str, expected: str,

@@ -30,6 +30,7 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 class DaemonOptions:
     workers: int
     engine: str = "splice"
+    accept: str = "handoff"  # or "reuseport": see workers.py
     drain: float = 0.0
     control: str | None = None
     ready_fd: str | None = None
@@ -43,7 +44,8 @@ def run_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopSign
         from .lifetime import check_ready_fd
 
         check_ready_fd(options.ready_fd)
-    supervisor = Supervisor(options.workers, options.engine, options.drain)  # type: ignore[arg-type]
+    supervisor = Supervisor(options.workers, options.engine, options.drain,  # type: ignore[arg-type]
+                            accept=options.accept)
     control: ControlServer | None = None
     try:
         for spec in specs:

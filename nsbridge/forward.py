@@ -81,6 +81,9 @@ class Forward:
     acl: Any = None  # ClientAcl when the forward has allow/deny rules
     udp: Any = None  # the UdpRelay of a UDP forward
     _unix_path: str | None = None  # socket file we created, removed when we stop
+    # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more listeners
+    # can join it: see reuseport_sibling().
+    reuseport: bool = False
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -106,7 +109,8 @@ class Forward:
                 if isinstance(where.sockaddr, str):
                     self._unix_path = where.sockaddr
             else:
-                self.listener = open_listener(self.listen_factory, where, what="listen")
+                self.listener = open_listener(self.listen_factory, where, what="listen",
+                                              reuseport=self.reuseport)
         elif isinstance(listen, ListenSocket):
             self.listener = listen.sock
 
@@ -138,6 +142,24 @@ class Forward:
         else:
             assert self.listener is not None
             self.loop.add(self.listener.fileno(), IN, self._on_listener)
+
+    def reuseport_sibling(self) -> socket.socket:
+        """One more listener in this forward's SO_REUSEPORT group, for one worker.
+
+        Bound to the address the first listener actually got (port 0 was resolved then),
+        made by the listen side's factory because a socket belongs to the namespace it
+        was created in.  The kernel then spreads new clients over the group by 4-tuple
+        hash, and each worker accepts from its own queue: no hand-off through a supervisor.
+        """
+        assert self.reuseport and self.listener is not None
+        address = ResolvedAddress(self.listener.family, self.listener.getsockname())
+        return open_listener(self.listen_factory, address, what="listen", reuseport=True)
+
+    def listen_on(self, sock: socket.socket) -> None:
+        """Accept clients from ``sock`` here (a worker's own SO_REUSEPORT listener)."""
+        sock.setblocking(False)
+        self.listener = sock
+        self.loop.add(sock.fileno(), IN, self._on_listener)
 
     def start_udp(self, sock: socket.socket | None) -> None:
         """Relay datagrams arriving on ``sock`` (bound here, or handed to a worker)."""
@@ -185,7 +207,8 @@ class Forward:
                     self._pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and friends: that client is gone, take the next
-            client = socket.socket(listener.family, listener.type, fileno=fd)
+            # all three given: socket() asks the kernel for none of them
+            client = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             if not self.admits(peer):
                 reset_and_close(client)
                 continue

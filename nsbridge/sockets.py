@@ -108,13 +108,22 @@ def adopt_connected_fd(fd_text: str | int, what: str) -> socket.socket:
 
 
 def open_listener(
-    factory: SocketFactory, address: ResolvedAddress, *, what: str, backlog: int = socket.SOMAXCONN
+    factory: SocketFactory, address: ResolvedAddress, *, what: str,
+    backlog: int = socket.SOMAXCONN, reuseport: bool = False,
 ) -> socket.socket:
-    """A listening TCP socket bound to ``address`` inside the factory's namespace."""
+    """A listening TCP socket bound to ``address`` inside the factory's namespace.
+
+    ``reuseport`` sets SO_REUSEPORT before bind() (it only counts there), so that each
+    worker can bind its own listener to the same address (``--accept reuseport``).  It is
+    off otherwise: with it on, any other process of the same user could bind the port too
+    and silently take a share of the clients instead of failing with EADDRINUSE.
+    """
     where = f"in network namespace {factory.label}" if factory.label != "current" else ""
     sock = factory.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address.sockaddr)
         sock.listen(backlog)
     except OSError as exc:

@@ -13,6 +13,14 @@ SO_REUSEPORT the 4-tuple hash decides, which splits four flows 3:1 or 4:0 half o
 time.  Round-robin hand-off costs one sendmsg per connection in the supervisor and
 splits N flows evenly.
 
+``--accept reuseport`` (opt-in) is the other side of that trade: for a TCP forward that
+listens on an address, every worker gets its own listener bound with SO_REUSEPORT and
+accepts by itself, which saves the supervisor's about 25-30 µs per new connection but lets the
+4-tuple hash place long flows.  The supervisor keeps a copy of each worker's listener
+without polling it, so a replacement worker takes over the same socket and the clients
+waiting in its accept queue survive a worker crash.  Inherited listeners (-L, fd:,
+systemd:), Unix listeners and UDP keep the hand-off.
+
 The supervisor is also the control plane: forwards can be added and removed while it
 runs (it tells the workers over the same channel), a UDP forward is relayed by one
 worker (chosen by forward id), workers report per-forward counters every
@@ -50,6 +58,9 @@ from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 log = logging.getLogger("nsbridge")
 
 STATS_INTERVAL = 0.5
+HANDOFF = "handoff"
+REUSEPORT = "reuseport"
+ACCEPT_MODES = (HANDOFF, REUSEPORT)
 _ACCEPT_BATCH = 64
 _RESTART_WINDOW = 10.0
 _MAX_RESTARTS_IN_WINDOW = 5
@@ -57,7 +68,7 @@ _MAX_MESSAGE = 1 << 16
 
 # Supervisor -> worker messages: one type byte, then the body.
 _CONNECTIONS = b"C"  # body: forward ids (uint32 each); fds: the accepted sockets
-_ADD = b"A"  # body: pickled _WorkerForward; fds: [connect netns fd] [udp socket]
+_ADD = b"A"  # body: pickled _WorkerForward; fds: [connect netns fd] [udp socket] [listener]
 _REMOVE = b"R"  # body: pickled (forward id, kill)
 # Worker -> supervisor:
 _STATS = b"S"  # body: pickled {forward id: counters}
@@ -72,6 +83,7 @@ class _WorkerForward:
     target: ResolvedAddress
     netns_label: str | None
     udp: bool  # this worker relays the forward's UDP socket
+    listener: bool = False  # an SO_REUSEPORT listener of its own travels too: accept here
 
 
 @dataclass
@@ -93,8 +105,9 @@ class Supervisor:
     """Owns the listeners, accepts, distributes connections, answers the control socket."""
 
     def __init__(self, count: int, mover: MoverName, drain: float,
-                 pipe_size: int | None = None) -> None:
+                 pipe_size: int | None = None, accept: str = HANDOFF) -> None:
         self.count = count
+        self.accept = accept
         self.mover = mover
         self.pipe_size = pipe_size
         self.drain = drain
@@ -109,6 +122,9 @@ class Supervisor:
         self._stopping = False
         self._restarts: list[float] = []
         self._retired: dict[int, ForwardStats] = {}  # counters of workers that died
+        # --accept reuseport forwards: forward id -> {worker index: that worker's listener}.
+        # Kept (never polled) here so a replacement worker gets the same socket back.
+        self._own_listeners: dict[int, dict[int, socket.socket]] = {}
         self.exit_code = 0
 
     # ---- forwards -------------------------------------------------------------------------
@@ -122,14 +138,25 @@ class Supervisor:
         if spec.one_shot:
             raise UserError(f"forward {name}: -S/-C (one connection) cannot run as a daemon "
                             "forward; run it on its own")
+        reuseport = self.accept == REUSEPORT and _reuseport_possible(spec)
+        listeners: dict[int, socket.socket] = {}
         try:
-            forward = self.opener.add(spec, start=False)
+            if reuseport:
+                forward = self._open_reuseport(spec, listeners)
+            else:
+                forward = self.opener.add(spec, start=False)
         finally:
             self.opener.close_factories()  # no threads may exist across fork()
             self.opener.forwards.clear()
+        if self.accept == REUSEPORT and not reuseport:
+            log.warning("forward %s: --accept reuseport needs a TCP address to bind; this "
+                        "forward's listen side is %s, so it uses the hand-off", name,
+                        _listen_kind(spec))
         forward_id = next(self._ids)
         forward.stats = ForwardStats()
         self.forwards[forward_id] = forward
+        if reuseport:
+            self._own_listeners[forward_id] = listeners
         if self._running:
             self._broadcast_add(forward_id, forward)
             self._watch_listener(forward_id, forward)
@@ -137,6 +164,34 @@ class Supervisor:
                  forward.listen_factory.label, forward.target_description,
                  forward.connect_factory.label,
                  f" [{spec.protocol}]" if spec.protocol == UDP else "")
+        return forward
+
+    def _open_reuseport(self, spec: ForwardSpec,
+                        listeners: dict[int, socket.socket]) -> Forward:
+        """Open ``spec`` with an SO_REUSEPORT listener, plus one sibling per worker.
+
+        Worker 0 gets the first listener itself, so clients that connect before the
+        workers run wait in a queue someone will accept from; no listener in the group
+        may be left unpolled, or the clients hashed to it would hang.  All of them are
+        made now, while the opener's namespace threads exist (the supervisor keeps none).
+        Fills ``listeners`` as it goes, so the caller can close them on failure.
+        """
+        listen_ns = spec.listen.netns if isinstance(spec.listen, ListenAddress) else None
+        connect_ns = spec.connect.netns if isinstance(spec.connect, ConnectAddress) else None
+        forward = Forward(spec=spec, loop=self.opener.loop, mover=self.opener.mover,
+                          listen_factory=self.opener.factory(listen_ns),
+                          connect_factory=self.opener.factory(connect_ns),
+                          on_finished=lambda _forward: None, reuseport=True)
+        forward.open()
+        assert forward.listener is not None
+        listeners[0] = forward.listener
+        try:
+            for index in range(1, self.count):
+                listeners[index] = forward.reuseport_sibling()
+        except BaseException:
+            for sock in listeners.values():
+                sock.close()
+            raise
         return forward
 
     def _unused_name(self) -> str:
@@ -154,6 +209,8 @@ class Supervisor:
         if forward.listener is not None and forward.spec.protocol != UDP:
             self.loop.remove(forward.listener.fileno())
         forward.stop_listening()
+        self._close_own_listeners(forward_id)
+        self._own_listeners.pop(forward_id, None)
         for worker in list(self.workers.values()):
             self._send(worker, _REMOVE + pickle.dumps((forward_id, kill)), [])
         self._retired.pop(forward_id, None)
@@ -183,7 +240,8 @@ class Supervisor:
                 counters = worker.stats.get(forward_id)
                 if counters:
                     _add_into(total, _stats_from(counters))
-            if forward.spec.protocol != UDP:  # the supervisor admits stream clients
+            if forward.spec.protocol != UDP and forward_id not in self._own_listeners:
+                # the supervisor admits hand-off clients; reuseport workers count their own
                 total.accepted = forward.stats.accepted
                 total.denied = forward.stats.denied
             rows.append({"name": forward.spec.name, "protocol": forward.spec.protocol,
@@ -204,7 +262,7 @@ class Supervisor:
         return self.exit_code
 
     def _watch_listener(self, forward_id: int, forward: Forward) -> None:
-        if forward.spec.protocol != UDP and forward.listener is not None:
+        if self._hands_off(forward_id, forward):
             self.loop.add(forward.listener.fileno(), IN,
                           lambda _e, i=forward_id: self._accept(i))
 
@@ -213,10 +271,11 @@ class Supervisor:
         if not self._stopping:
             log.info("%s: stopping", signal.Signals(signum).name)
         self._stopping = True
-        for forward in self.forwards.values():
+        for forward_id, forward in self.forwards.items():
             if forward.listener is not None and forward.spec.protocol != UDP:
                 self.loop.remove(forward.listener.fileno())
             forward.stop_listening()
+            self._close_own_listeners(forward_id)
         for worker in self.workers.values():
             try:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -225,9 +284,22 @@ class Supervisor:
         if not self.workers:
             self.loop.stop()
 
+    def _hands_off(self, forward_id: int, forward: Forward) -> bool:
+        """Whether the supervisor accepts this forward's clients (and polls its listener)."""
+        return (forward.spec.protocol != UDP and forward.listener is not None
+                and forward_id not in self._own_listeners)
+
+    def _close_own_listeners(self, forward_id: int) -> None:
+        """Close the supervisor's copies of a reuseport forward's worker listeners (the
+        first is also ``forward.listener``; closing a socket object twice is harmless).
+        The entry stays, so stats() still knows who counts this forward's clients."""
+        for sock in self._own_listeners.get(forward_id, {}).values():
+            sock.close()
+
     def close(self) -> None:
-        for forward in self.forwards.values():
+        for forward_id, forward in self.forwards.items():
             forward.stop_listening()
+            self._close_own_listeners(forward_id)
         self.opener.close()
         self.loop.close()
 
@@ -332,6 +404,10 @@ class Supervisor:
     def _send_forward(self, worker: Worker, forward_id: int, forward: Forward) -> None:
         udp = forward.spec.protocol == UDP and self._udp_owner(forward_id) == worker.index
         portable, fds = _portable(forward_id, forward, udp)
+        own = self._own_listeners.get(forward_id, {}).get(worker.index)
+        if own is not None:  # the same socket again for a replacement worker
+            portable.listener = True
+            fds.append(own.fileno())
         if not self._send(worker, _ADD + pickle.dumps(portable), fds):
             log.warning("worker %d did not take forward %s", worker.index, forward.spec.name)
 
@@ -422,11 +498,26 @@ class Supervisor:
             return
         self._paused = paused
         mask = 0 if paused else IN
-        for forward in self.forwards.values():
-            if forward.listener is not None and forward.spec.protocol != UDP:
+        for forward_id, forward in self.forwards.items():
+            if self._hands_off(forward_id, forward):
                 self.loop.modify(forward.listener.fileno(), mask)
         if paused:
             log.debug("workers are busy: accepting paused")
+
+
+def _reuseport_possible(spec: ForwardSpec) -> bool:
+    """Only a TCP forward that binds an address can give each worker its own listener."""
+    listen = spec.listen
+    return (isinstance(listen, ListenAddress) and spec.protocol != UDP
+            and isinstance(listen.address, HostPort))
+
+
+def _listen_kind(spec: ForwardSpec) -> str:
+    if spec.protocol == UDP:
+        return "UDP"
+    if isinstance(spec.listen, ListenAddress):
+        return "a Unix socket"
+    return "an inherited socket (-L, fd:, systemd:)"
 
 
 def _add_into(total: ForwardStats, more: ForwardStats) -> None:
@@ -556,7 +647,12 @@ class _WorkerProcess:
         fds = list(fds)
         netns = Netns(fds.pop(0), message.netns_label) if message.netns_label else None
         udp_sock = socket.socket(fileno=fds.pop(0)) if message.udp else None
+        listener = socket.socket(fileno=fds.pop(0)) if message.listener else None
         self._adopt(message.id, message.spec, message.target, netns, udp_sock)
+        if listener is not None:
+            self.forwards[message.id].listen_on(listener)
+            log.debug("worker %d accepts %s itself (SO_REUSEPORT)", self.index,
+                      message.spec.name)
 
     def _remove(self, forward_id: int, kill: bool) -> None:
         forward = self.forwards.pop(forward_id, None)

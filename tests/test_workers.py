@@ -101,3 +101,98 @@ def test_single_worker_mode_has_one_worker(netns, forwarder):
     assert _roundtrip(fwd.port, b"one worker") == b"one worker"
     assert len(_workers(fwd.proc.pid)) == 1
     listener.close()
+
+
+# ---- --accept reuseport: each worker accepts from its own SO_REUSEPORT listener ----------
+
+
+def _reuseport_forwarder(netns, forwarder, *extra: str):  # type: ignore[no-untyped-def]
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "2", "--accept", "reuseport", *extra,
+                    "-l", "127.0.0.1:0", "--connect-netns", netns,
+                    "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2, what="two workers")
+    return fwd, listener
+
+
+def _listening_sockets(port: int) -> int:
+    """Sockets listening on 127.0.0.1:``port`` in the test's namespace (one per worker)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f.readlines()[1:]
+                   if line.split()[1] == wanted and line.split()[3] == "0A")
+
+
+def test_reuseport_short_connections_reach_both_workers(netns, forwarder):
+    fwd, listener = _reuseport_forwarder(netns, forwarder)
+    assert _listening_sockets(fwd.port) == 2  # one SO_REUSEPORT listener per worker
+    for i in range(200):
+        assert _roundtrip(fwd.port, b"short %d" % i) == b"short %d" % i
+    wait_until(lambda: fwd.log().count(", closed") == 200, what="200 connections closed")
+    # Which worker served a connection is the kernel's 4-tuple hash: hold 16 at once and
+    # see both workers' socket counts grow (all 16 on one worker: p = 2/65536).
+    idle = {pid: _sockets(pid) for pid in _workers(fwd.proc.pid)}
+    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=10) for _ in range(16)]
+    for i, sock in enumerate(flows):
+        sock.sendall(b"flow %d" % i)
+        assert sock.recv(100) == b"flow %d" % i
+    grown = {pid: _sockets(pid) - idle[pid] for pid in idle}
+    for sock in flows:
+        sock.close()
+    assert all(n > 0 for n in grown.values()), grown
+    assert fwd.stop() == 0
+    listener.close()
+
+
+def test_reuseport_killed_worker_is_replaced_and_service_continues(netns, forwarder):
+    fwd, listener = _reuseport_forwarder(netns, forwarder)
+    victim = _workers(fwd.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "ended unexpectedly (signal SIGKILL)" in fwd.log(), what="restart log")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2 and victim not in
+               _workers(fwd.proc.pid), what="replacement worker")
+    assert _listening_sockets(fwd.port) == 2
+    for i in range(40):  # the hash sends some to the replacement's listener too
+        assert _roundtrip(fwd.port, b"after restart %d" % i) == b"after restart %d" % i
+    workers = _workers(fwd.proc.pid)
+    assert fwd.stop() == 0
+    for pid in workers:
+        assert _is_zombie_or_gone(pid)
+    listener.close()
+
+
+def test_reuseport_clients_queued_at_a_crashed_worker_are_not_lost(netns, forwarder):
+    """The supervisor keeps each worker's listener, so the replacement takes over its
+    accept queue instead of the kernel resetting the clients waiting there."""
+    fwd, listener = _reuseport_forwarder(netns, forwarder)
+    victim = _workers(fwd.proc.pid)[0]
+    os.kill(victim, signal.SIGSTOP)  # its clients now wait in its accept queue
+    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=20) for _ in range(16)]
+    for i, sock in enumerate(flows):
+        sock.sendall(b"queued %d" % i)
+    os.kill(victim, signal.SIGKILL)
+    for i, sock in enumerate(flows):  # p(none hashed to the victim) = 1/65536
+        assert sock.recv(100) == b"queued %d" % i
+        sock.close()
+    assert "ended unexpectedly (signal SIGKILL)" in fwd.log()
+    assert fwd.stop() == 0
+    listener.close()
+
+
+def test_reuseport_with_inherited_listener_falls_back_to_handoff(netns, forwarder):
+    target = listen_in(netns)
+    serve_in_thread(target, echo)
+    inherited = listen_in(None)
+    fwd = forwarder("forward", "-v", "--workers", "2", "--accept", "reuseport",
+                    "-L", str(inherited.fileno()), "--connect-netns", netns,
+                    "-c", f"127.0.0.1:{target.getsockname()[1]}",
+                    pass_fds=(inherited.fileno(),))
+    port = inherited.getsockname()[1]
+    assert "needs a TCP address to bind" in fwd.log()
+    assert "uses the hand-off" in fwd.log()
+    for i in range(4):
+        assert _roundtrip(port, b"inherited %d" % i) == b"inherited %d" % i
+    assert fwd.stop() == 0
+    inherited.close()
+    target.close()
