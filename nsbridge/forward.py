@@ -18,7 +18,7 @@ from typing import Any
 from .addresses import ResolvedAddress, format_sockaddr, resolve
 from .factory import SocketFactory
 from .relay.loop import IN, EventLoop
-from .relay.tcp import Mover, TcpSession
+from .relay.tcp import Mover, TcpSession, tally
 from .sockets import open_listener, open_udp_socket, open_unix_listener, remove_unix_socket
 from .spec import (
     UDP,
@@ -264,16 +264,7 @@ class Forward:
 
     def _session_done(self, session: TcpSession) -> None:
         self.sessions.discard(session)
-        stats = self.stats
-        stats.active -= 1
-        stats.bytes_up += session.up.total
-        stats.bytes_down += session.down.total
-        if session.outcome == "closed":
-            stats.closed += 1
-        elif session.outcome.startswith(("connect", "client reset before")):
-            stats.connect_failed += 1
-        else:
-            stats.reset += 1
+        tally(self.stats, session)
         if log.isEnabledFor(logging.INFO):
             log.info("%s", session.describe())
         self._maybe_finish()

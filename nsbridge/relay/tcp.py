@@ -32,6 +32,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..addresses import format_sockaddr
 from ..errors import errno_name
@@ -423,6 +424,21 @@ class TcpSession:
             f"{self.client_name} -> {self.server_name}: {self.up.total} B up, "
             f"{self.down.total} B down, {duration:.3f}s, {self.outcome}"
         )
+
+
+def tally(stats: Any, session: TcpSession) -> None:
+    """Count an ended session into ``stats`` (anything with active, closed, reset,
+    connect_failed, bytes_up, bytes_down): one definition of "how it ended" for every
+    user of the relay (forwards, the usernet redirector)."""
+    stats.active -= 1
+    stats.bytes_up += session.up.total
+    stats.bytes_down += session.down.total
+    if session.outcome == "closed":
+        stats.closed += 1
+    elif session.outcome.startswith(("connect", "client reset before")):
+        stats.connect_failed += 1
+    else:
+        stats.reset += 1
 
 
 def _set_nodelay(sock: socket.socket) -> None:

@@ -50,7 +50,7 @@ from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop
-from ..relay.tcp import Mover, TcpSession
+from ..relay.tcp import Mover, TcpSession, tally
 from . import nft
 from .netconf import SetupError
 from .policy import Allow, AllowResolver, Deny, Policy
@@ -331,16 +331,7 @@ class TcpRedirector:
 
     def _session_done(self, session: TcpSession) -> None:
         self.sessions.discard(session)
-        stats = self.stats
-        stats.active -= 1
-        stats.bytes_up += session.up.total
-        stats.bytes_down += session.down.total
-        if session.outcome == "closed":
-            stats.closed += 1
-        elif session.outcome.startswith(("connect", "client reset before")):
-            stats.connect_failed += 1
-        else:
-            stats.reset += 1
+        tally(self.stats, session)
         if log.isEnabledFor(logging.INFO):
             log.info("usernet tcp: %s", session.describe())
 
