@@ -29,30 +29,6 @@ from conftest import REPO, in_netns, wait_until
 HTTP_PORT = 8000
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def host() -> Iterator[str]:
-    """The "host" namespace: lo, and d0 with 192.0.2.1/24 and 2001:db8::1/64 (a veth
-    pair whose both ends stay inside it: this kernel has no dummy link type)."""
-    name = f"nsbh-{uuid.uuid4().hex[:10]}"
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
-        _ip("-n", name, "link", "set", "d1", "up")
-        _ip("-n", name, "addr", "add", "192.0.2.1/24", "dev", "d0")
-        _ip("-n", name, "addr", "add", "2001:db8::1/64", "dev", "d0", "nodad")
-        _ip("-n", name, "link", "set", "d0", "up")
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
-                        "net.ipv4.ping_group_range=0 2147483647"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
 @pytest.fixture
 def web(host: str, tmp_path: Path) -> Iterator[Path]:
     """An HTTP server in the host namespace on 192.0.2.1, [2001:db8::1] and 127.0.0.1."""

@@ -11,6 +11,9 @@ the kernel for TCP), in this order:
    namespace by a socket-factory process living there.
 4. CMD starts; its exit ends the loop; its exit status is ours.  SIGINT/SIGTERM are
    passed on to CMD (it decides), so a Ctrl-C behaves as if nsbridge were not there.
+
+Steps 2-3 are :class:`Network`, which :mod:`nsbridge.usernet.api` reuses to run the same
+host side in a background thread of a program that embeds nsbridge.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,53 +132,215 @@ def _redirect_setup(options: UsernetOptions) -> Any:
     return inside
 
 
+class Network:
+    """The host side of one namespace's networking: a Bridge loop carrying the tun engine
+    (UDP, DNS, ICMP), the TCP redirector (fast path) and published ports.
+
+    Shared by ``nsbridge run``/``attach`` (which drive the loop in the main thread, with
+    signals) and :mod:`nsbridge.usernet.api` (which drives it in a background thread of an
+    embedding program), so both get exactly the same wiring.  Life cycle: construct,
+    :meth:`start` (opens everything; the loop does not run yet, so the caller can still
+    add watches), then :meth:`run` or :meth:`start_thread`, then :meth:`close`.
+
+    The caller keeps owning ``handle`` (it may still have to reap a command); this object
+    only takes its ``extra`` fds (the redirect listeners).
+    """
+
+    def __init__(self, handle: Any, options: UsernetOptions, policy: Any | None = None) -> None:
+        self.handle = handle
+        self.options = options
+        self.policy = policy if policy is not None else _policy(options)
+        self.bridge = Bridge()
+        self.engine: Any = None
+        self.redirector: Any = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
+        self._closed = False
+        self._final: dict[str, Any] | None = None
+        self._on_end: list[Callable[[], None]] = []
+
+    # ---- building -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the engine, the redirector and the published ports (raises UserError).
+
+        On failure everything opened so far is released (close() is still safe)."""
+        from .engine import TunEngine
+        from .policy import UsernetAddresses
+
+        handle, options, bridge = self.handle, self.options, self.bridge
+        try:
+            resolvers = _resolvers(options)
+            self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
+                                    UsernetAddresses(), resolvers, offloads=handle.offloads)
+            self.engine.start()
+            listeners = [_socket(fd) for fd in handle.take_extra()]
+            if listeners:
+                from .redirect import TcpRedirector
+
+                self.redirector = TcpRedirector(bridge.loop, listeners, self.policy,
+                                                resolvers=resolvers, mover=bridge.mover)
+                self.redirector.start()
+                log.info("TCP: kernel fast path (nftables redirect)")
+            elif options.tcp != "tun":
+                log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP "
+                            "connections from the namespace are refused until the tun TCP "
+                            "path exists")
+            if options.publish:
+                from .nsfactory import ProcessFactory
+
+                factory = ProcessFactory.inside(handle)
+                bridge.register_factory(handle.netns, factory)
+                for publish in options.publish:
+                    _publish(bridge, handle, publish)
+        except BaseException:
+            self.close()
+            raise
+
+    def stop_when_readable(self, fd: int) -> None:
+        """Stop the loop once ``fd`` (a pidfd) is readable — a process exited.  Call
+        before the loop runs; ``fd`` stays the caller's (closed after close())."""
+        self.bridge.loop.add(fd, IN, lambda _e: self.bridge.loop.stop())
+
+    def on_end(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` after the loop thread has torn everything down (start_thread only):
+        lets an attachment release its namespace fds as soon as its target exits."""
+        self._on_end.append(fn)
+
+    # ---- running --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the loop in this thread until stop() (or a watched fd) ends it."""
+        self.bridge.run()
+
+    def start_thread(self) -> threading.Thread:
+        """Run the loop in a daemon thread that tears everything down when the loop ends,
+        so a namespace whose process exited leaves nothing open even if nobody calls
+        close()."""
+        def main() -> None:
+            try:
+                self.bridge.run()
+            except BaseException:
+                log.exception("user-mode networking loop failed")
+            finally:
+                self._teardown()
+                for fn in self._on_end:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("user-mode networking cleanup failed")
+
+        self._thread = threading.Thread(target=main, name="nsbridge-usernet", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    @property
+    def running(self) -> bool:
+        """True while the loop thread (start_thread) carries traffic."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Make the loop return (any thread; a no-op once closed)."""
+        with self._lock:
+            if not self._closed:
+                self.bridge.loop.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop thread to finish its teardown; True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop and release everything (idempotent).  With a loop thread, stops it and
+        waits for its teardown; otherwise (run() in the caller's thread, or never run)
+        tears down here."""
+        if self._thread is not None:
+            self.stop()
+            self._thread.join()
+            return
+        self._teardown()
+
+    # ---- counters -------------------------------------------------------------------
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Engine and redirector counters as plain data (JSON-serialisable).
+
+        The counters belong to the loop thread; while it runs they are copied there (a
+        Counter being updated cannot be iterated safely from another thread).  After the
+        end, the values at teardown are returned."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return self._final if self._final is not None else self._snapshot()
+        result: Future[dict[str, Any]] = Future()
+
+        def take() -> None:
+            try:
+                result.set_result(self._snapshot())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        with self._lock:
+            if self._closed:
+                return self._final or {}
+            self.bridge.loop.call_soon_threadsafe(take)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return result.result(timeout=0.05)
+            except FutureTimeout:
+                if not self.running:  # ended before running our call: final values
+                    self._thread.join()
+                    return self._final or {}
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("the networking loop did not answer") from None
+
+    def _snapshot(self) -> dict[str, Any]:
+        engine: dict[str, Any] = {}
+        if self.engine is not None:
+            for name, value in vars(self.engine.stats).items():
+                engine[name] = dict(value) if isinstance(value, Counter) else value
+        tcp = self.redirector.snapshot().as_dict() if self.redirector is not None else None
+        forwards = [{"name": f.spec.name, "listen": str(f.listen_address)}
+                    for f in self.bridge.forwards]
+        return {"engine": engine, "tcp": tcp, "published": forwards}
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._final = self._snapshot()
+            except Exception:
+                log.exception("reading the final counters failed")
+            self._closed = True
+        if self.engine is not None:
+            self.engine.close()
+        if self.redirector is not None:
+            self.redirector.close()
+        self.bridge.close()
+
+
 def _drive(handle: Any, options: UsernetOptions, policy: Any, stops: StopSignals, *,
            attached: bool, target: str = "") -> int:
-    from .engine import TunEngine
-    from .policy import UsernetAddresses
-
-    bridge = Bridge()
-    resolvers = _resolvers(options)
-    engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, policy,
-                       UsernetAddresses(), resolvers, offloads=handle.offloads)
-    engine.start()
-    listeners = [_socket(fd) for fd in handle.take_extra()]
-    redirector = None
-    if listeners:
-        from .redirect import TcpRedirector
-
-        redirector = TcpRedirector(bridge.loop, listeners, policy, resolvers=resolvers,
-                                   mover=bridge.mover)
-        redirector.start()
-        log.info("TCP: kernel fast path (nftables redirect)")
-    elif options.tcp != "tun":
-        log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP "
-                    "connections from the namespace are refused until the tun TCP path "
-                    "exists")
-    factory = None
+    network = Network(handle, options, policy)
+    network.start()
     try:
-        if options.publish:
-            from .nsfactory import ProcessFactory
-
-            factory = ProcessFactory.inside(handle)
-            bridge.register_factory(handle.netns, factory)
-            for publish in options.publish:
-                _publish(bridge, handle, publish)
-        watched = _watch_exit(bridge, handle, attached, target)
+        watched = _watch_exit(network, handle, attached, target)
         status: dict[str, int] = {}
 
         def on_signal(signum: int, count: int) -> None:
             if attached or handle.pid is None:
-                bridge.loop.stop()
+                network.bridge.loop.stop()
             elif count >= 3:
                 handle.kill(signal.SIGKILL)
             else:
                 handle.kill(signum)  # CMD decides; its exit ends us
 
-        stops.attach(bridge.loop, on_signal)
+        stops.attach(network.bridge.loop, on_signal)
         if not attached:
             handle.start()
-        bridge.run()
+        network.run()
         if not attached:
             code = handle.wait()
             status["code"] = 128 - code if code < 0 else code
@@ -177,10 +348,7 @@ def _drive(handle: Any, options: UsernetOptions, policy: Any, stops: StopSignals
             os.close(watched)
         return status.get("code", 0)
     finally:
-        engine.close()
-        if redirector is not None:
-            redirector.close()
-        bridge.close()
+        network.close()
 
 
 def _publish(bridge: Bridge, handle: Any, publish: Publish) -> None:
@@ -194,19 +362,29 @@ def _publish(bridge: Bridge, handle: Any, publish: Publish) -> None:
     log.info("published %s (listening on %s)", publish, forward.listen_address)
 
 
-def _watch_exit(bridge: Bridge, handle: Any, attached: bool, target: str) -> int | None:
-    """Stop the loop when CMD exits (run) or the target process exits (attach PID)."""
+def _watch_exit(network: Network, handle: Any, attached: bool, target: str) -> int | None:
+    """Stop the loop when CMD exits (run) or the target process exits (attach PID).
+
+    Returns a pidfd the caller must close (attach), or None (run: the handle owns it)."""
     if not attached:
-        bridge.loop.add(handle.pidfd, IN, lambda _e: bridge.loop.stop())
+        network.stop_when_readable(handle.pidfd)
         return None
-    pid_text = target[4:] if target.startswith("pid:") else target
+    pidfd = target_pidfd(target)
+    if pidfd is not None:
+        network.stop_when_readable(pidfd)
+    return pidfd
+
+
+def target_pidfd(target: str | int) -> int | None:
+    """A pidfd for an attach target given as a PID (``N`` or ``pid:N``); None for a path
+    or name (those run until stopped).  Raises UserError if the process is gone."""
+    text = str(target)
+    pid_text = text[4:] if text.startswith("pid:") else text
     if not pid_text.isdigit():
-        return None  # a path: run until a signal
+        return None
     from ..lifetime import open_exit_with
 
-    pidfd = open_exit_with(pid_text, what="attach")
-    bridge.loop.add(pidfd, IN, lambda _e: bridge.loop.stop())
-    return pidfd
+    return open_exit_with(pid_text, what="attach")
 
 
 def _socket(fd: int) -> Any:
