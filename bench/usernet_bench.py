@@ -1,0 +1,796 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of user-mode networking: nsbridge run vs slirp4netns vs pasta.
+
+Every tool gives a fresh user+network namespace its connectivity in turn, inside a
+"host" namespace this harness creates (veth d0/d1 with 192.0.2.1/24 and 2001:db8::1/64,
+servers bound there), and the same client commands run inside through nsenter.
+
+Run as root:  python3 bench/usernet_bench.py [--quick] [--runs N] [--json OUT.json]
+                  [--only ROW,ROW]
+See bench/README.md ("usernet_bench.py").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nsbench import procstat
+from nsbench.measure import GIB8, Sample, parse_wrk
+from nsbench.procs import BenchError, Managed, Netns, ProcessRegistry, run_checked
+from nsbench.servers import write_nginx_prefix
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_IP = "192.0.2.1"
+IPERF_PORT = 5201
+HTTP_PORT = 8080
+PUB_HOST_PORT = 15201  # published port on the host namespace's 127.0.0.1
+NS_IPERF_PORT = 5201  # iperf3 server inside the namespace under test
+DNS_ADDR = "10.0.2.3"
+UDP_LEN = 1400
+REF = "slirp4netns"
+REQUIRED_TOOLS = ["ip", "iperf3", "wrk", "nsenter", "unshare", "ping", "/usr/sbin/nginx"]
+SLEEP_MARK = "86399"  # `sleep 86399`: the namespace's placeholder process, found by cmdline
+
+ROWS = ["direct", "nsbridge", "nsbridge-tun", "slirp4netns", "pasta"]
+# Measurements that need TCP from inside (iperf3 -u too: its control connection is TCP).
+TCP_KINDS = {"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "udp"}
+KINDS = ["tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "udp", "dns", "ping", "pub"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_better: bool
+    fmt: str = "{:.2f}"
+
+
+METRICS = [
+    Metric("tcp_out", "TCP ns->host Gbit/s (1 stream)", True),
+    Metric("tcp_in", "TCP host->ns Gbit/s (1 stream, -R)", True),
+    Metric("tcp_out_p4", "TCP ns->host Gbit/s (-P 4)", True),
+    Metric("tcp_in_p4", "TCP host->ns Gbit/s (-P 4 -R)", True),
+    Metric("cpu", "networking process CPU s per 8 GiB (1 stream, both dirs)", False),
+    Metric("wrk_close", "TCP connect+request/s (wrk c16 Connection: close)", True, "{:.0f}"),
+    Metric("udp", f"UDP ns->host highest 0%-loss step Gbit/s (-l {UDP_LEN})", True),
+    Metric("dns_p50", "DNS query p50 us (10.0.2.3; direct: 127.0.0.1)", False, "{:.0f}"),
+    Metric("dns_added", "DNS p50 us added over direct query", False, "{:.0f}"),
+    Metric("ping", "ping RTT p50 us to 192.0.2.1", False, "{:.0f}"),
+    Metric("pub", "published port Gbit/s host->ns iperf3 (direct: loopback)", True),
+]
+
+
+@dataclass
+class Config:
+    runs: int
+    tcp_s: int
+    wrk_s: int
+    udp_s: int
+    udp_rates_mbit: list[int]
+    dns_count: int
+    ping_count: int
+    quick: bool
+
+
+@dataclass
+class Side:
+    """A started namespace side: the target PID for nsenter and the processes to charge."""
+
+    target: int | None  # None: the host namespace itself (direct row)
+    cpu_pids: list[int]
+    procs: list[Managed] = field(default_factory=list)
+    not_implemented: str | None = None  # TCP path missing (nsbridge --tcp=tun)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI mode: 1 run, 1 s per measurement")
+    p.add_argument("--runs", type=int, help="repetitions (default 3, quick 1)")
+    p.add_argument("--json", metavar="OUT.json", help="write raw samples and the summary")
+    p.add_argument("--only", metavar="ROW,ROW", help=f"rows to run: {','.join(ROWS)}")
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs for debugging")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    if runs < 1:
+        raise BenchError("--runs must be at least 1")
+    if args.quick:
+        return Config(runs, 1, 1, 1, [50, 200, 500, 1000, 2000], 200, 10, True)
+    return Config(runs, 3, 3, 1, [50, 100, 200, 500, 1000, 2000, 4000], 1000, 30, False)
+
+
+# ---------------------------------------------------------------- host namespace
+
+
+def setup_host(ns: Netns, reg: ProcessRegistry, workdir: Path) -> None:
+    """Host namespace: veth d0/d1, TEST-NET addresses, servers, resolv.conf -> 127.0.0.1.
+
+    The default routes via 192.0.2.254 / 2001:db8::fe point into the veth pair whose
+    other end stays in this namespace (nothing answers there): pasta refuses to start
+    without a routable "external" interface to copy.  No packet can leave.
+    """
+    ns.create()
+    n = ns.name
+    for cmd in (
+        ["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+        ["link", "set", "d1", "up"],
+        ["addr", "add", f"{HOST_IP}/24", "dev", "d0"],
+        ["addr", "add", "2001:db8::1/64", "dev", "d0", "nodad"],
+        ["link", "set", "d0", "up"],
+        ["route", "add", "default", "via", "192.0.2.254", "dev", "d0"],
+        ["-6", "route", "add", "default", "via", "2001:db8::fe", "dev", "d0"],
+    ):
+        run_checked(["ip", "-n", n, *cmd])
+    run_checked(ns.exec_argv(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"]))
+    etc = Path("/etc/netns") / n  # `ip netns exec` bind-mounts these over /etc
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    reg.start("iperf3-host", ns.exec_argv(["iperf3", "-s", "-p", str(IPERF_PORT)]))
+    conf = write_nginx_prefix(workdir / "nginx")
+    conf.write_text(
+        conf.read_text().replace(f"listen 127.0.0.1:{HTTP_PORT}", f"listen {HOST_IP}:{HTTP_PORT}")
+    )
+    assert f"listen {HOST_IP}:" in conf.read_text(), "nginx template changed"
+    reg.start("nginx", ns.exec_argv(["/usr/sbin/nginx", "-c", str(conf), "-p", str(conf.parent)]))
+    probe = Path(__file__).resolve().parent / "nsbench" / "dnsprobe.py"
+    reg.start("dns", ns.exec_argv([sys.executable, str(probe), "serve", "127.0.0.1", "53"]))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        out = subprocess.run(ns.exec_argv(["ss", "-Hltun"]), capture_output=True, text=True).stdout
+        if all(s in out for s in (f":{IPERF_PORT}", f"{HOST_IP}:{HTTP_PORT}", "127.0.0.1:53")):
+            return
+        time.sleep(0.1)
+    raise BenchError(f"host servers did not start (see logs in {workdir})")
+
+
+def cleanup_host(ns: Netns) -> None:
+    shutil.rmtree(Path("/etc/netns") / ns.name, ignore_errors=True)
+    ns.delete()
+
+
+# ---------------------------------------------------------------- the tools
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _find_sleeper(root: int, host_netns: str, timeout: float = 20.0) -> int:
+    """PID of `sleep 86399` below root once it sits in a network namespace of its own."""
+    host_ino = os.stat(host_netns).st_ino
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for st in procstat.tree([root]):
+            if _cmdline(st.pid) == ["sleep", SLEEP_MARK]:
+                try:
+                    if os.stat(f"/proc/{st.pid}/ns/net").st_ino != host_ino:
+                        return st.pid
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise BenchError("namespace placeholder process did not appear")
+
+
+def inside(target: int | None, ns: Netns) -> list[str]:
+    """Command prefix that runs a client in the namespace under test."""
+    if target is None:
+        return ns.exec_argv([])
+    return ["nsenter", "-t", str(target), "-U", "-n", "--preserve-credentials"]
+
+
+def _wait_ready(side: Side, ns: Netns, proc: Managed, what: str) -> None:
+    """Until the namespace has a default route (the tool configured it)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise BenchError(f"{what} exited ({proc.popen.returncode}): {proc.log_tail(5)}")
+        out = subprocess.run(
+            [*inside(side.target, ns), "ip", "-4", "route", "show", "default"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        if out.strip():
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{what}: no default route in the namespace after 20 s: {proc.log_tail(5)}")
+
+
+def _unshared(reg: ProcessRegistry, ns: Netns, name: str) -> tuple[Managed, int]:
+    holder = reg.start(
+        f"{name}-ns", ns.exec_argv(["unshare", "-Urn", "--fork", "sleep", SLEEP_MARK])
+    )
+    return holder, _find_sleeper(holder.pid, ns.path)
+
+
+def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side:
+    if row == "direct":
+        return Side(None, [])
+    if row.startswith("nsbridge"):
+        argv = [sys.executable, "-m", "nsbridge", "run", "--dns", "127.0.0.1:53"]
+        argv += ["-p", f"127.0.0.1:{PUB_HOST_PORT}:{NS_IPERF_PORT}"]
+        if row == "nsbridge-tun":
+            argv.append("--tcp=tun")
+        extra = os.environ.get("NSBRIDGE_ARGS", "").split()
+        proc = reg.start(
+            row, ns.exec_argv([*argv, *extra, "--", "sleep", SLEEP_MARK]), cwd=str(REPO)
+        )
+        side = Side(_find_sleeper(proc.pid, ns.path), [proc.pid], [proc])
+        _wait_ready(side, ns, proc, row)
+        return side
+    if row == "slirp4netns":
+        holder, target = _unshared(reg, ns, row)
+        sock = workdir / "slirp.sock"
+        proc = reg.start(
+            row,
+            ns.exec_argv(
+                [
+                    "slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                    "--api-socket", str(sock), str(target), "tap0",
+                ]
+            ),
+        )  # fmt: skip
+        side = Side(target, [proc.pid], [proc, holder])
+        _wait_ready(side, ns, proc, row)
+        reply = _slirp_api(
+            sock,
+            {
+                "execute": "add_hostfwd",
+                "arguments": {
+                    "proto": "tcp",
+                    "host_addr": "127.0.0.1",
+                    "host_port": PUB_HOST_PORT,
+                    "guest_port": NS_IPERF_PORT,
+                },
+            },
+        )
+        if "error" in reply:
+            raise BenchError(f"slirp4netns add_hostfwd: {reply}")
+        return side
+    if row == "pasta":
+        holder, target = _unshared(reg, ns, row)
+        proc = reg.start(
+            row,
+            ns.exec_argv(
+                [
+                    "pasta", "-f", "-q", "--runas", "0", "--config-net",
+                    "-a", "10.0.2.100", "-n", "24", "-g", "10.0.2.2", "--dns-forward", DNS_ADDR,
+                    "-t", f"127.0.0.1/{PUB_HOST_PORT}:{NS_IPERF_PORT}", "-u", "none",
+                    str(target),
+                ]
+            ),
+        )  # fmt: skip
+        side = Side(target, [proc.pid], [proc, holder])
+        _wait_ready(side, ns, proc, row)
+        return side
+    raise BenchError(f"unknown row {row}")
+
+
+def _slirp_api(sock_path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while not sock_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(sock_path))
+        s.sendall(json.dumps(request).encode())
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return json.loads(data or b"{}")
+
+
+def tcp_probe(side: Side, ns: Netns) -> str | None:
+    """None if a TCP connection to the host's iperf3 port works, else what happened."""
+    code = (
+        "import socket,sys\n"
+        "try:\n"
+        f"    socket.create_connection(('{HOST_IP}', {IPERF_PORT}), timeout=5).close()\n"
+        "except ConnectionRefusedError: sys.exit(11)\n"
+        "except OSError as e: print(e); sys.exit(12)\n"
+    )
+    res = subprocess.run(
+        [*inside(side.target, ns), sys.executable, "-c", code], capture_output=True, text=True
+    )
+    if res.returncode == 0:
+        return None
+    if res.returncode == 11:
+        return "refused"
+    return (res.stdout + res.stderr).strip()[-200:] or f"exit {res.returncode}"
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+    try:
+        res = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        return res.returncode, res.stdout, res.stderr
+    except subprocess.TimeoutExpired:
+        return -9, "", f"timed out after {timeout:.0f}s"
+
+
+def iperf(
+    prefix: list[str],
+    host: str,
+    port: int,
+    seconds: int,
+    streams: int = 1,
+    reverse: bool = False,
+    udp_mbit: int | None = None,
+    cpu_pids: Sequence[int] = (),
+) -> Sample:
+    argv = [*prefix, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"]
+    argv += ["--connect-timeout", "5000"]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    if reverse:
+        argv.append("-R")
+    if udp_mbit:
+        argv += ["-u", "-b", f"{udp_mbit}M", "-l", str(UDP_LEN), "-w", "4M"]
+    cpu0 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
+    rc, out, err = _run(argv, seconds + 30)
+    cpu1 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
+    sample: Sample = {"argv": argv, "rc": rc}
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
+        return sample
+    if "error" in data or rc != 0:
+        sample["error"] = str(data.get("error", err.strip() or f"exit {rc}"))[-300:]
+        return sample
+    if udp_mbit:
+        s = data["end"]["sum"]
+        sample.update(
+            gbps=s["bits_per_second"] / 1e9, lost_percent=s["lost_percent"], rate=udp_mbit
+        )
+        return sample
+    recv = data["end"]["sum_received"]
+    sample.update(gbps=recv["bits_per_second"] / 1e9, bytes=recv["bytes"])
+    sample["retransmits"] = data["end"].get("sum_sent", {}).get("retransmits")
+    if cpu0 is not None and cpu1 is not None:
+        sample["cpu_s"] = cpu1 - cpu0
+    return sample
+
+
+def udp_zero_loss(prefix: list[str], cfg: Config) -> Sample:
+    """Increasing rates; the figure is the offered rate of the highest 0%-loss step.
+
+    The offered (step) rate, not the received one, so that two tools that both pass
+    the same step compare equal instead of by measurement jitter.
+    """
+    steps = []
+    best: float | None = None
+    for rate in cfg.udp_rates_mbit:
+        s = iperf(prefix, HOST_IP, IPERF_PORT, cfg.udp_s, udp_mbit=rate)
+        steps.append(s)
+        if "error" in s or s.get("lost_percent", 100) > 0:
+            break
+        best = rate / 1000
+    sample: Sample = {"steps": steps}
+    if best is None:
+        first = steps[0]
+        sample["error"] = first.get("error") or f"loss {first.get('lost_percent'):.2f}% at lowest"
+    else:
+        sample["gbps"] = best
+    return sample
+
+
+def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
+    probe = Path(__file__).resolve().parent / "nsbench" / "dnsprobe.py"
+    argv = [*prefix, sys.executable, str(probe), "query", server, "53", str(count)]
+    rc, out, err = _run(argv, 60)
+    sample: Sample = {"argv": argv, "rc": rc}
+    try:
+        sample.update(json.loads(out))
+    except json.JSONDecodeError:
+        sample["error"] = (err.strip() or f"exit {rc}")[-300:]
+        return sample
+    if "p50_us" not in sample:
+        sample["error"] = f"no answers ({sample.get('failed')} failed)"
+    return sample
+
+
+def ping_rtt(prefix: list[str], count: int) -> Sample:
+    argv = [*prefix, "ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", HOST_IP]
+    rc, out, err = _run(argv, count + 20)
+    if "interval" in err:  # not root inside: the minimum interval is 0.2 s
+        argv[argv.index("0.05")] = "0.2"
+        rc, out, err = _run(argv, count + 20)
+    times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
+    sample: Sample = {"argv": argv, "rc": rc, "received": len(times)}
+    if times:
+        sample["p50_us"] = statistics.median(times)
+    else:
+        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-200:]
+    return sample
+
+
+def wrk_close(prefix: list[str], seconds: int) -> Sample:
+    argv = [*prefix, "wrk", "-t1", "-c16", "-d", f"{seconds}s", "-H", "Connection: close"]
+    argv.append(f"http://{HOST_IP}:{HTTP_PORT}/")
+    rc, out, err = _run(argv, seconds + 30)
+    sample: Sample = {"argv": argv, "rc": rc, **parse_wrk(out)}
+    if rc != 0 or "rps" not in sample:
+        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
+    return sample
+
+
+def published(side: Side, reg: ProcessRegistry, ns: Netns, cfg: Config) -> Sample:
+    """iperf3 server inside the namespace, client in the host on the published port."""
+    if side.target is None:  # reference: plain loopback in the host namespace
+        return iperf(ns.exec_argv([]), "127.0.0.1", IPERF_PORT, cfg.tcp_s)
+    srv = reg.start("iperf3-inside", [*inside(side.target, ns), "iperf3", "-s", "-p", "5201"])
+    try:
+        time.sleep(0.3)
+        return iperf(ns.exec_argv([]), "127.0.0.1", PUB_HOST_PORT, cfg.tcp_s)
+    finally:
+        reg.stop(srv)
+
+
+def measure_row(
+    row: str, side: Side, ns: Netns, reg: ProcessRegistry, cfg: Config, rep: int
+) -> dict[str, Sample]:
+    pre = inside(side.target, ns)
+    out: dict[str, Sample] = {}
+    tcp_missing = {"error": f"not implemented ({side.not_implemented})"}
+    for kind in KINDS:
+        if side.not_implemented and kind in TCP_KINDS:
+            out[kind] = dict(tcp_missing)
+            continue
+        if kind.startswith("tcp_"):
+            s = iperf(
+                pre,
+                HOST_IP,
+                IPERF_PORT,
+                cfg.tcp_s,
+                streams=4 if kind.endswith("p4") else 1,
+                reverse="_in" in kind,
+                cpu_pids=side.cpu_pids,
+            )
+        elif kind == "wrk_close":
+            s = wrk_close(pre, cfg.wrk_s)
+        elif kind == "udp":
+            s = udp_zero_loss(pre, cfg)
+        elif kind == "dns":
+            s = dns_latency(pre, "127.0.0.1" if side.target is None else DNS_ADDR, cfg.dns_count)
+        elif kind == "ping":
+            s = ping_rtt(pre, cfg.ping_count)
+        else:
+            s = published(side, reg, ns, cfg)
+        s.update(rep=rep, t=time.time())
+        out[kind] = s
+        log(f"[{rep + 1}/{cfg.runs}] {row:<12} {kind:<10} {_describe(s)}")
+    return out
+
+
+def _describe(s: Sample) -> str:
+    if "error" in s:
+        return f"FAILED: {str(s['error'])[:120]}"
+    if "gbps" in s:
+        return f"{s['gbps']:.2f} Gbit/s" + (f" cpu {s['cpu_s']:.2f}s" if "cpu_s" in s else "")
+    if "rps" in s:
+        return f"{s['rps']:.0f} req/s"
+    return f"p50 {s.get('p50_us', 0):.0f} us"
+
+
+# ---------------------------------------------------------------- summary and table
+
+
+def values(metric: str, samples: list[dict[str, Sample]], dns_ref: float | None) -> list[float]:
+    out: list[float] = []
+    for rep in samples:
+        if metric == "cpu":
+            good = [rep[k] for k in ("tcp_out", "tcp_in") if "cpu_s" in rep.get(k, {})]
+            if good and sum(g["bytes"] for g in good):
+                out.append(sum(g["cpu_s"] for g in good) / sum(g["bytes"] for g in good) * GIB8)
+            continue
+        kind, fld = {
+            "dns_p50": ("dns", "p50_us"),
+            "dns_added": ("dns", "p50_us"),
+            "ping": ("ping", "p50_us"),
+        }.get(metric, (metric, "gbps" if metric != "wrk_close" else "rps"))
+        s = rep.get(kind, {})
+        if "error" not in s and s.get(fld) is not None:
+            v = s[fld]
+            if metric == "dns_added":
+                if dns_ref is None:
+                    continue
+                v -= dns_ref
+            out.append(v)
+    return out
+
+
+def summarize(results: dict[str, list[dict[str, Sample]]]) -> dict[str, dict[str, Any]]:
+    ref_vals = values("dns_p50", results.get("direct", []), None)
+    dns_ref = statistics.median(ref_vals) if ref_vals else None
+    summary: dict[str, dict[str, Any]] = {}
+    for m in METRICS:
+        per: dict[str, Any] = {}
+        for row, reps in results.items():
+            vals = values(m.key, reps, dns_ref)
+            kind = {"cpu": "tcp_out", "dns_p50": "dns", "dns_added": "dns"}.get(m.key, m.key)
+            errors = [r[kind]["error"] for r in reps if "error" in r.get(kind, {})]
+            per[row] = {
+                "values": vals,
+                "n": len(vals),
+                "median": statistics.median(vals) if vals else None,
+                "min": min(vals) if vals else None,
+                "max": max(vals) if vals else None,
+                "errors": errors,
+            }
+        summary[m.key] = per
+    return summary
+
+
+def _ratio(med: float, ref: dict[str, Any] | None, name: str) -> str | None:
+    if ref is None or not ref.get("median"):
+        return None
+    r = med / ref["median"]
+    return f"{r:.{2 if r < 10 else 1}f}x {name}"
+
+
+def render(summary: dict[str, dict[str, Any]], rows: list[str], unavailable: dict[str, str]) -> str:
+    lines: list[str] = []
+    width = max(len(r) for r in rows)
+    for m in METRICS:
+        lines.append(f"{m.label}  ({'higher' if m.higher_better else 'lower'} is better)")
+        for row in rows:
+            st = summary[m.key].get(row)
+            if row in unavailable:
+                cell = unavailable[row]
+            elif row == "direct" and m.key in ("cpu", "dns_added"):
+                cell = "n/a"
+            elif not st or st["median"] is None:
+                errs = st["errors"] if st else []
+                cell = f"{errs[0][:90]}" if errs else "no data"
+                if errs and not errs[0].startswith("not implemented"):
+                    cell = "failed: " + cell
+            else:
+                med = st["median"]
+                ratios = [
+                    r
+                    for r in (
+                        _ratio(med, summary[m.key].get(REF), REF) if row != REF else None,
+                        _ratio(med, summary[m.key].get("pasta"), "pasta")
+                        if row not in ("pasta", "direct") and m.key.startswith("tcp")
+                        else None,
+                    )
+                    if r and m.key != "dns_added"
+                ]
+                text = m.fmt.format(med) + (f" ({', '.join(ratios)})" if ratios else "")
+                cell = (
+                    f"{text:<38} [{m.fmt.format(st['min'])}-{m.fmt.format(st['max'])}, n={st['n']}]"
+                )
+                if st["errors"]:
+                    cell += f"  {len(st['errors'])} failed: {st['errors'][0][:50]}"
+            lines.append(f"  {row:<{width}}  {cell}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's targets for the fast path, each MET / MISSED / n/a."""
+
+    def med(metric: str, row: str) -> float | None:
+        return summary.get(metric, {}).get(row, {}).get("median")
+
+    out = []
+
+    def check(name: str, ok: Callable[[], bool | None], detail: str) -> None:
+        try:
+            res = ok()
+        except TypeError:  # a figure is missing
+            res = None
+        word = "n/a   " if res is None else ("MET   " if res else "MISSED")
+        out.append(f"{word} {name}: {detail}")
+
+    def fmt_ratio(a: str, b: str, metric: str) -> str:
+        x, y = med(metric, a), med(metric, b)
+        return f"{x / y:.2f}x" if x and y else "?"
+
+    for metric in ("tcp_out", "tcp_in"):
+        check(
+            f"{metric} >= 2.0x slirp4netns",
+            lambda m=metric: med(m, "nsbridge") / med(m, REF) >= 2.0,
+            fmt_ratio("nsbridge", REF, metric),
+        )
+        check(
+            f"{metric} >= 1.0x pasta",
+            lambda m=metric: med(m, "nsbridge") / med(m, "pasta") >= 1.0,
+            fmt_ratio("nsbridge", "pasta", metric),
+        )
+    check(
+        "UDP 0%-loss rate >= slirp4netns",
+        lambda: med("udp", "nsbridge") >= med("udp", REF),
+        fmt_ratio("nsbridge", REF, "udp"),
+    )
+    check(
+        "ping RTT <= slirp4netns",
+        lambda: med("ping", "nsbridge") <= med("ping", REF),
+        f"{med('ping', 'nsbridge')} vs {med('ping', REF)} us",
+    )
+    check(
+        "DNS p50 added < 1000 us",
+        lambda: med("dns_added", "nsbridge") < 1000,
+        f"{med('dns_added', 'nsbridge') or 0:.0f} us",
+    )
+    check(
+        "published port >= 0.8x direct loopback",
+        lambda: med("pub", "nsbridge") / med("pub", "direct") >= 0.8,
+        fmt_ratio("nsbridge", "direct", "pub"),
+    )
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def preflight(rows: list[str], unavailable: dict[str, str]) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (creates network namespaces)")
+    missing = [t for t in REQUIRED_TOOLS if not shutil.which(t)]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)}")
+    try:
+        import dns.message  # noqa: F401
+    except ImportError as exc:
+        raise BenchError("dnspython is needed (pip install dnspython)") from exc
+    for row, binary in (("slirp4netns", "slirp4netns"), ("pasta", "pasta")):
+        if row in rows and not shutil.which(binary):
+            unavailable[row] = f"unavailable ({binary} not installed)"
+
+
+def _raise_interrupt(signum: int, _frame: object) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def bench(args: argparse.Namespace) -> int:
+    cfg = make_config(args)
+    rows = ROWS
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        bad = set(wanted) - set(ROWS)
+        if bad:
+            raise BenchError(f"--only: unknown {', '.join(sorted(bad))}; known {','.join(ROWS)}")
+        rows = [r for r in ROWS if r in wanted]
+    unavailable: dict[str, str] = {}
+    preflight(rows, unavailable)
+    started = time.time()
+    busy = procstat.busy_fraction(1.0)
+    workdir = Path(tempfile.mkdtemp(prefix="nsb-ubench-"))
+    ns = Netns(f"nsb-ubench-{secrets.token_hex(4)}")
+    reg = ProcessRegistry(workdir)
+    results: dict[str, list[dict[str, Sample]]] = {r: [] for r in rows}
+    events: list[str] = []
+    try:
+        setup_host(ns, reg, workdir)
+        log(f"host netns {ns.name}, workdir {workdir}")
+        for rep in range(cfg.runs):
+            active = [r for r in rows if r not in unavailable]
+            k = rep % max(len(active), 1)
+            for row in active[k:] + active[:k]:
+                try:
+                    side = start_side(row, reg, ns, workdir)
+                except BenchError as exc:
+                    unavailable[row] = f"unavailable ({str(exc).splitlines()[0][:150]})"
+                    log(f"{row}: {unavailable[row]}")
+                    events.append(f"{row}: {exc}")
+                    continue
+                try:
+                    if side.target is not None:
+                        problem = tcp_probe(side, ns)
+                        if problem == "refused" and row == "nsbridge-tun":
+                            side.not_implemented = "TCP SYN answered with a reset: --tcp=tun path"
+                        elif problem:
+                            events.append(f"{row}: TCP probe failed: {problem}")
+                            side.not_implemented = f"TCP probe failed: {problem}"
+                    results[row].append(measure_row(row, side, ns, reg, cfg, rep))
+                finally:
+                    for p in side.procs:
+                        reg.stop(p)
+    finally:
+        reg.stop_all()
+        cleanup_host(ns)
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(results)
+    shown = [r for r in rows if r in results]
+    print(
+        f"usernet_bench: {cfg.runs} run(s), iperf3 -t {cfg.tcp_s}, wrk -d {cfg.wrk_s}s, "
+        f"medians [min-max, n]; ratios vs {REF} (and pasta for TCP); "
+        f"CPU busy before start {busy:.0%}\n"
+    )
+    print(render(summary, shown, unavailable))
+    tlines = targets(summary)
+    print("Targets (nsbridge fast path):")
+    for t in tlines:
+        print("  " + t)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": cfg.__dict__,
+                    "run": {"started": started, "elapsed": time.time() - started, "busy": busy},
+                    "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+                    "versions": _versions(),
+                    "rows": shown,
+                    "unavailable": unavailable,
+                    "events": events,
+                    "targets": tlines,
+                    "summary": summary,
+                    "samples": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
+    log(f"done in {time.time() - started:.0f}s")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for tool, argv in (
+        ("slirp4netns", ["slirp4netns", "--version"]),
+        ("pasta", ["pasta", "--version"]),
+    ):
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+            out[tool] = (
+                (res.stdout or res.stderr).splitlines()[0] if (res.stdout or res.stderr) else ""
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            out[tool] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        return bench(args)
+    except BenchError as exc:
+        print(f"usernet_bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("usernet_bench: interrupted; namespace and processes cleaned up", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
