@@ -403,16 +403,20 @@ def echo_listener(netns: str | None, host: str = "127.0.0.1") -> socket.socket:
 class UdpServer:
     """A UDP server bound inside a namespace, answering from its own thread.
 
-    ``answer(data)`` returns the reply (None: no reply); every peer is recorded.
+    ``answer(data)`` returns the reply (None: no reply); every peer is recorded and
+    datagrams are counted in ``received``.
     """
 
     def __init__(self, netns: str, answer: Callable[[bytes], bytes | None],
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         def bind() -> socket.socket:
             sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.bind((host, 0))
+            # 8 MiB (SO_RCVBUFFORCE, root may exceed rmem_max): tests send bursts that the
+            # kernel's 208 KiB default would drop before this thread reads them.
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
+            sock.bind((host, port))
             return sock
 
         self.sock: socket.socket = in_netns(netns, bind)  # type: ignore[assignment]
@@ -420,20 +424,23 @@ class UdpServer:
         self.port: int = self.sock.getsockname()[1]
         self.answer = answer
         self.peers: set[tuple] = set()
+        self.received = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
+        buf = bytearray(1 << 16)
         while not self._stop.is_set():
             try:
-                data, peer = self.sock.recvfrom(1 << 16)
+                n, peer = self.sock.recvfrom_into(buf)
             except TimeoutError:
                 continue
             except OSError:
                 return
+            self.received += 1
             self.peers.add(peer)
-            reply = self.answer(data)
+            reply = self.answer(bytes(buf[:n]))
             if reply is not None:
                 self.sock.sendto(reply, peer)
 
@@ -445,12 +452,13 @@ class UdpServer:
 
 @pytest.fixture
 def udp_server() -> Iterator[Callable[..., UdpServer]]:
-    """Factory fixture: ``udp_server(netns, answer=bytes)`` (echo by default); all closed."""
+    """Factory fixture: ``udp_server(netns, answer=..., host=..., port=...)`` (echo by
+    default); all closed at the end."""
     servers: list[UdpServer] = []
 
     def start(netns: str, answer: Callable[[bytes], bytes | None] = bytes,
-              host: str = "127.0.0.1") -> UdpServer:
-        server = UdpServer(netns, answer, host)
+              host: str = "127.0.0.1", port: int = 0) -> UdpServer:
+        server = UdpServer(netns, answer, host, port)
         servers.append(server)
         return server
 

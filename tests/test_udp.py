@@ -70,63 +70,6 @@ def free_udp_port(netns: str, host: str = "127.0.0.1") -> int:
 # ---- servers inside the namespace -----------------------------------------------------
 
 
-class UdpServer:
-    """A UDP server bound inside a namespace, answering from its own thread.
-
-    ``answer(data)`` returns the reply (None: no reply).  Records the peers it saw.
-    """
-
-    def __init__(self, netns: str, answer: Callable[[bytes], bytes | None],
-                 host: str = "127.0.0.1", port: int = 0) -> None:
-        self.sock: socket.socket = in_netns(netns, lambda: udp_socket(host, port))  # type: ignore[assignment]
-        self.sock.settimeout(0.1)  # so the thread notices close() without a wake-up trick
-        self.port: int = self.sock.getsockname()[1]
-        self.answer = answer
-        self.peers: set[tuple] = set()
-        self.received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        buf = bytearray(1 << 16)
-        while not self._stop.is_set():
-            try:
-                n, peer = self.sock.recvfrom_into(buf)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.received += 1
-            self.peers.add(peer)
-            reply = self.answer(bytes(buf[:n]))
-            if reply is not None:
-                self.sock.sendto(reply, peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.sock.close()
-
-
-@pytest.fixture
-def udp_server() -> Iterator[Callable[..., UdpServer]]:
-    """Factory fixture: ``udp_server(netns, answer=echo, host=..., port=...)``; all closed."""
-    servers: list[UdpServer] = []
-
-    def start(netns: str, answer: Callable[[bytes], bytes | None] = bytes,
-              host: str = "127.0.0.1", port: int = 0) -> UdpServer:
-        server = UdpServer(netns, answer, host, port)
-        servers.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.close()
-
-
 # ---- the relay under test ---------------------------------------------------------------
 
 
