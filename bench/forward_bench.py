@@ -19,20 +19,19 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import measure, procstat, report, sanity
 from nsbench.forwarders import Extra, Forwarder, Instance, Nsbridge, SocatPair
-from nsbench.procs import BenchError, Netns, ProcessRegistry, raise_nofile
+from nsbench.procs import BenchError, Netns, ProcessRegistry, bench_main, raise_nofile
 from nsbench.servers import HTTP_PORT, IDLE_PORT, IPERF_PORT, Servers, idle_count, start_servers
 
 KINDS = ["iperf_fwd", "iperf_rev", "iperf_p4", "wrk_ka", "wrk_close", "wrk_lat", "idle"]
@@ -344,16 +343,6 @@ def run_all(
     return results
 
 
-def _raise_interrupt(signum: int, _frame: object) -> NoReturn:
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so `finally` tears down.
-
-    Handlers are restored to the default first, so a second signal during
-    teardown is not swallowed.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @dataclass
 class RunInfo:
     """Facts about the run itself that belong next to the figures."""
@@ -483,19 +472,7 @@ def _has_failures(rows: list[Row], results: report.Results, unavailable: dict[st
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors become one clear line and exit code 2."""
     args = parse_args(argv)
-    # SIGINT explicitly too: a shell starts background jobs with SIGINT
-    # ignored, and Python then never raises KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    try:
-        return bench(args)
-    except BenchError as exc:
-        print(f"forward_bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("forward_bench: interrupted; namespace and processes cleaned up", file=sys.stderr)
-        return 130
+    return bench_main("forward_bench", lambda: bench(args))
 
 
 if __name__ == "__main__":

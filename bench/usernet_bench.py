@@ -19,7 +19,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -29,13 +28,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import procstat
-from nsbench.measure import GIB8, Sample, parse_wrk
-from nsbench.procs import BenchError, Managed, Netns, ProcessRegistry, run_checked
+from nsbench.measure import GIB8, Sample, parse_wrk, run_client, run_iperf_json
+from nsbench.procs import BenchError, Managed, Netns, ProcessRegistry, bench_main, run_checked
 from nsbench.servers import write_nginx_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,16 +329,6 @@ def tcp_probe(side: Side, ns: Netns) -> str | None:
 # ---------------------------------------------------------------- measurements
 
 
-def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
-    try:
-        res = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-        return res.returncode, res.stdout, res.stderr
-    except subprocess.TimeoutExpired:
-        return -9, "", f"timed out after {timeout:.0f}s"
-
-
 def iperf(
     prefix: list[str],
     host: str,
@@ -358,17 +347,8 @@ def iperf(
         argv.append("-R")
     if udp_mbit:
         argv += ["-u", "-b", f"{udp_mbit}M", "-l", str(UDP_LEN), "-w", "4M"]
-    cpu0 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
-    rc, out, err = _run(argv, seconds + 30)
-    cpu1 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
-    sample: Sample = {"argv": argv, "rc": rc}
-    try:
-        data = json.loads(out)
-    except json.JSONDecodeError:
-        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
-        return sample
-    if "error" in data or rc != 0:
-        sample["error"] = str(data.get("error", err.strip() or f"exit {rc}"))[-300:]
+    sample, data, cpu = run_iperf_json(argv, seconds + 30, cpu_pids)
+    if data is None:
         return sample
     if udp_mbit:
         s = data["end"]["sum"]
@@ -379,8 +359,8 @@ def iperf(
     recv = data["end"]["sum_received"]
     sample.update(gbps=recv["bits_per_second"] / 1e9, bytes=recv["bytes"])
     sample["retransmits"] = data["end"].get("sum_sent", {}).get("retransmits")
-    if cpu0 is not None and cpu1 is not None:
-        sample["cpu_s"] = cpu1 - cpu0
+    if cpu is not None:
+        sample["cpu_s"] = cpu
     return sample
 
 
@@ -410,7 +390,7 @@ def udp_zero_loss(prefix: list[str], cfg: Config) -> Sample:
 def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
     probe = Path(__file__).resolve().parent / "nsbench" / "dnsprobe.py"
     argv = [*prefix, sys.executable, str(probe), "query", server, "53", str(count)]
-    rc, out, err = _run(argv, 60)
+    rc, out, err = run_client(argv, 60)
     sample: Sample = {"argv": argv, "rc": rc}
     try:
         sample.update(json.loads(out))
@@ -424,10 +404,10 @@ def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
 
 def ping_rtt(prefix: list[str], count: int) -> Sample:
     argv = [*prefix, "ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", HOST_IP]
-    rc, out, err = _run(argv, count + 20)
+    rc, out, err = run_client(argv, count + 20)
     if "interval" in err:  # not root inside: the minimum interval is 0.2 s
         argv[argv.index("0.05")] = "0.2"
-        rc, out, err = _run(argv, count + 20)
+        rc, out, err = run_client(argv, count + 20)
     times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
     sample: Sample = {"argv": argv, "rc": rc, "received": len(times)}
     if times:
@@ -440,7 +420,7 @@ def ping_rtt(prefix: list[str], count: int) -> Sample:
 def wrk_close(prefix: list[str], seconds: int) -> Sample:
     argv = [*prefix, "wrk", "-t1", "-c16", "-d", f"{seconds}s", "-H", "Connection: close"]
     argv.append(f"http://{HOST_IP}:{HTTP_PORT}/")
-    rc, out, err = _run(argv, seconds + 30)
+    rc, out, err = run_client(argv, seconds + 30)
     sample: Sample = {"argv": argv, "rc": rc, **parse_wrk(out)}
     if rc != 0 or "rps" not in sample:
         sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
@@ -672,11 +652,6 @@ def preflight(rows: list[str], unavailable: dict[str, str]) -> None:
             unavailable[row] = f"unavailable ({binary} not installed)"
 
 
-def _raise_interrupt(signum: int, _frame: object) -> NoReturn:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def bench(args: argparse.Namespace) -> int:
     cfg = make_config(args)
     rows = ROWS
@@ -778,18 +753,9 @@ def _versions() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors become one clear line and exit code 2."""
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    try:
-        return bench(args)
-    except BenchError as exc:
-        print(f"usernet_bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("usernet_bench: interrupted; namespace and processes cleaned up", file=sys.stderr)
-        return 130
+    return bench_main("usernet_bench", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ GIB8 = 8 * 1024**3
 Sample = dict[str, Any]
 
 
-def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+def run_client(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
     """Run a client to completion; a hang becomes rc -9 instead of blocking the run."""
     try:
         res = subprocess.run(
@@ -36,6 +36,29 @@ def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
             else (exc.stdout or "")
         )
         return -9, out, f"timed out after {timeout:.0f}s"
+
+
+def run_iperf_json(
+    argv: list[str], timeout: float, cpu_pids: Sequence[int] = (), settle: float = 0.0
+) -> tuple[Sample, dict | None, float | None]:
+    """Run an ``iperf3 -J`` client: (sample with argv/rc or error, its JSON or None, the
+    CPU seconds ``cpu_pids`` used meanwhile or None).  Shared by both benchmarks."""
+    cpu0 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
+    rc, out, err = run_client(argv, timeout)
+    if cpu_pids and settle:
+        time.sleep(settle)  # let per-connection children finish and be reaped (cutime)
+    cpu1 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
+    sample: Sample = {"argv": argv, "rc": rc}
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
+        return sample, None, None
+    if "error" in data or rc != 0:
+        sample["error"] = str(data.get("error", err.strip() or f"exit {rc}"))[-300:]
+        return sample, None, None
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return sample, data, cpu
 
 
 def iperf(
@@ -69,27 +92,16 @@ def iperf(
         argv += ["-P", str(streams)]
     if reverse:
         argv.append("-R")
-    cpu0 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
-    rc, out, err = _run(argv, seconds + 30)
-    if cpu_pids:
-        time.sleep(0.3)  # let per-connection children finish and be reaped (cutime)
-    cpu1 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
-    sample: Sample = {"argv": argv, "rc": rc}
-    try:
-        data = json.loads(out)
-    except json.JSONDecodeError:
-        sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]
-        return sample
-    if "error" in data or rc != 0:
-        sample["error"] = str(data.get("error", err.strip() or f"exit {rc}"))[-300:]
+    sample, data, cpu = run_iperf_json(argv, seconds + 30, cpu_pids, settle=0.3)
+    if data is None:
         return sample
     recv = data["end"]["sum_received"]
     sample["gbps"] = recv["bits_per_second"] / 1e9
     sample["bytes"] = recv["bytes"]
     sample["retransmits"] = data["end"].get("sum_sent", {}).get("retransmits")
-    if cpu0 is not None and cpu1 is not None:
-        sample["cpu_s"] = cpu1 - cpu0
-        sample["cpu_s_per_8gib"] = (cpu1 - cpu0) / recv["bytes"] * GIB8 if recv["bytes"] else None
+    if cpu is not None:
+        sample["cpu_s"] = cpu
+        sample["cpu_s_per_8gib"] = cpu / recv["bytes"] * GIB8 if recv["bytes"] else None
     return sample
 
 
@@ -134,7 +146,7 @@ def wrk(
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{port}/")
-    rc, out, err = _run(argv, seconds + 30)
+    rc, out, err = run_client(argv, seconds + 30)
     sample: Sample = {"argv": argv, "rc": rc, **parse_wrk(out)}
     if rc != 0 or "rps" not in sample:
         sample["error"] = (err.strip() or out.strip() or f"exit {rc}")[-300:]

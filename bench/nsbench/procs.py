@@ -15,11 +15,13 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from . import procstat
 
@@ -276,3 +278,31 @@ def run_checked(argv: Sequence[str], timeout: float = 30.0) -> str:
     if res.returncode != 0:
         raise BenchError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
     return res.stdout
+
+
+def _raise_interrupt(signum: int, _frame: object) -> NoReturn:
+    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so `finally` tears down.
+
+    Handlers are restored to the default first, so a second signal during
+    teardown is not swallowed.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def bench_main(name: str, bench: Callable[[], int]) -> int:
+    """A benchmark's entry point: errors become one clear line and exit code 2, an
+    interrupt (Ctrl-C, SIGTERM, SIGHUP) tears everything down and exits 130."""
+    # SIGINT explicitly too: a shell starts background jobs with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        return bench()
+    except BenchError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; namespace and processes cleaned up", file=sys.stderr)
+        return 130
