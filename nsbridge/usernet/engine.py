@@ -77,7 +77,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
@@ -392,6 +392,22 @@ class TunEngine:
             self.stats.frames_out += 1
             self.stats.bytes_out += len(frame)
 
+    def write(self, frame: bytes) -> None:
+        """Write one frame to the tun (dropped and counted if it will not take it now)."""
+        self._write(frame)
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Write one frame given in parts (a header and a payload view), without joining."""
+        try:
+            written = os.writev(self._tun, parts)
+        except BlockingIOError:
+            self.stats.drops["tun full"] += 1
+        except OSError as exc:
+            self.stats.drops[f"tun write {errno_name(exc.errno)}"] += 1
+        else:
+            self.stats.frames_out += 1
+            self.stats.bytes_out += written
+
     def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None) -> None:
         """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``."""
         self._write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
@@ -402,7 +418,7 @@ class TunEngine:
         if may_send_icmp_error(parsed):
             self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version])
 
-    def _new_flow_source_ok(self, parsed: Parsed) -> bool:
+    def new_flow_source_ok(self, parsed: Parsed) -> bool:
         """Anti-spoofing, once per new flow: the source must be the namespace's."""
         if self.policy.accepts_source(parsed.ip.src):
             return True
@@ -417,7 +433,7 @@ class TunEngine:
         now = time.monotonic()
         flow = self._udp.get(key, now)
         if flow is None:
-            if not self._new_flow_source_ok(parsed):
+            if not self.new_flow_source_ok(parsed):
                 return
             decision = self.policy.decide("udp", ip.dst, udp.dport)
             if isinstance(decision, Deny):
@@ -636,7 +652,7 @@ class TunEngine:
         key = (ip.src, echo.ident, ip.dst)
         flow = self._echo.get(key, time.monotonic())
         if flow is None:
-            if not self._new_flow_source_ok(parsed):
+            if not self.new_flow_source_ok(parsed):
                 return
             decision = self.policy.decide("icmp", ip.dst, None)
             if isinstance(decision, (Deny, AllowResolver)):

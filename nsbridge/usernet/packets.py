@@ -712,6 +712,66 @@ def build_udp(
     return _assemble(src, dst, PROTO_UDP, header, payload, ttl=ttl, offload=offload, vnet=vnet)
 
 
+def build_tcp_head(
+    src_ip: Address,
+    dst_ip: Address,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    *,
+    options: bytes = b"",
+    payload: bytes | bytearray | memoryview = b"",
+    mss: int = 0,
+    ttl: int = 64,
+    offload: bool = False,
+    vnet: bool = True,
+) -> bytes:
+    """Everything of a TCP frame that comes before its payload (virtio, IP, TCP headers).
+
+    The tun TCP path writes ``os.writev(tun, [head, payload])``: a 64 KiB payload peeked
+    from a host socket goes to the tun without being joined into a new frame.  With
+    ``offload`` the checksum field holds the pseudo-header sum and the kernel finishes
+    it (Python never sums a payload); without it Python computes the full checksum over
+    ``payload``, which must then be passed.  A payload longer than ``mss`` (when
+    ``mss`` is set and ``offload`` is on) is sent as one GSO frame the kernel cuts into
+    ``mss``-sized segments, so a small-MTU namespace still gets 64 KiB writes.
+    ``options`` must be padded to a multiple of 4 bytes.
+    """
+    src, dst = packed(src_ip), packed(dst_ip)
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError(f"TCP options must be padded to 4 bytes, at most 40: {len(options)}")
+    header_length = 20 + len(options)
+    length = header_length + len(payload)
+    tcp = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, header_length << 2,
+                    flags & 0xFF, window, 0, 0) + options
+    ip = _ip_header(src, dst, PROTO_TCP, length, ttl)
+    partial = pseudo_header_sum(src, dst, PROTO_TCP, length)
+    if offload:
+        if not vnet:
+            raise ValueError("offload needs the virtio_net_hdr (vnet=True)")
+        field = partial
+        gso = mss and len(payload) > mss
+        header = VirtioNetHdr(
+            flags=VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type=(VIRTIO_NET_HDR_GSO_TCPV4 if len(src) == 4 else VIRTIO_NET_HDR_GSO_TCPV6)
+            if gso else VIRTIO_NET_HDR_GSO_NONE,
+            hdr_len=len(ip) + header_length if gso else 0,
+            gso_size=mss if gso else 0,
+            csum_start=len(ip),
+            csum_offset=_CSUM_OFFSETS[PROTO_TCP],
+        )
+    else:
+        field = ~fold(partial + ones_sum(tcp) + ones_sum(payload)) & 0xFFFF
+        header = NO_VNET
+    tcp = tcp[:16] + _U16.pack(field) + tcp[18:]
+    if vnet:
+        return header.pack() + ip + tcp
+    return ip + tcp
+
+
 def build_icmp_echo(
     src_ip: Address,
     dst_ip: Address,

@@ -153,6 +153,7 @@ class Network:
         self.bridge = Bridge()
         self.engine: Any = None
         self.redirector: Any = None
+        self.tun_tcp: Any = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -182,10 +183,8 @@ class Network:
                                                 resolvers=resolvers, mover=bridge.mover)
                 self.redirector.start()
                 log.info("TCP: kernel fast path (nftables redirect)")
-            elif options.tcp != "tun":
-                log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP "
-                            "connections from the namespace are refused until the tun TCP "
-                            "path exists")
+            else:
+                self._start_tun_tcp(resolvers)
             if options.publish:
                 from .nsfactory import ProcessFactory
 
@@ -196,6 +195,29 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def _start_tun_tcp(self, resolvers: list[tuple[str, int]]) -> None:
+        """Serve TCP from the tun device (``--tcp=tun``, or no nf_tables for the fast path)."""
+        from .tuntcp import TunTcp, available
+
+        why_not = available()
+        if why_not is not None:
+            if self.options.tcp == "tun":
+                raise UserError(f"--tcp=tun: {why_not}")
+            log.warning("TCP from the namespace is refused: no nf_tables for the fast path "
+                        "and %s", why_not)
+            return
+        engine = self.engine
+        self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts, self.policy,
+                              source_ok=engine.new_flow_source_ok, resolvers=resolvers,
+                              vnet=bool(self.handle.vnet_hdr_size),
+                              offload="csum" in self.handle.offloads)
+        engine.tcp_handler = self.tun_tcp.handle
+        if self.options.tcp == "tun":
+            log.info("TCP: tun path (terminated on the host side)")
+        else:
+            log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP goes "
+                        "through the tun path (slower)")
 
     def stop_when_readable(self, fd: int) -> None:
         """Stop the loop once ``fd`` (a pidfd) is readable — a process exited.  Call
@@ -300,7 +322,11 @@ class Network:
         if self.engine is not None:
             for name, value in vars(self.engine.stats).items():
                 engine[name] = dict(value) if isinstance(value, Counter) else value
-        tcp = self.redirector.snapshot().as_dict() if self.redirector is not None else None
+        tcp = None
+        if self.redirector is not None:
+            tcp = self.redirector.snapshot().as_dict()
+        elif self.tun_tcp is not None:
+            tcp = self.tun_tcp.snapshot().as_dict()
         forwards = [{"name": f.spec.name, "listen": str(f.listen_address)}
                     for f in self.bridge.forwards]
         return {"engine": engine, "tcp": tcp, "published": forwards}
@@ -314,6 +340,8 @@ class Network:
             except Exception:
                 log.exception("reading the final counters failed")
             self._closed = True
+        if self.tun_tcp is not None:
+            self.tun_tcp.close()
         if self.engine is not None:
             self.engine.close()
         if self.redirector is not None:

@@ -1,0 +1,444 @@
+"""TCP termination for the tun path, sans-IO: one namespace connection, segments in,
+frames and host-socket actions out.
+
+When the redirect fast path is not available (a kernel without nf_tables, or
+``--tcp=tun``), the namespace's TCP segments reach the tun device and the host side must
+*be* the other end of each connection: answer the SYN, acknowledge data, send the host
+server's bytes back as segments, carry FINs and resets.  :class:`TcpConn` is that
+other end for one connection.  It does no I/O: the caller (:mod:`.tuntcp`) feeds it
+parsed segments and host-socket events and performs what it returns — frames to write
+to the tun, bytes to send to the host socket, how many host bytes were acknowledged.
+
+Design, and why:
+
+* **Unacknowledged data stays in the host socket.**  Bytes from the host server are
+  *peeked* (``MSG_PEEK`` with ``SO_PEEK_OFF``, so each peek continues where the last
+  one ended), sent to the namespace, and only consumed from the host socket
+  (``MSG_TRUNC``: discarded without a copy) when the namespace acknowledges them.  A
+  retransmission rewinds the peek offset and peeks again.  No user-space retransmit
+  queue exists, and back-pressure is the kernel's: a namespace that reads slowly leaves
+  data in the host socket's receive buffer, which closes the host server's window.
+  This is the design passt uses; :meth:`TcpConn.sendable` says how much to peek.
+* **The namespace is a kernel one tun write away.**  Segments arrive in order and are
+  rarely lost (only when the tun or the namespace's backlog is full), so the receiver
+  keeps no out-of-order queue: a segment beyond ``rcv_nxt`` is dropped and answered
+  with a duplicate ACK, and the namespace retransmits.  No SACK, no timestamps (we
+  do not offer them in the SYN-ACK, so the namespace never uses them).  Window
+  scaling is used whenever the namespace offers it, because a 64 KiB window would cap
+  throughput.
+* **Retransmission** (ours) is a timer started when something is in flight: when it
+  fires without progress since it was armed, the peek offset rewinds to the first
+  unacknowledged byte (go-back-N: on a lossless link loss is a burst, not a hole).
+  Three duplicate ACKs do the same at once.  The timeout doubles up to
+  :data:`MAX_RETRIES` tries, then the connection is reset both ways.
+* **Our receive window** is what we can still buffer towards the host: the host socket
+  takes what it can and the rest waits in the caller's backlog (at most
+  :data:`RECV_BUFFER` bytes).  The advertised window shrinks as the backlog grows,
+  and a window update is sent when it drains, so a slow host server slows the
+  namespace's sender instead of growing memory.
+* **Sequence numbers** are kept unwrapped (Python ints that only grow); the wire
+  value is ``x & 0xFFFFFFFF``.  Incoming numbers are unwrapped relative to what we
+  expect, which turns every RFC 9293 modular comparison into a plain one.
+
+Connection life: ``SYN`` seen → the caller dials the host (the namespace waits; its SYN
+retries are harmless) → :meth:`accepted` gives the SYN-ACK, or :meth:`refused` the
+reset → data both ways → FINs both ways (half-close is carried: each direction ends on
+its own) → done when both FINs are acknowledged, or at once on a reset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .packets import (
+    TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    Parsed,
+    build_tcp_head,
+)
+
+MASK = 0xFFFFFFFF
+OUR_WSCALE = 7  # windows up to 8 MiB; the namespace's own scale is whatever it offers
+RECV_BUFFER = 1 << 21  # bytes we accept but the host socket has not taken yet (max)
+MAX_SEGMENT = 65535 - 40 - 20  # largest payload one IPv6 or IPv4 frame can carry here
+INITIAL_RTO = 0.2
+MAX_RTO = 10.0
+MAX_RETRIES = 8
+DUPACK_THRESHOLD = 3
+_DEFAULT_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: when the SYN has none
+
+
+def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
+    """(MSS, window scale or None) from a SYN's options; malformed options end parsing.
+
+    The namespace's kernel made the SYN, but its program may have crafted it (raw
+    sockets), so every length is checked and nonsense is ignored rather than trusted:
+    an MSS below 64 becomes 64, a scale above 14 becomes 14 (RFC 7323 2.3).
+    """
+    mss, wscale = _DEFAULT_MSS[version], None
+    i, end = 0, len(options)
+    while i < end:
+        kind = options[i]
+        if kind == 0:  # end of option list
+            break
+        if kind == 1:  # no-op
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        length = options[i + 1]
+        if length < 2 or i + length > end:
+            break
+        if kind == 2 and length == 4:
+            mss = max(64, int.from_bytes(options[i + 2 : i + 4], "big"))
+        elif kind == 3 and length == 3:
+            wscale = min(options[i + 2], 14)
+        i += length
+    return mss, wscale
+
+
+@dataclass(slots=True)
+class Actions:
+    """What the caller must do after a segment or an event, in this order.
+
+    ``frames``: write to the tun.  ``deliver``: send these bytes to the host socket
+    (after any backlog).  ``discard``: consume this many acknowledged bytes from the
+    host socket.  ``rewind``: reset the peek offset to the first unacknowledged byte.
+    ``pull``: the namespace can take more; peek and send.  ``shutdown``: the namespace
+    half-closed; ``shutdown(SHUT_WR)`` the host socket once the backlog is written.
+    ``abort``: reset the host socket and forget the connection.  ``done``: the
+    connection ended cleanly; close the host socket and forget it.
+    """
+
+    frames: list[bytes] = field(default_factory=list)
+    deliver: bytes = b""
+    discard: int = 0
+    rewind: bool = False
+    pull: bool = False
+    shutdown: bool = False
+    abort: bool = False
+    done: bool = False
+
+
+class TcpConn:
+    """The host side's end of one TCP connection from the namespace.
+
+    ``syn`` is the namespace's SYN; we answer as its destination address and port.
+    ``iss`` is our initial sequence number (random, from the caller).  ``offload``
+    (the tun has a virtio header and checksum offload) makes the kernel compute every
+    checksum and cut large writes into ``mss``-sized segments.
+    """
+
+    __slots__ = (
+        "advertised",
+        "backlog",
+        "dupacks",
+        "fin_in",
+        "fin_seq",
+        "irs",
+        "iss",
+        "mss",
+        "ns_ip",
+        "ns_port",
+        "offload",
+        "our_ip",
+        "our_port",
+        "our_wscale",
+        "peer_wscale",
+        "rcv_nxt",
+        "retries",
+        "rto",
+        "snd_max",
+        "snd_nxt",
+        "snd_una",
+        "snd_wnd",
+        "state",
+        "timer_mark",
+        "version",
+        "vnet",
+    )
+
+    def __init__(self, syn: Parsed, iss: int, *, vnet: bool = True, offload: bool = False) -> None:
+        tcp = syn.l4
+        assert isinstance(tcp, TCP)
+        self.ns_ip, self.our_ip = syn.ip.src, syn.ip.dst
+        self.ns_port, self.our_port = tcp.sport, tcp.dport
+        self.version = syn.ip.version
+        self.vnet, self.offload = vnet, offload
+        mss, wscale = syn_options(tcp.options, self.version)
+        self.mss = min(mss, MAX_SEGMENT)
+        self.peer_wscale = wscale or 0
+        self.our_wscale = OUR_WSCALE if wscale is not None else 0
+        self.irs = tcp.seq
+        self.rcv_nxt = tcp.seq + 1  # unwrapped: starts at the wire value
+        self.iss = iss & MASK
+        self.snd_una = self.snd_nxt = self.snd_max = self.iss  # SYN not sent yet
+        self.snd_wnd = tcp.window  # a SYN's window is never scaled
+        self.backlog = 0  # bytes accepted from the namespace, not yet in the host socket
+        self.advertised = 0
+        self.state = "connecting"  # → "syn-sent" (SYN-ACK out) → "open" → "closed"
+        self.fin_in = False  # the namespace's FIN has been accepted
+        self.fin_seq: int | None = None  # where our FIN sits, once the host sent EOF
+        self.dupacks = 0
+        self.retries = 0
+        self.rto = INITIAL_RTO
+        self.timer_mark = -1  # snd_una when the retransmit timer was armed
+
+    # ---- segments to the namespace ---------------------------------------------------
+
+    def _window_field(self) -> int:
+        room = max(0, RECV_BUFFER - self.backlog)
+        self.advertised = room
+        return min(room >> self.our_wscale, 0xFFFF)
+
+    def _head(self, flags: int, seq: int, *, options: bytes = b"",
+              payload: bytes | bytearray | memoryview = b"") -> bytes:
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, seq, self.rcv_nxt,
+            flags, self._window_field(), options=options, payload=payload, mss=self.mss,
+            offload=self.offload, vnet=self.vnet,
+        )
+
+    def ack_frame(self) -> bytes:
+        """A pure ACK carrying our current window (also the window-update frame)."""
+        return self._head(TCP_ACK, self.snd_nxt)
+
+    def accepted(self) -> bytes:
+        """The host server answered: our SYN-ACK (MSS, and window scale if offered)."""
+        self.state = "syn-sent"
+        self.snd_nxt = self.snd_max = self.iss + 1
+        options = (2).to_bytes(1, "big") + b"\x04" + self.mss.to_bytes(2, "big")
+        if self.our_wscale:
+            options += b"\x01\x03\x03" + bytes([self.our_wscale])
+        else:
+            options += b"\x01\x01\x01\x01"
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, self.iss, self.rcv_nxt,
+            TCP_SYN | TCP_ACK, min(RECV_BUFFER, 0xFFFF), options=options,
+            offload=self.offload, vnet=self.vnet,
+        )
+
+    def refused(self) -> bytes:
+        """The host server refused or is unreachable: reset the namespace's SYN."""
+        self.state = "closed"
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, 0, self.rcv_nxt,
+            TCP_RST | TCP_ACK, 0, offload=self.offload, vnet=self.vnet,
+        )
+
+    def reset(self) -> bytes:
+        """Abort towards the namespace (host reset, give-up, shutdown): one RST."""
+        self.state = "closed"
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, self.snd_nxt, self.rcv_nxt,
+            TCP_RST | TCP_ACK, 0, offload=self.offload, vnet=self.vnet,
+        )
+
+    # ---- data from the host -------------------------------------------------------------
+
+    def sendable(self) -> int:
+        """How many host bytes the namespace's window lets us send now (0 when closed).
+
+        Bounded by the window and, once the host's EOF position is known, by it."""
+        if self.state != "open":
+            return 0
+        room = self.snd_una + self.snd_wnd - self.snd_nxt
+        if self.fin_seq is not None:
+            room = min(room, self.fin_seq - self.snd_nxt)
+        return max(0, room)
+
+    def data_head(self, payload: bytes | bytearray | memoryview) -> bytes:
+        """The head of a frame carrying ``payload`` (just peeked) at ``snd_nxt``."""
+        head = self._head(TCP_ACK | TCP_PSH, self.snd_nxt, payload=payload)
+        self.snd_nxt += len(payload)
+        if self.snd_nxt > self.snd_max:
+            self.snd_max = self.snd_nxt
+        return head
+
+    def host_eof(self) -> list[bytes]:
+        """The host server finished sending and every byte up to ``snd_nxt`` was peeked."""
+        if self.fin_seq is None:
+            self.fin_seq = self.snd_nxt
+        return self.fin_due()
+
+    def fin_due(self) -> list[bytes]:
+        """Our FIN, when every data byte before it has been sent (again, after a rewind)."""
+        if self.state != "open" or self.fin_seq is None or self.snd_nxt != self.fin_seq:
+            return []
+        frame = self._head(TCP_FIN | TCP_ACK, self.snd_nxt)
+        self.snd_nxt += 1
+        if self.snd_nxt > self.snd_max:
+            self.snd_max = self.snd_nxt
+        return [frame]
+
+    def in_flight(self) -> bool:
+        """Something we sent is not acknowledged yet (the retransmit timer must run)."""
+        return self.state in ("syn-sent", "open") and self.snd_max > self.snd_una
+
+    def wants_timer(self) -> bool:
+        """The retransmit timer must keep running: data in flight, or a zero window to probe."""
+        return self.in_flight() or (self.state == "open" and self.snd_wnd == 0)
+
+    # ---- the caller's backlog towards the host ----------------------------------------------
+
+    def host_drained(self, backlog: int) -> list[bytes]:
+        """The host socket took bytes; ``backlog`` remain.  A window update if it matters."""
+        before = self.advertised
+        self.backlog = backlog
+        if self.state == "closed" or self.fin_in:
+            return []
+        room = RECV_BUFFER - backlog
+        # Tell the namespace when the window reopens substantially (RFC 9293 3.8.6.2.2's
+        # receiver-side silly-window avoidance): from below half to at least half.
+        if before < RECV_BUFFER // 2 <= room:
+            return [self.ack_frame()]
+        return []
+
+    # ---- timers ----------------------------------------------------------------------------
+
+    def arm(self) -> float:
+        """Note where the retransmit timer starts; returns its delay."""
+        self.timer_mark = self.snd_una
+        return self.rto
+
+    def on_timeout(self) -> Actions | None:
+        """The retransmit timer fired.  None: nothing to do (progress was made, or nothing
+        is in flight); otherwise what to retransmit, or the abort after MAX_RETRIES."""
+        actions = Actions()
+        if self.state == "open" and self.snd_wnd == 0 and not self.in_flight():
+            # Zero-window probe: an old-sequence ACK makes the namespace re-state its
+            # window, so a lost window update cannot stall us forever.
+            actions.frames.append(self._head(TCP_ACK, self.snd_nxt - 1))
+            return actions
+        if not self.in_flight():
+            self.retries = 0
+            return None
+        if self.snd_una != self.timer_mark:
+            self.retries = 0
+            self.rto = INITIAL_RTO
+            return None
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            actions.frames.append(self.reset())
+            actions.abort = True
+            return actions
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self._go_back(actions)
+        return actions
+
+    def _go_back(self, actions: Actions) -> None:
+        """Retransmit everything from snd_una (SYN-ACK, data, FIN) as if never sent."""
+        if self.state == "syn-sent":
+            actions.frames.append(self.accepted())
+            return
+        self.snd_nxt = self.snd_una  # the FIN, if sent, follows the data again (fin_due)
+        actions.rewind = True
+        actions.pull = True
+
+    # ---- segments from the namespace ------------------------------------------------------
+
+    def _unwrap(self, wire: int, near: int) -> int:
+        """The unwrapped sequence number closest to ``near`` whose low 32 bits are ``wire``."""
+        delta = (wire - near) & MASK
+        return near + delta - (1 << 32) if delta & 0x80000000 else near + delta
+
+    def on_segment(self, tcp: TCP) -> Actions:
+        """Handle one segment of this connection from the namespace."""
+        actions = Actions()
+        flags = tcp.flags
+        if flags & TCP_RST:
+            # RFC 5961 3.2: only an in-window reset counts, so a blind one cannot kill us.
+            seq = self._unwrap(tcp.seq, self.rcv_nxt)
+            if self.rcv_nxt <= seq <= self.rcv_nxt + max(self.advertised, 1):
+                self.state = "closed"
+                actions.abort = True
+            return actions
+        if self.state == "connecting":
+            return actions  # a retransmitted SYN (or early junk) while we dial the host
+        if flags & TCP_SYN:
+            if self.state == "syn-sent" and tcp.seq == self.irs:
+                actions.frames.append(self.accepted())  # our SYN-ACK was lost
+            else:
+                actions.frames.append(self.ack_frame())  # RFC 5961 4: challenge ACK
+            return actions
+        if not flags & TCP_ACK:
+            return actions  # every segment after the SYN carries ACK (RFC 9293 3.10.7.4)
+        self._on_ack(tcp, actions)
+        if self.state == "closed":
+            return actions
+        self._on_payload(tcp, actions)
+        if self.fin_seq is not None and self.fin_in and self.snd_una > self.fin_seq:
+            self.state = "closed"
+            actions.done = True
+        return actions
+
+    def _on_ack(self, tcp: TCP, actions: Actions) -> None:
+        ack = self._unwrap(tcp.ack, self.snd_una)
+        if ack > self.snd_max or ack < self.snd_una:
+            if ack > self.snd_max:
+                actions.frames.append(self.ack_frame())  # acks what we never sent
+            return
+        window = tcp.window << self.peer_wscale
+        if self.state == "syn-sent":
+            if ack <= self.iss:
+                return
+            self.state = "open"
+            self.snd_una = self.iss + 1
+            self.snd_wnd = window
+            actions.pull = True
+            return
+        if ack > self.snd_una:
+            data_end = self.fin_seq if self.fin_seq is not None else self.snd_max
+            actions.discard = min(ack, data_end) - self.snd_una
+            self.snd_una = ack
+            if self.snd_nxt < ack:
+                self.snd_nxt = ack  # acknowledged past a rewind: skip what arrived
+            self.dupacks = 0
+            self.retries = 0
+            self.rto = INITIAL_RTO
+            self.snd_wnd = window
+            actions.pull = True
+            return
+        # ack == snd_una
+        if window != self.snd_wnd:
+            opened = window > self.snd_wnd
+            self.snd_wnd = window
+            self.dupacks = 0
+            actions.pull = opened
+            return
+        if self.snd_max > self.snd_una and not tcp.payload and not tcp.flags & TCP_FIN:
+            self.dupacks += 1
+            if self.dupacks == DUPACK_THRESHOLD:
+                self._go_back(actions)
+
+    def _on_payload(self, tcp: TCP, actions: Actions) -> None:
+        payload = tcp.payload
+        fin = bool(tcp.flags & TCP_FIN)
+        if not payload and not fin:
+            return
+        if self.fin_in:
+            actions.frames.append(self.ack_frame())  # a retransmitted FIN: ack it again
+            return
+        seq = self._unwrap(tcp.seq, self.rcv_nxt)
+        if seq > self.rcv_nxt:
+            actions.frames.append(self.ack_frame())  # a gap: dup ACK, the sender resends
+            return
+        skip = self.rcv_nxt - seq  # bytes we already have (a retransmission overlapping)
+        if skip > len(payload) or (skip == len(payload) and not fin):
+            actions.frames.append(self.ack_frame())
+            return
+        room = max(0, RECV_BUFFER - self.backlog)
+        take = payload[skip : skip + room]
+        if take:
+            actions.deliver = take
+            self.backlog += len(take)
+            self.rcv_nxt += len(take)
+        if fin and skip + len(take) == len(payload):
+            self.rcv_nxt += 1
+            self.fin_in = True
+            actions.shutdown = True
+        actions.frames.append(self.ack_frame())
