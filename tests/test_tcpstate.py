@@ -1,0 +1,321 @@
+"""The tun path's TCP end (:mod:`nsbridge.usernet.tcpstate`) with crafted segments.
+
+Sans-IO: no device, no socket.  Each test plays the namespace's kernel by hand —
+SYN, ACKs, data, FIN, RST, losses — and checks the frames :class:`TcpConn` answers
+with (parsed back with :func:`parse_frame`, checksums verified) and the actions it
+asks of the host socket.  The end-to-end behaviour with real kernels on both sides
+is in test_usernet_tcp.py.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nsbridge.usernet.packets import (
+    TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    Parsed,
+    build_tcp_head,
+    parse_frame,
+)
+from nsbridge.usernet.tcpstate import (
+    DUPACK_THRESHOLD,
+    MAX_RETRIES,
+    OUR_WSCALE,
+    RECV_BUFFER,
+    TcpConn,
+    syn_options,
+)
+
+NS = bytes([10, 0, 2, 100])
+DST = bytes([192, 0, 2, 1])
+NS6 = bytes.fromhex("fd000000000000000000000000000100")
+DST6 = bytes.fromhex("20010db8000000000000000000000001")
+MSS_WS = b"\x02\x04\xff\xd8" + b"\x01\x03\x03\x07"  # MSS 65496, NOP, window scale 7
+
+
+def segment(flags: int, seq: int, ack: int = 0, payload: bytes = b"", window: int = 512,
+            options: bytes = b"", src: bytes = NS, dst: bytes = DST) -> Parsed:
+    """A namespace segment (full checksum, no vnet), parsed as the engine would."""
+    head = build_tcp_head(src, dst, 40000, 80, seq, ack, flags, window, options=options,
+                          payload=payload, vnet=False)
+    parsed = parse_frame(head + payload, vnet=False)
+    assert isinstance(parsed, Parsed), parsed
+    return parsed
+
+
+def tcp_of(frame: bytes) -> TCP:
+    """Parse a frame the connection made (no vnet, so its checksum is verified)."""
+    parsed = parse_frame(frame, vnet=False)
+    assert isinstance(parsed, Parsed), parsed
+    assert isinstance(parsed.l4, TCP)
+    return parsed.l4
+
+
+def established(iss: int = 1000, irs: int = 5000, window: int = 512,
+                options: bytes = MSS_WS) -> TcpConn:
+    """A connection through the three-way handshake (namespace window 512 << 7)."""
+    conn = TcpConn(segment(TCP_SYN, irs, window=65535, options=options), iss, vnet=False)
+    synack = tcp_of(conn.accepted())
+    assert synack.flags == TCP_SYN | TCP_ACK and synack.seq == iss and synack.ack == irs + 1
+    actions = conn.on_segment(segment(TCP_ACK, irs + 1, iss + 1, window=window).l4)
+    assert actions.pull and conn.state == "open"
+    return conn
+
+
+def test_syn_options_are_read_and_nonsense_is_bounded() -> None:
+    assert syn_options(MSS_WS, 4) == (65496, 7)
+    assert syn_options(b"", 4) == (536, None)
+    assert syn_options(b"", 6) == (1220, None)
+    assert syn_options(b"\x02\x04\x00\x01\x03\x03\x63\x00", 4) == (64, 14)
+    assert syn_options(b"\x02\x09", 4) == (536, None)  # length runs past the end
+    assert syn_options(b"\x02", 4) == (536, None)
+    assert syn_options(b"\x08\x00\x02\x04\x05\xb4", 4) == (536, None)  # length 0: stop
+
+
+@given(st.binary(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_syn_options_never_raise(options: bytes) -> None:
+    mss, wscale = syn_options(options, 4)
+    assert 64 <= mss <= 65535 and (wscale is None or 0 <= wscale <= 14)
+
+
+def test_synack_offers_mss_and_window_scale_only_when_the_namespace_did() -> None:
+    conn = TcpConn(segment(TCP_SYN, 1, options=MSS_WS), 77, vnet=False)
+    options = tcp_of(conn.accepted()).options
+    assert options[:2] == b"\x02\x04" and options[4:] == bytes([1, 3, 3, OUR_WSCALE])
+    plain = TcpConn(segment(TCP_SYN, 1), 77, vnet=False)
+    assert tcp_of(plain.accepted()).options[4:] == b"\x01\x01\x01\x01"
+    assert plain.our_wscale == 0 and plain.peer_wscale == 0
+
+
+def test_refused_connect_answers_the_syn_with_a_reset() -> None:
+    conn = TcpConn(segment(TCP_SYN, 41), 1, vnet=False)
+    reset = tcp_of(conn.refused())
+    assert reset.flags == TCP_RST | TCP_ACK and reset.ack == 42
+    assert conn.state == "closed"
+
+
+def test_data_in_order_is_delivered_and_acknowledged() -> None:
+    conn = established()
+    actions = conn.on_segment(segment(TCP_ACK | TCP_PSH, 5001, 1001, b"hello").l4)
+    assert actions.deliver == b"hello"
+    [ack] = map(tcp_of, actions.frames)
+    assert ack.flags == TCP_ACK and ack.ack == 5006
+    # The delivered bytes are the caller's backlog until it says the host took them.
+    assert ack.window == (RECV_BUFFER - 5) >> OUR_WSCALE
+    assert conn.host_drained(0) == []  # still above half: no window update needed
+
+
+def test_gap_gets_a_duplicate_ack_and_overlap_is_trimmed() -> None:
+    conn = established()
+    gap = conn.on_segment(segment(TCP_ACK, 5011, 1001, b"later").l4)
+    assert gap.deliver == b"" and tcp_of(gap.frames[0]).ack == 5001
+    conn.on_segment(segment(TCP_ACK, 5001, 1001, b"abcde").l4)
+    overlap = conn.on_segment(segment(TCP_ACK, 5003, 1001, b"cdefgh").l4)
+    assert overlap.deliver == b"fgh" and conn.rcv_nxt == 5009
+    old = conn.on_segment(segment(TCP_ACK, 5001, 1001, b"abc").l4)
+    assert old.deliver == b"" and tcp_of(old.frames[0]).ack == 5009
+
+
+def test_a_full_backlog_closes_the_window_and_draining_reopens_it() -> None:
+    conn = established()
+    big = b"x" * 60000
+    seq = 5001
+    while conn.backlog + len(big) <= RECV_BUFFER:
+        actions = conn.on_segment(segment(TCP_ACK, seq, 1001, big).l4)
+        assert actions.deliver == big
+        seq += len(big)
+    actions = conn.on_segment(segment(TCP_ACK, seq, 1001, big).l4)
+    assert 0 < len(actions.deliver) < len(big) and conn.backlog == RECV_BUFFER  # what fit
+    assert tcp_of(actions.frames[0]).window == 0  # nothing more fits
+    [update] = conn.host_drained(0)
+    assert tcp_of(update).window == RECV_BUFFER >> OUR_WSCALE
+
+
+def test_host_data_respects_the_window_and_acks_discard_it() -> None:
+    conn = established(window=2)  # 2 << 7 = 256 bytes
+    assert conn.sendable() == 256
+    head = conn.data_head(b"d" * 200)
+    sent = parse_frame(head + b"d" * 200, vnet=False)
+    assert isinstance(sent, Parsed) and sent.l4.seq == 1001 and sent.l4.payload == b"d" * 200
+    assert conn.sendable() == 56 and conn.in_flight()
+    actions = conn.on_segment(segment(TCP_ACK, 5001, 1101, window=2).l4)
+    assert actions.discard == 100 and actions.pull and conn.sendable() == 156
+    actions = conn.on_segment(segment(TCP_ACK, 5001, 1201, window=2).l4)
+    assert actions.discard == 100 and not conn.in_flight()
+
+
+def test_ack_for_unsent_data_is_ignored_with_an_ack() -> None:
+    conn = established()
+    actions = conn.on_segment(segment(TCP_ACK, 5001, 9999).l4)
+    assert actions.discard == 0 and conn.snd_una == 1001
+    assert tcp_of(actions.frames[0]).ack == 5001
+
+
+def test_three_duplicate_acks_rewind_to_the_first_unacknowledged_byte() -> None:
+    conn = established()
+    for _ in range(3):
+        conn.data_head(b"p" * 1000)
+    conn.on_segment(segment(TCP_ACK, 5001, 2001).l4)
+    rewinds = []
+    for _ in range(DUPACK_THRESHOLD):
+        rewinds.append(conn.on_segment(segment(TCP_ACK, 5001, 2001).l4).rewind)
+    assert rewinds == [False] * (DUPACK_THRESHOLD - 1) + [True]
+    assert conn.snd_nxt == 2001 and conn.snd_max == 4001
+    # An ACK for data sent before the rewind still counts, and skips what arrived.
+    actions = conn.on_segment(segment(TCP_ACK, 5001, 3501).l4)
+    assert actions.discard == 1500 and conn.snd_nxt == 3501
+
+
+def test_timeout_retransmits_then_gives_up_with_a_reset() -> None:
+    conn = established()
+    conn.data_head(b"q" * 100)
+    for attempt in range(MAX_RETRIES):
+        delay = conn.arm()
+        assert delay > 0
+        actions = conn.on_timeout()
+        assert actions is not None and actions.rewind, attempt
+        conn.data_head(b"q" * 100)  # the caller re-peeks and resends
+    conn.arm()
+    final = conn.on_timeout()
+    assert final is not None and final.abort
+    assert tcp_of(final.frames[0]).flags & TCP_RST
+
+
+def test_timeout_after_progress_does_nothing() -> None:
+    conn = established()
+    conn.data_head(b"r" * 100)
+    conn.arm()
+    conn.data_head(b"r" * 100)
+    conn.on_segment(segment(TCP_ACK, 5001, 1101).l4)
+    assert conn.on_timeout() is None
+
+
+def test_lost_synack_is_sent_again() -> None:
+    conn = TcpConn(segment(TCP_SYN, 7, options=MSS_WS), 100, vnet=False)
+    conn.accepted()
+    conn.arm()
+    actions = conn.on_timeout()
+    assert actions is not None
+    assert tcp_of(actions.frames[0]).flags == TCP_SYN | TCP_ACK
+    again = conn.on_segment(segment(TCP_SYN, 7, options=MSS_WS).l4)  # its SYN, resent
+    assert tcp_of(again.frames[0]).flags == TCP_SYN | TCP_ACK
+
+
+def test_fins_both_ways_end_the_connection() -> None:
+    conn = established()
+    actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, 5001, 1001, b"bye").l4)
+    assert actions.deliver == b"bye" and actions.shutdown and conn.fin_in
+    assert tcp_of(actions.frames[0]).ack == 5005
+    conn.data_head(b"tail")
+    [fin] = conn.host_eof()
+    assert tcp_of(fin).flags == TCP_FIN | TCP_ACK and tcp_of(fin).seq == 1005
+    done = conn.on_segment(segment(TCP_ACK, 5005, 1006).l4)
+    assert done.done and done.discard == 4 and conn.state == "closed"
+
+
+def test_our_fin_is_resent_after_a_rewind() -> None:
+    conn = established()
+    conn.data_head(b"abc")
+    assert conn.host_eof()  # FIN at 1004
+    conn.arm()
+    actions = conn.on_timeout()
+    assert actions is not None and actions.rewind
+    assert conn.fin_due() == []  # the data comes first
+    conn.data_head(b"abc")
+    [fin] = conn.fin_due()
+    assert tcp_of(fin).seq == 1004 and tcp_of(fin).flags & TCP_FIN
+
+
+def test_host_eof_with_everything_acked_but_the_fin() -> None:
+    conn = established()
+    conn.host_eof()
+    conn.arm()
+    actions = conn.on_timeout()  # the FIN was lost
+    assert actions is not None and actions.rewind
+    [fin] = conn.fin_due()
+    assert tcp_of(fin).flags & TCP_FIN
+
+
+def test_only_an_in_window_reset_aborts() -> None:
+    conn = established()
+    blind = conn.on_segment(segment(TCP_RST, 5001 + (1 << 30)).l4)
+    assert not blind.abort and conn.state == "open"
+    real = conn.on_segment(segment(TCP_RST, 5001).l4)
+    assert real.abort and conn.state == "closed"
+
+
+def test_a_new_syn_on_an_open_connection_gets_a_challenge_ack() -> None:
+    conn = established()
+    actions = conn.on_segment(segment(TCP_SYN, 123456).l4)
+    assert tcp_of(actions.frames[0]).flags == TCP_ACK and conn.state == "open"
+
+
+def test_zero_window_is_probed() -> None:
+    conn = established(window=0)
+    assert conn.sendable() == 0 and conn.wants_timer()
+    conn.arm()
+    actions = conn.on_timeout()
+    assert actions is not None
+    probe = tcp_of(actions.frames[0])
+    assert probe.flags == TCP_ACK and probe.seq == 1000  # one below snd_nxt
+
+
+def test_sequence_numbers_wrap() -> None:
+    conn = established(iss=0xFFFFFFF0, irs=0xFFFFFFFA)
+    actions = conn.on_segment(segment(TCP_ACK, 0xFFFFFFFB, 0xFFFFFFF1, b"0123456789").l4)
+    assert actions.deliver == b"0123456789"
+    assert tcp_of(actions.frames[0]).ack == (0xFFFFFFFB + 10) & 0xFFFFFFFF
+    conn.data_head(b"w" * 40)
+    acked = conn.on_segment(segment(TCP_ACK, 5, (0xFFFFFFF1 + 40) & 0xFFFFFFFF).l4)
+    assert acked.discard == 40
+
+
+def test_ipv6_frames_and_gso_offload_heads() -> None:
+    syn = segment(TCP_SYN, 1, options=b"\x02\x04\x05\xb4", src=NS6, dst=DST6)
+    conn = TcpConn(syn, 9, vnet=True, offload=True)
+    head = conn.accepted()
+    flags, gso_type, _hdr_len, _gso_size, csum_start, csum_offset = struct.unpack_from(
+        "=BBHHHH", head)
+    assert flags == 1 and gso_type == 0 and csum_start == 40 and csum_offset == 16
+    conn.on_segment(segment(TCP_ACK, 2, 10, window=65535, src=NS6, dst=DST6).l4)
+    payload = b"g" * 4000
+    data = conn.data_head(payload)
+    flags, gso_type, hdr_len, gso_size, _start, _offset = struct.unpack_from("=BBHHHH", data)
+    assert gso_type == 4 and gso_size == 1460 and hdr_len == 60  # TCPV6, cut by the kernel
+    parsed = parse_frame(data + payload, vnet=True)
+    assert isinstance(parsed, Parsed) and parsed.l4.payload == payload
+
+
+@given(st.lists(st.tuples(st.sampled_from([TCP_ACK, TCP_ACK | TCP_PSH, TCP_ACK | TCP_FIN,
+                                           TCP_RST, TCP_SYN, 0]),
+                          st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+                          st.binary(max_size=64), st.integers(0, 0xFFFF)), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_hostile_segment_streams_never_raise(steps: list) -> None:
+    conn = established()
+    for flags, seq, ack, payload, window in steps:
+        actions = conn.on_segment(segment(flags, seq, ack, payload, window).l4)
+        assert actions.discard >= 0
+        for frame in actions.frames:
+            tcp_of(frame)
+        assert conn.snd_una <= conn.snd_max and conn.snd_nxt <= conn.snd_max
+        assert 0 <= conn.backlog <= RECV_BUFFER
+        if conn.state == "closed":
+            break
+
+
+@pytest.mark.parametrize("flags", [TCP_ACK, TCP_FIN | TCP_ACK])
+def test_segments_while_still_connecting_are_ignored(flags: int) -> None:
+    conn = TcpConn(segment(TCP_SYN, 1), 5, vnet=False)
+    actions = conn.on_segment(segment(flags, 2, 6, b"early").l4)
+    assert actions.frames == [] and actions.deliver == b"" and conn.state == "connecting"
