@@ -571,8 +571,9 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         help="deny destinations matching RULE; a denied TCP flow is reset, a "
                         "denied UDP/ICMP flow answered with ICMP unreachable")
     parser.add_argument("--tcp", choices=("auto", "redirect", "tun"), default="auto",
-                        help="TCP path: redirect = kernel fast path via nftables (auto "
-                        "falls back when nf_tables is missing); tun = through the tun device")
+                        help="TCP path: redirect = kernel fast path via nftables; tun = "
+                        "terminated on the host side from the tun device (Linux 6.9+); "
+                        "auto (default) = redirect, or tun when nf_tables is missing")
     parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
                         help="host resolver to forward DNS to (default: /etc/resolv.conf)")
     parser.add_argument("--mtu", type=int, default=65520, help="MTU (default 65520)")

@@ -46,10 +46,10 @@ What it does with each packet, and why:
   ``ping 10.0.2.2`` says "Packet filtered" at once (iputils' words for it).  Answering it anyway
   would have been harmless, but one rule ("the gateway is the host; the loopback switch
   and the deny rules decide") is easier to reason about than an exception to it.
-* **TCP** normally never reaches the tun (the redirect fast path takes it), so any TCP
-  segment that does is answered with a reset (:func:`packets.build_tcp_rst`): the
-  namespace's ``connect()`` fails at once instead of retrying SYNs for minutes.  A
-  future TCP handler can take over through ``tcp_handler``.
+* **TCP** reaches the tun only without the redirect fast path; then ``tcp_handler``
+  (:class:`~nsbridge.usernet.tuntcp.TunTcp`) terminates it.  A segment nobody takes is
+  answered with a reset (:func:`packets.build_tcp_rst`): the namespace's ``connect()``
+  fails at once instead of retrying SYNs for minutes.
 * Everything else (neighbour discovery, MLD, other protocols, broken frames) is
   dropped and counted by reason; hostile input never raises (:func:`parse_frame`), and
   an unexpected exception while handling one frame is counted in ``stats.errors`` and
