@@ -319,3 +319,32 @@ def test_segments_while_still_connecting_are_ignored(flags: int) -> None:
     conn = TcpConn(segment(TCP_SYN, 1), 5, vnet=False)
     actions = conn.on_segment(segment(flags, 2, 6, b"early").l4)
     assert actions.frames == [] and actions.deliver == b"" and conn.state == "connecting"
+
+
+def test_segments_after_a_gap_are_held_and_the_ack_jumps_when_it_fills() -> None:
+    conn = established()
+    first = conn.on_segment(segment(TCP_ACK, 5006, 1001, b"world").l4)
+    second = conn.on_segment(segment(TCP_ACK | TCP_FIN, 5011, 1001, b"!").l4)
+    assert first.deliver == second.deliver == b""
+    assert tcp_of(second.frames[0]).ack == 5001  # duplicate ACKs while the gap is open
+    filled = conn.on_segment(segment(TCP_ACK, 5001, 1001, b"hello").l4)
+    assert filled.deliver == b"helloworld!" and filled.shutdown and conn.fin_in
+    assert tcp_of(filled.frames[-1]).ack == 5013  # past the data and the FIN
+    assert conn.ooo == {} and conn.ooo_bytes == 0
+
+
+def test_held_segments_stay_inside_the_window() -> None:
+    conn = established()
+    beyond = 5001 + RECV_BUFFER
+    conn.on_segment(segment(TCP_ACK, beyond, 1001, b"x" * 100).l4)
+    assert conn.ooo == {}  # past what we advertised: not kept
+
+
+def test_acks_during_a_retransmission_carry_the_highest_sequence() -> None:
+    conn = established()
+    conn.data_head(b"a" * 3000)
+    for _ in range(DUPACK_THRESHOLD):
+        conn.on_segment(segment(TCP_ACK, 5001, 1001).l4)
+    assert conn.snd_nxt == 1001  # rewound
+    ack = conn.on_segment(segment(TCP_ACK | TCP_PSH, 5001, 1001, b"data").l4).frames[-1]
+    assert tcp_of(ack).seq == 4001  # not 1001: the receiver would drop it as old

@@ -145,6 +145,8 @@ class TcpConn:
         "ns_ip",
         "ns_port",
         "offload",
+        "ooo",
+        "ooo_bytes",
         "our_ip",
         "our_port",
         "our_wscale",
@@ -179,6 +181,8 @@ class TcpConn:
         self.snd_una = self.snd_nxt = self.snd_max = self.iss  # SYN not sent yet
         self.snd_wnd = tcp.window  # a SYN's window is never scaled
         self.backlog = 0  # bytes accepted from the namespace, not yet in the host socket
+        self.ooo: dict[int, tuple[bytes, bool]] = {}  # segments after a gap, by sequence
+        self.ooo_bytes = 0
         self.advertised = 0
         self.state = "connecting"  # → "syn-sent" (SYN-ACK out) → "open" → "closed"
         self.fin_in = False  # the namespace's FIN has been accepted
@@ -204,8 +208,12 @@ class TcpConn:
         )
 
     def ack_frame(self) -> bytes:
-        """A pure ACK carrying our current window (also the window-update frame)."""
-        return self._head(TCP_ACK, self.snd_nxt)
+        """A pure ACK carrying our current window (also the window-update frame).
+
+        Its sequence number is ``snd_max``, not the rewound ``snd_nxt``: a receiver drops
+        a segment whose sequence lies before its window, ACK field and all, so an ACK
+        sent during a retransmission must not go back in time."""
+        return self._head(TCP_ACK, self.snd_max)
 
     def accepted(self) -> bytes:
         """The host server answered: our SYN-ACK (MSS, and window scale if offered)."""
@@ -312,7 +320,7 @@ class TcpConn:
         if self.state == "open" and self.snd_wnd == 0 and not self.in_flight():
             # Zero-window probe: an old-sequence ACK makes the namespace re-state its
             # window, so a lost window update cannot stall us forever.
-            actions.frames.append(self._head(TCP_ACK, self.snd_nxt - 1))
+            actions.frames.append(self._head(TCP_ACK, self.snd_max - 1))
             return actions
         if not self.in_flight():
             self.retries = 0
@@ -425,20 +433,52 @@ class TcpConn:
             return
         seq = self._unwrap(tcp.seq, self.rcv_nxt)
         if seq > self.rcv_nxt:
+            self._hold(seq, payload, fin)
             actions.frames.append(self.ack_frame())  # a gap: dup ACK, the sender resends
             return
+        parts: list[bytes] = []
+        self._accept(seq, payload, fin, parts, actions)
+        while self.ooo and not self.fin_in:
+            first = min(self.ooo)
+            if first > self.rcv_nxt:
+                break
+            held, held_fin = self.ooo.pop(first)
+            self.ooo_bytes -= len(held)
+            self._accept(first, held, held_fin, parts, actions)
+        if parts:
+            actions.deliver = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.fin_in:
+            self.ooo.clear()
+            self.ooo_bytes = 0
+        actions.frames.append(self.ack_frame())
+
+    def _accept(self, seq: int, payload: bytes, fin: bool, parts: list[bytes],
+                actions: Actions) -> None:
+        """Take the new part of an in-order segment (seq <= rcv_nxt), as the room allows."""
         skip = self.rcv_nxt - seq  # bytes we already have (a retransmission overlapping)
         if skip > len(payload) or (skip == len(payload) and not fin):
-            actions.frames.append(self.ack_frame())
             return
         room = max(0, RECV_BUFFER - self.backlog)
         take = payload[skip : skip + room]
         if take:
-            actions.deliver = take
+            parts.append(take)
             self.backlog += len(take)
             self.rcv_nxt += len(take)
         if fin and skip + len(take) == len(payload):
             self.rcv_nxt += 1
             self.fin_in = True
             actions.shutdown = True
-        actions.frames.append(self.ack_frame())
+
+    def _hold(self, seq: int, payload: bytes, fin: bool) -> None:
+        """Keep a segment that arrived after a gap, if it lies inside our window.
+
+        When the gap is filled the cumulative ACK jumps past everything held, so a sender
+        without SACK leaves recovery after one round instead of one segment per round.
+        Bounded by the window we advertised: the sender may not exceed it anyway.
+        """
+        room = RECV_BUFFER - self.backlog
+        if (not payload or seq in self.ooo or seq + len(payload) > self.rcv_nxt + room
+                or self.ooo_bytes + len(payload) > room):
+            return
+        self.ooo[seq] = (payload, fin)
+        self.ooo_bytes += len(payload)
