@@ -70,33 +70,39 @@ def test_exit_status_of_the_command_is_ours(host):
     assert result.returncode == 7, result.stderr
 
 
-def test_tcp_to_the_host_network_with_curl(host, web):
-    result = nsbridge_run(host, "--", "curl", "-sS", "--max-time", "10",
+@pytest.fixture(params=["redirect", "tun"])
+def tcp(request: pytest.FixtureRequest) -> str:
+    """The TCP path option: every TCP test here runs over both paths."""
+    return f"--tcp={request.param}"
+
+
+def test_tcp_to_the_host_network_with_curl(host, web, tcp):
+    result = nsbridge_run(host, tcp, "--", "curl", "-sS", "--max-time", "10",
                           f"http://192.0.2.1:{HTTP_PORT}/index.html")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from the host namespace\n"
 
 
-def test_tcp_over_ipv6(host, web):
-    result = nsbridge_run(host, "--", "curl", "-sS", "-g", "--max-time", "10",
+def test_tcp_over_ipv6(host, web, tcp):
+    result = nsbridge_run(host, tcp, "--", "curl", "-sS", "-g", "--max-time", "10",
                           f"http://[2001:db8::1]:{HTTP_PORT}/index.html")
     assert result.returncode == 0, result.stderr
     assert "hello" in result.stdout
 
 
-def test_host_loopback_is_off_by_default_and_on_by_option(host, web):
+def test_host_loopback_is_off_by_default_and_on_by_option(host, web, tcp):
     url = f"http://10.0.2.2:{HTTP_PORT}/index.html"
-    denied = nsbridge_run(host, "--", "curl", "-sS", "--max-time", "10", url)
+    denied = nsbridge_run(host, tcp, "--", "curl", "-sS", "--max-time", "10", url)
     assert denied.returncode != 0
-    allowed = nsbridge_run(host, "--allow-host-loopback", "--", "curl", "-sS", "--max-time",
+    allowed = nsbridge_run(host, tcp, "--allow-host-loopback", "--", "curl", "-sS", "--max-time",
                            "10", url)
     assert allowed.returncode == 0, allowed.stderr
     assert "hello" in allowed.stdout
 
 
-def test_deny_rule_resets_at_once(host, web):
+def test_deny_rule_resets_at_once(host, web, tcp):
     started = time.monotonic()
-    result = nsbridge_run(host, "--deny", "192.0.2.0/24", "--", "curl", "-sS", "--max-time",
+    result = nsbridge_run(host, tcp, "--deny", "192.0.2.0/24", "--", "curl", "-sS", "--max-time",
                           "10", f"http://192.0.2.1:{HTTP_PORT}/")
     assert result.returncode != 0
     assert time.monotonic() - started < 8  # refused, not timed out
