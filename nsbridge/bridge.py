@@ -18,10 +18,9 @@ one-shot (-S/-C) forward that has finished.
 
 from __future__ import annotations
 
-import logging
 import threading
-from typing import Literal
 
+from ._log import log
 from .addresses import ResolvedAddress
 from .factory import SocketFactory, factory_for
 from .forward import ConnectAddress, Forward, ForwardSpec, ListenAddress
@@ -30,9 +29,13 @@ from .relay.loop import EventLoop
 from .relay.pipes import PipePool
 from .relay.tcp import CopyMover, Mover, SplicePipeMover
 
-log = logging.getLogger("nsbridge")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
+if TYPE_CHECKING:
+    from typing import Literal
 
-MoverName = Literal["splice", "copy"]
+    MoverName = Literal["splice", "copy"]
+else:
+    MoverName = str
 
 
 def make_mover(name: MoverName, pipe_size: int | None = None) -> Mover:

@@ -15,29 +15,38 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
+from _queue import SimpleQueue
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
 
 from .netns import Netns
 
-T = TypeVar("T")
+# typing.TYPE_CHECKING without importing typing: worker processes import this module, and
+# typing (with re) costs each of them about 1 MiB.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TypeVar
+
+    T = TypeVar("T")
+
+    class SocketFactory(Protocol):
+        """Makes sockets in one namespace and runs namespace-sensitive calls there."""
+
+        label: str
+
+        def socket(self, family: int, type: int = socket.SOCK_STREAM) -> socket.socket: ...
+
+        def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+        def close(self) -> None: ...
+else:
+    class SocketFactory:
+        """Makes sockets in one namespace and runs namespace-sensitive calls there
+        (a protocol: ``label``, ``socket(family, type)``, ``call(fn, *args)``, ``close()``)."""
 
 _POOL_BATCH = 32
 _SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-
-
-class SocketFactory(Protocol):
-    """Makes sockets in one namespace and runs namespace-sensitive calls there."""
-
-    label: str
-
-    def socket(self, family: int, type: int = socket.SOCK_STREAM) -> socket.socket: ...
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
-
-    def close(self) -> None: ...
 
 
 class LocalFactory:
@@ -60,23 +69,59 @@ class ThreadFactory:
 
     Construction enters the namespace and raises :class:`~nsbridge.errors.UserError` at
     once if that is not permitted, so a bad namespace is reported before anything listens.
+    The thread serves a queue of calls itself rather than through a ThreadPoolExecutor:
+    worker processes use this class, and ``concurrent.futures`` (which imports
+    ``logging``) would cost each of them about 2 MiB of memory.
     """
 
     def __init__(self, netns: Netns) -> None:
         self.label = netns.label
         self._netns = netns
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns",
-                                            initializer=_block_stop_signals)
+        self._requests: SimpleQueue = SimpleQueue()
         self._pools: dict[tuple[int, int], deque[socket.socket]] = {}
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._serve, name="netns", daemon=True)
+        self._thread.start()
         try:
-            self._executor.submit(netns.enter).result()
+            self.call(netns.enter)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self._stop(wait=False)
             raise
+
+    def _serve(self) -> None:
+        _block_stop_signals()
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            fn, args, kwargs, reply = request
+            try:
+                result = (True, fn(*args, **kwargs))
+            except BaseException as exc:
+                result = (False, exc)
+            reply.put(result)
+            del request, fn, args, kwargs, reply, result
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in the namespace thread; return its result or raise."""
-        return self._executor.submit(fn, *args, **kwargs).result()
+        if self._thread is None:
+            raise RuntimeError("socket factory closed")
+        reply: SimpleQueue = SimpleQueue()
+        self._requests.put((fn, args, kwargs, reply))
+        ok, value = reply.get()
+        if ok:
+            return value
+        try:
+            raise value
+        finally:
+            del value
+
+    def _stop(self, wait: bool) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._requests.put(None)
+            if wait:
+                thread.join()
 
     def socket(self, family: int, type: int = socket.SOCK_STREAM) -> socket.socket:
         pool = self._pools.get((family, type))
@@ -90,7 +135,7 @@ class ThreadFactory:
         for pool in self._pools.values():
             while pool:
                 pool.popleft().close()
-        self._executor.shutdown(wait=True)
+        self._stop(wait=True)
 
 
 def _block_stop_signals() -> None:

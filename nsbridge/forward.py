@@ -9,12 +9,10 @@ client address.
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
+from ._log import INFO, log
 from .addresses import ResolvedAddress, format_sockaddr, resolve
 from .factory import SocketFactory
 from .relay.loop import IN, EventLoop
@@ -37,53 +35,98 @@ __all__ = [
     "ListenSide", "ListenSocket", "Preaccepted", "Preconnected",
 ]
 
-log = logging.getLogger("nsbridge")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .acl import ClientAcl
+    from .relay.udp import UdpRelay
 
 _ACCEPT_BATCH = 64
 _EMFILE_PAUSE = 0.1
 
+# Plain classes, not dataclasses: worker processes import this module, and
+# ``dataclasses`` (with inspect, ast, dis...) would cost each of them about 2 MiB.
 
-@dataclass
+
 class ForwardStats:
     """Counters of one forward.  For UDP, "connections" are flows."""
 
-    accepted: int = 0
-    active: int = 0
-    closed: int = 0
-    reset: int = 0
-    connect_failed: int = 0
-    denied: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    datagrams_up: int = 0  # UDP only
-    datagrams_down: int = 0
-    dropped: int = 0  # UDP datagrams not delivered (too large, send error, no flow)
+    FIELDS = ("accepted", "active", "closed", "reset", "connect_failed", "denied", "bytes_up",
+              "bytes_down", "datagrams_up", "datagrams_down", "dropped")
+
+    def __init__(self, accepted: int = 0, active: int = 0, closed: int = 0, reset: int = 0,
+                 connect_failed: int = 0, denied: int = 0, bytes_up: int = 0,
+                 bytes_down: int = 0, datagrams_up: int = 0, datagrams_down: int = 0,
+                 dropped: int = 0) -> None:
+        self.accepted = accepted
+        self.active = active
+        self.closed = closed
+        self.reset = reset
+        self.connect_failed = connect_failed
+        self.denied = denied
+        self.bytes_up = bytes_up
+        self.bytes_down = bytes_down
+        self.datagrams_up = datagrams_up  # UDP only
+        self.datagrams_down = datagrams_down
+        self.dropped = dropped  # UDP datagrams not delivered (too large, send error, no flow)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
 
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return vars(self) == vars(other)
 
-@dataclass
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"ForwardStats({inner})"
+
+
 class Forward:
     """A running forward inside a :class:`~nsbridge.bridge.Bridge` event loop."""
 
-    spec: ForwardSpec
-    loop: EventLoop
-    mover: Mover
-    listen_factory: SocketFactory
-    connect_factory: SocketFactory
-    on_finished: Callable[[Forward], None]
-    stats: ForwardStats = field(default_factory=ForwardStats)
-    listener: socket.socket | None = None
-    target: ResolvedAddress | None = None
-    sessions: set[TcpSession] = field(default_factory=set)
-    finished: bool = False
-    acl: Any = None  # ClientAcl when the forward has allow/deny rules
-    udp: Any = None  # the UdpRelay of a UDP forward
-    _unix_path: str | None = None  # socket file we created, removed when we stop
-    # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more listeners
-    # can join it: see reuseport_sibling().
-    reuseport: bool = False
+    def __init__(
+        self,
+        spec: ForwardSpec,
+        loop: EventLoop,
+        mover: Mover,
+        listen_factory: SocketFactory,
+        connect_factory: SocketFactory,
+        on_finished: Callable[[Forward], None],
+        stats: ForwardStats | None = None,
+        listener: socket.socket | None = None,
+        target: ResolvedAddress | None = None,
+        sessions: set[TcpSession] | None = None,
+        finished: bool = False,
+        acl: ClientAcl | None = None,
+        udp: UdpRelay | None = None,
+        _unix_path: str | None = None,
+        reuseport: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.mover = mover
+        self.listen_factory = listen_factory
+        self.connect_factory = connect_factory
+        self.on_finished = on_finished
+        self.stats = ForwardStats() if stats is None else stats
+        self.listener = listener
+        self.target = target
+        self.sessions: set[TcpSession] = set() if sessions is None else sessions
+        self.finished = finished
+        self.acl = acl  # ClientAcl when the forward has allow/deny rules
+        self.udp = udp  # the UdpRelay of a UDP forward
+        self._unix_path = _unix_path  # socket file we created, removed when we stop
+        # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more
+        # listeners can join it: see reuseport_sibling().
+        self.reuseport = reuseport
+
+    def __repr__(self) -> str:
+        return f"<Forward {self.spec.name or '?'} {self.target_description}>"
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -168,7 +211,7 @@ class Forward:
         assert sock is not None and self.target is not None
 
         def flow_closed(flow: Any) -> None:
-            if log.isEnabledFor(logging.INFO):
+            if log.isEnabledFor(INFO):
                 log.info("%s", flow.describe())
 
         self.udp = UdpRelay(self.loop, sock, self.target, self.connect_factory,
@@ -183,7 +226,7 @@ class Forward:
         if self.acl is None or self.acl.permits(peer):
             return True
         self.stats.denied += 1
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(INFO):
             log.info("%s: client %s denied by policy", self.name, format_sockaddr(peer))
         return False
 
@@ -265,7 +308,7 @@ class Forward:
     def _session_done(self, session: TcpSession) -> None:
         self.sessions.discard(session)
         tally(self.stats, session)
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(INFO):
             log.info("%s", session.describe())
         self._maybe_finish()
 

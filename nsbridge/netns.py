@@ -13,7 +13,6 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
 
 from .errors import UserError, describe_oserror
 
@@ -50,12 +49,15 @@ def unshare(flags: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-@dataclass(eq=False)
 class Netns:
-    """An open network namespace.  ``label`` is how the user named it, for messages."""
+    """An open network namespace.  ``label`` is how the user named it, for messages.
 
-    fd: int
-    label: str
+    Compared by identity (one handle, one fd).  A plain class rather than a dataclass:
+    worker processes import it, and ``dataclasses`` would cost each about 2 MiB."""
+
+    def __init__(self, fd: int, label: str) -> None:
+        self.fd = fd
+        self.label = label
 
     # ---- constructors -------------------------------------------------------------
 

@@ -15,8 +15,6 @@ With -S or -C the forward carries exactly one connection ("one-shot").
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
-from typing import Any
 
 from .addresses import HostPort, UnixAddress
 from .netns import Netns
@@ -25,60 +23,105 @@ STREAM = "stream"
 UDP = "udp"
 
 
-@dataclass
-class ListenAddress:
-    address: HostPort | UnixAddress
-    netns: Netns | None = None
-    protocol: str = STREAM
-    mode: int | None = None  # unix socket file permissions
-    owner: tuple[int, int] | None = None  # unix socket file (uid, gid), -1 = unchanged
+class _Record:
+    """Equality and repr from ``_fields``, as ``@dataclass`` would generate them.
+
+    Hand-written: worker processes import this module, and ``dataclasses`` (with
+    ``inspect``, ``ast``, ``dis``...) would cost each of them about 2 MiB of memory.
+    """
+
+    _fields: tuple[str, ...] = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass with eq=True
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._fields)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{self.__class__.__qualname__}({inner})"
 
 
-@dataclass
-class ListenSocket:
-    sock: socket.socket
-    label: str = ""
+class ListenAddress(_Record):
+    _fields = __match_args__ = ("address", "netns", "protocol", "mode", "owner")
+
+    def __init__(self, address: HostPort | UnixAddress, netns: Netns | None = None,
+                 protocol: str = STREAM, mode: int | None = None,
+                 owner: tuple[int, int] | None = None) -> None:
+        self.address = address
+        self.netns = netns
+        self.protocol = protocol
+        self.mode = mode  # unix socket file permissions
+        self.owner = owner  # unix socket file (uid, gid), -1 = unchanged
+
+
+class ListenSocket(_Record):
+    _fields = __match_args__ = ("sock", "label")
+
+    def __init__(self, sock: socket.socket, label: str = "") -> None:
+        self.sock = sock
+        self.label = label
 
     @property
     def protocol(self) -> str:
         return UDP if self.sock.type == socket.SOCK_DGRAM else STREAM
 
 
-@dataclass
-class Preaccepted:
-    sock: socket.socket
-    protocol: str = STREAM
+class Preaccepted(_Record):
+    _fields = __match_args__ = ("sock", "protocol")
+
+    def __init__(self, sock: socket.socket, protocol: str = STREAM) -> None:
+        self.sock = sock
+        self.protocol = protocol
 
 
-@dataclass
-class ConnectAddress:
-    address: HostPort | UnixAddress
-    netns: Netns | None = None
-    protocol: str = STREAM
+class ConnectAddress(_Record):
+    _fields = __match_args__ = ("address", "netns", "protocol")
+
+    def __init__(self, address: HostPort | UnixAddress, netns: Netns | None = None,
+                 protocol: str = STREAM) -> None:
+        self.address = address
+        self.netns = netns
+        self.protocol = protocol
 
 
-@dataclass
-class Preconnected:
-    sock: socket.socket
-    protocol: str = STREAM
+class Preconnected(_Record):
+    _fields = __match_args__ = ("sock", "protocol")
+
+    def __init__(self, sock: socket.socket, protocol: str = STREAM) -> None:
+        self.sock = sock
+        self.protocol = protocol
 
 
 ListenSide = ListenAddress | ListenSocket | Preaccepted
 ConnectSide = ConnectAddress | Preconnected
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (1 MiB per worker)
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass
-class ForwardSpec:
-    listen: ListenSide
-    connect: ConnectSide
-    connect_timeout: float | None = 30.0
-    name: str = ""
-    allow: list[str] = field(default_factory=list)  # client networks (CIDR)
-    deny: list[str] = field(default_factory=list)
-    proxy: str | None = None  # "v1" / "v2": PROXY protocol header to the target
-    idle_timeout: float = 60.0  # UDP flows
-    max_flows: int = 4096  # UDP flows
-    source: dict[str, Any] = field(default_factory=dict)  # how it was described (listing)
+
+class ForwardSpec(_Record):
+    _fields = __match_args__ = ("listen", "connect", "connect_timeout", "name", "allow",
+                                "deny", "proxy", "idle_timeout", "max_flows", "source")
+
+    def __init__(self, listen: ListenSide, connect: ConnectSide,
+                 connect_timeout: float | None = 30.0, name: str = "",
+                 allow: list[str] | None = None, deny: list[str] | None = None,
+                 proxy: str | None = None, idle_timeout: float = 60.0, max_flows: int = 4096,
+                 source: dict[str, Any] | None = None) -> None:
+        self.listen = listen
+        self.connect = connect
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self.allow = [] if allow is None else allow  # client networks (CIDR)
+        self.deny = [] if deny is None else deny
+        self.proxy = proxy  # "v1" / "v2": PROXY protocol header to the target
+        self.idle_timeout = idle_timeout  # UDP flows
+        self.max_flows = max_flows  # UDP flows
+        # how it was described (listing)
+        self.source: dict[str, Any] = {} if source is None else source
 
     @property
     def one_shot(self) -> bool:

@@ -34,56 +34,47 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import marshal
 import os
-import pickle
 import signal
 import socket
 import struct
 import sys
 import time
-import traceback
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from .addresses import HostPort, ResolvedAddress
+from .addresses import HostPort
 from .bridge import Bridge, MoverName
 from .errors import UserError
 from .forward import Forward, ForwardStats, reset_and_close
-from .netns import Netns
 from .relay.loop import IN, OUT, EventLoop
 from .signals import StopSignals
 from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
+from .worker_process import (
+    ACCEPT_BATCH,
+    ADD,
+    CONNECTIONS,
+    MAX_MESSAGE,
+    REMOVE,
+    STATS,
+    STATS_INTERVAL,
+    WORKER_BOOT,
+    forward_message,
+    release_free_heap,
+)
 
 log = logging.getLogger("nsbridge")
 
-STATS_INTERVAL = 0.5
+__all__ = ["ACCEPT_MODES", "HANDOFF", "REUSEPORT", "STATS_INTERVAL", "Supervisor", "Worker"]
+
 HANDOFF = "handoff"
 REUSEPORT = "reuseport"
 ACCEPT_MODES = (HANDOFF, REUSEPORT)
-_ACCEPT_BATCH = 64
 _RESTART_WINDOW = 10.0
 _MAX_RESTARTS_IN_WINDOW = 5
-_MAX_MESSAGE = 1 << 16
-
-# Supervisor -> worker messages: one type byte, then the body.
-_CONNECTIONS = b"C"  # body: forward ids (uint32 each); fds: the accepted sockets
-_ADD = b"A"  # body: pickled _WorkerForward; fds: [connect netns fd] [udp socket] [listener]
-_REMOVE = b"R"  # body: pickled (forward id, kill)
-# Worker -> supervisor:
-_STATS = b"S"  # body: pickled {forward id: counters}
-
-
-@dataclass
-class _WorkerForward:
-    """What a worker needs to relay a forward; picklable, the fds travel beside it."""
-
-    id: int
-    spec: ForwardSpec  # listen side is a placeholder; connect netns travels as an fd
-    target: ResolvedAddress
-    netns_label: str | None
-    udp: bool  # this worker relays the forward's UDP socket
-    listener: bool = False  # an SO_REUSEPORT listener of its own travels too: accept here
+# The worker's side of the channel (messages, boot code) is nsbridge/worker_process.py.
 
 
 @dataclass
@@ -98,7 +89,7 @@ class Worker:
 
 
 def _stats_from(counters: dict[str, int]) -> ForwardStats:
-    return ForwardStats(**{k: v for k, v in counters.items() if k in ForwardStats.__annotations__})
+    return ForwardStats(**{k: v for k, v in counters.items() if k in ForwardStats.FIELDS})
 
 
 class Supervisor:
@@ -212,7 +203,7 @@ class Supervisor:
         self._close_own_listeners(forward_id)
         self._own_listeners.pop(forward_id, None)
         for worker in list(self.workers.values()):
-            self._send(worker, _REMOVE + pickle.dumps((forward_id, kill)), [])
+            self._send(worker, REMOVE + marshal.dumps((forward_id, kill)), [])
         self._retired.pop(forward_id, None)
         log.info("removed forward %s%s", name, " (connections reset)" if kill else "")
 
@@ -258,6 +249,7 @@ class Supervisor:
         for forward_id, forward in self.forwards.items():
             self._watch_listener(forward_id, forward)
         stops.attach(self.loop, lambda signum, _count: self.stop(signum))
+        release_free_heap()  # what parsing, compiling and opening freed (~1-2 MiB)
         self.loop.run()
         return self.exit_code
 
@@ -316,9 +308,9 @@ class Supervisor:
         """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child_end.set_inheritable(True)
-        args = [sys.executable, "-S", "-c", _WORKER_BOOT, _package_root(),
+        args = [sys.executable, "-S", "-c", WORKER_BOOT, _package_root(),
                 str(child_end.fileno()), str(index), self.mover, str(self.pipe_size or 0),
-                str(self.drain), str(logging.getLogger("nsbridge").level)]
+                str(self.drain), str(logging.getLogger("nsbridge").getEffectiveLevel())]
         sys.stderr.flush()
         try:
             pid = os.posix_spawn(sys.executable, args, os.environ)
@@ -343,7 +335,7 @@ class Supervisor:
     def _on_worker_message(self, worker: Worker) -> None:
         while True:
             try:
-                data = worker.channel.recv(_MAX_MESSAGE)
+                data = worker.channel.recv(MAX_MESSAGE)
             except BlockingIOError:
                 return
             except OSError:
@@ -351,8 +343,11 @@ class Supervisor:
             if not data:  # the worker is gone; its pidfd will tell
                 self.loop.remove(worker.channel.fileno())
                 return
-            if data[:1] == _STATS:
-                worker.stats = pickle.loads(data[1:])
+            if data[:1] == STATS:
+                try:
+                    worker.stats = marshal.loads(data[1:])
+                except (EOFError, ValueError, TypeError):
+                    log.warning("worker %d sent unreadable statistics", worker.index)
 
     def _reap(self, worker: Worker) -> None:
         self.loop.remove(worker.pidfd)
@@ -403,12 +398,9 @@ class Supervisor:
 
     def _send_forward(self, worker: Worker, forward_id: int, forward: Forward) -> None:
         udp = forward.spec.protocol == UDP and self._udp_owner(forward_id) == worker.index
-        portable, fds = _portable(forward_id, forward, udp)
         own = self._own_listeners.get(forward_id, {}).get(worker.index)
-        if own is not None:  # the same socket again for a replacement worker
-            portable.listener = True
-            fds.append(own.fileno())
-        if not self._send(worker, _ADD + pickle.dumps(portable), fds):
+        message, fds = _portable(forward_id, forward, udp, own)
+        if not self._send(worker, ADD + message, fds):
             log.warning("worker %d did not take forward %s", worker.index, forward.spec.name)
 
     def _udp_owner(self, forward_id: int) -> int:
@@ -422,7 +414,7 @@ class Supervisor:
         if forward is None or listener is None:
             return
         accepted: list[int] = []
-        for _ in range(_ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
@@ -457,7 +449,7 @@ class Supervisor:
             batches.setdefault(order[self._next % len(order)], []).append(fd)
             self._next += 1
         for index, batch in batches.items():
-            message = _CONNECTIONS + struct.pack(f"{len(batch)}I", *([forward_id] * len(batch)))
+            message = CONNECTIONS + struct.pack(f"{len(batch)}I", *([forward_id] * len(batch)))
             self._deliver(self.workers[index], message, batch)
 
     def _deliver(self, worker: Worker, message: bytes, fds: list[int]) -> None:
@@ -525,8 +517,12 @@ def _add_into(total: ForwardStats, more: ForwardStats) -> None:
         setattr(total, key, getattr(total, key) + value)
 
 
-def _portable(forward_id: int, forward: Forward, udp: bool) -> tuple[_WorkerForward, list[int]]:
-    """A forward as a worker receives it after start-up: data plus fds."""
+def _portable(forward_id: int, forward: Forward, udp: bool,
+              own_listener: socket.socket | None) -> tuple[bytes, list[int]]:
+    """A forward as a worker receives it after start-up: a message plus fds.
+
+    ``own_listener``: the worker's SO_REUSEPORT listener (the same socket again for a
+    replacement worker)."""
     spec = forward.spec
     assert forward.target is not None and isinstance(spec.connect, ConnectAddress)
     netns = spec.connect.netns
@@ -534,145 +530,13 @@ def _portable(forward_id: int, forward: Forward, udp: bool) -> tuple[_WorkerForw
     if udp:
         assert forward.listener is not None
         fds.append(forward.listener.fileno())
-    stripped = replace(spec, listen=ListenAddress(HostPort("supervisor", 0),
-                                                  protocol=spec.protocol),
-                       connect=replace(spec.connect, netns=None))
+    if own_listener is not None:
+        fds.append(own_listener.fileno())
     label = netns.label if netns is not None else None
-    return _WorkerForward(forward_id, stripped, forward.target, label, udp), fds
-
-
-_WORKER_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from nsbridge.workers import worker_main; sys.exit(worker_main(sys.argv[2:]))"
-)
+    message = forward_message(forward_id, spec, forward.target, label, udp,
+                              own_listener is not None)
+    return message, fds
 
 
 def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_main(argv: list[str]) -> int:
-    """Entry point of a worker process (see Supervisor._spawn)."""
-    channel_fd, index, mover, pipe_size, drain, level = argv
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nsbridge: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(int(level))
-    log.propagate = False
-    channel = socket.socket(fileno=int(channel_fd))
-    try:
-        return _WorkerProcess(int(index), channel, mover, int(pipe_size) or None,  # type: ignore[arg-type]
-                              float(drain)).run()
-    except BaseException:
-        traceback.print_exc()
-        return 1
-
-
-class _WorkerProcess:
-    """Runs in a worker process: relays what the supervisor hands over."""
-
-    def __init__(self, index: int, channel: socket.socket, mover: MoverName,
-                 pipe_size: int | None, drain: float) -> None:
-        self.index = index
-        self.channel = channel
-        self.drain = drain
-        self.bridge = Bridge(mover=mover, pipe_size=pipe_size)
-        self.forwards: dict[int, Forward] = {}
-        self._last_stats: dict[int, dict[str, int]] = {}
-        # (family, type, proto) of each forward's clients: socket(fileno=fd) without them
-        # asks the kernel (getsockname + 2 getsockopt) for every handed-over connection,
-        # and all clients of one forward come from the same listener.
-        self._client_kinds: dict[int, tuple[int, int, int]] = {}
-
-    def run(self) -> int:
-        stops = StopSignals((signal.SIGTERM,))
-        stops.attach(self.bridge.loop, lambda _signum, count: self.bridge.shutdown(
-            self.drain if count == 1 else None))
-        self.channel.setblocking(False)
-        self.bridge.loop.add(self.channel.fileno(), IN, self._on_message)
-        self._schedule_stats()
-        try:
-            self.bridge.run()
-        finally:
-            stops.close()
-            self.bridge.close()
-        return 0
-
-    def _adopt(self, forward_id: int, spec: ForwardSpec, target: ResolvedAddress,
-               netns: Netns | None, udp_sock: socket.socket | None) -> None:
-        forward = self.bridge.adopt(spec, target, netns)
-        if udp_sock is not None:
-            forward.start_udp(udp_sock)
-        self.forwards[forward_id] = forward
-
-    def _on_message(self, _events: int) -> None:
-        while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.channel, _MAX_MESSAGE,
-                                                           _ACCEPT_BATCH)
-            except BlockingIOError:
-                return
-            if not data and not fds:  # the supervisor is gone: finish and exit
-                self.bridge.loop.remove(self.channel.fileno())
-                self.bridge.shutdown(self.drain or None)
-                return
-            kind, body = data[:1], data[1:]
-            if kind == _CONNECTIONS:
-                self._start_sessions(body, fds)
-            elif kind == _ADD:
-                self._add(pickle.loads(body), fds)
-            elif kind == _REMOVE:
-                forward_id, kill = pickle.loads(body)
-                self._remove(forward_id, kill)
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def _start_sessions(self, body: bytes, fds: list[int]) -> None:
-        ids = struct.unpack(f"{len(body) // 4}I", body)
-        for forward_id, fd in zip(ids, fds, strict=False):
-            forward = self.forwards.get(forward_id)
-            kind = self._client_kinds.get(forward_id)
-            if kind is None:
-                client = socket.socket(fileno=fd)
-                self._client_kinds[forward_id] = (client.family, client.type, client.proto)
-            else:
-                client = socket.socket(*kind, fileno=fd)
-            if forward is None:
-                reset_and_close(client)
-            else:
-                forward.start_session(client)
-
-    def _add(self, message: _WorkerForward, fds: list[int]) -> None:
-        fds = list(fds)
-        netns = Netns(fds.pop(0), message.netns_label) if message.netns_label else None
-        udp_sock = socket.socket(fileno=fds.pop(0)) if message.udp else None
-        listener = socket.socket(fileno=fds.pop(0)) if message.listener else None
-        self._adopt(message.id, message.spec, message.target, netns, udp_sock)
-        if listener is not None:
-            self.forwards[message.id].listen_on(listener)
-            log.debug("worker %d accepts %s itself (SO_REUSEPORT)", self.index,
-                      message.spec.name)
-
-    def _remove(self, forward_id: int, kill: bool) -> None:
-        forward = self.forwards.pop(forward_id, None)
-        if forward is None:
-            return
-        forward.stop_listening()
-        if kill:
-            forward.abort_all("reset: forward removed")
-        self._last_stats.pop(forward_id, None)
-        self._client_kinds.pop(forward_id, None)
-
-    def _schedule_stats(self) -> None:
-        self.bridge.loop.call_later(STATS_INTERVAL, self._report_stats)
-
-    def _report_stats(self) -> None:
-        current = {i: f.snapshot().as_dict() for i, f in self.forwards.items()}
-        if current != self._last_stats:
-            try:
-                self.channel.send(_STATS + pickle.dumps(current))
-                self._last_stats = current
-            except OSError:
-                pass
-        self._schedule_stats()

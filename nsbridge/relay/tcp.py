@@ -26,20 +26,21 @@ behind these choices are in ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
 
+from .._log import INFO, log
 from ..addresses import format_sockaddr
 from ..errors import errno_name
 from .loop import ERR, ET, HUP, IN, OUT, RDHUP, EventLoop, Timer
 from .pipes import PipePool
 
-log = logging.getLogger("nsbridge")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
+if TYPE_CHECKING:
+    from typing import Any
 
 _REGISTER_MASK = IN | OUT | RDHUP | ET
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -55,13 +56,12 @@ _SMALL_READ = int(os.environ.get("NSBRIDGE_SMALL_READ", 64 << 10))
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``."""
 
-    __slots__ = ("bulk", "data", "done", "drained", "dst", "eof", "name", "pending", "pipe",
-                 "src", "total")
+    __slots__ = ("bulk", "data", "done", "drained", "dst", "eof", "pending", "pipe", "src",
+                 "total")
 
-    def __init__(self, src: int, dst: int, name: str) -> None:
+    def __init__(self, src: int, dst: int) -> None:
         self.src = src
         self.dst = dst
-        self.name = name
         self.pending = 0  # bytes read from src and not yet written to dst
         self.pipe: tuple[int, int] | None = None  # spliced: where pending bytes sit
         self.data: memoryview | None = None  # copied: where pending bytes sit
@@ -86,12 +86,13 @@ class CopyMover:
 
     def __init__(self, size: int = _CHUNK) -> None:
         self._buf = bytearray(size)
+        self._bufs = [self._buf]  # readv's argument, built once rather than per read
         self._view = memoryview(self._buf)
         self._size = size
 
     def fill(self, d: Direction) -> int:
         try:
-            n = os.readv(d.src, [self._buf])
+            n = os.readv(d.src, self._bufs)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -145,7 +146,7 @@ class SplicePipeMover(CopyMover):
 
     def fill(self, d: Direction) -> int:
         if not d.bulk and not self._always_splice:
-            n = super().fill(d)
+            n = CopyMover.fill(self, d)  # not super(): this runs for every small read
             d.bulk = not d.drained
             return n
         if d.pipe is None:
@@ -202,6 +203,7 @@ class TcpSession:
         "_loop",
         "_mover",
         "_on_done",
+        "_server_name",
         "_timer",
         "client",
         "client_fd",
@@ -212,7 +214,6 @@ class TcpSession:
         "preamble",
         "server",
         "server_fd",
-        "server_name",
         "started",
         "up",
     )
@@ -237,10 +238,12 @@ class TcpSession:
         self.server_fd = server.fileno()
         # The name is only printed by -v; getpeername() is a syscall per connection.
         self.client_name = client_name or (
-            _peer_name(client) if log.isEnabledFor(logging.INFO) else "?")
-        self.server_name = server_name
-        self.up = Direction(self.client_fd, self.server_fd, "up")
-        self.down = Direction(self.server_fd, self.client_fd, "down")
+            _peer_name(client) if log.isEnabledFor(INFO) else "?")
+        # A name, or the target's sockaddr (shared with the forward) formatted on demand:
+        # a string per idle connection is memory for a log line that may never be printed.
+        self._server_name: str | tuple | bytes = server_name
+        self.up = Direction(self.client_fd, self.server_fd)
+        self.down = Direction(self.server_fd, self.client_fd)
         self.started = time.monotonic()
         self.ended = False
         self.outcome = ""
@@ -250,11 +253,21 @@ class TcpSession:
                 sock.setblocking(False)
             _set_nodelay(sock)
 
+    @property
+    def server_name(self) -> str:
+        name = self._server_name
+        return name if isinstance(name, str) else format_sockaddr(name)
+
+    @server_name.setter
+    def server_name(self, name: str) -> None:
+        self._server_name = name
+
     # ---- phase 1: connecting -----------------------------------------------------
 
     def connect(self, sockaddr: tuple, timeout: float | None) -> None:
         """Start a non-blocking connect of the server socket, then relay."""
-        self.server_name = self.server_name or format_sockaddr(sockaddr)
+        if not self._server_name:
+            self._server_name = sockaddr if isinstance(sockaddr, tuple | bytes) else str(sockaddr)
         code = self.server.connect_ex(sockaddr)
         self._loop.add(self.client_fd, _REGISTER_MASK, self._on_client_connecting)
         if code == 0:

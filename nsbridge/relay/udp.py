@@ -41,7 +41,6 @@ Threading: like the rest of the relay, everything here runs on the event loop's 
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 import time
 from collections import OrderedDict
@@ -50,12 +49,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
+from .._log import log
 from ..addresses import format_sockaddr
 from ..errors import errno_name
 from ..factory import SocketFactory
 from .loop import IN, EventLoop, Timer
-
-log = logging.getLogger("nsbridge")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -1,0 +1,72 @@
+"""The ``nsbridge`` logger, imported by the modules a worker process runs.
+
+``from ._log import log`` gives ``logging.getLogger("nsbridge")`` -- except in a worker
+process (:mod:`nsbridge.worker_process`), which calls :func:`use_stderr` before it imports
+anything else and so gets a stand-in that writes "nsbridge: message" lines to stderr
+at the level the supervisor passed.  The stand-in saves the ``logging`` import (with
+``traceback``, ``re``, ``string`` and ``weakref``: about 1.7 MiB of resident memory per
+worker).  Only what the relay modules call is provided.
+"""
+
+from __future__ import annotations
+
+import sys
+
+DEBUG = 10
+INFO = 20
+WARNING = 30
+ERROR = 40
+
+
+class StderrLog:
+    """Just enough of :class:`logging.Logger` for the relay: level check and %-messages."""
+
+    __slots__ = ("level",)
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name
+        return level >= self.level
+
+    def _emit(self, level: int, msg: str, args: tuple) -> None:
+        if level >= self.level:
+            text = msg % args if args else msg
+            try:
+                sys.stderr.write(f"nsbridge: {text}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    def debug(self, msg: str, *args: object) -> None:
+        self._emit(DEBUG, msg, args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._emit(INFO, msg, args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._emit(WARNING, msg, args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self._emit(ERROR, msg, args)
+
+    def exception(self, msg: str, *args: object) -> None:
+        self._emit(ERROR, msg, args)
+        if self.level <= ERROR:
+            sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
+
+
+def use_stderr(level: int) -> None:
+    """Make ``log`` a :class:`StderrLog` (worker processes, before importing the relay)."""
+    globals()["log"] = StderrLog(level)
+
+
+def __getattr__(name: str) -> object:
+    """``log`` is looked up on first import: the real logger unless use_stderr() ran."""
+    if name == "log":
+        import logging
+
+        value = logging.getLogger("nsbridge")
+        globals()["log"] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
