@@ -212,6 +212,26 @@ def _processes_mentioning(word: str) -> set[int]:
     return found
 
 
+def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
+    """Rootless for real: nsbridge runs as root of a user namespace of its own
+    (``unshare -U -r``), so it holds no capability over the host namespace — yet TCP
+    over this path, ping and the exit status work.  (/dev/net/tun is 0600 here: the
+    mapped uid 0 still owns it, which is how this machine's device lets it open; a uid
+    without the mapping is tested in test_sandbox.py where the interpreter allows.)"""
+    unprivileged = ["ip", "netns", "exec", host, "unshare", "-U", "-r", "--"]
+    probe = subprocess.run([*unprivileged, "ip", "link", "add", "nsbx", "type", "veth"],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0  # no CAP_NET_ADMIN over the host namespace
+    result = subprocess.run(
+        [*unprivileged, sys.executable, "-m", "nsbridge", "run", tcp, "--", "sh", "-c",
+         f"curl -sS -m 10 http://192.0.2.1:{HTTP_PORT}/index.html && "
+         "ping -c 1 -W 5 192.0.2.1 >/dev/null && exit 3"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "hello from the host namespace\n"
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["-p", "80"], "-p '80'"),
     (["-p", "8080:99999"], "namespace port"),
