@@ -545,9 +545,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 USERNET_EPILOG = """\
-addresses inside: 10.0.2.100/24 and fd00::100/64; gateway (the host) 10.0.2.2 / fd00::2;
-DNS 10.0.2.3 / fd00::3.  The host's own loopback is reachable through the gateway
-address only with --allow-host-loopback.
+addresses inside (change with --cidr/--cidr6): 10.0.2.100/24 and fd00::100/64; gateway
+(the host) 10.0.2.2 / fd00::2; DNS 10.0.2.3 / fd00::3.  The host's own loopback is
+reachable through the gateway address only with --allow-host-loopback.
 
 policy rules (--allow/--deny, repeatable; deny wins): [tcp|udp|icmp:]NETWORK[:PORT[-PORT]]
   e.g. --deny 192.0.2.0/24  --deny tcp:0.0.0.0/0:25  --allow udp:[2001:db8::]/32:53
@@ -576,6 +576,12 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "auto (default) = redirect, or tun when nf_tables is missing")
     parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
                         help="host resolver to forward DNS to (default: /etc/resolv.conf)")
+    parser.add_argument("--cidr", metavar="NETWORK", default="10.0.2.0/24",
+                        help="the namespace's IPv4 network (default 10.0.2.0/24): it gets "
+                        "host .100, the gateway .2, DNS .3 (as slirp4netns --cidr)")
+    parser.add_argument("--cidr6", metavar="NETWORK", default="fd00::/64",
+                        help="the namespace's IPv6 network (default fd00::/64): ::100, "
+                        "gateway ::2, DNS ::3")
     parser.add_argument("--mtu", type=int, default=65520, help="MTU (default 65520)")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -597,7 +603,7 @@ def _usernet_options(args: argparse.Namespace) -> object:
     return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
                           allow_host_loopback=args.allow_host_loopback, allow=args.allow,
                           deny=args.deny, tcp=args.tcp, dns=dns, mtu=args.mtu,
-                          ipv6=not args.disable_ipv6)
+                          ipv6=not args.disable_ipv6, cidr=args.cidr, cidr6=args.cidr6)
 
 
 def run_usernet(args: argparse.Namespace) -> int:

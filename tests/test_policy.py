@@ -321,7 +321,7 @@ def test_addresses_parse() -> None:
         ({"network": "fd00::/64"}, "usernet network fd00::/64: not an IPv4 network"),
         ({"network6": "10.0.0.0/8"}, "usernet network6 10.0.0.0/8: not an IPv6 network"),
         ({"network": "10.0.2.0/26"}, "usernet network 10.0.2.0/26: too small for the default"),
-        ({"network6": "fd00::/120"}, "usernet network fd00::/120: too small for the default"),
+        ({"network6": "fd00::/120"}, "usernet network6 fd00::/120: too small for the default"),
         ({"namespace": "10.0.3.100"}, "usernet namespace 10.0.3.100: not a host address in"),
         ({"namespace": "10.0.2.255"}, "usernet namespace 10.0.2.255: not a host address in"),
         ({"gateway": "10.0.2.0"}, "usernet gateway 10.0.2.0: not a host address in"),

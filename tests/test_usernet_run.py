@@ -212,6 +212,20 @@ def _processes_mentioning(word: str) -> set[int]:
     return found
 
 
+def test_addresses_follow_cidr(host):
+    """--cidr/--cidr6 move every inside address, and the policy and DNS follow."""
+    result = nsbridge_run(host, "--cidr", "172.30.5.0/24", "--cidr6", "fd12:3456::/64",
+                          "--allow-host-loopback", "--", "sh", "-c",
+                          "ip -br addr show nsb0; ip route; cat /etc/resolv.conf; "
+                          "ping -c 1 -W 5 172.30.5.2 >/dev/null && echo gateway-answers")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "172.30.5.100/24" in out and "fd12:3456::100/64" in out
+    assert "default via 172.30.5.2" in out
+    assert "nameserver 172.30.5.3" in out and "nameserver fd12:3456::3" in out
+    assert "gateway-answers" in out
+
+
 def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     """Rootless for real: nsbridge runs as root of a user namespace of its own
     (``unshare -U -r``), so it holds no capability over the host namespace — yet TCP
@@ -237,6 +251,10 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["-p", "8080:99999"], "namespace port"),
     (["-p", "8080:80/sctp"], "protocol 'sctp'"),
     (["--deny", "10.0.0.300/8"], "10.0.0.300"),
+    (["--cidr", "10.0.0.0/31"], "--cidr 10.0.0.0/31: too small"),
+    (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
+    (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
+    (["--cidr6", "fd00::/125"], "--cidr6 fd00::/125: too small"),
     ([], "give the command"),
 ])
 def test_bad_run_input(host, args, needle):

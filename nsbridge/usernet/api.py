@@ -75,6 +75,8 @@ def options(
     tcp: str = "auto",
     mtu: int = 65520,
     ipv6: bool = True,
+    cidr: str = "10.0.2.0/24",
+    cidr6: str = "fd00::/64",
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
@@ -89,7 +91,7 @@ def options(
         publish=[p if isinstance(p, Publish) else parse_publish(p) for p in publish],
         allow_host_loopback=allow_host_loopback, allow=list(allow), deny=list(deny),
         tcp=tcp, dns=None if dns is None else [(str(h), int(p)) for h, p in dns], mtu=mtu,
-        ipv6=ipv6)
+        ipv6=ipv6, cidr=cidr, cidr6=cidr6)
     _policy(opts)  # validate the rules now: a typo must not surface after the fork
     _config(opts)
     return opts
@@ -200,6 +202,8 @@ def run(
     tcp: str = "auto",
     mtu: int = 65520,
     ipv6: bool = True,
+    cidr: str = "10.0.2.0/24",
+    cidr6: str = "fd00::/64",
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -216,7 +220,8 @@ def run(
     if not command:
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
     opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
-                   deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6)
+                   deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
+                   cidr6=cidr6)
     handle = _sandbox.Sandbox.create(
         list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
@@ -280,6 +285,8 @@ def attach(
     tcp: str = "auto",
     mtu: int = 65520,
     ipv6: bool = True,
+    cidr: str = "10.0.2.0/24",
+    cidr6: str = "fd00::/64",
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -289,7 +296,8 @@ def attach(
     any call from the caller.  Other targets run until :meth:`Attachment.close`.
     """
     opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
-                   deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6)
+                   deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
+                   cidr6=cidr6)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
         handle = _sandbox.Sandbox.attach(target, _config(opts), extra=_redirect_setup(opts),
@@ -348,16 +356,19 @@ class HostSide:
                  allow_host_loopback: bool = False, allow: Iterable[str] = (),
                  deny: Iterable[str] = (), dns: Sequence[tuple[str, int]] | None = None,
                  tcp: str = "auto", mtu: int = 65520, ipv6: bool = True,
+                 cidr: str = "10.0.2.0/24", cidr6: str = "fd00::/64",
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self._options = options(publish=publish, allow_host_loopback=allow_host_loopback,
-                                allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6)
+                                allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
+                                cidr=cidr, cidr6=cidr6)
         self._config = _config(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._child: socket.socket | None = child
         child.set_inheritable(True)  # for fork+exec without pass_fds, too
         self._sock.send(json.dumps({"mtu": self._options.mtu, "ipv6": self._options.ipv6,
-                                    "tcp": self._options.tcp}).encode())
+                                    "tcp": self._options.tcp, "cidr": self._options.cidr,
+                                    "cidr6": self._options.cidr6}).encode())
         self._network: Network | None = None
 
     def child_fd(self) -> int:
@@ -455,7 +466,9 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         if "error" in settings:
             raise _sandbox.SandboxError(settings["error"])
         opts = UsernetOptions(mtu=int(settings["mtu"]), ipv6=bool(settings["ipv6"]),
-                              tcp=str(settings["tcp"]))
+                              tcp=str(settings["tcp"]),
+                              cidr=str(settings.get("cidr", "10.0.2.0/24")),
+                              cidr6=str(settings.get("cidr6", "fd00::/64")))
         try:
             header, fds = _sandbox._configure_here(_config(opts), _redirect_setup(opts))
         except _sandbox.SetupError as exc:

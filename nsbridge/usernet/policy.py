@@ -110,16 +110,18 @@ class UsernetAddresses:
         gateway6: str | None = None,
         dns6: str | None = None,
         mtu: str | int = 65520,
+        labels: tuple[str, str] = ("usernet network", "usernet network6"),
     ) -> UsernetAddresses:
         """Addresses from user text; a :class:`UserError` names the first bad input.
 
         Omitted host addresses default to the network's ``.2``/``.3``/``.100``
-        (``::2``/``::3``/``::100``).
+        (``::2``/``::3``/``::100``).  ``labels`` name the two networks in errors (the
+        CLI passes its option names).
         """
-        net4 = _parse_net(network, "network", 4)
-        net6 = _parse_net(network6, "network6", 6)
+        net4 = _parse_net(network, labels[0], 4)
+        net6 = _parse_net(network6, labels[1], 6)
         four = [
-            _host(net4, text, default, name)
+            _host(net4, text, default, name, labels[0])
             for text, default, name in (
                 (namespace, 100, "namespace"),
                 (gateway, 2, "gateway"),
@@ -127,7 +129,7 @@ class UsernetAddresses:
             )
         ]
         six = [
-            _host(net6, text, default, name)
+            _host(net6, text, default, name, labels[1])
             for text, default, name in (
                 (namespace6, 0x100, "namespace6"),
                 (gateway6, 2, "gateway6"),
@@ -143,19 +145,20 @@ class UsernetAddresses:
         return frozenset((self.gateway, self.dns, self.gateway6, self.dns6))
 
 
-def _parse_net(text: str, name: str, version: int) -> Network:
-    network = parse_network(text, what=f"usernet {name}")
+def _parse_net(text: str, label: str, version: int) -> Network:
+    network = parse_network(text, what=label)
     if network.version != version:
-        raise UserError(f"usernet {name} {text}: not an IPv{version} network")
+        raise UserError(f"{label} {text}: not an IPv{version} network")
     return network
 
 
-def _host(network: Network, text: str | None, default: int, name: str) -> IPAddress:
+def _host(network: Network, text: str | None, default: int, name: str,
+          label: str) -> IPAddress:
     """The address given for ``name``, or the network's default host ``default``."""
     if text is None:
         if default >= network.num_addresses - 1:
             raise UserError(
-                f"usernet network {network}: too small for the default {name} address "
+                f"{label} {network}: too small for the default {name} address "
                 f"(host {default}); use a larger network"
             )
         return network[default]
@@ -197,8 +200,11 @@ class Rule:
     """One allow or deny rule: ``[PROTO:]NETWORK[:PORT[-PORT]]``.
 
     ``protocol`` None matches every protocol; ``ports`` None matches every port (and
-    ICMP).  IPv6 networks with a port are bracketed: ``[2001:db8::]/32:53`` or
-    ``[2001:db8::/32]:53``; without a port the brackets may be left out.
+    ICMP).  A rule with ports matches only TCP and UDP: ICMP has no port, so
+    ``allow 192.0.2.1:443`` must not let echo requests (which can carry any payload)
+    through an allow list, nor ``deny 0.0.0.0/0:25`` stop every ping.  IPv6 networks with
+    a port are bracketed: ``[2001:db8::]/32:53`` or ``[2001:db8::/32]:53``; without a
+    port the brackets may be left out.
     """
 
     action: Literal["allow", "deny"]
@@ -226,14 +232,16 @@ class Rule:
         return cls(action, network, protocol, ports)  # type: ignore[arg-type]
 
     def matches(self, protocol: str, address: IPAddress, port: int | None) -> bool:
-        """Whether this rule covers a flow (ports are ignored for ICMP flows)."""
+        """Whether this rule covers a flow (a rule with ports never covers ICMP)."""
         if self.protocol is not None and self.protocol != protocol:
             return False
         if address not in self.network:
             return False
-        if self.ports is None or port is None or protocol == "icmp":
+        if self.ports is None:
             return True
-        return self.ports[0] <= port <= self.ports[1]
+        if protocol == "icmp":
+            return False
+        return port is None or self.ports[0] <= port <= self.ports[1]
 
     def __str__(self) -> str:
         network = str(self.network)

@@ -52,6 +52,16 @@ class UsernetOptions:
     dns: list[tuple[str, int]] | None = None  # host resolvers; None: /etc/resolv.conf
     mtu: int = 65520
     ipv6: bool = True
+    cidr: str = "10.0.2.0/24"  # the namespace's IPv4 network (slirp4netns's --cidr)
+    cidr6: str = "fd00::/64"  # and its IPv6 network
+
+
+def _addresses(options: UsernetOptions) -> Any:
+    """The namespace's addresses: host .100, gateway .2, DNS .3 of each network."""
+    from .policy import UsernetAddresses
+
+    return UsernetAddresses.parse(network=options.cidr, network6=options.cidr6,
+                                  mtu=options.mtu, labels=("--cidr", "--cidr6"))
 
 
 def _policy(options: UsernetOptions) -> Any:
@@ -59,7 +69,8 @@ def _policy(options: UsernetOptions) -> Any:
 
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
-    return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules)
+    return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules,
+                  addresses=_addresses(options))
 
 
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
@@ -76,10 +87,17 @@ def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
 
 
 def _config(options: UsernetOptions) -> Any:
+    import ipaddress
+
     from .netconf import NetConfig
 
-    config = NetConfig(mtu=options.mtu) if options.ipv6 else NetConfig(mtu=options.mtu,
-                                                                       ipv6=None)
+    a = _addresses(options)
+    ipv6 = (ipaddress.IPv6Interface(f"{a.namespace6}/{a.network6.prefixlen}")
+            if options.ipv6 else None)
+    config = NetConfig(mtu=options.mtu,
+                       ipv4=ipaddress.IPv4Interface(f"{a.namespace}/{a.network.prefixlen}"),
+                       gateway4=a.gateway, dns4=a.dns, ipv6=ipv6, gateway6=a.gateway6,
+                       dns6=a.dns6)
     config.validate()
     return config
 
@@ -167,13 +185,13 @@ class Network:
 
         On failure everything opened so far is released (close() is still safe)."""
         from .engine import TunEngine
-        from .policy import UsernetAddresses
 
         handle, options, bridge = self.handle, self.options, self.bridge
         try:
             resolvers = _resolvers(options)
             self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
-                                    UsernetAddresses(), resolvers, offloads=handle.offloads)
+                                    self.policy.addresses, resolvers,
+                                    offloads=handle.offloads)
             self.engine.start()
             listeners = [_socket(fd) for fd in handle.take_extra()]
             if listeners:
