@@ -68,6 +68,12 @@ def netns(make_netns: Callable[[], str]) -> str:
     return make_netns()
 
 
+# The TCP paths of `nsbridge run --tcp=MODE` that the usernet bypass and soak tests run
+# every TCP case through: the nftables fast path and the tun path (TCP terminated by
+# nsbridge.usernet.tuntcp), so both paths face the same suite.
+USERNET_TCP_MODES: list[str] = ["redirect", "tun"]
+
+
 @pytest.fixture
 def host() -> Iterator[str]:
     """The "host" namespace for user-mode networking tests: lo, and d0 with 192.0.2.1/24

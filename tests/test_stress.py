@@ -153,8 +153,14 @@ class Tally:
             self.failures.append(what)
 
 
+# Where the clients dial: the forward's listener here.  The usernet soak
+# (test_usernet_soak.py) runs these clients inside a sandbox and points them at the
+# server's own address instead.
+SERVER_HOST = "127.0.0.1"
+
+
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    return await asyncio.open_connection(SERVER_HOST, port, limit=1 << 20)
 
 
 async def _read_all(reader: asyncio.StreamReader) -> bytes:

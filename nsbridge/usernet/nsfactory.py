@@ -8,22 +8,32 @@ single-threaded process started inside it (through SandboxHandle.make_fds, once)
 answers "N sockets of family F, type T" over a SOCK_SEQPACKET socketpair with SCM_RIGHTS.
 It exits when the host side closes its end, so nothing outlives the sandbox.
 
+The factory lives in the sandbox's user namespace, so the sandboxed program may kill or
+stop it.  Its answers come back on the event loop thread, so every request has a
+deadline: a factory that is gone or does not answer within ``_REPLY_TIMEOUT`` is given up
+once, with one warning, and later requests fail at once.  Published ports into that
+namespace then refuse connections; all other traffic carries on.
+
 Published ports use it as the connect side of an ordinary forward: the relay engine is
 the same one ``nsbridge forward`` uses.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger("nsbridge")
+
 _REQUEST = struct.Struct("iii")  # family, type, count
+_REPLY_TIMEOUT = 2.0  # a live factory answers in microseconds; this only bounds a stall
 _BATCH = 16
 _FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
@@ -34,7 +44,9 @@ class ProcessFactory:
     def __init__(self, channel: socket.socket, label: str) -> None:
         self.label = label
         self._channel = channel
+        self._channel.settimeout(_REPLY_TIMEOUT)
         self._pools: dict[tuple[int, int], deque[socket.socket]] = {}
+        self._broken: str | None = None  # why the factory was given up
 
     @classmethod
     def inside(cls, handle: Any) -> ProcessFactory:
@@ -49,16 +61,29 @@ class ProcessFactory:
         return pool.popleft()
 
     def _request(self, family: int, type: int, count: int) -> list[socket.socket]:
+        if self._broken is not None:
+            raise OSError(0, f"socket factory in {self.label}: {self._broken}")
         try:
             self._channel.send(_REQUEST.pack(family, type, count))
             data, fds, _flags, _addr = socket.recv_fds(self._channel, 256, count)
+        except TimeoutError:
+            self._give_up(f"the factory process did not answer within {_REPLY_TIMEOUT:g} s")
         except OSError as exc:
-            raise OSError(exc.errno, f"socket factory in {self.label}: {exc.strerror}"
-                          ) from None
+            self._give_up(f"the factory process is gone ({exc.strerror})")
         if not fds:
-            message = data.decode(errors="replace") or "the factory process is gone"
-            raise OSError(0, f"socket factory in {self.label}: {message}")
+            if not data:
+                self._give_up("the factory process is gone")
+            raise OSError(0, f"socket factory in {self.label}: {data.decode(errors='replace')}")
         return [socket.socket(fileno=fd) for fd in fds]
+
+    def _give_up(self, why: str) -> NoReturn:
+        """Stop asking a dead or stuck factory (a late answer would desynchronise the
+        channel); closing our end makes a stopped one exit once it runs again."""
+        self._broken = why
+        self._channel.close()
+        log.warning("socket factory in %s: %s; published ports into this namespace refuse "
+                    "connections from now on", self.label, why)
+        raise OSError(0, f"socket factory in {self.label}: {why}")
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` here: only namespace-independent work (numeric address parsing) is
