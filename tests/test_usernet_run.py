@@ -212,6 +212,18 @@ def _processes_mentioning(word: str) -> set[int]:
     return found
 
 
+def test_udp_and_icmp_denials_are_logged_at_v(host):
+    """-v names every denied flow, whatever its protocol (TCP's line is tested with the
+    bypass table)."""
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.sendto(b'x', ('192.0.2.1', 5353))")
+    result = nsbridge_run(host, "-v", "--deny", "192.0.2.0/24", "--", "sh", "-c",
+                          f"{sys.executable} -c \"{send}\"; ping -c 1 -W 2 192.0.2.1; true")
+    assert result.returncode == 0, result.stderr
+    assert "usernet udp: 10.0.2.100 -> 192.0.2.1:5353 denied: " in result.stderr
+    assert "usernet icmp: 10.0.2.100 -> 192.0.2.1 denied: " in result.stderr
+
+
 def test_addresses_follow_cidr(host):
     """--cidr/--cidr6 move every inside address, and the policy and DNS follow."""
     result = nsbridge_run(host, "--cidr", "172.30.5.0/24", "--cidr6", "fd12:3456::/64",

@@ -345,7 +345,9 @@ class TunEngine:
             except OSError as exc:
                 # EBADFD/EIO: the device is gone (namespace ended).  Level-triggered, so
                 # staying registered would spin; the owner notices CMD's exit.
-                log.warning("tun read failed: %s; no longer reading it", errno_name(exc.errno))
+                log.warning("tun read failed: %s; no longer reading it (the tun device is "
+                            "gone: UDP, DNS, ICMP and tun-path TCP stop; the redirect fast "
+                            "path is unaffected)", errno_name(exc.errno))
                 self.stats.errors += 1
                 self._loop.remove(fd)
                 return
@@ -413,8 +415,15 @@ class TunEngine:
         self._write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
         self.stats.unreachable_sent[kind] += 1
 
-    def _deny(self, parsed: Parsed) -> None:
-        """Answer a denied flow with "administratively prohibited" from the gateway."""
+    def _deny(self, parsed: Parsed, reason: str = "") -> None:
+        """Answer a denied flow with "administratively prohibited" from the gateway (and
+        say so at -v, as the TCP paths do, so a user sees why a flow goes nowhere)."""
+        if reason and log.isEnabledFor(logging.INFO):
+            l4 = parsed.l4
+            port = f":{l4.dport}" if isinstance(l4, UDP) else ""
+            what = "udp" if isinstance(l4, UDP) else "icmp"
+            log.info("usernet %s: %s -> %s%s denied: %s", what, _ip_text(parsed.ip.src),
+                     _ip_text(parsed.ip.dst), port, reason)
         if may_send_icmp_error(parsed):
             self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version])
 
@@ -437,7 +446,7 @@ class TunEngine:
                 return
             decision = self.policy.decide("udp", ip.dst, udp.dport)
             if isinstance(decision, Deny):
-                self._deny(parsed)
+                self._deny(parsed, decision.reason)
                 return
             if isinstance(decision, AllowResolver):
                 self._dns_query(parsed, udp)
@@ -656,7 +665,7 @@ class TunEngine:
                 return
             decision = self.policy.decide("icmp", ip.dst, None)
             if isinstance(decision, (Deny, AllowResolver)):
-                self._deny(parsed)
+                self._deny(parsed, decision.reason if isinstance(decision, Deny) else "dns")
                 return
             if ip.dst in self._gateways:
                 # The gateway is us: answer without touching the host's network.
@@ -817,6 +826,10 @@ class TunEngine:
             self._close_echo(echo)
         if len(self._udp) or len(self._echo):
             self._schedule_sweep()
+
+
+def _ip_text(packed_ip: bytes) -> str:
+    return str(ipaddress.ip_address(packed_ip))
 
 
 def _resolver_sockaddr(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
