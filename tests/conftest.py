@@ -283,6 +283,20 @@ def _wait_listening(fwd: Forwarder, timeout: float = 15) -> None:
     raise AssertionError(f"nsbridge did not start listening:\n{fwd.log()}")
 
 
+def processes_mentioning(word: str) -> set[int]:
+    """PIDs whose command line contains ``word`` (a marker only one run uses)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if word.encode() in f.read():
+                        found.add(int(pid))
+            except OSError:
+                pass
+    return found
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (nsbridge's supervisor and its workers)."""
     pids = [pid]
@@ -399,6 +413,16 @@ def stream_server() -> Iterator[Callable[..., StreamServer]]:
             except OSError:
                 pass
             server.listener.close()
+
+
+def reply_after_fin(conn: socket.socket) -> None:
+    """A server for half-close tests: read until the client's FIN, then answer on the
+    direction that is still open with how many bytes came."""
+    total = 0
+    while data := conn.recv(65536):
+        total += len(data)
+    time.sleep(0.2)
+    conn.sendall(f"after-fin:{total}".encode())
 
 
 def echo_listener(netns: str | None, host: str = "127.0.0.1") -> socket.socket:

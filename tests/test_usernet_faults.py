@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, listen_in, wait_until
+from conftest import REPO, in_netns, listen_in, processes_mentioning, wait_until
 
 SERVER = "192.0.2.1"
 
@@ -208,24 +208,10 @@ def holders(netns: str) -> list[str]:
     return found
 
 
-def mentioning(word: str) -> list[int]:
-    """PIDs whose command line contains ``word`` (this run's marker)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if word.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found
-
-
 def assert_nothing_left(run: Run) -> None:
     """Every process of the run ended and the sandbox's namespace is held by nobody."""
-    wait_until(lambda: not mentioning(run.marker) and not holders(run.netns), timeout=10,
-               what=f"the run's processes {mentioning(run.marker)} and the namespace "
+    wait_until(lambda: not processes_mentioning(run.marker) and not holders(run.netns), timeout=10,
+               what=f"the run's processes {processes_mentioning(run.marker)} and the namespace "
                     f"holders {holders(run.netns)} to go")
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, echo, free_port, have, in_netns, listen_in
+from conftest import REPO, echo, free_port, have, in_netns, listen_in, reply_after_fin
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
@@ -205,17 +205,8 @@ def test_bulk_transfer_sha256(host_ns: str, tmp_path: Path, stream_server) -> No
     assert stats["closed"] == 1 and stats["reset"] == 0
 
 
-def _reply_after_fin(conn: socket.socket) -> None:
-    """Read until the client's FIN, then answer on the still-open other direction."""
-    total = 0
-    while data := conn.recv(65536):
-        total += len(data)
-    time.sleep(0.2)
-    conn.sendall(f"after-fin:{total}".encode())
-
-
 def test_half_close(host_ns: str, tmp_path: Path, stream_server) -> None:
-    server = stream_server(listen_in(host_ns, HOST6), _reply_after_fin)
+    server = stream_server(listen_in(host_ns, HOST6), reply_after_fin)
     report, out, err = run_sandbox(host_ns, tmp_path, client("halfclose", HOST6, server.port))
     assert report["code"] == 0, err
     [result] = client_results(out)
@@ -240,7 +231,7 @@ def test_policy_denials_reset_at_once_and_are_counted(host_ns: str, tmp_path: Pa
                                                       stream_server) -> None:
     denied = stream_server(listen_in(host_ns, HOST4), echo)
     host_loopback = stream_server(listen_in(host_ns, "127.0.0.1"), echo)
-    allowed = stream_server(listen_in(host_ns, HOST4), _reply_after_fin)
+    allowed = stream_server(listen_in(host_ns, HOST4), reply_after_fin)
     # A direct connection to the listener (port read from the ruleset) has no original
     # destination but its own loopback address: it must be refused too, never relayed.
     direct = ("port=$(nft list ruleset | sed -n 's/.*redirect to :\\([0-9]*\\).*/\\1/p'); "
@@ -268,8 +259,8 @@ def test_policy_denials_reset_at_once_and_are_counted(host_ns: str, tmp_path: Pa
 
 def test_gateway_reaches_host_loopback_when_allowed(host_ns: str, tmp_path: Path,
                                                     stream_server) -> None:
-    server4 = stream_server(listen_in(host_ns, "127.0.0.1"), _reply_after_fin)
-    server6 = stream_server(listen_in(host_ns, "::1"), _reply_after_fin)
+    server4 = stream_server(listen_in(host_ns, "127.0.0.1"), reply_after_fin)
+    server6 = stream_server(listen_in(host_ns, "::1"), reply_after_fin)
     report, out, err = run_sandbox(
         host_ns, tmp_path,
         shell(client("halfclose", "10.0.2.2", server4.port),
@@ -286,7 +277,7 @@ def test_dns_address_goes_to_the_host_resolver(host_ns: str, tmp_path: Path,
                                                 stream_server) -> None:
     """TCP to the namespace's DNS address, port 53, is relayed to the first host
     resolver (a stand-in server here); any other port there is denied."""
-    resolver = stream_server(listen_in(host_ns, HOST4), _reply_after_fin)
+    resolver = stream_server(listen_in(host_ns, HOST4), reply_after_fin)
     report, out, err = run_sandbox(
         host_ns, tmp_path,
         shell(client("halfclose", "10.0.2.3", 53), client("halfclose", "fd00::3", 53),

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, wait_until
+from conftest import REPO, in_netns, processes_mentioning, wait_until
 
 HTTP_PORT = 8000
 
@@ -194,7 +194,7 @@ def test_nothing_left_behind(host):
     marker = f"127.0.0.{2 + os.getpid() % 250}:{20000 + uuid.uuid4().int % 20000}:80"
     result = nsbridge_run(host, "-p", marker, "--", "true")
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: not _processes_mentioning(marker), timeout=5,
+    wait_until(lambda: not processes_mentioning(marker), timeout=5,
                what="every process of that run to end")
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, echo, free_port, have, in_netns, listen_in
+from conftest import REPO, echo, free_port, have, in_netns, listen_in, reply_after_fin
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun"),
@@ -160,18 +160,10 @@ def test_iperf3_both_directions(host: str, tmp_path: Path, tcp_mode: str) -> Non
 # ---- connection semantics -------------------------------------------------------------------
 
 
-def _reply_after_fin(conn: socket.socket) -> None:
-    total = 0
-    while data := conn.recv(65536):
-        total += len(data)
-    time.sleep(0.2)
-    conn.sendall(f"after-fin:{total}".encode())
-
-
 @pytest.mark.parametrize("address", [HOST4, HOST6])
 def test_half_close_from_the_namespace(host: str, tmp_path: Path, stream_server,
                                        tcp_mode: str, address: str) -> None:
-    server = stream_server(listen_in(host, address), _reply_after_fin)
+    server = stream_server(listen_in(host, address), reply_after_fin)
     report, out, err = run_inside(host, tmp_path, tcp_mode, client("halfclose", address,
                                                                    server.port))
     assert report["code"] == 0, err

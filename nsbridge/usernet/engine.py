@@ -383,20 +383,9 @@ class TunEngine:
 
     # ---- writing the tun ----------------------------------------------------------------
 
-    def _write(self, frame: bytes) -> None:
-        try:
-            os.write(self._tun, frame)
-        except BlockingIOError:
-            self.stats.drops["tun full"] += 1
-        except OSError as exc:
-            self.stats.drops[f"tun write {errno_name(exc.errno)}"] += 1
-        else:
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(frame)
-
     def write(self, frame: bytes) -> None:
         """Write one frame to the tun (dropped and counted if it will not take it now)."""
-        self._write(frame)
+        self.write_parts((frame,))
 
     def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Write one frame given in parts (a header and a payload view), without joining."""
@@ -412,7 +401,7 @@ class TunEngine:
 
     def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None) -> None:
         """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``."""
-        self._write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
+        self.write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
         self.stats.unreachable_sent[kind] += 1
 
     def _deny(self, parsed: Parsed, reason: str = "") -> None:
@@ -520,7 +509,7 @@ class TunEngine:
                 continue
             received = True
             payload = view[:n]
-            self._write(
+            self.write(
                 build_udp(
                     flow.ns_dst,
                     flow.ns_src,
@@ -648,7 +637,7 @@ class TunEngine:
         except ValueError:  # a 64 KiB answer does not fit the IP packet
             self.stats.drops["dns answer too large"] += 1
             return
-        self._write(frame)
+        self.write(frame)
 
     # ---- ICMP echo -------------------------------------------------------------------------
 
@@ -669,7 +658,7 @@ class TunEngine:
                 return
             if ip.dst in self._gateways:
                 # The gateway is us: answer without touching the host's network.
-                self._write(build_icmp_echo_reply(parsed, vnet=self._vnet))
+                self.write(build_icmp_echo_reply(parsed, vnet=self._vnet))
                 self.stats.icmp_echo_replies += 1
                 self.stats.icmp_echo_local += 1
                 return
@@ -783,7 +772,7 @@ class TunEngine:
             if icmp_type != reply_type or (flow.kind == "raw" and ident != flow.host_ident):
                 continue  # a raw socket sees every ICMP message from that host
             received = True
-            self._write(
+            self.write(
                 build_icmp_echo(
                     flow.ns_dst, flow.ns_src, flow.ident, seq, data[8:], vnet=self._vnet
                 )
@@ -805,7 +794,7 @@ class TunEngine:
         reset = build_tcp_rst(parsed, vnet=self._vnet)
         if reset is None:
             return  # never answer a reset
-        self._write(reset)
+        self.write(reset)
         self.stats.tcp_resets += 1
 
     # ---- expiry ---------------------------------------------------------------------------
