@@ -46,7 +46,7 @@ config = json.loads(sys.argv[1])
 with open(config["out"], "w") as out, open(config["err"], "w") as err:
     proc = api.run(config["command"], tcp=config["tcp"], deny=config.get("deny", ()),
                    allow_host_loopback=config.get("allow_host_loopback", False),
-                   stdout=out.fileno(), stderr=err.fileno())
+                   mtu=config.get("mtu", 65520), stdout=out.fileno(), stderr=err.fileno())
 code = proc.wait(timeout=config["timeout"])
 stats = proc.stats()
 proc.close()
@@ -326,6 +326,20 @@ def test_tun_mode_really_uses_the_tun(host: str, tmp_path: Path, stream_server) 
     assert report["code"] == 0, err
     assert "retransmits" in report["tcp"]  # TunTcp's counters, not the redirector's
     assert report["engine_resets"] == 0
+
+
+@pytest.mark.parametrize(("address", "mtu"), [(HOST4, 1500), (HOST6, 1280)])
+def test_small_mtu_sha256(host: str, tmp_path: Path, stream_server, tcp_mode: str,
+                          address: str, mtu: int) -> None:
+    """A namespace with an Ethernet-sized (or IPv6-minimum) MTU: on the tun path the
+    host side writes 64 KiB GSO frames that the kernel cuts to the namespace's MSS."""
+    size = 16 << 20
+    server = stream_server(listen_in(host, address), echo)
+    report, out, err = run_inside(host, tmp_path, tcp_mode,
+                                  client("bulk", address, server.port, size), mtu=mtu)
+    assert report["code"] == 0, err
+    [result] = results(out)
+    assert result["bytes"] == size and result["received"] == result["sent"]
 
 
 LOSSY = ("nft add table inet lossy && "

@@ -278,7 +278,7 @@ class TunTcp:
             log.info("usernet tcp: %s -> %s failed: %s", _shown(flow.key[0], flow.key[1]),
                      _shown(flow.key[2], flow.key[3]), errno_name(code))
         self._write(flow.conn.refused())
-        self._finish(flow, reset=True, registered=False)
+        self._finish(flow, reset=True, registered=False, counted=False)
 
     # ---- doing what the protocol says ---------------------------------------------------
 
@@ -433,8 +433,10 @@ class TunTcp:
         if flow.key in self.flows:
             self._arm(flow)
 
-    def _finish(self, flow: _Flow, *, reset: bool = False, registered: bool = True) -> None:
-        """Forget a connection and close its host socket (with a reset if ``reset``)."""
+    def _finish(self, flow: _Flow, *, reset: bool = False, registered: bool = True,
+                counted: bool = True) -> None:
+        """Forget a connection and close its host socket (with a reset if ``reset``);
+        ``counted=False`` when the caller counted it already (a failed connect)."""
         if self.flows.pop(flow.key, None) is None:
             return
         flow.conn.state = "closed"
@@ -453,7 +455,9 @@ class TunTcp:
                 pass
         flow.sock.close()
         self.stats.active -= 1
-        if reset:
+        if not counted:
+            pass
+        elif reset:
             self.stats.reset += 1
         else:
             self.stats.closed += 1
