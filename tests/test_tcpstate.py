@@ -31,6 +31,7 @@ from nsbridge.usernet.tcpstate import (
     MAX_RETRIES,
     OUR_WSCALE,
     RECV_BUFFER,
+    Budget,
     TcpConn,
     syn_options,
 )
@@ -348,3 +349,23 @@ def test_acks_during_a_retransmission_carry_the_highest_sequence() -> None:
     assert conn.snd_nxt == 1001  # rewound
     ack = conn.on_segment(segment(TCP_ACK | TCP_PSH, 5001, 1001, b"data").l4).frames[-1]
     assert tcp_of(ack).seq == 4001  # not 1001: the receiver would drop it as old
+
+
+def test_connections_share_one_buffer_budget() -> None:
+    """A namespace cannot make the host side buffer more than the shared budget, however
+    many connections it opens to a server that never reads."""
+    budget = Budget(100_000)
+    first = TcpConn(segment(TCP_SYN, 5000, options=MSS_WS), 1000, vnet=False, budget=budget)
+    second = TcpConn(segment(TCP_SYN, 5000, options=MSS_WS), 1000, vnet=False, budget=budget)
+    for conn in (first, second):
+        conn.accepted()
+        conn.on_segment(segment(TCP_ACK, 5001, 1001).l4)
+    assert first.on_segment(segment(TCP_ACK, 5001, 1001, b"a" * 60_000).l4).deliver
+    taken = second.on_segment(segment(TCP_ACK, 5001, 1001, b"b" * 60_000).l4)
+    assert len(taken.deliver) == 40_000 and budget.free == 0
+    assert tcp_of(taken.frames[-1]).window == 0
+    assert first.host_drained(0) == [] and budget.free == 60_000  # the host took it all
+    more = second.on_segment(segment(TCP_ACK, 45001, 1001, b"c" * 20_000).l4)
+    assert len(more.deliver) == 20_000
+    second.release()
+    assert budget.free == 100_000

@@ -64,6 +64,7 @@ from .packets import (
 MASK = 0xFFFFFFFF
 OUR_WSCALE = 7  # windows up to 8 MiB; the namespace's own scale is whatever it offers
 RECV_BUFFER = 1 << 21  # bytes we accept but the host socket has not taken yet (max)
+SHARED_BUFFER = 1 << 28  # all connections together (backlogs and held segments)
 MAX_SEGMENT = 65535 - 40 - 20  # largest payload one IPv6 or IPv4 frame can carry here
 INITIAL_RTO = 0.2
 MAX_RTO = 10.0
@@ -101,6 +102,22 @@ def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
     return mss, wscale
 
 
+class Budget:
+    """Buffer space shared by every connection of one namespace (bytes ``free``).
+
+    Each connection may buffer up to :data:`RECV_BUFFER` towards a slow host server and
+    as much again in held out-of-order segments; without a shared cap, a hostile
+    namespace opening thousands of connections to a server that never reads could make
+    the host side buffer gigabytes.  When the budget is spent, connections accept
+    nothing more (the window they advertise closes) until backlogs drain.
+    """
+
+    __slots__ = ("free",)
+
+    def __init__(self, size: int = SHARED_BUFFER) -> None:
+        self.free = size
+
+
 @dataclass(slots=True)
 class Actions:
     """What the caller must do after a segment or an event, in this order.
@@ -136,6 +153,7 @@ class TcpConn:
     __slots__ = (
         "advertised",
         "backlog",
+        "budget",
         "dupacks",
         "fin_in",
         "fin_seq",
@@ -164,7 +182,8 @@ class TcpConn:
         "vnet",
     )
 
-    def __init__(self, syn: Parsed, iss: int, *, vnet: bool = True, offload: bool = False) -> None:
+    def __init__(self, syn: Parsed, iss: int, *, vnet: bool = True, offload: bool = False,
+                 budget: Budget | None = None) -> None:
         tcp = syn.l4
         assert isinstance(tcp, TCP)
         self.ns_ip, self.our_ip = syn.ip.src, syn.ip.dst
@@ -181,6 +200,7 @@ class TcpConn:
         self.snd_una = self.snd_nxt = self.snd_max = self.iss  # SYN not sent yet
         self.snd_wnd = tcp.window  # a SYN's window is never scaled
         self.backlog = 0  # bytes accepted from the namespace, not yet in the host socket
+        self.budget = budget if budget is not None else Budget()
         self.ooo: dict[int, tuple[bytes, bool]] = {}  # segments after a gap, by sequence
         self.ooo_bytes = 0
         self.advertised = 0
@@ -195,7 +215,7 @@ class TcpConn:
     # ---- segments to the namespace ---------------------------------------------------
 
     def _window_field(self) -> int:
-        room = max(0, RECV_BUFFER - self.backlog)
+        room = max(0, min(RECV_BUFFER - self.backlog, self.budget.free))
         self.advertised = room
         return min(room >> self.our_wscale, 0xFFFF)
 
@@ -296,10 +316,11 @@ class TcpConn:
     def host_drained(self, backlog: int) -> list[bytes]:
         """The host socket took bytes; ``backlog`` remain.  A window update if it matters."""
         before = self.advertised
+        self.budget.free += self.backlog - backlog
         self.backlog = backlog
         if self.state == "closed" or self.fin_in:
             return []
-        room = RECV_BUFFER - backlog
+        room = min(RECV_BUFFER - backlog, self.budget.free)
         # Tell the namespace when the window reopens substantially (RFC 9293 3.8.6.2.2's
         # receiver-side silly-window avoidance): from below half to at least half.
         if before < RECV_BUFFER // 2 <= room:
@@ -444,10 +465,12 @@ class TcpConn:
                 break
             held, held_fin = self.ooo.pop(first)
             self.ooo_bytes -= len(held)
+            self.budget.free += len(held)
             self._accept(first, held, held_fin, parts, actions)
         if parts:
             actions.deliver = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.fin_in:
+            self.budget.free += self.ooo_bytes
             self.ooo.clear()
             self.ooo_bytes = 0
         actions.frames.append(self.ack_frame())
@@ -458,11 +481,12 @@ class TcpConn:
         skip = self.rcv_nxt - seq  # bytes we already have (a retransmission overlapping)
         if skip > len(payload) or (skip == len(payload) and not fin):
             return
-        room = max(0, RECV_BUFFER - self.backlog)
+        room = max(0, min(RECV_BUFFER - self.backlog, self.budget.free))
         take = payload[skip : skip + room]
         if take:
             parts.append(take)
             self.backlog += len(take)
+            self.budget.free -= len(take)
             self.rcv_nxt += len(take)
         if fin and skip + len(take) == len(payload):
             self.rcv_nxt += 1
@@ -478,7 +502,15 @@ class TcpConn:
         """
         room = RECV_BUFFER - self.backlog
         if (not payload or seq in self.ooo or seq + len(payload) > self.rcv_nxt + room
-                or self.ooo_bytes + len(payload) > room):
+                or self.ooo_bytes + len(payload) > room or len(payload) > self.budget.free):
             return
         self.ooo[seq] = (payload, fin)
         self.ooo_bytes += len(payload)
+        self.budget.free -= len(payload)
+
+    def release(self) -> None:
+        """Give this connection's buffer space back to the budget (it has ended; the
+        caller drops its backlog).  Idempotent."""
+        self.budget.free += self.backlog + self.ooo_bytes
+        self.backlog = self.ooo_bytes = 0
+        self.ooo.clear()

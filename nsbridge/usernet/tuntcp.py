@@ -45,7 +45,7 @@ from ..relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
 from .packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
 from .policy import Allow, AllowResolver, Deny, Policy
 from .redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
-from .tcpstate import MAX_SEGMENT, Actions, TcpConn
+from .tcpstate import MAX_SEGMENT, Actions, Budget, TcpConn
 
 log = logging.getLogger("nsbridge")
 
@@ -145,6 +145,7 @@ class TunTcp:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self.stats = TunTcpStats()
+        self.budget = Budget()  # buffer space shared by every connection
         self.flows: dict[FlowKey, _Flow] = {}
         self._buf = bytearray(MAX_SEGMENT)
         self._view = memoryview(self._buf)
@@ -223,7 +224,8 @@ class TunTcp:
             self.stats.connect_failed += 1
             self._reset_syn(parsed)
             return
-        conn = TcpConn(parsed, random.getrandbits(32), vnet=self.vnet, offload=self.offload)
+        conn = TcpConn(parsed, random.getrandbits(32), vnet=self.vnet, offload=self.offload,
+                       budget=self.budget)
         flow = _Flow(key, conn, sock)
         self.flows[key] = flow
         self.stats.accepted += 1
@@ -440,6 +442,8 @@ class TunTcp:
         if self.flows.pop(flow.key, None) is None:
             return
         flow.conn.state = "closed"
+        flow.conn.release()
+        flow.pending = bytearray()
         if flow.timer is not None:
             flow.timer.cancel()
             flow.timer = None
