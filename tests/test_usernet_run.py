@@ -224,6 +224,44 @@ def test_udp_and_icmp_denials_are_logged_at_v(host):
     assert "usernet icmp: 10.0.2.100 -> 192.0.2.1 denied: " in result.stderr
 
 
+@pytest.mark.parametrize("by", ["pid", "path"])
+def test_attach_cli_serves_and_ends_with_the_target(host, web, tcp, by):
+    """``nsbridge attach PID|PATH`` for a namespace someone else made: curl works inside
+    (on this TCP path); given a PID it exits 0 by itself when that process ends; given
+    a path it runs until SIGTERM."""
+    target = subprocess.Popen(["unshare", "-Urn", "sleep", "60"])
+    attach = None
+    try:
+        wait_until(lambda: os.path.basename(os.readlink(f"/proc/{target.pid}/exe"))
+                   .startswith("sleep"), what="the target to unshare")
+        which = str(target.pid) if by == "pid" else f"/proc/{target.pid}/ns/net"
+        attach = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-m",
+                                   "nsbridge", "attach", tcp, which],
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO)
+        inside = ["nsenter", "-t", str(target.pid), "-U", "-n", "--preserve-credentials"]
+        url = f"http://192.0.2.1:{HTTP_PORT}/index.html"
+
+        def curl_works() -> bool:
+            result = subprocess.run([*inside, "curl", "-sS", "--max-time", "5", url],
+                                    capture_output=True, text=True)
+            return result.stdout == "hello from the host namespace\n"
+
+        wait_until(curl_works, timeout=20, what="curl through the attached namespace")
+        if by == "pid":
+            target.kill()  # by PID: the process this test started
+            target.wait(timeout=10)
+        else:
+            attach.send_signal(signal.SIGTERM)
+        _, err = attach.communicate(timeout=15)
+        assert attach.returncode in ((0,) if by == "pid" else (0, 128 + signal.SIGTERM)), err
+        assert "Traceback" not in err
+    finally:
+        for proc in (attach, target):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
 def test_addresses_follow_cidr(host):
     """--cidr/--cidr6 move every inside address, and the policy and DNS follow."""
     result = nsbridge_run(host, "--cidr", "172.30.5.0/24", "--cidr6", "fd12:3456::/64",
