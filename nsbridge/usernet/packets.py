@@ -492,7 +492,11 @@ def _check_vnet(header: VirtioNetHdr, ip: IPHeader) -> None:
         VIRTIO_NET_HDR_GSO_UDP_L4: (ip.version, PROTO_UDP),
     }.get(gso)
     if expected is None:
-        raise _Drop(Unsupported(f"virtio gso type {header.gso_type}", ip))
+        if gso == VIRTIO_NET_HDR_GSO_UDP:  # legacy UFO: real, but never negotiated here
+            raise _Drop(Unsupported(f"virtio gso type {header.gso_type}", ip))
+        # Anything else is not a virtio type at all.  One counter for all of them: a
+        # hostile namespace must not grow the counter table with 250 made-up types.
+        raise _malformed("bad virtio_net_hdr gso type")
     if expected != (ip.version, ip.protocol) or header.gso_size == 0:
         raise _malformed("bad virtio_net_hdr gso")
 
