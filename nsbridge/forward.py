@@ -240,6 +240,9 @@ class Forward:
         listener = self.listener
         if listener is None:
             return
+        # With all three given, socket(fileno=) asks the kernel for neither type nor
+        # protocol; looked up once per wake-up, as each property makes an enum member.
+        kind = (listener.family, listener.type, listener.proto)
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, peer = listener._accept()  # type: ignore[attr-defined]
@@ -250,17 +253,16 @@ class Forward:
                     self._pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and friends: that client is gone, take the next
-            # all three given: socket() asks the kernel for none of them
-            client = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+            client = socket.socket(*kind, fileno=fd)
             if not self.admits(peer):
                 reset_and_close(client)
                 continue
             self.stats.accepted += 1
             if self.spec.one_shot:
                 self.stop_listening()
-                self.start_session(client)
+                self.start_session(client, accepted=True)
                 return
-            self.start_session(client)
+            self.start_session(client, accepted=True)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of fds: stop polling the listener for a moment instead of spinning on it."""
@@ -276,8 +278,12 @@ class Forward:
 
         self.loop.call_later(_EMFILE_PAUSE, resume)
 
-    def start_session(self, client: socket.socket) -> None:
-        """Relay ``client`` (accepted here or handed over by the supervisor) to the target."""
+    def start_session(self, client: socket.socket, accepted: bool = False) -> None:
+        """Relay ``client`` (accepted here or handed over by the supervisor) to the target.
+
+        ``accepted``: no other reference to the client's file exists (accepted here, or
+        received over SCM_RIGHTS from a sender that closed its copy), unlike a
+        pre-accepted socket the caller gave us."""
         connect = self.spec.connect
         if isinstance(connect, Preconnected):
             session = TcpSession(self.loop, self.mover, client, connect.sock, self._session_done,
@@ -295,7 +301,8 @@ class Forward:
             self.stats.connect_failed += 1
             self._maybe_finish()
             return
-        session = TcpSession(self.loop, self.mover, client, server, self._session_done)
+        session = TcpSession(self.loop, self.mover, client, server, self._session_done,
+                             sole=accepted)
         if self.spec.proxy:
             session.preamble = proxy_header(self.spec.proxy, client)
         self._track(session)

@@ -177,7 +177,7 @@ class _WorkerProcess:
             if forward is None:
                 reset_and_close(client)
             else:
-                forward.start_session(client)
+                forward.start_session(client, accepted=True)
 
     def _add(self, message: dict, fds: list[int]) -> None:
         fds = list(fds)

@@ -93,6 +93,14 @@ class EventLoop:
             except (OSError, ValueError):
                 pass
 
+    def forget(self, fd: int) -> None:
+        """Stop dispatching ``fd``'s events, without the epoll_ctl that remove() makes.
+
+        Only for an fd the caller closes right away and whose file nothing else holds
+        (no dup, no other process): closing the last reference takes a file out of every
+        epoll set, so the syscall would be wasted.  Otherwise use remove()."""
+        self._handlers.pop(fd, None)
+
     # ---- timers and cross-thread calls ----------------------------------------------
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
