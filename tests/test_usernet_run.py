@@ -301,6 +301,13 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["-p", "8080:99999"], "namespace port"),
     (["-p", "8080:80/sctp"], "protocol 'sctp'"),
     (["--deny", "10.0.0.300/8"], "10.0.0.300"),
+    (["--dns", "not-an-ip"], "--dns 'not-an-ip': not an IP address"),
+    (["--dns", "1.2.3.4:0"], "port 0"),
+    (["--mtu", "100"], "mtu '100'"),
+    (["--mtu", "abc"], "invalid int value"),
+    (["--tcp", "quic"], "invalid choice: 'quic'"),
+    (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),
+    (["-p", "70000:80"], "port 70000"),
     (["--cidr", "10.0.0.0/31"], "--cidr 10.0.0.0/31: too small"),
     (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
     (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
@@ -308,9 +315,26 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     ([], "give the command"),
 ])
 def test_bad_run_input(host, args, needle):
+    """Each bad option: exit 2, one line naming it, before any namespace exists."""
     result = nsbridge_run(host, *args, "--", *([] if not args else ["true"]))
     if not args:
         result = nsbridge_run(host)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("target", "needle"), [
+    ("999999999", "no such process"),
+    ("/etc/hostname", "not a namespace file"),
+    ("/nonexistent/ns", "does not exist"),
+    ("pid:abc", "pid:abc"),
+])
+def test_bad_attach_input(host, target, needle):
+    """attach names the bad target in one line, exit 2."""
+    result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge",
+                             "attach", target], capture_output=True, text=True, timeout=30,
+                            cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -54,7 +54,14 @@ from ..errors import UserError
 from ..netns import Netns
 from . import sandbox as _sandbox
 from .publish import Publish, parse_publish
-from .runner import Network, UsernetOptions, _config, _policy, _redirect_setup, target_pidfd
+from .runner import (
+    Network,
+    UsernetOptions,
+    _config,
+    _redirect_setup,
+    check_options,
+    target_pidfd,
+)
 
 __all__ = ["Attachment", "HostSide", "Process", "UserError", "attach", "child_setup", "options",
            "run"]
@@ -92,8 +99,7 @@ def options(
         allow_host_loopback=allow_host_loopback, allow=list(allow), deny=list(deny),
         tcp=tcp, dns=None if dns is None else [(str(h), int(p)) for h, p in dns], mtu=mtu,
         ipv6=ipv6, cidr=cidr, cidr6=cidr6)
-    _policy(opts)  # validate the rules now: a typo must not surface after the fork
-    _config(opts)
+    check_options(opts)  # a typo must not surface after the fork
     return opts
 
 

@@ -73,6 +73,21 @@ def _policy(options: UsernetOptions) -> Any:
                   addresses=_addresses(options))
 
 
+def check_options(options: UsernetOptions) -> None:
+    """Refuse bad input before anything is created (a typo must not surface after the
+    sandbox exists): the rules, the addresses and MTU, and the --dns resolvers."""
+    import ipaddress
+
+    _policy(options)
+    _config(options)
+    for host, _port in options.dns or ():
+        try:
+            ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
+                            "192.0.2.53 or [2001:db8::53]:53") from None
+
+
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
     if options.dns is not None:
         return options.dns
@@ -108,6 +123,7 @@ def run_command(command: list[str], options: UsernetOptions, stops: StopSignals)
 
     if not command:
         raise UserError("run: give the command to run after --, e.g. nsbridge run -- curl URL")
+    check_options(options)
     policy = _policy(options)
     config = _config(options)
     extra = _redirect_setup(options)
@@ -122,6 +138,7 @@ def attach(target: str, options: UsernetOptions, stops: StopSignals) -> int:
     """Give an existing namespace networking until its process exits (PID) or a signal."""
     from .sandbox import Sandbox
 
+    check_options(options)
     policy = _policy(options)
     config = _config(options)
     handle = Sandbox.attach(target, config, extra=_redirect_setup(options))
