@@ -19,16 +19,15 @@ this thread's allocations) is bounded after the flood.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import socket
 import subprocess
-import threading
 import tracemalloc
 from collections.abc import Callable
 
 import pytest
+from conftest import in_netns
 
 from nsbridge.relay.loop import EventLoop
 from nsbridge.usernet.engine import TunEngine
@@ -49,8 +48,6 @@ from nsbridge.usernet.tuntcp import TunTcp
 pytestmark = pytest.mark.stress
 
 FRAMES = int(os.environ.get("NSB_FLOOD_FRAMES", 1_000_000))
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 A = UsernetAddresses()
 NS4, GW4, DNS4 = A.namespace.packed, A.gateway.packed, A.dns.packed
 NS6, GW6 = A.namespace6.packed, A.gateway6.packed
@@ -122,38 +119,17 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
-def run_in_netns(fd: int, fn: Callable[[], object]) -> object:
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
-
-
 def test_a_million_adversarial_frames(make_netns: Callable[[], str]) -> None:
     # Only a loopback device and no route: nothing dialed can go anywhere.  Its
     # 127.0.0.1:80 listens (never accepting), so TCP to the gateway (allowed, dialed as
     # 127.0.0.1) opens real connections that then take the hostile segments.
     netns = make_netns()
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     test_end, tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     tun_end.setblocking(False)  # as the engine's start() would: a full "tun" drops
     try:
-        report = run_in_netns(fd, lambda: flood(tun_end.fileno()))
+        report = in_netns(netns, lambda: flood(tun_end.fileno()))
     finally:
-        os.close(fd)
         test_end.close()
         tun_end.close()
     stats, tcp, peak, after, flows = report  # type: ignore[misc]

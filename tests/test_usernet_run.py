@@ -198,20 +198,6 @@ def test_nothing_left_behind(host):
                what="every process of that run to end")
 
 
-def _processes_mentioning(word: str) -> set[int]:
-    found = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if word.encode() in f.read():
-                    found.add(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def test_udp_and_icmp_denials_are_logged_at_v(host):
     """-v names every denied flow, whatever its protocol (TCP's line is tested with the
     bypass table)."""
