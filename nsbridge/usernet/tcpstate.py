@@ -20,12 +20,15 @@ Design, and why:
   data in the host socket's receive buffer, which closes the host server's window.
   This is the design passt uses; :meth:`TcpConn.sendable` says how much to peek.
 * **The namespace is a kernel one tun write away.**  Segments arrive in order and are
-  rarely lost (only when the tun or the namespace's backlog is full), so the receiver
-  keeps no out-of-order queue: a segment beyond ``rcv_nxt`` is dropped and answered
-  with a duplicate ACK, and the namespace retransmits.  No SACK, no timestamps (we
-  do not offer them in the SYN-ACK, so the namespace never uses them).  Window
-  scaling is used whenever the namespace offers it, because a 64 KiB window would cap
-  throughput.
+  rarely lost (only when the tun's ring or the namespace's backlog is full).  When
+  they are, a segment beyond ``rcv_nxt`` is answered with a duplicate ACK *and held*
+  (within the advertised window): once the gap is filled the cumulative ACK jumps past
+  everything held, so the namespace's sender, which gets no SACK from us, leaves
+  recovery in one round trip instead of one segment per round trip (measured: a 64 MB
+  echo through an 8-frame tun ring took 27 s without the hold queue, 0.6 s with it).
+  No SACK, no timestamps (we do not offer them in the SYN-ACK, so the namespace never
+  uses them).  Window scaling is used whenever the namespace offers it, because a
+  64 KiB window would cap throughput.
 * **Retransmission** (ours) is a timer started when something is in flight: when it
   fires without progress since it was armed, the peek offset rewinds to the first
   unacknowledged byte (go-back-N: on a lossless link loss is a burst, not a hole).
@@ -33,9 +36,11 @@ Design, and why:
   :data:`MAX_RETRIES` tries, then the connection is reset both ways.
 * **Our receive window** is what we can still buffer towards the host: the host socket
   takes what it can and the rest waits in the caller's backlog (at most
-  :data:`RECV_BUFFER` bytes).  The advertised window shrinks as the backlog grows,
-  and a window update is sent when it drains, so a slow host server slows the
-  namespace's sender instead of growing memory.
+  :data:`RECV_BUFFER` bytes, and all connections together at most a shared
+  :class:`Budget`).  The advertised window shrinks as the backlog grows, and a window
+  update is sent when it drains, so a slow host server slows the namespace's sender
+  instead of growing memory.  Pure ACKs carry ``snd_max``, never a rewound sequence
+  number, which the namespace would drop as old.
 * **Sequence numbers** are kept unwrapped (Python ints that only grow); the wire
   value is ``x & 0xFFFFFFFF``.  Incoming numbers are unwrapped relative to what we
   expect, which turns every RFC 9293 modular comparison into a plain one.
