@@ -208,6 +208,10 @@ def test_udp_and_icmp_denials_are_logged_at_v(host):
     assert result.returncode == 0, result.stderr
     assert "usernet udp: 10.0.2.100 -> 192.0.2.1:5353 denied: " in result.stderr
     assert "usernet icmp: 10.0.2.100 -> 192.0.2.1 denied: " in result.stderr
+    # and one summary line at the end, with the denials by reason
+    [summary] = [line for line in result.stderr.splitlines() if "UDP flows:" in line]
+    assert "UDP flows: 0" in summary and "echo requests: 1" in summary
+    assert "denied: deny rule x2" in summary
 
 
 @pytest.mark.parametrize("by", ["pid", "path"])

@@ -412,6 +412,32 @@ def _drive(handle: Any, options: UsernetOptions, policy: Any, stops: StopSignals
         return status.get("code", 0)
     finally:
         network.close()
+        if log.isEnabledFor(logging.INFO):
+            log.info("usernet: %s", summary(network.stats()))
+
+
+def summary(stats: dict[str, Any]) -> str:
+    """One line of what a run carried and refused (``-v`` prints it at the end)."""
+    engine, tcp = stats.get("engine") or {}, stats.get("tcp") or {}
+    # The engine's counter is the policy's own, so it has every policy denial (TCP too);
+    # the TCP paths add reasons of their own ("not redirected", "no host resolver").
+    denied: Counter[str] = Counter(engine.get("denied") or {})
+    for reason, count in (tcp.get("denied") or {}).items():
+        if reason not in denied:
+            denied[reason] = count
+    parts = [
+        f"TCP connections: {tcp.get('accepted', 0)} ({tcp.get('connect_failed', 0)} "
+        f"failed to connect)",
+        f"UDP flows: {engine.get('udp_flows_total', 0)}",
+        f"DNS queries: {engine.get('dns_queries', 0)}",
+        f"echo requests: {engine.get('icmp_echo_requests', 0)}",
+    ]
+    if denied:
+        parts.append("denied: " + ", ".join(f"{reason} x{n}"
+                                           for reason, n in denied.most_common()))
+    else:
+        parts.append("nothing denied")
+    return "; ".join(parts)
 
 
 def _publish(bridge: Bridge, handle: Any, publish: Publish) -> None:
