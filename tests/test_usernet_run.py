@@ -211,7 +211,7 @@ def test_udp_and_icmp_denials_are_logged_at_v(host):
     # and one summary line at the end, with the denials by reason
     [summary] = [line for line in result.stderr.splitlines() if "UDP flows:" in line]
     assert "UDP flows: 0" in summary and "echo requests: 1" in summary
-    assert "denied: deny rule x2" in summary
+    assert "denials: deny rule x2" in summary
 
 
 @pytest.mark.parametrize("by", ["pid", "path"])

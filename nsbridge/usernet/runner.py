@@ -433,7 +433,7 @@ def summary(stats: dict[str, Any]) -> str:
         f"echo requests: {engine.get('icmp_echo_requests', 0)}",
     ]
     if denied:
-        parts.append("denied: " + ", ".join(f"{reason} x{n}"
+        parts.append("denials: " + ", ".join(f"{reason} x{n}"
                                            for reason, n in denied.most_common()))
     else:
         parts.append("nothing denied")
