@@ -1,8 +1,8 @@
-"""A million adversarial frames through the tun engine (issue 7, hostile input; stress).
+"""Two million adversarial frames through the tun engine (issue 7, hostile input; stress).
 
 test_packets.py and test_tcpstate.py fuzz the sans-IO parts with hypothesis; this
 drives the whole engine — UDP flows, DNS, ICMP echo, and the tun TCP path
-(:class:`~nsbridge.usernet.tuntcp.TunTcp`) — with 1,000,000 frames: valid templates
+(:class:`~nsbridge.usernet.tuntcp.TunTcp`) — with 2,000,000 frames: valid templates
 of every kind, then mutated (bytes flipped, truncated, lengths and offsets falsified,
 virtio headers lying, fragments, IP options, TCP state violations, ICMP errors quoting
 random packets).  Seeded, so a failure replays.
@@ -47,7 +47,7 @@ from nsbridge.usernet.tuntcp import TunTcp
 
 pytestmark = pytest.mark.stress
 
-FRAMES = int(os.environ.get("NSB_FLOOD_FRAMES", 1_000_000))
+FRAMES = int(os.environ.get("NSB_FLOOD_FRAMES", 2_000_000))
 A = UsernetAddresses()
 NS4, GW4, DNS4 = A.namespace.packed, A.gateway.packed, A.dns.packed
 NS6, GW6 = A.namespace6.packed, A.gateway6.packed
@@ -119,7 +119,7 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
-def test_a_million_adversarial_frames(make_netns: Callable[[], str]) -> None:
+def test_millions_of_adversarial_frames(make_netns: Callable[[], str]) -> None:
     # Only a loopback device and no route: nothing dialed can go anywhere.  Its
     # 127.0.0.1:80 listens (never accepting), so TCP to the gateway (allowed, dialed as
     # 127.0.0.1) opens real connections that then take the hostile segments.
@@ -140,7 +140,7 @@ def test_a_million_adversarial_frames(make_netns: Callable[[], str]) -> None:
     assert tcp["active"] == flows["tcp"]
     assert flows["tcp"] >= 100, tcp  # live connections took the hostile segments
     assert len(stats["malformed"]) + len(stats["unsupported"]) < 100  # bounded counters
-    # Bounded memory: what the engine still holds after a million frames (flow tables
+    # Bounded memory: what the engine still holds after millions of frames (flow tables
     # at their caps, counters) is a few MiB, not a function of the frames sent.
     assert after < 64 << 20, f"{after >> 20} MiB still allocated"
     assert peak < 128 << 20, f"peak {peak >> 20} MiB"
