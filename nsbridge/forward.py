@@ -16,7 +16,7 @@ from ._log import INFO, log
 from .addresses import ResolvedAddress, format_sockaddr, resolve
 from .factory import SocketFactory
 from .relay.loop import IN, EventLoop
-from .relay.tcp import Mover, TcpSession, tally
+from .relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from .sockets import open_listener, open_udp_socket, open_unix_listener, remove_unix_socket
 from .spec import (
     UDP,
@@ -287,7 +287,7 @@ class Forward:
         connect = self.spec.connect
         if isinstance(connect, Preconnected):
             session = TcpSession(self.loop, self.mover, client, connect.sock, self._session_done,
-                                 server_name=_peer(connect.sock))
+                                 server_name=peer_name(connect.sock))
             self._track(session)
             session.start_connected()
             return
@@ -373,17 +373,4 @@ def proxy_header(version: str, client: socket.socket) -> bytes:
     return encode(src, dst, client.family)
 
 
-def _peer(sock: socket.socket) -> str:
-    try:
-        return format_sockaddr(sock.getpeername())
-    except OSError:
-        return "?"
-
-
-def reset_and_close(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-    except OSError:
-        pass
-    sock.close()
 

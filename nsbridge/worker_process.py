@@ -23,9 +23,10 @@ import sys
 from ._log import log
 from .addresses import HostPort, ResolvedAddress, UnixAddress
 from .bridge import Bridge, MoverName
-from .forward import Forward, reset_and_close
+from .forward import Forward
 from .netns import Netns
 from .relay.loop import IN
+from .relay.tcp import reset_and_close
 from .signals import StopSignals
 from .spec import ConnectAddress, ForwardSpec, ListenAddress
 

@@ -48,8 +48,9 @@ from typing import Any
 from .addresses import HostPort
 from .bridge import Bridge, MoverName
 from .errors import UserError
-from .forward import Forward, ForwardStats, reset_and_close
+from .forward import Forward, ForwardStats
 from .relay.loop import IN, OUT, EventLoop
+from .relay.tcp import reset_and_close
 from .signals import StopSignals
 from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 from .worker_process import (

@@ -241,7 +241,7 @@ class TcpSession:
         self.server_fd = server.fileno()
         # The name is only printed by -v; getpeername() is a syscall per connection.
         self.client_name = client_name or (
-            _peer_name(client) if log.isEnabledFor(INFO) else "?")
+            peer_name(client) if log.isEnabledFor(INFO) else "?")
         # A name, or the target's sockaddr (shared with the forward) formatted on demand:
         # a string per idle connection is memory for a log line that may never be printed.
         self._server_name: str | tuple | bytes = server_name
@@ -486,6 +486,15 @@ _raw_family = _socket.socket.family.__get__
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
+def reset_and_close(sock: socket.socket) -> None:
+    """Close with ``SO_LINGER {1, 0}``: the peer gets a RST now, not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
 def _set_nodelay(sock: socket.socket) -> None:
     if _raw_family(sock) in _TCP_FAMILIES:
         try:
@@ -494,7 +503,8 @@ def _set_nodelay(sock: socket.socket) -> None:
             pass
 
 
-def _peer_name(sock: socket.socket) -> str:
+def peer_name(sock: socket.socket) -> str:
+    """The peer as ``host:port`` for log lines; ``?`` once it is gone."""
     try:
         return format_sockaddr(sock.getpeername())
     except OSError:

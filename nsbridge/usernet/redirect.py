@@ -50,7 +50,7 @@ from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop
-from ..relay.tcp import Mover, TcpSession, tally
+from ..relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from . import nft
 from .netconf import SetupError
 from .policy import Allow, AllowResolver, Deny, Policy
@@ -309,8 +309,8 @@ class TcpRedirector:
     def _deny(self, client: socket.socket, reason: str, shown: str) -> None:
         self.stats.denied[reason] += 1
         if log.isEnabledFor(logging.INFO):
-            log.info("usernet tcp: %s -> %s denied: %s", _peer(client), shown, reason)
-        _reset_and_close(client)
+            log.info("usernet tcp: %s -> %s denied: %s", peer_name(client), shown, reason)
+        reset_and_close(client)
 
     def _relay(self, client: socket.socket, shown: str, target: tuple[str, int]) -> None:
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
@@ -319,7 +319,7 @@ class TcpRedirector:
         except OSError as exc:
             log.warning("usernet tcp: cannot create a socket for %s: %s", shown, exc.strerror)
             self.stats.connect_failed += 1
-            _reset_and_close(client)
+            reset_and_close(client)
             return
         dialed = format_sockaddr(target)
         server_name = shown if dialed == shown else f"{shown} (dialed {dialed})"
@@ -352,19 +352,3 @@ def original_destination(
     except OSError as exc:
         log.debug("usernet tcp: no original destination: %s", errno_name(exc.errno))
         return None
-
-
-def _peer(sock: socket.socket) -> str:
-    try:
-        return format_sockaddr(sock.getpeername())
-    except OSError:
-        return "?"
-
-
-def _reset_and_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER {1, 0}: the peer gets a RST now, not a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()

@@ -34,7 +34,6 @@ import errno
 import logging
 import random
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +41,7 @@ from functools import partial
 from ..addresses import format_sockaddr
 from ..errors import errno_name
 from ..relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
+from ..relay.tcp import reset_and_close
 from .packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
 from .policy import Allow, AllowResolver, Deny, Policy
 from .redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
@@ -51,7 +51,6 @@ log = logging.getLogger("nsbridge")
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 DEFAULT_MAX_CONNECTIONS = 4096
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _DISCARD_CHUNK = 1 << 20
 
 FlowKey = tuple[bytes, int, bytes, int]  # namespace ip, port, destination ip, port
@@ -448,23 +447,17 @@ class TunTcp:
             flow.timer.cancel()
             flow.timer = None
         if registered:
-            try:
-                self.loop.remove(flow.fd)
-            except (KeyError, OSError, ValueError):
-                pass
+            self.loop.remove(flow.fd)
         if reset:
-            try:
-                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        flow.sock.close()
-        self.stats.active -= 1
-        if not counted:
-            pass
-        elif reset:
-            self.stats.reset += 1
+            reset_and_close(flow.sock)
         else:
-            self.stats.closed += 1
+            flow.sock.close()
+        self.stats.active -= 1
+        if counted:
+            if reset:
+                self.stats.reset += 1
+            else:
+                self.stats.closed += 1
         self.stats.bytes_up += flow.up
         self.stats.bytes_down += flow.down
 
