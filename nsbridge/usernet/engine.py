@@ -416,6 +416,22 @@ class TunEngine:
         if may_send_icmp_error(parsed):
             self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version])
 
+    def _connect(self, sock: socket.socket, address: tuple[str, int], parsed: Parsed,
+                 what: str) -> bool:
+        """Connect a new flow's host socket (UDP and ping sockets never block).  On
+        failure the socket is closed, the drop counted, and the namespace told what the
+        host was told (ICMP unreachable), so its program sees the same error."""
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            self.stats.drops[f"{what} connect {errno_name(exc.errno)}"] += 1
+            kind = _ERRNO_KINDS.get(exc.errno or 0)
+            if kind is not None and may_send_icmp_error(parsed):
+                self._unreachable(parsed.packet[:_QUOTE], kind, parsed.ip.dst)
+            return False
+        return True
+
     def new_flow_source_ok(self, parsed: Parsed) -> bool:
         """Anti-spoofing, once per new flow: the source must be the namespace's."""
         if self.policy.accepts_source(parsed.ip.src):
@@ -455,14 +471,7 @@ class TunEngine:
         except OSError as exc:
             self.stats.drops[f"udp socket {errno_name(exc.errno)}"] += 1
             return None
-        try:
-            sock.connect((str(allow.host_ip), allow.host_port))  # UDP: never blocks
-        except OSError as exc:
-            sock.close()
-            self.stats.drops[f"udp connect {errno_name(exc.errno)}"] += 1
-            kind = _ERRNO_KINDS.get(exc.errno or 0)
-            if kind is not None and may_send_icmp_error(parsed):
-                self._unreachable(parsed.packet[:_QUOTE], kind, parsed.ip.dst)
+        if not self._connect(sock, (str(allow.host_ip), allow.host_port), parsed, "udp"):
             return None
         flow = _UdpFlow(key, sock)
         for _old_key, old in self._udp.add(key, flow, now):
@@ -677,14 +686,7 @@ class TunEngine:
             self._deny(parsed)
             return None
         sock, kind = made
-        try:
-            sock.connect((str(allow.host_ip), 0))
-        except OSError as exc:
-            sock.close()
-            self.stats.drops[f"icmp connect {errno_name(exc.errno)}"] += 1
-            err_kind = _ERRNO_KINDS.get(exc.errno or 0)
-            if err_kind is not None and may_send_icmp_error(parsed):
-                self._unreachable(parsed.packet[:_QUOTE], err_kind, parsed.ip.dst)
+        if not self._connect(sock, (str(allow.host_ip), 0), parsed, "icmp"):
             return None
         host_ident = random.getrandbits(16) if kind == "raw" else 0
         flow = _EchoFlow(key, sock, kind, host_ident)
