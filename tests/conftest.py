@@ -415,6 +415,29 @@ def stream_server() -> Iterator[Callable[..., StreamServer]]:
             server.listener.close()
 
 
+DNS_NAME = "www.nsbridge.test."
+DNS_ADDRESS = "192.0.2.53"
+
+
+def dns_answer(wire: bytes) -> bytes:
+    """A one-record authoritative server: A for DNS_NAME, NXDOMAIN for the rest (for
+    ``udp_server(..., answer=dns_answer)``; needs dnspython, imported here only)."""
+    import dns.message
+    import dns.name
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    query = dns.message.from_wire(wire)
+    response = dns.message.make_response(query)
+    question = query.question[0]
+    if question.name == dns.name.from_text(DNS_NAME) and question.rdtype == dns.rdatatype.A:
+        response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", DNS_ADDRESS))
+    else:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    return response.to_wire()
+
+
 def reply_after_fin(conn: socket.socket) -> None:
     """A server for half-close tests: read until the client's FIN, then answer on the
     direction that is still open with how many bytes came."""

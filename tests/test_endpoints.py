@@ -23,9 +23,12 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    DNS_ADDRESS,
+    DNS_NAME,
     Forwarder,
     StreamServer,
     UdpServer,
+    dns_answer,
     have,
     host_port,
     in_netns,
@@ -231,21 +234,6 @@ def test_regular_file_in_the_way_is_refused(netns, tmp_path):
 
 
 # ---- UDP ----------------------------------------------------------------------------------
-
-DNS_NAME = "www.nsbridge.test."
-DNS_ADDRESS = "192.0.2.53"
-
-
-def dns_answer(wire: bytes) -> bytes:
-    """A one-record authoritative server: A for DNS_NAME, NXDOMAIN for the rest."""
-    query = dns.message.from_wire(wire)
-    response = dns.message.make_response(query)
-    question = query.question[0]
-    if question.name == dns.name.from_text(DNS_NAME) and question.rdtype == dns.rdatatype.A:
-        response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", DNS_ADDRESS))
-    else:
-        response.set_rcode(dns.rcode.NXDOMAIN)
-    return response.to_wire()
 
 
 def dig(port: int, name: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-from conftest import have, in_netns, wait_until
+from conftest import DNS_ADDRESS, DNS_NAME, dns_answer, have, in_netns, wait_until
 
 from nsbridge.addresses import ResolvedAddress
 from nsbridge.factory import SocketFactory, factory_for
@@ -254,22 +254,6 @@ def test_ipv6_and_mixed_families(netns, udp_server, start_relay, listen_host, ta
 
 
 # ---- DNS ----------------------------------------------------------------------------
-
-
-DNS_NAME = "www.nsbridge.test."
-DNS_ADDRESS = "192.0.2.53"
-
-
-def dns_answer(wire: bytes) -> bytes:
-    """A one-record authoritative server: A for DNS_NAME, NXDOMAIN for the rest."""
-    query = dns.message.from_wire(wire)
-    response = dns.message.make_response(query)
-    question = query.question[0]
-    if question.name == dns.name.from_text(DNS_NAME) and question.rdtype == dns.rdatatype.A:
-        response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", DNS_ADDRESS))
-    else:
-        response.set_rcode(dns.rcode.NXDOMAIN)
-    return response.to_wire()
 
 
 @needs_dnspython
