@@ -291,6 +291,16 @@ def open_netns_fd(netns: str) -> int:
     return os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
 
 
+@pytest.fixture
+def netns_fd(netns: str) -> Iterator[int]:
+    """An fd of the test's namespace (``open_netns_fd``), closed after the test."""
+    fd = open_netns_fd(netns)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def check_forward_into(forwarder, netns: str, *selector: str, pass_fds: tuple[int, ...] = ()
                        ) -> None:
     """Listen here, connect from inside ``netns`` (named by ``selector``) to a server there.
@@ -348,36 +358,25 @@ def test_connect_netns_pid(forwarder, netns, process_in) -> None:
     check_forward_into(forwarder, netns, "--connect-netns", f"pid:{pid}")
 
 
-def test_connect_netns_fd(forwarder, netns) -> None:
-    fd = open_netns_fd(netns)
-    try:
-        check_forward_into(forwarder, netns, "--connect-netns", f"fd:{fd}", pass_fds=(fd,))
-    finally:
-        os.close(fd)
+def test_connect_netns_fd(forwarder, netns, netns_fd) -> None:
+    check_forward_into(forwarder, netns, "--connect-netns", f"fd:{netns_fd}",
+                       pass_fds=(netns_fd,))
 
 
 def test_connect_netns_file_t(forwarder, netns) -> None:
     check_forward_into(forwarder, netns, "-t", f"/run/netns/{netns}")
 
 
-def test_connect_netns_fd_T(forwarder, netns) -> None:
-    fd = open_netns_fd(netns)
-    try:
-        check_forward_into(forwarder, netns, "-T", str(fd), pass_fds=(fd,))
-    finally:
-        os.close(fd)
+def test_connect_netns_fd_T(forwarder, netns, netns_fd) -> None:
+    check_forward_into(forwarder, netns, "-T", str(netns_fd), pass_fds=(netns_fd,))
 
 
 def test_listen_netns_file_f(forwarder, netns) -> None:
     check_forward_from(forwarder, netns, "-f", f"/run/netns/{netns}")
 
 
-def test_listen_netns_fd_F(forwarder, netns) -> None:
-    fd = open_netns_fd(netns)
-    try:
-        check_forward_from(forwarder, netns, "-F", str(fd), pass_fds=(fd,))
-    finally:
-        os.close(fd)
+def test_listen_netns_fd_F(forwarder, netns, netns_fd) -> None:
+    check_forward_from(forwarder, netns, "-F", str(netns_fd), pass_fds=(netns_fd,))
 
 
 def test_listen_netns_name(forwarder, netns) -> None:
