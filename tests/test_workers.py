@@ -9,6 +9,21 @@ import socket
 from conftest import echo, listen_in, process_tree, recv_all, serve_in_thread, wait_until
 
 
+def _growth_while_holding(fwd, count: int) -> dict[int, int]:
+    """Hold ``count`` echoing flows open at once; how many sockets each worker gained."""
+    idle = {pid: _sockets(pid) for pid in _workers(fwd.proc.pid)}
+    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=10)
+             for _ in range(count)]
+    try:
+        for i, sock in enumerate(flows):
+            sock.sendall(b"flow %d" % i)
+            assert sock.recv(100) == b"flow %d" % i
+        return {pid: _sockets(pid) - idle[pid] for pid in idle}
+    finally:
+        for sock in flows:
+            sock.close()
+
+
 def _workers(pid: int) -> list[int]:
     return [p for p in process_tree(pid) if p != pid]
 
@@ -40,16 +55,9 @@ def test_long_flows_are_split_evenly_across_workers(netns, forwarder):
     for i in range(2):  # one connection per worker fills its pool of target sockets
         assert _roundtrip(fwd.port, b"warm %d" % i) == b"warm %d" % i
     wait_until(lambda: fwd.log().count(", closed") == 2, what="warm-up connections closed")
-    idle = {pid: _sockets(pid) for pid in _workers(fwd.proc.pid)}
-    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=10) for _ in range(4)]
-    for i, sock in enumerate(flows):
-        sock.sendall(b"flow %d" % i)
-        assert sock.recv(100) == b"flow %d" % i
-    # each worker now relays two flows: two client sockets more (the target sockets come
-    # from its pool, which was counted already)
-    grown = {pid: _sockets(pid) - idle[pid] for pid in idle}
-    for sock in flows:
-        sock.close()
+    # each worker relays two of the four flows: two client sockets more (the target
+    # sockets come from its pool, which was counted already)
+    grown = _growth_while_holding(fwd, 4)
     listener.close()
     assert sorted(grown.values()) == [2, 2], grown
 
@@ -132,14 +140,7 @@ def test_reuseport_short_connections_reach_both_workers(netns, forwarder):
     wait_until(lambda: fwd.log().count(", closed") == 200, what="200 connections closed")
     # Which worker served a connection is the kernel's 4-tuple hash: hold 16 at once and
     # see both workers' socket counts grow (all 16 on one worker: p = 2/65536).
-    idle = {pid: _sockets(pid) for pid in _workers(fwd.proc.pid)}
-    flows = [socket.create_connection(("127.0.0.1", fwd.port), timeout=10) for _ in range(16)]
-    for i, sock in enumerate(flows):
-        sock.sendall(b"flow %d" % i)
-        assert sock.recv(100) == b"flow %d" % i
-    grown = {pid: _sockets(pid) - idle[pid] for pid in idle}
-    for sock in flows:
-        sock.close()
+    grown = _growth_while_holding(fwd, 16)
     assert all(n > 0 for n in grown.values()), grown
     assert fwd.stop() == 0
     listener.close()
