@@ -106,7 +106,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     if compat:
         parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
                             drain=0.0, verbose=0, engine="splice", workers=None, endpoints=[],
-                            accept="handoff",
+                            accept="auto",
                             control=None, allow=[], deny=[], proxy_protocol=None,
                             idle_timeout=60.0, max_flows=4096, exit_with=None, ready_fd=None)
         return
@@ -125,7 +125,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="relay in N worker processes (default: one per CPU, at most "
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
-    parser.add_argument("--accept", choices=ACCEPT_MODES, default="handoff",
+    parser.add_argument("--accept", choices=ACCEPT_MODES, default="auto",
                         help=ACCEPT_HELP)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: one line per connection; -vv: debug")
@@ -352,11 +352,12 @@ def _log_forward(forward: Forward) -> None:
              forward.connect_factory.label)
 
 
-ACCEPT_HELP = ("who accepts TCP clients: handoff (default: the supervisor accepts and deals "
-               "them round-robin to workers) or reuseport (each worker accepts from its own "
-               "SO_REUSEPORT listener: cheaper per connection, but the kernel's hash places "
-               "long flows and a crashing worker's unaccepted clients wait for its "
-               "replacement); inherited, Unix and UDP listeners always use handoff")
+ACCEPT_HELP = ("who accepts TCP clients: auto (default: reuseport when the kernel can deal "
+               "clients to the workers in turn, which needs CAP_BPF; handoff otherwise), "
+               "handoff (the supervisor accepts and deals them round-robin to workers) or "
+               "reuseport (each worker accepts from its own SO_REUSEPORT listener: cheaper "
+               "per connection; without CAP_BPF the kernel's hash places long flows); "
+               "inherited, Unix and UDP listeners always use handoff")
 
 
 def worker_count(requested: int | None) -> int:
@@ -500,7 +501,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise_nofile_limit()
         options = DaemonOptions(
             workers=workers, engine=args.engine or config.engine or "splice",
-            accept=args.accept or config.accept or "handoff",
+            accept=args.accept or config.accept or "auto",
             drain=args.drain if args.drain is not None else (config.drain or 0.0),
             control=args.control or config.control, ready_fd=args.ready_fd,
             exit_with=args.exit_with, defaults=config.defaults)

@@ -3,7 +3,7 @@
     workers = 2                      # optional, like --workers
     control = "/run/nsbridge.sock"   # optional, like --control
     drain = 5                        # optional, like --drain
-    accept = "reuseport"             # optional, like --accept (default "handoff")
+    accept = "handoff"               # optional, like --accept (default "auto")
 
     [defaults]                       # optional: applied to every forward below
     connect_timeout = 10
@@ -107,8 +107,9 @@ def load(path: str) -> Config:
                              lambda v: v >= 0),
                   engine=_opt(data, "engine", str, path, text, '"splice" or "copy"',
                               lambda v: v in ("splice", "copy")),
-                  accept=_opt(data, "accept", str, path, text, '"handoff" or "reuseport"',
-                              lambda v: v in ("handoff", "reuseport")))
+                  accept=_opt(data, "accept", str, path, text,
+                              '"auto", "handoff" or "reuseport"',
+                              lambda v: v in ("auto", "handoff", "reuseport")))
 
 
 def _opt(data: dict[str, Any], key: str, kind: Any, path: str, text: str, expected: str,

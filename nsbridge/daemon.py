@@ -30,7 +30,7 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 class DaemonOptions:
     workers: int
     engine: str = "splice"
-    accept: str = "handoff"  # or "reuseport": see workers.py
+    accept: str = "auto"  # or "handoff", "reuseport": see workers.py
     drain: float = 0.0
     control: str | None = None
     ready_fd: str | None = None

@@ -196,7 +196,8 @@ class Forward:
         """
         assert self.reuseport and self.listener is not None
         address = ResolvedAddress(self.listener.family, self.listener.getsockname())
-        return open_listener(self.listen_factory, address, what="listen", reuseport=True)
+        return open_listener(self.listen_factory, address, what="listen", reuseport=True,
+                             sibling=True)
 
     def listen_on(self, sock: socket.socket) -> None:
         """Accept clients from ``sock`` here (a worker's own SO_REUSEPORT listener)."""

@@ -109,15 +109,30 @@ def adopt_connected_fd(fd_text: str | int, what: str) -> socket.socket:
 
 def open_listener(
     factory: SocketFactory, address: ResolvedAddress, *, what: str,
-    backlog: int = socket.SOMAXCONN, reuseport: bool = False,
+    backlog: int = socket.SOMAXCONN, reuseport: bool = False, sibling: bool = False,
 ) -> socket.socket:
     """A listening TCP socket bound to ``address`` inside the factory's namespace.
 
     ``reuseport`` sets SO_REUSEPORT before bind() (it only counts there), so that each
-    worker can bind its own listener to the same address (``--accept reuseport``).  It is
-    off otherwise: with it on, any other process of the same user could bind the port too
-    and silently take a share of the clients instead of failing with EADDRINUSE.
+    worker can bind its own listener to the same address (``sibling``: one more member of
+    a group this process just made).  With it on, a bind succeeds next to any other
+    SO_REUSEPORT listener of the same user, which would then silently share the clients,
+    so the first listener of a group first checks with a plain bind that nobody listens
+    on the port: "address in use" stays an error in every accept mode.
     """
+    if reuseport and not sibling and _port(address) != 0:
+        _bind_listener(factory, address, what=what, backlog=None, reuseport=False).close()
+    return _bind_listener(factory, address, what=what, backlog=backlog, reuseport=reuseport)
+
+
+def _port(address: ResolvedAddress) -> int:
+    sockaddr = address.sockaddr
+    return int(sockaddr[1]) if isinstance(sockaddr, tuple) else 0
+
+
+def _bind_listener(factory: SocketFactory, address: ResolvedAddress, *, what: str,
+                   backlog: int | None, reuseport: bool) -> socket.socket:
+    """Bind (and listen, unless ``backlog`` is None: a probe) or raise a UserError."""
     where = f"in network namespace {factory.label}" if factory.label != "current" else ""
     sock = factory.socket(address.family, socket.SOCK_STREAM)
     try:
@@ -125,7 +140,8 @@ def open_listener(
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address.sockaddr)
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         hint = {

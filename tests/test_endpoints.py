@@ -35,10 +35,10 @@ from conftest import (
     listen_in,
     recv_all,
     run_nsbridge,
-    stats_by_name,
     tcp_roundtrip,
     udp_roundtrip,
     wait_forwarding,
+    wait_stats,
 )
 
 from nsbridge import proxy_protocol
@@ -342,9 +342,9 @@ def test_deny_and_allow_endpoint_options(netns, forwarder, stream_server, tmp_pa
     assert tcp_roundtrip(allowed, b"welcome") == b"welcome"
     assert refused_or_closed(denied) in ("reset", "closed")
     assert len(server.accepted) == 1  # only the allowed client ever reached it
-    stats = stats_by_name(control)
-    assert stats["forward-1"]["denied"] == 2 and stats["forward-1"]["accepted"] == 0
-    assert stats["forward-2"]["denied"] == 0 and stats["forward-2"]["accepted"] == 1
+    stats = wait_stats(control, lambda s: s["forward-1"]["denied"] == 2
+                       and s["forward-2"]["accepted"] == 1, what="counters")  # every 0.5 s
+    assert stats["forward-1"]["accepted"] == 0 and stats["forward-2"]["denied"] == 0
 
 
 def test_allow_and_deny_flags_with_ipv6(netns, forwarder, stream_server, tmp_path):
@@ -362,9 +362,9 @@ def test_allow_and_deny_flags_with_ipv6(netns, forwarder, stream_server, tmp_pat
                            f"tcp:[::1]:{v6.port},netns={netns}")
     assert refused_or_closed(host_port(denying[0])) in ("reset", "closed")
     assert len(v6.accepted) == 1 and v4.accepted == []
-    stats = stats_by_name(control)
-    assert (stats["forward-1"]["accepted"], stats["forward-1"]["denied"]) == (1, 0)
-    assert (stats["forward-2"]["accepted"], stats["forward-2"]["denied"]) == (0, 1)
+    stats = wait_stats(control, lambda s: s["forward-1"]["accepted"] == 1
+                       and s["forward-2"]["denied"] == 1, what="counters")  # every 0.5 s
+    assert stats["forward-1"]["denied"] == 0 and stats["forward-2"]["accepted"] == 0
 
 
 # ---- PROXY protocol -----------------------------------------------------------------------

@@ -19,10 +19,10 @@ from conftest import (
     in_netns,
     listen_in,
     run_nsbridge,
-    stats_by_name,
     tcp_roundtrip,
     udp_roundtrip,
     wait_forwarding,
+    wait_stats,
     wait_until,
 )
 
@@ -108,9 +108,10 @@ connect = "unix-abstract:{name},netns={netns}"
     assert tcp_roundtrip(str(unix_path), b"admin") == b"admin"
     assert oct(unix_path.stat().st_mode & 0o777) == oct(0o660)
 
-    stats = stats_by_name(control)
-    assert stats["web6"]["denied"] == 1 and stats["web6"]["accepted"] == 0
-    assert stats["web6-open"]["accepted"] == 1
+    # a worker that accepts by itself (--accept auto) reports its counters every 0.5 s
+    stats = wait_stats(control, lambda s: s["web6"]["denied"] == 1
+                       and s["web6-open"]["accepted"] == 1, what="web6 counters")
+    assert stats["web6"]["accepted"] == 0
     assert len(tcp.accepted) == 1 and len(tcp6.accepted) == 1 and len(admin.accepted) == 1
     fwd.stop()
     assert fwd.proc.returncode == 0
