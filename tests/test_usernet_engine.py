@@ -656,3 +656,27 @@ def test_raw_socket_fallback_idle_expiry_and_no_fd_leak(
     for handle in sandboxes:
         handle.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_echo_fast_path_writes_what_the_generic_path_writes(
+        pair_engine: Callable[..., PairEngine], host_ns: str) -> None:
+    """The first echo of a flow takes the generic path (parse, policy, a ping socket);
+    later ones the IPv4 ping-socket fast path (_fast_echo4, _on_ping_reply4).  Both must
+    write byte-identical replies, and the fast path must drop what parse_frame drops."""
+    engine = pair_engine(netns=host_ns)
+    far = socket.inet_aton("192.0.2.1")
+    payloads = [b"first, generic", b"odd", b"even", b"", bytes(range(256)) * 4]
+    for seq, payload in enumerate(payloads, 1):
+        engine.send(build_icmp_echo(NS4, far, 77, seq, payload, reply=False))
+        assert engine.test_end.recv(1 << 17) == build_icmp_echo(far, NS4, 77, seq, payload)
+    # A bad ICMP checksum on the flow's next request: dropped and counted, no reply.
+    bad = bytearray(build_icmp_echo(NS4, far, 77, 99, b"bad", reply=False))
+    bad[10 + 20 + 2] ^= 0xFF
+    engine.send(bytes(bad))
+    assert engine.nothing_pending()
+    stats = engine.runner.stats()
+    assert stats["icmp_sockets"] == {"ping": 1} and stats["icmp_flows_total"] == 1
+    assert stats["icmp_echo_requests"] == len(payloads)
+    assert stats["icmp_echo_replies"] == len(payloads)
+    assert sum(stats["malformed"].values()) == 1
+    assert stats["frames_in"] == len(payloads) + 1
