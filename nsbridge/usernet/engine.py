@@ -843,6 +843,13 @@ class TunEngine:
         else:
             self.stats.drops[f"icmp send {errno_name(exc.errno)}"] += 1
 
+    def _echo_error(self, flow: _EchoFlow, exc: OSError) -> None:
+        """An error a receive reported (an ICMP error about an earlier request): pass it
+        on to the namespace as ICMP unreachable, quoting the flow's latest request."""
+        kind = _ERRNO_KINDS.get(exc.errno or 0)
+        if kind is not None and flow.quote:
+            self._unreachable(flow.quote, kind, flow.ns_dst)
+
     def _on_ping_reply4(self, flow: _EchoFlow, _events: int) -> None:
         """:meth:`_on_echo_reply` for an IPv4 ping socket, lean for the same reason as
         :meth:`_fast_echo4`: a reply is received straight behind room for its virtio and
@@ -859,9 +866,7 @@ class TunEngine:
             except BlockingIOError:
                 break
             except OSError as exc:
-                kind = _ERRNO_KINDS.get(exc.errno or 0)
-                if kind is not None and flow.quote:
-                    self._unreachable(flow.quote, kind, flow.ns_dst)
+                self._echo_error(flow, exc)
                 continue
             total = 20 + m
             if m < 8 or buf[icmp] != ICMP_ECHO_REPLY or total > 0xFFFF:
@@ -888,9 +893,7 @@ class TunEngine:
             except BlockingIOError:
                 break
             except OSError as exc:
-                kind = _ERRNO_KINDS.get(exc.errno or 0)
-                if kind is not None and flow.quote:
-                    self._unreachable(flow.quote, kind, flow.ns_dst)
+                self._echo_error(flow, exc)
                 continue
             if flow.kind == "raw" and v4 and data:
                 data = data[(data[0] & 0x0F) * 4 :]  # raw IPv4 sockets see the IP header
