@@ -253,6 +253,11 @@ class Forward:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accepting(exc)
                     return
+                if exc.errno == errno.EINVAL:
+                    # Not listening any more: a worker's SO_REUSEPORT listener that the
+                    # supervisor shut down (stop, drain, removal).  Polling it would spin.
+                    self.stop_listening()
+                    return
                 continue  # ECONNABORTED and friends: that client is gone, take the next
             client = socket.socket(*kind, fileno=fd)
             if not self.admits(peer):

@@ -232,11 +232,11 @@ class Supervisor:
         """Close a forward's listener; its connections finish unless ``kill``."""
         forward_id = self._id_of(name)
         forward = self.forwards.pop(forward_id)
+        self._close_own_listeners(forward_id)  # first: it shuts down forward.listener too
+        self._own_listeners.pop(forward_id, None)
         if forward.listener is not None and forward.spec.protocol != UDP:
             self.loop.remove(forward.listener.fileno())
         forward.stop_listening()
-        self._close_own_listeners(forward_id)
-        self._own_listeners.pop(forward_id, None)
         for worker in list(self.workers.values()):
             self._send(worker, REMOVE + marshal.dumps((forward_id, kill)), [])
         self._retired.pop(forward_id, None)
@@ -299,10 +299,10 @@ class Supervisor:
             log.info("%s: stopping", signal.Signals(signum).name)
         self._stopping = True
         for forward_id, forward in self.forwards.items():
+            self._close_own_listeners(forward_id)  # first: it shuts down forward.listener too
             if forward.listener is not None and forward.spec.protocol != UDP:
                 self.loop.remove(forward.listener.fileno())
             forward.stop_listening()
-            self._close_own_listeners(forward_id)
         for worker in self.workers.values():
             try:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -317,16 +317,28 @@ class Supervisor:
                 and forward_id not in self._own_listeners)
 
     def _close_own_listeners(self, forward_id: int) -> None:
-        """Close the supervisor's copies of a reuseport forward's worker listeners (the
-        first is also ``forward.listener``; closing a socket object twice is harmless).
-        The entry stays, so stats() still knows who counts this forward's clients."""
+        """Stop a reuseport forward's worker listeners now, and close our copies.
+
+        Closing our copy alone would leave each worker's listener accepting until that
+        worker handles its SIGTERM or REMOVE, so a client arriving during a drain would
+        still be taken (and the program deals clients to every listener in turn).  A
+        ``shutdown()`` of a listening socket stops it for every process that holds it,
+        at once, as closing the hand-off's one listener does; the workers then see their
+        listener fail (EINVAL) and stop polling it.  The first listener is also
+        ``forward.listener``; closing a socket object twice is harmless.  The entry
+        stays, so stats() still knows who counts this forward's clients.
+        """
         for sock in self._own_listeners.get(forward_id, {}).values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already (a second stop), or never listening
             sock.close()
 
     def close(self) -> None:
         for forward_id, forward in self.forwards.items():
-            forward.stop_listening()
             self._close_own_listeners(forward_id)
+            forward.stop_listening()
         self.opener.close()
         self.loop.close()
 

@@ -258,3 +258,41 @@ def test_auto_refuses_a_port_another_reuseport_group_holds(netns, forwarder):
         assert "Traceback" not in fwd.log()
     finally:
         squatter.close()
+
+
+def test_drain_refuses_new_clients_at_once_even_with_a_worker_stuck(netns, forwarder):
+    """On SIGTERM the supervisor shuts every worker's SO_REUSEPORT listener down itself:
+    a worker that has not handled its own SIGTERM yet (here: stopped) must not keep
+    taking clients while the open connection drains."""
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    fwd = forwarder("forward", "-v", "--workers", "2", "--drain", "10", "-l", "127.0.0.1:0",
+                    "--connect-netns", netns, "-c", f"127.0.0.1:{listener.getsockname()[1]}")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2, what="two workers")
+    assert _listening_sockets(fwd.port) == 2
+    held = socket.create_connection(("127.0.0.1", fwd.port), timeout=10)
+    held.sendall(b"before")
+    assert held.recv(100) == b"before"
+    workers = _workers(fwd.proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        fwd.proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", fwd.port), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_until(refused, timeout=5, what="new clients refused while workers are stopped")
+        assert _listening_sockets(fwd.port) == 0
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    held.sendall(b"during drain")  # the open connection still works
+    assert held.recv(100) == b"during drain"
+    held.close()
+    assert fwd.wait() == 0
+    listener.close()
