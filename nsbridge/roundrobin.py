@@ -25,6 +25,7 @@ import os
 import platform
 import socket
 import struct
+from collections.abc import Callable
 
 __all__ = ["attach_round_robin", "round_robin_unavailable"]
 
@@ -58,7 +59,7 @@ def _load_map_fd(dst: int, map_fd: int) -> bytes:
     return _insn(0x18, dst, 1, 0, map_fd) + _insn(0, 0, 0, 0, 0)
 
 
-def program(counter_fd: int, sockarray_fd: int, listeners: int) -> bytes:
+def _program(counter_fd: int, sockarray_fd: int, listeners: int) -> bytes:
     """The selector: ``index = counter++ % listeners``; select that listener; pass.
 
     If the counter cannot be read or the slot is empty (a listener closed), the program
@@ -131,6 +132,35 @@ def _load(instructions: bytes) -> int:
         raise
 
 
+def _load_selector(slots: int, fds: list[int]) -> tuple[int, int]:
+    """Create both maps and load the program for ``slots`` listeners: (sockarray, program).
+
+    Every fd made is appended to ``fds`` at once, so the caller closes them all whatever
+    fails; attached, the group and the program hold what they need.
+    """
+    counter = _create_map(_MAP_TYPE_ARRAY, 4, 1)
+    fds.append(counter)
+    sockarray = _create_map(_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, slots)
+    fds.append(sockarray)
+    prog = _load(_program(counter, sockarray, slots))
+    fds.append(prog)
+    return sockarray, prog
+
+
+def _reason_if_fails(action: Callable[[list[int]], object]) -> str | None:
+    """Run ``action(fds)``; None if it worked, else the kernel's one-line reason.  The fds
+    it made are closed either way."""
+    fds: list[int] = []
+    try:
+        action(fds)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return None
+
+
 _unavailable: list[str | None] = []  # the probe's answer, once per process
 
 
@@ -141,18 +171,7 @@ def round_robin_unavailable() -> str | None:
     before it binds anything (``--accept auto`` without CAP_BPF).  Asked once per process.
     """
     if not _unavailable:
-        fds: list[int] = []
-        reason: str | None = None
-        try:
-            fds.append(_create_map(_MAP_TYPE_ARRAY, 4, 1))
-            fds.append(_create_map(_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 1))
-            fds.append(_load(program(fds[0], fds[1], 1)))
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        _unavailable.append(reason)
+        _unavailable.append(_reason_if_fails(lambda fds: _load_selector(1, fds)))
     return _unavailable[0]
 
 
@@ -164,21 +183,11 @@ def attach_round_robin(listeners: list[socket.socket]) -> str | None:
     (typically "Operation not permitted": loading needs CAP_BPF), in which case nothing
     changed and the kernel's hash keeps placing clients.
     """
-    fds: list[int] = []
-    try:
-        counter = _create_map(_MAP_TYPE_ARRAY, 4, 1)
-        fds.append(counter)
-        sockarray = _create_map(_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, len(listeners))
-        fds.append(sockarray)
+    def attach(fds: list[int]) -> None:
+        sockarray, prog = _load_selector(len(listeners), fds)
         for index, sock in enumerate(listeners):
             _update(sockarray, index, sock.fileno())
-        prog = _load(program(counter, sockarray, len(listeners)))
-        fds.append(prog)
         listeners[0].setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_EBPF,
                                 struct.pack("i", prog))
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return None
+
+    return _reason_if_fails(attach)
