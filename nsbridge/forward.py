@@ -97,14 +97,7 @@ class Forward:
         listen_factory: SocketFactory,
         connect_factory: SocketFactory,
         on_finished: Callable[[Forward], None],
-        stats: ForwardStats | None = None,
-        listener: socket.socket | None = None,
         target: ResolvedAddress | None = None,
-        sessions: set[TcpSession] | None = None,
-        finished: bool = False,
-        acl: ClientAcl | None = None,
-        udp: UdpRelay | None = None,
-        _unix_path: str | None = None,
         reuseport: bool = False,
     ) -> None:
         self.spec = spec
@@ -113,14 +106,14 @@ class Forward:
         self.listen_factory = listen_factory
         self.connect_factory = connect_factory
         self.on_finished = on_finished
-        self.stats = ForwardStats() if stats is None else stats
-        self.listener = listener
-        self.target = target
-        self.sessions: set[TcpSession] = set() if sessions is None else sessions
-        self.finished = finished
-        self.acl = acl  # ClientAcl when the forward has allow/deny rules
-        self.udp = udp  # the UdpRelay of a UDP forward
-        self._unix_path = _unix_path  # socket file we created, removed when we stop
+        self.stats = ForwardStats()
+        self.listener: socket.socket | None = None
+        self.target = target  # None until open() resolves it (given: a worker's copy)
+        self.sessions: set[TcpSession] = set()
+        self.finished = False
+        self.acl: ClientAcl | None = None  # when the forward has allow/deny rules
+        self.udp: UdpRelay | None = None  # the UdpRelay of a UDP forward
+        self._unix_path: str | None = None  # socket file we created, removed when we stop
         # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more
         # listeners can join it: see reuseport_sibling().
         self.reuseport = reuseport
