@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -112,13 +113,20 @@ def handshake(ns: Namespace, port: int, sport: int = 40000, isn: int = 1000) -> 
     return synack
 
 
-def test_a_whole_connection_by_hand(namespace: tuple[Namespace, str]) -> None:
-    ns, netns = namespace
+def accepted_by_hand(ns: Namespace, netns: str) -> tuple[socket.socket, socket.socket, int, TCP]:
+    """A server in ``netns``, a connection to it opened from the namespace end by hand,
+    accepted: (listener, server side with a 5 s timeout, port, the SYN-ACK)."""
     listener = listen_in(netns, "127.0.0.1")
     port = listener.getsockname()[1]
     synack = handshake(ns, port)
     server, _ = listener.accept()
     server.settimeout(5)
+    return listener, server, port, synack
+
+
+def test_a_whole_connection_by_hand(namespace: tuple[Namespace, str]) -> None:
+    ns, netns = namespace
+    listener, server, port, synack = accepted_by_hand(ns, netns)
     ours = synack.seq + 1
     ns.send(40000, port, 1001, ours, TCP_ACK | TCP_PSH, b"hello host")
     assert ns.receive().ack == 1011
@@ -141,10 +149,7 @@ def test_a_whole_connection_by_hand(namespace: tuple[Namespace, str]) -> None:
 
 def test_unacknowledged_bytes_are_sent_again(namespace: tuple[Namespace, str]) -> None:
     ns, netns = namespace
-    listener = listen_in(netns, "127.0.0.1")
-    port = listener.getsockname()[1]
-    synack = handshake(ns, port)
-    server, _ = listener.accept()
+    listener, server, port, synack = accepted_by_hand(ns, netns)
     server.sendall(b"A" * 3000)
     first = ns.receive()
     assert first.payload == b"A" * 3000
@@ -159,11 +164,7 @@ def test_unacknowledged_bytes_are_sent_again(namespace: tuple[Namespace, str]) -
 
 def test_namespace_reset_aborts_the_host_connection(namespace: tuple[Namespace, str]) -> None:
     ns, netns = namespace
-    listener = listen_in(netns, "127.0.0.1")
-    port = listener.getsockname()[1]
-    handshake(ns, port)
-    server, _ = listener.accept()
-    server.settimeout(5)
+    listener, server, port, _synack = accepted_by_hand(ns, netns)
     ns.send(40000, port, 1001, 0, TCP_RST)
     with pytest.raises(ConnectionResetError):
         server.recv(100)
