@@ -148,6 +148,8 @@ BAD_CONFIGS = {
     "workers not a number": ('workers = "two"\n' + GOOD_FORWARD, 1, ["workers", "'two'"]),
     "drain negative": ("drain = -1\n" + GOOD_FORWARD, 1, ["drain"]),
     "engine unknown": ('engine = "warp"\n' + GOOD_FORWARD, 1, ["engine", "'warp'"]),
+    "accept unknown": ('accept = "shared"\n' + GOOD_FORWARD, 1,
+                       ["accept", "'shared'", '"auto", "handoff" or "reuseport"']),
     "timeout not a number": (GOOD_FORWARD + 'connect_timeout = "soon"\n', 6,
                              ['"connect_timeout"', "'soon'"]),
     "allow not a list": (GOOD_FORWARD + "allow = 10\n", 6, ['"allow"', "list of networks"]),

@@ -296,3 +296,23 @@ def test_drain_refuses_new_clients_at_once_even_with_a_worker_stuck(netns, forwa
     held.close()
     assert fwd.wait() == 0
     listener.close()
+
+
+def test_handoff_chosen_in_a_serve_file_keeps_one_listener(netns, forwarder, tmp_path):
+    """``accept = "handoff"`` in a serve file overrides the default: the supervisor
+    accepts alone (one listening socket) and still deals the flows evenly."""
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    config = tmp_path / "handoff.toml"
+    config.write_text(f'workers = 2\naccept = "handoff"\n[[forward]]\nname = "h"\n'
+                      f'listen = "tcp:127.0.0.1:0"\n'
+                      f'connect = "tcp:127.0.0.1:{listener.getsockname()[1]},netns={netns}"\n')
+    fwd = forwarder("serve", "--config", str(config), "-v")
+    wait_until(lambda: len(_workers(fwd.proc.pid)) == 2, what="two workers")
+    assert _listening_sockets(fwd.port) == 1
+    for i in range(2):  # one connection per worker fills its pool of target sockets
+        assert _roundtrip(fwd.port, b"warm %d" % i) == b"warm %d" % i
+    wait_until(lambda: fwd.log().count(", closed") == 2, what="warm-up connections closed")
+    assert sorted(_growth_while_holding(fwd, 4).values()) == [2, 2]
+    assert fwd.stop() == 0
+    listener.close()
