@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import measure, procstat, report, sanity
-from nsbench.forwarders import Extra, Forwarder, Instance, Nsbridge, SocatPair
+from nsbench.forwarders import CReference, Extra, Forwarder, Instance, Nsbridge, SocatPair
 from nsbench.procs import BenchError, Netns, ProcessRegistry, bench_main, raise_nofile
 from nsbench.servers import HTTP_PORT, IDLE_PORT, IPERF_PORT, Servers, idle_count, start_servers
 
@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pass B to nsbridge as '--connect-netns B' (default) or '-t /run/netns/B'",
     )
     p.add_argument(
+        "--reference",
+        action="store_true",
+        help="add the c-epoll row: bench/reference/cforward.c, the same data path in C "
+        "(built with gcc), to show what any user-space forwarder costs here",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 if a row is unavailable, fails its data check or has failed samples",
@@ -130,9 +136,12 @@ def make_config(args: argparse.Namespace) -> Config:
     return Config(runs, seconds, seconds, idle, args.quick, kinds)
 
 
-def make_rows(only: str | None, target_flag: str) -> list[Row]:
-    """direct, nsbridge, socat, then the NSBRIDGE_BENCH_EXTRA row if set."""
+def make_rows(only: str | None, target_flag: str, reference: bool = False) -> list[Row]:
+    """direct, nsbridge, socat, c-epoll with --reference, then the NSBRIDGE_BENCH_EXTRA
+    row if set."""
     rows = [Row("direct", None), Row("nsbridge", Nsbridge(target_flag)), Row("socat", SocatPair())]
+    if reference:
+        rows.append(Row(CReference.name, CReference()))
     template = os.environ.get("NSBRIDGE_BENCH_EXTRA", "").strip()
     if template:
         extra = Extra(template, os.environ.get("NSBRIDGE_BENCH_EXTRA_NAME") or None)
@@ -359,7 +368,7 @@ def bench(args: argparse.Namespace) -> int:
     """Set up, measure, tear down, report.  Returns the exit code."""
     cfg = make_config(args)
     preflight()
-    rows = make_rows(args.only, args.nsbridge_target)
+    rows = make_rows(args.only, args.nsbridge_target, args.reference)
     info = RunInfo()
     nofile, cfg.idle_conns, cap_note = fit_idle_conns(cfg.idle_conns)
     if cap_note:

@@ -213,6 +213,46 @@ class Extra(Forwarder):
         return _start_single(reg, self.name, argv, env={**os.environ, **self.env})
 
 
+class CReference(Forwarder):
+    """bench/reference/cforward.c: the same data path as nsbridge with no interpreter.
+
+    Not a competitor: a yardstick.  It shows how much of a gap to `direct` any
+    user-space forwarder pays on this machine (the second loopback TCP hop), so a
+    missed target can be told apart from Python overhead.  Built with gcc into the
+    workdir on first use; runs 2 worker processes like nsbridge's default.
+    """
+
+    name = "c-epoll"
+    SOURCE = REPO_ROOT / "bench" / "reference" / "cforward.c"
+
+    def __init__(self, workers: int = 2) -> None:
+        self.workers = workers
+        self._binary: Path | None = None
+
+    def unavailable_reason(self) -> str | None:
+        """It needs a C compiler."""
+        return None if shutil.which("gcc") else "unavailable (gcc not found)"
+
+    def _build(self, workdir: Path) -> Path:
+        if self._binary is None:
+            out = workdir / "cforward"
+            done = subprocess.run(
+                ["gcc", "-O2", "-Wall", "-o", str(out), str(self.SOURCE)],
+                capture_output=True, text=True, check=False,
+            )
+            if done.returncode != 0:
+                raise BenchError(f"gcc could not build {self.SOURCE}:\n{done.stderr}")
+            self._binary = out
+        return self._binary
+
+    def start(self, reg: ProcessRegistry, ns: Netns, upstream_port: int, workdir: Path) -> Instance:
+        """cforward 127.0.0.1:PORT <B's path> 127.0.0.1:SERVERPORT <workers>."""
+        binary = self._build(workdir)
+        argv = [str(binary), "127.0.0.1:{PORT}", str(ns.path),
+                f"127.0.0.1:{upstream_port}", str(self.workers)]
+        return _start_single(reg, self.name, argv)
+
+
 def _which(cmd: str) -> bool:
     """True if cmd is an existing path or found on PATH."""
     return bool(cmd) and (Path(cmd).exists() if "/" in cmd else shutil.which(cmd) is not None)
