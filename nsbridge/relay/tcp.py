@@ -19,7 +19,9 @@ Two data movers are provided: :class:`SplicePipeMover` (bulk goes socket -> pipe
 socket and never enters Python; reads up to 64 KiB are copied, which is cheaper for
 request/response traffic) and :class:`CopyMover` (``readv``/``write`` through one shared
 buffer).  Either way a short copied read proves the socket had nothing more queued, so
-an IN edge is served with two syscalls (read, write) instead of three.  The figures
+an IN edge is served with two syscalls (read, write) instead of three, and in one Python
+call (``serve_edge``) rather than the pump's five: on a keep-alive connection that is
+most events, and it took the relay's user time per request from ~6 to ~4.4 µs.  The figures
 behind these choices are in ``bench/RESULTS.md``.
 """
 
@@ -126,6 +128,40 @@ class CopyMover:
         d.data = None
         d.pending = 0
 
+    def serve_edge(self, d: Direction) -> bool:
+        """Serve an IN edge of request/response traffic in one call: one copied read
+        and, when it was short (the socket is drained), its write.
+
+        This is fill() and flush() fused for the commonest event of a keep-alive
+        connection, which otherwise costs five Python calls around its two syscalls.
+        True: the edge is served (the rest, if the destination was full, waits in
+        ``d`` for its OUT edge).  False: the read met EOF or filled the buffer, and
+        ``d`` is left as fill() leaves it, for the caller to pump on.
+        """
+        try:
+            n = os.readv(d.src, self._bufs)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            raise SourceFailed(exc) from exc
+        if n == 0:
+            d.eof = True
+            return False
+        if n == self._size:
+            d.pending = n
+            d.data = self._view[:n]
+            d.drained = False
+            return False
+        try:
+            written = os.write(d.dst, self._view[:n])
+        except BlockingIOError:
+            written = 0
+        d.total += written
+        if written < n:
+            d.pending = n - written
+            d.data = memoryview(self._buf[written:n])  # a copy: the buffer is shared
+        return True
+
 
 class SplicePipeMover(CopyMover):
     """Moves bulk bytes with splice() through a pooled pipe; small reads are copied.
@@ -165,6 +201,16 @@ class SplicePipeMover(CopyMover):
         if n < self._back_to_copy:
             d.bulk = False
         return n
+
+    def serve_edge(self, d: Direction) -> bool:
+        """CopyMover.serve_edge for a direction that copies; a bulk one (or an always-
+        splicing mover) returns False at once, having read nothing."""
+        if d.bulk or self._always_splice:
+            return False
+        if CopyMover.serve_edge(self, d):
+            return True
+        d.bulk = d.pending != 0  # filled the buffer: splice from now on (fill's rule)
+        return False
 
     def flush(self, d: Direction) -> bool:
         """Write pending bytes; True when all are written (a pipe goes back to the pool)."""
@@ -352,7 +398,10 @@ class TcpSession:
         if events & ERR and self._check_error(self.client, "client"):
             return
         if events & (IN | RDHUP | HUP) and not self.up.pending:
-            self._pump(self.up, not events & (RDHUP | HUP))
+            if events & (RDHUP | HUP):
+                self._pump(self.up)
+            else:
+                self._serve_edge(self.up)
         if events & OUT and self.down.pending and not self.ended:
             self._pump(self.down)
 
@@ -360,9 +409,26 @@ class TcpSession:
         if events & ERR and self._check_error(self.server, "server"):
             return
         if events & (IN | RDHUP | HUP) and not self.down.pending:
-            self._pump(self.down, not events & (RDHUP | HUP))
+            if events & (RDHUP | HUP):
+                self._pump(self.down)
+            else:
+                self._serve_edge(self.down)
         if events & OUT and self.up.pending and not self.ended:
             self._pump(self.up)
+
+    def _serve_edge(self, d: Direction) -> None:
+        """An IN edge without RDHUP/HUP: the mover's one-call read-and-write when it
+        serves the edge, else the pump (see _pump for why a drained read may end it)."""
+        try:
+            if self._mover.serve_edge(d):
+                return
+        except SourceFailed as exc:
+            self._abort_from(d.src, exc.args[0])
+            return
+        except OSError as exc:
+            self._abort_from(d.dst, exc)
+            return
+        self._pump(d, True)
 
     def _check_error(self, sock: socket.socket, who: str) -> bool:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -396,11 +462,14 @@ class TcpSession:
         except BlockingIOError:
             return  # src empty: its IN edge resumes us
         except SourceFailed as exc:
-            who = "client" if d.src == self.client_fd else "server"
-            self._abort(f"{who} reset ({errno_name(exc.args[0].errno)})")
+            self._abort_from(d.src, exc.args[0])
         except OSError as exc:
-            who = "client" if d.dst == self.client_fd else "server"
-            self._abort(f"{who} reset ({errno_name(exc.errno)})")
+            self._abort_from(d.dst, exc)
+
+    def _abort_from(self, fd: int, exc: OSError) -> None:
+        """Reset both sides because the socket ``fd`` failed with ``exc``."""
+        who = "client" if fd == self.client_fd else "server"
+        self._abort(f"{who} reset ({errno_name(exc.errno)})")
 
     def _finish(self, d: Direction) -> None:
         """Pass EOF on; when both ways are finished, close cleanly."""
