@@ -7,6 +7,7 @@ only to loopback addresses inside namespaces created here or in the caller's nam
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from nsbridge.relay.loop import EventLoop
 
 REPO = Path(__file__).resolve().parent.parent
 CLONE_NEWNET = 0x40000000
@@ -189,6 +192,30 @@ def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
+
+
+def loopback_tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(the connecting end, the accepted end) of a loopback TCP connection, for tests
+    that drive a relay session by hand."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outer = socket.create_connection(listener.getsockname())
+        inner, _ = listener.accept()
+    return outer, inner
+
+
+@contextlib.contextmanager
+def loop_running(loop: EventLoop) -> Iterator[None]:
+    """Run ``loop`` in a thread for the with-block, then stop, join and close it, also
+    when the test fails.  Register sessions before entering: the loop's handler table
+    is not shared between threads."""
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.stop()
+        thread.join(10)
+        loop.close()
 
 
 def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:

@@ -7,27 +7,15 @@ from __future__ import annotations
 import socket
 import threading
 
+from conftest import loop_running, loopback_tcp_pair
+
 from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.tcp import CopyMover, TcpSession
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """(the client's end, the accepted end) of a loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        outer = socket.create_connection(listener.getsockname())
-        inner, _ = listener.accept()
-    return outer, inner
-
-
-def _run(loop: EventLoop) -> threading.Thread:
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    return thread
-
-
 def _relay_once(sole: bool, *, queue_before: bool) -> None:
     target = socket.create_server(("127.0.0.1", 0))
-    outer, inner = _tcp_pair()
+    outer, inner = loopback_tcp_pair()
     loop = EventLoop()
     done = threading.Event()
     ended: list[TcpSession] = []
@@ -43,32 +31,29 @@ def _relay_once(sole: bool, *, queue_before: bool) -> None:
         outer.shutdown(socket.SHUT_WR)
     session.connect(target.getsockname(), 30.0)
     fds = (session.client_fd, session.server_fd)
-    thread = _run(loop)
     try:
-        peer, _ = target.accept()
-        peer.settimeout(10)
-        if not queue_before:
-            outer.sendall(b"request")
-            outer.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := peer.recv(100):
-            received += chunk
-        assert received == b"request"  # the data, then the EOF
-        peer.sendall(b"response")
-        peer.shutdown(socket.SHUT_WR)
-        outer.settimeout(10)
-        answer = b""
-        while chunk := outer.recv(100):
-            answer += chunk
-        assert answer == b"response"
-        assert done.wait(10)
-        assert ended[0].outcome == "closed"
-        assert all(fd not in loop._handlers for fd in fds)
-        peer.close()
+        with loop_running(loop):
+            peer, _ = target.accept()
+            peer.settimeout(10)
+            if not queue_before:
+                outer.sendall(b"request")
+                outer.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := peer.recv(100):
+                received += chunk
+            assert received == b"request"  # the data, then the EOF
+            peer.sendall(b"response")
+            peer.shutdown(socket.SHUT_WR)
+            outer.settimeout(10)
+            answer = b""
+            while chunk := outer.recv(100):
+                answer += chunk
+            assert answer == b"response"
+            assert done.wait(10)
+            assert ended[0].outcome == "closed"
+            assert all(fd not in loop._handlers for fd in fds)
+            peer.close()
     finally:
-        loop.stop()
-        thread.join(10)
-        loop.close()
         outer.close()
         target.close()
 
@@ -89,7 +74,7 @@ def test_fast_connect_leaves_no_pending_timer():
     """A loopback connect is complete when connect() returns (second connect() says 0),
     so no connect timer is left in the heap; a slow connect would still get one."""
     target = socket.create_server(("127.0.0.1", 0))
-    outer, inner = _tcp_pair()
+    outer, inner = loopback_tcp_pair()
     loop = EventLoop()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     session = TcpSession(loop, CopyMover(), inner, server, lambda _s: None, sole=True)
