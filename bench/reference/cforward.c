@@ -129,6 +129,8 @@ static int flush(struct dir *d)
 		d->off += n;
 	}
 	d->off = 0;
+	free(d->buf);  /* an idle connection holds no buffer (malloc keeps it cheap) */
+	d->buf = NULL;
 	return 1;
 }
 
@@ -141,8 +143,12 @@ static ssize_t fill(struct dir *d, int *drained)
 		if (!d->buf && !(d->buf = malloc(SMALL)))
 			die("malloc");
 		n = read(d->src, d->buf, SMALL);
-		if (n < 0)
-			return errno == EAGAIN ? -1 : -2;
+		if (n <= 0) {
+			int failed = n < 0 && errno != EAGAIN;
+			free(d->buf);
+			d->buf = NULL;
+			return n == 0 ? 0 : failed ? -2 : -1;
+		}
 		*drained = n < SMALL;
 		if (mode == HYBRID)
 			d->bulk = !*drained;
