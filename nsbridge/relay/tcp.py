@@ -398,10 +398,7 @@ class TcpSession:
         if events & ERR and self._check_error(self.client, "client"):
             return
         if events & (IN | RDHUP | HUP) and not self.up.pending:
-            if events & (RDHUP | HUP):
-                self._pump(self.up)
-            else:
-                self._serve_edge(self.up)
+            self._on_readable(self.up, events)
         if events & OUT and self.down.pending and not self.ended:
             self._pump(self.down)
 
@@ -409,16 +406,18 @@ class TcpSession:
         if events & ERR and self._check_error(self.server, "server"):
             return
         if events & (IN | RDHUP | HUP) and not self.down.pending:
-            if events & (RDHUP | HUP):
-                self._pump(self.down)
-            else:
-                self._serve_edge(self.down)
+            self._on_readable(self.down, events)
         if events & OUT and self.up.pending and not self.ended:
             self._pump(self.up)
 
-    def _serve_edge(self, d: Direction) -> None:
-        """An IN edge without RDHUP/HUP: the mover's one-call read-and-write when it
-        serves the edge, else the pump (see _pump for why a drained read may end it)."""
+    def _on_readable(self, d: Direction, events: int) -> None:
+        """``d``'s source is readable.  With RDHUP/HUP (an EOF may be queued) the pump
+        reads to the end; a plain IN edge gets the mover's one-call read-and-write, and
+        the pump only when that did not serve it (see _pump for why a drained read may
+        end it)."""
+        if events & (RDHUP | HUP):
+            self._pump(d)
+            return
         try:
             if self._mover.serve_edge(d):
                 return
