@@ -37,6 +37,7 @@
 
 #define SMALL (64 * 1024)
 #define PIPE_SIZE (1024 * 1024)
+#define BATCH 512  /* events per epoll_wait; at most this many conns close per batch */
 
 enum { HYBRID, COPY, SPLICE };
 static int mode = HYBRID;
@@ -260,7 +261,7 @@ static void on_event(struct side *s, uint32_t ev)
 		pump(c, out, 0);
 }
 
-static struct conn *graveyard[1024];
+static struct conn *graveyard[BATCH];  /* closed this batch, freed after it */
 static int buried;
 
 static void accept_all(int listener, const struct sockaddr_in *target)
@@ -368,8 +369,8 @@ serve:
 	if (epoll_ctl(epfd, EPOLL_CTL_ADD, listener, &lev))
 		die("epoll_ctl");
 	for (;;) {
-		struct epoll_event events[512];
-		int n = epoll_wait(epfd, events, 512, -1);
+		struct epoll_event events[BATCH];
+		int n = epoll_wait(epfd, events, BATCH, -1);
 		for (int i = 0; i < n; i++) {
 			struct side *s = events[i].data.ptr;
 			if (!s) {
@@ -379,7 +380,7 @@ serve:
 			if (s->conn->closed)
 				continue;
 			on_event(s, events[i].events);
-			if (s->conn->closed && buried < 1024)
+			if (s->conn->closed)  /* once: its later events are skipped */
 				graveyard[buried++] = s->conn;
 		}
 		while (buried)
