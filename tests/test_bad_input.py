@@ -107,6 +107,17 @@ def test_port_out_of_range(flag: str, value: str, why: str) -> None:
     assert_one_line_error(result, f"{flag} {value!r}", why)
 
 
+@pytest.mark.parametrize(("flag", "value"), [
+    pytest.param("--accept", "fast", id="accept"),
+    pytest.param("--engine", "zerocopy", id="engine"),
+])
+def test_unknown_mode_names_the_choices(flag: str, value: str, listen_port: int) -> None:
+    result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c", "127.0.0.1:9",
+                          flag, value)
+    line = assert_one_line_error(result, flag, f"invalid choice: {value!r}")
+    assert "choose from" in line
+
+
 def _resolution_stays_local() -> bool:
     """True when name lookups are done by this process itself (files, dns).
 
