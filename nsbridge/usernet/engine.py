@@ -80,7 +80,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop, Timer
@@ -214,6 +214,14 @@ class _UdpFlow:
         self.sock = sock
         self.fd = sock.fileno()
         self.quote = b""  # the start of the latest datagram, to quote in ICMP errors
+
+
+class TunOutput(NamedTuple):
+    """Where an answer the engine builds goes: a frame writer and whether that device's
+    frames start with a virtio-net header (the main tun's do; the ping relay's not)."""
+
+    write: Callable[[bytes], None]
+    vnet: bool
 
 
 class _EchoFlow:
@@ -470,12 +478,15 @@ class TunEngine:
             self.stats.frames_out += 1
             self.stats.bytes_out += written
 
-    def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None) -> None:
-        """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``."""
-        self.write(build_icmp_unreachable(quote, kind, src=src, vnet=self._vnet))
+    def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None,
+                     out: TunOutput | None = None) -> None:
+        """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``
+        (through ``out``: the native ping relay's device has no virtio header)."""
+        write, vnet = out or (self.write, self._vnet)
+        write(build_icmp_unreachable(quote, kind, src=src, vnet=vnet))
         self.stats.unreachable_sent[kind] += 1
 
-    def _deny(self, parsed: Parsed, reason: str = "") -> None:
+    def _deny(self, parsed: Parsed, reason: str = "", out: TunOutput | None = None) -> None:
         """Answer a denied flow with "administratively prohibited" from the gateway (and
         say so at -v, as the TCP paths do, so a user sees why a flow goes nowhere)."""
         if reason and log.isEnabledFor(logging.INFO):
@@ -485,10 +496,11 @@ class TunEngine:
             log.info("usernet %s: %s -> %s%s denied: %s", what, _ip_text(parsed.ip.src),
                      _ip_text(parsed.ip.dst), port, reason)
         if may_send_icmp_error(parsed):
-            self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version])
+            self._unreachable(parsed.packet[:_QUOTE], "admin", self._gateway_of[parsed.ip.version],
+                              out)
 
     def _connect(self, sock: socket.socket, address: tuple[str, int], parsed: Parsed,
-                 what: str) -> bool:
+                 what: str, out: TunOutput | None = None) -> bool:
         """Connect a new flow's host socket (UDP and ping sockets never block).  On
         failure the socket is closed, the drop counted, and the namespace told what the
         host was told (ICMP unreachable), so its program sees the same error."""
@@ -499,7 +511,7 @@ class TunEngine:
             self.stats.drops[f"{what} connect {errno_name(exc.errno)}"] += 1
             kind = _ERRNO_KINDS.get(exc.errno or 0)
             if kind is not None and may_send_icmp_error(parsed):
-                self._unreachable(parsed.packet[:_QUOTE], kind, parsed.ip.dst)
+                self._unreachable(parsed.packet[:_QUOTE], kind, parsed.ip.dst, out)
             return False
         return True
 
@@ -730,17 +742,8 @@ class TunEngine:
         key = (ip.src, echo.ident, ip.dst)
         flow = self._echo.get(key, time.monotonic())
         if flow is None:
-            if not self.new_flow_source_ok(parsed):
-                return
-            decision = self.policy.decide("icmp", ip.dst, None)
-            if isinstance(decision, (Deny, AllowResolver)):
-                self._deny(parsed, decision.reason if isinstance(decision, Deny) else "dns")
-                return
-            if ip.dst in self._gateways:
-                # The gateway is us: answer without touching the host's network.
-                self.write(build_icmp_echo_reply(parsed, vnet=self._vnet))
-                self.stats.icmp_echo_replies += 1
-                self.stats.icmp_echo_local += 1
+            decision = self.admit_echo(parsed)
+            if decision is None:
                 return
             flow = self._open_echo(parsed, key, decision)
             if flow is None:
@@ -748,6 +751,47 @@ class TunEngine:
         offset = parsed.ip_offset
         flow.quote = parsed.frame[offset : offset + min(ip.total_length, _QUOTE)]
         self._send_echo(flow, echo)
+
+    def admit_echo(self, parsed: Parsed, out: TunOutput | None = None) -> Allow | None:
+        """Decide the first echo request of a flow: the source check and the policy,
+        answering a denial (ICMP admin-prohibited) and the gateway's own echo through
+        ``out`` (default: this engine's device).  The host address to ping, or None when
+        nothing more is to be done.  Shared with the native ping relay, so both paths
+        decide alike."""
+        write, vnet = out or (self.write, self._vnet)
+        if not self.new_flow_source_ok(parsed):
+            return None
+        decision = self.policy.decide("icmp", parsed.ip.dst, None)
+        if isinstance(decision, (Deny, AllowResolver)):
+            self._deny(parsed, decision.reason if isinstance(decision, Deny) else "dns", out)
+            return None
+        if parsed.ip.dst in self._gateways:
+            # The gateway is us: answer without touching the host's network.
+            write(build_icmp_echo_reply(parsed, vnet=vnet))
+            self.stats.icmp_echo_replies += 1
+            self.stats.icmp_echo_local += 1
+            return None
+        return decision
+
+    def open_ping_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
+        """The native relay's half of :meth:`_open_echo`: a connected, non-blocking IPv4
+        ping socket for an admitted flow, as a bare fd the caller then owns; -1 when none
+        (counted, and the namespace told through ``out`` as the engine would tell it)."""
+        made = self._echo_socket(4)
+        if made is None:
+            self.stats.icmp_unavailable += 1
+            self._deny(parsed, out=out)
+            return -1
+        sock, kind = made
+        if kind != "ping":  # raw sockets see every ICMP message: the engine's job
+            sock.close()
+            self.stats.drops["icmp native relay needs ping sockets"] += 1
+            return -1
+        if not self._connect(sock, (str(allow.host_ip), 0), parsed, "icmp", out):
+            return -1
+        self.stats.icmp_flows_total += 1
+        self.stats.icmp_sockets[kind] += 1
+        return sock.detach()
 
     def _open_echo(self, parsed: Parsed, key: EchoKey, allow: Allow) -> _EchoFlow | None:
         version = allow.host_ip.version
@@ -842,6 +886,17 @@ class TunEngine:
             self._unreachable(flow.quote, kind, flow.ns_dst)
         else:
             self.stats.drops[f"icmp send {errno_name(exc.errno)}"] += 1
+
+    def answer_host_error(self, err: int, quote: bytes, src: bytes,
+                          out: TunOutput | None = None) -> bool:
+        """Tell the namespace about host error ``err`` for the packet starting with
+        ``quote``, as the ICMP unreachable (from ``src``) it stands for; False if it
+        stands for none (the native ping relay's errors come through here)."""
+        kind = _ERRNO_KINDS.get(err)
+        if kind is None or not quote:
+            return False
+        self._unreachable(quote, kind, src, out)
+        return True
 
     def _echo_error(self, flow: _EchoFlow, exc: OSError) -> None:
         """An error a receive reported (an ICMP error about an earlier request): pass it

@@ -136,12 +136,16 @@ class Tun:
     vnet_hdr_size: int = VNET_HDR_SIZE
 
 
-def open_tun(config: NetConfig, path: str = TUN_PATH) -> Tun:
+def open_tun(config: NetConfig, path: str = TUN_PATH, *, ifname: str | None = None,
+             vnet: bool = True) -> Tun:
     """Create the tun device in the *calling thread's* network namespace.
 
     The device lands in the namespace current at ``open()`` time (the kernel records it
     when /dev/net/tun is opened), so this must run after entering the namespace.
+    ``ifname`` defaults to the config's; ``vnet=False`` makes a plain device (no virtio
+    header, no offloads), as the native ping relay reads it.
     """
+    ifname = config.ifname if ifname is None else ifname
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -161,9 +165,8 @@ def open_tun(config: NetConfig, path: str = TUN_PATH) -> Tun:
             ) from None
         raise SetupError(f"cannot open {path}: {describe_oserror(exc)}") from None
     try:
-        ifr = struct.pack(
-            "16sH22x", config.ifname.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL
-        )
+        flags = IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet else 0)
+        ifr = struct.pack("16sH22x", ifname.encode(), flags)
         try:
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as exc:
@@ -176,9 +179,11 @@ def open_tun(config: NetConfig, path: str = TUN_PATH) -> Tun:
                     "nsbridge already attached to it?)"
                 )
             raise SetupError(
-                f"cannot create tun device {config.ifname}: {describe_oserror(exc)}{hint}"
+                f"cannot create tun device {ifname}: {describe_oserror(exc)}{hint}"
             ) from None
         ifname = result[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+        if not vnet:
+            return Tun(fd, ifname, (), 0)
         try:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
         except OSError as exc:
@@ -297,3 +302,60 @@ def _netlink_error(what: str, exc: Exception) -> SetupError:
     elif code == errno.EPERM:
         hint = " (no CAP_NET_ADMIN over this network namespace)"
     return SetupError(f"netlink: cannot {what}: {text}{hint}")
+
+
+# The native ping relay's device (see echorelay.py): a second tun, and a routing rule that
+# sends the namespace's IPv4 ICMP to it through a table of its own.  The rule's priority
+# puts it after "local" (pings to the namespace's own addresses stay inside) and before
+# "main".
+ECHO_IFNAME = "nsb-ping"
+ECHO_TABLE = 0x6E73  # "ns"
+ECHO_RULE_PRIORITY = 100
+
+
+def configure_echo_device(config: NetConfig, ifname: str) -> None:
+    """Route the namespace's IPv4 ICMP to ``ifname``, the native ping relay's device.
+
+    The device has no address of its own: a second copy of the namespace's address
+    would make the kernel pick it for broadcasts, which find their device by source
+    address.  Reverse-path filtering, which drops whatever arrives on an address-less
+    interface, is switched off for it ("all" too, when set, since the stricter of the
+    two applies; every packet on this namespace's devices comes from nsbridge anyway).
+    IPv6 is switched off on it: ICMPv6 stays on the main device, for the engine.
+    """
+    from pyroute2 import IPRoute
+
+    conf = "/proc/sys/net/ipv4/conf"
+    try:
+        _write_sysctl(f"{conf}/{ifname}/rp_filter", "0")
+        if _read_sysctl(f"{conf}/all/rp_filter") != "0":
+            _write_sysctl(f"{conf}/all/rp_filter", "0")
+    except OSError as exc:
+        raise SetupError(f"cannot switch off rp_filter for {ifname}: "
+                         f"{describe_oserror(exc)}") from None
+    try:  # no IPv6 in this kernel or namespace: nothing to switch off
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
+    except OSError:
+        pass
+    with IPRoute() as ipr:
+        found = _step(f"find {ifname}", ipr.link_lookup, ifname=ifname)
+        if not found:
+            raise SetupError(f"tun device {ifname} vanished before it could be configured")
+        index = found[0]
+        _step(f"set MTU {config.mtu} on {ifname}", ipr.link, "set", index=index, mtu=config.mtu)
+        address = str(config.ipv4.ip)
+        _step(f"bring {ifname} up", ipr.link, "set", index=index, state="up")
+        _step(f"route table {ECHO_TABLE} to {ifname}", ipr.route, "add", table=ECHO_TABLE,
+              dst="0.0.0.0/0", oif=index, prefsrc=address)
+        _step("add the rule 'ipproto icmp lookup ECHO_TABLE'", ipr.rule, "add",
+              family=socket.AF_INET, priority=ECHO_RULE_PRIORITY, table=ECHO_TABLE, ip_proto=1)
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read_sysctl(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
