@@ -575,10 +575,10 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         help="TCP path: redirect = kernel fast path via nftables; tun = "
                         "terminated on the host side from the tun device (Linux 6.9+); "
                         "auto (default) = redirect, or tun when nf_tables is missing")
-    parser.add_argument("--icmp", choices=("auto", "native", "engine"), default="auto",
-                        help="IPv4 ping path: native = a C thread on a device of its own "
-                        "(run only; needs the built module and ping sockets); engine = the "
-                        "Python engine; auto (default) = native when it can, else engine")
+    parser.add_argument("--relay", choices=("auto", "native", "engine"), default="auto",
+                        help="IPv4 UDP and ping path: native = a C thread on a device of its "
+                        "own (run only; needs the built module and ping sockets); engine = "
+                        "the Python engine; auto (default) = native when it can, else engine")
     parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
                         help="host resolver to forward DNS to (default: /etc/resolv.conf)")
     parser.add_argument("--cidr", metavar="NETWORK", default="10.0.2.0/24",
@@ -607,7 +607,7 @@ def _usernet_options(args: argparse.Namespace) -> object:
                 dns.append((text, 53))
     return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
                           allow_host_loopback=args.allow_host_loopback, allow=args.allow,
-                          deny=args.deny, tcp=args.tcp, icmp=args.icmp, dns=dns, mtu=args.mtu,
+                          deny=args.deny, tcp=args.tcp, relay=args.relay, dns=dns, mtu=args.mtu,
                           ipv6=not args.disable_ipv6, cidr=args.cidr, cidr6=args.cidr6)
 
 

@@ -92,6 +92,8 @@ COMMAND = textwrap.dedent('''
             reply = "sent"
         elif cmd == "del-tun":
             reply = ip("link", "del", "nsb0")
+        elif cmd == "del-relay":
+            reply = ip("link", "del", "nsb-relay")
         elif cmd == "route-via-veth":  # a route that does not use the tun device
             reply = [ip("link", "add", "v0", "type", "veth", "peer", "name", "v1"),
                      ip("link", "set", "v1", "up"), ip("link", "set", "v0", "up"),
@@ -221,7 +223,8 @@ def assert_nothing_left(run: Run) -> None:
 def test_tun_deleted_while_the_command_runs(host, start_run, echo_servers, udp_server):
     """The command deletes nsb0: nsbridge says so once, does not spin or crash, still
     relays TCP over the fast path (once the command has a route again), drops the late
-    UDP answer it can no longer deliver, and passes on the command's exit status."""
+    UDP answer it can no longer deliver, and passes on the command's exit status.
+    (UDP on the engine's device, --relay=engine; the native relay's device is next.)"""
     tcp_port, udp_port = echo_servers
 
     def answer_late(data: bytes) -> bytes:
@@ -229,7 +232,7 @@ def test_tun_deleted_while_the_command_runs(host, start_run, echo_servers, udp_s
         return data
 
     late = udp_server(host, answer=answer_late, host=SERVER)
-    run = start_run("--tcp=redirect")
+    run = start_run("--tcp=redirect", "--relay=engine")
     assert run.ask(f"tcp {tcp_port}") == "ok"
     assert run.ask(f"udp {udp_port}") == "ok"
     assert run.ask(f"udp-send {late.port}") == "sent"  # its answer arrives after the tun is gone
@@ -256,6 +259,46 @@ def test_tun_deleted_while_the_command_runs(host, start_run, echo_servers, udp_s
     assert run.proc.wait(timeout=20) == 3
     log = run.log()
     assert log.count("tun read failed") == 1, log  # one clear line, not one per event
+    assert "Traceback" not in log, log
+    assert_nothing_left(run)
+
+
+def test_relay_device_deleted_while_the_command_runs(host, start_run, echo_servers, udp_server):
+    """The command deletes the native relay's device, nsb-relay: nsbridge says so once,
+    does not spin, and UDP goes on through the main device and the engine (the routes
+    to the deleted device went with it); the late answer to a datagram sent before is
+    dropped; the exit status is passed on."""
+    from nsbridge.usernet import flowrelay
+
+    if flowrelay.unavailable() is not None:  # the module was not built
+        pytest.skip(f"no native relay: {flowrelay.unavailable()}")
+    tcp_port, udp_port = echo_servers
+
+    def answer_late(data: bytes) -> bytes:
+        time.sleep(0.5)
+        return data
+
+    late = udp_server(host, answer=answer_late, host=SERVER)
+    run = start_run("--tcp=redirect")
+    wait_until(lambda: "native relay (IPv4" in run.log(), what="the native relay in use")
+    assert run.ask(f"udp {udp_port}") == "ok"
+    assert run.ask(f"udp-send {late.port}") == "sent"
+    assert run.ask("del-relay") == [0, ""]
+    wait_until(lambda: "native relay: its device failed" in run.log(), timeout=5,
+               what="the device failure logged")
+    cpu_before = run.cpu_seconds()
+    time.sleep(1.5)  # the late answer comes back meanwhile
+    assert run.cpu_seconds() - cpu_before < 0.3, "spin"
+    assert late.received == 1
+    assert run.ask(f"udp {udp_port}") == "ok"  # now through nsb0 and the engine
+    assert run.ask(f"tcp {tcp_port}") == "ok"
+
+    assert run.proc.stdin is not None
+    run.proc.stdin.write("exit 3\n")
+    run.proc.stdin.flush()
+    assert run.proc.wait(timeout=20) == 3
+    log = run.log()
+    assert log.count("native relay: its device failed") == 1, log
     assert "Traceback" not in log, log
     assert_nothing_left(run)
 

@@ -80,7 +80,7 @@ def options(
     deny: Iterable[str] = (),
     dns: Sequence[tuple[str, int]] | None = None,
     tcp: str = "auto",
-    icmp: str = "auto",
+    relay: str = "auto",
     mtu: int = 65520,
     ipv6: bool = True,
     cidr: str = "10.0.2.0/24",
@@ -95,12 +95,12 @@ def options(
     """
     if tcp not in ("auto", "redirect", "tun"):
         raise UserError(f"tcp={tcp!r}: use 'auto', 'redirect' or 'tun'")
-    if icmp not in ("auto", "native", "engine"):
-        raise UserError(f"icmp={icmp!r}: use 'auto', 'native' or 'engine'")
+    if relay not in ("auto", "native", "engine"):
+        raise UserError(f"relay={relay!r}: use 'auto', 'native' or 'engine'")
     opts = UsernetOptions(
         publish=[p if isinstance(p, Publish) else parse_publish(p) for p in publish],
         allow_host_loopback=allow_host_loopback, allow=list(allow), deny=list(deny),
-        tcp=tcp, icmp=icmp, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
+        tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6)
     check_options(opts)  # a typo must not surface after the fork
     return opts
@@ -209,7 +209,7 @@ def run(
     deny: Iterable[str] = (),
     dns: Sequence[tuple[str, int]] | None = None,
     tcp: str = "auto",
-    icmp: str = "auto",
+    relay: str = "auto",
     mtu: int = 65520,
     ipv6: bool = True,
     cidr: str = "10.0.2.0/24",
@@ -230,7 +230,7 @@ def run(
     if not command:
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
     opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
-                   deny=deny, dns=dns, tcp=tcp, icmp=icmp, mtu=mtu, ipv6=ipv6, cidr=cidr,
+                   deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6)
     handle = _sandbox.Sandbox.create(
         list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,

@@ -530,14 +530,8 @@ class TunEngine:
         now = time.monotonic()
         flow = self._udp.get(key, now)
         if flow is None:
-            if not self.new_flow_source_ok(parsed):
-                return
-            decision = self.policy.decide("udp", ip.dst, udp.dport)
-            if isinstance(decision, Deny):
-                self._deny(parsed, decision.reason)
-                return
-            if isinstance(decision, AllowResolver):
-                self._dns_query(parsed, udp)
+            decision = self.admit_udp(parsed, udp)
+            if decision is None:
                 return
             flow = self._open_udp(parsed, key, decision, now)
             if flow is None:
@@ -546,6 +540,36 @@ class TunEngine:
         flow.quote = parsed.frame[offset : offset + min(ip.total_length, _QUOTE)]
         for datagram in udp_datagrams(parsed):
             self._send_udp(flow, datagram)
+
+    def admit_udp(self, parsed: Parsed, udp: UDP, out: TunOutput | None = None) -> Allow | None:
+        """Decide the first datagram of a flow: the source check and the policy, a denial
+        answered through ``out`` (default: this engine's device), a DNS query answered
+        here.  The host address to send to, or None.  Shared with the native relay."""
+        if not self.new_flow_source_ok(parsed):
+            return None
+        decision = self.policy.decide("udp", parsed.ip.dst, udp.dport)
+        if isinstance(decision, Deny):
+            self._deny(parsed, decision.reason, out)
+            return None
+        if isinstance(decision, AllowResolver):
+            self._dns_query(parsed, udp)  # the native relay's rules leave DNS to us anyway
+            return None
+        return decision
+
+    def open_udp_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
+        """The native relay's half of :meth:`_open_udp`: a connected, non-blocking UDP
+        socket for an admitted flow, as a bare fd the caller then owns; -1 when none
+        (counted, and the namespace told through ``out``)."""
+        family = socket.AF_INET if allow.host_ip.version == 4 else socket.AF_INET6
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self.stats.drops[f"udp socket {errno_name(exc.errno)}"] += 1
+            return -1
+        if not self._connect(sock, (str(allow.host_ip), allow.host_port), parsed, "udp", out):
+            return -1
+        self.stats.udp_flows_total += 1
+        return sock.detach()
 
     def _open_udp(self, parsed: Parsed, key: FlowKey, allow: Allow, now: float) -> _UdpFlow | None:
         family = socket.AF_INET if allow.host_ip.version == 4 else socket.AF_INET6

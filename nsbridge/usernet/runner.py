@@ -49,7 +49,7 @@ class UsernetOptions:
     allow: list[str] = field(default_factory=list)  # destination rules
     deny: list[str] = field(default_factory=list)
     tcp: str = "auto"  # auto | redirect | tun
-    icmp: str = "auto"  # auto | native | engine: who serves IPv4 ping (see echorelay.py)
+    relay: str = "auto"  # auto | native | engine: who serves IPv4 UDP and ping (flowrelay.py)
     dns: list[tuple[str, int]] | None = None  # host resolvers; None: /etc/resolv.conf
     mtu: int = 65520
     ipv6: bool = True
@@ -190,7 +190,7 @@ class Network:
         self.engine: Any = None
         self.redirector: Any = None
         self.tun_tcp: Any = None
-        self.native_echo: Any = None
+        self.native_relay: Any = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -222,7 +222,7 @@ class Network:
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
-            self._start_native_echo()
+            self._start_native_relay()
             if options.publish:
                 from .nsfactory import ProcessFactory
 
@@ -257,31 +257,37 @@ class Network:
             log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP goes "
                         "through the tun path (slower)")
 
-    def _start_native_echo(self) -> None:
-        """IPv4 ping through the native relay (``--icmp``): ``auto`` uses it in a ``run``
-        sandbox when it can and says why not at -v; ``native`` insists."""
-        mode, handle = self.options.icmp, self.handle
+    def _start_native_relay(self) -> None:
+        """IPv4 UDP and ping through the native relay (``--relay``): ``auto`` uses it in a
+        ``run`` sandbox when it can and says why not at -v; ``native`` insists."""
+        mode, handle = self.options.relay, self.handle
         if mode == "engine":
             return
-        from .echorelay import NativeEcho, setup_inside, unavailable
+        from .flowrelay import NativeRelay, ping_sockets_refused, setup_inside, unavailable
 
         why_not = unavailable()
         if why_not is None and getattr(handle, "pid", None) is None:
             why_not = ("it needs a namespace nsbridge created (nsbridge run): it adds a "
-                       "device and a routing rule that must end with the namespace")
+                       "device and routing rules that must end with the namespace")
+        no_ping = ping_sockets_refused()
         if why_not is None:
             try:
-                (fd,) = handle.make_fds(lambda: setup_inside(handle.config))
+                (fd,) = handle.make_fds(lambda: setup_inside(handle.config, no_ping is None))
             except UserError as exc:
                 why_not = f"setting up its device failed: {exc}"
         if why_not is not None:
             if mode == "native":
-                raise UserError(f"--icmp=native: {why_not}; use --icmp=engine")
-            log.info("ping: through the engine (the native relay is not used: %s)", why_not)
+                raise UserError(f"--relay=native: {why_not}; use --relay=engine")
+            log.info("UDP and ping: through the engine (the native relay is not used: %s)",
+                     why_not)
             return
-        self.native_echo = NativeEcho(self.bridge.loop, self.engine, fd)
-        self.native_echo.start()
-        log.info("ping: native relay (device %s)", "nsb-ping")
+        self.native_relay = NativeRelay(self.bridge.loop, self.engine, fd)
+        self.native_relay.start()
+        if no_ping is None:
+            log.info("UDP and ping: native relay (IPv4, device nsb-relay)")
+        else:
+            log.info("UDP: native relay (IPv4, device nsb-relay); ping through the engine: %s",
+                     no_ping)
 
     def stop_when_readable(self, fd: int) -> None:
         """Stop the loop once ``fd`` (a pidfd) is readable — a process exited.  Call
@@ -386,8 +392,8 @@ class Network:
         if self.engine is not None:
             for name, value in vars(self.engine.stats).items():
                 engine[name] = dict(value) if isinstance(value, Counter) else value
-        if self.native_echo is not None:
-            _merge_native_echo(engine, self.native_echo.stats())
+        if self.native_relay is not None:
+            _merge_native_relay(engine, self.native_relay.stats())
         tcp = None
         if self.redirector is not None:
             tcp = self.redirector.snapshot().as_dict()
@@ -408,8 +414,8 @@ class Network:
             self._closed = True
         if self.tun_tcp is not None:
             self.tun_tcp.close()
-        if self.native_echo is not None:
-            self.native_echo.close()
+        if self.native_relay is not None:
+            self.native_relay.close()
         if self.engine is not None:
             self.engine.close()
         if self.redirector is not None:
@@ -449,16 +455,27 @@ def _drive(handle: Any, options: UsernetOptions, policy: Any, stops: StopSignals
             log.info("usernet: %s", summary(network.stats()))
 
 
-def _merge_native_echo(engine: dict[str, Any], relay: dict[str, Any]) -> None:
-    """Fold the native ping relay's counters into the engine's (the figures a user
-    reads are the same whichever path served ping), keeping its own under icmp_native."""
-    for ours, theirs in (("frames_in", "frames_in"), ("bytes_in", "bytes_in"),
-                         ("frames_out", "frames_out"), ("bytes_out", "bytes_out"),
-                         ("icmp_echo_requests", "requests"), ("icmp_echo_replies", "replies"),
-                         ("icmp_flows_active", "flows_active"),
-                         ("icmp_flows_expired", "flows_expired")):
-        engine[ours] = engine.get(ours, 0) + relay[theirs]
-    engine["icmp_native"] = relay
+# Which of the native relay's counters add to which of the engine's.
+_RELAY_COUNTERS = (
+    (None, (("frames_in", "frames_in"), ("bytes_in", "bytes_in"),
+            ("frames_out", "frames_out"), ("bytes_out", "bytes_out"))),
+    ("icmp", (("icmp_echo_requests", "requests"), ("icmp_echo_replies", "replies"),
+              ("icmp_flows_active", "flows_active"), ("icmp_flows_expired", "flows_expired"))),
+    ("udp", (("udp_datagrams_out", "datagrams_out"), ("udp_datagrams_in", "datagrams_in"),
+             ("udp_bytes_out", "bytes_out"), ("udp_bytes_in", "bytes_in"),
+             ("udp_flows_active", "flows_active"), ("udp_flows_expired", "flows_expired"),
+             ("udp_flows_evicted", "flows_evicted"))),
+)
+
+
+def _merge_native_relay(engine: dict[str, Any], relay: dict[str, Any]) -> None:
+    """Fold the native relay's counters into the engine's (the figures a user reads are
+    the same whichever path served UDP and ping), keeping its own under ``native``."""
+    for section, pairs in _RELAY_COUNTERS:
+        source = relay if section is None else relay[section]
+        for ours, theirs in pairs:
+            engine[ours] = engine.get(ours, 0) + source[theirs]
+    engine["native"] = relay
 
 
 def summary(stats: dict[str, Any]) -> str:

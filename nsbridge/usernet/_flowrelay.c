@@ -1,25 +1,29 @@
 /*
- * nsbridge.usernet._echorelay: the IPv4 ping path of user-mode networking, in a thread
+ * nsbridge.usernet._flowrelay: IPv4 UDP and ping for user-mode networking, in a thread
  * that never takes the GIL for a packet of a known flow.
  *
- * Why native code: an echo at a few per second wakes the process from idle with every
- * cache cold, and the Python engine's wake-up, dispatch and per-packet bytecode cost
- * ~100 us more than slirp4netns's C loop (measured in bench/usernet_bench.py).  The
- * sandbox routes ICMP to a second, dedicated tun device (a policy-routing rule, see
- * echorelay.py); this module serves that device from its own thread:
+ * Why native code: the Python engine's per-packet cost capped UDP below slirp4netns's
+ * loss-free rate (~65k datagrams/s), and an echo at a few per second wakes the process
+ * from idle with every cache cold, where the interpreter's wake-up, dispatch and
+ * bytecode cost ~100 us more than slirp4netns's C loop (bench/usernet_bench.py).  The
+ * sandbox routes IPv4 ICMP and UDP (DNS excepted) to a second, dedicated tun device
+ * (policy-routing rules, see flowrelay.py); this module serves that device:
  *
- *   request of a known flow:  tun read -> checks -> send() on the flow's ping socket
- *                             -> the reply (already queued for a local destination)
- *                             -> id, checksums, IPv4 header -> tun write
- *   anything about a new flow: the Python callback ``new_flow(packet)`` decides (the
+ *   packet of a known flow:   tun read -> checks -> send() on the flow's host socket
+ *                             (a ping socket for echo, a connected UDP socket)
+ *   a reply on that socket:   -> ports/id, checksums, IPv4 header -> tun write
+ *                             (an echo reply from a local destination is queued inside
+ *                             send(), so it is taken at once: no second wake-up)
+ *   the first packet of a flow: the Python callback ``new_flow(packet)`` decides (the
  *                             policy, anti-spoofing, the gateway's own answer, the
- *                             ping socket) and returns the socket's fd or -1;
+ *                             socket) and returns the socket's fd or -1;
  *   a host error for a flow:  the Python callback ``on_error(quote, errno)`` writes the
  *                             ICMP unreachable the namespace should see.
  *
- * So the policy still decides every new flow, and every packet the relay builds itself
- * is an echo reply.  Packet checks live in one sans-IO function, ``classify_request``,
- * exposed as ``classify(packet)`` so tests can feed it crafted bytes without a device.
+ * So the policy still decides every new flow, and the relay itself only builds echo
+ * replies and UDP datagrams.  Packet checks live in one sans-IO function,
+ * ``classify_request``, exposed as ``classify(packet)`` so tests can feed it crafted
+ * bytes without a device.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,18 +46,23 @@
 /* What classify_request says of a packet read from the device. */
 enum verdict {
     V_ECHO = 0,    /* a well-formed IPv4 echo request */
+    V_UDP,         /* a well-formed IPv4 UDP datagram */
     V_NOT_IPV4,    /* IPv6 or garbage in the version field */
     V_MALFORMED,   /* too short, bad header length, lengths disagree */
     V_FRAGMENT,    /* a fragment: the engine does not reassemble (neither path does) */
-    V_NOT_ICMP,    /* another protocol (the routing rule should make this impossible) */
+    V_OTHER_PROTO, /* neither ICMP nor UDP (the routing rules make this impossible) */
     V_BAD_CHECKSUM,
     V_OTHER_ICMP,  /* an ICMP error or reply the namespace sent: counted, dropped */
     V_COUNT
 };
 
 static const char *const verdict_names[V_COUNT] = {
-    "echo", "not ipv4", "malformed", "fragment", "not icmp", "bad checksum", "other icmp",
+    "echo", "udp", "not ipv4", "malformed", "fragment", "other protocol", "bad checksum",
+    "other icmp",
 };
+
+#define PROTO_ICMP 1
+#define PROTO_UDP 17
 
 static uint32_t ones_add(const uint8_t *p, size_t n, uint32_t sum)
 {
@@ -79,7 +88,13 @@ static void put16(uint8_t *p, uint16_t v)
     p[1] = (uint8_t)v;
 }
 
-/* The sans-IO check of one packet; on V_ECHO, *ihl is the IPv4 header length. */
+/* The sum of the IPv4 pseudo-header of a UDP datagram of ``length`` bytes. */
+static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t length)
+{
+    return ones_add(dst, 4, ones_add(src, 4, 0)) + PROTO_UDP + (uint32_t)length;
+}
+
+/* The sans-IO check of one packet; on V_ECHO and V_UDP, *ihl is the IPv4 header length. */
 static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
 {
     if (n < 1 || p[0] >> 4 != 4)
@@ -89,25 +104,46 @@ static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
         return V_MALFORMED;
     if (be16(p + 6) & 0x3FFF)
         return V_FRAGMENT;
-    if (p[9] != 1)
-        return V_NOT_ICMP;
-    if (fold(ones_add(p, hl, 0)) != 0xFFFF || fold(ones_add(p + hl, n - hl, 0)) != 0xFFFF)
+    if (p[9] != PROTO_ICMP && p[9] != PROTO_UDP)
+        return V_OTHER_PROTO;
+    if (fold(ones_add(p, hl, 0)) != 0xFFFF)
+        return V_BAD_CHECKSUM;
+    *ihl = hl;
+    if (p[9] == PROTO_UDP) {
+        if (be16(p + hl + 4) != n - hl)
+            return V_MALFORMED;
+        /* A zero checksum means "none" (RFC 768); anything else must add up. */
+        if (be16(p + hl + 6) && fold(ones_add(p + hl, n - hl, pseudo_sum(p + 12, p + 16, n - hl)))
+                                    != 0xFFFF)
+            return V_BAD_CHECKSUM;
+        return V_UDP;
+    }
+    if (fold(ones_add(p + hl, n - hl, 0)) != 0xFFFF)
         return V_BAD_CHECKSUM;
     if (p[hl] != 8 || p[hl + 1] != 0)
         return V_OTHER_ICMP;
-    *ihl = hl;
     return V_ECHO;
 }
 
 struct flow {
     uint8_t src[4], dst[4]; /* the namespace's addresses: the request's */
-    uint16_t ident;         /* the namespace's echo id (the ping socket's is the kernel's) */
+    uint8_t proto;          /* PROTO_ICMP (an echo "session") or PROTO_UDP */
+    uint16_t sport;         /* UDP: the namespace's port; echo: its id (the ping
+                             * socket's is the kernel's) */
+    uint16_t dport;         /* UDP: the destination port; echo: 0 */
     int fd;                 /* the host ping socket, -1 while the slot is free */
     int next;               /* hash chain, -1 ends it */
     double last;            /* CLOCK_MONOTONIC seconds of the latest request or reply */
     uint32_t ip_sum;        /* the reply header's sum without length and checksum */
     uint16_t quote_len;
     uint8_t quote[QUOTE_MAX]; /* the latest request, for an ICMP error about it */
+};
+
+/* Per-protocol counters (index 0: echo, 1: UDP). */
+struct counts {
+    unsigned long long out, in, bytes_out, bytes_in;  /* requests/datagrams each way */
+    unsigned long long flows_total, flows_expired, flows_evicted;
+    int active;
 };
 
 typedef struct {
@@ -125,15 +161,17 @@ typedef struct {
     int active;
     pthread_t thread;
     int running;
-    /* Counters: written by the relay thread only, read under no lock (torn reads of
-     * a monotonically growing 64-bit integer do not happen on the supported arches). */
-    unsigned long long requests, replies, flows_total, flows_expired, flows_evicted;
+    /* Counters: written by the relay thread only and read without a lock (a torn read
+     * of a growing 64-bit counter does not happen on the supported architectures). */
+    struct counts kind[2];
     unsigned long long frames_in, bytes_in, frames_out, bytes_out;
     unsigned long long rejected[V_COUNT];
-    unsigned long long tun_full, send_full, callback_errors;
+    unsigned long long tun_full, send_full, send_errors, callback_errors;
     uint8_t buf[PACKET_MAX + 1];
     uint8_t out[PACKET_MAX + 1];
 } Relay;
+
+static int kind_of(uint8_t proto) { return proto == PROTO_UDP; }
 
 static double now_seconds(void)
 {
@@ -142,20 +180,25 @@ static double now_seconds(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static unsigned bucket_of(const Relay *r, const uint8_t *src, const uint8_t *dst, uint16_t id)
+static unsigned bucket_of(const Relay *r, uint8_t proto, const uint8_t *src, const uint8_t *dst,
+                          uint16_t sport, uint16_t dport)
 {
     uint32_t a, b;
     memcpy(&a, src, 4);
     memcpy(&b, dst, 4);
-    uint32_t h = (a * 2654435761u) ^ (b * 2246822519u) ^ (id * 3266489917u);
+    uint32_t h = (a * 2654435761u) ^ (b * 2246822519u) ^
+                 (((uint32_t)sport << 16 | dport) * 3266489917u) ^ proto;
     return (h ^ (h >> 15)) & (unsigned)(r->nbuckets - 1);
 }
 
-static int find_flow(const Relay *r, const uint8_t *src, const uint8_t *dst, uint16_t id)
+static int find_flow(const Relay *r, uint8_t proto, const uint8_t *src, const uint8_t *dst,
+                     uint16_t sport, uint16_t dport)
 {
-    for (int i = r->buckets[bucket_of(r, src, dst, id)]; i >= 0; i = r->flows[i].next) {
+    int i = r->buckets[bucket_of(r, proto, src, dst, sport, dport)];
+    for (; i >= 0; i = r->flows[i].next) {
         const struct flow *f = &r->flows[i];
-        if (f->ident == id && !memcmp(f->src, src, 4) && !memcmp(f->dst, dst, 4))
+        if (f->sport == sport && f->dport == dport && f->proto == proto &&
+            !memcmp(f->src, src, 4) && !memcmp(f->dst, dst, 4))
             return i;
     }
     return -1;
@@ -164,7 +207,7 @@ static int find_flow(const Relay *r, const uint8_t *src, const uint8_t *dst, uin
 static void remove_flow(Relay *r, int i)
 {
     struct flow *f = &r->flows[i];
-    int *link = &r->buckets[bucket_of(r, f->src, f->dst, f->ident)];
+    int *link = &r->buckets[bucket_of(r, f->proto, f->src, f->dst, f->sport, f->dport)];
     while (*link != i)
         link = &r->flows[*link].next;
     *link = f->next;
@@ -172,6 +215,7 @@ static void remove_flow(Relay *r, int i)
     close(f->fd);
     f->fd = -1;
     r->active--;
+    r->kind[kind_of(f->proto)].active--;
 }
 
 /* A free slot; when all are taken, the least recently used flow gives its up (as the
@@ -185,8 +229,8 @@ static int free_slot(Relay *r)
         if (oldest < 0 || r->flows[i].last < r->flows[oldest].last)
             oldest = i;
     }
+    r->kind[kind_of(r->flows[oldest].proto)].flows_evicted++;
     remove_flow(r, oldest);
-    r->flows_evicted++;
     return oldest;
 }
 
@@ -214,13 +258,31 @@ static void report_error(Relay *r, struct flow *f, int err)
     PyGILState_Release(gil);
 }
 
+/* The IPv4 header of a packet from the flow's destination back to the namespace. */
+static void reply_header(const struct flow *f, uint8_t *out, size_t total)
+{
+    out[0] = 0x45;
+    out[1] = 0;
+    put16(out + 2, (uint16_t)total);
+    put16(out + 4, 0);
+    put16(out + 6, 0x4000);
+    out[8] = 64;
+    out[9] = f->proto;
+    memcpy(out + 12, f->dst, 4);
+    memcpy(out + 16, f->src, 4);
+    put16(out + 10, (uint16_t)~fold(f->ip_sum + total));
+}
+
 /* Relay the flow's queued replies (at most a batch) to the tun. */
 static void drain_replies(Relay *r, struct flow *f)
 {
     uint8_t *out = r->out;
+    const int udp = f->proto == PROTO_UDP;
+    const size_t head = udp ? 28 : 20; /* where the received bytes go */
+    struct counts *c = &r->kind[udp];
     int got = 0;
     for (int k = 0; k < BATCH; k++) {
-        ssize_t m = recv(f->fd, out + 20, PACKET_MAX - 20, MSG_DONTWAIT);
+        ssize_t m = recv(f->fd, out + head, PACKET_MAX - head, MSG_DONTWAIT | MSG_TRUNC);
         if (m < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
@@ -228,35 +290,42 @@ static void drain_replies(Relay *r, struct flow *f)
                 report_error(r, f, errno);
             continue;
         }
-        if (m < 8 || out[20] != 0) /* not an echo reply */
+        if ((size_t)m > PACKET_MAX - head) {
+            r->rejected[V_MALFORMED]++; /* cannot happen for IPv4: 65507 is the most */
             continue;
-        size_t total = 20 + (size_t)m;
-        /* The reply carries the kernel's id; the namespace must see its own. */
-        out[21] = 0;
-        put16(out + 22, 0);
-        put16(out + 24, f->ident);
-        put16(out + 22, (uint16_t)~fold(ones_add(out + 20, (size_t)m, 0)));
-        out[0] = 0x45;
-        out[1] = 0;
-        put16(out + 2, (uint16_t)total);
-        put16(out + 4, 0);
-        put16(out + 6, 0x4000);
-        out[8] = 64;
-        out[9] = 1;
-        memcpy(out + 12, f->dst, 4);
-        memcpy(out + 16, f->src, 4);
-        put16(out + 10, (uint16_t)~fold(f->ip_sum + total));
+        }
+        size_t total = head + (size_t)m;
+        if (udp) {
+            size_t length = 8 + (size_t)m;
+            put16(out + 20, f->dport);
+            put16(out + 22, f->sport);
+            put16(out + 24, (uint16_t)length);
+            put16(out + 26, 0);
+            uint16_t sum = (uint16_t)~fold(ones_add(out + 20, length,
+                                                    pseudo_sum(f->dst, f->src, length)));
+            put16(out + 26, sum ? sum : 0xFFFF); /* 0 would mean "no checksum" */
+        } else {
+            if (m < 8 || out[20] != 0) /* not an echo reply */
+                continue;
+            /* The reply carries the kernel's id; the namespace must see its own. */
+            out[21] = 0;
+            put16(out + 22, 0);
+            put16(out + 24, f->sport);
+            put16(out + 22, (uint16_t)~fold(ones_add(out + 20, (size_t)m, 0)));
+        }
+        reply_header(f, out, total);
         write_tun(r, out, total);
+        c->in++;
+        c->bytes_in += (size_t)m;
         got++;
     }
-    if (got) {
-        r->replies += got;
+    if (got)
         f->last = now_seconds();
-    }
 }
 
-/* Ask Python about a request with no flow; the new flow's slot, or -1. */
-static int open_flow(Relay *r, const uint8_t *p, size_t n)
+/* Ask Python about a packet with no flow; the new flow's slot, or -1. */
+static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint16_t sport,
+                     uint16_t dport)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     long fd = -1;
@@ -277,10 +346,12 @@ static int open_flow(Relay *r, const uint8_t *p, size_t n)
     struct flow *f = &r->flows[i];
     memcpy(f->src, p + 12, 4);
     memcpy(f->dst, p + 16, 4);
-    f->ident = be16(p + (size_t)(p[0] & 0x0F) * 4 + 4);
+    f->proto = proto;
+    f->sport = sport;
+    f->dport = dport;
     f->fd = (int)fd;
-    /* Version/IHL, DF, TTL 64 + ICMP, the reply's addresses: all fixed per flow. */
-    f->ip_sum = ones_add(f->dst, 4, ones_add(f->src, 4, 0x4500 + 0x4000 + 0x4001));
+    /* Version/IHL, DF, TTL 64 + protocol, the reply's addresses: all fixed per flow. */
+    f->ip_sum = ones_add(f->dst, 4, ones_add(f->src, 4, 0x4500 + 0x4000 + (64 << 8 | proto)));
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i + 2};
     if (epoll_ctl(r->epoll, EPOLL_CTL_ADD, f->fd, &ev) < 0) {
         close(f->fd);
@@ -288,11 +359,12 @@ static int open_flow(Relay *r, const uint8_t *p, size_t n)
         r->callback_errors++;
         return -1;
     }
-    unsigned b = bucket_of(r, f->src, f->dst, f->ident);
+    unsigned b = bucket_of(r, proto, f->src, f->dst, sport, dport);
     f->next = r->buckets[b];
     r->buckets[b] = i;
     r->active++;
-    r->flows_total++;
+    r->kind[kind_of(proto)].active++;
+    r->kind[kind_of(proto)].flows_total++;
     return i;
 }
 
@@ -300,14 +372,20 @@ static void handle_request(Relay *r, const uint8_t *p, size_t n)
 {
     size_t ihl;
     enum verdict v = classify_request(p, n, &ihl);
-    if (v != V_ECHO) {
+    if (v != V_ECHO && v != V_UDP) {
         r->rejected[v]++;
         return;
     }
-    r->requests++;
-    int i = find_flow(r, p + 12, p + 16, be16(p + ihl + 4));
+    const int udp = v == V_UDP;
+    const uint8_t proto = udp ? PROTO_UDP : PROTO_ICMP;
+    const uint16_t sport = be16(p + ihl + (udp ? 0 : 4)); /* UDP source port, echo id */
+    const uint16_t dport = udp ? be16(p + ihl + 2) : 0;
+    struct counts *c = &r->kind[udp];
+    if (!udp)
+        c->out++; /* every echo request counts (as in the engine); a datagram once sent */
+    int i = find_flow(r, proto, p + 12, p + 16, sport, dport);
     if (i < 0) {
-        i = open_flow(r, p, n);
+        i = open_flow(r, p, n, proto, sport, dport);
         if (i < 0)
             return;
     }
@@ -315,37 +393,71 @@ static void handle_request(Relay *r, const uint8_t *p, size_t n)
     f->quote_len = (uint16_t)(n < QUOTE_MAX ? n : QUOTE_MAX);
     memcpy(f->quote, p, f->quote_len);
     f->last = now_seconds();
-    /* A ping socket takes the ICMP message as is: the kernel sets id and checksum. */
-    if (send(f->fd, p + ihl, n - ihl, MSG_DONTWAIT) < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
+    /* UDP: the payload; echo: the ICMP message as is (the kernel sets id and checksum). */
+    const uint8_t *data = p + ihl + (udp ? 8 : 0);
+    size_t len = n - ihl - (udp ? 8 : 0);
+    for (int attempt = 0;; attempt++) {
+        if (send(f->fd, data, len, MSG_DONTWAIT) >= 0)
+            break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
             r->send_full++;
-        else
-            report_error(r, f, errno);
-        return;
+            return;
+        }
+        /* An error about an earlier packet was only collected by this send: report it
+         * and send once more, as the engine does. */
+        report_error(r, f, errno);
+        if (attempt) {
+            r->send_errors++;
+            return;
+        }
     }
-    /* A destination on this host answers inside send(): take the reply now and save
-     * the thread a second wake-up.  A far one costs one EAGAIN here. */
-    drain_replies(r, f);
+    if (udp)
+        c->out++;
+    c->bytes_out += len;
+    /* A destination on this host answers an echo inside send(): take the reply now and
+     * save the thread a second wake-up.  A far one costs one EAGAIN here. */
+    if (!udp)
+        drain_replies(r, f);
 }
 
-static void drain_tun(Relay *r)
+/* Read a batch from the device; 0, or the errno that says the device is gone. */
+static int drain_tun(Relay *r)
 {
     for (int k = 0; k < BATCH; k++) {
         ssize_t n = read(r->tun, r->buf, sizeof r->buf);
-        if (n <= 0)
-            return; /* EAGAIN; or the device is gone, which the owner notices */
+        if (n < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : errno;
+        if (n == 0)
+            return 0;
         r->frames_in++;
         r->bytes_in += (size_t)n;
         handle_request(r, r->buf, (size_t)n);
     }
+    return 0;
+}
+
+/* The device is gone (the command deleted it, or its namespace ended): tell Python
+ * once, with an empty quote, and end the thread (a level-triggered error would spin).
+ * The namespace's routes through the device went with it, so its UDP and ping fall
+ * back to the main device, and the engine. */
+static void device_gone(Relay *r, int err)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *res = PyObject_CallFunction(r->on_error, "y#i", "", (Py_ssize_t)0, err);
+    if (res == NULL) {
+        r->callback_errors++;
+        PyErr_WriteUnraisable(r->on_error);
+    }
+    Py_XDECREF(res);
+    PyGILState_Release(gil);
 }
 
 static void sweep(Relay *r, double now)
 {
     for (int i = 0; i < r->max_flows; i++) {
         if (r->flows[i].fd >= 0 && now - r->flows[i].last > r->idle_timeout) {
+            r->kind[kind_of(r->flows[i].proto)].flows_expired++;
             remove_flow(r, i);
-            r->flows_expired++;
         }
     }
 }
@@ -370,9 +482,13 @@ static void *relay_main(void *arg)
             if (tag == 0)
                 return NULL; /* stop */
             if (tag == 1) {
-                drain_tun(r);
-                if (events[k].events & (EPOLLERR | EPOLLHUP))
+                int err = drain_tun(r);
+                if (!err && events[k].events & (EPOLLERR | EPOLLHUP))
+                    err = EBADFD;
+                if (err) {
+                    device_gone(r, err);
                     return NULL;
+                }
                 continue;
             }
             struct flow *f = &r->flows[tag - 2];
@@ -511,35 +627,54 @@ static int add_count(PyObject *dict, const char *name, unsigned long long value)
     return rc;
 }
 
+static PyObject *counts_dict(const struct counts *c, const char *out, const char *in)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    if (add_count(d, out, c->out) < 0 || add_count(d, in, c->in) < 0 ||
+        add_count(d, "bytes_out", c->bytes_out) < 0 || add_count(d, "bytes_in", c->bytes_in) < 0 ||
+        add_count(d, "flows_active", (unsigned long long)c->active) < 0 ||
+        add_count(d, "flows_total", c->flows_total) < 0 ||
+        add_count(d, "flows_expired", c->flows_expired) < 0 ||
+        add_count(d, "flows_evicted", c->flows_evicted) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
 static PyObject *Relay_stats(Relay *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *d = PyDict_New();
     PyObject *rejected = PyDict_New();
-    if (d == NULL || rejected == NULL)
+    PyObject *icmp = counts_dict(&self->kind[0], "requests", "replies");
+    PyObject *udp = counts_dict(&self->kind[1], "datagrams_out", "datagrams_in");
+    if (d == NULL || rejected == NULL || icmp == NULL || udp == NULL)
         goto fail;
-    for (int v = 1; v < V_COUNT; v++)
+    for (int v = V_NOT_IPV4; v < V_COUNT; v++)
         if (self->rejected[v] && add_count(rejected, verdict_names[v], self->rejected[v]) < 0)
             goto fail;
-    if (add_count(d, "requests", self->requests) < 0 ||
-        add_count(d, "replies", self->replies) < 0 ||
-        add_count(d, "flows_active", (unsigned long long)self->active) < 0 ||
-        add_count(d, "flows_total", self->flows_total) < 0 ||
-        add_count(d, "flows_expired", self->flows_expired) < 0 ||
-        add_count(d, "flows_evicted", self->flows_evicted) < 0 ||
-        add_count(d, "frames_in", self->frames_in) < 0 ||
+    if (add_count(d, "frames_in", self->frames_in) < 0 ||
         add_count(d, "bytes_in", self->bytes_in) < 0 ||
         add_count(d, "frames_out", self->frames_out) < 0 ||
         add_count(d, "bytes_out", self->bytes_out) < 0 ||
         add_count(d, "tun_full", self->tun_full) < 0 ||
         add_count(d, "send_full", self->send_full) < 0 ||
+        add_count(d, "send_errors", self->send_errors) < 0 ||
         add_count(d, "callback_errors", self->callback_errors) < 0 ||
+        PyDict_SetItemString(d, "icmp", icmp) < 0 || PyDict_SetItemString(d, "udp", udp) < 0 ||
         PyDict_SetItemString(d, "rejected", rejected) < 0)
         goto fail;
     Py_DECREF(rejected);
+    Py_DECREF(icmp);
+    Py_DECREF(udp);
     return d;
 fail:
     Py_XDECREF(d);
     Py_XDECREF(rejected);
+    Py_XDECREF(icmp);
+    Py_XDECREF(udp);
     return NULL;
 }
 
@@ -572,7 +707,7 @@ static PyMethodDef Relay_methods[] = {
 
 static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nsbridge.usernet._echorelay.Relay",
+    .tp_name = "nsbridge.usernet._flowrelay.Relay",
     .tp_doc = PyDoc_STR("Relay(tun_fd, new_flow, on_error, idle_timeout=60.0, max_flows=4096)"),
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -595,17 +730,17 @@ static PyObject *classify(PyObject *Py_UNUSED(module), PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"classify", classify, METH_O,
-     "What the relay makes of one IPv4 packet: 'echo' or why it drops it."},
+     "What the relay makes of one IPv4 packet: 'echo', 'udp' or why it drops it."},
     {NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_echorelay",
-    "The IPv4 ping path of user-mode networking, in native code (see echorelay.py).", -1,
+    PyModuleDef_HEAD_INIT, "_flowrelay",
+    "IPv4 UDP and ping for user-mode networking, in native code (see flowrelay.py).", -1,
     module_methods,
 };
 
-PyMODINIT_FUNC PyInit__echorelay(void)
+PyMODINIT_FUNC PyInit__flowrelay(void)
 {
     if (PyType_Ready(&RelayType) < 0)
         return NULL;

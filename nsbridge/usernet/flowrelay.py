@@ -1,26 +1,31 @@
-"""The native IPv4 ping path: a second tun device served by a C thread (``_echorelay``).
+"""The native IPv4 UDP and ping path: a second tun device served by a C thread
+(``_flowrelay``).
 
-Why: ping is the one user-mode networking figure where the Python engine lost to
-slirp4netns (RTT p50 298 against 194 us at 20 echoes a second): each echo wakes the
-process from idle with cold caches, and the interpreter's share of that wake-up is the
-difference.  A thread in C that never takes the GIL for a known flow closes it.
+Why: these were the user-mode networking figures where the Python engine lost to
+slirp4netns.  Ping (RTT p50 298 against 194 us at 20 echoes a second): each echo wakes
+the process from idle with cold caches, and the interpreter's share of that wake-up is
+the difference.  UDP: at ~65k datagrams a second the engine's per-packet Python is the
+limit, below slirp4netns's loss-free rate.  A thread in C that never takes the GIL for a
+known flow removes both.
 
 Shape:
 
 * **Inside the namespace** (:func:`setup_inside`, run through
-  ``SandboxHandle.make_fds``): a second tun device, ``nsb-ping``, and a policy-routing
-  rule ``ipproto icmp lookup 0x6e73`` whose table routes everything to it.  The
-  namespace's IPv4 ICMP goes there; its ICMPv6, UDP and TCP stay on the main device.
-* **On the host side** (:class:`NativeEcho`): the C thread reads that device.  A request
-  of a known flow is sent on the flow's ping socket and its reply written back without
-  Python.  The first request of a flow is decided on the engine's loop thread (so the
-  policy, the source check, the gateway's answer and the socket are exactly the
-  engine's, and a policy object is only ever called from one thread) and the thread
-  waits for that answer.  An error the host reports for a flow goes the same way, to be
-  answered with the ICMP unreachable the engine would send.
+  ``SandboxHandle.make_fds``): a second tun device, ``nsb-relay``, and policy-routing
+  rules (``ipproto icmp`` and ``ipproto udp`` to a table that routes everything to it;
+  ``ipproto udp dport 53`` to ``main`` first).  IPv4 ICMP and UDP go there; DNS, IPv6
+  and TCP stay on the main device.
+* **On the host side** (:class:`NativeRelay`): the C thread reads that device.  A
+  packet of a known flow is sent on the flow's host socket (a ping socket, or a
+  connected UDP socket) and replies are written back without Python.  The first packet
+  of a flow is decided on the engine's loop thread (so the policy, the source check,
+  the gateway's answer and the socket are exactly the engine's, and a policy object is
+  only ever called from one thread) while the relay thread waits for the answer.  An
+  error the host reports for a flow goes the same way, to be answered with the ICMP
+  unreachable the engine would send.
 
-``nsbridge run --icmp=engine`` keeps ping in the engine; ``auto`` (the default) uses this
-path when the module was built and the host permits ping sockets.
+``nsbridge run --relay=engine`` keeps everything in the engine; ``auto`` (the default)
+uses this path when the module was built and the host permits ping sockets.
 """
 
 from __future__ import annotations
@@ -38,30 +43,35 @@ from ..errors import errno_name
 from ..relay.loop import EventLoop
 from . import netconf
 from .engine import TunEngine, TunOutput
-from .packets import Parsed, parse_frame
+from .packets import UDP, ICMPEcho, Parsed, parse_frame
 
 log = logging.getLogger("nsbridge")
 
 try:
-    from . import _echorelay
-except ImportError:  # built without a C compiler: the engine serves ping
-    _echorelay = None  # type: ignore[assignment]
+    from . import _flowrelay
+except ImportError:  # built without a C compiler: the engine serves UDP and ping
+    _flowrelay = None  # type: ignore[assignment]
 
-ICMP_MODES = ("auto", "native", "engine")
+RELAY_MODES = ("auto", "native", "engine")
 
 # How long the relay thread waits for the loop thread to decide a new flow.  The loop
 # answers in microseconds unless it is stopping, which also wakes the wait.
 _DECIDE_TIMEOUT = 5.0
 
-_live: weakref.WeakSet[NativeEcho] = weakref.WeakSet()
+_live: weakref.WeakSet[NativeRelay] = weakref.WeakSet()
 
 
 def unavailable() -> str | None:
-    """Why the native path cannot run here (None if it can): not built, or the host
-    does not let this user open ping sockets (``net.ipv4.ping_group_range``)."""
-    if _echorelay is None:
+    """Why the native path cannot run here (None if it can): it was not built."""
+    if _flowrelay is None:
         return ("nsbridge was installed without its native module "
                 "(reinstall with a C compiler and the Python headers present)")
+    return None
+
+
+def ping_sockets_refused() -> str | None:
+    """Why this user may not open ping sockets here (None if it may).  Without them the
+    relay leaves ping to the engine, which falls back to raw sockets (root) or refuses."""
     try:
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
     except OSError as exc:
@@ -70,12 +80,12 @@ def unavailable() -> str | None:
     return None
 
 
-def setup_inside(config: netconf.NetConfig) -> list[int]:
-    """Inside the namespace: create the relay's device and route IPv4 ICMP to it.
-    Returns [its fd] (for ``make_fds``)."""
-    tun = netconf.open_tun(config, ifname=netconf.ECHO_IFNAME, vnet=False)
+def setup_inside(config: netconf.NetConfig, icmp: bool = True) -> list[int]:
+    """Inside the namespace: create the relay's device and route IPv4 UDP (but DNS) and,
+    with ``icmp``, ICMP to it.  Returns [its fd] (for ``make_fds``)."""
+    tun = netconf.open_tun(config, ifname=netconf.RELAY_IFNAME, vnet=False)
     try:
-        netconf.configure_echo_device(config, tun.ifname)
+        netconf.configure_relay_device(config, tun.ifname, icmp)
     except BaseException:
         os.close(tun.fd)
         raise
@@ -93,15 +103,15 @@ class _Pending:
         self.abandoned = False
 
 
-class NativeEcho:
-    """The host side of the native ping path for one namespace (see the module doc).
+class NativeRelay:
+    """The host side of the native UDP and ping path for one namespace (module doc).
 
     Owns ``tun_fd`` from construction on.  Life cycle: construct, :meth:`start`,
     :meth:`close` (from the loop thread or after the loop ended; idempotent).
     """
 
     def __init__(self, loop: EventLoop, engine: TunEngine, tun_fd: int) -> None:
-        if _echorelay is None:
+        if _flowrelay is None:
             os.close(tun_fd)
             raise RuntimeError(unavailable())
         self._loop = loop
@@ -112,8 +122,9 @@ class NativeEcho:
         self._closed = False
         self._out = TunOutput(self._write, False)
         os.set_blocking(tun_fd, False)
-        self._relay = _echorelay.Relay(tun_fd, self._new_flow, self._on_error,
-                                       engine.idle_timeout, engine.max_flows)
+        # One table for both protocols, as large as the engine's two together.
+        self._relay = _flowrelay.Relay(tun_fd, self._new_flow, self._on_error,
+                                       engine.idle_timeout, 2 * engine.max_flows)
 
     def start(self) -> None:
         self._relay.start()
@@ -133,14 +144,14 @@ class NativeEcho:
         _live.discard(self)
 
     def stats(self) -> dict[str, Any]:
-        """The relay's counters (see _echorelay.c), plain data."""
+        """The relay's counters (see _flowrelay.c), plain data."""
         return self._relay.stats()
 
     # ---- called on the relay thread (with the GIL) ------------------------------------
 
     def _new_flow(self, packet: bytes) -> int:
-        """Ask the loop thread to decide this first request of a flow; the host ping
-        socket's fd (the relay then owns it) or -1."""
+        """Ask the loop thread to decide this first packet of a flow; the host socket's
+        fd (the relay then owns it) or -1."""
         pending = _Pending()
         with self._lock:
             if self._closed:
@@ -158,7 +169,12 @@ class NativeEcho:
         return fd
 
     def _on_error(self, quote: bytes, err: int) -> None:
-        """A host error about a flow (its latest request quoted): tell the namespace."""
+        """A host error about a flow (its latest packet quoted): tell the namespace.  An
+        empty quote: the relay's device is gone and its thread has ended."""
+        if not quote:
+            log.warning("native relay: its device failed (%s); the thread ended, IPv4 UDP "
+                        "and ping fall back to the engine's device", errno_name(err))
+            return
         self._loop.call_soon_threadsafe(lambda: self._report(quote, err))
 
     # ---- on the loop thread ------------------------------------------------------------
@@ -167,13 +183,19 @@ class NativeEcho:
         fd = -1
         try:
             parsed = parse_frame(packet, vnet=False)
-            if type(parsed) is Parsed:  # the relay checked it; this cannot fail
-                allow = self._engine.admit_echo(parsed, self._out)
+            engine, out = self._engine, self._out
+            # The relay checked the packet: parsing cannot fail, and it is UDP or echo.
+            if type(parsed) is Parsed and type(parsed.l4) is UDP:
+                allow = engine.admit_udp(parsed, parsed.l4, out)
                 if allow is not None:
-                    fd = self._engine.open_ping_socket(parsed, allow, self._out)
+                    fd = engine.open_udp_socket(parsed, allow, out)
+            elif type(parsed) is Parsed and type(parsed.l4) is ICMPEcho:
+                allow = engine.admit_echo(parsed, out)
+                if allow is not None:
+                    fd = engine.open_ping_socket(parsed, allow, out)
         except Exception:
             self._engine.stats.errors += 1
-            log.exception("native ping relay: deciding a new flow failed")
+            log.exception("native relay: deciding a new flow failed")
         with self._lock:
             if pending.abandoned or self._closed:
                 if fd >= 0:
@@ -186,7 +208,8 @@ class NativeEcho:
         if self._closed:
             return
         if not self._engine.answer_host_error(err, quote, quote[16:20], self._out):
-            self._engine.stats.drops[f"icmp send {errno_name(err)}"] += 1
+            proto = "udp" if quote[9:10] == b"\x11" else "icmp"
+            self._engine.stats.drops[f"{proto} send {errno_name(err)}"] += 1
 
     def _write(self, frame: bytes) -> None:
         """Write one frame to the relay's device, as the engine's write does to its own."""

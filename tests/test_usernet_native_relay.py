@@ -1,4 +1,4 @@
-"""The native IPv4 ping relay (nsbridge/usernet/_echorelay.c, echorelay.py), no mocks.
+"""The native IPv4 ping relay (nsbridge/usernet/_flowrelay.c, flowrelay.py), no mocks.
 
 Three layers:
 
@@ -23,14 +23,15 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import REPO, in_netns, wait_until
 
-from nsbridge.usernet import echorelay
+from nsbridge.usernet import flowrelay
 
-pytestmark = pytest.mark.skipif(echorelay._echorelay is None,
+pytestmark = pytest.mark.skipif(flowrelay._flowrelay is None,
                                 reason="the native module was not built (no C compiler)")
 
 NS_IP = bytes([10, 0, 2, 100])
@@ -63,6 +64,21 @@ def echo_packet(ident: int = 0x1234, seq: int = 1, payload: bytes = b"nsbridge-p
     return header + icmp
 
 
+def udp_packet(sport: int = 40000, dport: int = 7777, payload: bytes = b"nsbridge-udp", *,
+               src: bytes = NS_IP, dst: bytes = HOST_IP, checksum: bool = True,
+               length_delta: int = 0) -> bytes:
+    """An IPv4 packet carrying a UDP datagram, checksums right (or none)."""
+    length = 8 + len(payload)
+    udp = struct.pack("!HHHH", sport, dport, length + length_delta, 0) + payload
+    if checksum:
+        pseudo = src + dst + struct.pack("!BBH", 0, 17, length)
+        udp = udp[:6] + struct.pack("!H", _csum(pseudo + udp) or 0xFFFF) + udp[8:]
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 7, 0x4000, 64, 17, 0, src,
+                         dst)
+    header = header[:10] + struct.pack("!H", _csum(header)) + header[12:]
+    return header + udp
+
+
 # ---- classify: the checks, sans-IO -------------------------------------------------------
 
 
@@ -81,30 +97,35 @@ def _flip(packet: bytes, index: int) -> bytes:
     (echo_packet() + b"x", "malformed"),  # the total length disagrees with the read
     (echo_packet(frag=0x2000), "fragment"),  # more fragments
     (echo_packet(frag=0x0001), "fragment"),  # an offset
-    (echo_packet(proto=17), "not icmp"),
+    (echo_packet(proto=6), "other protocol"),
+    (udp_packet(), "udp"),
+    (udp_packet(checksum=False), "udp"),  # a zero checksum is "none" (RFC 768)
+    (_flip(udp_packet(), 30), "bad checksum"),  # payload changed, its sum not
+    (udp_packet(length_delta=1), "malformed"),  # the UDP length disagrees with the IP
+    (udp_packet(payload=b"")[:27], "malformed"),
     (_flip(echo_packet(), 8), "bad checksum"),  # TTL changed, header sum not
     (_flip(echo_packet(), 30), "bad checksum"),  # ICMP payload changed, its sum not
     (echo_packet(icmp_type=0), "other icmp"),  # an echo reply
     (echo_packet(icmp_type=3), "other icmp"),  # an error the namespace sends
 ])
 def test_classify(packet, verdict):
-    assert echorelay._echorelay.classify(packet) == verdict
+    assert flowrelay._flowrelay.classify(packet) == verdict
 
 
 def test_classify_takes_only_bytes_like():
     with pytest.raises(TypeError):
-        echorelay._echorelay.classify("not bytes")
+        flowrelay._flowrelay.classify("not bytes")
 
 
 def test_relay_refuses_bad_arguments():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with a, b:
         with pytest.raises(TypeError, match="callable"):
-            echorelay._echorelay.Relay(b.fileno(), None, print)
+            flowrelay._flowrelay.Relay(b.fileno(), None, print)
         with pytest.raises(ValueError, match="max_flows"):
-            echorelay._echorelay.Relay(b.fileno(), print, print, 60.0, 0)
+            flowrelay._flowrelay.Relay(b.fileno(), print, print, 60.0, 0)
         with pytest.raises(ValueError, match="idle_timeout"):
-            echorelay._echorelay.Relay(b.fileno(), print, print, -1.0)
+            flowrelay._flowrelay.Relay(b.fileno(), print, print, -1.0)
 
 
 # ---- the C relay, with a socketpair for the device and real ping sockets ------------------
@@ -124,7 +145,8 @@ class Harness:
         self.sockets: list[Callable[[], int]] = []
         self.asked: list[bytes] = []
         self.errors: list[tuple[bytes, int]] = []
-        self.relay = echorelay._echorelay.Relay(self.device.fileno(), self._new_flow,
+        self.servers: list[socket.socket] = []
+        self.relay = flowrelay._flowrelay.Relay(self.device.fileno(), self._new_flow,
                                                 self._on_error, idle_timeout, max_flows)
 
     def _new_flow(self, packet: bytes) -> int:
@@ -156,10 +178,27 @@ class Harness:
             return int(in_netns(self.host, inside))  # type: ignore[arg-type]
         return make
 
+    def udp_echo_socket(self) -> Callable[[], int]:
+        """A UDP socket connected to an echo server on 192.0.2.1 in the host namespace."""
+        def make() -> int:
+            def inside() -> tuple[socket.socket, int]:
+                server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                server.bind(("192.0.2.1", 0))
+                client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                client.connect(server.getsockname())
+                return server, client.detach()
+            server, fd = in_netns(self.host, inside)  # type: ignore[misc]
+            self.servers.append(server)
+            threading.Thread(target=_echo_datagrams, args=(server,), daemon=True).start()
+            return fd
+        return make
+
     def close(self) -> None:
         self.relay.stop()
         self.ns.close()
         self.device.close()
+        for server in self.servers:
+            server.close()
 
 
 @pytest.fixture
@@ -190,6 +229,30 @@ def check_reply(reply: bytes, request: bytes) -> None:
     assert reply[24:] == request[24:], "id, sequence number and data kept"
 
 
+def _echo_datagrams(server: socket.socket) -> None:
+    """Send every datagram back to its sender until the socket is closed."""
+    while True:
+        try:
+            data, peer = server.recvfrom(65536)
+            server.sendto(data, peer)
+        except OSError:
+            return
+
+
+def check_udp_reply(reply: bytes, request: bytes) -> None:
+    """``reply`` is ``request``'s datagram echoed by the host: addresses and ports
+    swapped, both checksums right, the payload unchanged."""
+    assert len(reply) == len(request), (len(reply), len(request))
+    assert reply[0] == 0x45 and reply[9] == 17 and reply[8] == 64
+    assert _sum(reply[:20]) == 0xFFFF, "IPv4 header checksum"
+    assert reply[12:16] == request[16:20] and reply[16:20] == request[12:16]
+    assert reply[20:22] == request[22:24] and reply[22:24] == request[20:22], "ports"
+    assert struct.unpack("!H", reply[24:26])[0] == len(reply) - 20
+    pseudo = reply[12:20] + struct.pack("!BBH", 0, 17, len(reply) - 20)
+    assert reply[26:28] != b"\0\0" and _sum(pseudo + reply[20:]) == 0xFFFF, "UDP checksum"
+    assert reply[28:] == request[28:]
+
+
 def fds_of_this_process() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -204,8 +267,9 @@ def test_relay_answers_a_flow_and_asks_python_only_once(harness):
         check_reply(h.ns.recv(65536), request)
     assert len(h.asked) == 1 and h.asked[0] == echo_packet(seq=1, payload=bytes(range(20)))
     stats = h.relay.stats()
-    assert stats["requests"] == 3 and stats["replies"] == 3
-    assert stats["flows_total"] == 1 and stats["flows_active"] == 1
+    icmp = stats["icmp"]
+    assert icmp["requests"] == 3 and icmp["replies"] == 3
+    assert icmp["flows_total"] == 1 and icmp["flows_active"] == 1
     assert stats["rejected"] == {} and stats["callback_errors"] == 0
 
 
@@ -218,6 +282,44 @@ def test_relay_large_echo(harness):
     check_reply(h.ns.recv(65536), request)
 
 
+def test_relay_udp_round_trips(harness):
+    """Datagrams of one flow, small to the largest an IPv4 reply holds, sent by the host
+    socket and echoed back; Python was asked once."""
+    h = harness()
+    h.sockets.append(h.udp_echo_socket())
+    h.relay.start()
+    for size in (0, 1, 1400, 9000, 65507):
+        request = udp_packet(payload=os.urandom(size))
+        h.ns.send(request)
+        check_udp_reply(h.ns.recv(65536), request)
+    assert len(h.asked) == 1
+    udp = h.relay.stats()["udp"]
+    assert udp["datagrams_out"] == 5 and udp["datagrams_in"] == 5
+    assert udp["bytes_out"] == udp["bytes_in"] == 1 + 1400 + 9000 + 65507
+    assert udp["flows_total"] == 1 and h.relay.stats()["icmp"]["flows_total"] == 0
+
+
+def test_relay_udp_flows_are_by_ports(harness):
+    h = harness()
+    h.sockets += [h.udp_echo_socket(), h.udp_echo_socket()]
+    h.relay.start()
+    first, second = udp_packet(sport=1000), udp_packet(sport=1001)
+    for request in (first, second, first, second, udp_packet(sport=1000, checksum=False)):
+        h.ns.send(request)
+        check_udp_reply(h.ns.recv(65536), request)
+    assert len(h.asked) == 2 and h.relay.stats()["udp"]["flows_active"] == 2
+
+
+def test_relay_udp_host_error_is_reported(harness):
+    h = harness()
+    h.sockets.append(h.udp_socket_to_closed_port())
+    h.relay.start()
+    request = udp_packet()
+    h.ns.send(request)
+    wait_until(lambda: h.errors, what="the error reported")
+    assert h.errors[0] == (request, errno.ECONNREFUSED)
+
+
 def test_relay_keeps_flows_apart(harness):
     """Two ids are two flows with two host sockets; each reply carries its own id."""
     h = harness()
@@ -227,7 +329,7 @@ def test_relay_keeps_flows_apart(harness):
     for request in (first, second, first, second):
         h.ns.send(request)
         check_reply(h.ns.recv(65536), request)
-    assert len(h.asked) == 2 and h.relay.stats()["flows_active"] == 2
+    assert len(h.asked) == 2 and h.relay.stats()["icmp"]["flows_active"] == 2
 
 
 def test_relay_drops_what_python_refuses_and_bad_packets(harness):
@@ -235,14 +337,14 @@ def test_relay_drops_what_python_refuses_and_bad_packets(harness):
     h.relay.start()  # no sockets: new_flow answers -1 (a denial, written by Python)
     h.ns.send(echo_packet())
     h.ns.send(_flip(echo_packet(), 30))
-    h.ns.send(echo_packet(proto=17))
+    h.ns.send(echo_packet(proto=6))
     h.ns.send(b"\x60" + bytes(60))
     h.ns.send(b"\x45")
     wait_until(lambda: h.relay.stats()["frames_in"] == 5, what="the relay read all five")
     stats = h.relay.stats()
     assert len(h.asked) == 1  # only the well-formed request reached Python
-    assert stats["flows_total"] == 0 and stats["replies"] == 0
-    assert stats["rejected"] == {"bad checksum": 1, "not icmp": 1, "not ipv4": 1,
+    assert stats["icmp"]["flows_total"] == 0 and stats["icmp"]["replies"] == 0
+    assert stats["rejected"] == {"bad checksum": 1, "other protocol": 1, "not ipv4": 1,
                                  "malformed": 1}
     h.ns.settimeout(0.3)
     with pytest.raises(TimeoutError):
@@ -274,7 +376,7 @@ def test_relay_evicts_the_least_recently_used_flow(harness):
         h.ns.send(request)
         check_reply(h.ns.recv(65536), request)
     stats = h.relay.stats()
-    assert stats["flows_evicted"] == 1 and stats["flows_active"] == 2
+    assert stats["icmp"]["flows_evicted"] == 1 and stats["icmp"]["flows_active"] == 2
     h.ns.send(echo_packet(ident=1))  # still a flow: no new question
     h.ns.recv(65536)
     assert len(h.asked) == 3
@@ -292,8 +394,8 @@ def test_relay_expires_idle_flows_and_closes_their_sockets(harness):
     h.ns.send(echo_packet())
     h.ns.recv(65536)
     assert len(fds_of_this_process()) == len(with_harness) + 1  # the flow's ping socket
-    wait_until(lambda: h.relay.stats()["flows_expired"] == 1, timeout=5, what="expiry")
-    assert h.relay.stats()["flows_active"] == 0
+    wait_until(lambda: h.relay.stats()["icmp"]["flows_expired"] == 1, timeout=5, what="expiry")
+    assert h.relay.stats()["icmp"]["flows_active"] == 0
     assert fds_of_this_process() == with_harness
     h.close()
     assert fds_of_this_process() == before
@@ -337,34 +439,41 @@ def test_setup_inside_routes_icmp_to_its_device_and_cleans_rp_filter(make_netns)
     """In a namespace whose rp_filter is strict (as a host may hand down), the setup
     switches it off for the relay's address-less device, adds the rule and the table;
     closing the device removes its routes."""
-    from nsbridge.usernet.netconf import ECHO_TABLE, NetConfig
+    from nsbridge.usernet.netconf import RELAY_TABLE, NetConfig
 
     name = make_netns()
     subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
-                    "net.ipv4.conf.all.rp_filter=1"], check=True)
+                    "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1"],
+                   check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    # The sandbox's main device already holds the namespace's address at this step.
-    subprocess.run(["ip", "-n", name, "addr", "add", "10.0.2.100/24", "dev", "lo"], check=True)
-    (fd,) = in_netns(name, lambda: echorelay.setup_inside(NetConfig()))  # type: ignore[misc]
+    # At this step the sandbox's main device, nsb0, exists and holds the namespace's
+    # address (a veth pair stands in for the tun: this kernel has no dummy links).
+    subprocess.run(["ip", "-n", name, "link", "add", "nsb0", "type", "veth", "peer", "name",
+                    "nsb0p"], check=True)
+    subprocess.run(["ip", "-n", name, "addr", "add", "10.0.2.100/24", "dev", "nsb0"],
+                   check=True)
+    (fd,) = in_netns(name, lambda: flowrelay.setup_inside(NetConfig()))  # type: ignore[misc]
     try:
         def sysctl(key: str) -> str:
             return subprocess.run(["ip", "netns", "exec", name, "sysctl", "-n", key],
                                   capture_output=True, text=True, check=True).stdout.strip()
 
-        assert sysctl("net.ipv4.conf.all.rp_filter") == "0"
-        assert sysctl("net.ipv4.conf.nsb-ping.rp_filter") == "0"
+        for device in ("all", "nsb-relay", "nsb0"):
+            assert sysctl(f"net.ipv4.conf.{device}.rp_filter") == "0", device
         rules = subprocess.run(["ip", "-n", name, "rule"], capture_output=True, text=True,
                                check=True).stdout
-        assert f"ipproto icmp lookup {ECHO_TABLE}" in rules
-        routes = subprocess.run(["ip", "-n", name, "route", "show", "table", str(ECHO_TABLE)],
+        assert f"100:\tfrom all ipproto icmp lookup {RELAY_TABLE}" in rules
+        assert "101:\tfrom all ipproto udp dport 53 lookup main" in rules  # DNS: the engine
+        assert f"102:\tfrom all ipproto udp lookup {RELAY_TABLE}" in rules
+        routes = subprocess.run(["ip", "-n", name, "route", "show", "table", str(RELAY_TABLE)],
                                 capture_output=True, text=True, check=True).stdout
-        assert "default dev nsb-ping" in routes
-        addresses = subprocess.run(["ip", "-n", name, "-4", "addr", "show", "nsb-ping"],
+        assert "default dev nsb-relay" in routes
+        addresses = subprocess.run(["ip", "-n", name, "-4", "addr", "show", "nsb-relay"],
                                    capture_output=True, text=True, check=True).stdout
         assert "inet " not in addresses  # no second copy of the namespace's address
     finally:
         os.close(fd)
-    wait_until(lambda: "nsb-ping" not in subprocess.run(
+    wait_until(lambda: "nsb-relay" not in subprocess.run(
         ["ip", "-n", name, "link"], capture_output=True, text=True).stdout, what="device gone")
 
 
@@ -377,24 +486,37 @@ def nsbridge_run(host: str, *args: str, timeout: float = 60) -> subprocess.Compl
 
 
 def test_run_pings_through_the_native_relay(host):
-    result = nsbridge_run(host, "-v", "--icmp=native", "--", "ping", "-c", "3", "-i", "0.2",
+    result = nsbridge_run(host, "-v", "--relay=native", "--", "ping", "-c", "3", "-i", "0.2",
                           "-W", "5", "192.0.2.1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 received" in result.stdout
-    assert "ping: native relay" in result.stderr
+    assert "UDP and ping: native relay" in result.stderr
     assert "echo requests: 3" in result.stderr
 
 
-def test_run_with_icmp_engine_leaves_ping_to_the_engine(host):
-    result = nsbridge_run(host, "-v", "--icmp=engine", "--", "sh", "-c",
+def test_run_without_ping_sockets_leaves_ping_to_the_engine(host):
+    """Where this user may not open ping sockets, the relay takes UDP only, and ping is
+    the engine's (here through raw sockets: the test runs as root)."""
+    subprocess.run(["ip", "netns", "exec", host, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=1 0"], check=True)
+    result = nsbridge_run(host, "-vv", "--", "sh", "-c", "ping -c 2 -W 5 192.0.2.1 && ip rule")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 received" in result.stdout
+    assert "ipproto icmp" not in result.stdout and "ipproto udp lookup" in result.stdout
+    assert "UDP: native relay" in result.stderr and "ping_group_range" in result.stderr
+    assert "through raw sockets" in result.stderr
+
+
+def test_run_with_relay_engine_leaves_udp_and_ping_to_the_engine(host):
+    result = nsbridge_run(host, "-v", "--relay=engine", "--", "sh", "-c",
                           "ping -c 2 -W 5 192.0.2.1 && ip rule")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 received" in result.stdout
-    assert "ipproto icmp" not in result.stdout and "native relay" not in result.stderr
+    assert "ipproto" not in result.stdout and "native relay" not in result.stderr
 
 
 def test_run_ipv6_ping_stays_on_the_engine(host):
-    result = nsbridge_run(host, "--icmp=native", "--", "ping", "-6", "-c", "2", "-W", "5",
+    result = nsbridge_run(host, "--relay=native", "--", "ping", "-6", "-c", "2", "-W", "5",
                           "2001:db8::1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 received" in result.stdout
@@ -407,7 +529,7 @@ def test_run_native_denial_unreachable_and_gateway(host):
     a flow's socket are tested on the relay above.)"""
     script = ("ping -c 1 -W 3 192.0.2.1; ping -c 1 -W 3 198.51.100.1; "
               "ping -c 2 -W 3 10.0.2.2")
-    result = nsbridge_run(host, "--icmp=native", "--deny", "icmp:192.0.2.1/32",
+    result = nsbridge_run(host, "--relay=native", "--deny", "icmp:192.0.2.1/32",
                           "--allow-host-loopback", "--", "sh", "-c", script)
     out = result.stdout
     blocks = out.split("--- ")
@@ -429,10 +551,10 @@ def test_native_is_refused_for_attach_with_a_reason(host):
 
         wait_until(in_its_own_namespaces, what="the target's namespaces")
         result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge",
-                                 "attach", "--icmp=native", str(target.pid)],
+                                 "attach", "--relay=native", str(target.pid)],
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode != 0
-        assert "--icmp=native" in result.stderr and "nsbridge run" in result.stderr
+        assert "--relay=native" in result.stderr and "nsbridge run" in result.stderr
         assert "Traceback" not in result.stderr
     finally:
         target.kill()
@@ -440,10 +562,50 @@ def test_native_is_refused_for_attach_with_a_reason(host):
 
 
 def test_unknown_icmp_mode_is_a_one_line_error(host):
-    result = nsbridge_run(host, "--icmp=fast", "--", "true")
+    result = nsbridge_run(host, "--relay=fast", "--", "true")
     assert result.returncode == 2
-    assert "--icmp" in result.stderr and "native" in result.stderr
+    assert "--relay" in result.stderr and "native" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_udp_through_the_native_relay(host, tmp_path):
+    """A UDP client inside, an echo server in the host namespace: every datagram back,
+    intact; a closed port refused (ICMP port unreachable relayed); counted as UDP."""
+    server = in_netns(host, lambda: _bound_udp("192.0.2.1"))
+    threading.Thread(target=_echo_datagrams, args=(server,), daemon=True).start()
+    port = server.getsockname()[1]  # type: ignore[union-attr]
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import os, socket, sys\n"
+        f"port = {port}\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.settimeout(5)\n"
+        "s.connect(('192.0.2.1', port))\n"
+        "for size in (1, 1400, 30000, 65000):\n"
+        "    data = os.urandom(size)\n"
+        "    s.send(data)\n"
+        "    assert s.recv(65536) == data, size\n"
+        "closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "closed.settimeout(5)\n"
+        "closed.connect(('192.0.2.1', 9))\n"
+        "closed.send(b'x')\n"
+        "try:\n"
+        "    closed.recv(10)\n"
+        "except ConnectionRefusedError:\n"
+        "    print('refused')\n")
+    try:
+        result = nsbridge_run(host, "-v", "--relay=native", "--", sys.executable, str(client))
+    finally:
+        server.close()  # type: ignore[union-attr]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "refused" in result.stdout
+    assert "UDP flows: 2" in result.stderr
+
+
+def _bound_udp(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 0))
+    return sock
 
 
 def test_api_stats_show_the_native_relay(host, tmp_path):
@@ -466,8 +628,8 @@ def test_api_stats_show_the_native_relay(host, tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     engine = out["engine"]
     assert out["code"] == 0
-    assert engine["icmp_native"]["requests"] == 4
-    assert engine["icmp_native"]["replies"] == 4
+    assert engine["native"]["icmp"]["requests"] == 4
+    assert engine["native"]["icmp"]["replies"] == 4
     assert engine["icmp_echo_requests"] == 4 and engine["icmp_echo_replies"] == 4
     assert engine["icmp_flows_total"] == 1
 
