@@ -577,8 +577,9 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "auto (default) = redirect, or tun when nf_tables is missing")
     parser.add_argument("--relay", choices=("auto", "native", "engine"), default="auto",
                         help="IPv4 UDP and ping path: native = a C thread on a device of its "
-                        "own (run only; needs the built module and ping sockets); engine = "
-                        "the Python engine; auto (default) = native when it can, else engine")
+                        "own (run only; needs the built module; ping only with ping sockets); "
+                        "engine = the Python engine; auto (default) = native when it can, "
+                        "else engine")
     parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
                         help="host resolver to forward DNS to (default: /etc/resolv.conf)")
     parser.add_argument("--cidr", metavar="NETWORK", default="10.0.2.0/24",
