@@ -222,7 +222,6 @@ class Network:
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
-            self._start_native_relay()
             if options.publish:
                 from .nsfactory import ProcessFactory
 
@@ -230,6 +229,9 @@ class Network:
                 bridge.register_factory(handle.netns, factory)
                 for publish in options.publish:
                     _publish(bridge, handle, publish)
+            # Last: the published ports' helper is forked above, and a fork is best made
+            # before a thread that C code owns is running.
+            self._start_native_relay()
         except BaseException:
             self.close()
             raise
