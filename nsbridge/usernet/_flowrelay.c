@@ -244,18 +244,24 @@ static void write_tun(Relay *r, const uint8_t *p, size_t n)
     r->bytes_out += n;
 }
 
-/* Hand an error the host reported for a flow to Python, which answers the namespace. */
-static void report_error(Relay *r, struct flow *f, int err)
+/* Call Python's on_error(quote, errno), taking the GIL for it. */
+static void call_on_error(Relay *r, const uint8_t *quote, size_t len, int err)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *res = PyObject_CallFunction(r->on_error, "y#i", (const char *)f->quote,
-                                          (Py_ssize_t)f->quote_len, err);
+    PyObject *res = PyObject_CallFunction(r->on_error, "y#i", (const char *)quote,
+                                          (Py_ssize_t)len, err);
     if (res == NULL) {
         r->callback_errors++;
         PyErr_WriteUnraisable(r->on_error);
     }
     Py_XDECREF(res);
     PyGILState_Release(gil);
+}
+
+/* Hand an error the host reported for a flow to Python, which answers the namespace. */
+static void report_error(Relay *r, struct flow *f, int err)
+{
+    call_on_error(r, f->quote, f->quote_len, err);
 }
 
 /* The IPv4 header of a packet from the flow's destination back to the namespace. */
@@ -442,14 +448,7 @@ static int drain_tun(Relay *r)
  * back to the main device, and the engine. */
 static void device_gone(Relay *r, int err)
 {
-    PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *res = PyObject_CallFunction(r->on_error, "y#i", "", (Py_ssize_t)0, err);
-    if (res == NULL) {
-        r->callback_errors++;
-        PyErr_WriteUnraisable(r->on_error);
-    }
-    Py_XDECREF(res);
-    PyGILState_Release(gil);
+    call_on_error(r, (const uint8_t *)"", 0, err);
 }
 
 static void sweep(Relay *r, double now)
