@@ -648,6 +648,29 @@ def test_run_udp_through_the_native_relay(host, tmp_path):
     assert "UDP flows: 2" in result.stderr
 
 
+def test_run_rules_deleted_inside_fall_back_to_the_engine(host, tmp_path):
+    """The command removes the relay's routing rules: its UDP and ping go out through
+    nsb0 and the engine instead, still decided by the policy (a denied port stays
+    denied)."""
+    server = in_netns(host, lambda: _bound_udp("192.0.2.1"))
+    threading.Thread(target=_echo_datagrams, args=(server,), daemon=True).start()
+    port = server.getsockname()[1]  # type: ignore[union-attr]
+    client = (f"import socket; s = socket.socket(2, 2); s.settimeout(5); "
+              f"s.sendto(b'via the engine', ('192.0.2.1', {port})); print(s.recv(100))")
+    script = ("ip rule del pref 100 && ip rule del pref 102 && "
+              f"{sys.executable} -c \"{client}\" && ping -c 1 -W 5 192.0.2.1 >/dev/null && "
+              "echo ping-ok; dig +short +time=2 +tries=1 @192.0.2.1 -p 9 example.org; true")
+    try:
+        result = nsbridge_run(host, "--relay=native", "--deny", "udp:192.0.2.1/32:9",
+                              "-v", "--", "sh", "-c", script)
+    finally:
+        server.close()  # type: ignore[union-attr]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "b'via the engine'" in result.stdout and "ping-ok" in result.stdout
+    assert "192.0.2.1:9 denied" in result.stderr  # the engine's policy, same answer
+    assert "UDP flows: 1" in result.stderr
+
+
 def _bound_udp(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((address, 0))
