@@ -121,10 +121,14 @@ class NativeRelay:
         self._pending: set[_Pending] = set()
         self._closed = False
         self._out = TunOutput(self._write, False)
-        os.set_blocking(tun_fd, False)
-        # One table for both protocols, as large as the engine's two together.
-        self._relay = _flowrelay.Relay(tun_fd, self._new_flow, self._on_error,
-                                       engine.idle_timeout, 2 * engine.max_flows)
+        try:
+            os.set_blocking(tun_fd, False)
+            # One table for both protocols, as large as the engine's two together.
+            self._relay = _flowrelay.Relay(tun_fd, self._new_flow, self._on_error,
+                                           engine.idle_timeout, 2 * engine.max_flows)
+        except BaseException:
+            os.close(tun_fd)
+            raise
 
     def start(self) -> None:
         self._relay.start()
