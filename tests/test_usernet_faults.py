@@ -280,7 +280,7 @@ def test_relay_device_deleted_while_the_command_runs(host, start_run, echo_serve
 
     late = udp_server(host, answer=answer_late, host=SERVER)
     run = start_run("--tcp=redirect")
-    wait_until(lambda: "native relay (IPv4" in run.log(), what="the native relay in use")
+    wait_until(lambda: "native relay (device" in run.log(), what="the native relay in use")
     assert run.ask(f"udp {udp_port}") == "ok"
     assert run.ask(f"udp-send {late.port}") == "sent"
     assert run.ask("del-relay") == [0, ""]

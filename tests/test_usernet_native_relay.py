@@ -79,6 +79,52 @@ def udp_packet(sport: int = 40000, dport: int = 7777, payload: bytes = b"nsbridg
     return header + udp
 
 
+NS_IP6 = bytes.fromhex("fd000000000000000000000000000100")
+HOST_IP6 = bytes.fromhex("20010db8000000000000000000000001")
+
+
+def _ip6(next_header: int, payload: bytes, src: bytes = NS_IP6, dst: bytes = HOST_IP6) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64, src, dst) + payload
+
+
+def _pseudo6(src: bytes, dst: bytes, next_header: int, length: int) -> bytes:
+    return src + dst + struct.pack("!I3xB", length, next_header)
+
+
+def echo6_packet(ident: int = 0x1234, seq: int = 1, payload: bytes = b"nsbridge-ping6", *,
+                 icmp_type: int = 128, next_header: int = 58) -> bytes:
+    """An IPv6 packet carrying an ICMPv6 echo request, checksum right."""
+    icmp = struct.pack("!BBHHH", icmp_type, 0, 0, ident, seq) + payload
+    csum = _csum(_pseudo6(NS_IP6, HOST_IP6, 58, len(icmp)) + icmp)
+    return _ip6(next_header, icmp[:2] + struct.pack("!H", csum) + icmp[4:])
+
+
+def udp6_packet(sport: int = 40000, dport: int = 7777, payload: bytes = b"nsbridge-udp6", *,
+                zero_checksum: bool = False) -> bytes:
+    length = 8 + len(payload)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    if not zero_checksum:
+        csum = _csum(_pseudo6(NS_IP6, HOST_IP6, 17, length) + udp) or 0xFFFF
+        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    return _ip6(17, udp)
+
+
+def check_reply6(reply: bytes, request: bytes) -> None:
+    """``reply`` answers the IPv6 ``request`` (echo or UDP) as a host would have."""
+    assert len(reply) == len(request), (len(reply), len(request))
+    version, length, next_header, hops = struct.unpack("!IHBB", reply[:8])
+    assert version >> 28 == 6 and length == len(reply) - 40 and hops == 64
+    assert next_header == request[6]
+    assert reply[8:24] == request[24:40] and reply[24:40] == request[8:24]
+    pseudo = _pseudo6(reply[8:24], reply[24:40], next_header, length)
+    assert _sum(pseudo + reply[40:]) == 0xFFFF, "checksum"
+    if next_header == 58:
+        assert reply[40] == 129 and reply[41] == 0 and reply[44:] == request[44:]
+    else:
+        assert reply[40:42] == request[42:44] and reply[42:44] == request[40:42]
+        assert reply[48:] == request[48:]
+
+
 # ---- classify: the checks, sans-IO -------------------------------------------------------
 
 
@@ -90,8 +136,18 @@ def _flip(packet: bytes, index: int) -> bytes:
     (echo_packet(), "echo"),
     (echo_packet(options=b"\x01\x01\x01\x00"), "echo"),  # NOPs + end of options
     (echo_packet(payload=b""), "echo"),
-    (b"", "not ipv4"),
-    (b"\x60" + bytes(47), "not ipv4"),  # IPv6
+    (b"", "not ip"),
+    (b"\x50" + bytes(47), "not ip"),  # version 5
+    (echo6_packet(), "echo"),
+    (udp6_packet(), "udp"),
+    (udp6_packet(zero_checksum=True), "bad checksum"),  # mandatory over IPv6
+    (_flip(echo6_packet(), 50), "bad checksum"),
+    (_flip(udp6_packet(), 50), "bad checksum"),
+    (echo6_packet(icmp_type=129), "other icmp"),  # an echo reply
+    (echo6_packet(next_header=44), "fragment"),
+    (echo6_packet(next_header=0), "other protocol"),  # a hop-by-hop header first
+    (echo6_packet() + b"x", "malformed"),  # the payload length disagrees
+    (echo6_packet()[:47], "malformed"),
     (echo_packet()[:27], "malformed"),  # shorter than header + ICMP header
     (b"\x44" + echo_packet()[1:], "malformed"),  # IHL 4
     (echo_packet() + b"x", "malformed"),  # the total length disagrees with the read
@@ -163,6 +219,30 @@ class Harness:
                 sock.connect((dst, 0))
                 return sock.detach()
             return int(in_netns(self.host, inside))  # type: ignore[arg-type]
+        return make
+
+    def ping6_socket(self) -> Callable[[], int]:
+        def make() -> int:
+            def inside() -> int:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+                sock.connect(("2001:db8::1", 0))
+                return sock.detach()
+            return int(in_netns(self.host, inside))  # type: ignore[arg-type]
+        return make
+
+    def udp6_echo_socket(self) -> Callable[[], int]:
+        """A UDP socket connected to an echo server on [2001:db8::1] in the host."""
+        def make() -> int:
+            def inside() -> tuple[socket.socket, int]:
+                server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                server.bind(("2001:db8::1", 0))
+                client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                client.connect(server.getsockname()[:2])
+                return server, client.detach()
+            server, fd = in_netns(self.host, inside)  # type: ignore[misc]
+            self.servers.append(server)
+            threading.Thread(target=_echo_datagrams, args=(server,), daemon=True).start()
+            return fd
         return make
 
     def udp_socket_to_closed_port(self) -> Callable[[], int]:
@@ -320,6 +400,21 @@ def test_relay_udp_host_error_is_reported(harness):
     assert h.errors[0] == (request, errno.ECONNREFUSED)
 
 
+def test_relay_ipv6_echo_and_udp(harness):
+    """IPv6: an echo flow through a ping socket and a UDP flow, each answered with an
+    IPv6 header, the id or ports restored and the pseudo-header checksum right."""
+    h = harness()
+    h.sockets += [h.ping6_socket(), h.udp6_echo_socket()]
+    h.relay.start()
+    for request in (echo6_packet(seq=1), udp6_packet(payload=os.urandom(3000)),
+                    echo6_packet(seq=2, payload=bytes(1000)), udp6_packet()):
+        h.ns.send(request)
+        check_reply6(h.ns.recv(65536), request)
+    assert len(h.asked) == 2
+    stats = h.relay.stats()
+    assert stats["icmp"]["replies"] == 2 and stats["udp"]["datagrams_in"] == 2
+
+
 def test_relay_keeps_flows_apart(harness):
     """Two ids are two flows with two host sockets; each reply carries its own id."""
     h = harness()
@@ -338,13 +433,13 @@ def test_relay_drops_what_python_refuses_and_bad_packets(harness):
     h.ns.send(echo_packet())
     h.ns.send(_flip(echo_packet(), 30))
     h.ns.send(echo_packet(proto=6))
-    h.ns.send(b"\x60" + bytes(60))
+    h.ns.send(b"\x70" + bytes(60))
     h.ns.send(b"\x45")
     wait_until(lambda: h.relay.stats()["frames_in"] == 5, what="the relay read all five")
     stats = h.relay.stats()
     assert len(h.asked) == 1  # only the well-formed request reached Python
     assert stats["icmp"]["flows_total"] == 0 and stats["icmp"]["replies"] == 0
-    assert stats["rejected"] == {"bad checksum": 1, "other protocol": 1, "not ipv4": 1,
+    assert stats["rejected"] == {"bad checksum": 1, "other protocol": 1, "not ip": 1,
                                  "malformed": 1}
     h.ns.settimeout(0.3)
     with pytest.raises(TimeoutError):
@@ -498,6 +593,8 @@ def test_setup_inside_routes_icmp_to_its_device_and_cleans_rp_filter(make_netns)
                     "nsb0p"], check=True)
     subprocess.run(["ip", "-n", name, "addr", "add", "10.0.2.100/24", "dev", "nsb0"],
                    check=True)
+    subprocess.run(["ip", "-n", name, "addr", "add", "fd00::100/64", "dev", "nsb0", "nodad"],
+                   check=True)
     (fd,) = in_netns(name, lambda: flowrelay.setup_inside(NetConfig()))  # type: ignore[misc]
     try:
         def sysctl(key: str) -> str:
@@ -511,6 +608,11 @@ def test_setup_inside_routes_icmp_to_its_device_and_cleans_rp_filter(make_netns)
         assert f"100:\tfrom all ipproto icmp lookup {RELAY_TABLE}" in rules
         assert "101:\tfrom all ipproto udp dport 53 lookup main" in rules  # DNS: the engine
         assert f"102:\tfrom all ipproto udp lookup {RELAY_TABLE}" in rules
+        rules6 = subprocess.run(["ip", "-n", name, "-6", "rule"], capture_output=True,
+                                text=True, check=True).stdout
+        assert f"100:\tfrom all ipproto ipv6-icmp lookup {RELAY_TABLE}" in rules6
+        assert "101:\tfrom all ipproto udp dport 53 lookup main" in rules6
+        assert f"102:\tfrom all ipproto udp lookup {RELAY_TABLE}" in rules6
         routes = subprocess.run(["ip", "-n", name, "route", "show", "table", str(RELAY_TABLE)],
                                 capture_output=True, text=True, check=True).stdout
         assert "default dev nsb-relay" in routes
@@ -561,11 +663,17 @@ def test_run_with_relay_engine_leaves_udp_and_ping_to_the_engine(host):
     assert "ipproto" not in result.stdout and "native relay" not in result.stderr
 
 
-def test_run_ipv6_ping_stays_on_the_engine(host):
-    result = nsbridge_run(host, "--relay=native", "--", "ping", "-6", "-c", "2", "-W", "5",
-                          "2001:db8::1")
+def test_run_ipv6_through_the_native_relay(host):
+    """Ping over IPv6 takes the relay too (its rules exist for both families), and
+    --disable-ipv6 leaves the relay IPv4-only."""
+    result = nsbridge_run(host, "-vv", "--relay=native", "--", "sh", "-c",
+                          "ping -6 -c 2 -W 5 2001:db8::1 && ip -6 rule")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 received" in result.stdout
+    assert "2 received" in result.stdout and "ipproto ipv6-icmp lookup" in result.stdout
+    assert "echo requests: 2" in result.stderr
+    result = nsbridge_run(host, "--relay=native", "--disable-ipv6", "--", "sh", "-c",
+                          "ip -6 rule 2>&1; ip rule")
+    assert "ipproto ipv6-icmp" not in result.stdout and "ipproto icmp lookup" in result.stdout
 
 
 def test_run_native_denial_unreachable_and_gateway(host):

@@ -47,7 +47,7 @@
 enum verdict {
     V_ECHO = 0,    /* a well-formed IPv4 echo request */
     V_UDP,         /* a well-formed IPv4 UDP datagram */
-    V_NOT_IPV4,    /* IPv6 or garbage in the version field */
+    V_NOT_IP,      /* garbage in the version field */
     V_MALFORMED,   /* too short, bad header length, lengths disagree */
     V_FRAGMENT,    /* a fragment: the engine does not reassemble (neither path does) */
     V_OTHER_PROTO, /* neither ICMP nor UDP (the routing rules make this impossible) */
@@ -57,12 +57,14 @@ enum verdict {
 };
 
 static const char *const verdict_names[V_COUNT] = {
-    "echo", "udp", "not ipv4", "malformed", "fragment", "other protocol", "bad checksum",
+    "echo", "udp", "not ip", "malformed", "fragment", "other protocol", "bad checksum",
     "other icmp",
 };
 
 #define PROTO_ICMP 1
 #define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define PROTO_FRAGMENT6 44
 
 static uint32_t ones_add(const uint8_t *p, size_t n, uint32_t sum)
 {
@@ -88,17 +90,46 @@ static void put16(uint8_t *p, uint16_t v)
     p[1] = (uint8_t)v;
 }
 
-/* The sum of the IPv4 pseudo-header of a UDP datagram of ``length`` bytes. */
-static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t length)
+/* The sum of the pseudo-header (addresses of ``alen`` bytes: 4 or 16) of a UDP
+ * datagram or ICMPv6 message of ``length`` bytes. */
+static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t alen, uint8_t proto,
+                           size_t length)
 {
-    return ones_add(dst, 4, ones_add(src, 4, 0)) + PROTO_UDP + (uint32_t)length;
+    return ones_add(dst, alen, ones_add(src, alen, 0)) + proto + (uint32_t)(length >> 16) +
+           (uint32_t)(length & 0xFFFF);
 }
 
-/* The sans-IO check of one packet; on V_ECHO and V_UDP, *ihl is the IPv4 header length. */
+/* The checks of an IPv6 packet (no extension headers but a fragment header, which
+ * is refused as the IPv4 fragments are). */
+static enum verdict classify6(const uint8_t *p, size_t n, size_t *ihl)
+{
+    if (n < 48 || be16(p + 4) != n - 40)
+        return V_MALFORMED;
+    const uint8_t nh = p[6];
+    const size_t len = n - 40;
+    *ihl = 40;
+    if (nh == PROTO_FRAGMENT6)
+        return V_FRAGMENT;
+    if (nh != PROTO_UDP && nh != PROTO_ICMPV6)
+        return V_OTHER_PROTO;
+    if (nh == PROTO_UDP && be16(p + 44) != len)
+        return V_MALFORMED;
+    /* Both checksums are mandatory over IPv6 (RFC 8200 8.1). */
+    if (fold(ones_add(p + 40, len, pseudo_sum(p + 8, p + 24, 16, nh, len))) != 0xFFFF ||
+        (nh == PROTO_UDP && be16(p + 46) == 0))
+        return V_BAD_CHECKSUM;
+    if (nh == PROTO_UDP)
+        return V_UDP;
+    return p[40] == 128 && p[41] == 0 ? V_ECHO : V_OTHER_ICMP;
+}
+
+/* The sans-IO check of one packet; on V_ECHO and V_UDP, *ihl is the IP header length. */
 static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
 {
+    if (n >= 1 && p[0] >> 4 == 6)
+        return classify6(p, n, ihl);
     if (n < 1 || p[0] >> 4 != 4)
-        return V_NOT_IPV4;
+        return V_NOT_IP;
     size_t hl = (size_t)(p[0] & 0x0F) * 4;
     if (hl < 20 || n < hl + 8 || be16(p + 2) != n)
         return V_MALFORMED;
@@ -113,8 +144,9 @@ static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
         if (be16(p + hl + 4) != n - hl)
             return V_MALFORMED;
         /* A zero checksum means "none" (RFC 768); anything else must add up. */
-        if (be16(p + hl + 6) && fold(ones_add(p + hl, n - hl, pseudo_sum(p + 12, p + 16, n - hl)))
-                                    != 0xFFFF)
+        if (be16(p + hl + 6) &&
+            fold(ones_add(p + hl, n - hl, pseudo_sum(p + 12, p + 16, 4, PROTO_UDP, n - hl))) !=
+                0xFFFF)
             return V_BAD_CHECKSUM;
         return V_UDP;
     }
@@ -126,8 +158,10 @@ static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
 }
 
 struct flow {
-    uint8_t src[4], dst[4]; /* the namespace's addresses: the request's */
-    uint8_t proto;          /* PROTO_ICMP (an echo "session") or PROTO_UDP */
+    uint8_t src[16], dst[16]; /* the namespace's addresses: the request's (IPv4: 4 bytes,
+                               * then zeros) */
+    uint8_t alen;           /* 4 or 16 */
+    uint8_t proto;          /* PROTO_ICMP or PROTO_ICMPV6 (an echo "session"), PROTO_UDP */
     uint16_t sport;         /* UDP: the namespace's port; echo: its id (the ping
                              * socket's is the kernel's) */
     uint16_t dport;         /* UDP: the destination port; echo: 0 */
@@ -180,25 +214,32 @@ static double now_seconds(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Flows are keyed by protocol, address length, both 16-byte (zero-padded) addresses
+ * and both ports (echo: the id and 0). */
 static unsigned bucket_of(const Relay *r, uint8_t proto, const uint8_t *src, const uint8_t *dst,
                           uint16_t sport, uint16_t dport)
 {
-    uint32_t a, b;
-    memcpy(&a, src, 4);
-    memcpy(&b, dst, 4);
-    uint32_t h = (a * 2654435761u) ^ (b * 2246822519u) ^
-                 (((uint32_t)sport << 16 | dport) * 3266489917u) ^ proto;
+    /* The address length is not hashed: a 16-byte address equal to a zero-padded IPv4
+     * one only shares a bucket, find_flow compares it. */
+    uint32_t h = ((uint32_t)sport << 16 | dport) * 3266489917u ^ proto;
+    for (int k = 0; k < 16; k += 4) {
+        uint32_t a, b;
+        memcpy(&a, src + k, 4);
+        memcpy(&b, dst + k, 4);
+        h = (h ^ a) * 2654435761u;
+        h = (h ^ b) * 2246822519u;
+    }
     return (h ^ (h >> 15)) & (unsigned)(r->nbuckets - 1);
 }
 
-static int find_flow(const Relay *r, uint8_t proto, const uint8_t *src, const uint8_t *dst,
-                     uint16_t sport, uint16_t dport)
+static int find_flow(const Relay *r, uint8_t proto, uint8_t alen, const uint8_t *src,
+                     const uint8_t *dst, uint16_t sport, uint16_t dport)
 {
     int i = r->buckets[bucket_of(r, proto, src, dst, sport, dport)];
     for (; i >= 0; i = r->flows[i].next) {
         const struct flow *f = &r->flows[i];
         if (f->sport == sport && f->dport == dport && f->proto == proto &&
-            !memcmp(f->src, src, 4) && !memcmp(f->dst, dst, 4))
+            !memcmp(f->src, src, 16) && !memcmp(f->dst, dst, 16) && f->alen == alen)
             return i;
     }
     return -1;
@@ -264,9 +305,19 @@ static void report_error(Relay *r, struct flow *f, int err)
     call_on_error(r, f->quote, f->quote_len, err);
 }
 
-/* The IPv4 header of a packet from the flow's destination back to the namespace. */
+/* The IP header of a packet from the flow's destination back to the namespace. */
 static void reply_header(const struct flow *f, uint8_t *out, size_t total)
 {
+    if (f->alen == 16) {
+        out[0] = 0x60;
+        out[1] = out[2] = out[3] = 0;
+        put16(out + 4, (uint16_t)(total - 40));
+        out[6] = f->proto;
+        out[7] = 64;
+        memcpy(out + 8, f->dst, 16);
+        memcpy(out + 24, f->src, 16);
+        return;
+    }
     out[0] = 0x45;
     out[1] = 0;
     put16(out + 2, (uint16_t)total);
@@ -284,7 +335,9 @@ static void drain_replies(Relay *r, struct flow *f)
 {
     uint8_t *out = r->out;
     const int udp = f->proto == PROTO_UDP;
-    const size_t head = udp ? 28 : 20; /* where the received bytes go */
+    const size_t ip = f->alen == 16 ? 40 : 20;  /* the IP header's length */
+    const size_t head = ip + (udp ? 8 : 0);      /* where the received bytes go */
+    uint8_t *l4 = out + ip;
     struct counts *c = &r->kind[udp];
     int got = 0;
     for (int k = 0; k < BATCH; k++) {
@@ -297,41 +350,44 @@ static void drain_replies(Relay *r, struct flow *f)
             continue;
         }
         if ((size_t)m > PACKET_MAX - head) {
-            r->rejected[V_MALFORMED]++; /* cannot happen for IPv4: 65507 is the most */
+            r->rejected[V_MALFORMED]++; /* more than an IP packet holds: dropped */
             continue;
         }
         size_t total = head + (size_t)m;
+        size_t length = total - ip; /* of the UDP datagram or ICMP message */
         if (udp) {
-            size_t length = 8 + (size_t)m;
-            put16(out + 20, f->dport);
-            put16(out + 22, f->sport);
-            put16(out + 24, (uint16_t)length);
-            put16(out + 26, 0);
-            uint16_t sum = (uint16_t)~fold(ones_add(out + 20, length,
-                                                    pseudo_sum(f->dst, f->src, length)));
-            put16(out + 26, sum ? sum : 0xFFFF); /* 0 would mean "no checksum" */
+            put16(l4, f->dport);
+            put16(l4 + 2, f->sport);
+            put16(l4 + 4, (uint16_t)length);
+            put16(l4 + 6, 0);
         } else {
-            if (m < 8 || out[20] != 0) /* not an echo reply */
+            uint8_t reply = f->alen == 16 ? 129 : 0;
+            if (m < 8 || l4[0] != reply) /* not an echo reply */
                 continue;
             /* The reply carries the kernel's id; the namespace must see its own. */
-            out[21] = 0;
-            put16(out + 22, 0);
-            put16(out + 24, f->sport);
-            put16(out + 22, (uint16_t)~fold(ones_add(out + 20, (size_t)m, 0)));
+            l4[1] = 0;
+            put16(l4 + 2, 0);
+            put16(l4 + 4, f->sport);
         }
+        /* UDP and ICMPv6 sum a pseudo-header; ICMP over IPv4 does not. */
+        uint32_t pseudo = f->proto == PROTO_ICMP
+                              ? 0
+                              : pseudo_sum(f->dst, f->src, f->alen, f->proto, length);
+        uint16_t sum = (uint16_t)~fold(ones_add(l4, length, pseudo));
+        put16(l4 + (udp ? 6 : 2), udp && !sum ? 0xFFFF : sum); /* UDP: 0 means "none" */
         reply_header(f, out, total);
-        write_tun(r, out, total);
-        c->in++;
+        c->in++; /* counted before the write, so a reader of the reply sees it counted */
         c->bytes_in += (size_t)m;
         got++;
+        write_tun(r, out, total);
     }
     if (got)
         f->last = now_seconds();
 }
 
 /* Ask Python about a packet with no flow; the new flow's slot, or -1. */
-static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint16_t sport,
-                     uint16_t dport)
+static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint8_t alen,
+                     const uint8_t *src, const uint8_t *dst, uint16_t sport, uint16_t dport)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     long fd = -1;
@@ -350,13 +406,14 @@ static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint16
         return -1;
     int i = free_slot(r);
     struct flow *f = &r->flows[i];
-    memcpy(f->src, p + 12, 4);
-    memcpy(f->dst, p + 16, 4);
+    memcpy(f->src, src, 16);
+    memcpy(f->dst, dst, 16);
+    f->alen = alen;
     f->proto = proto;
     f->sport = sport;
     f->dport = dport;
     f->fd = (int)fd;
-    /* Version/IHL, DF, TTL 64 + protocol, the reply's addresses: all fixed per flow. */
+    /* IPv4: version/IHL, DF, TTL 64 + protocol, the reply's addresses: fixed per flow. */
     f->ip_sum = ones_add(f->dst, 4, ones_add(f->src, 4, 0x4500 + 0x4000 + (64 << 8 | proto)));
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i + 2};
     if (epoll_ctl(r->epoll, EPOLL_CTL_ADD, f->fd, &ev) < 0) {
@@ -383,15 +440,20 @@ static void handle_request(Relay *r, const uint8_t *p, size_t n)
         return;
     }
     const int udp = v == V_UDP;
-    const uint8_t proto = udp ? PROTO_UDP : PROTO_ICMP;
+    const int v6 = p[0] >> 4 == 6;
+    const uint8_t alen = v6 ? 16 : 4;
+    const uint8_t proto = udp ? PROTO_UDP : v6 ? PROTO_ICMPV6 : PROTO_ICMP;
     const uint16_t sport = be16(p + ihl + (udp ? 0 : 4)); /* UDP source port, echo id */
     const uint16_t dport = udp ? be16(p + ihl + 2) : 0;
+    uint8_t src[16] = {0}, dst[16] = {0};
+    memcpy(src, p + (v6 ? 8 : 12), alen);
+    memcpy(dst, p + (v6 ? 24 : 16), alen);
     struct counts *c = &r->kind[udp];
     if (!udp)
         c->out++; /* every echo request counts (as in the engine); a datagram once sent */
-    int i = find_flow(r, proto, p + 12, p + 16, sport, dport);
+    int i = find_flow(r, proto, alen, src, dst, sport, dport);
     if (i < 0) {
-        i = open_flow(r, p, n, proto, sport, dport);
+        i = open_flow(r, p, n, proto, alen, src, dst, sport, dport);
         if (i < 0)
             return;
     }
@@ -651,7 +713,7 @@ static PyObject *Relay_stats(Relay *self, PyObject *Py_UNUSED(ignored))
     PyObject *udp = counts_dict(&self->kind[1], "datagrams_out", "datagrams_in");
     if (d == NULL || rejected == NULL || icmp == NULL || udp == NULL)
         goto fail;
-    for (int v = V_NOT_IPV4; v < V_COUNT; v++)
+    for (int v = V_NOT_IP; v < V_COUNT; v++)
         if (self->rejected[v] && add_count(rejected, verdict_names[v], self->rejected[v]) < 0)
             goto fail;
     if (add_count(d, "frames_in", self->frames_in) < 0 ||

@@ -798,10 +798,10 @@ class TunEngine:
         return decision
 
     def open_ping_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
-        """The native relay's half of :meth:`_open_echo`: a connected, non-blocking IPv4
-        ping socket for an admitted flow, as a bare fd the caller then owns; -1 when none
+        """The native relay's half of :meth:`_open_echo`: a connected, non-blocking ping
+        socket for an admitted flow, as a bare fd the caller then owns; -1 when none
         (counted, and the namespace told through ``out`` as the engine would tell it)."""
-        made = self._echo_socket(4)
+        made = self._echo_socket(allow.host_ip.version)
         if made is None:
             self.stats.icmp_unavailable += 1
             self._deny(parsed, out=out)

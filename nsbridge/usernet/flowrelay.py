@@ -80,12 +80,13 @@ def ping_sockets_refused() -> str | None:
     return None
 
 
-def setup_inside(config: netconf.NetConfig, icmp: bool = True) -> list[int]:
-    """Inside the namespace: create the relay's device and route IPv4 UDP (but DNS) and,
-    with ``icmp``, ICMP to it.  Returns [its fd] (for ``make_fds``)."""
+def setup_inside(config: netconf.NetConfig, icmp: bool = True, ipv6: bool = True) -> list[int]:
+    """Inside the namespace: create the relay's device and route UDP (but DNS) and, with
+    ``icmp``, ICMP echo to it, over IPv6 too with ``ipv6``.  Returns [its fd] (for
+    ``make_fds``)."""
     tun = netconf.open_tun(config, ifname=netconf.RELAY_IFNAME, vnet=False)
     try:
-        netconf.configure_relay_device(config, tun.ifname, icmp)
+        netconf.configure_relay_device(config, tun.ifname, icmp, ipv6)
     except BaseException:
         os.close(tun.fd)
         raise
@@ -209,11 +210,14 @@ class NativeRelay:
             pending.done.set()
 
     def _report(self, quote: bytes, err: int) -> None:
+        """Answer as the flow's destination (the quoted packet's), IPv4 or IPv6."""
         if self._closed:
             return
-        if not self._engine.answer_host_error(err, quote, quote[16:20], self._out):
-            proto = "udp" if quote[9:10] == b"\x11" else "icmp"
-            self._engine.stats.drops[f"{proto} send {errno_name(err)}"] += 1
+        v6 = quote[0] >> 4 == 6
+        dst, proto = (quote[24:40], quote[6]) if v6 else (quote[16:20], quote[9])
+        if not self._engine.answer_host_error(err, quote, dst, self._out):
+            kind = "udp" if proto == 17 else "icmp"
+            self._engine.stats.drops[f"{kind} send {errno_name(err)}"] += 1
 
     def _write(self, frame: bytes) -> None:
         """Write one frame to the relay's device, as the engine's write does to its own."""

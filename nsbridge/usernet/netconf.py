@@ -314,16 +314,18 @@ RELAY_TABLE = 0x6E73  # "ns"
 # A UDP sender in the namespace writes bursts faster than one thread reads them; the
 # default 500-packet queue dropped ~1% at 1 Gbit/s of 1400-byte datagrams, this none.
 RELAY_TXQLEN = 4096
-RELAY_RULES = (  # (priority, IP protocol, destination port or None, table)
-    (100, 1, None, RELAY_TABLE),
+RELAY_RULES = (  # (priority, IP protocol, destination port or None, table), both families
+    (100, "icmp", None, RELAY_TABLE),
     (101, 17, 53, 254),  # main
     (102, 17, None, RELAY_TABLE),
 )
+_ICMP = {socket.AF_INET: 1, socket.AF_INET6: 58}
 
 
-def configure_relay_device(config: NetConfig, ifname: str, icmp: bool = True) -> None:
-    """Route the namespace's IPv4 UDP but DNS, and ICMP with ``icmp``, to ``ifname``, the
-    native relay's device.
+def configure_relay_device(config: NetConfig, ifname: str, icmp: bool = True,
+                           ipv6: bool = True) -> None:
+    """Route the namespace's UDP but DNS, and ICMP echo with ``icmp``, to ``ifname``, the
+    native relay's device; IPv6 too with ``ipv6`` (the namespace has it configured).
 
     The device has no address of its own: a second copy of the namespace's address
     would make the kernel pick it for broadcasts, which find their device by source
@@ -331,8 +333,8 @@ def configure_relay_device(config: NetConfig, ifname: str, icmp: bool = True) ->
     arrives on an address-less interface, and for the main device, where DNS answers
     arrive for queries whose reverse route (ports swapped) is this device; "all" too
     when set, since the stricter value applies.  Every packet on this namespace's
-    devices comes from nsbridge, so the filter protects nothing here.  IPv6 is switched
-    off on the device: ICMPv6 and UDP over IPv6 stay on the main device, for the engine.
+    devices comes from nsbridge, so the filter protects nothing here.  Without
+    ``ipv6``, IPv6 is switched off on the device.
     """
     from pyroute2 import IPRoute
 
@@ -344,10 +346,11 @@ def configure_relay_device(config: NetConfig, ifname: str, icmp: bool = True) ->
     except OSError as exc:
         raise SetupError(f"cannot switch off rp_filter for {ifname}: "
                          f"{describe_oserror(exc)}") from None
-    try:  # no IPv6 in this kernel or namespace: nothing to switch off
-        _write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
-    except OSError:
-        pass
+    if not ipv6:
+        try:  # no IPv6 in this kernel or namespace: nothing to switch off
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
+        except OSError:
+            pass
     with IPRoute() as ipr:
         found = _step(f"find {ifname}", ipr.link_lookup, ifname=ifname)
         if not found:
@@ -359,13 +362,21 @@ def configure_relay_device(config: NetConfig, ifname: str, icmp: bool = True) ->
         _step(f"bring {ifname} up", ipr.link, "set", index=index, state="up")
         _step(f"route table {RELAY_TABLE} to {ifname}", ipr.route, "add", table=RELAY_TABLE,
               dst="0.0.0.0/0", oif=index, prefsrc=address)
-        for priority, proto, dport, table in RELAY_RULES:
-            if proto == 1 and not icmp:
-                continue
-            ports = {} if dport is None else {"dport_range": f"{dport}:{dport}"}
-            _step(f"add routing rule {priority} (ipproto {proto}, lookup {table})", ipr.rule,
-                  "add", family=socket.AF_INET, priority=priority, table=table, ip_proto=proto,
-                  **ports)
+        families = [socket.AF_INET]
+        if ipv6 and config.ipv6 is not None:
+            families.append(socket.AF_INET6)
+            _step(f"route table {RELAY_TABLE} to {ifname} (IPv6)", ipr.route, "add",
+                  family=socket.AF_INET6, table=RELAY_TABLE, dst="::/0", oif=index,
+                  prefsrc=str(config.ipv6.ip))
+        for family in families:
+            for priority, proto, dport, table in RELAY_RULES:
+                if proto == "icmp" and not icmp:
+                    continue
+                number = _ICMP[family] if proto == "icmp" else proto
+                ports = {} if dport is None else {"dport_range": f"{dport}:{dport}"}
+                _step(f"add routing rule {priority} (ipproto {number}, lookup {table})",
+                      ipr.rule, "add", family=family, priority=priority, table=table,
+                      ip_proto=number, **ports)
 
 
 def _write_sysctl(path: str, value: str) -> None:

@@ -274,7 +274,8 @@ class Network:
         no_ping = ping_sockets_refused()
         if why_not is None:
             try:
-                (fd,) = handle.make_fds(lambda: setup_inside(handle.config, no_ping is None))
+                (fd,) = handle.make_fds(
+                    lambda: setup_inside(handle.config, no_ping is None, bool(handle.ipv6)))
             except UserError as exc:
                 why_not = f"setting up its device failed: {exc}"
         if why_not is not None:
@@ -286,9 +287,9 @@ class Network:
         self.native_relay = NativeRelay(self.bridge.loop, self.engine, fd)
         self.native_relay.start()
         if no_ping is None:
-            log.info("UDP and ping: native relay (IPv4, device nsb-relay)")
+            log.info("UDP and ping: native relay (device nsb-relay)")
         else:
-            log.info("UDP: native relay (IPv4, device nsb-relay); ping through the engine: %s",
+            log.info("UDP: native relay (device nsb-relay); ping through the engine: %s",
                      no_ping)
 
     def stop_when_readable(self, fd: int) -> None:
