@@ -1,6 +1,6 @@
 """Build hook for the one optional native module (everything else is in pyproject.toml).
 
-``nsbridge.usernet._flowrelay`` serves IPv4 UDP and ping for ``nsbridge run`` from a
+``nsbridge.usernet._flowrelay`` serves UDP and ping for ``nsbridge run`` from a
 thread that never takes the GIL for a known flow.  It is optional: without a C compiler
 and the Python headers the build skips it and the Python engine serves them, slower.
 """

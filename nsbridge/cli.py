@@ -576,7 +576,7 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "terminated on the host side from the tun device (Linux 6.9+); "
                         "auto (default) = redirect, or tun when nf_tables is missing")
     parser.add_argument("--relay", choices=("auto", "native", "engine"), default="auto",
-                        help="IPv4 UDP and ping path: native = a C thread on a device of its "
+                        help="UDP and ping path: native = a C thread on a device of its "
                         "own (run only; needs the built module; ping only with ping sockets); "
                         "engine = the Python engine; auto (default) = native when it can, "
                         "else engine")

@@ -1,12 +1,12 @@
 /*
- * nsbridge.usernet._flowrelay: IPv4 UDP and ping for user-mode networking, in a thread
+ * nsbridge.usernet._flowrelay: UDP and ping (IPv4 and IPv6) for user-mode networking, in a thread
  * that never takes the GIL for a packet of a known flow.
  *
  * Why native code: the Python engine's per-packet cost capped UDP below slirp4netns's
  * loss-free rate (~65k datagrams/s), and an echo at a few per second wakes the process
  * from idle with every cache cold, where the interpreter's wake-up, dispatch and
  * bytecode cost ~100 us more than slirp4netns's C loop (bench/usernet_bench.py).  The
- * sandbox routes IPv4 ICMP and UDP (DNS excepted) to a second, dedicated tun device
+ * sandbox routes ICMP and UDP (DNS excepted) to a second, dedicated tun device
  * (policy-routing rules, see flowrelay.py); this module serves that device:
  *
  *   packet of a known flow:   tun read -> checks -> send() on the flow's host socket
@@ -45,8 +45,8 @@
 
 /* What classify_request says of a packet read from the device. */
 enum verdict {
-    V_ECHO = 0,    /* a well-formed IPv4 echo request */
-    V_UDP,         /* a well-formed IPv4 UDP datagram */
+    V_ECHO = 0,    /* a well-formed echo request (ICMP or ICMPv6) */
+    V_UDP,         /* a well-formed UDP datagram */
     V_NOT_IP,      /* garbage in the version field */
     V_MALFORMED,   /* too short, bad header length, lengths disagree */
     V_FRAGMENT,    /* a fragment: the engine does not reassemble (neither path does) */
@@ -797,7 +797,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_flowrelay",
-    "IPv4 UDP and ping for user-mode networking, in native code (see flowrelay.py).", -1,
+    "UDP and ping for user-mode networking, in native code (see flowrelay.py).", -1,
     module_methods,
 };
 

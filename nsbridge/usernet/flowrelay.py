@@ -1,4 +1,4 @@
-"""The native IPv4 UDP and ping path: a second tun device served by a C thread
+"""The native UDP and ping path: a second tun device served by a C thread
 (``_flowrelay``).
 
 Why: these were the user-mode networking figures where the Python engine lost to
@@ -13,8 +13,8 @@ Shape:
 * **Inside the namespace** (:func:`setup_inside`, run through
   ``SandboxHandle.make_fds``): a second tun device, ``nsb-relay``, and policy-routing
   rules (``ipproto icmp`` and ``ipproto udp`` to a table that routes everything to it;
-  ``ipproto udp dport 53`` to ``main`` first).  IPv4 ICMP and UDP go there; DNS, IPv6
-  and TCP stay on the main device.
+  ``ipproto udp dport 53`` to ``main`` first).  ICMP and UDP of both IP versions go there;
+  DNS and TCP stay on the main device.
 * **On the host side** (:class:`NativeRelay`): the C thread reads that device.  A
   packet of a known flow is sent on the flow's host socket (a ping socket, or a
   connected UDP socket) and replies are written back without Python.  The first packet
@@ -177,7 +177,7 @@ class NativeRelay:
         """A host error about a flow (its latest packet quoted): tell the namespace.  An
         empty quote: the relay's device is gone and its thread has ended."""
         if not quote:
-            log.warning("native relay: its device failed (%s); the thread ended, IPv4 UDP "
+            log.warning("native relay: its device failed (%s); the thread ended, UDP "
                         "and ping fall back to the engine's device", errno_name(err))
             return
         self._loop.call_soon_threadsafe(lambda: self._report(quote, err))

@@ -305,10 +305,10 @@ def _netlink_error(what: str, exc: Exception) -> SetupError:
 
 
 # The native relay's device (see flowrelay.py): a second tun, and routing rules that send
-# the namespace's IPv4 ICMP and UDP to it through a table of its own, except DNS (UDP to
-# port 53, which the engine answers from its own device).  The priorities put the rules
-# after "local" (traffic to the namespace's own addresses stays inside) and before
-# "main".
+# the namespace's ICMP and UDP (both IP versions) to it through a table of its own, except
+# DNS (UDP to port 53, which the engine answers from its own device).  The priorities put
+# the rules after "local" (traffic to the namespace's own addresses stays inside) and
+# before "main".
 RELAY_IFNAME = "nsb-relay"
 RELAY_TABLE = 0x6E73  # "ns"
 # A UDP sender in the namespace writes bursts faster than one thread reads them; the

@@ -49,7 +49,7 @@ class UsernetOptions:
     allow: list[str] = field(default_factory=list)  # destination rules
     deny: list[str] = field(default_factory=list)
     tcp: str = "auto"  # auto | redirect | tun
-    relay: str = "auto"  # auto | native | engine: who serves IPv4 UDP and ping (flowrelay.py)
+    relay: str = "auto"  # auto | native | engine: who serves UDP and ping (flowrelay.py)
     dns: list[tuple[str, int]] | None = None  # host resolvers; None: /etc/resolv.conf
     mtu: int = 65520
     ipv6: bool = True
@@ -260,7 +260,7 @@ class Network:
                         "through the tun path (slower)")
 
     def _start_native_relay(self) -> None:
-        """IPv4 UDP and ping through the native relay (``--relay``): ``auto`` uses it in a
+        """UDP and ping through the native relay (``--relay``): ``auto`` uses it in a
         ``run`` sandbox when it can and says why not at -v; ``native`` insists."""
         mode, handle = self.options.relay, self.handle
         if mode == "engine":
