@@ -213,36 +213,15 @@ class Harness:
         self.errors.append((quote, err))
 
     def ping_socket(self, dst: str = "192.0.2.1") -> Callable[[], int]:
+        """A ping socket (IPv4 or IPv6, by ``dst``) connected to ``dst`` in the host."""
         def make() -> int:
             def inside() -> int:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if ":" in dst
+                                 else (socket.AF_INET, socket.IPPROTO_ICMP))
+                sock = socket.socket(family, socket.SOCK_DGRAM, proto)
                 sock.connect((dst, 0))
                 return sock.detach()
             return int(in_netns(self.host, inside))  # type: ignore[arg-type]
-        return make
-
-    def ping6_socket(self) -> Callable[[], int]:
-        def make() -> int:
-            def inside() -> int:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
-                sock.connect(("2001:db8::1", 0))
-                return sock.detach()
-            return int(in_netns(self.host, inside))  # type: ignore[arg-type]
-        return make
-
-    def udp6_echo_socket(self) -> Callable[[], int]:
-        """A UDP socket connected to an echo server on [2001:db8::1] in the host."""
-        def make() -> int:
-            def inside() -> tuple[socket.socket, int]:
-                server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-                server.bind(("2001:db8::1", 0))
-                client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-                client.connect(server.getsockname()[:2])
-                return server, client.detach()
-            server, fd = in_netns(self.host, inside)  # type: ignore[misc]
-            self.servers.append(server)
-            threading.Thread(target=_echo_datagrams, args=(server,), daemon=True).start()
-            return fd
         return make
 
     def udp_socket_to_closed_port(self) -> Callable[[], int]:
@@ -258,14 +237,16 @@ class Harness:
             return int(in_netns(self.host, inside))  # type: ignore[arg-type]
         return make
 
-    def udp_echo_socket(self) -> Callable[[], int]:
-        """A UDP socket connected to an echo server on 192.0.2.1 in the host namespace."""
+    def udp_echo_socket(self, address: str = "192.0.2.1") -> Callable[[], int]:
+        """A UDP socket connected to an echo server on ``address`` (IPv4 or IPv6) in
+        the host namespace."""
         def make() -> int:
             def inside() -> tuple[socket.socket, int]:
-                server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                server.bind(("192.0.2.1", 0))
-                client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                client.connect(server.getsockname())
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                server = socket.socket(family, socket.SOCK_DGRAM)
+                server.bind((address, 0))
+                client = socket.socket(family, socket.SOCK_DGRAM)
+                client.connect(server.getsockname()[:2])
                 return server, client.detach()
             server, fd = in_netns(self.host, inside)  # type: ignore[misc]
             self.servers.append(server)
@@ -404,7 +385,7 @@ def test_relay_ipv6_echo_and_udp(harness):
     """IPv6: an echo flow through a ping socket and a UDP flow, each answered with an
     IPv6 header, the id or ports restored and the pseudo-header checksum right."""
     h = harness()
-    h.sockets += [h.ping6_socket(), h.udp6_echo_socket()]
+    h.sockets += [h.ping_socket("2001:db8::1"), h.udp_echo_socket("2001:db8::1")]
     h.relay.start()
     for request in (echo6_packet(seq=1), udp6_packet(payload=os.urandom(3000)),
                     echo6_packet(seq=2, payload=bytes(1000)), udp6_packet()):
