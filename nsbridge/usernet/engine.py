@@ -218,7 +218,7 @@ class _UdpFlow:
 
 class TunOutput(NamedTuple):
     """Where an answer the engine builds goes: a frame writer and whether that device's
-    frames start with a virtio-net header (the main tun's do; the ping relay's not)."""
+    frames start with a virtio-net header (the main tun's do; the native relay's not)."""
 
     write: Callable[[bytes], None]
     vnet: bool
@@ -481,7 +481,7 @@ class TunEngine:
     def _unreachable(self, quote: bytes, kind: UnreachableKind, src: bytes | None,
                      out: TunOutput | None = None) -> None:
         """Tell the namespace ``kind`` unreachable about the packet starting with ``quote``
-        (through ``out``: the native ping relay's device has no virtio header)."""
+        (through ``out``: the native relay's device has no virtio header)."""
         write, vnet = out or (self.write, self._vnet)
         write(build_icmp_unreachable(quote, kind, src=src, vnet=vnet))
         self.stats.unreachable_sent[kind] += 1
@@ -556,29 +556,29 @@ class TunEngine:
             return None
         return decision
 
-    def open_udp_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
-        """The native relay's half of :meth:`_open_udp`: a connected, non-blocking UDP
-        socket for an admitted flow, as a bare fd the caller then owns; -1 when none
-        (counted, and the namespace told through ``out``)."""
-        family = socket.AF_INET if allow.host_ip.version == 4 else socket.AF_INET6
-        try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            self.stats.drops[f"udp socket {errno_name(exc.errno)}"] += 1
-            return -1
-        if not self._connect(sock, (str(allow.host_ip), allow.host_port), parsed, "udp", out):
-            return -1
-        self.stats.udp_flows_total += 1
-        return sock.detach()
-
-    def _open_udp(self, parsed: Parsed, key: FlowKey, allow: Allow, now: float) -> _UdpFlow | None:
+    def _udp_socket(self, parsed: Parsed, allow: Allow,
+                    out: TunOutput | None = None) -> socket.socket | None:
+        """A non-blocking UDP socket connected to an admitted flow's host address, or
+        None (counted, and the namespace told through ``out``)."""
         family = socket.AF_INET if allow.host_ip.version == 4 else socket.AF_INET6
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             self.stats.drops[f"udp socket {errno_name(exc.errno)}"] += 1
             return None
-        if not self._connect(sock, (str(allow.host_ip), allow.host_port), parsed, "udp"):
+        if not self._connect(sock, (str(allow.host_ip), allow.host_port), parsed, "udp", out):
+            return None
+        self.stats.udp_flows_total += 1
+        return sock
+
+    def open_udp_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
+        """:meth:`_udp_socket` for the native relay: a bare fd it then owns, or -1."""
+        sock = self._udp_socket(parsed, allow, out)
+        return -1 if sock is None else sock.detach()
+
+    def _open_udp(self, parsed: Parsed, key: FlowKey, allow: Allow, now: float) -> _UdpFlow | None:
+        sock = self._udp_socket(parsed, allow)
+        if sock is None:
             return None
         flow = _UdpFlow(key, sock)
         for _old_key, old in self._udp.add(key, flow, now):
@@ -586,7 +586,6 @@ class TunEngine:
             self._close_udp(old)
         self._loop.add(flow.fd, IN, partial(self._on_udp_reply, flow))
         self.stats.udp_flows_active += 1
-        self.stats.udp_flows_total += 1
         self._schedule_sweep()
         return flow
 
@@ -643,11 +642,8 @@ class TunEngine:
 
     def _udp_socket_error(self, flow: _UdpFlow, exc: OSError) -> None:
         """An ICMP error the host got for this flow: pass it on as ICMP unreachable."""
-        kind = _ERRNO_KINDS.get(exc.errno or 0)
-        if kind is None or not flow.quote:
+        if not self.answer_host_error(exc.errno or 0, flow.quote, flow.ns_dst):
             self.stats.drops[f"udp error {errno_name(exc.errno)}"] += 1
-            return
-        self._unreachable(flow.quote, kind, flow.ns_dst)
 
     def _close_udp(self, flow: _UdpFlow) -> None:
         self._loop.remove(flow.fd)
@@ -780,7 +776,7 @@ class TunEngine:
         """Decide the first echo request of a flow: the source check and the policy,
         answering a denial (ICMP admin-prohibited) and the gateway's own echo through
         ``out`` (default: this engine's device).  The host address to ping, or None when
-        nothing more is to be done.  Shared with the native ping relay, so both paths
+        nothing more is to be done.  Shared with the native relay, so both paths
         decide alike."""
         write, vnet = out or (self.write, self._vnet)
         if not self.new_flow_source_ok(parsed):
@@ -797,36 +793,38 @@ class TunEngine:
             return None
         return decision
 
-    def open_ping_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
-        """The native relay's half of :meth:`_open_echo`: a connected, non-blocking ping
-        socket for an admitted flow, as a bare fd the caller then owns; -1 when none
-        (counted, and the namespace told through ``out`` as the engine would tell it)."""
+    def _connected_echo_socket(self, parsed: Parsed, allow: Allow, out: TunOutput | None = None,
+                               ping_only: bool = False) -> tuple[socket.socket, str] | None:
+        """A ping (or raw) socket connected to an admitted flow's host address, and its
+        kind; None when none (counted, and the namespace told through ``out``)."""
         made = self._echo_socket(allow.host_ip.version)
         if made is None:
             self.stats.icmp_unavailable += 1
             self._deny(parsed, out=out)
-            return -1
+            return None
         sock, kind = made
-        if kind != "ping":  # raw sockets see every ICMP message: the engine's job
+        if ping_only and kind != "ping":
             sock.close()
             self.stats.drops["icmp native relay needs ping sockets"] += 1
-            return -1
+            return None
         if not self._connect(sock, (str(allow.host_ip), 0), parsed, "icmp", out):
-            return -1
+            return None
         self.stats.icmp_flows_total += 1
         self.stats.icmp_sockets[kind] += 1
-        return sock.detach()
+        return sock, kind
+
+    def open_ping_socket(self, parsed: Parsed, allow: Allow, out: TunOutput) -> int:
+        """The native relay's echo socket: a connected ping socket (raw sockets see every
+        ICMP message: those flows stay the engine's) as a bare fd it then owns, or -1."""
+        made = self._connected_echo_socket(parsed, allow, out, ping_only=True)
+        return -1 if made is None else made[0].detach()
 
     def _open_echo(self, parsed: Parsed, key: EchoKey, allow: Allow) -> _EchoFlow | None:
         version = allow.host_ip.version
-        made = self._echo_socket(version)
+        made = self._connected_echo_socket(parsed, allow)
         if made is None:
-            self.stats.icmp_unavailable += 1
-            self._deny(parsed)
             return None
         sock, kind = made
-        if not self._connect(sock, (str(allow.host_ip), 0), parsed, "icmp"):
-            return None
         host_ident = random.getrandbits(16) if kind == "raw" else 0
         flow = _EchoFlow(key, sock, kind, host_ident)
         for _old_key, old in self._echo.add(key, flow, time.monotonic()):
@@ -842,8 +840,6 @@ class TunEngine:
             flow.on_reply = partial(self._on_echo_reply, flow)
         self._loop.add(flow.fd, IN, flow.on_reply)
         self.stats.icmp_flows_active += 1
-        self.stats.icmp_flows_total += 1
-        self.stats.icmp_sockets[kind] += 1
         self._schedule_sweep()
         return flow
 
@@ -905,17 +901,14 @@ class TunEngine:
         if isinstance(exc, BlockingIOError):
             self.stats.drops["icmp send buffer full"] += 1
             return
-        kind = _ERRNO_KINDS.get(exc.errno or 0)
-        if kind is not None:
-            self._unreachable(flow.quote, kind, flow.ns_dst)
-        else:
+        if not self.answer_host_error(exc.errno or 0, flow.quote, flow.ns_dst):
             self.stats.drops[f"icmp send {errno_name(exc.errno)}"] += 1
 
     def answer_host_error(self, err: int, quote: bytes, src: bytes,
                           out: TunOutput | None = None) -> bool:
         """Tell the namespace about host error ``err`` for the packet starting with
         ``quote``, as the ICMP unreachable (from ``src``) it stands for; False if it
-        stands for none (the native ping relay's errors come through here)."""
+        stands for none (the engine's flows and the native relay's come through here)."""
         kind = _ERRNO_KINDS.get(err)
         if kind is None or not quote:
             return False
@@ -925,9 +918,7 @@ class TunEngine:
     def _echo_error(self, flow: _EchoFlow, exc: OSError) -> None:
         """An error a receive reported (an ICMP error about an earlier request): pass it
         on to the namespace as ICMP unreachable, quoting the flow's latest request."""
-        kind = _ERRNO_KINDS.get(exc.errno or 0)
-        if kind is not None and flow.quote:
-            self._unreachable(flow.quote, kind, flow.ns_dst)
+        self.answer_host_error(exc.errno or 0, flow.quote, flow.ns_dst)
 
     def _on_ping_reply4(self, flow: _EchoFlow, _events: int) -> None:
         """:meth:`_on_echo_reply` for an IPv4 ping socket, lean for the same reason as

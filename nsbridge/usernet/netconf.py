@@ -143,7 +143,7 @@ def open_tun(config: NetConfig, path: str = TUN_PATH, *, ifname: str | None = No
     The device lands in the namespace current at ``open()`` time (the kernel records it
     when /dev/net/tun is opened), so this must run after entering the namespace.
     ``ifname`` defaults to the config's; ``vnet=False`` makes a plain device (no virtio
-    header, no offloads), as the native ping relay reads it.
+    header, no offloads), as the native relay reads it.
     """
     ifname = config.ifname if ifname is None else ifname
     try:
