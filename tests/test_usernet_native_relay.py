@@ -1,4 +1,4 @@
-"""The native IPv4 ping relay (nsbridge/usernet/_flowrelay.c, flowrelay.py), no mocks.
+"""The native UDP and ping relay (nsbridge/usernet/_flowrelay.c, flowrelay.py), no mocks.
 
 Three layers:
 
@@ -700,11 +700,18 @@ def test_native_is_refused_for_attach_with_a_reason(host):
         target.wait()
 
 
-def test_unknown_icmp_mode_is_a_one_line_error(host):
+def test_unknown_relay_mode_is_a_one_line_error(host):
     result = nsbridge_run(host, "--relay=fast", "--", "true")
     assert result.returncode == 2
     assert "--relay" in result.stderr and "native" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_api_refuses_an_unknown_relay_mode_before_anything_is_made():
+    from nsbridge.usernet import api
+
+    with pytest.raises(api.UserError, match=r"relay='fast'.*'native'"):
+        api.options(relay="fast")
 
 
 def test_run_udp_through_the_native_relay(host, tmp_path):

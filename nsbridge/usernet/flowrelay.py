@@ -52,8 +52,6 @@ try:
 except ImportError:  # built without a C compiler: the engine serves UDP and ping
     _flowrelay = None  # type: ignore[assignment]
 
-RELAY_MODES = ("auto", "native", "engine")
-
 # How long the relay thread waits for the loop thread to decide a new flow.  The loop
 # answers in microseconds unless it is stopping, which also wakes the wait.
 _DECIDE_TIMEOUT = 5.0
