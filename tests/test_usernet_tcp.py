@@ -214,9 +214,17 @@ def _abort(conn: socket.socket) -> None:
     conn.close()
 
 
+def _abort_once_established(conn: socket.socket) -> None:
+    """Reset a connection the program has seen established.  Aborting at once races the
+    tun path's handshake: its SYN-ACK waits for the host side's connect, and a reset
+    that arrives first is, faithfully, a refused connect (the case below)."""
+    time.sleep(0.3)
+    _abort(conn)
+
+
 def test_server_reset_reaches_the_program(host: str, tmp_path: Path, stream_server,
                                           tcp_mode: str) -> None:
-    server = stream_server(listen_in(host, HOST4), _abort)
+    server = stream_server(listen_in(host, HOST4), _abort_once_established)
     report, out, err = run_inside(host, tmp_path, tcp_mode,
                                   client("expect-reset", HOST4, server.port))
     assert report["code"] == 0, err
