@@ -80,7 +80,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"nsbridge: error: {message} (see `{self.prog} --help`)\n")
+        command = self.prog.split()[0]  # "nsbridge" for "nsbridge forward"
+        self.exit(2, f"{command}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
@@ -652,13 +653,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(args.handler, args)
 
 
-def run_guarded(handler, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    """Turn UserError into one line on stderr and exit code 2; Ctrl-C before the loop runs
-    into exit 130 without a traceback."""
+def run_guarded(  # type: ignore[no-untyped-def]
+    handler, args: argparse.Namespace, command: str = "nsbridge"
+) -> int:
+    """Turn UserError into one line on stderr (``COMMAND: error: ...``) and exit code 2;
+    Ctrl-C before the loop runs into exit 130 without a traceback."""
     try:
         return handler(args)
     except UserError as exc:
-        print(f"nsbridge: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

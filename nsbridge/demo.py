@@ -18,6 +18,7 @@ import urllib.request
 
 from .addresses import parse_host_port
 from .bridge import Bridge, MoverName
+from .dependencies import require_pyroute2
 from .errors import UserError
 from .forward import ConnectAddress, ForwardSpec, ListenAddress
 from .netns import CLONE_NEWNET, Netns, unshare
@@ -57,6 +58,7 @@ def create_anonymous_netns() -> Netns:
 
 def bring_loopback_up() -> None:
     """Run inside the namespace: a new namespace's ``lo`` starts down."""
+    require_pyroute2("the demo")
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import REPO, connect_in, have, listen_in, run_nsbridge
@@ -22,14 +23,15 @@ from conftest import REPO, connect_in, have, listen_in, run_nsbridge
 # ---- helpers ------------------------------------------------------------------------
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, one ``nsbridge: error:`` line on stderr containing every needle, no stdout."""
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str,
+                          command: str = "nsbridge") -> str:
+    """Exit 2, one ``COMMAND: error:`` line on stderr containing every needle, no stdout."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     line = lines[0]
-    assert line.startswith("nsbridge: error: "), line
+    assert line.startswith(f"{command}: error: "), line
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     assert result.stdout == ""
@@ -423,7 +425,8 @@ def test_usage_errors_are_one_line_too(args: list[str], needles: tuple[str, ...]
 
 def test_compat_malformed_address() -> None:
     result = run_compat("-l", "127.0.0.1", "-c", "127.0.0.1:9")
-    assert_one_line_error(result, "-l '127.0.0.1'", "expected HOST:PORT")
+    assert_one_line_error(result, "-l '127.0.0.1'", "expected HOST:PORT",
+                          command="netns_tcp_bridge")
 
 
 @pytest.mark.parametrize(("args", "why"), [
@@ -433,11 +436,26 @@ def test_compat_malformed_address() -> None:
     pytest.param(["-c", "127.0.0.1:9"], "missing listen side", id="no-listen-side"),
 ])
 def test_compat_missing_options(args: list[str], why: str) -> None:
-    assert_one_line_error(run_compat(*args), why)
+    assert_one_line_error(run_compat(*args), why, command="netns_tcp_bridge")
 
 
 def test_compat_rejects_nsbridge_only_options() -> None:
     """The compat CLI has exactly the original flags; extras are a usage error."""
     result = run_compat("-l", "127.0.0.1:0", "-c", "127.0.0.1:9", "--connect-timeout", "5")
     assert_one_line_error(result, "unrecognized arguments", "--connect-timeout",
-                          "netns_tcp_bridge --help")
+                          "netns_tcp_bridge --help", command="netns_tcp_bridge")
+
+
+@pytest.mark.parametrize("name", ["netns_tcp_bridge", "netns-tcp-bridge"])
+def test_compat_commands_are_installed_under_both_names(name: str) -> None:
+    """The original's binary name (underscores) and the dashed one are both installed, and
+    each names itself in its errors and --version, so existing scripts and logs read right."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        pytest.skip(f"nsbridge is not installed next to {sys.executable} (pip install .)")
+    result = subprocess.run([str(script), "-l", "127.0.0.1", "-c", "127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=30)
+    assert_one_line_error(result, "-l '127.0.0.1'", command=name)
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                             timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith(f"{name} (nsbridge "), version

@@ -51,15 +51,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2.netlink import (
+from ..dependencies import require_pyroute2
+
+require_pyroute2("user-mode networking (nsbridge run/attach)")
+
+from pyroute2.netlink import (  # noqa: E402
     NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
     NLM_F_REQUEST,
     NLMSG_ERROR,
 )
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
-from pyroute2.netlink.nfnetlink.nftsocket import (
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg  # noqa: E402
+from pyroute2.netlink.nfnetlink.nftsocket import (  # noqa: E402
     NFPROTO_INET,
     NFPROTO_IPV4,
     NFPROTO_IPV6,
@@ -75,8 +79,8 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
-from ..errors import UserError, describe_oserror
-from .netconf import SetupError
+from ..errors import UserError, describe_oserror  # noqa: E402
+from .netconf import SetupError  # noqa: E402
 
 TABLE = "nsbridge"
 CHAIN = "output"

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from ..dependencies import require_pyroute2
 from ..errors import UserError, describe_oserror
 from ..netns import CLONE_NEWNET, Netns, setns, unshare
 from . import netconf
@@ -391,11 +392,9 @@ def attach(
 def _preload() -> None:
     """Import pyroute2 here, before fork: a child importing it could deadlock on an import
     lock held by another parent thread at fork time, and would pay the import each time."""
-    try:
-        import pyroute2.netlink.exceptions  # noqa: F401
-        from pyroute2 import IPRoute  # noqa: F401
-    except ImportError:
-        raise UserError("user-mode networking needs pyroute2: pip install pyroute2") from None
+    require_pyroute2("user-mode networking (nsbridge run/attach)")
+    import pyroute2.netlink.exceptions  # noqa: F401
+    from pyroute2 import IPRoute  # noqa: F401
 
 
 class _Helper:
