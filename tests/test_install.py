@@ -1,0 +1,102 @@
+"""The README's first command, run the way a stock Debian/Ubuntu machine runs it.
+
+A stock machine has Debian's ``/usr/bin/python3`` with its PEP 668 marker, nothing installed
+by pip, and ``PATH=/usr/sbin:/usr/bin:/sbin:/bin`` (no pyenv, no ~/.local).  The command is
+read from the README itself, so the README cannot drift from what is tested, and run in a
+clean environment.  Only the install locations are moved into a temporary directory (the
+script's NSBRIDGE_VENV/NSBRIDGE_BIN/NSBRIDGE_SHARE settings) so the test leaves nothing on the
+machine; that directory is put first on PATH as /usr/local/bin is on a stock root shell.
+
+The install fetches pyroute2 from the package registry (as a user's would).  Debian packages
+are installed only if missing (``.ci/run`` has installed them already).  The unprivileged
+variant runs as uid 65534 in a user namespace of its own; it needs no /dev/net/tun (the demo
+uses only a network namespace and loopback), so the device's mode does not matter here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+STOCK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+STOCK_PYTHON = Path("/usr/bin/python3")
+DEMO_PASSED = "demo passed"
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's first ``sh`` block (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert block is not None, "the README has no sh block"
+    return [line for line in block.group(1).splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def copy_checkout(target: Path) -> Path:
+    """The work tree's source files, as a fresh clone has them: no build/, venvs or .so."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=REPO, capture_output=True, check=True)
+    for name in listed.stdout.decode().split("\0"):
+        source = REPO / name
+        if name and source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[Path]:
+    """The README's first command run as written; yields the directory holding bin/."""
+    if not STOCK_PYTHON.exists():
+        pytest.skip("no /usr/bin/python3: not a Debian/Ubuntu machine")
+    first = readme_commands()[0]
+    assert first == "./install.sh && nsbridge demo", first
+    top = Path(tempfile.mkdtemp(prefix="nsbridge-install-"))
+    top.chmod(0o755)  # the unprivileged case runs the installed command as uid 65534
+    try:
+        env = {"HOME": str(top / "home"), "LANG": "C.UTF-8",
+               "PATH": f"{top / 'bin'}:{STOCK_PATH}",
+               "NSBRIDGE_VENV": str(top / "venv"), "NSBRIDGE_BIN": str(top / "bin"),
+               "NSBRIDGE_SHARE": str(top / "share")}
+        for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT",
+                     "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            if name in os.environ:  # how this machine reaches the registry, nothing more
+                env[name] = os.environ[name]
+        clone = copy_checkout(top / "clone")
+        result = subprocess.run(["sh", "-c", first], cwd=clone, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert DEMO_PASSED in result.stdout, result.stdout
+        assert "Traceback" not in result.stderr, result.stderr
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_readme_first_command_installs_and_the_demo_passes(installed: Path) -> None:
+    """The venv uses the system Python, and every command of the package is on PATH."""
+    venv_python = installed / "venv" / "bin" / "python"
+    assert os.path.realpath(venv_python).startswith("/usr/bin/python3"), venv_python
+    for command in ("nsbridge", "netns-tcp-bridge", "netns_tcp_bridge"):
+        assert (installed / "bin" / command).exists(), command
+
+
+def test_unprivileged_variant(installed: Path) -> None:
+    """`unshare -Ur nsbridge demo` as an ordinary user (uid 65534)."""
+    if shutil.which("setpriv") is None or shutil.which("unshare") is None:
+        pytest.skip("needs util-linux setpriv and unshare")
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "unshare", "-Ur", str(installed / "bin" / "nsbridge"), "demo"],
+        env={"PATH": STOCK_PATH, "HOME": "/", "LANG": "C.UTF-8"}, cwd="/",
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert DEMO_PASSED in result.stdout, result.stdout
