@@ -470,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--engine", choices=("splice", "copy"), default="splice")
     demo.set_defaults(handler=_run_demo)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check what this machine lets nsbridge do, and say what to change",
+        description="Try each thing nsbridge needs — a sandbox namespace with a tun device "
+        "and the nftables redirect (as `run` makes it), unprivileged user namespaces, "
+        "/dev/net/tun's mode, ping sockets, SO_PEEK_OFF for --tcp=tun, the native relay, "
+        "pyroute2's version — and print one line each: ok, limited (a fallback serves) or "
+        "missing, with what to do.  Exits 1 when something is missing.",
+    )
+    doctor.set_defaults(handler=_run_doctor)
     return parser
 
 
@@ -638,6 +649,12 @@ def attach_usernet(args: argparse.Namespace) -> int:
         stops.close()
 
 
+def _run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -649,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         # Bare `nsbridge` is a usage error: one line (like every other), not a help dump.
-        parser.error("missing command: give one of forward, serve, ctl, run, attach, demo")
+        parser.error("missing command: give one of forward, serve, ctl, run, attach, demo, doctor")
     return run_guarded(args.handler, args)
 
 
