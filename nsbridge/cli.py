@@ -64,7 +64,7 @@ endpoints (several forwards in one process: give LISTEN CONNECT pairs):
   tcp:HOST:PORT  udp:HOST:PORT  unix:/PATH  unix-abstract:NAME  fd:N  systemd:NAME
   each optionally followed by ,netns=SPEC  (listeners also ,allow=CIDR ,deny=CIDR
   ,mode=0660 ,owner=USER[:GROUP]; stream targets also ,proxy=v1|v2)
-  nsbridge forward tcp:127.0.0.1:8080 tcp:127.0.0.1:80,netns=web \
+  nsbridge forward tcp:127.0.0.1:8080 tcp:127.0.0.1:80,netns=web \\
                    udp:127.0.0.1:5353 udp:127.0.0.1:53,netns=web
 
 Resets are carried as resets, half-close as half-close; a refused or unreachable target
@@ -437,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
+        usage="nsbridge run [OPTIONS] -- CMD [ARGS...]",
         help="run a command with networking in a new user+network namespace (no root)",
         description="Run CMD in a new user+network(+mount) namespace with user-mode "
         "networking: outbound TCP/UDP, DNS at 10.0.2.3, ping, IPv6, published ports.  "
@@ -446,10 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_usernet_flags(run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    run.set_defaults(handler=run_usernet)
+    run.set_defaults(handler=run_usernet, usage=run.format_usage())
 
     att = sub.add_parser(
         "attach",
+        usage="nsbridge attach [OPTIONS] PID|PATH",
         help="give an existing network namespace user-mode networking",
         description="Provide user-mode networking to an existing namespace (as "
         "slirp4netns does for container runtimes) until its process exits.",
@@ -538,7 +540,10 @@ def run_ctl(args: argparse.Namespace) -> int:
         message = {"cmd": args.ctl_command}
     reply = request(args.control, message)
     if not reply.get("ok"):
-        raise UserError(f"{args.ctl_command}: {reply.get('error', 'failed')}")
+        error = str(reply.get("error", "failed"))
+        prefix = f"{args.ctl_command}: "
+        # The daemon already names the request in some errors ("add: ..."); say it once.
+        raise UserError(error if error.startswith(prefix) else prefix + error)
     if getattr(args, "json", False):
         print(json.dumps(reply, indent=2))
     elif args.ctl_command == "list":
@@ -629,6 +634,10 @@ def run_usernet(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        sys.stderr.write(args.usage)
+        raise UserError("run: no command given: put it after --, e.g. nsbridge run -- curl URL "
+                        "(see `nsbridge run --help`)")
     options = _usernet_options(args)
     stops = StopSignals()
     try:

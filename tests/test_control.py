@@ -282,6 +282,17 @@ def test_ctl_duplicate_name_is_an_error_line(daemon: Daemon):
     daemon.assert_healthy()
 
 
+def test_ctl_names_the_request_once(daemon: Daemon):
+    """A bad endpoint in `ctl add` is one line naming `add` once (the daemon's own error
+    already starts with it) and the endpoint."""
+    result = ctl(daemon.control, "add", "web2", "tcp:bad", daemon.target)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith("nsbridge: error: add: ") and "add: add:" not in line, line
+    assert "'tcp:bad'" in line, line
+    daemon.assert_healthy()
+
+
 @pytest.mark.parametrize("with_newline", [False, True], ids=["unterminated", "terminated"])
 def test_line_over_64k_ends_that_client(daemon: Daemon, with_newline: bool):
     """A line longer than MAX_LINE gets an error and the client is closed -- even when

@@ -547,6 +547,8 @@ def test_forward_help() -> None:
     for extra in ("--listen-netns", "--connect-netns", "--connect-timeout"):
         assert extra in out.stdout
     assert "modes (" in out.stdout  # the epilog that explains the combinations
+    # the multi-forward example keeps its line break (a shell continuation, one per line)
+    assert "tcp:127.0.0.1:80,netns=web \\\n" in out.stdout, out.stdout
 
 
 

@@ -302,7 +302,7 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
     (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
     (["--cidr6", "fd00::/125"], "--cidr6 fd00::/125: too small"),
-    ([], "give the command"),
+    ([], "run: no command given"),
 ])
 def test_bad_run_input(host, args, needle):
     """Each bad option: exit 2, one line naming it, before any namespace exists."""
@@ -312,6 +312,8 @@ def test_bad_run_input(host, args, needle):
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+    if not args:  # a missing command also shows how to give one
+        assert result.stderr.splitlines()[0] == "usage: nsbridge run [OPTIONS] -- CMD [ARGS...]"
 
 
 @pytest.mark.parametrize(("target", "needle"), [
