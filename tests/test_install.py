@@ -100,3 +100,31 @@ def test_unprivileged_variant(installed: Path) -> None:
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert DEMO_PASSED in result.stdout, result.stdout
+
+
+def test_man_pages_and_completion_are_installed(installed: Path) -> None:
+    """nsbridge(1) and netns_tcp_bridge(1), generated from the parsers at build time, are
+    linked into share/man and render; every flag `--help` shows is in the page; the bash
+    completion loads and completes the commands."""
+    if shutil.which("man") is None:
+        pytest.skip("man-db is not installed")
+    pages = installed / "share" / "man" / "man1"
+    for page, command in (("nsbridge.1", ["nsbridge", "run"]),
+                          ("netns_tcp_bridge.1", ["netns_tcp_bridge"])):
+        rendered = subprocess.run(["man", "-l", str(pages / page)], capture_output=True,
+                                  text=True, timeout=60, env={**os.environ, "MANWIDTH": "200"})
+        assert rendered.returncode == 0, rendered.stderr
+        helped = subprocess.run([str(installed / "bin" / command[0]), *command[1:], "--help"],
+                                capture_output=True, text=True, timeout=60)
+        flags = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", helped.stdout))
+        assert flags, helped.stdout
+        text = rendered.stdout.replace("\u2010", "-")  # man may hyphenate with U+2010
+        absent = {flag for flag in flags if flag not in text}
+        assert not absent, f"{page} lacks {sorted(absent)}"
+    completion = installed / "share" / "bash-completion" / "completions" / "nsbridge"
+    script = (f"source {completion}; COMP_WORDS=(nsbridge ru); COMP_CWORD=1; "
+              "COMP_LINE='nsbridge ru'; COMP_POINT=${#COMP_LINE}; "
+              "$(complete -p nsbridge | sed 's/.*-F \\([^ ]*\\) .*/\\1/') nsbridge ru nsbridge; "
+              "echo ${COMPREPLY[@]}")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["run"], done.stdout + done.stderr
