@@ -286,6 +286,30 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     assert result.stdout == "hello from the host namespace\n"
 
 
+@pytest.mark.parametrize("relay", ["engine", "auto"])
+def test_ping_without_ping_sockets_says_why(host, relay):
+    """Ping sockets closed (``net.ipv4.ping_group_range`` = "1 0") and no CAP_NET_RAW over
+    the host namespace (nsbridge runs as root of a user namespace of its own, as in the
+    rootless test above; /dev/net/tun is handled the same way): ping fails, and ``-v`` says
+    why and how to fix it at start and in the summary, instead of "nothing denied" alone."""
+    subprocess.run(["ip", "netns", "exec", host, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=1 0"], check=True)
+    result = subprocess.run(
+        ["ip", "netns", "exec", host, "unshare", "-U", "-r", "--", sys.executable, "-m",
+         "nsbridge", "run", "-v", f"--relay={relay}", "--", "ping", "-c", "1", "-W", "3",
+         "192.0.2.1"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0, result.stdout  # no reply
+    start = [line for line in result.stderr.splitlines()
+             if "ping from the namespace cannot work" in line]
+    assert len(start) == 1 and "net.ipv4.ping_group_range" in start[0], result.stderr
+    assert "0 2147483647" in start[0], start
+    summary = [line for line in result.stderr.splitlines() if "echo requests refused x" in line]
+    assert len(summary) == 1 and "ping_group_range" in summary[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["-p", "80"], "-p '80'"),
     (["-p", "8080:99999"], "namespace port"),

@@ -1034,3 +1034,30 @@ def _resolver_sockaddr(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
         raise ValueError(f"resolver {host!r} is not an IP address") from None
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, sockaddr
+
+
+PING_SYSCTL = "net.ipv4.ping_group_range"
+
+
+def ping_unavailable() -> str | None:
+    """Why ping from the namespace cannot work at all here (None if it can).
+
+    The engine dials echo requests through ping sockets, or raw sockets where it may
+    (CAP_NET_RAW); with neither every request is answered "administratively prohibited",
+    which ``ping`` shows as "Packet filtered" although no rule denied anything.  This says
+    so, with the sysctl that lets ping sockets through, for the start-up log and the
+    summary."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW):
+        try:
+            socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP).close()
+        except OSError:
+            continue
+        return None
+    try:
+        with open(f"/proc/sys/{PING_SYSCTL.replace('.', '/')}") as f:
+            allowed = " ".join(f.read().split())
+    except OSError:
+        allowed = "?"
+    return (f"ping from the namespace cannot work: gid {os.getegid()} may not open ping "
+            f"sockets ({PING_SYSCTL} is {allowed!r}) nor raw ones; "
+            f"sysctl -w {PING_SYSCTL}=\"0 2147483647\" permits ping sockets")

@@ -203,7 +203,7 @@ class Network:
         """Open the engine, the redirector and the published ports (raises UserError).
 
         On failure everything opened so far is released (close() is still safe)."""
-        from .engine import TunEngine
+        from .engine import TunEngine, ping_unavailable
 
         handle, options, bridge = self.handle, self.options, self.bridge
         try:
@@ -212,6 +212,9 @@ class Network:
                                     self.policy.addresses, resolvers,
                                     offloads=handle.offloads)
             self.engine.start()
+            no_ping = ping_unavailable()
+            if no_ping is not None:
+                log.info("%s", no_ping)
             listeners = [_socket(fd) for fd in handle.take_extra()]
             if listeners:
                 from .redirect import TcpRedirector
@@ -502,6 +505,9 @@ def summary(stats: dict[str, Any]) -> str:
                                            for reason, n in denied.most_common()))
     else:
         parts.append("nothing denied")
+    if engine.get("icmp_unavailable"):
+        parts.append(f"echo requests refused x{engine['icmp_unavailable']}: ping sockets are "
+                     "not permitted (sysctl net.ipv4.ping_group_range)")
     return "; ".join(parts)
 
 
