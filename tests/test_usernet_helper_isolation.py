@@ -396,3 +396,35 @@ def test_run_command_keeps_the_callers_cwd_environment_and_fds(tmp_path, monkeyp
             handle.close()
             os.close(out_r)
             os.close(pass_r)
+
+
+# ---- the host namespace's /proc/PID/net (issue 20, item 6) -----------------------------
+
+
+def test_host_sockets_visible_through_proc_net_unless_cmd_has_a_pid_namespace(host):
+    """The README's word on item 6, both halves: the command reads the host namespace's
+    abstract socket names through /proc/<nsbridge>/net/unix, and ``unshare -pf
+    --mount-proc`` (the documented workaround) hides them while passing the exit status."""
+    from conftest import in_netns
+
+    name = f"nsbridge-test-{uuid.uuid4().hex[:12]}"
+
+    def bind() -> object:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind("\0" + name)
+        return sock
+
+    sock = in_netns(host, bind)
+    try:
+        count = f"cat /proc/[0-9]*/net/unix 2>/dev/null | grep -c {name}; exit 4"
+        for prefix, visible in (([], True), (["unshare", "-pf", "--mount-proc"], False)):
+            result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m",
+                                     "nsbridge", "run", "--", *prefix, "sh", "-c", count],
+                                    capture_output=True, text=True, timeout=60, cwd=REPO,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert result.returncode == 4, result.stderr
+            assert (int(result.stdout.strip()) > 0) is visible, (prefix, result.stdout)
+    finally:
+        sock.close()  # type: ignore[attr-defined]
