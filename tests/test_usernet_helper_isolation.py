@@ -19,7 +19,8 @@ until the test stops it, it lists /proc on every pass and tries, on every other 
 scanner's user namespace the way the helpers did before they were confined is found and
 read (environment, root, fds), so the cases above cannot pass for want of trying.
 
-Cases: ``run`` and ``attach``, CLI and API, with and without ``-p``; ``attach`` as root
+Cases: ``run`` and ``attach``, CLI and API, and the API's split form (``HostSide`` +
+``child_setup``), with and without ``-p``; ``attach`` as root
 (the target's user namespace created by root: the kernel then keeps the helper dumpable
 across setns, the worst case) and rootless.  Rootless here means nsbridge runs as root of
 a user namespace of its own (``unshare -U -r``), holding no capability outside it, and
@@ -232,6 +233,16 @@ EMBEDDER = """
         proc = api.run(scanner_argv, publish=publish)
         code = proc.wait(timeout=120)
         proc.close()
+    elif mode == "split":
+        with api.HostSide(publish=publish) as side:
+            fd = side.child_fd()
+            setup = ("import os, sys\\nfrom nsbridge.usernet import api\\n"
+                     "api.child_setup(int(sys.argv[1]))\\nos.execvp(sys.argv[2], sys.argv[2:])")
+            child = subprocess.Popen(["unshare", "-Urn", sys.executable, "-c", setup, str(fd),
+                                      *scanner_argv], pass_fds=(fd,))
+            side.start(pid=child.pid)
+            code = child.wait(timeout=120)
+            side.wait(timeout=20)
     else:
         target = subprocess.Popen(["unshare", "-Urn", *scanner_argv])
         ready = scanner_argv[-1]
@@ -268,6 +279,22 @@ def test_run_api(host, scan, processes, tmp_path, publish):
     scanner = scan.wait_ready(proc, "the embedding program")
     factories = wait_for_factory(scanner) if publish else set()
     finish(scan, proc, log, factories)
+    assert json.loads(log.read_text().strip().splitlines()[-1])["code"] == 0
+    assert private_log.read_text() == "private line\n"
+
+
+@pytest.mark.parametrize("publish", [False, True], ids=["plain", "publish"])
+def test_split_form_api(host, scan, processes, tmp_path, publish):
+    """``api.HostSide(publish=...)`` + ``child_setup`` in the runtime's own child, which
+    then execs the scanner: the factory the host side starts inside is out of reach."""
+    proc, log, private_log = _embedder(tmp_path, scan, "split", publish, host, [])
+    processes.append(proc)
+    scanner = scan.wait_ready(proc, "the embedding program")
+    try:
+        factories = wait_for_factory(scanner) if publish else set()
+        finish(scan, proc, log, factories)
+    finally:
+        scan.stop()
     assert json.loads(log.read_text().strip().splitlines()[-1])["code"] == 0
     assert private_log.read_text() == "private line\n"
 
