@@ -8,6 +8,11 @@ single-threaded process started inside it (through SandboxHandle.make_fds, once)
 answers "N sockets of family F, type T" over a SOCK_SEQPACKET socketpair with SCM_RIGHTS.
 It exits when the host side closes its end, so nothing outlives the sandbox.
 
+It lives among the sandbox's processes, so it is confined (:mod:`nsbridge.usernet.confine`):
+non-dumpable, so the sandbox's root can neither ptrace it nor open its ``/proc/PID/root``,
+``environ``, ``mem`` or fds, nor copy an fd with ``pidfd_getfd``; it holds only its
+channel; its environment is empty and its root is an empty read-only tmpfs.
+
 The factory lives in the sandbox's user namespace, so the sandboxed program may kill or
 stop it.  Its answers come back on the event loop thread, so every request has a
 deadline: a factory that is gone or does not answer within ``_REPLY_TIMEOUT`` is given up
@@ -27,6 +32,8 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
+
+from . import confine
 
 T = TypeVar("T")
 
@@ -98,14 +105,23 @@ class ProcessFactory:
 
 
 def _start_server() -> list[int]:
-    """Runs inside the namespace (in a make_fds helper): fork the long-lived server."""
+    """Runs inside the namespace (in a make_fds helper): fork the long-lived server.
+
+    The helper is already confined (non-dumpable, only its own fds, an empty environment;
+    see :mod:`nsbridge.usernet.confine`); non-dumpability is asserted again here because
+    the server lives on among the namespace's processes.  It also leaves the host's file
+    system (an empty read-only root in a mount namespace of its own) and keeps only its
+    channel and /dev/null on 0-2.
+    """
+    confine.make_non_dumpable()
+    confine.empty_root()
     host_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         try:
             os.setsid()  # not in the caller's process group: Ctrl-C is the host's business
             os.dup2(server_end.fileno(), 3)
-            os.closerange(4, 1 << 16)
+            confine.close_fds_except({0, 1, 2, 3})
             _serve(socket.socket(fileno=3))
         finally:
             os._exit(0)

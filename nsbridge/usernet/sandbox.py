@@ -8,6 +8,14 @@ is multithreaded (socket-factory threads, workers), so every namespace operation
 in a **forked, single-threaded helper** that sends the resulting file descriptors back over
 a ``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS`` (:func:`socket.send_fds`).
 
+Every helper is confined first thing after the fork (:func:`_fork`, through
+:mod:`nsbridge.usernet.confine`): non-dumpable before it enters any namespace, only the
+fds it needs, an empty environment, ``/`` as cwd — because inside, it shares a user
+namespace with the program it serves, whose root would otherwise reach its memory, fds
+and the host's file system through ptrace, ``pidfd_getfd`` and ``/proc/PID/*``.  The
+callbacks run in a helper (``extra``, :meth:`SandboxHandle.make_fds`) therefore see none
+of the caller's fds and an empty ``os.environ``: they create what they return.
+
 ``run`` (:meth:`Sandbox.create`), in the helper, in this order and why:
 
 1. ``unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)`` in one call: the new user
@@ -15,15 +23,18 @@ a ``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS`` (:func:`socket.send_fds`).
    CAP_NET_ADMIN/CAP_SYS_ADMIN over them without any privilege outside.
 2. uid/gid maps (``setgroups`` = ``deny`` first, as the kernel requires of a process
    writing its own maps), so the caller is root inside and files it creates belong to it
-   outside.
+   outside.  Then non-dumpable (not before: /proc/self of a non-dumpable process belongs
+   to root, and an unprivileged caller could not open its own maps).
 3. mounts: ``/`` made recursively private (nothing we mount can propagate back out), then
    our resolv.conf bind-mounted over ``/etc/resolv.conf``.
 4. ``/dev/net/tun`` opened *after* entering the network namespace (the kernel places the
    device in the namespace current at ``open()``), TUNSETIFF, vnet header, offloads.
 5. netlink (pyroute2): ``lo`` up, MTU, addresses (IPv6 ``nodad``), link up, default routes.
 6. the caller's ``extra`` callback (e.g. sockets that must be created in the namespace).
-7. one message: a JSON header + the fds; then it waits for "go" and execs CMD, so CMD's pid
-   is the helper's pid and its exit status is the helper's.
+7. one message: a JSON header + the fds; then it waits for "go" and execs CMD (in the
+   caller's working directory, with the caller's environment or ``env``, both taken
+   before the fork), so CMD's pid is the helper's pid and its exit status is the
+   helper's.  The exec makes it dumpable again: it is CMD now.
 
 Errors travel back as a JSON ``{"error": ...}`` message on the same socket and become a
 :class:`SandboxError` (a :class:`~nsbridge.errors.UserError`) in the parent.  A helper
@@ -54,7 +65,7 @@ from typing import NoReturn
 from ..dependencies import require_pyroute2
 from ..errors import UserError, describe_oserror
 from ..netns import CLONE_NEWNET, Netns, setns, unshare
-from . import netconf
+from . import confine, netconf
 from .netconf import NetConfig, SetupError
 
 CLONE_NEWNS = 0x00020000
@@ -307,9 +318,19 @@ class Sandbox:
             resolv = os.path.join(tmpdir, "resolv.conf")
             with open(os.open(resolv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
                 f.write(config.resolv_conf())
-            helper, sock = _fork(
-                lambda s: _run_child(s, argv, config, resolv, extra, stdio, tuple(pass_fds), env)
-            )
+            # CMD's environment and working directory are taken now: the helper sheds
+            # both before it does anything else (see confine.harden).
+            exec_env = dict(os.environ) if env is None else dict(env)
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                keep = {0, 1, 2, cwd, *(fd for fd in stdio if fd is not None), *pass_fds}
+                helper, sock = _fork(
+                    lambda s: _run_child(s, argv, config, resolv, extra, stdio,
+                                         tuple(pass_fds), exec_env, cwd),
+                    keep=keep, dumpable=True,
+                )
+            finally:
+                os.close(cwd)
             try:
                 reply, fds = _receive(sock, helper, timeout, "creating the namespace")
             except BaseException:
@@ -417,8 +438,18 @@ class _Helper:
         return self.status
 
 
-def _fork(child_main: Callable[[socket.socket], None]) -> tuple[_Helper, socket.socket]:
-    """Fork a helper running ``child_main(sock)``; it never returns into our stack."""
+def _fork(
+    child_main: Callable[[socket.socket], None],
+    keep: Iterable[int] = (),
+    dumpable: bool = False,
+) -> tuple[_Helper, socket.socket]:
+    """Fork a helper running ``child_main(sock)``; it never returns into our stack.
+
+    Every helper is forked here and confined here, before ``child_main`` runs: non-dumpable
+    (unless ``dumpable``: ``run``'s helper, which turns it off itself once its id maps are
+    written), holding only ``sock`` and the fds in ``keep``, with an empty environment and
+    ``/`` as working directory (see :mod:`nsbridge.usernet.confine`).
+    """
     with _fork_lock:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -431,7 +462,13 @@ def _fork(child_main: Callable[[socket.socket], None]) -> tuple[_Helper, socket.
             ) from None
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                parent_sock.close()
+                try:
+                    confine.harden({child_sock.fileno(), *keep}, dumpable=dumpable)
+                except BaseException as exc:
+                    _send_error(child_sock, str(exc) if isinstance(exc, SetupError) else
+                                f"cannot confine the namespace helper: "
+                                f"{type(exc).__name__}: {exc}")
+                    os._exit(1)
                 child_main(child_sock)
             finally:
                 os._exit(1)
@@ -494,7 +531,8 @@ def _in_helper(
     """Fork a helper that enters ``userns`` (if given) and ``netns``, runs ``work`` there
     and sends back its fds; reap it.  Returns (header, fds)."""
     _preload()
-    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work))
+    keep = [netns.fd] if userns is None else [netns.fd, userns]
+    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work), keep=keep)
     try:
         reply, fds = _receive(sock, helper, timeout, doing, fixed)
     except BaseException:
@@ -641,14 +679,21 @@ def _run_child(
     extra: ExtraFds | None,
     stdio: tuple[int | None, ...],
     pass_fds: tuple[int, ...],
-    env: dict[str, str] | None,
+    env: dict[str, str],
+    cwd: int,
 ) -> NoReturn:
-    """The ``run`` helper: new namespaces, setup, report, then become CMD."""
+    """The ``run`` helper: new namespaces, setup, report, then become CMD.
+
+    Forked dumpable (see :func:`_fork`): it becomes non-dumpable as soon as its id maps
+    are written, before anything else happens in the new namespaces, and stays so until
+    the exec that makes it CMD.
+    """
     try:
         uid, gid = os.geteuid(), os.getegid()
         try:
             _unshare_all()
             _map_ids(uid, gid)
+            confine.make_non_dumpable()
             warnings = _setup_mounts(resolv, config)
             header, fds = _configure_here(config, extra)
         except SetupError as exc:
@@ -659,6 +704,7 @@ def _run_child(
         _close_all(fds)  # the parent has its own copies; CMD must not hold the tun
         if argv is None or not sock.recv(16):
             os._exit(0)  # no command, or the parent gave up (closed the socket)
+        os.fchdir(cwd)  # the caller's working directory, for CMD
         _exec(sock, argv, stdio, pass_fds, env)
     except BaseException as exc:
         _send_error(sock, f"unexpected error in the namespace helper: {type(exc).__name__}: {exc}")
@@ -887,7 +933,7 @@ def _exec(
     argv: list[str],
     stdio: tuple[int | None, ...],
     pass_fds: tuple[int, ...],
-    env: dict[str, str] | None,
+    env: dict[str, str],
 ) -> NoReturn:
     """Become CMD.  ``sock`` is close-on-exec: EOF tells the parent CMD started."""
     moved = [None if fd is None else os.dup(fd) for fd in stdio]  # dup first: no clobbering
@@ -897,28 +943,14 @@ def _exec(
             os.close(fd)
     for fd in pass_fds:
         os.set_inheritable(fd, True)
-    _close_fds_except({0, 1, 2, sock.fileno(), *pass_fds})
+    confine.close_fds_except({0, 1, 2, sock.fileno(), *pass_fds})
     # Python ignores SIGPIPE and SIGXFSZ; a fresh program expects the defaults, and a
     # signal mask inherited from a namespace thread must not follow CMD either.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
-        if env is None:
-            os.execvp(argv[0], argv)
-        else:
-            os.execvpe(argv[0], argv, env)
+        os.execvpe(argv[0], argv, env)  # searches env's PATH, as execvp searched ours
     except OSError as exc:
         _send_error(sock, f"cannot run {argv[0]!r}: {describe_oserror(exc)}")
     os._exit(127)
-
-
-def _close_fds_except(keep: set[int]) -> None:
-    """Close every fd not in ``keep`` (listing /proc is cheap even with a huge fd limit)."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the listing's own directory fd, already gone
