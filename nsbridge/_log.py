@@ -18,6 +18,26 @@ WARNING = 30
 ERROR = 40
 
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Log(Protocol):
+        """What the relay modules may call on ``log``: both :class:`logging.Logger` and the
+        stand-in provide it, so the type checker rejects a call the stand-in could not serve."""
+
+        def isEnabledFor(self, level: int) -> bool: ...
+        def debug(self, msg: str, *args: object) -> None: ...
+        def info(self, msg: str, *args: object) -> None: ...
+        def warning(self, msg: str, *args: object) -> None: ...
+        def error(self, msg: str, *args: object) -> None: ...
+        def exception(self, msg: str, *args: object) -> None: ...
+
+
+# Declared, not assigned: the first ``from ._log import log`` goes through __getattr__.
+log: Log
+
+
 class StderrLog:
     """Just enough of :class:`logging.Logger` for the relay: level check and %-messages."""
 
@@ -58,10 +78,11 @@ class StderrLog:
 
 def use_stderr(level: int) -> None:
     """Make ``log`` a :class:`StderrLog` (worker processes, before importing the relay)."""
-    globals()["log"] = StderrLog(level)
+    global log
+    log = StderrLog(level)  # a typed assignment, so mypy checks StderrLog against Log
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Log:
     """``log`` is looked up on first import: the real logger unless use_stderr() ran."""
     if name == "log":
         import logging

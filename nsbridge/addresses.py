@@ -48,8 +48,7 @@ class _Frozen:
 class HostPort(_Frozen):
     """A parsed but unresolved ``HOST:PORT``."""
 
-    __slots__ = ("host", "port")
-    _fields = __match_args__ = __slots__
+    __slots__ = _fields = __match_args__ = ("host", "port")
     host: str
     port: int
 
@@ -91,8 +90,7 @@ class UnixAddress(_Frozen):
 class ResolvedAddress(_Frozen):
     """A concrete socket address: what socket(), bind() and connect() take."""
 
-    __slots__ = ("family", "sockaddr")
-    _fields = __match_args__ = __slots__
+    __slots__ = _fields = __match_args__ = ("family", "sockaddr")
     family: int
     sockaddr: tuple | str | bytes
 

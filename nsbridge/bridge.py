@@ -31,9 +31,11 @@ from .relay.tcp import CopyMover, Mover, SplicePipeMover
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
 if TYPE_CHECKING:
-    from typing import Literal
+    from collections.abc import Callable
+    from typing import Literal, TypeVar
 
     MoverName = Literal["splice", "copy"]
+    _T = TypeVar("_T")
 else:
     MoverName = str
 
@@ -137,11 +139,11 @@ class Bridge:
         self._thread.start()
         return self._thread
 
-    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+    def call(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)`` on the loop thread and wait for its result."""
         from concurrent.futures import Future
 
-        result: Future = Future()
+        result: Future[_T] = Future()
 
         def run() -> None:
             try:

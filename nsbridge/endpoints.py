@@ -104,7 +104,9 @@ def parse_endpoint(text: str, *, role: str) -> Endpoint:
 def _split_options(rest: str) -> list[str]:
     """Split at commas that are not inside [...] (IPv6 literals never contain commas,
     but keep the rule simple and explicit)."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in rest:
         if ch == "[":
             depth += 1
@@ -219,6 +221,7 @@ def build_spec(listen: Endpoint, connect: Endpoint, *, name: str = "",
 def _listen_side(ep: Endpoint) -> ListenSide:
     what = f"listen endpoint {ep.text!r}:"
     if ep.kind == "fd":
+        assert isinstance(ep.address, int)  # what _parse_address makes of fd:N
         return ListenSocket(adopt_listening_fd(ep.address, what, allow_udp=True), ep.text)
     if ep.kind == "systemd":
         from .systemd import fds_named, listen_fds
@@ -236,6 +239,7 @@ def _listen_side(ep: Endpoint) -> ListenSide:
 def _connect_side(ep: Endpoint) -> ConnectSide:
     what = f"connect endpoint {ep.text!r}:"
     if ep.kind == "fd":
+        assert isinstance(ep.address, int)  # what _parse_address makes of fd:N
         return Preconnected(adopt_connected_fd(ep.address, what))
     assert isinstance(ep.address, (HostPort, UnixAddress))
     return ConnectAddress(ep.address, Netns.from_spec(ep.netns) if ep.netns else None,

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 
 from ._log import INFO, log
-from .addresses import ResolvedAddress, format_sockaddr, resolve
+from .addresses import ResolvedAddress, UnixAddress, format_sockaddr, resolve
 from .factory import SocketFactory
 from .relay.loop import IN, EventLoop
 from .relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
@@ -139,7 +139,7 @@ class Forward:
             )
             if listen.protocol == UDP:
                 self.listener = open_udp_socket(self.listen_factory, where, what="listen")
-            elif where.family == socket.AF_UNIX:
+            elif isinstance(listen.address, UnixAddress):  # resolved to AF_UNIX
                 self.listener = open_unix_listener(self.listen_factory, listen.address,
                                                    mode=listen.mode, owner=listen.owner)
                 if isinstance(where.sockaddr, str):

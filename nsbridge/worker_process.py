@@ -101,7 +101,9 @@ def release_free_heap() -> None:
 
 def worker_main(argv: list[str]) -> int:
     """Entry point of a worker process (see Supervisor._spawn and WORKER_BOOT)."""
-    channel_fd, index, mover, pipe_size, drain, _level = argv
+    channel_fd, index, mover_arg, pipe_size, drain, _level = argv
+    # As make_mover reads a name: "copy", or else splice.
+    mover: MoverName = "copy" if mover_arg == "copy" else "splice"
     channel = socket.socket(fileno=int(channel_fd))
     release_free_heap()
     try:

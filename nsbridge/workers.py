@@ -289,9 +289,9 @@ class Supervisor:
         return self.exit_code
 
     def _watch_listener(self, forward_id: int, forward: Forward) -> None:
-        if self._hands_off(forward_id, forward):
-            self.loop.add(forward.listener.fileno(), IN,
-                          lambda _e, i=forward_id: self._accept(i))
+        listener = self._handed_off_listener(forward_id, forward)
+        if listener is not None:
+            self.loop.add(listener.fileno(), IN, lambda _e: self._accept(forward_id))
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Close the listeners and pass the signal on; return once every worker exited."""
@@ -311,10 +311,12 @@ class Supervisor:
         if not self.workers:
             self.loop.stop()
 
-    def _hands_off(self, forward_id: int, forward: Forward) -> bool:
-        """Whether the supervisor accepts this forward's clients (and polls its listener)."""
-        return (forward.spec.protocol != UDP and forward.listener is not None
-                and forward_id not in self._own_listeners)
+    def _handed_off_listener(self, forward_id: int, forward: Forward) -> socket.socket | None:
+        """The listener the supervisor polls and accepts this forward's clients from, or
+        None if it does not (UDP, no listener, or workers with listeners of their own)."""
+        if forward.spec.protocol == UDP or forward_id in self._own_listeners:
+            return None
+        return forward.listener
 
     def _close_own_listeners(self, forward_id: int) -> None:
         """Stop a reuseport forward's worker listeners now, and close our copies.
@@ -367,8 +369,8 @@ class Supervisor:
         pidfd = os.pidfd_open(pid)
         worker = Worker(index, pid, pidfd, parent_end, time.monotonic())
         self.workers[index] = worker
-        self.loop.add(pidfd, IN, lambda _e, w=worker: self._reap(w))
-        self.loop.add(parent_end.fileno(), IN, lambda e, w=worker: self._on_channel(w, e))
+        self.loop.add(pidfd, IN, lambda _e: self._reap(worker))
+        self.loop.add(parent_end.fileno(), IN, lambda e: self._on_channel(worker, e))
         for forward_id, forward in self.forwards.items():
             self._send_forward(worker, forward_id, forward)
         log.debug("worker %d started (pid %d)", index, pid)
@@ -538,8 +540,9 @@ class Supervisor:
         self._paused = paused
         mask = 0 if paused else IN
         for forward_id, forward in self.forwards.items():
-            if self._hands_off(forward_id, forward):
-                self.loop.modify(forward.listener.fileno(), mask)
+            listener = self._handed_off_listener(forward_id, forward)
+            if listener is not None:
+                self.loop.modify(listener.fileno(), mask)
         if paused:
             log.debug("workers are busy: accepting paused")
 

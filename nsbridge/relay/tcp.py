@@ -316,7 +316,7 @@ class TcpSession:
 
     # ---- phase 1: connecting -----------------------------------------------------
 
-    def connect(self, sockaddr: tuple, timeout: float | None) -> None:
+    def connect(self, sockaddr: tuple | str | bytes, timeout: float | None) -> None:
         """Start a non-blocking connect of the server socket, then relay."""
         if not self._server_name:
             self._server_name = sockaddr if isinstance(sockaddr, tuple | bytes) else str(sockaddr)

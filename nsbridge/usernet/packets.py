@@ -41,7 +41,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, final
 
 # ---- constants ----------------------------------------------------------------------
 
@@ -83,6 +83,7 @@ TCP_ECE = 0x40
 TCP_CWR = 0x80
 
 UnreachableKind = Literal["port", "host", "net", "admin"]
+ICMPErrorKind = Literal["unreachable", "time-exceeded", "too-big"]
 
 # ICMP codes per kind: (IPv4 type-3 code, ICMPv6 type-1 code).
 _UNREACH_CODES: dict[str, tuple[int, int]] = {
@@ -287,7 +288,7 @@ class ICMPError:
     (ICMPv6 type 2, ICMPv4 type 3 code 4) and 0 otherwise.
     """
 
-    kind: Literal["unreachable", "time-exceeded", "too-big"]
+    kind: ICMPErrorKind
     type: int
     code: int
     mtu: int
@@ -313,6 +314,7 @@ class TCP:
 L4 = UDP | ICMPEcho | ICMPError | TCP
 
 
+@final  # the engine tells results apart by exact type (type(r) is Parsed), for speed
 @dataclass(slots=True)
 class Parsed:
     """A frame that passed every check.  ``frame``/``ip_offset`` locate the IP packet."""
@@ -567,7 +569,7 @@ def _parse_icmpv4(segment: bytes, ip: IPHeader, verify: bool) -> L4:
         return ICMPEcho(icmp_type == ICMP_ECHO_REPLY, word1, word2, segment[8:])
     if icmp_type == ICMP_DEST_UNREACH:
         too_big = code == 4
-        kind = "too-big" if too_big else "unreachable"
+        kind: ICMPErrorKind = "too-big" if too_big else "unreachable"
         return ICMPError(kind, icmp_type, code, word2 if too_big else 0, segment[8:])
     if icmp_type == ICMP_TIME_EXCEEDED:
         return ICMPError("time-exceeded", icmp_type, code, 0, segment[8:])
