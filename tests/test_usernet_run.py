@@ -302,6 +302,15 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
     (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
     (["--cidr6", "fd00::/125"], "--cidr6 fd00::/125: too small"),
+    (["--deny", "*/8"], "--deny */8: '*' stands alone for every address of both families"),
+    (["--allow", "tcp:[*]:443"], "--allow tcp:[*]:443: '*' stands alone"),
+    (["--nat64-prefix", "64:ff9b:1::/80"], "--nat64-prefix 64:ff9b:1::/80: a NAT64 prefix is "
+                                           "/32, /40, /48, /56, /64 or /96 (RFC 6052), not /80"),
+    (["--nat64-prefix", "64:ff9b:1::"], "--nat64-prefix 64:ff9b:1::: give the prefix with its "
+                                        "length"),
+    (["--nat64-prefix", "10.64.0.0/16"], "--nat64-prefix 10.64.0.0/16: not an IPv6 prefix"),
+    (["--nat64-prefix", "64:ff9b:1:0:100::/96"], "bits 64-71 of a /96 NAT64 prefix must be "
+                                                  "zero"),
     ([], "give the command"),
 ])
 def test_bad_run_input(host, args, needle):
