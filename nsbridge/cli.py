@@ -548,7 +548,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 USERNET_EPILOG = """\
 addresses inside (change with --cidr/--cidr6): 10.0.2.100/24 and fd00::100/64; gateway
 (the host) 10.0.2.2 / fd00::2; DNS 10.0.2.3 / fd00::3.  The host's own loopback is
-reachable through the gateway address only with --allow-host-loopback.
+reachable through the gateway address only with --allow-host-loopback; a rule on either
+family's gateway or loopback address (--deny tcp:127.0.0.1:22) holds for both.
 
 policy rules (--allow/--deny, repeatable; deny wins): [tcp|udp|icmp:]NETWORK[:PORT[-PORT]]
   NETWORK is one family's (192.0.2.0/24, [2001:db8::]/32) or * for both families
