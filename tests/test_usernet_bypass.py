@@ -457,6 +457,7 @@ class Preset:
     allow: tuple[str, ...] = ()
     allow_host_loopback: bool = False
     nat64_prefix: tuple[str, ...] = ()
+    relay: str | None = None  # None: the default (auto: the native relay in run)
 
     def api_options(self, mode: str) -> dict[str, Any]:
         options = {"deny": list(self.deny), "allow": list(self.allow),
@@ -464,6 +465,8 @@ class Preset:
                    "dns": [["127.0.0.1", DNS_PORT]], "tcp": mode}
         if self.nat64_prefix:
             options["nat64_prefix"] = list(self.nat64_prefix)
+        if self.relay is not None:
+            options["relay"] = self.relay
         return options
 
     def cli_args(self, mode: str) -> list[str]:
@@ -471,6 +474,7 @@ class Preset:
         args += [f"--deny={rule}" for rule in self.deny]
         args += [f"--allow={rule}" for rule in self.allow]
         args += [f"--nat64-prefix={prefix}" for prefix in self.nat64_prefix]
+        args += [] if self.relay is None else [f"--relay={self.relay}"]
         return args + (["--allow-host-loopback"] if self.allow_host_loopback else [])
 
 
@@ -494,6 +498,11 @@ PRESETS = {
     "nat64-named": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX, NAT64_PREFIX)),
     # -- a port rule for both families (item 5) --
     "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",)),
+    # -- UDP and ping through the Python engine instead of the native relay --
+    "loopback-on-v4-rule-engine": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}",),
+                                         allow_host_loopback=True, relay="engine"),
+    "nat64-named-engine": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX,),
+                                 relay="engine"),
 }
 
 TCP_REFUSED = ("ECONNRESET", "ECONNREFUSED", "EPIPE")  # redirect: reset; tun: refused
@@ -821,6 +830,15 @@ CASES: list[Case] = [
          {"result": "reply", "data": PROBE.decode()}, dials=True,
          hits=(f"udp [{HOST_V6}]:{DENIED_PORT}",), counters={"engine.udp_flows_total": 1},
          preset="every-family-port"),
+    # the same decisions when the engine, not the native relay, serves UDP and ping
+    Case("udp-gateway-v6-under-v4-loopback-rule-engine", udp(GATEWAY_V6, LO_DENIED_PORT),
+         ADMIN6, DENY_RULE, preset="loopback-on-v4-rule-engine"),
+    Case("udp-local-use-nat64-denied-net-engine", udp("64:ff9b:1::c633:6401", SVC_PORT),
+         ADMIN6, DENY_RULE, preset="nat64-named-engine"),
+    Case("ping-teredo-server-loopback-engine", ping("2001:0:7f00:1::3fff:fefe"), ADMIN6,
+         refused("teredo of a special address"), preset="nat64-named-engine"),
+    Case("udp-siit-metadata-engine", udp("::ffff:0:a9fe:a9fe", 53), ADMIN6,
+         refused("link-local"), preset="nat64-named-engine"),
 ]
 
 

@@ -394,7 +394,7 @@ def _parse_rule_network(text: str, label: str) -> Network | None:
 
 def _star_misused(label: str) -> UserError:
     return UserError(f"{label}: '*' stands alone for every address of both families "
-                     f"(e.g. tcp:*:25); it takes no prefix length or brackets")
+                     "(e.g. tcp:*:25); it takes no prefix length or brackets")
 
 
 def _split_port(text: str, label: str) -> tuple[str, str | None]:
