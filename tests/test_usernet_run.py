@@ -297,11 +297,6 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["--mtu", "abc"], "invalid int value"),
     (["--tcp", "quic"], "invalid choice: 'quic'"),
     (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),
-    (["-p", "70000:80"], "port 70000"),
-    (["--cidr", "10.0.0.0/31"], "--cidr 10.0.0.0/31: too small"),
-    (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
-    (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
-    (["--cidr6", "fd00::/125"], "--cidr6 fd00::/125: too small"),
     (["--deny", "*/8"], "--deny */8: '*' stands alone for every address of both families"),
     (["--allow", "tcp:[*]:443"], "--allow tcp:[*]:443: '*' stands alone"),
     (["--nat64-prefix", "64:ff9b:1::/80"], "--nat64-prefix 64:ff9b:1::/80: a NAT64 prefix is "
@@ -311,6 +306,11 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
     (["--nat64-prefix", "10.64.0.0/16"], "--nat64-prefix 10.64.0.0/16: not an IPv6 prefix"),
     (["--nat64-prefix", "64:ff9b:1:0:100::/96"], "bits 64-71 of a /96 NAT64 prefix must be "
                                                   "zero"),
+    (["-p", "70000:80"], "port 70000"),
+    (["--cidr", "10.0.0.0/31"], "--cidr 10.0.0.0/31: too small"),
+    (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),
+    (["--cidr", "10.0.2.300/24"], "10.0.2.300"),
+    (["--cidr6", "fd00::/125"], "--cidr6 fd00::/125: too small"),
     ([], "give the command"),
 ])
 def test_bad_run_input(host, args, needle):
