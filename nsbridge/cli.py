@@ -565,10 +565,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 USERNET_EPILOG = """\
 addresses inside (change with --cidr/--cidr6): 10.0.2.100/24 and fd00::100/64; gateway
 (the host) 10.0.2.2 / fd00::2; DNS 10.0.2.3 / fd00::3.  The host's own loopback is
-reachable through the gateway address only with --allow-host-loopback.
+reachable through the gateway address only with --allow-host-loopback; a rule on either
+family's gateway or loopback address (--deny tcp:127.0.0.1:22) holds for both.
 
 policy rules (--allow/--deny, repeatable; deny wins): [tcp|udp|icmp:]NETWORK[:PORT[-PORT]]
-  e.g. --deny 192.0.2.0/24  --deny tcp:0.0.0.0/0:25  --allow udp:[2001:db8::]/32:53
+  NETWORK is one family's (192.0.2.0/24, [2001:db8::]/32) or * for both families
+  e.g. --deny 192.0.2.0/24  --deny tcp:*:25  --allow udp:[2001:db8::]/32:53
+IPv6 spellings of IPv4 addresses (NAT64, SIIT, 6to4, Teredo) are decided as both; name
+the host's NAT64 prefix with --nat64-prefix (64:ff9b::/96 is always known).
 
 examples:
   nsbridge run -- curl https://example.org/
@@ -588,6 +592,10 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deny", metavar="RULE", action="append", default=[],
                         help="deny destinations matching RULE; a denied TCP flow is reset, a "
                         "denied UDP/ICMP flow answered with ICMP unreachable")
+    parser.add_argument("--nat64-prefix", metavar="PREFIX", action="append", default=[],
+                        help="a NAT64 prefix the host's translator uses (RFC 6052: /32, /40, "
+                        "/48, /56, /64 or /96; repeatable): its addresses are decided as the "
+                        "IPv4 addresses they embed too")
     parser.add_argument("--tcp", choices=("auto", "redirect", "tun"), default="auto",
                         help="TCP path: redirect = kernel fast path via nftables; tun = "
                         "terminated on the host side from the tun device (Linux 6.9+); "
@@ -626,7 +634,8 @@ def _usernet_options(args: argparse.Namespace) -> object:
     return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
                           allow_host_loopback=args.allow_host_loopback, allow=args.allow,
                           deny=args.deny, tcp=args.tcp, relay=args.relay, dns=dns, mtu=args.mtu,
-                          ipv6=not args.disable_ipv6, cidr=args.cidr, cidr6=args.cidr6)
+                          ipv6=not args.disable_ipv6, cidr=args.cidr, cidr6=args.cidr6,
+                          nat64_prefix=args.nat64_prefix)
 
 
 def run_usernet(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ from nsbridge.usernet.policy import (
     Policy,
     Rule,
     UsernetAddresses,
+    embedded_ipv4,
+    nat64_embedded,
+    parse_nat64_prefix,
 )
 
 LOOP4 = ipaddress.ip_address("127.0.0.1")
@@ -68,6 +71,24 @@ BYPASSES = [
     ("udp", "10.0.2.3", 5353, "dns address: port 53 only"),
     ("tcp", "fd00::3", 853, "dns address: port 53 only"),
     ("icmp", "10.0.2.3", None, "dns address: port 53 only"),
+    # IPv6 spellings of special IPv4 addresses (a translator on the host's path)
+    ("tcp", "::ffff:0:7f00:1", 80, "siit of a special address"),
+    ("tcp", "2002:7f00:1::1", 80, "6to4 of a special address"),
+    ("udp", "2002:e000:fb::1", 5353, "6to4 of a special address"),  # 224.0.0.251
+    ("tcp", "2001:0:c000:201:0:0:80ff:fffe", 80, "teredo of a special address"),  # client
+    ("tcp", "2001:0:7f00:1:0:0:3fff:fefe", 80, "teredo of a special address"),  # server
+    ("icmp", "64:ff9b::ffff:ffff", None, "nat64 of a special address"),
+    # the local-use NAT64 range has no fixed layout: only a named prefix opens it
+    ("tcp", "64:ff9b:1::7f00:1", 80, "nat64 prefix not named"),
+    ("tcp", "64:ff9b:1::c000:201", 80, "nat64 prefix not named"),
+    ("tcp", "64:ff9b:1:c000:2:100::", 80, "nat64 prefix not named"),
+    # ... and of metadata, the DNS address and the namespace network
+    ("tcp", "64:ff9b::a9fe:a9fe", 80, "link-local"),
+    ("tcp", "2002:a9fe:a9fe::1", 80, "link-local"),
+    ("udp", "::ffff:0:a9fe:a9fe", 53, "link-local"),
+    ("tcp", "64:ff9b::a00:203", 53, "namespace network"),
+    ("tcp", "64:ff9b::a00:232", 80, "namespace network"),
+    ("tcp", "2002:a00:264::1", 80, "namespace network"),
 ]
 GATEWAY = {"10.0.2.2": LOOP4, "fd00::2": LOOP6}
 
@@ -338,3 +359,292 @@ def test_addresses_parse_errors(kwargs: dict, message: str) -> None:
         UsernetAddresses.parse(**kwargs)
     assert message in str(caught.value), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# ---- item: IPv6 spellings of IPv4 addresses -----------------------------------------
+
+V4 = ipaddress.IPv4Address
+
+
+@pytest.mark.parametrize(
+    ("prefixlen", "spelled"),
+    [  # RFC 6052 section 2.4's own examples of 192.0.2.33
+        (32, "2001:db8:c000:221::"),
+        (40, "2001:db8:1c0:2:21::"),
+        (48, "2001:db8:122:c000:2:2100::"),
+        (56, "2001:db8:122:3c0:0:221::"),
+        (64, "2001:db8:122:344:c0:2:2100:0"),
+        (96, "2001:db8:122:344::192.0.2.33"),
+    ],
+)
+def test_nat64_embedded_follows_rfc6052(prefixlen: int, spelled: str) -> None:
+    assert nat64_embedded(ipaddress.IPv6Address(spelled), prefixlen) == V4("192.0.2.33")
+
+
+def test_nat64_embedded_refuses_other_lengths() -> None:
+    with pytest.raises(ValueError, match="/80"):
+        nat64_embedded(ipaddress.IPv6Address("2001:db8::"), 80)
+
+
+@pytest.mark.parametrize(
+    ("address", "readings"),
+    [
+        ("::ffff:10.250.0.2", [("ipv4-mapped", "10.250.0.2")]),
+        ("::10.250.0.2", [("ipv4-compatible", "10.250.0.2")]),
+        ("::ffff:0:afa:2", [("siit", "10.250.0.2")]),
+        ("64:ff9b::afa:2", [("nat64", "10.250.0.2")]),
+        ("2002:afa:2::1", [("6to4", "10.250.0.2")]),
+        ("2002:afa:2:ffff:ffff:ffff:ffff:ffff", [("6to4", "10.250.0.2")]),
+        # Teredo: server 192.0.2.1, client 10.250.0.2 (stored inverted)
+        ("2001:0:c000:201:8000:f227:f505:fffd", [("teredo", "192.0.2.1"),
+                                                 ("teredo", "10.250.0.2")]),
+        # none: ordinary addresses, ::/::1, and local-use NAT64 without a named prefix
+        ("2001:db8::1", []),
+        ("::", []),
+        ("::1", []),
+        ("64:ff9b:1::afa:2", []),
+        ("64:ff9b:0:0:1::afa:2", []),  # outside 64:ff9b::/96
+        ("2003::1", []),
+        ("2001:1::1", []),  # not Teredo (2001:0::/32)
+    ],
+)
+def test_embedded_ipv4_every_spelling(address: str, readings: list[tuple[str, str]]) -> None:
+    found = embedded_ipv4(ipaddress.IPv6Address(address))
+    assert [(spelling, str(ip)) for spelling, ip in found] == readings
+
+
+def test_embedded_ipv4_named_prefixes() -> None:
+    prefixes = [ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("2001:db8:64::/96")]
+    got = embedded_ipv4(ipaddress.IPv6Address("64:ff9b:1:afa:0:200::"), prefixes)
+    assert got == (("nat64", V4("10.250.0.2")),)  # /48: bits 48-63 and 72-87
+    got = embedded_ipv4(ipaddress.IPv6Address("2001:db8:64::7f00:1"), prefixes)
+    assert got == (("nat64", V4("127.0.0.1")),)
+    # the well-known prefix is always read, named again or not (no duplicates)
+    got = embedded_ipv4(ipaddress.IPv6Address("64:ff9b::7f00:1"), [ipaddress.IPv6Network(
+        "64:ff9b::/96")])
+    assert got == (("nat64", V4("127.0.0.1")),)
+
+
+DENIED_NET = "10.250.0.0/24"
+# every IPv6 spelling of 10.250.0.2 (in DENIED_NET), with NAT64 prefix 2001:db8:64::/64
+SPELLINGS_OF_DENIED = [
+    "64:ff9b::afa:2",  # NAT64 well-known prefix
+    "::ffff:0:afa:2",  # SIIT
+    "2002:afa:2::1",  # 6to4
+    "2001:0:c000:201:0:0:f505:fffd",  # Teredo client
+    "2001:0:afa:2:0:0:3fff:fefe",  # Teredo server
+    "2001:db8:64:0:a:fa00:200:0",  # the named /64 prefix
+]
+
+
+@pytest.mark.parametrize("dst", SPELLINGS_OF_DENIED)
+@pytest.mark.parametrize("protocol", ["tcp", "udp", "icmp"])
+def test_spellings_of_a_denied_network_are_denied(protocol: str, dst: str) -> None:
+    policy = Policy(rules=[Rule.parse("deny", DENIED_NET)],
+                    nat64_prefixes=[parse_nat64_prefix("2001:db8:64::/64")])
+    assert policy.decide(protocol, dst, 80) == Deny("deny rule")
+
+
+def test_port_rules_hold_for_the_embedded_address() -> None:
+    policy = Policy(rules=[Rule.parse("deny", "tcp:10.250.0.2:25")])
+    assert policy.decide("tcp", "64:ff9b::afa:2", 25) == Deny("deny rule")
+    assert policy.decide("tcp", "2002:afa:2::1", 26) == Allow(
+        ipaddress.ip_address("2002:afa:2::1"), 26)
+    assert policy.decide("udp", "::ffff:0:afa:2", 25) == Allow(
+        ipaddress.ip_address("::ffff:0:afa:2"), 25)
+
+
+def test_allowed_spellings_dial_the_ipv6_address() -> None:
+    """The translator is on the host's path: dial what was asked, not the IPv4 address."""
+    policy = Policy(rules=[Rule.parse("deny", DENIED_NET)])
+    for dst in ("64:ff9b::c000:201", "2002:c000:201::1", "::ffff:0:c000:201"):
+        assert policy.decide("tcp", dst, 443) == Allow(ipaddress.ip_address(dst), 443)
+
+
+def test_deny_rules_on_the_ipv6_spelling_still_hold() -> None:
+    policy = Policy(rules=[Rule.parse("deny", "2002::/16")])
+    assert policy.decide("tcp", "2002:c000:201::1", 443) == Deny("deny rule")
+
+
+def test_nat64_of_the_gateway_is_never_the_host_loopback() -> None:
+    """The host's translator would take 64:ff9b::10.0.2.2 to whatever the host's network
+    has at 10.0.2.2, not to the gateway: denied either way."""
+    assert Policy().decide("tcp", "64:ff9b::a00:202", 80) == Deny("host loopback disabled")
+    on = Policy(allow_host_loopback=True)
+    assert on.decide("tcp", "64:ff9b::a00:202", 80) == Deny("namespace network")
+    assert on.decide("udp", "2002:a00:203::1", 53) == Deny("namespace network")
+    assert on.decide("tcp", "fd00::2", 80) == Allow(LOOP6, 80)
+
+
+def test_allow_lists_need_both_readings() -> None:
+    """At least as strict as both readings: an allow list must allow the IPv6 address
+    and the IPv4 address it embeds."""
+    v4_only = Policy(rules=[Rule.parse("allow", "192.0.2.0/24")])
+    assert v4_only.decide("tcp", "64:ff9b::c000:201", 80) == Deny("not in allow rules")
+    v6_only = Policy(rules=[Rule.parse("allow", "64:ff9b::/96")])
+    assert v6_only.decide("tcp", "64:ff9b::c000:201", 80) == Deny("not in allow rules")
+    both = Policy(rules=[Rule.parse("allow", "192.0.2.0/24"), Rule.parse("allow", "64:ff9b::/96")])
+    assert both.decide("tcp", "64:ff9b::c000:201", 80) == Allow(
+        ipaddress.ip_address("64:ff9b::c000:201"), 80)
+    assert both.decide("tcp", "64:ff9b::c633:6401", 80) == Deny("not in allow rules")
+
+
+def test_metadata_spelling_needs_its_explicit_rule() -> None:
+    broad = Policy(rules=[Rule.parse("allow", "*")])
+    assert broad.decide("tcp", "64:ff9b::a9fe:a9fe", 80) == Deny("link-local")
+    explicit = Policy(rules=[Rule.parse("allow", "tcp:169.254.169.254:80"),
+                             Rule.parse("allow", "64:ff9b::/96")])
+    assert explicit.decide("tcp", "64:ff9b::a9fe:a9fe", 80) == Allow(
+        ipaddress.ip_address("64:ff9b::a9fe:a9fe"), 80)
+    assert explicit.decide("tcp", "64:ff9b::a9fe:a9fe", 81) == Deny("link-local")
+
+
+def test_named_local_use_prefix_opens_it_in_its_own_layout() -> None:
+    policy = Policy(rules=[Rule.parse("deny", DENIED_NET)],
+                    nat64_prefixes=[parse_nat64_prefix("64:ff9b:1::/96")])
+    assert policy.decide("tcp", "64:ff9b:1::afa:2", 80) == Deny("deny rule")
+    assert policy.decide("tcp", "64:ff9b:1::7f00:1", 80) == Deny("nat64 of a special address")
+    assert policy.decide("tcp", "64:ff9b:1::a9fe:a9fe", 80) == Deny("link-local")
+    assert policy.decide("tcp", "64:ff9b:1::c000:201", 80) == Allow(
+        ipaddress.ip_address("64:ff9b:1::c000:201"), 80)
+    # the rest of the local-use range is still unknown
+    assert policy.decide("tcp", "64:ff9b:1:1::c000:201", 80) == Deny("nat64 prefix not named")
+    slash48 = Policy(rules=[Rule.parse("deny", DENIED_NET)],
+                     nat64_prefixes=[parse_nat64_prefix("64:ff9b:1::/48")])
+    assert slash48.decide("tcp", "64:ff9b:1:afa:0:200::", 80) == Deny("deny rule")
+    assert slash48.decide("tcp", "64:ff9b:1:c000:2:100::", 80) == Allow(
+        ipaddress.ip_address("64:ff9b:1:c000:2:100::"), 80)
+    assert slash48.describe() == "host loopback denied; deny 10.250.0.0/24; nat64 prefix " \
+        "64:ff9b:1::/48"
+
+
+@pytest.mark.parametrize("text", ["64:ff9b:1::/96", "2001:db8::/32", "2001:db8:100::/40",
+                                  "64:ff9b:1::/48", "2001:db8:0:100::/56", "2001:db8::/64"])
+def test_parse_nat64_prefix(text: str) -> None:
+    assert str(parse_nat64_prefix(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("64:ff9b:1::", "--nat64-prefix 64:ff9b:1::: give the prefix with its length"),
+        ("64:ff9b:1::/80", "--nat64-prefix 64:ff9b:1::/80: a NAT64 prefix is /32, /40, /48, "
+                           "/56, /64 or /96 (RFC 6052), not /80"),
+        ("64:ff9b::/16", "not a network (host bits set"),
+        ("64:ff9b:1::/129", "prefix length /129 is not 0-128"),
+        ("10.0.0.0/8", "--nat64-prefix 10.0.0.0/8: not an IPv6 prefix"),
+        ("::ffff:0:0/96", "not an IPv6 prefix"),  # IPv4-mapped is read as IPv4
+        ("64:ff9b:1:0:100::/96", "bits 64-71 of a /96 NAT64 prefix must be zero"),
+        ("nat64/96", "--nat64-prefix nat64/96: not a network"),
+        ("", "--nat64-prefix '': give the prefix with its length"),
+    ],
+)
+def test_parse_nat64_prefix_errors(text: str, message: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse_nat64_prefix(text)
+    assert message in str(caught.value), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# ---- item: a rule on the gateway or host loopback covers both families ---------------
+
+
+@pytest.mark.parametrize("text", ["tcp:127.0.0.1:22", "[::1]:22", "10.0.2.2", "fd00::2",
+                                  "127.0.0.0/8", "tcp:10.0.0.0/8:22", "tcp:*:22",
+                                  "[fd00::]/64:22", "::1"])
+@pytest.mark.parametrize("gateway", ["10.0.2.2", "fd00::2"])
+def test_gateway_rules_cover_both_families(text: str, gateway: str) -> None:
+    policy = Policy(allow_host_loopback=True, rules=[Rule.parse("deny", text)])
+    assert policy.decide("tcp", gateway, 22) == Deny("deny rule")
+
+
+def test_gateway_rules_keep_their_ports_and_names() -> None:
+    policy = Policy(allow_host_loopback=True, rules=[Rule.parse("deny", "tcp:127.0.0.1:22"),
+                                                      Rule.parse("deny", "127.0.0.2")])
+    assert policy.decide("tcp", "fd00::2", 80) == Allow(LOOP6, 80)
+    assert policy.decide("udp", "fd00::2", 22) == Allow(LOOP6, 22)
+    assert policy.decide("tcp", "10.0.2.2", 80) == Allow(LOOP4, 80)
+    icmp = Policy(allow_host_loopback=True, rules=[Rule.parse("deny", "icmp:10.0.2.2")])
+    assert icmp.decide("icmp", "fd00::2", None) == Deny("deny rule")
+    assert icmp.decide("tcp", "fd00::2", 22) == Allow(LOOP6, 22)
+
+
+def test_gateway_rules_follow_cidr() -> None:
+    addresses = UsernetAddresses.parse(network="10.0.3.0/24", network6="fd01::/64")
+    moved = Policy(allow_host_loopback=True, addresses=addresses,
+                   rules=[Rule.parse("deny", "10.0.3.2")])
+    assert moved.decide("tcp", "fd01::2", 80) == Deny("deny rule")
+    old = Policy(allow_host_loopback=True, addresses=addresses,
+                 rules=[Rule.parse("deny", "10.0.2.2")])
+    assert old.decide("tcp", "fd01::2", 80) == Allow(LOOP6, 80)
+
+
+# ---- item: rules for both families ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "text", "shown"),
+    [
+        ("deny", "tcp:*:25", "deny tcp:*:25"),
+        ("deny", "*:25", "deny *:25"),
+        ("allow", "udp:*", "allow udp:*"),
+        ("deny", "*", "deny *"),
+        ("deny", "UDP:*:1000-2000", "deny udp:*:1000-2000"),
+    ],
+)
+def test_every_address_rule_parse(action: str, text: str, shown: str) -> None:
+    rule = Rule.parse(action, text)
+    assert str(rule) == shown and rule.network is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("*/8", "deny */8: '*' stands alone for every address of both families"),
+        ("tcp:*/0:25", "'*' stands alone"),
+        ("[*]:25", "deny [*]:25: '*' stands alone"),
+        ("**", "'*' stands alone"),
+        ("10.*", "'*' stands alone"),
+        ("*:0", "port '0' is not 1-65535"),
+        ("icmp:*:7", "deny icmp:*:7: icmp has no ports"),
+        ("tcp:*:", "port '' is not 1-65535"),
+    ],
+)
+def test_every_address_rule_misuse(text: str, message: str) -> None:
+    with pytest.raises(UserError) as caught:
+        Rule.parse("deny", text)
+    assert message in str(caught.value), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_every_address_rule_matches_both_families() -> None:
+    policy = Policy(rules=[Rule.parse("deny", "tcp:*:25")])
+    for dst in ("192.0.2.1", "2001:db8::1", "64:ff9b::c000:201"):
+        assert policy.decide("tcp", dst, 25) == Deny("deny rule"), dst
+        assert policy.decide("udp", dst, 25) == Allow(ipaddress.ip_address(dst), 25), dst
+    assert policy.decide("icmp", "2001:db8::1", None) == Allow(
+        ipaddress.ip_address("2001:db8::1"), 0)
+
+
+def test_single_family_port_rules_warn() -> None:
+    def warnings(*texts: str) -> list[str]:
+        rules = [Rule.parse(text.split(" ")[0], text.split(" ")[1]) for text in texts]
+        return Policy(rules=rules).single_family_port_rules()
+
+    assert warnings("deny tcp:0.0.0.0/0:25") == [
+        "deny tcp:0.0.0.0/0:25 covers IPv4 only: IPv6 flows to those ports are not denied "
+        "by it; write tcp:*:25 for both families"]
+    assert warnings("allow [::]/0:443") == [
+        "allow [::]/0:443 covers IPv6 only: IPv4 flows to those ports are not allowed by "
+        "it; write *:443 for both families"]
+    # the other family covered by a twin, by *, by a wider rule: no warning
+    assert warnings("deny tcp:0.0.0.0/0:25", "deny tcp:[::]/0:25") == []
+    assert warnings("deny tcp:0.0.0.0/0:25", "deny *:20-30") == []
+    assert warnings("deny tcp:0.0.0.0/0:25", "deny ::/0") == []
+    assert warnings("deny tcp:*:25", "deny udp:*") == []
+    # not covered: another protocol, narrower ports, the other action
+    assert len(warnings("deny tcp:0.0.0.0/0:25", "deny udp:[::]/0:25")) == 2
+    assert len(warnings("deny tcp:0.0.0.0/0:20-30", "deny tcp:[::]/0:25")) == 1
+    assert len(warnings("deny tcp:0.0.0.0/0:25", "allow tcp:[::]/0:25")) == 2
+    # rules without ports, and narrower networks, have no twin to look for
+    assert warnings("deny 0.0.0.0/0", "deny tcp:192.0.2.0/24:25") == []

@@ -266,3 +266,18 @@ def test_split_form_host_side_and_child_setup(host, web, tmp_path):
     assert out["stats"]["tcp"]["accepted"] == 1
     assert "exited" in out["early"]
     assert out["leftovers"] == CLEAN
+
+
+def test_options_take_nat64_prefixes_and_every_address_rules():
+    """``nat64_prefix`` takes one prefix or several; bad ones and a misused ``*`` are
+    refused by options() itself, before anything is made."""
+    from nsbridge.errors import UserError
+    from nsbridge.usernet import api
+
+    assert api.options(nat64_prefix="64:ff9b:1::/96").nat64_prefix == ["64:ff9b:1::/96"]
+    assert api.options(nat64_prefix=["64:ff9b:1::/48", "2001:db8:64::/96"],
+                       deny=["tcp:*:25"]).nat64_prefix == ["64:ff9b:1::/48", "2001:db8:64::/96"]
+    with pytest.raises(UserError, match=r"^--nat64-prefix 64:ff9b:1::/100: a NAT64 prefix is"):
+        api.options(nat64_prefix=["64:ff9b:1::/100"])
+    with pytest.raises(UserError, match=r"^--deny \*/0: '\*' stands alone"):
+        api.options(deny=["*/0"])

@@ -389,7 +389,8 @@ def driver_main() -> None:
             stats = proc.stats()
         finally:
             proc.close()
-        print(json.dumps({"code": code, "output": text, "stats": stats}), flush=True)
+        print(json.dumps({"code": code, "output": text, "stats": stats,
+                          "warnings": proc.warnings}), flush=True)
 
 
 if __name__ == "__main__":
@@ -428,6 +429,9 @@ LO_DENIED_PORT = 7004  # loopback service denied by rule even with --allow-host-
 DENIED_PORT = 2525  # denied on every address by a port rule
 DNS_PORT = 5353  # the host resolver, 127.0.0.1
 GATEWAY_V4, GATEWAY_V6, DNS_V4, DNS_V6 = "10.0.2.2", "fd00::2", "10.0.2.3", "fd00::3"
+# NAT64 prefixes a host's translator might use (nothing translates here: the host
+# namespace has no route for them, so an allowed spelling fails at connect)
+NAT64_LOCAL_PREFIX, NAT64_PREFIX = "64:ff9b:1::/96", "2001:db8:64::/96"
 
 TCP_SERVERS = [("127.0.0.1", LO_PORT), ("::1", LO_PORT), (DENIED_V4, SVC_PORT),
                (DENIED_V6, SVC_PORT), (HOST_V4, DENIED_PORT), (HOST_V6, DENIED_PORT),
@@ -452,16 +456,25 @@ class Preset:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     allow_host_loopback: bool = False
+    nat64_prefix: tuple[str, ...] = ()
+    relay: str | None = None  # None: the default (auto: the native relay in run)
 
     def api_options(self, mode: str) -> dict[str, Any]:
-        return {"deny": list(self.deny), "allow": list(self.allow),
-                "allow_host_loopback": self.allow_host_loopback,
-                "dns": [["127.0.0.1", DNS_PORT]], "tcp": mode}
+        options = {"deny": list(self.deny), "allow": list(self.allow),
+                   "allow_host_loopback": self.allow_host_loopback,
+                   "dns": [["127.0.0.1", DNS_PORT]], "tcp": mode}
+        if self.nat64_prefix:
+            options["nat64_prefix"] = list(self.nat64_prefix)
+        if self.relay is not None:
+            options["relay"] = self.relay
+        return options
 
     def cli_args(self, mode: str) -> list[str]:
         args = ["--tcp", mode, "--dns", f"127.0.0.1:{DNS_PORT}"]
         args += [f"--deny={rule}" for rule in self.deny]
         args += [f"--allow={rule}" for rule in self.allow]
+        args += [f"--nat64-prefix={prefix}" for prefix in self.nat64_prefix]
+        args += [] if self.relay is None else [f"--relay={self.relay}"]
         return args + (["--allow-host-loopback"] if self.allow_host_loopback else [])
 
 
@@ -476,6 +489,20 @@ PRESETS = {
                           allow_host_loopback=True),
     # an allow list of one port per family: other ports, and ICMP, are not in it.
     "allow-list": Preset(allow=(f"{HOST_V4}:{OK_PORT}", f"[{HOST_V6}]:{OK_PORT}")),
+    # -- a rule on one family's gateway or loopback holds for both (issue 20, item 2) --
+    "loopback-on-v4-rule": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}",),
+                                  allow_host_loopback=True),
+    "loopback-on-v6-rule": Preset(deny=(f"[::1]:{LO_DENIED_PORT}",), allow_host_loopback=True),
+    "loopback-on-gateway4-denied": Preset(deny=(GATEWAY_V4,), allow_host_loopback=True),
+    # -- IPv6 spellings of IPv4 (item 4): the host's NAT64 prefixes named --
+    "nat64-named": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX, NAT64_PREFIX)),
+    # -- a port rule for both families (item 5) --
+    "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",)),
+    # -- UDP and ping through the Python engine instead of the native relay --
+    "loopback-on-v4-rule-engine": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}",),
+                                         allow_host_loopback=True, relay="engine"),
+    "nat64-named-engine": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX,),
+                                 relay="engine"),
 }
 
 TCP_REFUSED = ("ECONNRESET", "ECONNREFUSED", "EPIPE")  # redirect: reset; tun: refused
@@ -733,6 +760,85 @@ CASES: list[Case] = [
     Case("crafted-icmp-spoofed-dns-source",
          crafted("icmp", HOST_V4, src=DNS_V4, timeout=SHORT), NO_ANSWER,
          counters={"engine.drops.foreign source address": 1}),
+
+    # -- address and port holes (issue 20, items 2, 4, 5) --
+    # A rule on one family's loopback or gateway holds for the other family's gateway:
+    # the [::1] servers would see an IPv6 gateway flow that slipped past an IPv4 rule.
+    Case("tcp-gateway-v6-under-v4-loopback-rule", tcp(GATEWAY_V6, LO_DENIED_PORT), TCP_DENIED,
+         DENY_RULE, preset="loopback-on-v4-rule"),
+    Case("udp-gateway-v6-under-v4-loopback-rule", udp(GATEWAY_V6, LO_DENIED_PORT), ADMIN6,
+         DENY_RULE, preset="loopback-on-v4-rule"),
+    Case("control-tcp-gateway-v6-other-port", tcp(GATEWAY_V6, LO_PORT),
+         {"result": "data", "data": PROBE.decode()}, dials=True, hits=(f"tcp [::1]:{LO_PORT}",),
+         preset="loopback-on-v4-rule"),
+    Case("tcp-gateway-v4-under-v6-loopback-rule", tcp(GATEWAY_V4, LO_DENIED_PORT), TCP_DENIED,
+         DENY_RULE, preset="loopback-on-v6-rule"),
+    Case("udp-gateway-v4-under-v6-loopback-rule", udp(GATEWAY_V4, LO_DENIED_PORT), ADMIN4,
+         DENY_RULE, preset="loopback-on-v6-rule"),
+    Case("tcp-gateway-v6-under-gateway-v4-rule", tcp(GATEWAY_V6, LO_PORT), TCP_DENIED,
+         DENY_RULE, preset="loopback-on-gateway4-denied"),
+    Case("udp-gateway-v6-under-gateway-v4-rule", udp(GATEWAY_V6, LO_PORT), ADMIN6, DENY_RULE,
+         preset="loopback-on-gateway4-denied"),
+    Case("ping-gateway-v6-under-gateway-v4-rule", ping(GATEWAY_V6), ADMIN6, DENY_RULE,
+         preset="loopback-on-gateway4-denied"),
+    # IPv6 spellings of a denied IPv4 network (198.51.100.1): decided as that address
+    Case("tcp-local-use-nat64-unnamed", tcp("64:ff9b:1::c633:6401", SVC_PORT), TCP_DENIED,
+         refused("nat64 prefix not named")),
+    Case("tcp-local-use-nat64-denied-net", tcp("64:ff9b:1::c633:6401", SVC_PORT), TCP_DENIED,
+         DENY_RULE, preset="nat64-named"),
+    Case("udp-local-use-nat64-denied-net", udp("64:ff9b:1::c633:6401", SVC_PORT), ADMIN6,
+         DENY_RULE, preset="nat64-named"),
+    Case("tcp-named-nat64-denied-net", tcp("2001:db8:64::c633:6401", SVC_PORT), TCP_DENIED,
+         DENY_RULE, preset="nat64-named"),
+    Case("tcp-6to4-denied-net", tcp("2002:c633:6401::1", SVC_PORT), TCP_DENIED, DENY_RULE),
+    Case("udp-6to4-denied-net", udp("2002:c633:6401::1", SVC_PORT), ADMIN6, DENY_RULE),
+    Case("tcp-siit-denied-net", tcp("::ffff:0:c633:6401", SVC_PORT), TCP_DENIED, DENY_RULE),
+    Case("ping-siit-denied-net", ping("::ffff:0:c633:6401"), ADMIN6, DENY_RULE),
+    Case("tcp-teredo-client-denied-net", tcp("2001:0:c000:201::39cc:9bfe", SVC_PORT),
+         TCP_DENIED, DENY_RULE),
+    Case("tcp-nat64-denied-net", tcp("64:ff9b::c633:6401", SVC_PORT), TCP_DENIED, DENY_RULE),
+    # ... of 127.0.0.1
+    Case("tcp-local-use-nat64-loopback", tcp("64:ff9b:1::7f00:1", LO_PORT), TCP_DENIED,
+         refused("nat64 of a special address"), preset="nat64-named"),
+    Case("tcp-named-nat64-loopback", tcp("2001:db8:64::7f00:1", LO_PORT), TCP_DENIED,
+         refused("nat64 of a special address"), preset="nat64-named"),
+    Case("tcp-6to4-loopback", tcp("2002:7f00:1::1", LO_PORT), TCP_DENIED,
+         refused("6to4 of a special address")),
+    Case("udp-siit-loopback", udp("::ffff:0:7f00:1", LO_PORT), ADMIN6,
+         refused("siit of a special address")),
+    Case("udp-teredo-client-loopback", udp("2001:0:c000:201::80ff:fffe", LO_PORT), ADMIN6,
+         refused("teredo of a special address")),
+    Case("crafted-tcp-syn-6to4-loopback", crafted("tcp", "2002:7f00:1::1", LO_PORT),
+         {"result": "rst"}, tun_denied="6to4 of a special address"),
+    # ... of 169.254.169.254 (cloud metadata) and of the gateway
+    Case("tcp-nat64-metadata", tcp("64:ff9b::a9fe:a9fe", 80), TCP_DENIED, refused("link-local")),
+    Case("tcp-local-use-nat64-metadata", tcp("64:ff9b:1::a9fe:a9fe", 80), TCP_DENIED,
+         refused("link-local"), preset="nat64-named"),
+    Case("ping-6to4-metadata", ping("2002:a9fe:a9fe::1"), ADMIN6, refused("link-local")),
+    Case("udp-nat64-gateway", udp("64:ff9b::a00:202", LO_PORT), ADMIN6, LOOPBACK_OFF),
+    Case("tcp-nat64-dns-address", tcp("64:ff9b::a00:203", 53), TCP_DENIED,
+         refused("namespace network")),
+    # an allowed spelling is dialed as asked (no translator here: the connect fails)
+    Case("tcp-nat64-allowed-spelling-dials", tcp("64:ff9b::c000:201", OK_PORT), TCP_DENIED,
+         dials=True, counters={"tcp.connect_failed": 1}),
+    # tcp:*:PORT covers both families; UDP to that port still passes (control)
+    Case("tcp-every-family-port-v6", tcp(HOST_V6, DENIED_PORT), TCP_DENIED, DENY_RULE,
+         preset="every-family-port"),
+    Case("tcp-every-family-port-v4", tcp(HOST_V4, DENIED_PORT), TCP_DENIED, DENY_RULE,
+         preset="every-family-port"),
+    Case("control-udp-every-family-port-v6", udp(HOST_V6, DENIED_PORT),
+         {"result": "reply", "data": PROBE.decode()}, dials=True,
+         hits=(f"udp [{HOST_V6}]:{DENIED_PORT}",), counters={"engine.udp_flows_total": 1},
+         preset="every-family-port"),
+    # the same decisions when the engine, not the native relay, serves UDP and ping
+    Case("udp-gateway-v6-under-v4-loopback-rule-engine", udp(GATEWAY_V6, LO_DENIED_PORT),
+         ADMIN6, DENY_RULE, preset="loopback-on-v4-rule-engine"),
+    Case("udp-local-use-nat64-denied-net-engine", udp("64:ff9b:1::c633:6401", SVC_PORT),
+         ADMIN6, DENY_RULE, preset="nat64-named-engine"),
+    Case("ping-teredo-server-loopback-engine", ping("2001:0:7f00:1::3fff:fefe"), ADMIN6,
+         refused("teredo of a special address"), preset="nat64-named-engine"),
+    Case("udp-siit-metadata-engine", udp("::ffff:0:a9fe:a9fe", 53), ADMIN6,
+         refused("link-local"), preset="nat64-named-engine"),
 ]
 
 
@@ -1081,3 +1187,38 @@ def test_bypass_attempt(bypass: Environment, case: Case, mode: str, runner: str)
         check_counters(case, mode, stats)
     else:
         check_log(case, mode, result, log)
+
+
+# ---- start-up warnings (issue 20, item 5) -------------------------------------------------
+
+SINGLE_FAMILY_WARNING = (f"deny tcp:0.0.0.0/0:{DENIED_PORT} covers IPv4 only: IPv6 flows to "
+                         f"those ports are not denied by it; write tcp:*:{DENIED_PORT} for both "
+                         "families")
+
+
+@pytest.mark.parametrize(("deny", "extra", "warned"), [
+    (f"tcp:0.0.0.0/0:{DENIED_PORT}", [], True),
+    (f"tcp:0.0.0.0/0:{DENIED_PORT}", ["--disable-ipv6"], False),  # no IPv6 flow to miss
+    (f"tcp:*:{DENIED_PORT}", [], False),
+])
+def test_single_family_port_rule_warns_at_start(bypass: Environment, deny: str,
+                                                extra: list[str], warned: bool) -> None:
+    """A port rule for one family, with IPv6 on: one warning line pointing at ``*``,
+    on stderr (CLI, without -v) and in ``Process.warnings`` (API)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", bypass.host, sys.executable, "-m", "nsbridge", "run",
+         f"--deny={deny}", "--dns", f"127.0.0.1:{DNS_PORT}", *extra, "--", "true"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "covers IPv" in line]
+    assert lines == ([f"nsbridge: {SINGLE_FAMILY_WARNING}"] if warned else []), done.stderr
+    request = {"command": ["true"], "options": {"deny": [deny], "ipv6": not extra,
+                                                "dns": [["127.0.0.1", DNS_PORT]]}}
+    assert bypass.driver.stdin is not None and bypass.driver.stdout is not None
+    bypass.driver.stdin.write(json.dumps(request) + "\n")
+    bypass.driver.stdin.flush()
+    ready, _, _ = select.select([bypass.driver.stdout], [], [], 60)
+    reply = json.loads(bypass.driver.stdout.readline() if ready else "{}")
+    assert reply.get("code") == 0, (reply, bypass.driver_log.read_text()[-3000:])
+    found = [line for line in reply["warnings"] if "covers IPv" in line]
+    assert found == ([SINGLE_FAMILY_WARNING] if warned else []), reply["warnings"]

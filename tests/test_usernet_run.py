@@ -321,6 +321,15 @@ def test_ping_without_ping_sockets_says_why(host, relay):
     (["--mtu", "abc"], "invalid int value"),
     (["--tcp", "quic"], "invalid choice: 'quic'"),
     (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),
+    (["--deny", "*/8"], "--deny */8: '*' stands alone for every address of both families"),
+    (["--allow", "tcp:[*]:443"], "--allow tcp:[*]:443: '*' stands alone"),
+    (["--nat64-prefix", "64:ff9b:1::/80"], "--nat64-prefix 64:ff9b:1::/80: a NAT64 prefix is "
+                                           "/32, /40, /48, /56, /64 or /96 (RFC 6052), not /80"),
+    (["--nat64-prefix", "64:ff9b:1::"], "--nat64-prefix 64:ff9b:1::: give the prefix with its "
+                                        "length"),
+    (["--nat64-prefix", "10.64.0.0/16"], "--nat64-prefix 10.64.0.0/16: not an IPv6 prefix"),
+    (["--nat64-prefix", "64:ff9b:1:0:100::/96"], "bits 64-71 of a /96 NAT64 prefix must be "
+                                                  "zero"),
     (["-p", "70000:80"], "port 70000"),
     (["--cidr", "10.0.0.0/31"], "--cidr 10.0.0.0/31: too small"),
     (["--cidr", "2001:db8::/64"], "--cidr 2001:db8::/64: not an IPv4 network"),

@@ -60,6 +60,7 @@ from .runner import (
     _config,
     _redirect_setup,
     check_options,
+    option_warnings,
     target_pidfd,
 )
 
@@ -85,13 +86,16 @@ def options(
     ipv6: bool = True,
     cidr: str = "10.0.2.0/24",
     cidr6: str = "fd00::/64",
+    nat64_prefix: str | Iterable[str] = (),
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
     ``publish`` takes docker syntax (``"8080:80"``, ``"127.0.0.1:5353:53/udp"``) or
-    :class:`Publish` objects; ``allow``/``deny`` the CLI's rule syntax; ``dns`` host
-    resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf).  Raises UserError on
-    bad input, before anything is created.
+    :class:`Publish` objects; ``allow``/``deny`` the CLI's rule syntax (``"tcp:*:25"``);
+    ``dns`` host resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf);
+    ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``.  Raises UserError
+    on bad input, before anything is created.  Rule warnings (a port rule naming one
+    family) are logged at start and listed in ``warnings`` of what is returned.
     """
     if tcp not in ("auto", "redirect", "tun"):
         raise UserError(f"tcp={tcp!r}: use 'auto', 'redirect' or 'tun'")
@@ -101,7 +105,8 @@ def options(
         publish=[p if isinstance(p, Publish) else parse_publish(p) for p in publish],
         allow_host_loopback=allow_host_loopback, allow=list(allow), deny=list(deny),
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
-        mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6)
+        mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
+        nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix))
     check_options(opts)  # a typo must not surface after the fork
     return opts
 
@@ -135,8 +140,9 @@ class Process:
 
     @property
     def warnings(self) -> list[str]:
-        """Non-fatal set-up notes (e.g. resolv.conf could not be put in place)."""
-        return list(self._handle.warnings)
+        """Non-fatal set-up notes (e.g. resolv.conf could not be put in place, a port
+        rule that names one address family only)."""
+        return list(self._handle.warnings) + self._network.warnings
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the command; its exit code.  Raises TimeoutError after ``timeout``."""
@@ -214,6 +220,7 @@ def run(
     ipv6: bool = True,
     cidr: str = "10.0.2.0/24",
     cidr6: str = "fd00::/64",
+    nat64_prefix: str | Iterable[str] = (),
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -231,7 +238,7 @@ def run(
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
     opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix)
     handle = _sandbox.Sandbox.create(
         list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
@@ -269,6 +276,11 @@ class Attachment:
         """Wait until the networking ended (the target exited); True if it did."""
         return self._network.join(timeout)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal notes (a port rule that names one address family only)."""
+        return list(self._network.warnings)
+
     def stats(self) -> dict[str, Any]:
         """Same counters as :meth:`Process.stats`."""
         return self._network.stats()
@@ -297,6 +309,7 @@ def attach(
     ipv6: bool = True,
     cidr: str = "10.0.2.0/24",
     cidr6: str = "fd00::/64",
+    nat64_prefix: str | Iterable[str] = (),
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -307,7 +320,7 @@ def attach(
     """
     opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
         handle = _sandbox.Sandbox.attach(target, _config(opts), extra=_redirect_setup(opts),
@@ -367,10 +380,11 @@ class HostSide:
                  deny: Iterable[str] = (), dns: Sequence[tuple[str, int]] | None = None,
                  tcp: str = "auto", mtu: int = 65520, ipv6: bool = True,
                  cidr: str = "10.0.2.0/24", cidr6: str = "fd00::/64",
+                 nat64_prefix: str | Iterable[str] = (),
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self._options = options(publish=publish, allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
-                                cidr=cidr, cidr6=cidr6)
+                                cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix)
         self._config = _config(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -427,6 +441,11 @@ class HostSide:
             self._sock.send(b"ok")
         except OSError:
             pass  # the child is gone already; its pidfd ends the networking
+
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal notes (a port rule that names one address family only)."""
+        return option_warnings(self._options)
 
     @property
     def running(self) -> bool:

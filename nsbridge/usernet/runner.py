@@ -55,6 +55,7 @@ class UsernetOptions:
     ipv6: bool = True
     cidr: str = "10.0.2.0/24"  # the namespace's IPv4 network (slirp4netns's --cidr)
     cidr6: str = "fd00::/64"  # and its IPv6 network
+    nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
 
 
 def _addresses(options: UsernetOptions) -> Any:
@@ -66,12 +67,24 @@ def _addresses(options: UsernetOptions) -> Any:
 
 
 def _policy(options: UsernetOptions) -> Any:
-    from .policy import Policy, Rule
+    from .policy import Policy, Rule, parse_nat64_prefix
 
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
+    prefixes = [parse_nat64_prefix(text) for text in options.nat64_prefix]
     return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules,
-                  addresses=_addresses(options))
+                  addresses=_addresses(options), nat64_prefixes=prefixes)
+
+
+def policy_warnings(options: UsernetOptions, policy: Any) -> list[str]:
+    """Start-up warnings about the rules: a port rule that names one family while IPv6
+    is on (with ``--disable-ipv6`` no IPv6 flow exists for it to miss)."""
+    return list(policy.single_family_port_rules()) if options.ipv6 else []
+
+
+def option_warnings(options: UsernetOptions) -> list[str]:
+    """:func:`policy_warnings` straight from the options (already checked)."""
+    return policy_warnings(options, _policy(options))
 
 
 def check_options(options: UsernetOptions) -> None:
@@ -196,6 +209,7 @@ class Network:
         self._closed = False
         self._final: dict[str, Any] | None = None
         self._on_end: list[Callable[[], None]] = []
+        self.warnings: list[str] = policy_warnings(options, self.policy)
 
     # ---- building -------------------------------------------------------------------
 
@@ -206,6 +220,8 @@ class Network:
         from .engine import TunEngine, ping_unavailable
 
         handle, options, bridge = self.handle, self.options, self.bridge
+        for warning in self.warnings:
+            log.warning("%s", warning)
         try:
             resolvers = _resolvers(options)
             self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
