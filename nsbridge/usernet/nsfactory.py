@@ -36,6 +36,7 @@ from typing import Any, NoReturn, TypeVar
 from . import confine
 
 T = TypeVar("T")
+Socket = socket.socket  # the class below has a method named socket
 
 log = logging.getLogger("nsbridge")
 
@@ -61,13 +62,13 @@ class ProcessFactory:
         (fd,) = handle.make_fds(_start_server)
         return cls(socket.socket(fileno=fd), handle.netns.label)
 
-    def socket(self, family: int, type: int = socket.SOCK_STREAM) -> socket.socket:
+    def socket(self, family: int, type: int = socket.SOCK_STREAM) -> Socket:
         pool = self._pools.setdefault((family, type), deque())
         if not pool:
             pool.extend(self._request(family, type, _BATCH))
         return pool.popleft()
 
-    def _request(self, family: int, type: int, count: int) -> list[socket.socket]:
+    def _request(self, family: int, type: int, count: int) -> list[Socket]:
         if self._broken is not None:
             raise OSError(0, f"socket factory in {self.label}: {self._broken}")
         try:

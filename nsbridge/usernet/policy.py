@@ -250,7 +250,9 @@ class UsernetAddresses:
         ]
         _distinct(four, ("namespace", "gateway", "dns"))
         _distinct(six, ("namespace6", "gateway6", "dns6"))
-        return cls(net4, *four, net6, *six, _parse_mtu(mtu))  # type: ignore[arg-type]
+        # _host returns the network's own family; mypy sees only the union.
+        return cls(net4, four[0], four[1], four[2], net6, six[0], six[1], six[2],  # type: ignore[arg-type]
+                   _parse_mtu(mtu))
 
     def local_addresses(self) -> frozenset[IPAddress]:
         """Addresses the host side answers for (gateway and DNS, both families)."""
@@ -485,7 +487,8 @@ class Policy:
         self.denied: Counter[str] = Counter()
         self.allowed = 0
         a = self.addresses
-        self._gateways = {a.gateway: _LOOPBACK_V4, a.gateway6: _LOOPBACK_V6}
+        self._gateways: dict[IPAddress, IPAddress] = {a.gateway: _LOOPBACK_V4,
+                                                      a.gateway6: _LOOPBACK_V6}
         # every name of the host-loopback service (step 8 of the module docstring)
         self._loopback_names = (a.gateway, a.gateway6, _LOOPBACK_V4, _LOOPBACK_V6)
         self._dns = frozenset((a.dns, a.dns6))

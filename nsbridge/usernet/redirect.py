@@ -45,6 +45,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
@@ -227,7 +228,7 @@ class TcpRedirector:
         self._started = True
         for listener in self.listeners:
             listener.setblocking(False)
-            self.loop.add(listener.fileno(), IN, lambda _ev, s=listener: self._on_listener(s))
+            self.loop.add(listener.fileno(), IN, partial(self._on_listener, listener))
 
     def stop_listening(self) -> None:
         """Close the listeners; relayed connections carry on.  New connections from the
@@ -258,7 +259,7 @@ class TcpRedirector:
 
     # ---- accepting ----------------------------------------------------------------
 
-    def _on_listener(self, listener: socket.socket) -> None:
+    def _on_listener(self, listener: socket.socket, _events: int = 0) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
                 client, _peer = listener.accept()
