@@ -70,8 +70,9 @@ def _policy(options: UsernetOptions) -> Any:
 
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
+    # The resolvers too: deny rules apply to the resolver a DNS query is sent to.
     return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules,
-                  addresses=_addresses(options))
+                  addresses=_addresses(options), resolvers=_resolvers(options))
 
 
 def check_options(options: UsernetOptions) -> None:
@@ -207,7 +208,11 @@ class Network:
 
         handle, options, bridge = self.handle, self.options, self.bridge
         try:
-            resolvers = _resolvers(options)
+            resolvers = self.policy.resolvers
+            if resolvers is None:
+                resolvers = _resolvers(options)
+            for line in self.policy.denied_resolvers():
+                log.warning("%s", line)
             self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
                                     self.policy.addresses, resolvers,
                                     offloads=handle.offloads)
@@ -502,6 +507,10 @@ def summary(stats: dict[str, Any]) -> str:
                                            for reason, n in denied.most_common()))
     else:
         parts.append("nothing denied")
+    refused = Counter(engine.get("dns_refused") or {}) + Counter(tcp.get("dns_refused") or {})
+    if refused:
+        parts.append("DNS refused: " + ", ".join(f"{reason} x{n}"
+                                                for reason, n in refused.most_common()))
     return "; ".join(parts)
 
 
