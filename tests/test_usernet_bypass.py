@@ -3,7 +3,10 @@
 Every case is one attempt a sandboxed program could make to reach what the policy
 forbids: the host's loopback through the gateway (10.0.2.2, fd00::2), 127.0.0.0/8 and
 ::1 and their IPv4-mapped/compatible/NAT64 spellings, the host namespace's own addresses,
-the DNS address on other ports, denied networks and ports, port 0, broadcasts, names
+the DNS address on other ports, DNS messages that are not standard queries (UPDATE,
+NOTIFY, IQUERY, STATUS, zone transfers, extra records, garbage; over UDP and over TCP,
+pipelined and split), a host resolver inside a denied network, denied networks and
+ports, port 0, broadcasts, names
 that resolve to denied addresses, spoofed sources, and hand-made packets written straight
 onto the tun device (an AF_PACKET socket: the sandboxed program is root in its own user
 namespace, so it can send packets its kernel would never build).  For each one:
@@ -13,8 +16,8 @@ namespace, so it can send packets its kernel would never build).  For each one:
 * the host side proves it saw nothing: TCP/UDP servers on every address and port an
   attempt aims at (or could be turned into: 127.0.0.1/::1 behind the gateway, the
   resolver's address), raw ICMP sockets recording every echo request, and the DNS
-  server recording every query — none may see anything but the expected control
-  traffic;
+  server recording every query (over UDP, and over TCP at 127.0.0.1:5353) — none may
+  see anything but the expected control traffic;
 * the denial is counted: the exact ``denied`` counters (by reason) of the run, read
   through ``nsbridge.usernet.api`` (the only interface that exposes the tun engine's
   counters; it drives the very same Sandbox + runner.Network as the CLI), and for TCP
@@ -326,6 +329,96 @@ def redirect_listener_port() -> int | None:
     return None
 
 
+def dns_message(name: str = "dns.bypass.test.", qtype: int = 1, *, opcode: int = 0,
+                flags: int = 0x0100, ident: int = 0x4242, an: int = 0, ar: int = 0,
+                extra: bytes = b"") -> bytes:
+    """A DNS message built by hand (the sandbox side has no dnspython): one question,
+    the counts given, ``extra`` (records, or trailing bytes) after it."""
+    labels = b"".join(bytes([len(part)]) + part.encode()
+                      for part in name.rstrip(".").split(".")) + b"\0"
+    return (struct.pack("!HHHHHH", ident, flags | opcode << 11, 1, an, 0, ar) + labels
+            + struct.pack("!HH", qtype, 1) + extra)
+
+
+def dns_framed(*messages: bytes) -> bytes:
+    """DNS over TCP: each message after its two-byte length."""
+    return b"".join(struct.pack("!H", len(message)) + message for message in messages)
+
+
+def _dns_header(data: bytes) -> dict[str, Any]:
+    ident, flags = struct.unpack_from("!HH", data)
+    return {"id": ident, "qr": flags >> 15, "opcode": (flags >> 11) & 0xF, "rcode": flags & 0xF}
+
+
+def attempt_dns_udp(ip: str, message: bytes, timeout: float) -> dict[str, Any]:
+    """One DNS message to the DNS address over UDP: the answer's header, or the ICMP
+    error the kernel reports, or timeout."""
+    family = _family(ip)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((ip, 53))
+        sock.send(message)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return {"result": "timeout"}
+        except OSError:
+            _data, ancillary, _flags, _addr = sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+            return {"result": "icmp", **_extended_error(ancillary)}
+        if len(data) < 12:
+            return {"result": "short reply"}
+        return {"result": "reply", **_dns_header(data),
+                "question echoed": data[12:] == message[12:12 + len(data) - 12]}
+    finally:
+        sock.close()
+
+
+def attempt_dns_tcp(ip: str, data: bytes, wanted: int, timeout: float,
+                    split: int = 0) -> dict[str, Any]:
+    """DNS over TCP to the DNS address: send ``data`` (framed messages, or garbage) at
+    once, or ``split`` bytes at a time (separate segments: TCP_NODELAY and a pause), then
+    read answers until ``wanted`` came ("answered"), or the connection ends ("eof", a
+    reset), or time runs out; the answers as [id, rcode]."""
+    sock = socket.socket(_family(ip), socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    answers: list[list[int]] = []
+    try:
+        try:
+            sock.connect((ip, 53))
+        except OSError as exc:
+            return {"result": _err(exc), "stage": "connect"}
+        result: dict[str, Any] = {"port": sock.getsockname()[1], "answers": answers}
+        received = b""
+        try:
+            for start in range(0, len(data), split or len(data)):
+                sock.sendall(data[start:start + (split or len(data))])
+                if split:
+                    time.sleep(0.02)
+            while len(answers) < wanted:
+                while len(received) >= 2 and len(received) >= 2 + struct.unpack_from(
+                        "!H", received)[0]:
+                    end = 2 + struct.unpack_from("!H", received)[0]
+                    header = _dns_header(received[2:end])
+                    answers.append([header["id"], header["rcode"]])
+                    received = received[end:]
+                if len(answers) >= wanted:
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return {**result, "result": "eof"}
+                received += chunk
+        except OSError as exc:
+            return {**result, "result": _err(exc), "stage": "exchange"}
+        return {**result, "result": "answered"}
+    finally:
+        sock.close()
+
+
 def attempt(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the attempt ``spec`` describes (see ``Case.attempt``)."""
     kind, timeout = spec["kind"], spec.get("timeout", 3.0)
@@ -358,6 +451,11 @@ def attempt(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "crafted":
         result.update(attempt_crafted(spec["proto"], ip, spec.get("port", 0), timeout,
                                       spec.get("src")))
+    elif kind == "dns-udp":
+        result.update(attempt_dns_udp(ip, bytes.fromhex(spec["hex"]), timeout))
+    elif kind == "dns-tcp":
+        result.update(attempt_dns_tcp(ip, bytes.fromhex(spec["hex"]), spec.get("answers", 1),
+                                      timeout, spec.get("split", 0)))
     else:
         result["result"] = f"unknown attempt kind {kind!r}"
     return result
@@ -442,7 +540,10 @@ NAMES = {
     "gateway.bypass.test.": {"A": GATEWAY_V4, "AAAA": GATEWAY_V6},
     "loopback.bypass.test.": {"A": "127.0.0.1", "AAAA": "::1"},
     "mapped.bypass.test.": {"AAAA": "::ffff:127.0.0.1"},
+    "dns.bypass.test.": {"A": HOST_V4},
 }
+# A second host resolver, inside a denied network (the "dns-resolver-denied" preset).
+DENIED_RESOLVER = (DENIED_V4, DNS_PORT)
 
 
 @dataclass(frozen=True)
@@ -452,14 +553,15 @@ class Preset:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     allow_host_loopback: bool = False
+    dns: tuple[str, int] = ("127.0.0.1", DNS_PORT)  # the host resolver
 
     def api_options(self, mode: str) -> dict[str, Any]:
         return {"deny": list(self.deny), "allow": list(self.allow),
                 "allow_host_loopback": self.allow_host_loopback,
-                "dns": [["127.0.0.1", DNS_PORT]], "tcp": mode}
+                "dns": [list(self.dns)], "tcp": mode}
 
     def cli_args(self, mode: str) -> list[str]:
-        args = ["--tcp", mode, "--dns", f"127.0.0.1:{DNS_PORT}"]
+        args = ["--tcp", mode, "--dns", _shown(self.dns)]
         args += [f"--deny={rule}" for rule in self.deny]
         args += [f"--allow={rule}" for rule in self.allow]
         return args + (["--allow-host-loopback"] if self.allow_host_loopback else [])
@@ -476,6 +578,8 @@ PRESETS = {
                           allow_host_loopback=True),
     # an allow list of one port per family: other ports, and ICMP, are not in it.
     "allow-list": Preset(allow=(f"{HOST_V4}:{OK_PORT}", f"[{HOST_V6}]:{OK_PORT}")),
+    # the only host resolver is in a denied network: the rule holds for DNS too
+    "dns-resolver-denied": Preset(deny=DENIED_NETS, dns=DENIED_RESOLVER),
 }
 
 TCP_REFUSED = ("ECONNRESET", "ECONNREFUSED", "EPIPE")  # redirect: reset; tun: refused
@@ -520,7 +624,7 @@ class Case:
     @property
     def tcp(self) -> bool:
         kind = self.attempt["kind"]
-        return kind in ("tcp", "nft-flush", "redirect-listener") or (
+        return kind in ("tcp", "nft-flush", "redirect-listener", "dns-tcp") or (
             kind == "crafted" and self.attempt["proto"] == "tcp")
 
     def expected_denied(self, mode: str) -> dict[str, int]:
@@ -560,6 +664,41 @@ DNS_ONLY_53 = refused("dns address: port 53 only")
 BROADCAST = refused("broadcast or reserved")
 MAPPED = refused("ipv4-mapped address")
 TCP_DENIED = {"result": TCP_REFUSED}
+
+# DNS: hand-made messages to the DNS address (see dns_message), and what must follow.
+DNS_ID = 0x4242  # dns_message's default id
+DNS_RECORD = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(4)  # A, the question's name
+DNS_OPT = b"\x00" + struct.pack("!HHIHHH", 41, 1232, 0, 12, 10, 8) + bytes(8)  # EDNS, a cookie
+DNS_TCP_HIT = f"tcp 127.0.0.1:{DNS_PORT}"  # the resolver accepted the relayed connection
+TCP_DNS_ENDED = {"result": "eof", "answers": []}  # nothing answered; the connection closed
+
+
+def dns_udp(ip: str, message: bytes) -> dict[str, Any]:
+    return {"kind": "dns-udp", "ip": ip, "hex": message.hex()}
+
+
+def dns_tcp(*messages: bytes, ip: str = DNS_V4, answers: int = 1, raw: bytes | None = None,
+            split: int = 0) -> dict[str, Any]:
+    """DNS over TCP: ``messages`` framed and sent at once (pipelined), or ``raw`` bytes;
+    ``split``: in pieces of that many bytes instead."""
+    data = dns_framed(*messages) if raw is None else raw
+    return {"kind": "dns-tcp", "ip": ip, "hex": data.hex(), "answers": answers, "split": split}
+
+
+def dns_refused(opcode: int, rcode: int) -> dict[str, Any]:
+    """nsbridge's own answer: the query's id, opcode and question, the rcode."""
+    return {"result": "reply", "id": DNS_ID, "qr": 1, "opcode": opcode, "rcode": rcode,
+            "question echoed": True}
+
+
+def udp_dns_refused(reason: str) -> dict[str, int]:
+    return {f"engine.dns_refused.{reason}": 1, "engine.dns_queries": 1}
+
+
+def tcp_dns_refused(reason: str) -> dict[str, Any]:
+    """The connection is allowed (the resolver accepts it) but nothing is relayed."""
+    return {"dials": True, "hits": (DNS_TCP_HIT,),
+            "counters": {f"tcp.dns_refused.{reason}": 1, "tcp.dns_queries": 0}}
 
 CASES: list[Case] = [
     # -- TCP through the gateway, loopback and their spellings --
@@ -733,6 +872,65 @@ CASES: list[Case] = [
     Case("crafted-icmp-spoofed-dns-source",
          crafted("icmp", HOST_V4, src=DNS_V4, timeout=SHORT), NO_ANSWER,
          counters={"engine.drops.foreign source address": 1}),
+    # -- the DNS service relays only standard queries (UDP: answered by nsbridge, never
+    #    relayed; TCP: the first bad message ends what is forwarded; the deny rules hold
+    #    for the resolver actually dialed) --
+    *[Case(f"dns-udp-{name.lower()}", dns_udp(DNS_V4, dns_message(opcode=opcode)),
+           dns_refused(opcode, 4), counters=udp_dns_refused(f"opcode {name}"))
+      for opcode, name in ((5, "UPDATE"), (4, "NOTIFY"), (1, "IQUERY"), (2, "STATUS"))],
+    Case("dns6-udp-update", dns_udp(DNS_V6, dns_message(opcode=5)), dns_refused(5, 4),
+         counters=udp_dns_refused("opcode UPDATE")),
+    Case("dns-udp-axfr", dns_udp(DNS_V4, dns_message(qtype=252)), dns_refused(0, 5),
+         counters=udp_dns_refused("zone transfer")),
+    Case("dns-udp-ixfr", dns_udp(DNS_V4, dns_message(qtype=251)), dns_refused(0, 5),
+         counters=udp_dns_refused("zone transfer")),
+    Case("dns-udp-answer-record", dns_udp(DNS_V4, dns_message(an=1, extra=DNS_RECORD)),
+         dns_refused(0, 1), counters=udp_dns_refused("answer or authority records")),
+    Case("dns-udp-additional-not-opt", dns_udp(DNS_V4, dns_message(ar=1, extra=DNS_RECORD)),
+         dns_refused(0, 1), counters=udp_dns_refused("additional record is not a valid OPT")),
+    Case("dns-udp-trailing-bytes", dns_udp(DNS_V4, dns_message(extra=PROBE)),
+         dns_refused(0, 1), counters=udp_dns_refused("trailing bytes")),
+    Case("dns-udp-resolver-in-denied-net-v4", dns_udp(DNS_V4, dns_message()), ADMIN4,
+         DENY_RULE, preset="dns-resolver-denied"),
+    Case("dns-udp-resolver-in-denied-net-v6", dns_udp(DNS_V6, dns_message()), ADMIN6,
+         DENY_RULE, preset="dns-resolver-denied"),
+    Case("control-dns-udp-edns", dns_udp(DNS_V4, dns_message(ar=1, extra=DNS_OPT)),
+         {"result": "reply", "id": DNS_ID, "rcode": 0}, names=("dns.bypass.test. A",),
+         counters={"engine.dns_queries": 1}),
+    Case("dns-tcp-axfr", dns_tcp(dns_message(qtype=252)), TCP_DNS_ENDED,
+         **tcp_dns_refused("zone transfer")),
+    Case("dns-tcp-update", dns_tcp(dns_message(opcode=5)), TCP_DNS_ENDED,
+         **tcp_dns_refused("opcode UPDATE")),
+    Case("dns6-tcp-notify", dns_tcp(dns_message(opcode=4), ip=DNS_V6), TCP_DNS_ENDED,
+         **tcp_dns_refused("opcode NOTIFY")),
+    Case("dns-tcp-garbage-short-length", dns_tcp(raw=b"\x00\x05hello"), TCP_DNS_ENDED,
+         **tcp_dns_refused("truncated header")),
+    Case("dns-tcp-garbage-response", dns_tcp(b"\xff" * 16), TCP_DNS_ENDED,
+         **tcp_dns_refused("not a query")),
+    Case("dns-tcp-garbage-allow-list", dns_tcp(PROBE), TCP_DNS_ENDED,
+         **tcp_dns_refused("question count is not 1"), preset="allow-list"),
+    Case("dns-tcp-pipelined-good-axfr-good",
+         dns_tcp(dns_message(ident=1), dns_message(ident=2, qtype=252), dns_message(ident=3),
+                 answers=3),
+         {"result": "eof", "answers": [[1, 0]]}, dials=True, hits=(DNS_TCP_HIT,),
+         names=("dns.bypass.test. A",),
+         counters={"tcp.dns_queries": 1, "tcp.dns_refused.zone transfer": 1}),
+    Case("dns-tcp-resolver-in-denied-net", dns_tcp(dns_message()), TCP_DENIED, DENY_RULE,
+         preset="dns-resolver-denied"),
+    Case("control-dns-tcp", dns_tcp(dns_message(), dns_message(ident=7, ar=1, extra=DNS_OPT),
+                                    answers=2),
+         {"result": "answered", "answers": [[DNS_ID, 0], [7, 0]]}, dials=True,
+         hits=(DNS_TCP_HIT,), names=("dns.bypass.test. A",), counters={"tcp.dns_queries": 2}),
+    # messages split across segments (a length prefix cut in two included)
+    Case("control-dns6-tcp-split", dns_tcp(dns_message(), dns_message(ident=8), ip=DNS_V6,
+                                           answers=2, split=5),
+         {"result": "answered", "answers": [[DNS_ID, 0], [8, 0]]}, dials=True,
+         hits=(DNS_TCP_HIT,), names=("dns.bypass.test. A",), counters={"tcp.dns_queries": 2}),
+    Case("dns-tcp-split-good-then-update",
+         dns_tcp(dns_message(), dns_message(ident=9, opcode=5), answers=2, split=7),
+         {"result": "eof", "answers": [[DNS_ID, 0]]}, dials=True, hits=(DNS_TCP_HIT,),
+         names=("dns.bypass.test. A",),
+         counters={"tcp.dns_queries": 1, "tcp.dns_refused.opcode UPDATE": 1}),
 ]
 
 
@@ -776,6 +974,7 @@ class Sentinels:
         self.hits: list[str] = []
         self.queries: list[str] = []
         self.peers: list[str] = []
+        self._streams: dict[socket.socket, bytes] = {}  # DNS over TCP: unparsed bytes
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._settled = threading.Event()
@@ -806,6 +1005,14 @@ class Sentinels:
         resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         resolver.bind(("127.0.0.1", DNS_PORT))
         self._add(resolver, self._on_dns, "dns")
+        denied_resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        denied_resolver.bind(DENIED_RESOLVER)
+        self._add(denied_resolver, self._on_dns, "dns")
+        denied_stream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        denied_stream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        denied_stream.bind(DENIED_RESOLVER)
+        denied_stream.listen(64)
+        self._add(denied_stream, self._on_accept, f"tcp {_shown(DENIED_RESOLVER)}")
         return len(self._sockets)
 
     def _add(self, sock: socket.socket, handler: Any, label: str) -> None:
@@ -834,7 +1041,9 @@ class Sentinels:
         self.hits.append(label)
         self.peers.append(f"{label} from {_shown(peer)}")
         conn.setblocking(False)
-        self._selector.register(conn, selectors.EVENT_READ, (self._on_echo, label))
+        # the resolver's port speaks DNS over TCP; every other server echoes
+        handler = self._on_dns_stream if label.endswith(f":{DNS_PORT}") else self._on_echo
+        self._selector.register(conn, selectors.EVENT_READ, (handler, label))
 
     def _on_echo(self, conn: socket.socket, _label: str) -> None:
         try:
@@ -871,21 +1080,52 @@ class Sentinels:
 
     def _on_dns(self, sock: socket.socket, _label: str) -> None:
         data, peer = sock.recvfrom(65536)
+        reply = self._dns_reply(data)
+        if reply is not None:
+            sock.sendto(reply, peer)
+
+    def _dns_reply(self, data: bytes) -> bytes | None:
+        """Record what the resolver was asked; the answer (None for garbage)."""
         try:
             query = self._dns_message.from_wire(data)
             question = query.question[0]
         except Exception:
             self.queries.append(f"garbage {data[:40]!r}")
-            return
+            return None
         name, rdtype = question.name.to_text(), question.rdtype.name
-        self.queries.append(f"{name} {rdtype}")
+        opcode = query.opcode()
+        self.queries.append(f"{name} {rdtype}" if opcode == 0 else f"opcode {opcode} {name}")
         reply = self._dns_message.make_response(query)
         address = NAMES.get(name, {}).get(rdtype)
         if address is not None:
             reply.answer.append(self._dns_rrset.from_text(name, 60, "IN", rdtype, address))
         elif name not in NAMES:
             reply.set_rcode(3)  # NXDOMAIN
-        sock.sendto(reply.to_wire(), peer)
+        return reply.to_wire()  # type: ignore[no-any-return]
+
+    def _on_dns_stream(self, conn: socket.socket, _label: str) -> None:
+        """DNS over TCP: record and answer each length-prefixed message; whatever else
+        arrives (an incomplete message at the end) is recorded as garbage."""
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buffer = self._streams.get(conn, b"") + data
+        while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack_from("!H", buffer)[0]:
+            end = 2 + struct.unpack_from("!H", buffer)[0]
+            reply = self._dns_reply(buffer[2:end])
+            buffer = buffer[end:]
+            if reply is not None:
+                conn.send(struct.pack("!H", len(reply)) + reply)  # small: always fits
+        self._streams[conn] = buffer
+        if data:
+            return
+        if self._streams.pop(conn):
+            self.queries.append(f"garbage {buffer[:40]!r}")
+        self._selector.unregister(conn)
+        conn.close()
 
     def reset(self) -> None:
         self.hits.clear()
@@ -1044,9 +1284,10 @@ def check_counters(case: Case, mode: str, stats: dict[str, Any]) -> None:
             dialed = (tcp_stats["active"] + tcp_stats["closed"] + tcp_stats["reset"]
                       + tcp_stats["connect_failed"])
             assert dialed == 0, what
-    if case.names:
-        assert engine["dns_answers"] >= len(case.names), what
-    else:
+    if case.names:  # answered over UDP by the engine, or relayed over TCP
+        answered = engine["dns_answers"] + (tcp_stats or {}).get("dns_queries", 0)
+        assert answered >= len(case.names), what
+    elif "engine.dns_queries" not in case.counters:
         assert engine["dns_queries"] == 0, what
 
 
@@ -1081,3 +1322,24 @@ def test_bypass_attempt(bypass: Environment, case: Case, mode: str, runner: str)
         check_counters(case, mode, stats)
     else:
         check_log(case, mode, result, log)
+
+
+def test_dns_refusals_and_denied_resolver_on_the_cli(bypass: Environment) -> None:
+    """``nsbridge run -v`` (the table runs UDP cases through the API only): a refused
+    query gets one log line and a place in the summary; a deny rule covering the
+    resolver is warned about at start and the query is denied like any flow."""
+    bypass.sentinels.reset()
+    update = Case("cli-dns-udp-update", dns_udp(DNS_V4, dns_message(opcode=5)), dns_refused(5, 4))
+    result, _, log = bypass.run_cli(update, "auto")
+    assert _matches(result, update.expect), result
+    assert "-> 10.0.2.3:53 refused: opcode UPDATE" in log, log
+    assert "DNS refused: opcode UPDATE x1" in log and "Traceback" not in log, log
+    denied = Case("cli-dns-resolver-denied", dns_udp(DNS_V4, dns_message()), ADMIN4,
+                  preset="dns-resolver-denied")
+    result, _, log = bypass.run_cli(denied, "auto")
+    assert _matches(result, denied.expect), result
+    assert (f"DNS resolver {_shown(DENIED_RESOLVER)} is covered by a deny rule: DNS over udp "
+            "and tcp is not sent to it") in log, log
+    assert "-> 10.0.2.3:53 denied: deny rule" in log and "denials: deny rule x1" in log, log
+    bypass.sentinels.settle()
+    assert bypass.sentinels.queries == [] and bypass.sentinels.hits == []
