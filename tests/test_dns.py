@@ -6,12 +6,14 @@ of every opcode, section counts, OPT records well and badly formed, zone transfe
 meta types, flags, truncation, trailing bytes and compression pointers; messages built
 by dnspython (what real stubs send) pass.  DNS over TCP (:class:`DnsStream`): messages
 split anywhere, pipelined, a bad one stopping the stream, memory bounded.  And the
-policy's side: deny rules see the resolver a query would be sent to.
+policy's side: deny rules see the resolver a query would be sent to; and the tun engine
+answering what it refuses and asking only the resolvers the rules leave.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import dns.edns
 import dns.flags
@@ -20,12 +22,13 @@ import dns.opcode
 import dns.rcode
 import dns.update
 import pytest
+from conftest import UdpServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nsbridge.usernet import dns as nsdns
 from nsbridge.usernet.dns import DnsQuery, DnsStream, Refused, check_query, refusal
-from nsbridge.usernet.packets import Malformed
+from nsbridge.usernet.packets import Malformed, build_udp
 from nsbridge.usernet.policy import AllowResolver, Deny, Policy, Rule
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -333,3 +336,46 @@ def test_no_resolvers_and_unknown_resolvers() -> None:
     # a rule on the DNS address itself still denies, whatever the resolvers
     assert _policy(["udp:10.0.2.3:53"], [("192.0.2.53", 53)]).decide(
         "udp", "10.0.2.3", 53) == Deny("deny rule")
+
+
+# ---- the tun engine, on a socketpair: refusals answered, covered resolvers skipped -----------
+
+
+def test_engine_answers_refusals_and_skips_a_covered_resolver(
+        netns: str, udp_server: Callable[..., UdpServer]) -> None:
+    from test_usernet_engine import DNS4, NS4, PairEngine
+
+    asked: list[str] = []
+
+    def answer(data: bytes) -> bytes:
+        query = dns.message.from_wire(data)
+        asked.append(f"{query.question[0].name} {query.opcode()}")
+        return dns.message.make_response(query).to_wire()  # type: ignore[no-any-return]
+
+    good = udp_server(netns, answer, host="127.0.0.1")
+    covered = udp_server(netns, answer, host="127.0.0.2")
+    resolvers = [("127.0.0.2", covered.port), ("127.0.0.1", good.port)]
+    policy = Policy(rules=[Rule.parse("deny", "127.0.0.2")], resolvers=resolvers)
+    engine = PairEngine(policy, resolvers, netns=netns)
+    try:
+        query = dns.message.make_query("example.com.", "A")
+        engine.send(build_udp(NS4, DNS4, 5353, 53, query.to_wire()))
+        reply = dns.message.from_wire(engine.receive().l4.payload)
+        assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
+        update = dns.update.UpdateMessage("example.com.")
+        update.add("www", 60, "A", "192.0.2.1")
+        engine.send(build_udp(NS4, DNS4, 5354, 53, update.to_wire()))
+        refused_reply = engine.receive()
+        assert refused_reply.l4.dport == 5354
+        ident, flags = struct.unpack_from("!HH", refused_reply.l4.payload)
+        assert (ident, flags >> 15, (flags >> 11) & 0xF, flags & 0xF) == (
+            update.id, 1, 5, dns.rcode.NOTIMP)
+        engine.send(build_udp(NS4, DNS4, 5355, 53, b"\x12\x34\x80\x00" + bytes(8)))
+        assert engine.nothing_pending()  # a response sent to the resolver: silence
+        stats = engine.runner.stats()
+        assert stats["dns_queries"] == 3 and stats["dns_answers"] == 1
+        assert stats["dns_refused"] == {"opcode UPDATE": 1} and stats["dns_retries"] == 0
+        assert stats["dns_malformed"] == 1 and stats["malformed"] == {"dns: not a query": 1}
+        assert asked == ["example.com. 0"] and covered.received == 0
+    finally:
+        engine.close()
