@@ -80,14 +80,14 @@ def check_options(options: UsernetOptions) -> None:
     sandbox exists): the rules, the addresses and MTU, and the --dns resolvers."""
     import ipaddress
 
-    _policy(options)
-    _config(options)
-    for host, _port in options.dns or ():
+    for host, _port in options.dns or ():  # first: the policy is told the resolvers
         try:
             ipaddress.ip_address(host.partition("%")[0])
         except ValueError:
             raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
                             "192.0.2.53 or [2001:db8::53]:53") from None
+    _policy(options)
+    _config(options)
 
 
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
