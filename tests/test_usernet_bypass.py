@@ -225,14 +225,15 @@ def _l4_checksummed(src: str, dst: str, proto: int, segment: bytes, offset: int)
     return segment[:offset] + struct.pack("!H", value) + segment[offset + 2:]
 
 
-def craft(proto: str, src: str, dst: str, sport: int, dport: int) -> tuple[bytes, int]:
+def craft(proto: str, src: str, dst: str, sport: int, dport: int,
+          payload: bytes = PROBE) -> tuple[bytes, int]:
     """A complete, well-formed IP packet (UDP with PROBE, a TCP SYN, or an echo request;
     for ICMP ``sport`` is the echo id) and its IP protocol number."""
     six = ":" in dst
     if proto == "udp":
         number = 17
         segment = _l4_checksummed(src, dst, number, struct.pack(
-            "!HHHH", sport, dport, 8 + len(PROBE), 0) + PROBE, 6)
+            "!HHHH", sport, dport, 8 + len(payload), 0) + payload, 6)
     elif proto == "tcp":
         number = 6
         segment = _l4_checksummed(src, dst, number, struct.pack(
@@ -286,21 +287,30 @@ def _answer(packet: bytes, number: int, sport: int, dport: int) -> dict[str, Any
         return None
     if proto == 6:
         return {"result": "rst" if l4[13] & 0x04 else f"tcp flags {l4[13]:#x}", "from": src}
+    if dport == 53 and len(l4) >= 20:  # a DNS answer: its header too
+        return {"result": "reply", "from": src, "dns": _dns_header(l4[8:])}
     return {"result": "reply", "from": src}
 
 
 def attempt_crafted(proto: str, dst: str, dport: int, timeout: float,
-                    src: str | None = None) -> dict[str, Any]:
+                    src: str | None = None, payload: bytes = PROBE,
+                    via: str = TUN) -> dict[str, Any]:
     """Write a hand-made packet onto the tun device (AF_PACKET), as a hostile program
-    can, and watch the device for the answer."""
+    can, and watch the device for the answer.  ``via``: write it onto that device
+    instead (the native relay's ``nsb-relay``, where it exists; answers still come on
+    the tun device)."""
     src = src or (NAMESPACE_V6 if ":" in dst else NAMESPACE_V4)
     sport = random.randint(20000, 60000)
-    packet, number = craft(proto, src, dst, sport, dport)
+    packet, number = craft(proto, src, dst, sport, dport, payload)
     rx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
     tx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM)
     try:
         rx.bind((TUN, ETH_P_ALL))
-        tx.sendto(packet, (TUN, ETH_P_IPV6 if ":" in dst else ETH_P_IP))
+        kind = ETH_P_IPV6 if ":" in dst else ETH_P_IP
+        try:
+            tx.sendto(packet, (via, kind))
+        except OSError:  # no such device (the native relay is not built): the tun device
+            tx.sendto(packet, (TUN, kind))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             rx.settimeout(left)
@@ -450,7 +460,8 @@ def attempt(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(attempt_ping(ip, timeout, spec.get("broadcast", False)))
     elif kind == "crafted":
         result.update(attempt_crafted(spec["proto"], ip, spec.get("port", 0), timeout,
-                                      spec.get("src")))
+                                      spec.get("src"), bytes.fromhex(spec.get("hex", "")) or PROBE,
+                                      spec.get("via", TUN)))
     elif kind == "dns-udp":
         result.update(attempt_dns_udp(ip, bytes.fromhex(spec["hex"]), timeout))
     elif kind == "dns-tcp":
@@ -921,6 +932,13 @@ CASES: list[Case] = [
                                     answers=2),
          {"result": "answered", "answers": [[DNS_ID, 0], [7, 0]]}, dials=True,
          hits=(DNS_TCP_HIT,), names=("dns.bypass.test. A",), counters={"tcp.dns_queries": 2}),
+    # a hand-made UPDATE written onto the native relay's device: the relay leaves DNS to
+    # the engine, which answers it there too (and on the tun device itself)
+    *[Case(f"crafted-dns-update-{where}", crafted("udp", DNS_V4, 53, hex=dns_message(
+              opcode=5).hex(), via=device), {"result": "reply", "from": DNS_V4, "dns": {
+              "id": DNS_ID, "qr": 1, "opcode": 5, "rcode": 4}},
+           counters=udp_dns_refused("opcode UPDATE"))
+      for where, device in (("via-native-relay", "nsb-relay"), ("on-tun", TUN))],
     # messages split across segments (a length prefix cut in two included)
     Case("control-dns6-tcp-split", dns_tcp(dns_message(), dns_message(ident=8), ip=DNS_V6,
                                            answers=2, split=5),
