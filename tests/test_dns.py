@@ -245,6 +245,20 @@ def test_stream_one_byte_at_a_time() -> None:
     assert out == data and stream.messages == 2
 
 
+@FAST
+@given(st.lists(st.binary(max_size=200), max_size=10))
+def test_stream_never_raises_and_forwards_only_checked_messages(chunks: list[bytes]) -> None:
+    stream = DnsStream()
+    forwarded = b"".join(stream.feed(chunk) for chunk in chunks)
+    assert stream.pending <= 2 + 0xFFFF
+    position = 0
+    while position < len(forwarded):  # whatever came out is whole, checked messages
+        length = struct.unpack_from("!H", forwarded, position)[0]
+        assert isinstance(check_query(forwarded[position + 2:position + 2 + length]), DnsQuery)
+        position += 2 + length
+    assert position == len(forwarded)
+
+
 def test_a_bad_message_stops_the_stream() -> None:
     stream = DnsStream()
     # good, bad, good in one read: only the first is forwarded
