@@ -465,10 +465,10 @@ class Policy:
         return allow
 
     def _denies_resolver(self, protocol: str, resolver: tuple[str, int]) -> bool:
+        """Whether a deny rule covers this resolver (its address and its own port)."""
         host, port = resolver
         address = ipaddress.ip_address(host.partition("%")[0])
-        return any(rule.matches(protocol, name, port)
-                   for rule in self.deny_rules for name in _names(address, None))
+        return any(rule.matches(protocol, address, port) for rule in self.deny_rules)
 
     def denied_resolvers(self) -> list[str]:
         """One line per host resolver a deny rule covers, and for which protocols (for a
@@ -501,7 +501,7 @@ class Policy:
         return address in network and address != network.network_address
 
 
-def _names(address: IPAddress, allow: Allow | AllowResolver | None) -> tuple[IPAddress, ...]:
+def _names(address: IPAddress, allow: Allow | AllowResolver) -> tuple[IPAddress, ...]:
     """Every address a deny rule should see for this destination."""
     names: list[IPAddress] = [address]
     if isinstance(allow, Allow) and allow.host_ip != address:
