@@ -39,6 +39,7 @@ caller serves TCP through the tun device instead.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -47,6 +48,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
@@ -182,10 +184,10 @@ class RedirectStats:
         return {name: dict(value) if isinstance(value, Counter) else value
                 for name, value in self.__dict__.items()}
 
-    def copy(self) -> RedirectStats:
+    def copy(self) -> Self:
         """A snapshot to add open connections' bytes to (the counters copied too)."""
-        return type(self)(**{name: Counter(value) if isinstance(value, Counter) else value
-                             for name, value in self.__dict__.items()})
+        return dataclasses.replace(self, denied=Counter(self.denied),
+                                   dns_refused=Counter(self.dns_refused))
 
 
 class TcpRedirector:
