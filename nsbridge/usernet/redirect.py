@@ -39,7 +39,6 @@ caller serves TCP through the tun device instead.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import ipaddress
 import logging
@@ -48,7 +47,6 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Self
 
 from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
@@ -184,11 +182,6 @@ class RedirectStats:
         return {name: dict(value) if isinstance(value, Counter) else value
                 for name, value in self.__dict__.items()}
 
-    def copy(self) -> Self:
-        """A snapshot to add open connections' bytes to (the counters copied too)."""
-        return dataclasses.replace(self, denied=Counter(self.denied),
-                                   dns_refused=Counter(self.dns_refused))
-
 
 class TcpRedirector:
     """Accepts redirected connections on the namespace's listeners; relays the allowed.
@@ -262,7 +255,8 @@ class TcpRedirector:
 
     def snapshot(self) -> RedirectStats:
         """The counters, with the bytes that open connections moved so far."""
-        stats = self.stats.copy()
+        stats = RedirectStats(**{**self.stats.__dict__, "denied": Counter(self.stats.denied),
+                                 "dns_refused": Counter(self.stats.dns_refused)})
         for session in self.sessions:
             stats.bytes_up += session.up.total
             stats.bytes_down += session.down.total

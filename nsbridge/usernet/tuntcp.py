@@ -180,7 +180,8 @@ class TunTcp:
 
     def snapshot(self) -> TunTcpStats:
         """The counters, with the bytes of open connections so far."""
-        stats = self.stats.copy()
+        stats = TunTcpStats(**{**self.stats.__dict__, "denied": self.stats.denied.copy(),
+                               "dns_refused": self.stats.dns_refused.copy()})
         for flow in self.flows.values():
             stats.bytes_up += flow.up
             stats.bytes_down += flow.down
