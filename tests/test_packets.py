@@ -811,4 +811,4 @@ def test_dns_query_checks() -> None:
 @FAST
 @given(st.binary(max_size=300))
 def test_dns_check_never_raises(data: bytes) -> None:
-    assert isinstance(dns.check_query(data), dns.DnsQuery | Malformed)
+    assert isinstance(dns.check_query(data), dns.DnsQuery | dns.Refused | Malformed)

@@ -273,21 +273,48 @@ def test_gateway_reaches_host_loopback_when_allowed(host_ns: str, tmp_path: Path
     assert report["stats"]["closed"] == 2 and report["stats"]["denied"] == {}
 
 
+def dns_over_tcp_resolver(received: list[bytes]) -> Callable[[socket.socket], None]:
+    """A stand-in resolver: answer each length-prefixed query with its id and question
+    (NOERROR, no records) until EOF, recording every byte that reached it."""
+
+    def serve(conn: socket.socket) -> None:
+        data = b""
+        while chunk := conn.recv(65536):
+            received.append(chunk)
+            data += chunk
+            while len(data) >= 2 and len(data) >= 2 + int.from_bytes(data[:2], "big"):
+                length = int.from_bytes(data[:2], "big")
+                query, data = data[2:2 + length], data[2 + length:]
+                answer = query[:2] + b"\x81\x80" + query[4:6] + bytes(6) + query[12:]
+                conn.sendall(len(answer).to_bytes(2, "big") + answer)
+
+    return serve
+
+
 def test_dns_address_goes_to_the_host_resolver(host_ns: str, tmp_path: Path,
                                                 stream_server) -> None:
     """TCP to the namespace's DNS address, port 53, is relayed to the first host
-    resolver (a stand-in server here); any other port there is denied."""
-    resolver = stream_server(listen_in(host_ns, HOST4), reply_after_fin)
+    resolver (a stand-in server here) as checked DNS messages; any other port there is
+    denied; bytes that are not DNS never reach the resolver."""
+    received: list[bytes] = []
+    resolver = stream_server(listen_in(host_ns, HOST4), dns_over_tcp_resolver(received))
     report, out, err = run_sandbox(
         host_ns, tmp_path,
-        shell(client("halfclose", "10.0.2.3", 53), client("halfclose", "fd00::3", 53),
-              client("expect-reset", "10.0.2.3", 80)),
+        shell(client("dns", "10.0.2.3", 53), client("dns", "fd00::3", 53),
+              client("expect-reset", "10.0.2.3", 80), client("halfclose", "10.0.2.3", 53)),
         resolvers=[[HOST4, resolver.port], ["192.0.2.99", 53]])
     results = client_results(out)
-    assert [r.get("reply") for r in results[:2]] == ["after-fin:100000"] * 2, out + err
+    assert [(r.get("result"), r.get("id"), r.get("rcode")) for r in results[:2]] == [
+        ("answer", 0xBEEF, 0)] * 2, out + err
     assert results[2]["result"] == "reset"
-    assert len(resolver.accepted) == 2
-    assert report["stats"]["denied"] == {"dns address: port 53 only": 1}
+    assert results[3]["reply"] == "", results[3]  # 100000 bytes of "x": not DNS, no answer
+    assert len(resolver.accepted) == 3
+    # the two framed queries, byte for byte, and nothing of the "x" stream
+    assert b"".join(received) == 2 * (b"\x00\x1d\xbe\xef\x01\x00\x00\x01" + bytes(6)
+                                      + b"\x07example\x03com\x00\x00\x01\x00\x01")
+    stats = report["stats"]
+    assert stats["denied"] == {"dns address: port 53 only": 1}
+    assert stats["dns_queries"] == 2 and stats["dns_refused"] == {"question count is not 1": 1}
 
 
 # ---- nf_tables unavailable, and the pre-5.2 layout -----------------------------------------

@@ -13,6 +13,8 @@ JSON line about what the program saw:
   echo; sha256 of both.
 * ``halfclose HOST PORT`` — send, shut down writing, then read what comes back after.
 * ``expect-reset HOST PORT`` — connect and read; report reset / eof / data and the time.
+* ``dns HOST PORT`` — one standard DNS query over TCP (length-prefixed); the answer's id
+  and rcode, or how the connection ended.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -100,6 +103,26 @@ def client_expect_reset(host: str, port: int) -> dict:
     return {"result": result, "seconds": round(time.monotonic() - started, 3)}
 
 
+def client_dns(host: str, port: int) -> dict:
+    query = (struct.pack("!HHHHHH", 0xBEEF, 0x0100, 1, 0, 0, 0)
+             + b"\x07example\x03com\x00" + struct.pack("!HH", 1, 1))
+    sock = _connect(host, port)
+    try:
+        sock.sendall(struct.pack("!H", len(query)) + query)
+        data = b""
+        while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return {"result": "eof"}
+            data += chunk
+    except ConnectionResetError:
+        return {"result": "reset"}
+    finally:
+        sock.close()
+    ident, flags = struct.unpack_from("!HH", data, 2)
+    return {"result": "answer", "id": ident, "rcode": flags & 0xF}
+
+
 def client_main(argv: list[str]) -> int:
     mode, host, port = argv[0], argv[1], int(argv[2])
     if mode == "bulk":
@@ -108,6 +131,8 @@ def client_main(argv: list[str]) -> int:
         result = client_halfclose(host, port)
     elif mode == "expect-reset":
         result = client_expect_reset(host, port)
+    elif mode == "dns":
+        result = client_dns(host, port)
     else:
         raise SystemExit(f"unknown client mode {mode!r}")
     print(json.dumps({"mode": mode, "target": f"{host}:{port}", **result}), flush=True)

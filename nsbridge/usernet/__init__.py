@@ -10,14 +10,16 @@ is split so that everything that *decides* is separate from everything that *doe
   out; never raises on what the namespace sends.
 * :mod:`.policy` — sans-IO: the addresses of the virtual network and the firewall
   that decides every new flow (allow and where to dial, or deny and why).
-* :mod:`.dns` — sans-IO: the host's resolvers from ``resolv.conf`` text, minimal
-  validation of DNS queries, SERVFAIL answers.
+* :mod:`.dns` — sans-IO: the host's resolvers from ``resolv.conf`` text, which DNS
+  messages may reach them (standard queries only, over UDP and TCP's framing), the
+  answers nsbridge gives itself (SERVFAIL, NOTIMP, REFUSED, FORMERR).
 * :mod:`.netconf` — the virtual network's configuration (interface name, MTU,
   addresses), validated before anything is created.
 * :mod:`.engine` — the tun engine: UDP flows, DNS, ICMP echo, resets for stray TCP.
 * :mod:`.nft`, :mod:`.redirect` — the TCP fast path: nftables REDIRECT (programmed over
   netlink) to listeners inside the namespace, original destination from SO_ORIGINAL_DST,
-  relayed by the forwarding engine.
+  relayed by the forwarding engine; :mod:`.dnstcp` relays its connections to the DNS
+  address instead, checking each message.
 * :mod:`.nsfactory` — a socket-factory process living inside the sandbox (published
   ports' connect side).
 * :mod:`.publish`, :mod:`.runner` — ``-p`` parsing; ``nsbridge run``/``attach``.

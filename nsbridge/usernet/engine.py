@@ -27,11 +27,14 @@ What it does with each packet, and why:
 * **Denied flows** get ICMP "administratively prohibited" from the gateway at once:
   the namespace's socket fails fast with ``EHOSTUNREACH`` (v4) / ``EACCES`` (v6) instead
   of waiting for a timeout, and the reason is counted in ``stats.denied``.
-* **DNS** to ``10.0.2.3``/``fd00::3`` port 53: each valid query (:func:`dns.check_query`)
-  is sent from a fresh host socket (a kernel-chosen source port per query, so one
-  namespace client cannot steer another's answers) to the first host resolver; on a
-  timeout or an error the next one is tried, and when none answers the namespace gets
-  SERVFAIL rather than waiting out its own timeouts.  Garbage is dropped and counted.
+* **DNS** to ``10.0.2.3``/``fd00::3`` port 53: each standard query
+  (:func:`dns.check_query`) is sent from a fresh host socket (a kernel-chosen source
+  port per query, so one namespace client cannot steer another's answers) to the first
+  host resolver no deny rule covers; on a timeout or an error the next one is tried, and
+  when none answers the namespace gets SERVFAIL rather than waiting out its own
+  timeouts.  Anything but a standard query (UPDATE, NOTIFY, zone transfers...) is
+  answered here with NOTIMP, REFUSED or FORMERR and counted in ``dns_refused`` by
+  reason; garbage no stub could match an answer to is dropped and counted.
 * **ICMP echo**: one host ping socket (``SOCK_DGRAM``/``IPPROTO_ICMP``, no privilege
   needed when ``net.ipv4.ping_group_range`` includes our gid) per (namespace source,
   echo id, destination).  The kernel rewrites the echo id of a ping socket, so replies
@@ -82,6 +85,7 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, NamedTuple
 
+from ..addresses import format_sockaddr
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop, Timer
 from ..relay.udp import FlowTable
@@ -180,6 +184,7 @@ class EngineStats:
     dns_answers: int = 0  # answers relayed from a host resolver
     dns_failures: int = 0  # SERVFAIL sent because no resolver answered
     dns_malformed: int = 0  # dropped by dns.check_query
+    dns_refused: Counter[str] = field(default_factory=Counter)  # answered here, by reason
     dns_retries: int = 0  # a resolver failed or timed out and the next one was asked
     icmp_echo_requests: int = 0
     icmp_echo_replies: int = 0  # relayed from the host, or answered for the gateway
@@ -246,16 +251,19 @@ class _EchoFlow:
 class _DnsQuery:
     """One query in flight to the host resolvers."""
 
-    __slots__ = ("dns_ip", "message", "next_resolver", "ns_src", "query", "sock", "sport", "timer")
+    __slots__ = ("dns_ip", "message", "next_resolver", "ns_src", "query", "resolvers", "sock",
+                 "sport", "timer")
 
     def __init__(
-        self, ns_src: bytes, sport: int, dns_ip: bytes, message: bytes, query: dns.DnsQuery
+        self, ns_src: bytes, sport: int, dns_ip: bytes, message: bytes, query: dns.DnsQuery,
+        resolvers: Sequence[tuple[int, tuple[Any, ...]]],
     ) -> None:
         self.ns_src = ns_src
         self.sport = sport
         self.dns_ip = dns_ip
         self.message = message
         self.query = query
+        self.resolvers = resolvers  # (family, sockaddr), tried in order
         self.next_resolver = 0
         self.sock: socket.socket | None = None
         self.timer: Timer | None = None
@@ -304,6 +312,8 @@ class TunEngine:
         self.policy = policy
         self.addresses = addresses
         self.resolvers = [_resolver_sockaddr(host, port) for host, port in resolvers]
+        # The sockaddrs of the resolvers a policy decision names, by their tuple of (ip, port).
+        self._resolver_lists: dict[tuple[Resolver, ...], list[tuple[int, tuple[Any, ...]]]] = {}
         self.dns_timeout = dns_timeout
         self.max_dns_pending = max_dns_pending
         self.tcp_handler = tcp_handler
@@ -552,7 +562,8 @@ class TunEngine:
             self._deny(parsed, decision.reason, out)
             return None
         if isinstance(decision, AllowResolver):
-            self._dns_query(parsed, udp)  # the native relay's rules leave DNS to us anyway
+            # the native relay's rules leave DNS to us anyway
+            self._dns_query(parsed, udp, decision.targets)
             return None
         return decision
 
@@ -652,7 +663,9 @@ class TunEngine:
 
     # ---- DNS ------------------------------------------------------------------------------
 
-    def _dns_query(self, parsed: Parsed, udp: UDP) -> None:
+    def _dns_query(self, parsed: Parsed, udp: UDP, targets: tuple[Resolver, ...] | None) -> None:
+        """A query to the DNS address: relayed if it is a standard one, else answered or
+        dropped here; ``targets`` the resolvers the policy allows (None: all of ours)."""
         stats = self.stats
         stats.dns_queries += 1
         query = dns.check_query(udp.payload)
@@ -660,7 +673,18 @@ class TunEngine:
             stats.dns_malformed += 1
             stats.malformed[query.reason] += 1
             return
-        pending = _DnsQuery(parsed.ip.src, udp.sport, parsed.ip.dst, udp.payload, query)
+        if isinstance(query, dns.Refused):
+            stats.dns_refused[query.reason] += 1
+            if log.isEnabledFor(logging.INFO):
+                log.info("usernet dns: %s -> %s refused: %s",
+                         format_sockaddr((_ip_text(parsed.ip.src), udp.sport)),
+                         format_sockaddr((_ip_text(parsed.ip.dst), udp.dport)), query.reason)
+            pending = _DnsQuery(parsed.ip.src, udp.sport, parsed.ip.dst, b"", query.query, ())
+            self._dns_answer(pending, dns.refusal(query))
+            return
+        resolvers = self.resolvers if targets is None else self._resolver_list(targets)
+        pending = _DnsQuery(parsed.ip.src, udp.sport, parsed.ip.dst, udp.payload, query,
+                            resolvers)
         if len(self._dns_pending) >= self.max_dns_pending:
             stats.drops["dns too many pending"] += 1
             self._dns_answer(pending, dns.servfail(query))
@@ -668,11 +692,18 @@ class TunEngine:
             return
         self._dns_ask_next(pending)
 
+    def _resolver_list(self, targets: tuple[Resolver, ...]) -> list[tuple[int, tuple[Any, ...]]]:
+        found = self._resolver_lists.get(targets)
+        if found is None:
+            found = [_resolver_sockaddr(host, port) for host, port in targets]
+            self._resolver_lists[targets] = found
+        return found
+
     def _dns_ask_next(self, query: _DnsQuery) -> None:
         """Send the query to the next resolver that takes it; SERVFAIL when none is left."""
         self._dns_finish(query)
-        while query.next_resolver < len(self.resolvers):
-            family, sockaddr = self.resolvers[query.next_resolver]
+        while query.next_resolver < len(query.resolvers):
+            family, sockaddr = query.resolvers[query.next_resolver]
             query.next_resolver += 1
             try:
                 sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)

@@ -37,7 +37,10 @@ Decision order (the first that applies wins):
 4. The gateway (``10.0.2.2``, ``fd00::2``), any port and protocol → the host's loopback
    (``127.0.0.1``, ``::1``, same port) when ``allow_host_loopback``, else deny.
 5. The DNS address (``10.0.2.3``, ``fd00::3``) → :class:`AllowResolver` for TCP/UDP port
-   53; any other port, and ICMP, is denied.
+   53; any other port, and ICMP, is denied.  Deny rules see the host resolvers actually
+   dialed (each with its own port and the flow's protocol): a resolver a rule covers is
+   never asked, and when every resolver is covered the query is denied ("deny rule"),
+   so ``--deny 10.250.0.0/24`` holds with ``--dns 10.250.0.2:53``.
 6. Any other address in the namespace's own networks (``10.0.2.0/24``, ``fd00::/64``) →
    deny: nothing lives there but the namespace, and dialing it from the host would
    reach whatever the *host's* network has at that address.
@@ -72,6 +75,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..acl import parse_network
+from ..addresses import format_sockaddr
 from ..errors import UserError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -449,9 +453,15 @@ class Allow:
 
 @dataclass(frozen=True)
 class AllowResolver:
-    """Hand the query to the host's resolvers (the flow was to the DNS address, port 53)."""
+    """Hand the query to the host's resolvers (the flow was to the DNS address, port 53).
+
+    ``targets``: the resolvers (``(ip, port)``, in order) that no deny rule covers for
+    this protocol, when the policy was told the resolvers; None when it was not (the
+    caller then uses its own list).
+    """
 
     version: int
+    targets: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -468,7 +478,8 @@ class Policy:
     """Decides every new flow; see the module docstring for the order and the why.
 
     ``denied`` counts denials by reason, for the stats a user reads when something
-    does not connect.
+    does not connect.  ``resolvers`` are the host's DNS servers (``(ip, port)``) that the
+    DNS address forwards to; given, the deny rules are applied to them too.
     """
 
     def __init__(
@@ -477,6 +488,7 @@ class Policy:
         rules: Iterable[Rule] = (),
         addresses: UsernetAddresses | None = None,
         nat64_prefixes: Iterable[ipaddress.IPv6Network] = (),
+        resolvers: Iterable[tuple[str, int]] | None = None,
     ) -> None:
         self.allow_host_loopback = allow_host_loopback
         self.addresses = addresses or UsernetAddresses()
@@ -493,6 +505,13 @@ class Policy:
         self._loopback_names = (a.gateway, a.gateway6, _LOOPBACK_V4, _LOOPBACK_V6)
         self._dns = frozenset((a.dns, a.dns6))
         self._broadcast = a.network.broadcast_address
+        self.resolvers = None if resolvers is None else [(str(h), int(p)) for h, p in resolvers]
+        # Per protocol, the resolvers no deny rule covers (rules are fixed for the run).
+        self._resolver_targets: dict[str, tuple[tuple[str, int], ...]] = {
+            protocol: tuple(resolver for resolver in self.resolvers or ()
+                            if not self._denies_resolver(protocol, resolver))
+            for protocol in ("tcp", "udp")
+        }
 
     def decide(
         self, protocol: str, dst_ip: IPAddress | bytes | str, dst_port: int | None
@@ -550,7 +569,12 @@ class Policy:
         if address in self._dns:
             if protocol == "icmp" or port != 53:
                 return Deny("dns address: port 53 only")
-            return self._ruled(protocol, address, port, AllowResolver(address.version))
+            if self.resolvers is None:
+                return self._ruled(protocol, address, port, AllowResolver(address.version))
+            targets = self._resolver_targets[protocol]
+            if self.resolvers and not targets:
+                return Deny("deny rule")  # every resolver is covered by a deny rule
+            return self._ruled(protocol, address, port, AllowResolver(address.version, targets))
         if address in self.addresses.network or address in self.addresses.network6:
             return Deny("namespace network")
         return self._outside(protocol, address, port)
@@ -606,6 +630,23 @@ class Policy:
         ):
             return Deny("not in allow rules")
         return allow
+
+    def _denies_resolver(self, protocol: str, resolver: tuple[str, int]) -> bool:
+        """Whether a deny rule covers this resolver (its address and its own port)."""
+        host, port = resolver
+        address = ipaddress.ip_address(host.partition("%")[0])
+        return any(rule.matches(protocol, address, port) for rule in self.deny_rules)
+
+    def denied_resolvers(self) -> list[str]:
+        """One line per host resolver a deny rule covers, and for which protocols (for a
+        start-up warning: DNS through it is refused)."""
+        lines = []
+        for resolver in self.resolvers or ():
+            covered = [p for p in ("udp", "tcp") if resolver not in self._resolver_targets[p]]
+            if covered:
+                lines.append(f"DNS resolver {format_sockaddr(resolver)} is covered by a deny "
+                             f"rule: DNS over {' and '.join(covered)} is not sent to it")
+        return lines
 
     def describe(self) -> str:
         """One line for the start-up log: loopback switch, rules and NAT64 prefixes."""

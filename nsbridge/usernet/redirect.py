@@ -14,7 +14,9 @@ accepts here, in its own namespace.  For each connection:
 3. Allowed: a socket made in the host's namespace dials the target, and a
    :class:`~nsbridge.relay.tcp.TcpSession` relays kernel socket to kernel socket
    (``splice``), carrying half-closes and resets.  A refused or unreachable target
-   resets the client, as for any nsbridge forward.
+   resets the client, as for any nsbridge forward.  A connection to the namespace's
+   DNS address goes to a host resolver through :class:`~nsbridge.usernet.dnstcp.
+   DnsTcpRelay` instead, which forwards only standard queries.
 
 There is no user-space TCP stack on this path: the namespace's kernel speaks TCP to the
 program, the host's kernel speaks TCP to the server, and the bytes move between the two
@@ -53,6 +55,7 @@ from ..errors import errno_name
 from ..relay.loop import IN, EventLoop
 from ..relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from . import nft
+from .dnstcp import DnsTcpRelay
 from .netconf import SetupError
 from .policy import Allow, AllowResolver, Deny, Policy
 
@@ -173,11 +176,12 @@ class RedirectStats:
     denied: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0  # namespace -> target
     bytes_down: int = 0  # target -> namespace
+    dns_queries: int = 0  # DNS-over-TCP messages checked and relayed to a resolver
+    dns_refused: Counter[str] = field(default_factory=Counter)  # connections ended, by reason
 
     def as_dict(self) -> dict:
-        data = dict(self.__dict__)
-        data["denied"] = dict(self.denied)
-        return data
+        return {name: dict(value) if isinstance(value, Counter) else value
+                for name, value in self.__dict__.items()}
 
 
 class TcpRedirector:
@@ -187,7 +191,8 @@ class TcpRedirector:
     :meth:`from_fds` and the constructor must be called on the loop's thread (or before
     the loop runs).  Target sockets are created in the namespace of the loop's thread —
     the host's.  ``resolvers`` are the host's DNS servers (``(ip, port)``); a TCP
-    connection to the namespace's DNS address is relayed to the first one.
+    connection to the namespace's DNS address is relayed to the first one that no deny
+    rule covers, by a :class:`~nsbridge.usernet.dnstcp.DnsTcpRelay`.
     """
 
     def __init__(
@@ -207,7 +212,7 @@ class TcpRedirector:
         self.mover: Mover = make_mover(mover) if isinstance(mover, str) else mover
         self.connect_timeout = connect_timeout
         self.stats = RedirectStats()
-        self.sessions: set[TcpSession] = set()
+        self.sessions: set[TcpSession | DnsTcpRelay] = set()
         self._started = False
 
     @classmethod
@@ -251,10 +256,13 @@ class TcpRedirector:
 
     def snapshot(self) -> RedirectStats:
         """The counters, with the bytes that open connections moved so far."""
-        stats = RedirectStats(**{**self.stats.__dict__, "denied": Counter(self.stats.denied)})
+        stats = RedirectStats(**{**self.stats.__dict__, "denied": Counter(self.stats.denied),
+                                 "dns_refused": Counter(self.stats.dns_refused)})
         for session in self.sessions:
             stats.bytes_up += session.up.total
             stats.bytes_down += session.down.total
+            if isinstance(session, DnsTcpRelay):
+                stats.dns_queries += session.stream.messages
         return stats
 
     # ---- accepting ----------------------------------------------------------------
@@ -298,14 +306,14 @@ class TcpRedirector:
             self._deny(client, decision.reason, shown)
             return
         if isinstance(decision, AllowResolver):
-            if not self.resolvers:
+            resolvers = self.resolvers if decision.targets is None else decision.targets
+            if not resolvers:
                 self._deny(client, "no host resolver", shown)
                 return
-            target: tuple[str, int] = self.resolvers[0]
-        else:
-            assert isinstance(decision, Allow)
-            target = (str(decision.host_ip), decision.host_port)
-        self._relay(client, shown, target)
+            self._relay_dns(client, shown, resolvers[0])
+            return
+        assert isinstance(decision, Allow)
+        self._relay(client, shown, (str(decision.host_ip), decision.host_port))
 
     def _deny(self, client: socket.socket, reason: str, shown: str) -> None:
         self.stats.denied[reason] += 1
@@ -330,9 +338,33 @@ class TcpRedirector:
         self.stats.active += 1
         session.connect(target, self.connect_timeout)
 
-    def _session_done(self, session: TcpSession) -> None:
+    def _relay_dns(self, client: socket.socket, shown: str, target: tuple[str, int]) -> None:
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        try:
+            server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            log.warning("usernet tcp: cannot create a socket for %s: %s", shown, exc.strerror)
+            self.stats.connect_failed += 1
+            reset_and_close(client)
+            return
+        client_name = peer_name(client)
+        relay = DnsTcpRelay(self.loop, client, server, self._session_done,
+                            lambda reason: self._dns_refused(client_name, shown, reason),
+                            client_name=client_name,
+                            server_name=f"{shown} (dialed {format_sockaddr(target)})")
+        self.sessions.add(relay)
+        self.stats.active += 1
+        relay.connect(target, self.connect_timeout)
+
+    def _dns_refused(self, client_name: str, shown: str, reason: str) -> None:
+        self.stats.dns_refused[reason] += 1
+        log.info("usernet dns: %s -> %s refused: %s", client_name, shown, reason)
+
+    def _session_done(self, session: TcpSession | DnsTcpRelay) -> None:
         self.sessions.discard(session)
-        tally(self.stats, session)
+        if isinstance(session, DnsTcpRelay):
+            self.stats.dns_queries += session.stream.messages
+        tally(self.stats, session)  # type: ignore[arg-type]  # the same fields
         if log.isEnabledFor(logging.INFO):
             log.info("usernet tcp: %s", session.describe())
 

@@ -72,8 +72,10 @@ def _policy(options: UsernetOptions) -> Any:
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
     prefixes = [parse_nat64_prefix(text) for text in options.nat64_prefix]
+    # The resolvers too: deny rules apply to the resolver a DNS query is sent to.
     return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules,
-                  addresses=_addresses(options), nat64_prefixes=prefixes)
+                  addresses=_addresses(options), nat64_prefixes=prefixes,
+                  resolvers=_resolvers(options))
 
 
 def policy_warnings(options: UsernetOptions, policy: Any) -> list[str]:
@@ -92,14 +94,14 @@ def check_options(options: UsernetOptions) -> None:
     sandbox exists): the rules, the addresses and MTU, and the --dns resolvers."""
     import ipaddress
 
-    _policy(options)
-    _config(options)
-    for host, _port in options.dns or ():
+    for host, _port in options.dns or ():  # first: the policy is told the resolvers
         try:
             ipaddress.ip_address(host.partition("%")[0])
         except ValueError:
             raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
                             "192.0.2.53 or [2001:db8::53]:53") from None
+    _policy(options)
+    _config(options)
 
 
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
@@ -223,7 +225,11 @@ class Network:
         for warning in self.warnings:
             log.warning("%s", warning)
         try:
-            resolvers = _resolvers(options)
+            resolvers = self.policy.resolvers
+            if resolvers is None:
+                resolvers = _resolvers(options)
+            for line in self.policy.denied_resolvers():
+                log.warning("%s", line)
             self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
                                     self.policy.addresses, resolvers,
                                     offloads=handle.offloads)
@@ -524,6 +530,10 @@ def summary(stats: dict[str, Any]) -> str:
     if engine.get("icmp_unavailable"):
         parts.append(f"echo requests refused x{engine['icmp_unavailable']}: ping sockets are "
                      "not permitted (sysctl net.ipv4.ping_group_range)")
+    refused = Counter(engine.get("dns_refused") or {}) + Counter(tcp.get("dns_refused") or {})
+    if refused:
+        parts.append("DNS refused: " + ", ".join(f"{reason} x{n}"
+                                                for reason, n in refused.most_common()))
     return "; ".join(parts)
 
 

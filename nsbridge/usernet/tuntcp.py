@@ -23,6 +23,12 @@ plays the other end.  The protocol is :class:`~nsbridge.usernet.tcpstate.TcpConn
   tells the caller whether this path can run.
 * FINs and resets are carried both ways; a host socket error resets the namespace's
   connection and a namespace reset aborts the host socket (``SO_LINGER`` 0).
+* A connection to the namespace's **DNS address** goes to a host resolver, and what the
+  namespace sends on it passes a :class:`~nsbridge.usernet.dns.DnsStream` first: only
+  whole standard queries reach the resolver.  The first message refused ends the
+  forwarding as on the fast path (:mod:`.dnstcp`): the resolver gets a FIN after the
+  messages before it, its answers still come back, then the connection closes; later
+  bytes from the namespace are acknowledged and dropped.
 
 Everything runs on the engine's loop thread.  The host sockets are made in this
 process's network namespace — the host's — like every engine socket.
@@ -42,6 +48,7 @@ from ..addresses import format_sockaddr
 from ..errors import errno_name
 from ..relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
 from ..relay.tcp import reset_and_close
+from .dns import DnsStream
 from .packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
 from .policy import Allow, AllowResolver, Deny, Policy
 from .redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
@@ -86,6 +93,7 @@ class _Flow:
         "closing",
         "conn",
         "connected",
+        "dns",
         "down",
         "fd",
         "key",
@@ -105,6 +113,7 @@ class _Flow:
         self.shut = False  # the namespace's FIN must become shutdown(SHUT_WR)
         self.closing = False  # both directions done: close once the backlog is written
         self.connected = False
+        self.dns: DnsStream | None = None  # set for a connection to the DNS address
         self.timer: Timer | None = None
         self.up = 0  # bytes namespace -> host, written to the host socket
         self.down = 0  # bytes host -> namespace, acknowledged by the namespace
@@ -171,7 +180,8 @@ class TunTcp:
 
     def snapshot(self) -> TunTcpStats:
         """The counters, with the bytes of open connections so far."""
-        stats = TunTcpStats(**{**self.stats.__dict__, "denied": self.stats.denied.copy()})
+        stats = TunTcpStats(**{**self.stats.__dict__, "denied": self.stats.denied.copy(),
+                               "dns_refused": self.stats.dns_refused.copy()})
         for flow in self.flows.values():
             stats.bytes_up += flow.up
             stats.bytes_down += flow.down
@@ -206,11 +216,12 @@ class TunTcp:
             self._reset_syn(parsed)
             return
         if isinstance(decision, AllowResolver):
-            if not self.resolvers:
+            resolvers = self.resolvers if decision.targets is None else decision.targets
+            if not resolvers:
                 self.stats.denied["no host resolver"] += 1
                 self._reset_syn(parsed)
                 return
-            target: tuple[str, int] = self.resolvers[0]
+            target: tuple[str, int] = resolvers[0]
         else:
             assert isinstance(decision, Allow)
             target = (str(decision.host_ip), decision.host_port)
@@ -226,6 +237,8 @@ class TunTcp:
         conn = TcpConn(parsed, random.getrandbits(32), vnet=self.vnet, offload=self.offload,
                        budget=self.budget)
         flow = _Flow(key, conn, sock)
+        if isinstance(decision, AllowResolver):
+            flow.dns = DnsStream()
         self.flows[key] = flow
         self.stats.accepted += 1
         self.stats.active += 1
@@ -315,7 +328,11 @@ class TunTcp:
         self._arm(flow)
 
     def _deliver(self, flow: _Flow, data: bytes) -> None:
-        if not flow.pending:
+        if flow.dns is not None:
+            data = self._check_dns(flow, flow.dns, data)
+        if not data:
+            pass
+        elif not flow.pending:
             try:
                 sent = flow.sock.send(data)
             except BlockingIOError:
@@ -328,8 +345,25 @@ class TunTcp:
                 flow.pending += data[sent:]
         else:
             flow.pending += data
+        if flow.dns is not None and flow.shut and not flow.pending:
+            self._shutdown_host(flow)  # a refused DNS message: what passed is written
         for frame in flow.conn.host_drained(len(flow.pending)):
             self._write(frame)
+
+    def _check_dns(self, flow: _Flow, stream: DnsStream, data: bytes) -> bytes:
+        """What of ``data`` may go to the resolver (see the module docstring)."""
+        if stream.refused is not None:
+            return b""
+        before = stream.messages
+        data = stream.feed(data)
+        self.stats.dns_queries += stream.messages - before
+        reason = stream.reason
+        if reason is not None:
+            self.stats.dns_refused[reason] += 1
+            log.info("usernet dns: %s -> %s refused: %s", _shown(flow.key[0], flow.key[1]),
+                     _shown(flow.key[2], flow.key[3]), reason)
+            flow.shut = True  # the resolver gets a FIN once what passed is written
+        return data
 
     def _flush(self, flow: _Flow) -> None:
         """The host socket has room: write the backlog, then any pending half-close."""
