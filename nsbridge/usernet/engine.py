@@ -369,9 +369,9 @@ class TunEngine:
             self._sweep_timer = None
         if self._started:
             self._loop.remove(self._tun)
-        for _key, flow in self._udp.clear():
+        for _udp_key, flow in self._udp.clear():
             self._close_udp(flow)
-        for _key, echo in self._echo.clear():
+        for _echo_key, echo in self._echo.clear():
             self._close_echo(echo)
         for query in list(self._dns_pending.values()):
             self._dns_finish(query)
@@ -1042,10 +1042,10 @@ class TunEngine:
     def _sweep(self) -> None:
         self._sweep_timer = None
         now = time.monotonic()
-        for _key, flow in self._udp.expire(now):
+        for _udp_key, flow in self._udp.expire(now):
             self.stats.udp_flows_expired += 1
             self._close_udp(flow)
-        for _key, echo in self._echo.expire(now):
+        for _echo_key, echo in self._echo.expire(now):
             self.stats.icmp_flows_expired += 1
             self._close_echo(echo)
         if len(self._udp) or len(self._echo):
