@@ -321,6 +321,13 @@ def test_a_deny_rule_covering_the_only_resolver_denies_dns() -> None:
         "sent to it"]
 
 
+def test_an_ipv6_resolver_spelling_a_denied_ipv4_address_is_covered() -> None:
+    """A NAT64 resolver address reaches the IPv4 resolver it embeds: the rule holds."""
+    policy = _policy(["10.250.0.0/24"], [("64:ff9b::afa:2", 53)])
+    assert policy.decide("udp", "10.0.2.3", 53) == Deny("deny rule")
+    assert len(policy.denied_resolvers()) == 1
+
+
 def test_covered_resolvers_are_skipped_and_the_others_kept_in_order() -> None:
     resolvers = [("10.250.0.2", 53), ("192.0.2.53", 53), ("2001:db8::53", 5353)]
     policy = _policy(["10.250.0.0/24"], resolvers)

@@ -275,6 +275,16 @@ def test_dns_can_be_denied() -> None:
     assert policy.decide("tcp", "10.0.2.3", 53) == AllowResolver(4)
 
 
+@pytest.mark.parametrize("rule", ["udp:10.0.2.3:53", "udp:[fd00::3]:53", "udp:10.0.2.0/24"])
+def test_a_rule_on_the_dns_address_covers_both_families(rule: str) -> None:
+    """The DNS service is one service, like the gateway: a rule naming it in one family
+    holds for the other family's DNS address too."""
+    policy = Policy(rules=[Rule.parse("deny", rule)])
+    assert policy.decide("udp", "10.0.2.3", 53) == Deny("deny rule")
+    assert policy.decide("udp", "fd00::3", 53) == Deny("deny rule")
+    assert policy.decide("tcp", "fd00::3", 53) == AllowResolver(6)
+
+
 def test_link_local_needs_an_explicit_rule() -> None:
     broad = Policy(rules=[Rule.parse("allow", "0.0.0.0/0")])
     assert broad.decide("tcp", "169.254.169.254", 80) == Deny("link-local")

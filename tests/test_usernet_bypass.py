@@ -618,6 +618,8 @@ PRESETS = {
                                  relay="engine"),
     # the only host resolver is in a denied network: the rule holds for DNS too
     "dns-resolver-denied": Preset(deny=DENIED_NETS, dns=DENIED_RESOLVER),
+    # a rule on one family's DNS address: the DNS service is one service in both families
+    "dns4-address-denied": Preset(deny=("udp:10.0.2.3:53", "tcp:10.0.2.3:53")),
 }
 
 TCP_REFUSED = ("ECONNRESET", "ECONNREFUSED", "EPIPE")  # redirect: reset; tun: refused
@@ -1034,6 +1036,10 @@ CASES: list[Case] = [
          counters={"tcp.dns_queries": 1, "tcp.dns_refused.zone transfer": 1}),
     Case("dns-tcp-resolver-in-denied-net", dns_tcp(dns_message()), TCP_DENIED, DENY_RULE,
          preset="dns-resolver-denied"),
+    Case("dns6-udp-ipv4-dns-address-denied", dns_udp(DNS_V6, dns_message()), ADMIN6,
+         DENY_RULE, preset="dns4-address-denied"),
+    Case("dns6-tcp-ipv4-dns-address-denied", dns_tcp(dns_message(), ip=DNS_V6), TCP_DENIED,
+         DENY_RULE, preset="dns4-address-denied"),
     Case("control-dns-tcp", dns_tcp(dns_message(), dns_message(ident=7, ar=1, extra=DNS_OPT),
                                     answers=2),
          {"result": "answered", "answers": [[DNS_ID, 0], [7, 0]]}, dials=True,

@@ -37,8 +37,11 @@ Decision order (the first that applies wins):
 4. The gateway (``10.0.2.2``, ``fd00::2``), any port and protocol → the host's loopback
    (``127.0.0.1``, ``::1``, same port) when ``allow_host_loopback``, else deny.
 5. The DNS address (``10.0.2.3``, ``fd00::3``) → :class:`AllowResolver` for TCP/UDP port
-   53; any other port, and ICMP, is denied.  Deny rules see the host resolvers actually
-   dialed (each with its own port and the flow's protocol): a resolver a rule covers is
+   53; any other port, and ICMP, is denied.  Like the gateway, the DNS service is one
+   service in both families: deny rules are matched against both DNS addresses, so a rule
+   on ``10.0.2.3`` holds for ``fd00::3``.  Deny rules also see the host resolvers actually
+   dialed (each with its own port and the flow's protocol, an IPv6 resolver also as the
+   IPv4 addresses it spells): a resolver a rule covers is
    never asked, and when every resolver is covered the query is denied ("deny rule"),
    so ``--deny 10.250.0.0/24`` holds with ``--dns 10.250.0.2:53``.
 6. Any other address in the namespace's own networks (``10.0.2.0/24``, ``fd00::/64``) →
@@ -504,6 +507,7 @@ class Policy:
         # every name of the host-loopback service (step 8 of the module docstring)
         self._loopback_names = (a.gateway, a.gateway6, _LOOPBACK_V4, _LOOPBACK_V6)
         self._dns = frozenset((a.dns, a.dns6))
+        self._dns_names = (a.dns, a.dns6)
         self._broadcast = a.network.broadcast_address
         self.resolvers = None if resolvers is None else [(str(h), int(p)) for h, p in resolvers]
         # Per protocol, the resolvers no deny rule covers (rules are fixed for the run).
@@ -620,7 +624,12 @@ class Policy:
         outside: bool = False,
     ) -> Decision:
         """Deny rules (on every name of the destination), then the allow list."""
-        names = self._loopback_names if address in self._gateways else (address,)
+        if address in self._gateways:
+            names: tuple[IPAddress, ...] = self._loopback_names
+        elif address in self._dns:
+            names = self._dns_names  # the DNS service is one service too, in both families
+        else:
+            names = (address,)
         if any(rule.matches(protocol, name, port) for rule in self.deny_rules for name in names):
             return Deny("deny rule")
         if (
@@ -632,10 +641,15 @@ class Policy:
         return allow
 
     def _denies_resolver(self, protocol: str, resolver: tuple[str, int]) -> bool:
-        """Whether a deny rule covers this resolver (its address and its own port)."""
+        """Whether a deny rule covers this resolver (its address, or an IPv4 address its IPv6
+        address spells through a translator on the host's path, with its own port)."""
         host, port = resolver
         address = ipaddress.ip_address(host.partition("%")[0])
-        return any(rule.matches(protocol, address, port) for rule in self.deny_rules)
+        names: list[IPAddress] = [address]
+        if isinstance(address, ipaddress.IPv6Address):
+            names += [ipv4 for _spelling, ipv4 in embedded_ipv4(address, self.nat64_prefixes)]
+        return any(rule.matches(protocol, name, port)
+                   for rule in self.deny_rules for name in names)
 
     def denied_resolvers(self) -> list[str]:
         """One line per host resolver a deny rule covers, and for which protocols (for a
