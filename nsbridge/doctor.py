@@ -149,15 +149,12 @@ def check_tun_tcp_path() -> Finding:
 
 def check_ping_sockets() -> Finding:
     from .usernet import flowrelay
+    from .usernet.engine import ping_group_range
 
     problem = flowrelay.ping_sockets_refused()
     if problem is None:
         return Finding("ok", "ping", "ping sockets are permitted (ping works inside run)")
-    try:
-        with open("/proc/sys/net/ipv4/ping_group_range") as f:
-            group_range = " ".join(f.read().split())
-    except OSError:
-        group_range = "?"
+    group_range = ping_group_range()
     fallback = "raw sockets serve ping (root)" if os.geteuid() == 0 else \
         "ping from inside run/attach is refused"
     return Finding("limited", "ping",

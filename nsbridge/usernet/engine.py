@@ -1070,6 +1070,15 @@ def _resolver_sockaddr(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
 PING_SYSCTL = "net.ipv4.ping_group_range"
 
 
+def ping_group_range() -> str:
+    """The groups that may open ping sockets in this network namespace ("1 0": none)."""
+    try:
+        with open(f"/proc/sys/{PING_SYSCTL.replace('.', '/')}") as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return "?"
+
+
 def ping_unavailable() -> str | None:
     """Why ping from the namespace cannot work at all here (None if it can).
 
@@ -1084,11 +1093,6 @@ def ping_unavailable() -> str | None:
         except OSError:
             continue
         return None
-    try:
-        with open(f"/proc/sys/{PING_SYSCTL.replace('.', '/')}") as f:
-            allowed = " ".join(f.read().split())
-    except OSError:
-        allowed = "?"
     return (f"ping from the namespace cannot work: gid {os.getegid()} may not open ping "
-            f"sockets ({PING_SYSCTL} is {allowed!r}) nor raw ones; "
+            f"sockets ({PING_SYSCTL} is {ping_group_range()!r}) nor raw ones; "
             f"sysctl -w {PING_SYSCTL}=\"0 2147483647\" permits ping sockets")

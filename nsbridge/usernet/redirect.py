@@ -321,14 +321,22 @@ class TcpRedirector:
             log.info("usernet tcp: %s -> %s denied: %s", peer_name(client), shown, reason)
         reset_and_close(client)
 
-    def _relay(self, client: socket.socket, shown: str, target: tuple[str, int]) -> None:
+    def _server_socket(self, client: socket.socket, shown: str,
+                       target: tuple[str, int]) -> socket.socket | None:
+        """The host-side socket that will dial ``target``; on failure (EMFILE...) the
+        client is reset, the failure counted and logged, and None returned."""
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         try:
-            server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
             log.warning("usernet tcp: cannot create a socket for %s: %s", shown, exc.strerror)
             self.stats.connect_failed += 1
             reset_and_close(client)
+            return None
+
+    def _relay(self, client: socket.socket, shown: str, target: tuple[str, int]) -> None:
+        server = self._server_socket(client, shown, target)
+        if server is None:
             return
         dialed = format_sockaddr(target)
         server_name = shown if dialed == shown else f"{shown} (dialed {dialed})"
@@ -339,13 +347,8 @@ class TcpRedirector:
         session.connect(target, self.connect_timeout)
 
     def _relay_dns(self, client: socket.socket, shown: str, target: tuple[str, int]) -> None:
-        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-        try:
-            server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        except OSError as exc:
-            log.warning("usernet tcp: cannot create a socket for %s: %s", shown, exc.strerror)
-            self.stats.connect_failed += 1
-            reset_and_close(client)
+        server = self._server_socket(client, shown, target)
+        if server is None:
             return
         client_name = peer_name(client)
         relay = DnsTcpRelay(self.loop, client, server, self._session_done,
