@@ -359,9 +359,9 @@ def test_addresses_parse() -> None:
         ({"dns": "ten"}, "usernet dns 'ten': not an IP address"),
         ({"dns": "10.0.2.2"}, "usernet dns 10.0.2.2: same address as gateway"),
         ({"gateway6": "fd00::100"}, "usernet gateway6 fd00::100: same address as namespace6"),
-        ({"mtu": "abc"}, "usernet mtu 'abc': not a number from 1280 to 65520"),
-        ({"mtu": 576}, "usernet mtu '576': not a number from 1280 to 65520"),
-        ({"mtu": "70000"}, "usernet mtu '70000'"),
+        ({"mtu": "abc"}, "--mtu 'abc': not a number from 1280 to 65520"),
+        ({"mtu": 576}, "--mtu '576': not a number from 1280 to 65520"),
+        ({"mtu": "70000"}, "--mtu '70000'"),
     ],
 )
 def test_addresses_parse_errors(kwargs: dict, message: str) -> None:

@@ -317,7 +317,7 @@ def test_ping_without_ping_sockets_says_why(host, relay):
     (["--deny", "10.0.0.300/8"], "10.0.0.300"),
     (["--dns", "not-an-ip"], "--dns 'not-an-ip': not an IP address"),
     (["--dns", "1.2.3.4:0"], "port 0"),
-    (["--mtu", "100"], "mtu '100'"),
+    (["--mtu", "100"], "--mtu '100'"),
     (["--mtu", "abc"], "invalid int value"),
     (["--tcp", "quic"], "invalid choice: 'quic'"),
     (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),

@@ -307,7 +307,7 @@ def _parse_mtu(value: str | int) -> int:
     text = str(value)
     low, high = UsernetAddresses.MIN_MTU, UsernetAddresses.MAX_MTU
     if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
-        raise UserError(f"usernet mtu {text!r}: not a number from {low} to {high}")
+        raise UserError(f"--mtu {text!r}: not a number from {low} to {high}")
     return int(text)
 
 
