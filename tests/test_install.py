@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,53 @@ def test_man_pages_and_completion_are_installed(installed: Path) -> None:
               "echo ${COMPREPLY[@]}")
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["run"], done.stdout + done.stderr
+
+
+def test_sdist_and_wheel_hold_what_they_should(tmp_path: Path) -> None:
+    """The sdist carries what the README links to and what building needs; the wheel the
+    package, its type marker, the built relay (not its C source), man pages, completion."""
+    import tarfile
+    import zipfile
+
+    clone = copy_checkout(tmp_path / "clone")
+    built = tmp_path / "dist"
+    for command in (["sdist", "-d", str(built)], ["bdist_wheel", "-d", str(built)]):
+        done = subprocess.run([sys.executable, "setup.py", "-q", *command], cwd=clone,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 and "invalid command 'bdist_wheel'" in done.stderr:
+            pytest.skip("the wheel package is not installed next to this Python")
+        assert done.returncode == 0, done.stderr
+    (sdist,) = built.glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    for wanted in ("LICENSE", "README.md", "install.sh", "setup.py", "examples/forwards.toml",
+                   "examples/embed.py", "contrib/nsbridge-web.service",
+                   "nsbridge/usernet/_flowrelay.c", "docs/forward.md"):
+        assert wanted in names, f"{wanted} missing from the sdist"
+    (wheel,) = built.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "nsbridge/py.typed" in names
+    assert not any(name.endswith(".c") for name in names), sorted(names)
+    data = {name.split(".data/data/", 1)[1] for name in names if ".data/data/" in name}
+    if data:  # generated when argparse-manpage and shtab are importable (pip's builds)
+        assert data == {"share/man/man1/nsbridge.1", "share/man/man1/netns_tcp_bridge.1",
+                        "share/bash-completion/completions/nsbridge"}, data
+
+
+def test_an_old_pyroute2_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """pyroute2 0.9.1 (below the declared floor): `nsbridge run` says what to install."""
+    if not STOCK_PYTHON.exists():
+        pytest.skip("no /usr/bin/python3")
+    venv = tmp_path / "venv"
+    subprocess.run([str(STOCK_PYTHON), "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "pyroute2==0.9.1"],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "nsbridge", "run", "--",
+                             "true"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "pyroute2 0.9.1 is too old" in lines[0] and "pyroute2>=0.9.2" in lines[0], lines
