@@ -3,7 +3,9 @@
 Forwarding needs only the standard library.  User-mode networking (``run``/``attach``, the
 Python API) and the demo speak netlink through pyroute2, and ``run``'s TCP fast path uses
 pyroute2's nftables messages, which only 0.9.2 and later have: on 0.7.x (Debian 12's
-``python3-pyroute2``), 0.8.x and 0.9.1 importing them fails deep inside a call.  Checking
+``python3-pyroute2``), 0.8.x and 0.9.1 importing them fails deep inside a call.  0.9.2
+opens eight file descriptors at import (its event loop) and keeps them for the life of the
+process, which an embedding program sees as a leak; 0.9.3 is the first without either.  Checking
 the installed version up front turns that into a sentence that says what to install,
 instead of an ``ImportError`` traceback from the middle of a set-up.
 """
@@ -15,7 +17,7 @@ from importlib import metadata
 
 from .errors import UserError
 
-PYROUTE2_MINIMUM = (0, 9, 2)
+PYROUTE2_MINIMUM = (0, 9, 3)
 _MINIMUM_TEXT = ".".join(map(str, PYROUTE2_MINIMUM))
 _INSTALL_HINT = f"pip install 'pyroute2>={_MINIMUM_TEXT}' (into nsbridge's environment)"
 

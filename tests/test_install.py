@@ -178,4 +178,4 @@ def test_an_old_pyroute2_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert "pyroute2 0.9.1 is too old" in lines[0] and "pyroute2>=0.9.2" in lines[0], lines
+    assert "pyroute2 0.9.1 is too old" in lines[0] and "pyroute2>=0.9.3" in lines[0], lines
