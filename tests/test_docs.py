@@ -178,6 +178,13 @@ def test_relative_links_point_to_files_that_exist() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_readme_links_every_docs_page() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [page.name for page in sorted((REPO / "docs").glob("*.md"))
+               if f"](docs/{page.name})" not in readme]
+    assert not missing, f"README.md does not link {missing}"
+
+
 def test_readme_is_short() -> None:
     size = len((REPO / "README.md").read_bytes())
     assert size <= README_LIMIT, f"README.md is {size} bytes; move detail into docs/"
