@@ -12,7 +12,7 @@ Only what must be unique is substituted in an example, and only here (``substitu
 namespace names (``web``, ``app``) become fresh ``nsbt-...`` names, paths under ``/run/``
 move into the test's tmp directory, and ``examples/forwards.toml`` becomes a copy with the
 same substitutions.  Fixed ports need no substitution: every example runs inside a "host"
-namespace of the test's own (``ip netns exec HOST ...``; the ``host`` fixture in
+namespace of the test's own (``nsenter --net=/run/netns/HOST ...``; the ``host`` fixture in
 conftest.py, with 192.0.2.1 on it), so 8080 there is free and all traffic stays on its
 loopback or in namespaces the test created; the servers the examples talk to (an HTTP
 server on 192.0.2.1:80, a server on 127.0.0.1:80 of ``web``) are started by the test in
