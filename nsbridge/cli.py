@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the forwards described in a TOML file (see README: Config file)",
+        help="run the forwards described in a TOML file (see docs/forward.md: Config file)",
         description="Run a set of forwards from a TOML file, as a daemon.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=CONFIG_EPILOG,

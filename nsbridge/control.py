@@ -1,6 +1,6 @@
 """The control socket: change and inspect a running daemon, one JSON object per line.
 
-Protocol (documented in the README for other programs): a client connects to the Unix
+Protocol (documented in docs/control.md for other programs): a client connects to the Unix
 socket, writes one JSON object per line, and reads one JSON object per line back, in
 order.  Every reply has ``"ok"``; a failed request has ``"error"`` with a sentence.
 

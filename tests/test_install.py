@@ -179,3 +179,33 @@ def test_an_old_pyroute2_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert "pyroute2 0.9.1 is too old" in lines[0] and "pyroute2>=0.9.3" in lines[0], lines
+
+
+def uninstall_commands() -> str:
+    """The ``sh`` block of docs/install.md's "Uninstalling" section, as written there."""
+    text = (REPO / "docs" / "install.md").read_text()
+    section = text.split("## Uninstalling", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block is not None, "docs/install.md's Uninstalling section has no sh block"
+    return block.group(1)
+
+
+def test_uninstall_removes_the_venv_and_the_links(installed: Path) -> None:
+    """docs/install.md's uninstall steps, with root's default locations moved to the
+    fixture's (the only substitution), remove everything install.sh made.  Runs last:
+    the installation is gone afterwards."""
+    script = uninstall_commands()
+    for default, moved in (("/opt/nsbridge", installed / "venv"),
+                           ("/usr/local/bin", installed / "bin"),
+                           ("/usr/local/share", installed / "share")):
+        assert default in script, default
+        script = script.replace(default, str(moved))
+    made = [installed / "venv", *(installed / "bin").iterdir(),
+            *(installed / "share").rglob("*")]
+    links = [path for path in made if path.is_symlink()]
+    assert len(links) >= 6, made  # three commands, two man pages, the completion
+    result = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    left = [path for path in made if path.is_symlink() or path.is_file()]
+    assert not left, f"left behind: {left}"
+    assert not (installed / "venv").exists()
