@@ -29,7 +29,14 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <netinet/icmp6.h>
+#include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/ip6.h>
+#include <netinet/ip_icmp.h>
+#include <netinet/udp.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -42,6 +49,30 @@
 #define QUOTE_MAX 1280 /* an ICMP error quotes no more than the IPv6 minimum MTU */
 #define BATCH 64       /* packets per readiness event, for fairness */
 #define EVENTS 64
+#define REPLY_TTL 64   /* the hop limit of what the relay writes, as the engine's */
+
+/* ---- packet layout ----------------------------------------------------------------
+ *
+ * Headers are read and written through the <netinet/> structs.  A packet is a byte
+ * buffer with no alignment promise (a tun read, a Python buffer), so a header is
+ * copied into a local struct (memcpy: one load for the compiler) and never cast in
+ * place; where a checksum needs a header's bytes, offsetof() names where they are. */
+
+#define IP4_HLEN sizeof(struct iphdr)   /* without options */
+#define IP6_HLEN sizeof(struct ip6_hdr) /* the fixed header; no extension headers */
+#define UDP_HLEN sizeof(struct udphdr)
+#define ICMP_HLEN sizeof(struct icmphdr) /* the echo part: type, code, sum, id, sequence */
+#define IP4_SRC offsetof(struct iphdr, saddr)
+#define IP4_DST offsetof(struct iphdr, daddr)
+#define IP6_SRC offsetof(struct ip6_hdr, ip6_src)
+#define IP6_DST offsetof(struct ip6_hdr, ip6_dst)
+
+/* ICMPv6's echo (RFC 4443 4.1) has ICMP's echo layout, so one struct serves both. */
+_Static_assert(sizeof(struct icmp6_hdr) == sizeof(struct icmphdr), "echo header size");
+_Static_assert(offsetof(struct icmp6_hdr, icmp6_id) == offsetof(struct icmphdr, un.echo.id),
+               "echo id offset");
+_Static_assert(offsetof(struct icmp6_hdr, icmp6_cksum) == offsetof(struct icmphdr, checksum),
+               "echo checksum offset");
 
 /* What classify_request says of a packet read from the device. */
 enum verdict {
@@ -61,10 +92,12 @@ static const char *const verdict_names[V_COUNT] = {
     "other icmp",
 };
 
-#define PROTO_ICMP 1
-#define PROTO_UDP 17
-#define PROTO_ICMPV6 58
-#define PROTO_FRAGMENT6 44
+/* The two kinds of flow, each with counters of its own. */
+enum kind { KIND_ECHO = 0, KIND_UDP, KIND_COUNT };
+
+/* What an epoll event's data.u32 says woke the thread: the stop eventfd, the device,
+ * or (from FLOW_TAG on) the socket of the flow in slot tag - FLOW_TAG. */
+enum tag { STOP_TAG = 0, DEVICE_TAG = 1, FLOW_TAG = 2 };
 
 static uint32_t ones_add(const uint8_t *p, size_t n, uint32_t sum)
 {
@@ -82,14 +115,6 @@ static uint16_t fold(uint32_t sum)
     return (uint16_t)sum;
 }
 
-static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
 /* The sum of the pseudo-header (addresses of ``alen`` bytes: 4 or 16) of a UDP
  * datagram or ICMPv6 message of ``length`` bytes. */
 static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t alen, uint8_t proto,
@@ -99,85 +124,170 @@ static uint32_t pseudo_sum(const uint8_t *src, const uint8_t *dst, size_t alen, 
            (uint32_t)(length & 0xFFFF);
 }
 
+/* A valid checksum makes the ones' complement sum over what it covers all ones. */
+static int sums_to_ones(uint32_t sum) { return fold(sum) == 0xFFFF; }
+
 /* The checks of an IPv6 packet (no extension headers but a fragment header, which
  * is refused as the IPv4 fragments are). */
 static enum verdict classify6(const uint8_t *p, size_t n, size_t *ihl)
 {
-    if (n < 48 || be16(p + 4) != n - 40)
+    struct ip6_hdr ip;
+    if (n < IP6_HLEN + ICMP_HLEN)
         return V_MALFORMED;
-    const uint8_t nh = p[6];
-    const size_t len = n - 40;
-    *ihl = 40;
-    if (nh == PROTO_FRAGMENT6)
+    memcpy(&ip, p, sizeof ip);
+    const size_t len = n - IP6_HLEN; /* of the UDP datagram or ICMPv6 message */
+    if (ntohs(ip.ip6_plen) != len)
+        return V_MALFORMED;
+    const uint8_t nh = ip.ip6_nxt;
+    const uint8_t *l4 = p + IP6_HLEN;
+    *ihl = IP6_HLEN;
+    if (nh == IPPROTO_FRAGMENT)
         return V_FRAGMENT;
-    if (nh != PROTO_UDP && nh != PROTO_ICMPV6)
+    if (nh != IPPROTO_UDP && nh != IPPROTO_ICMPV6)
         return V_OTHER_PROTO;
-    if (nh == PROTO_UDP && be16(p + 44) != len)
+    struct udphdr udp;
+    memcpy(&udp, l4, sizeof udp);
+    if (nh == IPPROTO_UDP && ntohs(udp.len) != len)
         return V_MALFORMED;
     /* Both checksums are mandatory over IPv6 (RFC 8200 8.1). */
-    if (fold(ones_add(p + 40, len, pseudo_sum(p + 8, p + 24, 16, nh, len))) != 0xFFFF ||
-        (nh == PROTO_UDP && be16(p + 46) == 0))
+    if (!sums_to_ones(ones_add(l4, len, pseudo_sum(p + IP6_SRC, p + IP6_DST, 16, nh, len))) ||
+        (nh == IPPROTO_UDP && udp.check == 0))
         return V_BAD_CHECKSUM;
-    if (nh == PROTO_UDP)
+    if (nh == IPPROTO_UDP)
         return V_UDP;
-    return p[40] == 128 && p[41] == 0 ? V_ECHO : V_OTHER_ICMP;
+    struct icmp6_hdr icmp;
+    memcpy(&icmp, l4, sizeof icmp);
+    return icmp.icmp6_type == ICMP6_ECHO_REQUEST && icmp.icmp6_code == 0 ? V_ECHO : V_OTHER_ICMP;
+}
+
+/* The checks of an IPv4 packet. */
+static enum verdict classify4(const uint8_t *p, size_t n, size_t *ihl)
+{
+    struct iphdr ip;
+    if (n < IP4_HLEN)
+        return V_MALFORMED;
+    memcpy(&ip, p, sizeof ip);
+    const size_t hl = (size_t)ip.ihl * 4;
+    /* The UDP header and ICMP's echo header are both eight bytes: the least either holds. */
+    if (hl < IP4_HLEN || n < hl + UDP_HLEN || ntohs(ip.tot_len) != n)
+        return V_MALFORMED;
+    if (ntohs(ip.frag_off) & (IP_MF | IP_OFFMASK))
+        return V_FRAGMENT;
+    if (ip.protocol != IPPROTO_ICMP && ip.protocol != IPPROTO_UDP)
+        return V_OTHER_PROTO;
+    if (!sums_to_ones(ones_add(p, hl, 0)))
+        return V_BAD_CHECKSUM;
+    *ihl = hl;
+    const uint8_t *l4 = p + hl;
+    const size_t len = n - hl;
+    if (ip.protocol == IPPROTO_UDP) {
+        struct udphdr udp;
+        memcpy(&udp, l4, sizeof udp);
+        if (ntohs(udp.len) != len)
+            return V_MALFORMED;
+        /* A zero checksum means "none" (RFC 768); anything else must add up. */
+        if (udp.check &&
+            !sums_to_ones(ones_add(l4, len, pseudo_sum(p + IP4_SRC, p + IP4_DST, 4, IPPROTO_UDP,
+                                                       len))))
+            return V_BAD_CHECKSUM;
+        return V_UDP;
+    }
+    if (!sums_to_ones(ones_add(l4, len, 0)))
+        return V_BAD_CHECKSUM;
+    struct icmphdr icmp;
+    memcpy(&icmp, l4, sizeof icmp);
+    return icmp.type == ICMP_ECHO && icmp.code == 0 ? V_ECHO : V_OTHER_ICMP;
 }
 
 /* The sans-IO check of one packet; on V_ECHO and V_UDP, *ihl is the IP header length. */
 static enum verdict classify_request(const uint8_t *p, size_t n, size_t *ihl)
 {
-    if (n >= 1 && p[0] >> 4 == 6)
+    const unsigned version = n >= 1 ? p[0] >> 4 : 0;
+    if (version == 6)
         return classify6(p, n, ihl);
-    if (n < 1 || p[0] >> 4 != 4)
-        return V_NOT_IP;
-    size_t hl = (size_t)(p[0] & 0x0F) * 4;
-    if (hl < 20 || n < hl + 8 || be16(p + 2) != n)
-        return V_MALFORMED;
-    if (be16(p + 6) & 0x3FFF)
-        return V_FRAGMENT;
-    if (p[9] != PROTO_ICMP && p[9] != PROTO_UDP)
-        return V_OTHER_PROTO;
-    if (fold(ones_add(p, hl, 0)) != 0xFFFF)
-        return V_BAD_CHECKSUM;
-    *ihl = hl;
-    if (p[9] == PROTO_UDP) {
-        if (be16(p + hl + 4) != n - hl)
-            return V_MALFORMED;
-        /* A zero checksum means "none" (RFC 768); anything else must add up. */
-        if (be16(p + hl + 6) &&
-            fold(ones_add(p + hl, n - hl, pseudo_sum(p + 12, p + 16, 4, PROTO_UDP, n - hl))) !=
-                0xFFFF)
-            return V_BAD_CHECKSUM;
-        return V_UDP;
-    }
-    if (fold(ones_add(p + hl, n - hl, 0)) != 0xFFFF)
-        return V_BAD_CHECKSUM;
-    if (p[hl] != 8 || p[hl + 1] != 0)
-        return V_OTHER_ICMP;
-    return V_ECHO;
+    if (version == IPVERSION)
+        return classify4(p, n, ihl);
+    return V_NOT_IP;
 }
 
+/* What identifies a flow: protocol, both addresses (16 bytes: IPv4 ones are followed
+ * by zeros) and both ports (echo: the namespace's id and 0). */
+struct flow_key {
+    uint8_t src[16], dst[16]; /* the namespace's addresses: the request's */
+    uint8_t alen;             /* 4 or 16 */
+    uint8_t proto;            /* IPPROTO_ICMP or IPPROTO_ICMPV6 (an echo "session"), IPPROTO_UDP */
+    uint16_t sport;           /* UDP: the namespace's port; echo: its id (the ping
+                               * socket's is the kernel's) */
+    uint16_t dport;           /* UDP: the destination port; echo: 0 */
+};
+
+/* The sans-IO reading of one packet: its verdict, and for an echo request or a UDP
+ * datagram the key of its flow and where its payload starts (UDP: the data; echo: the
+ * ICMP message as is, since the ping socket sets id and checksum). */
+static enum verdict read_request(const uint8_t *p, size_t n, struct flow_key *key,
+                                 size_t *payload)
+{
+    size_t ihl = 0;
+    enum verdict v = classify_request(p, n, &ihl);
+    if (v != V_ECHO && v != V_UDP)
+        return v;
+    const int v6 = p[0] >> 4 == 6;
+    memset(key, 0, sizeof *key);
+    key->alen = v6 ? 16 : 4;
+    memcpy(key->src, p + (v6 ? IP6_SRC : IP4_SRC), key->alen);
+    memcpy(key->dst, p + (v6 ? IP6_DST : IP4_DST), key->alen);
+    if (v == V_UDP) {
+        struct udphdr udp;
+        memcpy(&udp, p + ihl, sizeof udp);
+        key->proto = IPPROTO_UDP;
+        key->sport = ntohs(udp.source);
+        key->dport = ntohs(udp.dest);
+        *payload = ihl + UDP_HLEN;
+    } else {
+        struct icmphdr echo;
+        memcpy(&echo, p + ihl, sizeof echo);
+        key->proto = v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP;
+        key->sport = ntohs(echo.un.echo.id);
+        key->dport = 0;
+        *payload = ihl;
+    }
+    return v;
+}
+
+static enum kind kind_of(uint8_t proto) { return proto == IPPROTO_UDP ? KIND_UDP : KIND_ECHO; }
+
 struct flow {
-    uint8_t src[16], dst[16]; /* the namespace's addresses: the request's (IPv4: 4 bytes,
-                               * then zeros) */
-    uint8_t alen;           /* 4 or 16 */
-    uint8_t proto;          /* PROTO_ICMP or PROTO_ICMPV6 (an echo "session"), PROTO_UDP */
-    uint16_t sport;         /* UDP: the namespace's port; echo: its id (the ping
-                             * socket's is the kernel's) */
-    uint16_t dport;         /* UDP: the destination port; echo: 0 */
-    int fd;                 /* the host ping socket, -1 while the slot is free */
+    struct flow_key key;
+    int fd;                 /* the host socket, -1 while the slot is free */
     int next;               /* hash chain, -1 ends it */
     double last;            /* CLOCK_MONOTONIC seconds of the latest request or reply */
-    uint32_t ip_sum;        /* the reply header's sum without length and checksum */
+    uint32_t ip_sum;        /* IPv4: the reply header's sum without length and checksum */
     uint16_t quote_len;
     uint8_t quote[QUOTE_MAX]; /* the latest request, for an ICMP error about it */
 };
 
-/* Per-protocol counters (index 0: echo, 1: UDP). */
+/* Per-kind counters; stats() names them as the engine names its own (kind_names). */
 struct counts {
     unsigned long long out, in, bytes_out, bytes_in;  /* requests/datagrams each way */
-    unsigned long long flows_total, flows_expired, flows_evicted;
+    unsigned long long flows_opened, flows_expired, flows_evicted;
     int active;
+};
+
+/* The engine's counter names (engine.py's EngineStats), so that runner.py adds each
+ * of these to the engine's counter of the same name and users read one set of figures
+ * whichever path served a packet.  The names no engine counter has are the relay's
+ * own: flows_opened (the engine counts each flow it decides in *_flows_total, so the
+ * relay's count of the same flows must not be added to it), the echo byte counts and
+ * echo evictions (the engine keeps neither). */
+static const struct kind_names {
+    const char *out, *in, *bytes_out, *bytes_in, *active, *opened, *expired, *evicted;
+} kind_names[KIND_COUNT] = {
+    [KIND_ECHO] = {"icmp_echo_requests", "icmp_echo_replies", "icmp_bytes_out",
+                   "icmp_bytes_in", "icmp_flows_active", "icmp_flows_opened",
+                   "icmp_flows_expired", "icmp_flows_evicted"},
+    [KIND_UDP] = {"udp_datagrams_out", "udp_datagrams_in", "udp_bytes_out", "udp_bytes_in",
+                  "udp_flows_active", "udp_flows_opened", "udp_flows_expired",
+                  "udp_flows_evicted"},
 };
 
 typedef struct {
@@ -197,15 +307,13 @@ typedef struct {
     int running;
     /* Counters: written by the relay thread only and read without a lock (a torn read
      * of a growing 64-bit counter does not happen on the supported architectures). */
-    struct counts kind[2];
+    struct counts kind[KIND_COUNT];
     unsigned long long frames_in, bytes_in, frames_out, bytes_out;
     unsigned long long rejected[V_COUNT];
     unsigned long long tun_full, send_full, send_errors, callback_errors;
     uint8_t buf[PACKET_MAX + 1];
     uint8_t out[PACKET_MAX + 1];
 } Relay;
-
-static int kind_of(uint8_t proto) { return proto == PROTO_UDP; }
 
 static double now_seconds(void)
 {
@@ -214,41 +322,40 @@ static double now_seconds(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Flows are keyed by protocol, address length, both 16-byte (zero-padded) addresses
- * and both ports (echo: the id and 0). */
-static unsigned bucket_of(const Relay *r, uint8_t proto, const uint8_t *src, const uint8_t *dst,
-                          uint16_t sport, uint16_t dport)
+static unsigned bucket_of(const Relay *r, const struct flow_key *key)
 {
     /* The address length is not hashed: a 16-byte address equal to a zero-padded IPv4
      * one only shares a bucket, find_flow compares it. */
-    uint32_t h = ((uint32_t)sport << 16 | dport) * 3266489917u ^ proto;
+    uint32_t h = ((uint32_t)key->sport << 16 | key->dport) * 3266489917u ^ key->proto;
     for (int k = 0; k < 16; k += 4) {
         uint32_t a, b;
-        memcpy(&a, src + k, 4);
-        memcpy(&b, dst + k, 4);
+        memcpy(&a, key->src + k, 4);
+        memcpy(&b, key->dst + k, 4);
         h = (h ^ a) * 2654435761u;
         h = (h ^ b) * 2246822519u;
     }
     return (h ^ (h >> 15)) & (unsigned)(r->nbuckets - 1);
 }
 
-static int find_flow(const Relay *r, uint8_t proto, uint8_t alen, const uint8_t *src,
-                     const uint8_t *dst, uint16_t sport, uint16_t dport)
+static int same_key(const struct flow_key *a, const struct flow_key *b)
 {
-    int i = r->buckets[bucket_of(r, proto, src, dst, sport, dport)];
-    for (; i >= 0; i = r->flows[i].next) {
-        const struct flow *f = &r->flows[i];
-        if (f->sport == sport && f->dport == dport && f->proto == proto &&
-            !memcmp(f->src, src, 16) && !memcmp(f->dst, dst, 16) && f->alen == alen)
+    return a->sport == b->sport && a->dport == b->dport && a->proto == b->proto &&
+           !memcmp(a->src, b->src, 16) && !memcmp(a->dst, b->dst, 16) && a->alen == b->alen;
+}
+
+static int find_flow(const Relay *r, const struct flow_key *key)
+{
+    int i = r->buckets[bucket_of(r, key)];
+    for (; i >= 0; i = r->flows[i].next)
+        if (same_key(&r->flows[i].key, key))
             return i;
-    }
     return -1;
 }
 
 static void remove_flow(Relay *r, int i)
 {
     struct flow *f = &r->flows[i];
-    int *link = &r->buckets[bucket_of(r, f->proto, f->src, f->dst, f->sport, f->dport)];
+    int *link = &r->buckets[bucket_of(r, &f->key)];
     while (*link != i)
         link = &r->flows[*link].next;
     *link = f->next;
@@ -256,7 +363,7 @@ static void remove_flow(Relay *r, int i)
     close(f->fd);
     f->fd = -1;
     r->active--;
-    r->kind[kind_of(f->proto)].active--;
+    r->kind[kind_of(f->key.proto)].active--;
 }
 
 /* A free slot; when all are taken, the least recently used flow gives its up (as the
@@ -270,7 +377,7 @@ static int free_slot(Relay *r)
         if (oldest < 0 || r->flows[i].last < r->flows[oldest].last)
             oldest = i;
     }
-    r->kind[kind_of(r->flows[oldest].proto)].flows_evicted++;
+    r->kind[kind_of(r->flows[oldest].key.proto)].flows_evicted++;
     remove_flow(r, oldest);
     return oldest;
 }
@@ -305,40 +412,55 @@ static void report_error(Relay *r, struct flow *f, int err)
     call_on_error(r, f->quote, f->quote_len, err);
 }
 
-/* The IP header of a packet from the flow's destination back to the namespace. */
-static void reply_header(const struct flow *f, uint8_t *out, size_t total)
+/* The IP header of a packet of ``total`` bytes from the flow's destination back to the
+ * namespace; IPv4's checksum left zero (reply_header adds it). */
+static void reply_header_unsummed(const struct flow *f, uint8_t *out, size_t total)
 {
-    if (f->alen == 16) {
-        out[0] = 0x60;
-        out[1] = out[2] = out[3] = 0;
-        put16(out + 4, (uint16_t)(total - 40));
-        out[6] = f->proto;
-        out[7] = 64;
-        memcpy(out + 8, f->dst, 16);
-        memcpy(out + 24, f->src, 16);
+    const struct flow_key *k = &f->key;
+    if (k->alen == 16) {
+        struct ip6_hdr ip = {0};
+        ip.ip6_vfc = 6 << 4;
+        ip.ip6_plen = htons((uint16_t)(total - IP6_HLEN));
+        ip.ip6_nxt = k->proto;
+        ip.ip6_hlim = REPLY_TTL;
+        memcpy(&ip.ip6_src, k->dst, 16);
+        memcpy(&ip.ip6_dst, k->src, 16);
+        memcpy(out, &ip, sizeof ip);
         return;
     }
-    out[0] = 0x45;
-    out[1] = 0;
-    put16(out + 2, (uint16_t)total);
-    put16(out + 4, 0);
-    put16(out + 6, 0x4000);
-    out[8] = 64;
-    out[9] = f->proto;
-    memcpy(out + 12, f->dst, 4);
-    memcpy(out + 16, f->src, 4);
-    put16(out + 10, (uint16_t)~fold(f->ip_sum + total));
+    struct iphdr ip = {0};
+    ip.version = IPVERSION;
+    ip.ihl = IP4_HLEN / 4;
+    ip.tot_len = htons((uint16_t)total);
+    ip.frag_off = htons(IP_DF);
+    ip.ttl = REPLY_TTL;
+    ip.protocol = k->proto;
+    memcpy(&ip.saddr, k->dst, 4);
+    memcpy(&ip.daddr, k->src, 4);
+    memcpy(out, &ip, sizeof ip);
+}
+
+/* The reply's IP header, checksummed: only its length changes from one reply of a
+ * flow to the next, so the rest of the IPv4 header's sum is the flow's ip_sum. */
+static void reply_header(const struct flow *f, uint8_t *out, size_t total)
+{
+    reply_header_unsummed(f, out, total);
+    if (f->key.alen == 4) {
+        uint16_t check = htons((uint16_t)~fold(f->ip_sum + total));
+        memcpy(out + offsetof(struct iphdr, check), &check, sizeof check);
+    }
 }
 
 /* Relay the flow's queued replies (at most a batch) to the tun. */
 static void drain_replies(Relay *r, struct flow *f)
 {
     uint8_t *out = r->out;
-    const int udp = f->proto == PROTO_UDP;
-    const size_t ip = f->alen == 16 ? 40 : 20;  /* the IP header's length */
-    const size_t head = ip + (udp ? 8 : 0);      /* where the received bytes go */
+    const struct flow_key *key = &f->key;
+    const int udp = key->proto == IPPROTO_UDP;
+    const size_t ip = key->alen == 16 ? IP6_HLEN : IP4_HLEN;
+    const size_t head = ip + (udp ? UDP_HLEN : 0); /* where the received bytes go */
     uint8_t *l4 = out + ip;
-    struct counts *c = &r->kind[udp];
+    struct counts *c = &r->kind[kind_of(key->proto)];
     int got = 0;
     for (int k = 0; k < BATCH; k++) {
         ssize_t m = recv(f->fd, out + head, PACKET_MAX - head, MSG_DONTWAIT | MSG_TRUNC);
@@ -355,26 +477,38 @@ static void drain_replies(Relay *r, struct flow *f)
         }
         size_t total = head + (size_t)m;
         size_t length = total - ip; /* of the UDP datagram or ICMP message */
+        size_t sum_at;              /* where its checksum goes */
         if (udp) {
-            put16(l4, f->dport);
-            put16(l4 + 2, f->sport);
-            put16(l4 + 4, (uint16_t)length);
-            put16(l4 + 6, 0);
+            struct udphdr h = {0};
+            h.source = htons(key->dport);
+            h.dest = htons(key->sport);
+            h.len = htons((uint16_t)length);
+            memcpy(l4, &h, sizeof h);
+            sum_at = offsetof(struct udphdr, check);
         } else {
-            uint8_t reply = f->alen == 16 ? 129 : 0;
-            if (m < 8 || l4[0] != reply) /* not an echo reply */
+            struct icmphdr h;
+            const uint8_t reply = key->alen == 16 ? ICMP6_ECHO_REPLY : ICMP_ECHOREPLY;
+            if ((size_t)m < ICMP_HLEN)
+                continue; /* not an echo reply */
+            memcpy(&h, l4, sizeof h);
+            if (h.type != reply)
                 continue;
             /* The reply carries the kernel's id; the namespace must see its own. */
-            l4[1] = 0;
-            put16(l4 + 2, 0);
-            put16(l4 + 4, f->sport);
+            h.code = 0;
+            h.checksum = 0;
+            h.un.echo.id = htons(key->sport);
+            memcpy(l4, &h, sizeof h);
+            sum_at = offsetof(struct icmphdr, checksum);
         }
         /* UDP and ICMPv6 sum a pseudo-header; ICMP over IPv4 does not. */
-        uint32_t pseudo = f->proto == PROTO_ICMP
+        uint32_t pseudo = key->proto == IPPROTO_ICMP
                               ? 0
-                              : pseudo_sum(f->dst, f->src, f->alen, f->proto, length);
+                              : pseudo_sum(key->dst, key->src, key->alen, key->proto, length);
         uint16_t sum = (uint16_t)~fold(ones_add(l4, length, pseudo));
-        put16(l4 + (udp ? 6 : 2), udp && !sum ? 0xFFFF : sum); /* UDP: 0 means "none" */
+        if (udp && !sum)
+            sum = 0xFFFF; /* UDP: a zero checksum would mean "none" */
+        sum = htons(sum);
+        memcpy(l4 + sum_at, &sum, sizeof sum);
         reply_header(f, out, total);
         c->in++; /* counted before the write, so a reader of the reply sees it counted */
         c->bytes_in += (size_t)m;
@@ -386,8 +520,7 @@ static void drain_replies(Relay *r, struct flow *f)
 }
 
 /* Ask Python about a packet with no flow; the new flow's slot, or -1. */
-static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint8_t alen,
-                     const uint8_t *src, const uint8_t *dst, uint16_t sport, uint16_t dport)
+static int open_flow(Relay *r, const uint8_t *p, size_t n, const struct flow_key *key)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     long fd = -1;
@@ -406,54 +539,48 @@ static int open_flow(Relay *r, const uint8_t *p, size_t n, uint8_t proto, uint8_
         return -1;
     int i = free_slot(r);
     struct flow *f = &r->flows[i];
-    memcpy(f->src, src, 16);
-    memcpy(f->dst, dst, 16);
-    f->alen = alen;
-    f->proto = proto;
-    f->sport = sport;
-    f->dport = dport;
+    f->key = *key;
     f->fd = (int)fd;
-    /* IPv4: version/IHL, DF, TTL 64 + protocol, the reply's addresses: fixed per flow. */
-    f->ip_sum = ones_add(f->dst, 4, ones_add(f->src, 4, 0x4500 + 0x4000 + (64 << 8 | proto)));
-    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i + 2};
+    f->ip_sum = 0;
+    if (key->alen == 4) {
+        /* The reply header without its length and checksum is fixed per flow. */
+        uint8_t header[IP4_HLEN];
+        reply_header_unsummed(f, header, 0);
+        f->ip_sum = ones_add(header, sizeof header, 0);
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = FLOW_TAG + (uint32_t)i};
     if (epoll_ctl(r->epoll, EPOLL_CTL_ADD, f->fd, &ev) < 0) {
         close(f->fd);
         f->fd = -1;
         r->callback_errors++;
         return -1;
     }
-    unsigned b = bucket_of(r, proto, f->src, f->dst, sport, dport);
+    unsigned b = bucket_of(r, &f->key);
     f->next = r->buckets[b];
     r->buckets[b] = i;
     r->active++;
-    r->kind[kind_of(proto)].active++;
-    r->kind[kind_of(proto)].flows_total++;
+    struct counts *c = &r->kind[kind_of(key->proto)];
+    c->active++;
+    c->flows_opened++;
     return i;
 }
 
 static void handle_request(Relay *r, const uint8_t *p, size_t n)
 {
-    size_t ihl;
-    enum verdict v = classify_request(p, n, &ihl);
+    struct flow_key key;
+    size_t payload;
+    enum verdict v = read_request(p, n, &key, &payload);
     if (v != V_ECHO && v != V_UDP) {
         r->rejected[v]++;
         return;
     }
     const int udp = v == V_UDP;
-    const int v6 = p[0] >> 4 == 6;
-    const uint8_t alen = v6 ? 16 : 4;
-    const uint8_t proto = udp ? PROTO_UDP : v6 ? PROTO_ICMPV6 : PROTO_ICMP;
-    const uint16_t sport = be16(p + ihl + (udp ? 0 : 4)); /* UDP source port, echo id */
-    const uint16_t dport = udp ? be16(p + ihl + 2) : 0;
-    uint8_t src[16] = {0}, dst[16] = {0};
-    memcpy(src, p + (v6 ? 8 : 12), alen);
-    memcpy(dst, p + (v6 ? 24 : 16), alen);
-    struct counts *c = &r->kind[udp];
+    struct counts *c = &r->kind[kind_of(key.proto)];
     if (!udp)
         c->out++; /* every echo request counts (as in the engine); a datagram once sent */
-    int i = find_flow(r, proto, alen, src, dst, sport, dport);
+    int i = find_flow(r, &key);
     if (i < 0) {
-        i = open_flow(r, p, n, proto, alen, src, dst, sport, dport);
+        i = open_flow(r, p, n, &key);
         if (i < 0)
             return;
     }
@@ -461,9 +588,8 @@ static void handle_request(Relay *r, const uint8_t *p, size_t n)
     f->quote_len = (uint16_t)(n < QUOTE_MAX ? n : QUOTE_MAX);
     memcpy(f->quote, p, f->quote_len);
     f->last = now_seconds();
-    /* UDP: the payload; echo: the ICMP message as is (the kernel sets id and checksum). */
-    const uint8_t *data = p + ihl + (udp ? 8 : 0);
-    size_t len = n - ihl - (udp ? 8 : 0);
+    const uint8_t *data = p + payload;
+    size_t len = n - payload;
     for (int attempt = 0;; attempt++) {
         if (send(f->fd, data, len, MSG_DONTWAIT) >= 0)
             break;
@@ -517,7 +643,7 @@ static void sweep(Relay *r, double now)
 {
     for (int i = 0; i < r->max_flows; i++) {
         if (r->flows[i].fd >= 0 && now - r->flows[i].last > r->idle_timeout) {
-            r->kind[kind_of(r->flows[i].proto)].flows_expired++;
+            r->kind[kind_of(r->flows[i].key.proto)].flows_expired++;
             remove_flow(r, i);
         }
     }
@@ -540,9 +666,9 @@ static void *relay_main(void *arg)
             break;
         for (int k = 0; k < n; k++) {
             uint32_t tag = events[k].data.u32;
-            if (tag == 0)
-                return NULL; /* stop */
-            if (tag == 1) {
+            if (tag == STOP_TAG)
+                return NULL;
+            if (tag == DEVICE_TAG) {
                 int err = drain_tun(r);
                 if (!err && events[k].events & (EPOLLERR | EPOLLHUP))
                     err = EBADFD;
@@ -552,7 +678,7 @@ static void *relay_main(void *arg)
                 }
                 continue;
             }
-            struct flow *f = &r->flows[tag - 2];
+            struct flow *f = &r->flows[tag - FLOW_TAG];
             if (f->fd >= 0)
                 drain_replies(r, f);
         }
@@ -620,8 +746,8 @@ static int Relay_init(Relay *self, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    struct epoll_event stop = {.events = EPOLLIN, .data.u32 = 0};
-    struct epoll_event dev = {.events = EPOLLIN, .data.u32 = 1};
+    struct epoll_event stop = {.events = EPOLLIN, .data.u32 = STOP_TAG};
+    struct epoll_event dev = {.events = EPOLLIN, .data.u32 = DEVICE_TAG};
     if (epoll_ctl(self->epoll, EPOLL_CTL_ADD, self->stop_fd, &stop) < 0 ||
         epoll_ctl(self->epoll, EPOLL_CTL_ADD, tun, &dev) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -688,30 +814,28 @@ static int add_count(PyObject *dict, const char *name, unsigned long long value)
     return rc;
 }
 
-static PyObject *counts_dict(const struct counts *c, const char *out, const char *in)
+/* Add one kind's counters to the stats dict, under the engine's names (kind_names). */
+static int add_kind(PyObject *d, const struct counts *c, const struct kind_names *name)
 {
-    PyObject *d = PyDict_New();
-    if (d == NULL)
-        return NULL;
-    if (add_count(d, out, c->out) < 0 || add_count(d, in, c->in) < 0 ||
-        add_count(d, "bytes_out", c->bytes_out) < 0 || add_count(d, "bytes_in", c->bytes_in) < 0 ||
-        add_count(d, "flows_active", (unsigned long long)c->active) < 0 ||
-        add_count(d, "flows_total", c->flows_total) < 0 ||
-        add_count(d, "flows_expired", c->flows_expired) < 0 ||
-        add_count(d, "flows_evicted", c->flows_evicted) < 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
+    return add_count(d, name->out, c->out) < 0 || add_count(d, name->in, c->in) < 0 ||
+                   add_count(d, name->bytes_out, c->bytes_out) < 0 ||
+                   add_count(d, name->bytes_in, c->bytes_in) < 0 ||
+                   add_count(d, name->active, (unsigned long long)c->active) < 0 ||
+                   add_count(d, name->opened, c->flows_opened) < 0 ||
+                   add_count(d, name->expired, c->flows_expired) < 0 ||
+                   add_count(d, name->evicted, c->flows_evicted) < 0
+               ? -1
+               : 0;
 }
 
+/* One flat dict: the counters the engine also keeps, by its names (frames_in...,
+ * icmp_echo_requests..., udp_datagrams_out...), then the relay's own (see kind_names),
+ * and ``rejected``: the packets classify_request refused, by verdict. */
 static PyObject *Relay_stats(Relay *self, PyObject *Py_UNUSED(ignored))
 {
     PyObject *d = PyDict_New();
     PyObject *rejected = PyDict_New();
-    PyObject *icmp = counts_dict(&self->kind[0], "requests", "replies");
-    PyObject *udp = counts_dict(&self->kind[1], "datagrams_out", "datagrams_in");
-    if (d == NULL || rejected == NULL || icmp == NULL || udp == NULL)
+    if (d == NULL || rejected == NULL)
         goto fail;
     for (int v = V_NOT_IP; v < V_COUNT; v++)
         if (self->rejected[v] && add_count(rejected, verdict_names[v], self->rejected[v]) < 0)
@@ -719,23 +843,22 @@ static PyObject *Relay_stats(Relay *self, PyObject *Py_UNUSED(ignored))
     if (add_count(d, "frames_in", self->frames_in) < 0 ||
         add_count(d, "bytes_in", self->bytes_in) < 0 ||
         add_count(d, "frames_out", self->frames_out) < 0 ||
-        add_count(d, "bytes_out", self->bytes_out) < 0 ||
-        add_count(d, "tun_full", self->tun_full) < 0 ||
+        add_count(d, "bytes_out", self->bytes_out) < 0)
+        goto fail;
+    for (int k = 0; k < KIND_COUNT; k++)
+        if (add_kind(d, &self->kind[k], &kind_names[k]) < 0)
+            goto fail;
+    if (add_count(d, "tun_full", self->tun_full) < 0 ||
         add_count(d, "send_full", self->send_full) < 0 ||
         add_count(d, "send_errors", self->send_errors) < 0 ||
         add_count(d, "callback_errors", self->callback_errors) < 0 ||
-        PyDict_SetItemString(d, "icmp", icmp) < 0 || PyDict_SetItemString(d, "udp", udp) < 0 ||
         PyDict_SetItemString(d, "rejected", rejected) < 0)
         goto fail;
     Py_DECREF(rejected);
-    Py_DECREF(icmp);
-    Py_DECREF(udp);
     return d;
 fail:
     Py_XDECREF(d);
     Py_XDECREF(rejected);
-    Py_XDECREF(icmp);
-    Py_XDECREF(udp);
     return NULL;
 }
 
@@ -789,9 +912,32 @@ static PyObject *classify(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyUnicode_FromString(verdict_names[v]);
 }
 
+/* For tests only: the flow handle_request files a packet under, from the very function
+ * it uses (read_request), so a differential test can hold the relay's reading of
+ * hostile bytes against the engine's parser (packets.parse_frame) field by field.
+ * classify() alone says "echo" or "udp", not whose flow it would be. */
+static PyObject *flow_key(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    struct flow_key key;
+    size_t payload = 0;
+    enum verdict v = read_request(view.buf, (size_t)view.len, &key, &payload);
+    PyBuffer_Release(&view);
+    if (v != V_ECHO && v != V_UDP)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iy#y#iin)", key.proto, (const char *)key.src, (Py_ssize_t)key.alen,
+                         (const char *)key.dst, (Py_ssize_t)key.alen, key.sport, key.dport,
+                         (Py_ssize_t)payload);
+}
+
 static PyMethodDef module_methods[] = {
     {"classify", classify, METH_O,
-     "What the relay makes of one IPv4 packet: 'echo', 'udp' or why it drops it."},
+     "What the relay makes of one IP packet: 'echo', 'udp' or why it drops it."},
+    {"flow_key", flow_key, METH_O,
+     "For tests: (protocol, src, dst, sport or echo id, dport or 0, payload offset) of the "
+     "flow the relay files a packet under, or None when it drops it."},
     {NULL},
 };
 
