@@ -26,7 +26,14 @@ class Relay:
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def stats(self) -> dict[str, Any]:
-        """Counters: ints, and the dicts ``icmp``, ``udp`` and ``rejected`` of ints."""
+        """Counters, flat: ints named as the engine's (``EngineStats``) where the engine
+        keeps the same counter, the relay's own otherwise, and ``rejected``, a dict of
+        ints by the reason ``classify`` gives."""
 
 def classify(packet: ReadableBuffer, /) -> str:
     """What the relay makes of one packet: ``"echo"``, ``"udp"`` or why it drops it."""
+
+def flow_key(packet: ReadableBuffer, /) -> tuple[int, bytes, bytes, int, int, int] | None:
+    """For tests: (IP protocol, source, destination, source port or echo id, destination
+    port or 0, payload offset) of the flow the relay files ``packet`` under, or None
+    when it drops it."""

@@ -483,26 +483,17 @@ def _drive(handle: Any, options: UsernetOptions, policy: Any, stops: StopSignals
             log.info("usernet: %s", summary(network.stats()))
 
 
-# Which of the native relay's counters add to which of the engine's.
-_RELAY_COUNTERS = (
-    (None, (("frames_in", "frames_in"), ("bytes_in", "bytes_in"),
-            ("frames_out", "frames_out"), ("bytes_out", "bytes_out"))),
-    ("icmp", (("icmp_echo_requests", "requests"), ("icmp_echo_replies", "replies"),
-              ("icmp_flows_active", "flows_active"), ("icmp_flows_expired", "flows_expired"))),
-    ("udp", (("udp_datagrams_out", "datagrams_out"), ("udp_datagrams_in", "datagrams_in"),
-             ("udp_bytes_out", "bytes_out"), ("udp_bytes_in", "bytes_in"),
-             ("udp_flows_active", "flows_active"), ("udp_flows_expired", "flows_expired"),
-             ("udp_flows_evicted", "flows_evicted"))),
-)
-
-
 def _merge_native_relay(engine: dict[str, Any], relay: dict[str, Any]) -> None:
     """Fold the native relay's counters into the engine's (the figures a user reads are
-    the same whichever path served UDP and ping), keeping its own under ``native``."""
-    for section, pairs in _RELAY_COUNTERS:
-        source = relay if section is None else relay[section]
-        for ours, theirs in pairs:
-            engine[ours] = engine.get(ours, 0) + source[theirs]
+    the same whichever path served UDP and ping), keeping its own under ``native``.
+
+    The relay names every counter it shares with the engine as the engine does, so a
+    counter of the same name is added and there is nothing to translate; the others
+    (its rejections, its own view of the flows the engine already counted when it
+    decided them) are the relay's alone (``_flowrelay.c``: ``kind_names``)."""
+    for name, value in relay.items():
+        if type(value) is int and type(engine.get(name)) is int:
+            engine[name] += value
     engine["native"] = relay
 
 
