@@ -43,7 +43,7 @@ from ..errors import errno_name
 from ..relay.loop import EventLoop
 from . import netconf
 from .engine import TunEngine, TunOutput
-from .packets import UDP, ICMPEcho, Parsed, parse_frame
+from .packets import PROTO_UDP, UDP, ICMPEcho, Parsed, parse_frame
 
 log = logging.getLogger("nsbridge")
 
@@ -57,6 +57,11 @@ except ImportError:  # built without a C compiler: the engine serves UDP and pin
 _DECIDE_TIMEOUT = 5.0
 
 _live: weakref.WeakSet[NativeRelay] = weakref.WeakSet()
+
+# Where a quoted request's destination address and protocol are (RFC 791, RFC 8200): the
+# quote may be cut short of its own length, so it is read in place, not parsed.
+_IPV4_DST, _IPV4_PROTOCOL = slice(16, 20), 9
+_IPV6_DST, _IPV6_NEXT_HEADER = slice(24, 40), 6
 
 
 def unavailable() -> str | None:
@@ -211,10 +216,12 @@ class NativeRelay:
         """Answer as the flow's destination (the quoted packet's), IPv4 or IPv6."""
         if self._closed:
             return
-        v6 = quote[0] >> 4 == 6
-        dst, proto = (quote[24:40], quote[6]) if v6 else (quote[16:20], quote[9])
+        if quote[0] >> 4 == 6:
+            dst, proto = quote[_IPV6_DST], quote[_IPV6_NEXT_HEADER]
+        else:
+            dst, proto = quote[_IPV4_DST], quote[_IPV4_PROTOCOL]
         if not self._engine.answer_host_error(err, quote, dst, self._out):
-            kind = "udp" if proto == 17 else "icmp"
+            kind = "udp" if proto == PROTO_UDP else "icmp"
             self._engine.stats.drops[f"{kind} send {errno_name(err)}"] += 1
 
     def _write(self, frame: bytes) -> None:
