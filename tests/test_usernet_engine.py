@@ -662,8 +662,8 @@ def test_echo_fast_path_writes_what_the_generic_path_writes(
         pair_engine: Callable[..., PairEngine], host_ns: str) -> None:
     """The first echo of a flow takes the generic path (parse, policy, a ping socket);
     later ones the IPv4 ping-socket fast path (icmpecho.EchoFlows.fast_request4 and
-    _on_ping_reply4).  Both must
-    write byte-identical replies, and the fast path must drop what parse_frame drops."""
+    _on_ping_reply4).  Both must write byte-identical replies, and the fast path must
+    drop what parse_frame drops."""
     engine = pair_engine(netns=host_ns)
     far = socket.inet_aton("192.0.2.1")
     payloads = [b"first, generic", b"odd", b"even", b"", bytes(range(256)) * 4]
