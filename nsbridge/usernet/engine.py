@@ -24,7 +24,7 @@ Where each packet goes, and why:
 * A new flow's first packet (UDP or echo) is decided by :mod:`.flowdecide`: the
   anti-spoofing check, the policy, echo to the gateway answered by the engine itself,
   the host socket.  The native relay (:mod:`.flowrelay`) decides through the same code,
-  reaching it through this engine (:meth:`TunEngine.admit_udp` and its siblings).
+  reaching it through this engine (``admit_udp`` and its siblings).
 * Denied flows and host errors are answered as ICMP by :mod:`.replies`.
 * **TCP** reaches the tun only without the redirect fast path; then ``tcp_handler``
   (:class:`~nsbridge.usernet.tuntcp.TunTcp`) terminates it.  A segment nobody takes is
