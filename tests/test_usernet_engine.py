@@ -21,6 +21,7 @@ same message-per-frame semantics, and the test can read exactly what the engine 
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import json
 import os
@@ -43,7 +44,7 @@ import pytest
 from conftest import have, in_netns, wait_until
 
 from nsbridge.relay.loop import EventLoop
-from nsbridge.usernet.engine import TunEngine
+from nsbridge.usernet.engine import TunEngine, TunOutput
 from nsbridge.usernet.packets import (
     PROTO_TCP,
     PROTO_UDP,
@@ -661,8 +662,9 @@ def test_raw_socket_fallback_idle_expiry_and_no_fd_leak(
 def test_echo_fast_path_writes_what_the_generic_path_writes(
         pair_engine: Callable[..., PairEngine], host_ns: str) -> None:
     """The first echo of a flow takes the generic path (parse, policy, a ping socket);
-    later ones the IPv4 ping-socket fast path (_fast_echo4, _on_ping_reply4).  Both must
-    write byte-identical replies, and the fast path must drop what parse_frame drops."""
+    later ones the IPv4 ping-socket fast path (icmpecho.EchoFlows.fast_request4 and
+    _on_ping_reply4).  Both must write byte-identical replies, and the fast path must
+    drop what parse_frame drops."""
     engine = pair_engine(netns=host_ns)
     far = socket.inet_aton("192.0.2.1")
     payloads = [b"first, generic", b"odd", b"even", b"", bytes(range(256)) * 4]
@@ -680,3 +682,80 @@ def test_echo_fast_path_writes_what_the_generic_path_writes(
     assert stats["icmp_echo_replies"] == len(payloads)
     assert sum(stats["malformed"].values()) == 1
     assert stats["frames_in"] == len(payloads) + 1
+
+
+def test_native_relay_entry_points_decide_and_answer_through_its_output(
+        pair_engine: Callable[..., PairEngine], host_ns: str, udp_server: Any) -> None:
+    """The native relay decides each new flow by calling the engine (admit_udp,
+    admit_echo, open_udp_socket, open_ping_socket, answer_host_error, with a TunOutput
+    for its own device): the engine's decisions, answered on that device without a
+    virtio header, never on the engine's tun, and sockets connected where the policy
+    says.  Checked here without the C module, which only calls these."""
+    echo = udp_server(host_ns, host="192.0.2.1")
+    blocked = udp_server(host_ns, host="192.0.2.1")
+    policy = Policy(allow_host_loopback=True,
+                    rules=[Rule.parse("deny", f"udp:192.0.2.1:{blocked.port}")])
+    engine = pair_engine(policy, netns=host_ns)
+    runner = engine.runner
+    assert runner.engine is not None
+    tun_engine = runner.engine
+    far = socket.inet_aton("192.0.2.1")
+    written: list[bytes] = []
+    out = TunOutput(written.append, False)
+
+    def first(frame: bytes) -> Parsed:
+        parsed = parse_frame(frame, vnet=False)
+        assert isinstance(parsed, Parsed), parsed
+        return parsed
+
+    def decide() -> dict[str, Any]:
+        denied = first(build_udp(NS4, far, 5000, blocked.port, b"no", vnet=False))
+        allowed = first(build_udp(NS4, far, 5001, echo.port, b"yes", vnet=False))
+        spoofed = first(build_udp(GW4, far, 5002, echo.port, b"spoof", vnet=False))
+        gateway = first(build_icmp_echo(NS4, GW4, 7, 1, b"gw", reply=False, vnet=False))
+        ping = first(build_icmp_echo(NS4, far, 8, 1, b"far", reply=False, vnet=False))
+        allow = tun_engine.admit_udp(allowed, allowed.l4, out)
+        ping_allow = tun_engine.admit_echo(ping, out)
+        assert allow is not None and ping_allow is not None
+        return {
+            "denied": tun_engine.admit_udp(denied, denied.l4, out),
+            "spoofed": tun_engine.admit_udp(spoofed, spoofed.l4, out),
+            "gateway": tun_engine.admit_echo(gateway, out),
+            "udp_fd": tun_engine.open_udp_socket(allowed, allow, out),
+            "ping_fd": tun_engine.open_ping_socket(ping, ping_allow, out),
+            "refused": tun_engine.answer_host_error(errno.ECONNREFUSED, allowed.packet,
+                                                    far, out),
+            "no_kind": tun_engine.answer_host_error(errno.EINVAL, allowed.packet, far, out),
+        }
+
+    decided = runner.call(decide)
+    assert decided["denied"] is None and decided["spoofed"] is None
+    assert decided["gateway"] is None
+    assert decided["refused"] is True and decided["no_kind"] is False
+    # The sockets are the relay's now, connected to the allowed destinations.
+    with socket.socket(fileno=decided["udp_fd"]) as udp:
+        udp.settimeout(5)
+        udp.send(b"through the relay's socket")
+        assert udp.recv(100) == b"through the relay's socket"
+    with socket.socket(fileno=decided["ping_fd"]) as ping_sock:
+        assert ping_sock.type == socket.SOCK_DGRAM and ping_sock.proto == socket.IPPROTO_ICMP
+        ping_sock.settimeout(5)
+        ping_sock.send(struct.pack("!BBHHH", 8, 0, 0, 0, 1) + b"relay")  # the kernel sums
+        reply, source = ping_sock.recvfrom(100)
+        assert reply[0] == 0 and reply[8:] == b"relay" and source[0] == "192.0.2.1"
+    # Answers went to the relay's device (no virtio header): admin-prohibited from the
+    # gateway, the gateway's own echo reply, port unreachable from the destination.
+    answers = [parse_frame(frame, vnet=False) for frame in written]
+    assert all(isinstance(answer, Parsed) for answer in answers), answers
+    kinds = [(a.ip.src, type(a.l4).__name__, getattr(a.l4, "code", None))  # type: ignore[union-attr]
+             for a in answers]
+    assert kinds == [(GW4, "ICMPError", 13), (GW4, "ICMPEcho", None), (far, "ICMPError", 3)]
+    assert engine.nothing_pending()  # nothing on the engine's own tun
+    assert not blocked.peers
+    stats = runner.stats()
+    assert stats["denied"] == {"deny rule": 1}
+    assert stats["drops"] == {"foreign source address": 1}
+    assert stats["unreachable_sent"] == {"admin": 1, "port": 1}
+    assert stats["udp_flows_total"] == 1 and stats["icmp_flows_total"] == 1
+    assert stats["icmp_echo_local"] == 1 and stats["icmp_sockets"] == {"ping": 1}
+    assert stats["udp_flows_active"] == 0 and stats["frames_out"] == 0
