@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .control import ControlServer
+from .defaults import ACCEPT, CONNECT_TIMEOUT, DRAIN, MAX_UDP_FLOWS, MOVER, UDP_IDLE_TIMEOUT
 from .endpoints import Endpoint, build_spec, parse_endpoint
 from .errors import UserError
 from .relay.loop import IN
@@ -29,9 +30,9 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 @dataclass
 class DaemonOptions:
     workers: int
-    engine: str = "splice"
-    accept: str = "auto"  # or "handoff", "reuseport": see workers.py
-    drain: float = 0.0
+    engine: str = MOVER
+    accept: str = ACCEPT  # or "handoff", "reuseport": see workers.py
+    drain: float = DRAIN
     control: str | None = None
     ready_fd: str | None = None
     exit_with: str | None = None
@@ -157,11 +158,11 @@ def _build(listen: Endpoint, connect: Endpoint, name: str, merged: dict[str, Any
            where: str) -> ForwardSpec:
     return build_spec(
         listen, connect, name=name,
-        connect_timeout=_number(merged, "connect_timeout", where, 30.0) or None,
+        connect_timeout=_number(merged, "connect_timeout", where, CONNECT_TIMEOUT) or None,
         allow=_strings(merged, "allow", where), deny=_strings(merged, "deny", where),
         proxy=_proxy(merged, where),
-        idle_timeout=_number(merged, "idle_timeout", where, 60.0, minimum=0.001),
-        max_flows=int(_number(merged, "max_flows", where, 4096, minimum=1)),
+        idle_timeout=_number(merged, "idle_timeout", where, UDP_IDLE_TIMEOUT, minimum=0.001),
+        max_flows=int(_number(merged, "max_flows", where, MAX_UDP_FLOWS, minimum=1)),
     )
 
 
