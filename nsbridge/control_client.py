@@ -53,10 +53,19 @@ def render(action: str, reply: dict[str, Any], *, as_json: bool) -> str | None:
     if as_json:
         return json.dumps(reply, indent=2)
     if action == "list":
-        return format_table(reply["forwards"], LIST_COLUMNS)
+        return format_table(_rows(reply, "forwards"), LIST_COLUMNS)
     if action == "stats":
-        return format_table(reply["stats"], STATS_COLUMNS)
+        return format_table(_rows(reply, "stats"), STATS_COLUMNS)
     return None
+
+
+def _rows(reply: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """``reply[key]`` as table rows; a reply without them is a UserError, not a traceback."""
+    rows = reply.get(key)
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"the daemon's reply has no {key!r} list of objects; is this an "
+                        "nsbridge control socket?")
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
