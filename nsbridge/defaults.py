@@ -41,6 +41,7 @@ USERNET_CIDR6 = "fd00::/64"
 #: Host numbers inside those networks: the namespace's own address, the gateway (the
 #: host) and the DNS forwarder, as slirp4netns derives them from ``--cidr``.
 NAMESPACE_HOST = 100
+NAMESPACE_HOST6 = 0x100  # ::100, which reads as the IPv4 one
 GATEWAY_HOST = 2
 DNS_HOST = 3
 

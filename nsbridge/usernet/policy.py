@@ -80,9 +80,13 @@ from typing import Literal
 from ..acl import parse_network
 from ..addresses import format_sockaddr
 from ..defaults import (
+    DNS_HOST,
+    GATEWAY_HOST,
     MAX_MTU,
     MIN_MTU,
     MTU,
+    NAMESPACE_HOST,
+    NAMESPACE_HOST6,
     USERNET_CIDR,
     USERNET_CIDR6,
     USERNET_DNS,
@@ -255,17 +259,17 @@ class UsernetAddresses:
         four = [
             _host(net4, text, default, name, labels[0])
             for text, default, name in (
-                (namespace, 100, "namespace"),
-                (gateway, 2, "gateway"),
-                (dns, 3, "dns"),
+                (namespace, NAMESPACE_HOST, "namespace"),
+                (gateway, GATEWAY_HOST, "gateway"),
+                (dns, DNS_HOST, "dns"),
             )
         ]
         six = [
             _host(net6, text, default, name, labels[1])
             for text, default, name in (
-                (namespace6, 0x100, "namespace6"),
-                (gateway6, 2, "gateway6"),
-                (dns6, 3, "dns6"),
+                (namespace6, NAMESPACE_HOST6, "namespace6"),
+                (gateway6, GATEWAY_HOST, "gateway6"),
+                (dns6, DNS_HOST, "dns6"),
             )
         ]
         _distinct(four, ("namespace", "gateway", "dns"))
