@@ -2,6 +2,9 @@
 
 ``nsbridge forward`` takes netns_tcp_bridge's flags (-l -L -S -c -C -f -F -t -T) plus
 friendlier ones; ``netns-tcp-bridge`` (see compat.py) takes exactly the original's.
+What the flags mean lives in the library: options.py (forward and serve), launch.py
+(one-shot or daemon), control_client.py (ctl), usernet/options.py (run and attach);
+every default in defaults.py.  The man pages are generated from :func:`build_parser`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
@@ -449,9 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(args.handler, args)
 
 
-def run_guarded(  # type: ignore[no-untyped-def]
-    handler, args: argparse.Namespace, command: str = "nsbridge"
-) -> int:
+def run_guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                command: str = "nsbridge") -> int:
     """Turn UserError into one line on stderr (``COMMAND: error: ...``) and exit code 2;
     Ctrl-C before the loop runs into exit 130 without a traceback."""
     try:
