@@ -2,44 +2,39 @@
 
 ``nsbridge forward`` takes netns_tcp_bridge's flags (-l -L -S -c -C -f -F -t -T) plus
 friendlier ones; ``netns-tcp-bridge`` (see compat.py) takes exactly the original's.
+What the flags mean lives in the library: options.py (forward and serve), launch.py
+(one-shot or daemon), control_client.py (ctl), usernet/options.py (run and attach);
+every default in defaults.py.  The man pages are generated from :func:`build_parser`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
-from .addresses import parse_host_port
-from .bridge import Bridge
-from .daemon import DaemonOptions, run_daemon
-from .endpoints import build_spec, parse_endpoint
-from .errors import UserError
-from .forward import (
-    ConnectAddress,
-    ConnectSide,
-    Forward,
-    ForwardSpec,
-    ListenAddress,
-    ListenSide,
-    ListenSocket,
-    Preaccepted,
-    Preconnected,
+from .defaults import (
+    ACCEPT,
+    CONNECT_TIMEOUT,
+    DRAIN,
+    MAX_DEFAULT_WORKERS,
+    MAX_UDP_FLOWS,
+    MOVER,
+    MTU,
+    UDP_IDLE_TIMEOUT,
+    USERNET_CIDR,
+    USERNET_CIDR6,
 )
-from .limits import raise_nofile_limit
-from .netns import Netns
+from .errors import UserError
+from .launch import run_as_daemon, run_forwards
+from .options import forward_options, serve_options, specs_from_args
 from .signals import StopSignals
-from .sockets import adopt_connected_fd, adopt_listening_fd
 from .workers import ACCEPT_MODES
 
 log = logging.getLogger("nsbridge")
-
-MAX_DEFAULT_WORKERS = 4
 
 FORWARD_EPILOG = """\
 modes (one listen side, one connect side; every combination works):
@@ -105,28 +100,30 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("-T", "--connect-netns-fd", metavar="FD",
                         help="open fd of the network namespace to connect from")
     if compat:
-        parser.set_defaults(listen_netns=None, connect_netns=None, connect_timeout=30.0,
-                            drain=0.0, verbose=0, engine="splice", workers=None, endpoints=[],
-                            accept="auto",
+        parser.set_defaults(listen_netns=None, connect_netns=None,
+                            connect_timeout=CONNECT_TIMEOUT, drain=DRAIN, verbose=0,
+                            engine=MOVER, workers=None, endpoints=[], accept=ACCEPT,
                             control=None, allow=[], deny=[], proxy_protocol=None,
-                            idle_timeout=60.0, max_flows=4096, exit_with=None, ready_fd=None)
+                            idle_timeout=UDP_IDLE_TIMEOUT, max_flows=MAX_UDP_FLOWS,
+                            exit_with=None, ready_fd=None)
         return
     parser.add_argument("--listen-netns", metavar="SPEC",
                         help="namespace to listen in: path, pid:N, fd:N or an `ip netns` name")
     parser.add_argument("--connect-netns", metavar="SPEC",
                         help="namespace to connect from: path, pid:N, fd:N or an `ip netns` name")
-    parser.add_argument("--connect-timeout", metavar="SECONDS", type=float, default=30.0,
+    parser.add_argument("--connect-timeout", metavar="SECONDS", type=float,
+                        default=CONNECT_TIMEOUT,
                         help="reset the client if the target has not answered by then "
-                        "(default 30; 0 = the kernel's own timeout)")
-    parser.add_argument("--drain", metavar="SECONDS", type=float, default=0.0,
+                        f"(default {CONNECT_TIMEOUT:g}; 0 = the kernel's own timeout)")
+    parser.add_argument("--drain", metavar="SECONDS", type=float, default=DRAIN,
                         help="on SIGINT/SIGTERM let open connections finish for up to this "
-                        "long before resetting them (default 0)")
-    parser.add_argument("--engine", choices=("splice", "copy"), default="splice",
+                        f"long before resetting them (default {DRAIN:g})")
+    parser.add_argument("--engine", choices=("splice", "copy"), default=MOVER,
                         help="data mover: splice (zero-copy through pipes, default) or copy")
     parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="relay in N worker processes (default: one per CPU, at most "
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
-    parser.add_argument("--accept", choices=ACCEPT_MODES, default="auto",
+    parser.add_argument("--accept", choices=ACCEPT_MODES, default=ACCEPT,
                         help=ACCEPT_HELP)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: one line per connection; -vv: debug")
@@ -138,10 +135,12 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("--proxy-protocol", choices=("v1", "v2"),
                         help="send a PROXY protocol header with the client's address to "
                         "stream targets")
-    parser.add_argument("--idle-timeout", metavar="SECONDS", type=float, default=60.0,
-                        help="UDP: forget a flow after this long without datagrams (default 60)")
-    parser.add_argument("--max-flows", metavar="N", type=int, default=4096,
-                        help="UDP: at most this many flows per forward (default 4096)")
+    parser.add_argument("--idle-timeout", metavar="SECONDS", type=float,
+                        default=UDP_IDLE_TIMEOUT,
+                        help="UDP: forget a flow after this long without datagrams "
+                        f"(default {UDP_IDLE_TIMEOUT:g})")
+    parser.add_argument("--max-flows", metavar="N", type=int, default=MAX_UDP_FLOWS,
+                        help=f"UDP: at most this many flows per forward (default {MAX_UDP_FLOWS})")
     parser.add_argument("endpoints", nargs="*", metavar="LISTEN CONNECT",
                         help="forwards as endpoint pairs, e.g. tcp:127.0.0.1:8080 "
                         "tcp:127.0.0.1:80,netns=web (see ENDPOINTS below)")
@@ -155,107 +154,6 @@ def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
                         help="stop when process PID exits (e.g. the container it serves)")
     parser.add_argument("--ready-fd", metavar="FD",
                         help="write a newline to FD and close it once everything listens")
-
-
-def _one_of(args: argparse.Namespace, names: Sequence[tuple[str, str]], role: str,
-            required: bool) -> tuple[str, str] | None:
-    given = [(flag, getattr(args, attr)) for flag, attr in names if getattr(args, attr) is not None]
-    if len(given) > 1:
-        flags = " and ".join(flag for flag, _ in given)
-        raise UserError(f"conflicting options: {flags} both given; choose one {role}")
-    if not given:
-        if required:
-            choices = ", ".join(flag for flag, _ in names)
-            raise UserError(f"missing {role}: give one of {choices}")
-        return None
-    return given[0]
-
-
-def _netns_from(chosen: tuple[str, str] | None) -> Netns | None:
-    """Open the namespace a -f/-F/-t/-T/--*-netns flag names (None: stay where we are)."""
-    if chosen is None:
-        return None
-    flag, value = chosen
-    if not value:
-        # Caught here because only here is the flag known; os.open("") would otherwise
-        # report a file named "" that "does not exist".
-        expected = {"-F": "an open file descriptor number", "-T": "an open file descriptor number",
-                    "-f": "a path such as /proc/1234/ns/net",
-                    "-t": "a path such as /proc/1234/ns/net"}.get(
-                        flag, "a path, pid:N, fd:N or an `ip netns` name")
-        raise UserError(f"{flag} '': empty network namespace; expected {expected}")
-    if flag in ("-F", "-T"):
-        return Netns.from_fd(value, label=f"{flag} {value}")
-    if flag in ("-f", "-t"):
-        return Netns.from_path(value)
-    return Netns.from_spec(value)
-
-
-def _same_number(a: str, b: str) -> bool:
-    """True when two fd arguments name the same fd ("5" and "05" do); junk compares False
-    and is reported later by the fd's own check."""
-    try:
-        return int(a) == int(b)
-    except ValueError:
-        return False
-
-
-def spec_from_args(args: argparse.Namespace) -> ForwardSpec:
-    """Turn parsed flags into a validated ForwardSpec (raises UserError naming the input)."""
-    listen_flag = _one_of(args, [("-l", "listen"), ("-L", "listen_fd"),
-                                 ("-S", "preaccepted_fd")], "listen side", required=True)
-    connect_flag = _one_of(args, [("-c", "connect"), ("-C", "connect_fd")], "connect side",
-                           required=True)
-    listen_ns_flag = _one_of(args, [("-f", "listen_netns_file"), ("-F", "listen_netns_fd"),
-                                    ("--listen-netns", "listen_netns")], "listen namespace",
-                             required=False)
-    connect_ns_flag = _one_of(args, [("-t", "connect_netns_file"), ("-T", "connect_netns_fd"),
-                                     ("--connect-netns", "connect_netns")], "connect namespace",
-                              required=False)
-    # :g prints the number as typed (-1, not -1.0), so the message quotes the input.
-    if args.connect_timeout is not None and args.connect_timeout < 0:
-        raise UserError(f"--connect-timeout {args.connect_timeout:g}: must be 0 or more seconds")
-    if args.drain is not None and args.drain < 0:
-        raise UserError(f"--drain {args.drain:g}: must be 0 or more seconds")
-    assert listen_flag is not None and connect_flag is not None
-
-    # Parse addresses before opening anything, so a typo is the first thing reported.
-    lflag, lvalue = listen_flag
-    cflag, cvalue = connect_flag
-    listen_addr = (parse_host_port(lvalue, what=lflag, allow_port_zero=True)
-                   if lflag == "-l" else None)
-    connect_addr = (parse_host_port(cvalue, what=cflag, allow_port_zero=False)
-                    if cflag == "-c" else None)
-
-    # One socket as both client and target would be registered twice with epoll and
-    # closed twice; refuse it up front instead of crashing mid-relay.
-    if lflag == "-S" and cflag == "-C" and _same_number(lvalue, cvalue):
-        raise UserError(
-            f"-S {lvalue} and -C {cvalue} are the same file descriptor: -S is the client's "
-            "socket and -C the target's; pass two different sockets"
-        )
-
-    listen: ListenSide
-    if listen_addr is not None:
-        listen = ListenAddress(listen_addr, _netns_from(listen_ns_flag))
-    else:
-        if listen_ns_flag is not None:
-            log.warning("%s has no effect with %s: that socket already exists",
-                        listen_ns_flag[0], lflag)
-        if lflag == "-L":
-            listen = ListenSocket(adopt_listening_fd(lvalue, "-L/--listen-fd"))
-        else:
-            listen = Preaccepted(adopt_connected_fd(lvalue, "-S/--preaccepted-fd"))
-
-    connect: ConnectSide
-    if connect_addr is not None:
-        connect = ConnectAddress(connect_addr, _netns_from(connect_ns_flag))
-    else:
-        if connect_ns_flag is not None:
-            log.warning("%s has no effect with -C: that socket already exists",
-                        connect_ns_flag[0])
-        connect = Preconnected(adopt_connected_fd(cvalue, "-C/--connect-fd"))
-    return ForwardSpec(listen, connect, connect_timeout=args.connect_timeout or None)
 
 
 def setup_logging(verbosity: int) -> None:
@@ -272,85 +170,9 @@ def run_forward(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     stops = StopSignals()  # from here on SIGINT/SIGTERM wait in a signalfd: none is lost
     try:
-        return _run_forward(args, stops)
+        return run_forwards(specs_from_args(args), forward_options(args), stops)
     finally:
         stops.close()
-
-
-def _run_forward(args: argparse.Namespace, stops: StopSignals) -> int:
-    specs = specs_from_args(args)
-    if len(specs) == 1 and specs[0].one_shot:
-        return _run_one_shot(specs[0], args, stops)
-    if any(spec.one_shot for spec in specs):
-        raise UserError("-S/-C (and fd: targets) carry exactly one connection and cannot be "
-                        "combined with other forwards; run them on their own")
-    workers = worker_count(args.workers)
-    raise_nofile_limit()
-    return run_daemon(specs, _daemon_options(args, workers), stops)
-
-
-def _daemon_options(args: argparse.Namespace, workers: int) -> DaemonOptions:
-    return DaemonOptions(workers=workers, engine=args.engine, drain=args.drain,
-                         accept=args.accept, control=args.control, ready_fd=args.ready_fd,
-                         exit_with=args.exit_with)
-
-
-def specs_from_args(args: argparse.Namespace) -> list[ForwardSpec]:
-    """The netns_tcp_bridge-style flags (one forward) plus any endpoint pairs."""
-    legacy = [args.listen, args.listen_fd, args.preaccepted_fd, args.connect, args.connect_fd,
-              args.listen_netns_file, args.listen_netns_fd, args.connect_netns_file,
-              args.connect_netns_fd, args.listen_netns, args.connect_netns]
-    specs: list[ForwardSpec] = []
-    if any(value is not None for value in legacy) or not args.endpoints:
-        spec = spec_from_args(args)
-        spec.allow, spec.deny, spec.proxy = list(args.allow), list(args.deny), args.proxy_protocol
-        specs.append(spec)
-    if len(args.endpoints) % 2:
-        raise UserError(f"endpoint {args.endpoints[-1]!r} has no partner: give endpoints in "
-                        "pairs, LISTEN CONNECT (e.g. tcp:127.0.0.1:8080 tcp:127.0.0.1:80)")
-    if args.idle_timeout <= 0:
-        raise UserError(f"--idle-timeout {args.idle_timeout:g}: must be more than 0 seconds")
-    if args.max_flows < 1:
-        raise UserError(f"--max-flows {args.max_flows}: must be 1 or more")
-    for listen_text, connect_text in zip(args.endpoints[::2], args.endpoints[1::2],
-                                         strict=True):
-        specs.append(build_spec(
-            parse_endpoint(listen_text, role="listen"),
-            parse_endpoint(connect_text, role="connect"),
-            connect_timeout=args.connect_timeout or None, allow=args.allow, deny=args.deny,
-            proxy=args.proxy_protocol, idle_timeout=args.idle_timeout,
-            max_flows=args.max_flows))
-    return specs
-
-
-def _run_one_shot(spec: ForwardSpec, args: argparse.Namespace, stops: StopSignals) -> int:
-    """-S/-C: one connection, in this process, no workers."""
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be 1 or more")
-    bridge = Bridge(mover=args.engine)
-    try:
-        forward = bridge.add(spec)
-
-        def on_stop(signum: int, count: int) -> None:
-            if count == 1:
-                log.info("%s: stopping", signal.Signals(signum).name)
-            bridge.shutdown(args.drain if count == 1 else None)
-
-        stops.attach(bridge.loop, on_stop)
-        _log_forward(forward)
-        bridge.run()
-    finally:
-        bridge.close()
-    if forward.stats.connect_failed:
-        return 1  # the one connection we were given never reached its target
-    return 0
-
-
-def _log_forward(forward: Forward) -> None:
-    """The start-up line (-v); printed once signals are handled, so it means "ready"."""
-    log.info("forwarding %s (netns %s) -> %s (netns %s)", forward.listen_address,
-             forward.listen_factory.label, forward.target_description,
-             forward.connect_factory.label)
 
 
 ACCEPT_HELP = ("who accepts TCP clients: auto (default: reuseport when the kernel can deal "
@@ -359,15 +181,6 @@ ACCEPT_HELP = ("who accepts TCP clients: auto (default: reuseport when the kerne
                "reuseport (each worker accepts from its own SO_REUSEPORT listener: cheaper "
                "per connection; without CAP_BPF the kernel's hash places long flows); "
                "inherited, Unix and UDP listeners always use handoff")
-
-
-def worker_count(requested: int | None) -> int:
-    """One worker per CPU (at most MAX_DEFAULT_WORKERS) unless told."""
-    if requested is not None and requested < 1:
-        raise UserError(f"--workers {requested}: must be 1 or more")
-    if requested is None:
-        return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
-    return requested
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "own loopback, forward a port of this namespace into it, fetch a page through the "
         "forward, and remove everything.  Needs root (or run it as `unshare -Ur nsbridge demo`).",
     )
-    demo.add_argument("--engine", choices=("splice", "copy"), default="splice")
+    demo.add_argument("--engine", choices=("splice", "copy"), default=MOVER)
     demo.set_defaults(handler=_run_demo)
 
     doctor = sub.add_parser(
@@ -511,55 +324,24 @@ def run_serve(args: argparse.Namespace) -> int:
     stops = StopSignals()
     try:
         config = load(args.config)
-        workers = worker_count(args.workers if args.workers is not None else config.workers)
-        raise_nofile_limit()
-        options = DaemonOptions(
-            workers=workers, engine=args.engine or config.engine or "splice",
-            accept=args.accept or config.accept or "auto",
-            drain=args.drain if args.drain is not None else (config.drain or 0.0),
-            control=args.control or config.control, ready_fd=args.ready_fd,
-            exit_with=args.exit_with, defaults=config.defaults)
-        return run_daemon(config.forwards, options, stops)
+        return run_as_daemon(config.forwards, serve_options(args, config), stops)
     finally:
         stops.close()
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    import json
+    from .control_client import call, control_message, render
 
-    from .control import request
-
-    if args.ctl_command == "add":
-        message = {"cmd": "add", "name": args.name, "listen": args.listen,
-                   "connect": args.connect, "allow": args.allow, "deny": args.deny}
-        if args.proxy_protocol:
-            message["proxy"] = args.proxy_protocol
-    elif args.ctl_command == "remove":
-        message = {"cmd": "remove", "name": args.name, "kill": args.kill}
-    else:
-        message = {"cmd": args.ctl_command}
-    reply = request(args.control, message)
-    if not reply.get("ok"):
-        error = str(reply.get("error", "failed"))
-        prefix = f"{args.ctl_command}: "
-        # The daemon already names the request in some errors ("add: ..."); say it once.
-        raise UserError(error if error.startswith(prefix) else prefix + error)
-    if getattr(args, "json", False):
-        print(json.dumps(reply, indent=2))
-    elif args.ctl_command == "list":
-        print_table(reply["forwards"], ["name", "protocol", "listening_on", "connect"])
-    elif args.ctl_command == "stats":
-        print_table(reply["stats"], ["name", "protocol", "active", "accepted", "closed",
-                                     "reset", "connect_failed", "denied", "bytes_up",
-                                     "bytes_down"])
+    message = control_message(
+        args.ctl_command, name=getattr(args, "name", None), listen=getattr(args, "listen", None),
+        connect=getattr(args, "connect", None), allow=getattr(args, "allow", None),
+        deny=getattr(args, "deny", None), proxy=getattr(args, "proxy_protocol", None),
+        kill=getattr(args, "kill", False))
+    shown = render(args.ctl_command, call(args.control, args.ctl_command, message),
+                   as_json=getattr(args, "json", False))
+    if shown is not None:
+        print(shown)
     return 0
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
 
 
 USERNET_EPILOG = """\
@@ -607,38 +389,19 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "else engine")
     parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
                         help="host resolver to forward DNS to (default: /etc/resolv.conf)")
-    parser.add_argument("--cidr", metavar="NETWORK", default="10.0.2.0/24",
-                        help="the namespace's IPv4 network (default 10.0.2.0/24): it gets "
+    parser.add_argument("--cidr", metavar="NETWORK", default=USERNET_CIDR,
+                        help=f"the namespace's IPv4 network (default {USERNET_CIDR}): it gets "
                         "host .100, the gateway .2, DNS .3 (as slirp4netns --cidr)")
-    parser.add_argument("--cidr6", metavar="NETWORK", default="fd00::/64",
-                        help="the namespace's IPv6 network (default fd00::/64): ::100, "
+    parser.add_argument("--cidr6", metavar="NETWORK", default=USERNET_CIDR6,
+                        help=f"the namespace's IPv6 network (default {USERNET_CIDR6}): ::100, "
                         "gateway ::2, DNS ::3")
-    parser.add_argument("--mtu", type=int, default=65520, help="MTU (default 65520)")
+    parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)
 
 
-def _usernet_options(args: argparse.Namespace) -> object:
-    from .usernet.publish import parse_publish
-    from .usernet.runner import UsernetOptions
-
-    dns = None
-    if args.dns:
-        dns = []
-        for text in args.dns:
-            if text.startswith("[") or text.count(":") == 1:
-                hp = parse_host_port(text, what="--dns", allow_port_zero=False)
-                dns.append((hp.host, hp.port))
-            else:
-                dns.append((text, 53))
-    return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
-                          allow_host_loopback=args.allow_host_loopback, allow=args.allow,
-                          deny=args.deny, tcp=args.tcp, relay=args.relay, dns=dns, mtu=args.mtu,
-                          ipv6=not args.disable_ipv6, cidr=args.cidr, cidr6=args.cidr6,
-                          nat64_prefix=args.nat64_prefix)
-
-
 def run_usernet(args: argparse.Namespace) -> int:
+    from .usernet.options import options_from_args
     from .usernet.runner import run_command
 
     setup_logging(args.verbose)
@@ -647,22 +410,23 @@ def run_usernet(args: argparse.Namespace) -> int:
         sys.stderr.write(args.usage)
         raise UserError("run: no command given: put it after --, e.g. nsbridge run -- curl URL "
                         "(see `nsbridge run --help`)")
-    options = _usernet_options(args)
+    options = options_from_args(args)
     stops = StopSignals()
     try:
-        return run_command(command, options, stops)  # type: ignore[arg-type]
+        return run_command(command, options, stops)
     finally:
         stops.close()
 
 
 def attach_usernet(args: argparse.Namespace) -> int:
+    from .usernet.options import options_from_args
     from .usernet.runner import attach
 
     setup_logging(args.verbose)
-    options = _usernet_options(args)
+    options = options_from_args(args)
     stops = StopSignals()
     try:
-        return attach(args.target, options, stops)  # type: ignore[arg-type]
+        return attach(args.target, options, stops)
     finally:
         stops.close()
 
@@ -688,9 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(args.handler, args)
 
 
-def run_guarded(  # type: ignore[no-untyped-def]
-    handler, args: argparse.Namespace, command: str = "nsbridge"
-) -> int:
+def run_guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                command: str = "nsbridge") -> int:
     """Turn UserError into one line on stderr (``COMMAND: error: ...``) and exit code 2;
     Ctrl-C before the loop runs into exit 130 without a traceback."""
     try:

@@ -214,7 +214,12 @@ def _send_now(conn: socket.socket, reply: dict[str, Any]) -> None:
 
 
 def request(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the daemon at ``path`` and return its reply."""
+    """Send one request to the daemon at ``path`` and return its reply (a JSON object).
+
+    Whatever comes back is checked before it is returned: a reply cut short, one that
+    is not JSON, or JSON that is not an object is a :class:`UserError` line (the socket
+    may belong to another program, or the daemon died mid-reply), never a traceback.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -237,11 +242,31 @@ def request(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[s
             while b"\n" not in buffer:
                 chunk = sock.recv(65536)
                 if not chunk:
-                    raise UserError(f"--control {path}: the daemon closed the connection")
+                    raise UserError(f"--control {path}: the daemon closed the connection"
+                                    + (" in the middle of its reply" if buffer else ""))
                 buffer += chunk
         except TimeoutError:
             raise UserError(f"--control {path}: no reply within {timeout:g}s") from None
         except OSError as exc:
             raise UserError(f"--control {path}: cannot read the reply: {exc.strerror}"
                             ) from None
-    return json.loads(buffer.split(b"\n", 1)[0])
+    return _parse_reply(path, buffer.split(b"\n", 1)[0])
+
+
+def _parse_reply(path: str, line: bytes) -> dict[str, Any]:
+    """One reply line as a JSON object; anything else is a UserError naming the socket."""
+    try:
+        reply = json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UserError(f"--control {path}: the reply is not JSON ({_excerpt(line)}); is "
+                        "this an nsbridge control socket?") from None
+    if not isinstance(reply, dict):
+        raise UserError(f"--control {path}: the reply is not a JSON object ({_excerpt(line)}); "
+                        "is this an nsbridge control socket?")
+    return reply
+
+
+def _excerpt(line: bytes, limit: int = 40) -> str:
+    """The start of a reply, printable, for an error message."""
+    text = line[:limit].decode(errors="replace")
+    return repr(text + ("..." if len(line) > limit else ""))

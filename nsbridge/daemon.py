@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .control import ControlServer
+from .defaults import ACCEPT, CONNECT_TIMEOUT, DRAIN, MAX_UDP_FLOWS, MOVER, UDP_IDLE_TIMEOUT
 from .endpoints import Endpoint, build_spec, parse_endpoint
-from .errors import UserError
+from .errors import FieldError, UserError
 from .relay.loop import IN
 from .signals import StopSignals
 from .spec import ForwardSpec
@@ -29,9 +30,9 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 @dataclass
 class DaemonOptions:
     workers: int
-    engine: str = "splice"
-    accept: str = "auto"  # or "handoff", "reuseport": see workers.py
-    drain: float = 0.0
+    engine: str = MOVER
+    accept: str = ACCEPT  # or "handoff", "reuseport": see workers.py
+    drain: float = DRAIN
     control: str | None = None
     ready_fd: str | None = None
     exit_with: str | None = None
@@ -122,12 +123,12 @@ def spec_from_mapping(entry: dict[str, Any], *, defaults: dict[str, Any], where:
     """A forward from a control request or a config-file table; ``where`` prefixes errors."""
     unknown = sorted(set(entry) - allowed)
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; expected "
-                        f"{', '.join(sorted(allowed - {'cmd'}))}")
+        raise FieldError(f"{where}: unknown key {unknown[0]!r}; expected "
+                         f"{', '.join(sorted(allowed - {'cmd'}))}", unknown[0])
     for key in ("listen", "connect"):
         if not isinstance(entry.get(key), str) or not entry[key]:
-            raise UserError(f"{where}: \"{key}\" is required: an endpoint such as "
-                            "tcp:127.0.0.1:8080")
+            raise FieldError(f"{where}: \"{key}\" is required: an endpoint such as "
+                             "tcp:127.0.0.1:8080", key)
     listen = _endpoint(entry, "listen", where)
     connect = _endpoint(entry, "connect", where)
     if not allow_fds and (listen.kind in ("fd", "systemd") or connect.kind == "fd"):
@@ -136,9 +137,11 @@ def spec_from_mapping(entry: dict[str, Any], *, defaults: dict[str, Any], where:
     merged = {**defaults, **entry}
     name = merged.get("name", "")
     if not isinstance(name, str):
-        raise UserError(f"{where}: \"name\" must be a string")
+        raise FieldError(f"{where}: \"name\" must be a string", "name")
     try:
         return _build(listen, connect, name, merged, where)
+    except FieldError:
+        raise
     except UserError as exc:  # a namespace or fd that cannot be opened: say where
         message = str(exc)
         raise UserError(message if message.startswith(where) else f"{where}: {message}"
@@ -150,18 +153,18 @@ def _endpoint(entry: dict[str, Any], key: str, where: str) -> Endpoint:
     try:
         return parse_endpoint(entry[key], role=key)
     except UserError as exc:
-        raise UserError(f"{where}: \"{key}\": {exc}") from None
+        raise FieldError(f"{where}: \"{key}\": {exc}", key) from None
 
 
 def _build(listen: Endpoint, connect: Endpoint, name: str, merged: dict[str, Any],
            where: str) -> ForwardSpec:
     return build_spec(
         listen, connect, name=name,
-        connect_timeout=_number(merged, "connect_timeout", where, 30.0) or None,
+        connect_timeout=_number(merged, "connect_timeout", where, CONNECT_TIMEOUT) or None,
         allow=_strings(merged, "allow", where), deny=_strings(merged, "deny", where),
         proxy=_proxy(merged, where),
-        idle_timeout=_number(merged, "idle_timeout", where, 60.0, minimum=0.001),
-        max_flows=int(_number(merged, "max_flows", where, 4096, minimum=1)),
+        idle_timeout=_number(merged, "idle_timeout", where, UDP_IDLE_TIMEOUT, minimum=0.001),
+        max_flows=int(_number(merged, "max_flows", where, MAX_UDP_FLOWS, minimum=1)),
     )
 
 
@@ -169,7 +172,8 @@ def _number(entry: dict[str, Any], key: str, where: str, default: float,
             minimum: float = 0.0) -> float:
     value = entry.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise UserError(f"{where}: \"{key}\" must be a number >= {minimum:g}, not {value!r}")
+        raise FieldError(f"{where}: \"{key}\" must be a number >= {minimum:g}, not {value!r}",
+                         key)
     return float(value)
 
 
@@ -178,16 +182,20 @@ def _strings(entry: dict[str, Any], key: str, where: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{where}: \"{key}\" must be a list of networks like [\"10.0.0.0/8\"]")
+        raise FieldError(f"{where}: \"{key}\" must be a list of networks like [\"10.0.0.0/8\"]",
+                         key)
     from .acl import parse_network
 
     for text in value:  # a bad network is reported here, naming where it was written
-        parse_network(text, what=f"{where}: \"{key}\"")
+        try:
+            parse_network(text, what=f"{where}: \"{key}\"")
+        except UserError as exc:
+            raise FieldError(str(exc), key) from None
     return list(value)
 
 
 def _proxy(entry: dict[str, Any], where: str) -> str | None:
     value = entry.get("proxy")
     if value not in (None, "v1", "v2"):
-        raise UserError(f"{where}: \"proxy\" must be \"v1\" or \"v2\", not {value!r}")
+        raise FieldError(f"{where}: \"proxy\" must be \"v1\" or \"v2\", not {value!r}", "proxy")
     return value

@@ -29,6 +29,7 @@ import pwd
 from dataclasses import dataclass, field
 
 from .addresses import HostPort, UnixAddress, parse_host_port
+from .defaults import CONNECT_TIMEOUT, MAX_UDP_FLOWS, UDP_IDLE_TIMEOUT
 from .errors import UserError
 from .netns import Netns
 from .sockets import adopt_connected_fd, adopt_listening_fd
@@ -191,9 +192,10 @@ def parse_owner(text: str, what: str) -> tuple[int, int]:
 
 
 def build_spec(listen: Endpoint, connect: Endpoint, *, name: str = "",
-               connect_timeout: float | None = 30.0, allow: list[str] | None = None,
+               connect_timeout: float | None = CONNECT_TIMEOUT, allow: list[str] | None = None,
                deny: list[str] | None = None, proxy: str | None = None,
-               idle_timeout: float = 60.0, max_flows: int = 4096) -> ForwardSpec:
+               idle_timeout: float = UDP_IDLE_TIMEOUT,
+               max_flows: int = MAX_UDP_FLOWS) -> ForwardSpec:
     """Open what the two endpoints name (namespaces, inherited fds) into a ForwardSpec.
 
     Endpoint options (allow=, deny=, proxy=) add to the forward-wide ones given here.

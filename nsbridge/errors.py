@@ -29,3 +29,14 @@ def errno_name(code: int | None) -> str:
     if code is None:
         return "?"
     return errno.errorcode.get(code, str(code))
+
+
+class FieldError(UserError):
+    """A bad value in a table of settings (a config file's ``[[forward]]``, a control
+    request): ``key`` names the field, so a caller that knows where the table was written
+    (config.py: the file's lines) can point at that field's line without reading the
+    message."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key

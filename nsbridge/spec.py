@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 
 from .addresses import HostPort, UnixAddress
+from .defaults import CONNECT_TIMEOUT, MAX_UDP_FLOWS, UDP_IDLE_TIMEOUT
 from .netns import Netns
 
 STREAM = "stream"
@@ -107,9 +108,10 @@ class ForwardSpec(_Record):
                                 "deny", "proxy", "idle_timeout", "max_flows", "source")
 
     def __init__(self, listen: ListenSide, connect: ConnectSide,
-                 connect_timeout: float | None = 30.0, name: str = "",
+                 connect_timeout: float | None = CONNECT_TIMEOUT, name: str = "",
                  allow: list[str] | None = None, deny: list[str] | None = None,
-                 proxy: str | None = None, idle_timeout: float = 60.0, max_flows: int = 4096,
+                 proxy: str | None = None, idle_timeout: float = UDP_IDLE_TIMEOUT,
+                 max_flows: int = MAX_UDP_FLOWS,
                  source: dict[str, Any] | None = None) -> None:
         self.listen = listen
         self.connect = connect

@@ -436,3 +436,49 @@ def test_unnamed_adds_get_fresh_names_after_a_removal(daemon: Daemon):
     assert names == ["forward-1", "forward-3", "forward-4"]
     assert tcp_roundtrip(daemon.listening_on("forward-4"), b"four") == b"four"
     daemon.assert_healthy()
+
+
+GARBLED_REPLIES = {
+    "not json": (b"HTTP/1.1 400 Bad Request\r\n\r\n", "the reply is not JSON ('HTTP/1.1 400"),
+    "not utf-8": (b"\xff\xfe\x00{\n", "the reply is not JSON"),
+    "not an object": (b"[1, 2]\n", "the reply is not a JSON object ('[1, 2]')"),
+    "cut short": (b'{"ok": true, "forw', "closed the connection in the middle of its reply"),
+    "no forwards": (b'{"ok": true}\n', "no 'forwards' list of objects"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBLED_REPLIES))
+def test_ctl_garbled_reply_is_one_error_line(case: str, tmp_path: Path):
+    """A reply `nsbridge ctl` cannot use (another program's socket, a daemon dying
+    mid-reply) is one `nsbridge: error:` line naming the socket, exit 2, no traceback."""
+    import threading
+
+    reply, needle = GARBLED_REPLIES[case]
+    path = tmp_path / "not-nsbridge.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(30)
+    received: list[bytes] = []
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            received.append(conn.recv(65536))
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer_once, daemon=True)
+    thread.start()
+    try:
+        result = ctl(path, "list")
+    finally:
+        thread.join(timeout=30)
+        server.close()
+    assert json.loads(received[0]) == {"cmd": "list"}
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0], lines[0]
+    if case != "no forwards":  # that one is a well-formed reply missing its table
+        assert lines[0].startswith(f"nsbridge: error: --control {path}: "), lines[0]

@@ -160,6 +160,17 @@ BAD_CONFIGS = {
     "defaults not a table": ("defaults = 3\n" + GOOD_FORWARD, 1, ["'defaults'"]),
     "forward not a table": ("forward = [1]\n", 1, ["'forward'"]),
     "no forwards": ("workers = 1\n", None, ["no [[forward]]"]),
+    # The line comes from the key the error carries and an index of the file's lines, so
+    # TOML's other spellings point at the right line too.
+    "quoted key": (GOOD_FORWARD + '"connect_timeout" = "soon"\n', 6, ['"connect_timeout"']),
+    "spaced header": ('workers = 1\n[[ forward ]]\nname = "a"\nlisten = "tcp:127.0.0.1:0"\n'
+                      'connect = "tcp:127.0.0.1:9"\nproxy = "v3"\n', 6,
+                      ["[[forward]] a", '"proxy"', "'v3'"]),
+    "after a multi-line array": (GOOD_FORWARD + 'allow = [\n  "127.0.0.0/8",\n]\n'
+                                 'proxy = "v3"\n', 9, ['"proxy"']),
+    "inherited bad proxy": ('[defaults]\nproxy = "v3"\n' + GOOD_FORWARD, 2, ['"proxy"']),
+    "second forward": (GOOD_FORWARD + GOOD_FORWARD.replace('"ok"', '"two"')
+                       + "max_flows = 0\n", 11, ["[[forward]] two", '"max_flows"']),
 }
 
 

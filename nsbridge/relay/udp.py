@@ -51,6 +51,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .._log import log
 from ..addresses import format_sockaddr
+from ..defaults import MAX_UDP_FLOWS, UDP_IDLE_TIMEOUT
 from ..errors import errno_name
 from ..factory import SocketFactory
 from .loop import IN, EventLoop, Timer
@@ -281,8 +282,8 @@ class UdpRelay:
         target: Target,
         factory: SocketFactory,
         *,
-        idle_timeout: float = 60.0,
-        max_flows: int = 4096,
+        idle_timeout: float = UDP_IDLE_TIMEOUT,
+        max_flows: int = MAX_UDP_FLOWS,
         stats: UdpStats | None = None,
         on_flow_closed: Callable[[UdpFlow], None] | None = None,
         admit: Callable[[Address], bool] | None = None,

@@ -50,6 +50,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..defaults import MTU, USERNET_CIDR, USERNET_CIDR6
 from ..errors import UserError
 from ..netns import Netns
 from . import sandbox as _sandbox
@@ -82,10 +83,10 @@ def options(
     dns: Sequence[tuple[str, int]] | None = None,
     tcp: str = "auto",
     relay: str = "auto",
-    mtu: int = 65520,
+    mtu: int = MTU,
     ipv6: bool = True,
-    cidr: str = "10.0.2.0/24",
-    cidr6: str = "fd00::/64",
+    cidr: str = USERNET_CIDR,
+    cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
@@ -216,10 +217,10 @@ def run(
     dns: Sequence[tuple[str, int]] | None = None,
     tcp: str = "auto",
     relay: str = "auto",
-    mtu: int = 65520,
+    mtu: int = MTU,
     ipv6: bool = True,
-    cidr: str = "10.0.2.0/24",
-    cidr6: str = "fd00::/64",
+    cidr: str = USERNET_CIDR,
+    cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
     stdin: int | None = None,
     stdout: int | None = None,
@@ -305,10 +306,10 @@ def attach(
     deny: Iterable[str] = (),
     dns: Sequence[tuple[str, int]] | None = None,
     tcp: str = "auto",
-    mtu: int = 65520,
+    mtu: int = MTU,
     ipv6: bool = True,
-    cidr: str = "10.0.2.0/24",
-    cidr6: str = "fd00::/64",
+    cidr: str = USERNET_CIDR,
+    cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
@@ -378,8 +379,8 @@ class HostSide:
     def __init__(self, *, publish: Iterable[str | Publish] = (),
                  allow_host_loopback: bool = False, allow: Iterable[str] = (),
                  deny: Iterable[str] = (), dns: Sequence[tuple[str, int]] | None = None,
-                 tcp: str = "auto", mtu: int = 65520, ipv6: bool = True,
-                 cidr: str = "10.0.2.0/24", cidr6: str = "fd00::/64",
+                 tcp: str = "auto", mtu: int = MTU, ipv6: bool = True,
+                 cidr: str = USERNET_CIDR, cidr6: str = USERNET_CIDR6,
                  nat64_prefix: str | Iterable[str] = (),
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self._options = options(publish=publish, allow_host_loopback=allow_host_loopback,
@@ -496,8 +497,8 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
             raise _sandbox.SandboxError(settings["error"])
         opts = UsernetOptions(mtu=int(settings["mtu"]), ipv6=bool(settings["ipv6"]),
                               tcp=str(settings["tcp"]),
-                              cidr=str(settings.get("cidr", "10.0.2.0/24")),
-                              cidr6=str(settings.get("cidr6", "fd00::/64")))
+                              cidr=str(settings.get("cidr", USERNET_CIDR)),
+                              cidr6=str(settings.get("cidr6", USERNET_CIDR6)))
         try:
             header, fds = _sandbox._configure_here(_config(opts), _redirect_setup(opts))
         except _sandbox.SetupError as exc:

@@ -20,6 +20,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..defaults import (
+    MAX_MTU,
+    MIN_MTU,
+    MTU,
+    USERNET_CIDR,
+    USERNET_CIDR6,
+    USERNET_DNS,
+    USERNET_DNS6,
+    USERNET_GATEWAY,
+    USERNET_GATEWAY6,
+    USERNET_NAMESPACE,
+    USERNET_NAMESPACE6,
+)
 from ..errors import UserError, describe_oserror
 
 TUN_PATH = "/dev/net/tun"
@@ -62,6 +75,9 @@ VNET_HDR_SIZE = 10
 IFA_F_NODAD = 0x02  # <linux/if_addr.h>: the address is usable at once, no DAD wait
 IFNAMSIZ = 16
 
+_PREFIX = ipaddress.IPv4Network(USERNET_CIDR).prefixlen
+_PREFIX6 = ipaddress.IPv6Network(USERNET_CIDR6).prefixlen
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -72,21 +88,21 @@ class NetConfig:
     """
 
     ifname: str = "nsb0"
-    mtu: int = 65520
+    mtu: int = MTU
     ipv4: ipaddress.IPv4Interface = field(
-        default_factory=lambda: ipaddress.IPv4Interface("10.0.2.100/24")
+        default_factory=lambda: ipaddress.IPv4Interface((USERNET_NAMESPACE, _PREFIX))
     )
     gateway4: ipaddress.IPv4Address = field(
-        default_factory=lambda: ipaddress.IPv4Address("10.0.2.2")
+        default_factory=lambda: ipaddress.IPv4Address(USERNET_GATEWAY)
     )
-    dns4: ipaddress.IPv4Address = field(default_factory=lambda: ipaddress.IPv4Address("10.0.2.3"))
+    dns4: ipaddress.IPv4Address = field(default_factory=lambda: ipaddress.IPv4Address(USERNET_DNS))
     ipv6: ipaddress.IPv6Interface | None = field(
-        default_factory=lambda: ipaddress.IPv6Interface("fd00::100/64")
+        default_factory=lambda: ipaddress.IPv6Interface((USERNET_NAMESPACE6, _PREFIX6))
     )
     gateway6: ipaddress.IPv6Address = field(
-        default_factory=lambda: ipaddress.IPv6Address("fd00::2")
+        default_factory=lambda: ipaddress.IPv6Address(USERNET_GATEWAY6)
     )
-    dns6: ipaddress.IPv6Address = field(default_factory=lambda: ipaddress.IPv6Address("fd00::3"))
+    dns6: ipaddress.IPv6Address = field(default_factory=lambda: ipaddress.IPv6Address(USERNET_DNS6))
     offload: bool = True
 
     def validate(self) -> None:
@@ -100,12 +116,8 @@ class NetConfig:
             or name in (".", "..")
         ):
             raise UserError(f"bad interface name {name!r}: 1-15 characters, no '/' or spaces")
-        low = 1280 if self.ipv6 is not None else 68
-        if not low <= self.mtu <= 65535:
-            raise UserError(
-                f"bad MTU {self.mtu}: must be between {low} and 65535"
-                + (" (IPv6 needs at least 1280)" if self.ipv6 is not None else "")
-            )
+        if not MIN_MTU <= self.mtu <= MAX_MTU:  # the bounds --mtu is checked against
+            raise UserError(f"bad MTU {self.mtu}: must be between {MIN_MTU} and {MAX_MTU}")
         if self.gateway4 not in self.ipv4.network:
             raise UserError(f"gateway {self.gateway4} is not inside {self.ipv4.network}")
         if self.ipv6 is not None and self.gateway6 not in self.ipv6.network:

@@ -21,10 +21,16 @@ namespace then refuse connections; all other traffic carries on.
 
 Published ports use it as the connect side of an ordinary forward: the relay engine is
 the same one ``nsbridge forward`` uses.
+
+Failures are ``OSError``s like the thread factory's, so a forward resets the client as
+for any socket it cannot make: the factory's own ``socket()`` failure comes back with
+its errno (EMFILE, EAFNOSUPPORT, ...), and a factory that is gone or stuck raises
+:class:`FactoryUnavailable` (errno EIO).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -41,9 +47,18 @@ Socket = socket.socket  # the class below has a method named socket
 log = logging.getLogger("nsbridge")
 
 _REQUEST = struct.Struct("iii")  # family, type, count
+_REFUSAL = struct.Struct("i")  # an answer without fds: the errno, then the reason in text
 _REPLY_TIMEOUT = 2.0  # a live factory answers in microseconds; this only bounds a stall
 _BATCH = 16
 _FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+class FactoryUnavailable(OSError):
+    """The factory process is gone or did not answer in time: no socket can be made in
+    its namespace any more (errno EIO, the message says which)."""
+
+    def __init__(self, label: str, why: str) -> None:
+        super().__init__(errno.EIO, f"socket factory in {label}: {why}")
 
 
 class ProcessFactory:
@@ -70,7 +85,7 @@ class ProcessFactory:
 
     def _request(self, family: int, type: int, count: int) -> list[Socket]:
         if self._broken is not None:
-            raise OSError(0, f"socket factory in {self.label}: {self._broken}")
+            raise FactoryUnavailable(self.label, self._broken)
         try:
             self._channel.send(_REQUEST.pack(family, type, count))
             data, fds, _flags, _addr = socket.recv_fds(self._channel, 256, count)
@@ -81,7 +96,8 @@ class ProcessFactory:
         if not fds:
             if not data:
                 self._give_up("the factory process is gone")
-            raise OSError(0, f"socket factory in {self.label}: {data.decode(errors='replace')}")
+            code, why = _refusal(data)
+            raise OSError(code, f"socket factory in {self.label}: {why}")
         return [socket.socket(fileno=fd) for fd in fds]
 
     def _give_up(self, why: str) -> NoReturn:
@@ -91,7 +107,7 @@ class ProcessFactory:
         self._channel.close()
         log.warning("socket factory in %s: %s; published ports into this namespace refuse "
                     "connections from now on", self.label, why)
-        raise OSError(0, f"socket factory in {self.label}: {why}")
+        raise FactoryUnavailable(self.label, why)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` here: only namespace-independent work (numeric address parsing) is
@@ -103,6 +119,15 @@ class ProcessFactory:
             while pool:
                 pool.popleft().close()
         self._channel.close()
+
+
+def _refusal(data: bytes) -> tuple[int, str]:
+    """The errno and reason of a factory's answer without fds (EIO when the answer is
+    too short to carry an errno)."""
+    if len(data) < _REFUSAL.size:
+        return errno.EIO, data.decode(errors="replace") or "no reason given"
+    (code,) = _REFUSAL.unpack_from(data)
+    return code or errno.EIO, data[_REFUSAL.size:].decode(errors="replace")
 
 
 def _start_server() -> list[int]:
@@ -143,7 +168,8 @@ def _serve(channel: socket.socket) -> None:
         try:
             made = [socket.socket(family, type_ | _FLAGS) for _ in range(count)]
         except OSError as exc:
-            channel.send(f"cannot create socket: {exc.strerror}".encode())
+            refusal = f"cannot create socket: {exc.strerror}".encode()
+            channel.send(_REFUSAL.pack(exc.errno or errno.EIO) + refusal)
             continue
         socket.send_fds(channel, [b"ok"], [s.fileno() for s in made])
         for sock in made:

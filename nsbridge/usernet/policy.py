@@ -79,6 +79,23 @@ from typing import Literal
 
 from ..acl import parse_network
 from ..addresses import format_sockaddr
+from ..defaults import (
+    DNS_HOST,
+    GATEWAY_HOST,
+    MAX_MTU,
+    MIN_MTU,
+    MTU,
+    NAMESPACE_HOST,
+    NAMESPACE_HOST6,
+    USERNET_CIDR,
+    USERNET_CIDR6,
+    USERNET_DNS,
+    USERNET_DNS6,
+    USERNET_GATEWAY,
+    USERNET_GATEWAY6,
+    USERNET_NAMESPACE,
+    USERNET_NAMESPACE6,
+)
 from ..errors import UserError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -184,14 +201,14 @@ def parse_nat64_prefix(text: str, *, what: str = "--nat64-prefix") -> ipaddress.
 
 # ---- addresses ----------------------------------------------------------------------
 
-_DEFAULT_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
-_DEFAULT_NAMESPACE = ipaddress.IPv4Address("10.0.2.100")
-_DEFAULT_GATEWAY = ipaddress.IPv4Address("10.0.2.2")
-_DEFAULT_DNS = ipaddress.IPv4Address("10.0.2.3")
-_DEFAULT_NETWORK6 = ipaddress.IPv6Network("fd00::/64")
-_DEFAULT_NAMESPACE6 = ipaddress.IPv6Address("fd00::100")
-_DEFAULT_GATEWAY6 = ipaddress.IPv6Address("fd00::2")
-_DEFAULT_DNS6 = ipaddress.IPv6Address("fd00::3")
+_DEFAULT_NETWORK = ipaddress.IPv4Network(USERNET_CIDR)
+_DEFAULT_NAMESPACE = ipaddress.IPv4Address(USERNET_NAMESPACE)
+_DEFAULT_GATEWAY = ipaddress.IPv4Address(USERNET_GATEWAY)
+_DEFAULT_DNS = ipaddress.IPv4Address(USERNET_DNS)
+_DEFAULT_NETWORK6 = ipaddress.IPv6Network(USERNET_CIDR6)
+_DEFAULT_NAMESPACE6 = ipaddress.IPv6Address(USERNET_NAMESPACE6)
+_DEFAULT_GATEWAY6 = ipaddress.IPv6Address(USERNET_GATEWAY6)
+_DEFAULT_DNS6 = ipaddress.IPv6Address(USERNET_DNS6)
 
 
 @dataclass(frozen=True)
@@ -211,24 +228,24 @@ class UsernetAddresses:
     namespace6: ipaddress.IPv6Address = _DEFAULT_NAMESPACE6
     gateway6: ipaddress.IPv6Address = _DEFAULT_GATEWAY6
     dns6: ipaddress.IPv6Address = _DEFAULT_DNS6
-    mtu: int = 65520
+    mtu: int = MTU
 
-    MIN_MTU = 1280  # IPv6's minimum; the namespace always has IPv6
-    MAX_MTU = 65520  # slirp4netns's maximum; leaves room under the 64 KiB packet limit
+    MIN_MTU = MIN_MTU  # IPv6's minimum; the namespace always has IPv6
+    MAX_MTU = MAX_MTU  # slirp4netns's maximum; leaves room under the 64 KiB packet limit
 
     @classmethod
     def parse(
         cls,
         *,
-        network: str = "10.0.2.0/24",
+        network: str = USERNET_CIDR,
         namespace: str | None = None,
         gateway: str | None = None,
         dns: str | None = None,
-        network6: str = "fd00::/64",
+        network6: str = USERNET_CIDR6,
         namespace6: str | None = None,
         gateway6: str | None = None,
         dns6: str | None = None,
-        mtu: str | int = 65520,
+        mtu: str | int = MTU,
         labels: tuple[str, str] = ("usernet network", "usernet network6"),
     ) -> UsernetAddresses:
         """Addresses from user text; a :class:`UserError` names the first bad input.
@@ -242,17 +259,17 @@ class UsernetAddresses:
         four = [
             _host(net4, text, default, name, labels[0])
             for text, default, name in (
-                (namespace, 100, "namespace"),
-                (gateway, 2, "gateway"),
-                (dns, 3, "dns"),
+                (namespace, NAMESPACE_HOST, "namespace"),
+                (gateway, GATEWAY_HOST, "gateway"),
+                (dns, DNS_HOST, "dns"),
             )
         ]
         six = [
             _host(net6, text, default, name, labels[1])
             for text, default, name in (
-                (namespace6, 0x100, "namespace6"),
-                (gateway6, 2, "gateway6"),
-                (dns6, 3, "dns6"),
+                (namespace6, NAMESPACE_HOST6, "namespace6"),
+                (gateway6, GATEWAY_HOST, "gateway6"),
+                (dns6, DNS_HOST, "dns6"),
             )
         ]
         _distinct(four, ("namespace", "gateway", "dns"))

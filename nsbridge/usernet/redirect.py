@@ -51,6 +51,7 @@ from functools import partial
 
 from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
+from ..defaults import CONNECT_TIMEOUT
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop
 from ..relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
@@ -68,7 +69,7 @@ IP6T_SO_ORIGINAL_DST = 80
 _ACCEPT_BATCH = 64
 _BIND_ATTEMPTS = 20
 _EMFILE_PAUSE = 0.5
-DEFAULT_CONNECT_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = CONNECT_TIMEOUT
 NO_ORIGINAL_DST = "not redirected"  # the denial reason for a direct connection
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..addresses import HostPort
 from ..bridge import Bridge
+from ..defaults import MTU, USERNET_CIDR, USERNET_CIDR6
 from ..errors import UserError
 from ..forward import ForwardSpec
 from ..relay.loop import IN
@@ -51,10 +52,10 @@ class UsernetOptions:
     tcp: str = "auto"  # auto | redirect | tun
     relay: str = "auto"  # auto | native | engine: who serves UDP and ping (flowrelay.py)
     dns: list[tuple[str, int]] | None = None  # host resolvers; None: /etc/resolv.conf
-    mtu: int = 65520
+    mtu: int = MTU
     ipv6: bool = True
-    cidr: str = "10.0.2.0/24"  # the namespace's IPv4 network (slirp4netns's --cidr)
-    cidr6: str = "fd00::/64"  # and its IPv6 network
+    cidr: str = USERNET_CIDR  # the namespace's IPv4 network (slirp4netns's --cidr)
+    cidr6: str = USERNET_CIDR6  # and its IPv6 network
     nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
 
 
