@@ -57,6 +57,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from .. import defaults
 from ..errors import errno_name
 from ..relay.loop import IN, EventLoop, Timer
 from ..relay.udp import FlowTable
@@ -112,8 +113,8 @@ class TunEngine:
         policy: Policy,
         addresses: UsernetAddresses,
         resolvers: Iterable[Resolver],
-        idle_timeout: float = 60.0,
-        max_flows: int = 4096,
+        idle_timeout: float = defaults.UDP_IDLE_TIMEOUT,
+        max_flows: int = defaults.MAX_UDP_FLOWS,
         *,
         offloads: Iterable[str] = (),
         dns_timeout: float = 2.0,
