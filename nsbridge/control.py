@@ -19,7 +19,6 @@ is dropped once ``MAX_PENDING`` bytes are waiting, and at most ``MAX_CLIENTS`` a
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import UserError
+from .relay.accept import Acceptor
 from .relay.loop import IN, OUT, EventLoop
 from .sockets import remove_unix_socket
 
@@ -48,36 +48,31 @@ class ControlServer:
         self.handle = handle
         self.sock = _listen(path)
         self.clients: dict[int, _Client] = {}
-        loop.add(self.sock.fileno(), IN, self._on_accept)
+        # relay/accept.py's policy: out of fds, the daemon pauses accepting control
+        # clients instead of spinning on the socket, and serves them once it can.
+        self._acceptor = Acceptor(loop, self.sock, self._on_client,
+                                  name=f"control socket {path}")
+        self._acceptor.start()
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def _on_accept(self, _events: int) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    return
-                continue
-            conn.setblocking(False)
-            uid = _peer_uid(conn)
-            if uid not in (0, os.geteuid()):
-                log.warning("control: refused a client with uid %s", uid)
-                _send_now(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
-                                 "use this control socket (only root and the daemon's user)"})
-                conn.close()
-                continue
-            if len(self.clients) >= MAX_CLIENTS:
-                _send_now(conn, {"ok": False, "error": "too many control clients"})
-                conn.close()
-                continue
-            client = _Client(self, conn)
-            self.clients[conn.fileno()] = client
-            self.loop.add(conn.fileno(), IN, client.on_event)
+    def _on_client(self, conn: socket.socket, _peer: object) -> None:
+        conn.setblocking(False)
+        uid = _peer_uid(conn)
+        if uid not in (0, os.geteuid()):
+            log.warning("control: refused a client with uid %s", uid)
+            _send_now(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
+                             "use this control socket (only root and the daemon's user)"})
+            conn.close()
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            _send_now(conn, {"ok": False, "error": "too many control clients"})
+            conn.close()
+            return
+        client = _Client(self, conn)
+        self.clients[conn.fileno()] = client
+        self.loop.add(conn.fileno(), IN, client.on_event)
 
     def answer(self, line: bytes) -> dict[str, Any]:
         """One request line to one reply; never raises."""
@@ -98,7 +93,7 @@ class ControlServer:
     def close(self) -> None:
         for client in list(self.clients.values()):
             client.close()
-        self.loop.remove(self.sock.fileno())
+        self._acceptor.close()
         self.sock.close()
         remove_unix_socket(self.path)
 

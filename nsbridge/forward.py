@@ -8,14 +8,14 @@ client address.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Callable
 
 from ._log import INFO, log
 from .addresses import ResolvedAddress, UnixAddress, format_sockaddr, resolve
 from .factory import SocketFactory
-from .relay.loop import IN, EventLoop
+from .relay.accept import Acceptor
+from .relay.loop import EventLoop
 from .relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from .sockets import open_listener, open_udp_socket, open_unix_listener, remove_unix_socket
 from .spec import (
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
     from .acl import ClientAcl
     from .relay.udp import UdpRelay
-
-_ACCEPT_BATCH = 64
-_EMFILE_PAUSE = 0.1
 
 # Plain classes, not dataclasses: worker processes import this module, and
 # ``dataclasses`` (with inspect, ast, dis...) would cost each of them about 2 MiB.
@@ -114,6 +111,7 @@ class Forward:
         self.acl: ClientAcl | None = None  # when the forward has allow/deny rules
         self.udp: UdpRelay | None = None  # the UdpRelay of a UDP forward
         self._unix_path: str | None = None  # socket file we created, removed when we stop
+        self._acceptor: Acceptor | None = None  # while this loop accepts from the listener
         # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more
         # listeners can join it: see reuseport_sibling().
         self.reuseport = reuseport
@@ -177,7 +175,7 @@ class Forward:
             self.start_udp(self.listener)
         else:
             assert self.listener is not None
-            self.loop.add(self.listener.fileno(), IN, self._on_listener)
+            self._accept_from(self.listener)
 
     def reuseport_sibling(self) -> socket.socket:
         """One more listener in this forward's SO_REUSEPORT group, for one worker.
@@ -194,9 +192,8 @@ class Forward:
 
     def listen_on(self, sock: socket.socket) -> None:
         """Accept clients from ``sock`` here (a worker's own SO_REUSEPORT listener)."""
-        sock.setblocking(False)
         self.listener = sock
-        self.loop.add(sock.fileno(), IN, self._on_listener)
+        self._accept_from(sock)
 
     def start_udp(self, sock: socket.socket | None) -> None:
         """Relay datagrams arriving on ``sock`` (bound here, or handed to a worker)."""
@@ -230,52 +227,24 @@ class Forward:
 
     # ---- accepting ----------------------------------------------------------------------
 
-    def _on_listener(self, _events: int) -> None:
-        listener = self.listener
-        if listener is None:
+    def _accept_from(self, listener: socket.socket) -> None:
+        """Accept clients from ``listener`` on this forward's loop (relay/accept.py's
+        policy: batches, and a pause rather than a spin when fds run out).  A listener
+        that stops listening is a worker's SO_REUSEPORT listener the supervisor shut
+        down (stop, drain, removal): this forward then stops listening too."""
+        self._acceptor = Acceptor(self.loop, listener, self._on_client,
+                                  name=self.listen_address,
+                                  on_not_listening=self.stop_listening)
+        self._acceptor.start()
+
+    def _on_client(self, client: socket.socket, peer: object) -> None:
+        if not self.admits(peer):
+            reset_and_close(client)
             return
-        # With all three given, socket(fileno=) asks the kernel for neither type nor
-        # protocol; looked up once per wake-up, as each property makes an enum member.
-        kind = (listener.family, listener.type, listener.proto)
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                fd, peer = listener._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(exc)
-                    return
-                if exc.errno == errno.EINVAL:
-                    # Not listening any more: a worker's SO_REUSEPORT listener that the
-                    # supervisor shut down (stop, drain, removal).  Polling it would spin.
-                    self.stop_listening()
-                    return
-                continue  # ECONNABORTED and friends: that client is gone, take the next
-            client = socket.socket(*kind, fileno=fd)
-            if not self.admits(peer):
-                reset_and_close(client)
-                continue
-            self.stats.accepted += 1
-            if self.spec.one_shot:
-                self.stop_listening()
-                self.start_session(client, accepted=True)
-                return
-            self.start_session(client, accepted=True)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        """Out of fds: stop polling the listener for a moment instead of spinning on it."""
-        log.warning("accept on %s failed: %s; pausing %.1fs", self.listen_address, exc.strerror,
-                    _EMFILE_PAUSE)
-        assert self.listener is not None
-        fd = self.listener.fileno()
-        self.loop.modify(fd, 0)
-
-        def resume() -> None:
-            if self.listener is not None and self.listener.fileno() == fd:
-                self.loop.modify(fd, IN)
-
-        self.loop.call_later(_EMFILE_PAUSE, resume)
+        self.stats.accepted += 1
+        if self.spec.one_shot:
+            self.stop_listening()
+        self.start_session(client, accepted=True)
 
     def start_session(self, client: socket.socket, accepted: bool = False) -> None:
         """Relay ``client`` (accepted here or handed over by the supervisor) to the target.
@@ -331,8 +300,10 @@ class Forward:
             self.udp.close()
             self.udp = None
             self.listener = None  # the relay owned and closed it
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
         if self.listener is not None:
-            self.loop.remove(self.listener.fileno())
             self.listener.close()
             self.listener = None
         if self._unix_path is not None:

@@ -38,7 +38,6 @@ fork() in a threaded process can deadlock the child.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import marshal
@@ -50,19 +49,20 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .addresses import HostPort
 from .bridge import Bridge, MoverName
 from .errors import UserError
 from .forward import Forward, ForwardStats
+from .relay.accept import Acceptor
 from .relay.loop import IN, OUT, EventLoop
 from .relay.tcp import reset_and_close
 from .roundrobin import attach_round_robin, round_robin_unavailable
 from .signals import StopSignals
 from .spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 from .worker_process import (
-    ACCEPT_BATCH,
     ADD,
     CONNECTIONS,
     MAX_MESSAGE,
@@ -126,6 +126,7 @@ class Supervisor:
         # --accept reuseport forwards: forward id -> {worker index: that worker's listener}.
         # Kept (never polled) here so a replacement worker gets the same socket back.
         self._own_listeners: dict[int, dict[int, socket.socket]] = {}
+        self._acceptors: dict[int, Acceptor] = {}  # forward id -> its hand-off acceptor
         self.exit_code = 0
 
     # ---- forwards -------------------------------------------------------------------------
@@ -234,8 +235,7 @@ class Supervisor:
         forward = self.forwards.pop(forward_id)
         self._close_own_listeners(forward_id)  # first: it shuts down forward.listener too
         self._own_listeners.pop(forward_id, None)
-        if forward.listener is not None and forward.spec.protocol != UDP:
-            self.loop.remove(forward.listener.fileno())
+        self._stop_accepting(forward_id)
         forward.stop_listening()
         for worker in list(self.workers.values()):
             self._send(worker, REMOVE + marshal.dumps((forward_id, kill)), [])
@@ -289,9 +289,25 @@ class Supervisor:
         return self.exit_code
 
     def _watch_listener(self, forward_id: int, forward: Forward) -> None:
+        """Accept ``forward``'s clients here, if the workers do not (relay/accept.py's
+        policy: batches, and a pause rather than a spin when the supervisor runs out of
+        fds); each batch is handed off as a whole."""
         listener = self._handed_off_listener(forward_id, forward)
-        if listener is not None:
-            self.loop.add(listener.fileno(), IN, lambda _e: self._accept(forward_id))
+        if listener is None:
+            return
+        accepted: list[int] = []
+        acceptor = Acceptor(self.loop, listener, partial(_admit, forward, accepted),
+                            name=forward.listen_address,
+                            after_batch=partial(self._hand_off_batch, forward_id, accepted))
+        self._acceptors[forward_id] = acceptor
+        if self._paused:
+            acceptor.hold()
+        acceptor.start()
+
+    def _stop_accepting(self, forward_id: int) -> None:
+        acceptor = self._acceptors.pop(forward_id, None)
+        if acceptor is not None:
+            acceptor.close()
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Close the listeners and pass the signal on; return once every worker exited."""
@@ -300,8 +316,7 @@ class Supervisor:
         self._stopping = True
         for forward_id, forward in self.forwards.items():
             self._close_own_listeners(forward_id)  # first: it shuts down forward.listener too
-            if forward.listener is not None and forward.spec.protocol != UDP:
-                self.loop.remove(forward.listener.fileno())
+            self._stop_accepting(forward_id)
             forward.stop_listening()
         for worker in self.workers.values():
             try:
@@ -457,29 +472,11 @@ class Supervisor:
 
     # ---- accepting and handing off ------------------------------------------------------
 
-    def _accept(self, forward_id: int) -> None:
-        forward = self.forwards.get(forward_id)
-        listener = forward.listener if forward is not None else None
-        if forward is None or listener is None:
-            return
-        accepted: list[int] = []
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, peer = listener._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept on %s failed: %s", forward.listen_address, exc.strerror)
-                    break
-                continue
-            if not forward.admits(peer):
-                reset_and_close(socket.socket(fileno=fd))
-                continue
-            forward.stats.accepted += 1
-            accepted.append(fd)
+    def _hand_off_batch(self, forward_id: int, accepted: list[int]) -> None:
         if accepted:
-            self._hand_off(forward_id, accepted)
+            fds = accepted[:]
+            accepted.clear()
+            self._hand_off(forward_id, fds)
 
     def _hand_off(self, forward_id: int, fds: list[int]) -> None:
         """Give each fd to the next worker in turn.
@@ -538,13 +535,22 @@ class Supervisor:
         if paused == self._paused:
             return
         self._paused = paused
-        mask = 0 if paused else IN
-        for forward_id, forward in self.forwards.items():
-            listener = self._handed_off_listener(forward_id, forward)
-            if listener is not None:
-                self.loop.modify(listener.fileno(), mask)
+        for acceptor in self._acceptors.values():
+            if paused:
+                acceptor.hold()
+            else:
+                acceptor.release()
         if paused:
             log.debug("workers are busy: accepting paused")
+
+
+def _admit(forward: Forward, accepted: list[int], client: socket.socket, peer: object) -> None:
+    """A client the supervisor accepted: reset it, or keep its fd for the hand-off."""
+    if not forward.admits(peer):
+        reset_and_close(client)
+        return
+    forward.stats.accepted += 1
+    accepted.append(client.detach())
 
 
 def _reuseport_possible(spec: ForwardSpec) -> bool:

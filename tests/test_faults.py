@@ -1,5 +1,6 @@
 """Faults around a running forward: the target dies and returns, the connecting
-namespace is deleted, a worker is SIGKILLed, the fd limit is hit, SIGTERM under load.
+namespace is deleted, a worker is SIGKILLed, the fd limit is hit (by a worker that
+accepts, and by the supervisor that hands clients off), SIGTERM under load.
 
 Why: a forwarder is infrastructure; each of these happens in production, and the
 contract is the same every time — a clear log line, no crash, unrelated forwards keep
@@ -8,7 +9,10 @@ working, service resumes once the cause is gone, finished transfers complete.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -51,11 +55,11 @@ def two_forwards(forwarder: Callable[..., Forwarder], target_a: str, target_b: s
     return fwd, host_port(a), host_port(b)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time of the process tree of ``pid``."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User+system CPU time of the process tree of ``pid`` (or of ``pid`` alone)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree else [pid]:
         with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
@@ -237,6 +241,79 @@ def test_fd_limit_hit_then_recovers(netns, forwarder):
             return False
 
     wait_until(serves, timeout=20, what="service after the fds are free")
+    assert fwd.proc.poll() is None
+    listener.close()
+    assert fwd.stop() == 0
+
+
+def _lowest_free_fd(pid: int) -> int:
+    """The fd number process ``pid`` would get next: with its soft RLIMIT_NOFILE set to
+    this, every new fd it asks for fails with EMFILE, and the ones it holds keep working."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(fd for fd in itertools.count() if fd not in used)
+
+
+def test_handoff_supervisor_out_of_fds_neither_spins_nor_floods_and_recovers(
+        netns, forwarder, tmp_path):
+    """With ``--workers 2 --accept handoff`` the supervisor accepts every client (and the
+    control socket's) and hands it to a worker.  Its soft fd limit is lowered at run time
+    to what it holds, so every accept fails with EMFILE while clients and a control
+    request queue.  Over 2 s it must not spin (CPU well under a spinning loop's 2 s: a
+    spin detector, not a performance figure), nor flood the log (one warning per
+    listener), nor relay anything; with the limit restored every queued client is relayed
+    by the workers, the control request is answered, and new clients are served.
+
+    The limit is lowered with prlimit once the daemon runs, not at start: the workers
+    inherit the supervisor's limit at start, and only the supervisor must run short."""
+    listener = listen_in(netns)
+    serve_in_thread(listener, echo)
+    control = tmp_path / "ctl.sock"
+    fwd = forwarder("forward", "-v", "--workers", "2", "--accept", "handoff",
+                    "-l", "127.0.0.1:0", "--connect-netns", netns,
+                    "-c", f"127.0.0.1:{listener.getsockname()[1]}", "--control", str(control))
+    wait_until(lambda: len(process_tree(fwd.proc.pid)) == 3, what="two workers")
+    address = ("127.0.0.1", fwd.port)
+    for i in range(4):  # handed to both workers in turn
+        assert roundtrip(address, b"%d" % i) == b"%d" % i
+    supervisor = fwd.proc.pid
+    limits = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+    queued: list[socket.socket] = []
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE,
+                         (_lowest_free_fd(supervisor), limits[1]))
+        for _ in range(10):
+            sock = socket.create_connection(address, timeout=10)  # completes in the backlog
+            sock.sendall(b"queued")
+            queued.append(sock)
+        ctl.settimeout(10)
+        ctl.connect(str(control))
+        ctl.sendall(b'{"cmd": "stats"}\n')
+        wait_until(lambda: fwd.log().count("Too many open files") >= 2, timeout=10,
+                   what="EMFILE logged for the listener and the control socket")
+        cpu = cpu_seconds(supervisor, tree=False)
+        time.sleep(2.0)
+        burned = cpu_seconds(supervisor, tree=False) - cpu
+        assert burned < 0.5, f"the supervisor burned {burned:.2f}s CPU in 2s at the fd limit"
+        failures = [line for line in fwd.log().splitlines() if "Too many open files" in line]
+        assert len(failures) == 2, failures
+        assert any("control socket" in line for line in failures), failures
+        queued[0].settimeout(0.2)
+        with pytest.raises(TimeoutError):  # not accepted, so not relayed
+            queued[0].recv(16)
+    finally:
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limits)
+    for sock in queued:
+        sock.settimeout(10)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"queued"
+        sock.close()
+    with ctl:
+        reply = json.loads(ctl.makefile("rb").readline())
+    assert reply["ok"] is True
+    assert sum(row["accepted"] for row in reply["stats"]) >= 4
+    assert roundtrip(address, b"new") == b"new"
+    wait_until(lambda: fwd.log().count("works again") == 2, what="recovery logged per listener")
     assert fwd.proc.poll() is None
     listener.close()
     assert fwd.stop() == 0

@@ -47,13 +47,13 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 from ..addresses import format_sockaddr
 from ..bridge import MoverName, make_mover
 from ..defaults import CONNECT_TIMEOUT
 from ..errors import errno_name
-from ..relay.loop import IN, EventLoop
+from ..relay.accept import Acceptor
+from ..relay.loop import EventLoop
 from ..relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from . import nft
 from .dnstcp import DnsTcpRelay
@@ -66,9 +66,7 @@ log = logging.getLogger("nsbridge")
 # IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP / SOL_IPV6.
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
-_ACCEPT_BATCH = 64
 _BIND_ATTEMPTS = 20
-_EMFILE_PAUSE = 0.5
 DEFAULT_CONNECT_TIMEOUT = CONNECT_TIMEOUT
 NO_ORIGINAL_DST = "not redirected"  # the denial reason for a direct connection
 
@@ -214,6 +212,7 @@ class TcpRedirector:
         self.connect_timeout = connect_timeout
         self.stats = RedirectStats()
         self.sessions: set[TcpSession | DnsTcpRelay] = set()
+        self._acceptors: list[Acceptor] = []
         self._started = False
 
     @classmethod
@@ -228,20 +227,24 @@ class TcpRedirector:
     # ---- running ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start accepting (level-triggered: a burst of clients is drained in batches)."""
+        """Start accepting (relay/accept.py's policy: a burst of clients is drained in
+        batches, and running out of fds pauses accepting instead of spinning)."""
         if self._started:
             return
         self._started = True
         for listener in self.listeners:
-            listener.setblocking(False)
-            self.loop.add(listener.fileno(), IN, partial(self._on_listener, listener))
+            acceptor = Acceptor(self.loop, listener, self._on_client,
+                                name=f"usernet tcp {format_sockaddr(listener.getsockname())}")
+            self._acceptors.append(acceptor)
+            acceptor.start()
 
     def stop_listening(self) -> None:
         """Close the listeners; relayed connections carry on.  New connections from the
         namespace are then refused by its kernel (nothing listens on the port)."""
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
         for listener in self.listeners:
-            if self._started:
-                self.loop.remove(listener.fileno())
             listener.close()
         self.listeners = []
 
@@ -268,32 +271,9 @@ class TcpRedirector:
 
     # ---- accepting ----------------------------------------------------------------
 
-    def _on_listener(self, listener: socket.socket, _events: int = 0) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                client, _peer = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause(listener, exc)
-                    return
-                continue  # ECONNABORTED and friends: that client is gone
-            self.stats.accepted += 1
-            self._handle(client)
-
-    def _pause(self, listener: socket.socket, exc: OSError) -> None:
-        """Out of fds: stop polling the listener for a moment.  It is level-triggered,
-        so leaving it armed would spin the loop at 100% CPU until an fd frees up."""
-        log.warning("usernet tcp: accept failed: %s; pausing %.1fs", exc.strerror, _EMFILE_PAUSE)
-        fd = listener.fileno()
-        self.loop.modify(fd, 0)
-
-        def resume() -> None:
-            if listener in self.listeners and listener.fileno() == fd:
-                self.loop.modify(fd, IN)
-
-        self.loop.call_later(_EMFILE_PAUSE, resume)
+    def _on_client(self, client: socket.socket, _peer: object) -> None:
+        self.stats.accepted += 1
+        self._handle(client)
 
     def _handle(self, client: socket.socket) -> None:
         destination = original_destination(client)
