@@ -52,7 +52,7 @@ from .dns import DnsStream
 from .packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
 from .policy import Allow, AllowResolver, Deny, Policy
 from .redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
-from .tcpstate import MAX_SEGMENT, Actions, Budget, TcpConn
+from .tcpstate import MAX_SEGMENT, Actions, Budget, State, TcpConn
 
 log = logging.getLogger("nsbridge")
 
@@ -191,7 +191,7 @@ class TunTcp:
         """Reset every connection both ways (idempotent)."""
         self._closed = True
         for flow in list(self.flows.values()):
-            if flow.conn.state != "closed":
+            if flow.conn.state is not State.CLOSED:
                 self._write(flow.conn.reset())
             self._finish(flow, reset=True)
 
@@ -280,7 +280,7 @@ class TunTcp:
         self._arm(flow)
 
     def _connect_failed(self, flow: _Flow, code: int, *, registered: bool = True) -> None:
-        if flow.conn.state == "closed":
+        if flow.conn.state is State.CLOSED:
             return
         if registered and flow.timer is not None and code != errno.ETIMEDOUT:
             flow.timer.cancel()
@@ -407,11 +407,11 @@ class TunTcp:
             count -= got
 
     def _on_host(self, flow: _Flow, events: int) -> None:
-        if flow.conn.state == "closed":
+        if flow.conn.state is State.CLOSED:
             return
         if events & OUT and (flow.pending or flow.shut or flow.closing):
             self._flush(flow)
-            if flow.conn.state == "closed" or flow.key not in self.flows:
+            if flow.conn.state is State.CLOSED or flow.key not in self.flows:
                 return
         if events & ~OUT:
             self._pull(flow)
@@ -457,7 +457,7 @@ class TunTcp:
 
     def _on_timer(self, flow: _Flow) -> None:
         flow.timer = None
-        if flow.key not in self.flows or flow.conn.state == "closed":
+        if flow.key not in self.flows or flow.conn.state is State.CLOSED:
             return
         actions = flow.conn.on_timeout()
         if actions is not None:
@@ -474,8 +474,7 @@ class TunTcp:
         ``counted=False`` when the caller counted it already (a failed connect)."""
         if self.flows.pop(flow.key, None) is None:
             return
-        flow.conn.state = "closed"
-        flow.conn.release()
+        flow.conn.abandon()
         flow.pending = bytearray()
         if flow.timer is not None:
             flow.timer.cancel()
