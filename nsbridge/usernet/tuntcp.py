@@ -407,13 +407,15 @@ class TunTcp:
             count -= got
 
     def _on_host(self, flow: _Flow, events: int) -> None:
-        if flow.conn.state is State.CLOSED:
-            return
+        """The host socket is ready.  A ``closing`` flow's connection is CLOSED (both FINs
+        are acknowledged) but its backlog still goes to the host: only writes matter."""
+        if self.flows.get(flow.key) is not flow:
+            return  # forgotten; a new connection may have the same four-tuple
         if events & OUT and (flow.pending or flow.shut or flow.closing):
             self._flush(flow)
-            if flow.conn.state is State.CLOSED or flow.key not in self.flows:
+            if self.flows.get(flow.key) is not flow:
                 return
-        if events & ~OUT:
+        if events & ~OUT and not flow.closing:
             self._pull(flow)
             if flow.key in self.flows:
                 self._arm(flow)
@@ -446,7 +448,8 @@ class TunTcp:
             log.info("usernet tcp: %s -> %s reset by the host side: %s",
                      _shown(flow.key[0], flow.key[1]), _shown(flow.key[2], flow.key[3]),
                      errno_name(exc.errno))
-        self._write(flow.conn.reset())
+        if flow.conn.state is not State.CLOSED:  # a closing flow's namespace end is done
+            self._write(flow.conn.reset())
         self._finish(flow, reset=True)
 
     # ---- timers and the end -------------------------------------------------------------
