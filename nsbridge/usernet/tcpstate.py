@@ -429,8 +429,8 @@ class TcpConn:
         before = self.advertised
         self.budget.free += self.backlog - backlog
         self.backlog = backlog
-        if self.state.fin_received or self.state is State.CLOSED:
-            return []
+        if not self.state.synchronized or self.state.fin_received:
+            return []  # no window to announce: not (or no longer) receiving
         room = min(RECV_BUFFER - backlog, self.budget.free)
         # Tell the namespace when the window reopens substantially (RFC 9293 3.8.6.2.2's
         # receiver-side silly-window avoidance): from below half to at least half.
