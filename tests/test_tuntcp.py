@@ -201,6 +201,37 @@ def test_a_backlog_is_written_after_both_fins(namespace: tuple[Namespace, str]) 
     listener.close()
 
 
+def test_nothing_reaches_the_host_before_the_handshake_completes(
+        namespace: tuple[Namespace, str]) -> None:
+    """A hostile namespace sends data and a FIN after our SYN-ACK with an ACK that does
+    not acknowledge it: the host server gets none of it, and no half-close."""
+    ns, netns = namespace
+    listener = listen_in(netns, "127.0.0.1")
+    port = listener.getsockname()[1]
+    ns.send(40000, port, 1000, 0, TCP_SYN, options=WS7)
+    synack = ns.receive()
+    assert synack.flags == TCP_SYN | TCP_ACK
+    server, _ = listener.accept()
+    server.settimeout(0.5)
+    ns.send(40000, port, 1001, synack.seq, TCP_ACK | TCP_PSH | TCP_FIN, b"early")
+    ns.send(40000, port, 1001, synack.seq + 99, TCP_ACK | TCP_PSH, b"ahead")
+
+    def next_ack() -> TCP:  # SYN-ACKs resent by the retransmit timer are skipped
+        answer = ns.receive()
+        while answer.flags & TCP_SYN:
+            answer = ns.receive()
+        return answer
+
+    assert next_ack().ack == 1001  # the future ACK is answered, nothing is taken
+    with pytest.raises(TimeoutError):
+        server.recv(100)
+    ns.send(40000, port, 1001, synack.seq + 1, TCP_ACK | TCP_PSH, b"now")
+    assert next_ack().ack == 1004
+    assert server.recv(100) == b"now"
+    server.close()
+    listener.close()
+
+
 def test_namespace_reset_aborts_the_host_connection(namespace: tuple[Namespace, str]) -> None:
     ns, netns = namespace
     listener, server, port, _synack = accepted_by_hand(ns, netns)
