@@ -246,7 +246,8 @@ class TcpConn:
     ``syn`` is the namespace's SYN; we answer as its destination address and port.
     ``iss`` is our initial sequence number (random, from the caller).  ``offload``
     (the tun has a virtio header and checksum offload) makes the kernel compute every
-    checksum and cut large writes into ``mss``-sized segments.
+    checksum and cut large writes into ``mss``-sized segments.  ``state`` is a
+    :class:`State`, changed only by this class's methods (the module docstring's tables).
     """
 
     __slots__ = (
@@ -372,7 +373,7 @@ class TcpConn:
     # ---- data from the host -------------------------------------------------------------
 
     def sendable(self) -> int:
-        """How many host bytes the namespace's window lets us send now (0 when closed).
+        """How many host bytes the namespace's window lets us send now (0 unless synchronized).
 
         Bounded by the window and, once the host's EOF position is known, by it."""
         if not self.state.synchronized:
