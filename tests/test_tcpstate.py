@@ -9,12 +9,15 @@ is in test_usernet_tcp.py.
 
 from __future__ import annotations
 
+import re
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nsbridge.usernet import tcpstate
 from nsbridge.usernet.packets import (
     TCP,
     TCP_ACK,
@@ -31,7 +34,9 @@ from nsbridge.usernet.tcpstate import (
     MAX_RETRIES,
     OUR_WSCALE,
     RECV_BUFFER,
+    Actions,
     Budget,
+    State,
     TcpConn,
     syn_options,
 )
@@ -68,7 +73,7 @@ def established(iss: int = 1000, irs: int = 5000, window: int = 512,
     synack = tcp_of(conn.accepted())
     assert synack.flags == TCP_SYN | TCP_ACK and synack.seq == iss and synack.ack == irs + 1
     actions = conn.on_segment(segment(TCP_ACK, irs + 1, iss + 1, window=window).l4)
-    assert actions.pull and conn.state == "open"
+    assert actions.pull and conn.state is State.ESTABLISHED
     return conn
 
 
@@ -102,7 +107,7 @@ def test_refused_connect_answers_the_syn_with_a_reset() -> None:
     conn = TcpConn(segment(TCP_SYN, 41), 1, vnet=False)
     reset = tcp_of(conn.refused())
     assert reset.flags == TCP_RST | TCP_ACK and reset.ack == 42
-    assert conn.state == "closed"
+    assert conn.state is State.CLOSED
 
 
 def test_data_in_order_is_delivered_and_acknowledged() -> None:
@@ -215,13 +220,15 @@ def test_lost_synack_is_sent_again() -> None:
 def test_fins_both_ways_end_the_connection() -> None:
     conn = established()
     actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, 5001, 1001, b"bye").l4)
-    assert actions.deliver == b"bye" and actions.shutdown and conn.fin_in
+    assert actions.deliver == b"bye" and actions.shutdown
+    assert conn.state is State.CLOSE_WAIT
     assert tcp_of(actions.frames[0]).ack == 5005
     conn.data_head(b"tail")
     [fin] = conn.host_eof()
     assert tcp_of(fin).flags == TCP_FIN | TCP_ACK and tcp_of(fin).seq == 1005
+    assert conn.state is State.LAST_ACK
     done = conn.on_segment(segment(TCP_ACK, 5005, 1006).l4)
-    assert done.done and done.discard == 4 and conn.state == "closed"
+    assert done.done and done.discard == 4 and conn.state is State.CLOSED
 
 
 def test_our_fin_is_resent_after_a_rewind() -> None:
@@ -250,15 +257,15 @@ def test_host_eof_with_everything_acked_but_the_fin() -> None:
 def test_only_an_in_window_reset_aborts() -> None:
     conn = established()
     blind = conn.on_segment(segment(TCP_RST, 5001 + (1 << 30)).l4)
-    assert not blind.abort and conn.state == "open"
+    assert not blind.abort and conn.state is State.ESTABLISHED
     real = conn.on_segment(segment(TCP_RST, 5001).l4)
-    assert real.abort and conn.state == "closed"
+    assert real.abort and conn.state is State.CLOSED
 
 
 def test_a_new_syn_on_an_open_connection_gets_a_challenge_ack() -> None:
     conn = established()
     actions = conn.on_segment(segment(TCP_SYN, 123456).l4)
-    assert tcp_of(actions.frames[0]).flags == TCP_ACK and conn.state == "open"
+    assert tcp_of(actions.frames[0]).flags == TCP_ACK and conn.state is State.ESTABLISHED
 
 
 def test_zero_window_is_probed() -> None:
@@ -311,7 +318,7 @@ def test_hostile_segment_streams_never_raise(steps: list) -> None:
             tcp_of(frame)
         assert conn.snd_una <= conn.snd_max and conn.snd_nxt <= conn.snd_max
         assert 0 <= conn.backlog <= RECV_BUFFER
-        if conn.state == "closed":
+        if conn.state is State.CLOSED:
             break
 
 
@@ -319,7 +326,7 @@ def test_hostile_segment_streams_never_raise(steps: list) -> None:
 def test_segments_while_still_connecting_are_ignored(flags: int) -> None:
     conn = TcpConn(segment(TCP_SYN, 1), 5, vnet=False)
     actions = conn.on_segment(segment(flags, 2, 6, b"early").l4)
-    assert actions.frames == [] and actions.deliver == b"" and conn.state == "connecting"
+    assert actions.frames == [] and actions.deliver == b"" and conn.state is State.DIALING
 
 
 def test_segments_after_a_gap_are_held_and_the_ack_jumps_when_it_fills() -> None:
@@ -329,7 +336,8 @@ def test_segments_after_a_gap_are_held_and_the_ack_jumps_when_it_fills() -> None
     assert first.deliver == second.deliver == b""
     assert tcp_of(second.frames[0]).ack == 5001  # duplicate ACKs while the gap is open
     filled = conn.on_segment(segment(TCP_ACK, 5001, 1001, b"hello").l4)
-    assert filled.deliver == b"helloworld!" and filled.shutdown and conn.fin_in
+    assert filled.deliver == b"helloworld!" and filled.shutdown
+    assert conn.state is State.CLOSE_WAIT
     assert tcp_of(filled.frames[-1]).ack == 5013  # past the data and the FIN
     assert conn.ooo == {} and conn.ooo_bytes == 0
 
@@ -369,3 +377,195 @@ def test_connections_share_one_buffer_budget() -> None:
     assert len(more.deliver) == 20_000
     second.release()
     assert budget.free == 100_000
+
+
+# ---- the state/event tables of the module docstring, walked against the code ----------------
+
+IRS, ISS = 5000, 1000
+
+
+def docstring_tables() -> list[tuple[list[str], dict[str, list[str]]]]:
+    """The module docstring's tables: (event columns, cells by state row) for each.
+
+    A table starts at a line whose first cell is ``state`` and ends at a blank line;
+    cells are separated by two or more spaces (column names may hold one space)."""
+    assert tcpstate.__doc__ is not None
+    tables = []
+    lines = iter(tcpstate.__doc__.splitlines())
+    for line in lines:
+        head = re.split(r"\s{2,}", line.strip())
+        if head[0] != "state":
+            continue
+        rows: dict[str, list[str]] = {}
+        for row in lines:
+            if not row.strip():
+                break
+            cells = re.split(r"\s{2,}", row.strip())
+            assert len(cells) == len(head), row
+            rows[cells[0]] = cells[1:]
+        tables.append((head[1:], rows))
+    return tables
+
+
+def in_state(state: State) -> TcpConn:
+    """A connection driven to ``state`` by the shortest real path (nothing in flight but
+    a FIN; the namespace's FIN, when sent, is at IRS + 1)."""
+    conn = TcpConn(segment(TCP_SYN, IRS, window=65535, options=MSS_WS), ISS, vnet=False)
+    steps = {
+        State.DIALING: [],
+        State.SYN_RECEIVED: ["accepted"],
+        State.ESTABLISHED: ["accepted", "ack"],
+        State.FIN_WAIT_1: ["accepted", "ack", "eof"],
+        State.FIN_WAIT_2: ["accepted", "ack", "eof", "ack fin"],
+        State.CLOSE_WAIT: ["accepted", "ack", "fin"],
+        State.CLOSING: ["accepted", "ack", "eof", "fin"],
+        State.LAST_ACK: ["accepted", "ack", "fin", "eof"],
+        State.CLOSED: ["accepted", "ack", "abandon"],
+    }[state]
+    for step in steps:
+        if step == "accepted":
+            conn.accepted()
+        elif step == "ack":
+            conn.on_segment(segment(TCP_ACK, IRS + 1, ISS + 1).l4)
+        elif step == "eof":
+            conn.host_eof()
+        elif step == "ack fin":
+            conn.on_segment(segment(TCP_ACK, IRS + 1, ISS + 2).l4)
+        elif step == "fin":
+            conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, conn.snd_una).l4)
+        else:
+            conn.abandon()
+    assert conn.state is state, (steps, conn.state)
+    return conn
+
+
+def give_up(conn: TcpConn) -> Actions:
+    """Let the retransmit timer fire until the connection gives up; its last actions."""
+    if conn.snd_max == conn.snd_una:
+        conn.data_head(b"x")  # ESTABLISHED, CLOSE-WAIT: put something in flight
+    for _ in range(MAX_RETRIES):
+        conn.arm()
+        assert conn.on_timeout() is not None
+    conn.arm()
+    final = conn.on_timeout()
+    assert final is not None
+    return final
+
+
+def segment_event(event: str) -> Callable[[TcpConn], Actions]:
+    """The namespace's segment for one column of the first table."""
+    return {
+        "SYN": lambda conn: conn.on_segment(segment(TCP_SYN, IRS, options=MSS_WS).l4),
+        "ACK of SYN": lambda conn: conn.on_segment(segment(TCP_ACK, IRS + 1, ISS + 1).l4),
+        "ACK of FIN": lambda conn: conn.on_segment(
+            segment(TCP_ACK, conn.rcv_nxt, ISS + 2).l4),
+        "FIN": lambda conn: conn.on_segment(
+            segment(TCP_ACK | TCP_FIN, IRS + 1, conn.snd_una).l4),
+        "RST": lambda conn: conn.on_segment(segment(TCP_RST, conn.rcv_nxt).l4),
+        "accepted()": lambda conn: Actions(frames=[conn.accepted()]),
+        "refused()": lambda conn: Actions(frames=[conn.refused()]),
+        "host_eof()": lambda conn: Actions(frames=conn.host_eof()),
+        "give up": give_up,
+        "reset()": lambda conn: Actions(frames=[conn.reset()]),
+    }[event]
+
+
+def answer_of(actions: Actions) -> set[str]:
+    """What the connection answered, in the tables' words."""
+    words = set()
+    for frame in actions.frames:
+        flags = tcp_of(frame).flags
+        if flags & TCP_RST:
+            words.add("rst")
+        elif flags & TCP_SYN:
+            words.add("synack")
+        elif flags & TCP_FIN:
+            words.add("fin")
+        else:
+            words.add("ack")
+    for flag, word in ((actions.shutdown, "shut"), (actions.done, "done"),
+                       (actions.abort, "abort")):
+        if flag:
+            words.add(word)
+    return words
+
+
+TABLE_CELLS = [  # "-" (the event cannot happen in that state) has nothing to drive
+    (row, event, cell)
+    for events, rows in docstring_tables()
+    for row, cells in rows.items()
+    for event, cell in zip(events, cells, strict=True)
+    if cell != "-"
+]
+
+
+def test_the_docstring_has_both_tables_with_a_row_per_state() -> None:
+    tables = docstring_tables()
+    assert len(tables) == 2
+    for _events, rows in tables:
+        assert list(rows) == [state.value for state in State]
+
+
+@pytest.mark.parametrize(("row", "event", "cell"), TABLE_CELLS,
+                         ids=[f"{row}-{event}" for row, event, _ in TABLE_CELLS])
+def test_every_cell_of_the_state_table_is_what_the_code_does(row: str, event: str,
+                                                             cell: str) -> None:
+    state = State(row)
+    conn = in_state(state)
+    actions = segment_event(event)(conn)
+    target, _, answer = cell.partition("/")
+    assert conn.state is (state if target == "=" else State(target))
+    assert answer_of(actions) == (set(answer.split("+")) if answer else set())
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_abandon_closes_from_every_state_and_sends_nothing(state: State) -> None:
+    budget = Budget(10_000)
+    conn = in_state(state)
+    conn.budget = budget
+    conn.abandon()
+    assert conn.state is State.CLOSED and budget.free == 10_000
+
+
+@pytest.mark.parametrize("state", [s for s in State if s.synchronized])
+def test_a_blind_reset_changes_no_state(state: State) -> None:
+    conn = in_state(state)
+    actions = conn.on_segment(segment(TCP_RST, conn.rcv_nxt + (1 << 30)).l4)
+    assert conn.state is state and not actions.abort and not actions.frames
+
+
+@pytest.mark.parametrize("ack", [ISS, ISS + 2])
+def test_syn_received_drops_a_segment_that_does_not_ack_our_syn(ack: int) -> None:
+    """Data (and a FIN) with an ACK that does not acknowledge our SYN-ACK never reaches
+    the host: the handshake must complete first (RFC 9293 3.10.7.4)."""
+    conn = in_state(State.SYN_RECEIVED)
+    actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, ack, b"early").l4)
+    assert actions.deliver == b"" and not actions.shutdown
+    assert conn.state is State.SYN_RECEIVED and conn.rcv_nxt == IRS + 1
+    assert [tcp_of(frame).flags for frame in actions.frames] == (
+        [TCP_ACK] if ack > ISS + 1 else [])
+    done = conn.on_segment(segment(TCP_ACK | TCP_PSH, IRS + 1, ISS + 1, b"now").l4)
+    assert done.deliver == b"now" and conn.state is State.ESTABLISHED
+
+
+def test_a_handshake_ack_carrying_a_fin_goes_to_close_wait() -> None:
+    conn = in_state(State.SYN_RECEIVED)
+    actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, ISS + 1, b"hi").l4)
+    assert actions.deliver == b"hi" and actions.shutdown
+    assert conn.state is State.CLOSE_WAIT
+
+
+def test_fins_crossing_in_one_segment_close_at_once() -> None:
+    """FIN-WAIT-1, and the namespace's FIN arrives on the ACK of ours: both transitions
+    (FIN-WAIT-2, then CLOSED) happen on that one segment."""
+    conn = in_state(State.FIN_WAIT_1)
+    actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, ISS + 2).l4)
+    assert actions.done and actions.shutdown and conn.state is State.CLOSED
+    assert tcp_of(actions.frames[-1]).ack == IRS + 2
+
+
+def test_the_last_ack_also_acknowledges_a_retransmitted_fin() -> None:
+    conn = in_state(State.LAST_ACK)
+    actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, ISS + 2).l4)
+    assert actions.done and conn.state is State.CLOSED
+    assert [tcp_of(frame).ack for frame in actions.frames] == [IRS + 2]

@@ -30,6 +30,7 @@ from nsbridge.usernet.packets import (
     build_tcp_head,
 )
 from nsbridge.usernet.policy import Policy
+from nsbridge.usernet.tcpstate import RECV_BUFFER
 from nsbridge.usernet.tuntcp import TunTcp
 
 WS7 = b"\x02\x04\x05\xb4\x01\x03\x03\x07"  # MSS 1460, window scale 7
@@ -158,6 +159,75 @@ def test_unacknowledged_bytes_are_sent_again(namespace: tuple[Namespace, str]) -
     assert again.seq == first.seq and again.payload == first.payload
     ns.send(40000, port, 1001, synack.seq + 1 + 3000, TCP_ACK)
     wait_until(lambda: ns.stats()["retransmits"] >= 1, what="a retransmission counted")
+    server.close()
+    listener.close()
+
+
+def test_a_backlog_is_written_after_both_fins(namespace: tuple[Namespace, str]) -> None:
+    """Both FINs exchanged (the connection is CLOSED) while the host server has not yet
+    taken every byte: the rest is still written, then the host socket is closed."""
+    ns, netns = namespace
+    listener = listen_in(netns, "127.0.0.1")
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    port = listener.getsockname()[1]
+    synack = handshake(ns, port)
+    server, _ = listener.accept()
+    server.settimeout(5)
+    ours, seq, chunk = synack.seq + 1, 1001, b"u" * 60000
+    for _ in range(500):  # until the host socket is full and a backlog waits
+        ns.send(40000, port, seq, ours, TCP_ACK | TCP_PSH, chunk)
+        ack = ns.receive()
+        seq = ack.ack
+        if ack.window << 7 < RECV_BUFFER // 2:
+            break
+    else:
+        raise AssertionError("the host socket never filled")
+    server.shutdown(socket.SHUT_WR)
+    fin = ns.receive()
+    while not fin.flags & TCP_FIN:  # a window update may come first
+        fin = ns.receive()
+    assert fin.seq == ours
+    ns.send(40000, port, seq, ours + 1, TCP_ACK | TCP_FIN)  # ack its FIN, send ours
+    last = ns.receive()
+    while last.ack != seq + 1:
+        last = ns.receive()
+    received = 0
+    while data := server.recv(1 << 16):
+        received += len(data)
+    assert received == seq - 1001
+    wait_until(lambda: ns.flows() == 0, what="the connection to end")
+    assert ns.stats()["closed"] == 1
+    server.close()
+    listener.close()
+
+
+def test_nothing_reaches_the_host_before_the_handshake_completes(
+        namespace: tuple[Namespace, str]) -> None:
+    """A hostile namespace sends data and a FIN after our SYN-ACK with an ACK that does
+    not acknowledge it: the host server gets none of it, and no half-close."""
+    ns, netns = namespace
+    listener = listen_in(netns, "127.0.0.1")
+    port = listener.getsockname()[1]
+    ns.send(40000, port, 1000, 0, TCP_SYN, options=WS7)
+    synack = ns.receive()
+    assert synack.flags == TCP_SYN | TCP_ACK
+    server, _ = listener.accept()
+    server.settimeout(0.5)
+    ns.send(40000, port, 1001, synack.seq, TCP_ACK | TCP_PSH | TCP_FIN, b"early")
+    ns.send(40000, port, 1001, synack.seq + 99, TCP_ACK | TCP_PSH, b"ahead")
+
+    def next_ack() -> TCP:  # SYN-ACKs resent by the retransmit timer are skipped
+        answer = ns.receive()
+        while answer.flags & TCP_SYN:
+            answer = ns.receive()
+        return answer
+
+    assert next_ack().ack == 1001  # the future ACK is answered, nothing is taken
+    with pytest.raises(TimeoutError):
+        server.recv(100)
+    ns.send(40000, port, 1001, synack.seq + 1, TCP_ACK | TCP_PSH, b"now")
+    assert next_ack().ack == 1004
+    assert server.recv(100) == b"now"
     server.close()
     listener.close()
 

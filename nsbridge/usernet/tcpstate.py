@@ -45,15 +45,68 @@ Design, and why:
   value is ``x & 0xFFFFFFFF``.  Incoming numbers are unwrapped relative to what we
   expect, which turns every RFC 9293 modular comparison into a plain one.
 
-Connection life: ``SYN`` seen → the caller dials the host (the namespace waits; its SYN
-retries are harmless) → :meth:`accepted` gives the SYN-ACK, or :meth:`refused` the
-reset → data both ways → FINs both ways (half-close is carried: each direction ends on
-its own) → done when both FINs are acknowledged, or at once on a reset.
+Connection life, in RFC 9293's state names (:class:`State`): the namespace's ``SYN``
+is held in DIALING while the caller dials the host (its SYN retries are harmless) →
+:meth:`~TcpConn.accepted` gives the SYN-ACK (SYN-RECEIVED), or :meth:`~TcpConn.refused`
+the reset → the namespace's ACK (ESTABLISHED) → data both ways → FINs both ways, each
+direction ending on its own (half-close is carried: FIN-WAIT-1/2 when the host finished
+first, CLOSE-WAIT then LAST-ACK when the namespace did, CLOSING when both crossed) →
+CLOSED when both FINs are acknowledged, or at once on a reset.
+
+Every transition happens inside :class:`TcpConn`.  The tables below are the whole state
+machine; ``tests/test_tcpstate.py`` parses them and drives every cell, so they cannot
+drift from the code.  A cell is the next state (``=``: unchanged) and after a ``/`` what
+the connection answers: the frames it returns (``synack``, ``ack``, ``fin``, ``rst``) and
+the :class:`Actions` it asks for (``shut``: shutdown towards the host, ``done``, ``abort``);
+``-``: the event cannot happen in that state.  Data, windows and retransmission change no
+state and are left out.
+
+Segments from the namespace (``SYN``: its SYN again, same initial sequence number;
+``FIN``: its FIN in order, acknowledging nothing new; ``RST``: a reset inside our window
+(one outside it changes nothing, RFC 5961 3.2)):
+
+  state         SYN       ACK of SYN   ACK of FIN   FIN                   RST
+  DIALING       =         -            -            =                     CLOSED/abort
+  SYN-RECEIVED  =/synack  ESTABLISHED  -            =                     CLOSED/abort
+  ESTABLISHED   =/ack     -            -            CLOSE-WAIT/ack+shut   CLOSED/abort
+  FIN-WAIT-1    =/ack     -            FIN-WAIT-2   CLOSING/ack+shut      CLOSED/abort
+  FIN-WAIT-2    =/ack     -            -            CLOSED/ack+shut+done  CLOSED/abort
+  CLOSE-WAIT    =/ack     -            -            =/ack                 CLOSED/abort
+  CLOSING       =/ack     -            CLOSED/done  =/ack                 CLOSED/abort
+  LAST-ACK      =/ack     -            CLOSED/done  =/ack                 CLOSED/abort
+  CLOSED        =         -            -            =                     =
+
+The caller's events (``give up``: the retransmit timer fired :data:`MAX_RETRIES` + 1 times
+with something in flight and no progress; :meth:`~TcpConn.abandon`, not shown, takes
+every state to CLOSED and sends nothing):
+
+  state         accepted()           refused()   host_eof()      give up           reset()
+  DIALING       SYN-RECEIVED/synack  CLOSED/rst  -               -                 CLOSED/rst
+  SYN-RECEIVED  -                    -           -               CLOSED/rst+abort  CLOSED/rst
+  ESTABLISHED   -                    -           FIN-WAIT-1/fin  CLOSED/rst+abort  CLOSED/rst
+  FIN-WAIT-1    -                    -           =               CLOSED/rst+abort  CLOSED/rst
+  FIN-WAIT-2    -                    -           =               -                 CLOSED/rst
+  CLOSE-WAIT    -                    -           LAST-ACK/fin    CLOSED/rst+abort  CLOSED/rst
+  CLOSING       -                    -           =               CLOSED/rst+abort  CLOSED/rst
+  LAST-ACK      -                    -           =               CLOSED/rst+abort  CLOSED/rst
+  CLOSED        -                    -           -               -                 -
+
+Three rules keep the table small.  In SYN-RECEIVED, a segment whose ACK does not
+acknowledge our SYN is dropped (RFC 9293 3.10.7.4; an ACK back if it acknowledges the
+future), so nothing reaches the host before the handshake.  A new SYN on a synchronized
+connection gets a challenge ACK (RFC 5961 4), never a reset.  A CLOSED connection ignores
+everything: the caller has forgotten it, and the engine resets strays.
+
+Supported: window scaling, MSS, go-back-N retransmission, duplicate-ACK recovery,
+zero-window probes, out-of-order hold, half-close both ways, RFC 5961 reset and SYN
+checks.  Not supported: SACK, timestamps, urgent data, simultaneous open, an active open
+(this end only answers), TIME-WAIT (see :class:`State`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from .packets import (
     TCP,
@@ -107,6 +160,47 @@ def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
     return mss, wscale
 
 
+class State(Enum):
+    """Where one connection is, in RFC 9293's names (section 3.3.2), seen from the host side.
+
+    This end only ever answers a SYN, so it never is in LISTEN (the engine's dispatch of
+    a SYN with no connection plays that part) or SYN-SENT (no active open).  It has no
+    TIME-WAIT either: that state keeps a closed connection's four-tuple so a lost last
+    ACK can be resent and old segments cannot enter a new incarnation.  Here the
+    namespace is one tun write away (no old segments wander in a network), and when our
+    last ACK is lost the namespace's retransmitted FIN finds no connection and the engine
+    resets it, which ends the namespace's LAST-ACK as well: both directions were complete.
+
+    DIALING has no RFC counterpart: the namespace's SYN is held unanswered while the
+    caller dials the host, so that a refused host gives a reset instead of a SYN-ACK.
+
+    ``synchronized`` (RFC 9293's term: the handshake is done and the connection is not
+    CLOSED) and ``fin_received`` (the namespace's FIN is in; nothing more comes from it)
+    are plain attributes of each member: the per-segment code reads them instead of
+    comparing with several members, because a member lookup such as ``State.CLOSED``
+    goes through ``EnumType.__getattr__`` on Python 3.11.
+    """
+
+    DIALING = "DIALING"
+    SYN_RECEIVED = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN-WAIT-1"
+    FIN_WAIT_2 = "FIN-WAIT-2"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    CLOSING = "CLOSING"
+    LAST_ACK = "LAST-ACK"
+    CLOSED = "CLOSED"
+
+    synchronized: bool
+    fin_received: bool
+
+
+for _state in State:
+    _state.synchronized = _state not in (State.DIALING, State.SYN_RECEIVED, State.CLOSED)
+    _state.fin_received = _state in (State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK)
+del _state
+
+
 class Budget:
     """Buffer space shared by every connection of one namespace (bytes ``free``).
 
@@ -152,7 +246,8 @@ class TcpConn:
     ``syn`` is the namespace's SYN; we answer as its destination address and port.
     ``iss`` is our initial sequence number (random, from the caller).  ``offload``
     (the tun has a virtio header and checksum offload) makes the kernel compute every
-    checksum and cut large writes into ``mss``-sized segments.
+    checksum and cut large writes into ``mss``-sized segments.  ``state`` is a
+    :class:`State`, changed only by this class's methods (the module docstring's tables).
     """
 
     __slots__ = (
@@ -160,7 +255,6 @@ class TcpConn:
         "backlog",
         "budget",
         "dupacks",
-        "fin_in",
         "fin_seq",
         "irs",
         "iss",
@@ -209,9 +303,10 @@ class TcpConn:
         self.ooo: dict[int, tuple[bytes, bool]] = {}  # segments after a gap, by sequence
         self.ooo_bytes = 0
         self.advertised = 0
-        self.state = "connecting"  # → "syn-sent" (SYN-ACK out) → "open" → "closed"
-        self.fin_in = False  # the namespace's FIN has been accepted
-        self.fin_seq: int | None = None  # where our FIN sits, once the host sent EOF
+        self.state = State.DIALING
+        # Where our FIN sits: None until the host's EOF (FIN-WAIT-1 or LAST-ACK from then
+        # on); the state says whether it was acknowledged.
+        self.fin_seq: int | None = None
         self.dupacks = 0
         self.retries = 0
         self.rto = INITIAL_RTO
@@ -241,8 +336,12 @@ class TcpConn:
         return self._head(TCP_ACK, self.snd_max)
 
     def accepted(self) -> bytes:
-        """The host server answered: our SYN-ACK (MSS, and window scale if offered)."""
-        self.state = "syn-sent"
+        """The host server answered: DIALING → SYN-RECEIVED, and our SYN-ACK."""
+        self.state = State.SYN_RECEIVED
+        return self._synack()
+
+    def _synack(self) -> bytes:
+        """Our SYN-ACK (MSS, and window scale if offered), first or again."""
         self.snd_nxt = self.snd_max = self.iss + 1
         options = (2).to_bytes(1, "big") + b"\x04" + self.mss.to_bytes(2, "big")
         if self.our_wscale:
@@ -256,16 +355,16 @@ class TcpConn:
         )
 
     def refused(self) -> bytes:
-        """The host server refused or is unreachable: reset the namespace's SYN."""
-        self.state = "closed"
+        """The host server refused or is unreachable: CLOSED, and a reset for its SYN."""
+        self.state = State.CLOSED
         return build_tcp_head(
             self.our_ip, self.ns_ip, self.our_port, self.ns_port, 0, self.rcv_nxt,
             TCP_RST | TCP_ACK, 0, offload=self.offload, vnet=self.vnet,
         )
 
     def reset(self) -> bytes:
-        """Abort towards the namespace (host reset, give-up, shutdown): one RST."""
-        self.state = "closed"
+        """Abort towards the namespace (host reset, give-up, shutdown): CLOSED, one RST."""
+        self.state = State.CLOSED
         return build_tcp_head(
             self.our_ip, self.ns_ip, self.our_port, self.ns_port, self.snd_nxt, self.rcv_nxt,
             TCP_RST | TCP_ACK, 0, offload=self.offload, vnet=self.vnet,
@@ -274,10 +373,10 @@ class TcpConn:
     # ---- data from the host -------------------------------------------------------------
 
     def sendable(self) -> int:
-        """How many host bytes the namespace's window lets us send now (0 when closed).
+        """How many host bytes the namespace's window lets us send now (0 unless synchronized).
 
         Bounded by the window and, once the host's EOF position is known, by it."""
-        if self.state != "open":
+        if not self.state.synchronized:
             return 0
         room = self.snd_una + self.snd_wnd - self.snd_nxt
         if self.fin_seq is not None:
@@ -293,14 +392,22 @@ class TcpConn:
         return head
 
     def host_eof(self) -> list[bytes]:
-        """The host server finished sending and every byte up to ``snd_nxt`` was peeked."""
-        if self.fin_seq is None:
-            self.fin_seq = self.snd_nxt
+        """The host server finished sending and every byte up to ``snd_nxt`` was peeked:
+        our FIN goes there (ESTABLISHED → FIN-WAIT-1, CLOSE-WAIT → LAST-ACK).  Again
+        later, it changes nothing."""
+        state = self.state
+        if state is State.ESTABLISHED:
+            self.state = State.FIN_WAIT_1
+        elif state is State.CLOSE_WAIT:
+            self.state = State.LAST_ACK
+        else:
+            return self.fin_due()
+        self.fin_seq = self.snd_nxt
         return self.fin_due()
 
     def fin_due(self) -> list[bytes]:
         """Our FIN, when every data byte before it has been sent (again, after a rewind)."""
-        if self.state != "open" or self.fin_seq is None or self.snd_nxt != self.fin_seq:
+        if self.fin_seq is None or self.snd_nxt != self.fin_seq or not self.state.synchronized:
             return []
         frame = self._head(TCP_FIN | TCP_ACK, self.snd_nxt)
         self.snd_nxt += 1
@@ -310,11 +417,11 @@ class TcpConn:
 
     def in_flight(self) -> bool:
         """Something we sent is not acknowledged yet (the retransmit timer must run)."""
-        return self.state in ("syn-sent", "open") and self.snd_max > self.snd_una
+        return self.snd_max > self.snd_una and self.state is not State.CLOSED
 
     def wants_timer(self) -> bool:
         """The retransmit timer must keep running: data in flight, or a zero window to probe."""
-        return self.in_flight() or (self.state == "open" and self.snd_wnd == 0)
+        return self.in_flight() or (self.state.synchronized and self.snd_wnd == 0)
 
     # ---- the caller's backlog towards the host ----------------------------------------------
 
@@ -323,8 +430,8 @@ class TcpConn:
         before = self.advertised
         self.budget.free += self.backlog - backlog
         self.backlog = backlog
-        if self.state == "closed" or self.fin_in:
-            return []
+        if not self.state.synchronized or self.state.fin_received:
+            return []  # no window to announce: not (or no longer) receiving
         room = min(RECV_BUFFER - backlog, self.budget.free)
         # Tell the namespace when the window reopens substantially (RFC 9293 3.8.6.2.2's
         # receiver-side silly-window avoidance): from below half to at least half.
@@ -343,7 +450,7 @@ class TcpConn:
         """The retransmit timer fired.  None: nothing to do (progress was made, or nothing
         is in flight); otherwise what to retransmit, or the abort after MAX_RETRIES."""
         actions = Actions()
-        if self.state == "open" and self.snd_wnd == 0 and not self.in_flight():
+        if self.state.synchronized and self.snd_wnd == 0 and not self.in_flight():
             # Zero-window probe: an old-sequence ACK makes the namespace re-state its
             # window, so a lost window update cannot stall us forever.
             actions.frames.append(self._head(TCP_ACK, self.snd_max - 1))
@@ -366,8 +473,8 @@ class TcpConn:
 
     def _go_back(self, actions: Actions) -> None:
         """Retransmit everything from snd_una (SYN-ACK, data, FIN) as if never sent."""
-        if self.state == "syn-sent":
-            actions.frames.append(self.accepted())
+        if self.state is State.SYN_RECEIVED:
+            actions.frames.append(self._synack())
             return
         self.snd_nxt = self.snd_una  # the FIN, if sent, follows the data again (fin_due)
         actions.rewind = True
@@ -381,53 +488,78 @@ class TcpConn:
         return near + delta - (1 << 32) if delta & 0x80000000 else near + delta
 
     def on_segment(self, tcp: TCP) -> Actions:
-        """Handle one segment of this connection from the namespace."""
+        """Handle one segment of this connection from the namespace (the first table)."""
         actions = Actions()
         flags = tcp.flags
+        state = self.state
         if flags & TCP_RST:
             # RFC 5961 3.2: only an in-window reset counts, so a blind one cannot kill us.
             seq = self._unwrap(tcp.seq, self.rcv_nxt)
-            if self.rcv_nxt <= seq <= self.rcv_nxt + max(self.advertised, 1):
-                self.state = "closed"
+            if (self.rcv_nxt <= seq <= self.rcv_nxt + max(self.advertised, 1)
+                    and state is not State.CLOSED):
+                self.state = State.CLOSED
                 actions.abort = True
             return actions
-        if self.state == "connecting":
-            return actions  # a retransmitted SYN (or early junk) while we dial the host
-        if flags & TCP_SYN:
-            if self.state == "syn-sent" and tcp.seq == self.irs:
-                actions.frames.append(self.accepted())  # our SYN-ACK was lost
-            else:
-                actions.frames.append(self.ack_frame())  # RFC 5961 4: challenge ACK
+        if not state.synchronized:
+            # DIALING: a retransmitted SYN (or early junk) while we dial the host.
+            # CLOSED: the caller has forgotten us.
+            if state is not State.SYN_RECEIVED or not self._on_handshake(tcp, actions):
+                return actions
+        elif flags & TCP_SYN:
+            actions.frames.append(self.ack_frame())  # RFC 5961 4: challenge ACK
             return actions
-        if not flags & TCP_ACK:
+        elif not flags & TCP_ACK:
             return actions  # every segment after the SYN carries ACK (RFC 9293 3.10.7.4)
-        self._on_ack(tcp, actions)
-        if self.state == "closed":
-            return actions
+        else:
+            self._on_ack(tcp, actions)
         self._on_payload(tcp, actions)
-        if self.fin_seq is not None and self.fin_in and self.snd_una > self.fin_seq:
-            self.state = "closed"
+        if (self.fin_seq is not None and self.snd_una > self.fin_seq
+                and self.state.fin_received):
+            # CLOSING or LAST-ACK, our FIN acknowledged: both directions are done.  Only
+            # now, after the payload, so a retransmitted FIN on this segment is acked.
+            self.state = State.CLOSED
             actions.done = True
         return actions
 
+    def _on_handshake(self, tcp: TCP, actions: Actions) -> bool:
+        """A segment in SYN-RECEIVED; True if it acknowledged our SYN (now ESTABLISHED)
+        and its payload is to be taken.  Any other segment is dropped (RFC 9293
+        3.10.7.4), so nothing reaches the host before the handshake is complete."""
+        if tcp.flags & TCP_SYN:
+            if tcp.seq == self.irs:
+                actions.frames.append(self._synack())  # our SYN-ACK was lost
+            else:
+                actions.frames.append(self.ack_frame())  # RFC 5961 4: challenge ACK
+            return False
+        if not tcp.flags & TCP_ACK:
+            return False
+        ack = self._unwrap(tcp.ack, self.snd_una)
+        if ack != self.iss + 1:
+            if ack > self.snd_max:
+                actions.frames.append(self.ack_frame())  # acks what we never sent
+            return False
+        self.state = State.ESTABLISHED
+        self.snd_una = ack
+        self.snd_wnd = tcp.window << self.peer_wscale
+        actions.pull = True
+        return True
+
     def _on_ack(self, tcp: TCP, actions: Actions) -> None:
+        """The ACK field of a segment on a synchronized connection."""
         ack = self._unwrap(tcp.ack, self.snd_una)
         if ack > self.snd_max or ack < self.snd_una:
             if ack > self.snd_max:
                 actions.frames.append(self.ack_frame())  # acks what we never sent
             return
         window = tcp.window << self.peer_wscale
-        if self.state == "syn-sent":
-            if ack <= self.iss:
-                return
-            self.state = "open"
-            self.snd_una = self.iss + 1
-            self.snd_wnd = window
-            actions.pull = True
-            return
         if ack > self.snd_una:
-            data_end = self.fin_seq if self.fin_seq is not None else self.snd_max
-            actions.discard = min(ack, data_end) - self.snd_una
+            fin_seq = self.fin_seq
+            if fin_seq is None:
+                actions.discard = ack - self.snd_una
+            else:
+                actions.discard = min(ack, fin_seq) - self.snd_una
+                if ack > fin_seq and self.state is State.FIN_WAIT_1:
+                    self.state = State.FIN_WAIT_2  # our FIN is acknowledged
             self.snd_una = ack
             if self.snd_nxt < ack:
                 self.snd_nxt = ack  # acknowledged past a rewind: skip what arrived
@@ -454,7 +586,7 @@ class TcpConn:
         fin = bool(tcp.flags & TCP_FIN)
         if not payload and not fin:
             return
-        if self.fin_in:
+        if self.state.fin_received:
             actions.frames.append(self.ack_frame())  # a retransmitted FIN: ack it again
             return
         seq = self._unwrap(tcp.seq, self.rcv_nxt)
@@ -463,29 +595,42 @@ class TcpConn:
             actions.frames.append(self.ack_frame())  # a gap: dup ACK, the sender resends
             return
         parts: list[bytes] = []
-        self._accept(seq, payload, fin, parts, actions)
-        while self.ooo and not self.fin_in:
+        fin_taken = self._accept(seq, payload, fin, parts)
+        while self.ooo and not fin_taken:
             first = min(self.ooo)
             if first > self.rcv_nxt:
                 break
             held, held_fin = self.ooo.pop(first)
             self.ooo_bytes -= len(held)
             self.budget.free += len(held)
-            self._accept(first, held, held_fin, parts, actions)
+            fin_taken = self._accept(first, held, held_fin, parts)
         if parts:
             actions.deliver = parts[0] if len(parts) == 1 else b"".join(parts)
-        if self.fin_in:
+        if fin_taken:
             self.budget.free += self.ooo_bytes
             self.ooo.clear()
             self.ooo_bytes = 0
+            self._on_peer_fin(actions)
         actions.frames.append(self.ack_frame())
 
-    def _accept(self, seq: int, payload: bytes, fin: bool, parts: list[bytes],
-                actions: Actions) -> None:
-        """Take the new part of an in-order segment (seq <= rcv_nxt), as the room allows."""
+    def _on_peer_fin(self, actions: Actions) -> None:
+        """The namespace's FIN is in: its direction has ended (the host gets a shutdown)."""
+        actions.shutdown = True
+        state = self.state
+        if state is State.ESTABLISHED:
+            self.state = State.CLOSE_WAIT
+        elif state is State.FIN_WAIT_1:
+            self.state = State.CLOSING
+        else:  # FIN-WAIT-2: ours was acknowledged already, so both directions are done
+            self.state = State.CLOSED
+            actions.done = True
+
+    def _accept(self, seq: int, payload: bytes, fin: bool, parts: list[bytes]) -> bool:
+        """Take the new part of an in-order segment (seq <= rcv_nxt), as the room allows;
+        True if that includes its FIN."""
         skip = self.rcv_nxt - seq  # bytes we already have (a retransmission overlapping)
         if skip > len(payload) or (skip == len(payload) and not fin):
-            return
+            return False
         room = max(0, min(RECV_BUFFER - self.backlog, self.budget.free))
         take = payload[skip : skip + room]
         if take:
@@ -495,8 +640,8 @@ class TcpConn:
             self.rcv_nxt += len(take)
         if fin and skip + len(take) == len(payload):
             self.rcv_nxt += 1
-            self.fin_in = True
-            actions.shutdown = True
+            return True
+        return False
 
     def _hold(self, seq: int, payload: bytes, fin: bool) -> None:
         """Keep a segment that arrived after a gap, if it lies inside our window.
@@ -512,6 +657,12 @@ class TcpConn:
         self.ooo[seq] = (payload, fin)
         self.ooo_bytes += len(payload)
         self.budget.free -= len(payload)
+
+    def abandon(self) -> None:
+        """The caller forgets this connection (it ended, or the caller is closing):
+        CLOSED from any state, nothing sent, its buffer space back to the budget."""
+        self.state = State.CLOSED
+        self.release()
 
     def release(self) -> None:
         """Give this connection's buffer space back to the budget (it has ended; the

@@ -52,7 +52,7 @@ from .dns import DnsStream
 from .packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
 from .policy import Allow, AllowResolver, Deny, Policy
 from .redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
-from .tcpstate import MAX_SEGMENT, Actions, Budget, TcpConn
+from .tcpstate import MAX_SEGMENT, Actions, Budget, State, TcpConn
 
 log = logging.getLogger("nsbridge")
 
@@ -191,7 +191,7 @@ class TunTcp:
         """Reset every connection both ways (idempotent)."""
         self._closed = True
         for flow in list(self.flows.values()):
-            if flow.conn.state != "closed":
+            if flow.conn.state is not State.CLOSED:
                 self._write(flow.conn.reset())
             self._finish(flow, reset=True)
 
@@ -280,7 +280,7 @@ class TunTcp:
         self._arm(flow)
 
     def _connect_failed(self, flow: _Flow, code: int, *, registered: bool = True) -> None:
-        if flow.conn.state == "closed":
+        if flow.conn.state is State.CLOSED:
             return
         if registered and flow.timer is not None and code != errno.ETIMEDOUT:
             flow.timer.cancel()
@@ -407,13 +407,15 @@ class TunTcp:
             count -= got
 
     def _on_host(self, flow: _Flow, events: int) -> None:
-        if flow.conn.state == "closed":
-            return
+        """The host socket is ready.  A ``closing`` flow's connection is CLOSED (both FINs
+        are acknowledged) but its backlog still goes to the host: only writes matter."""
+        if self.flows.get(flow.key) is not flow:
+            return  # forgotten; a new connection may have the same four-tuple
         if events & OUT and (flow.pending or flow.shut or flow.closing):
             self._flush(flow)
-            if flow.conn.state == "closed" or flow.key not in self.flows:
+            if self.flows.get(flow.key) is not flow:
                 return
-        if events & ~OUT:
+        if events & ~OUT and not flow.closing:
             self._pull(flow)
             if flow.key in self.flows:
                 self._arm(flow)
@@ -446,7 +448,8 @@ class TunTcp:
             log.info("usernet tcp: %s -> %s reset by the host side: %s",
                      _shown(flow.key[0], flow.key[1]), _shown(flow.key[2], flow.key[3]),
                      errno_name(exc.errno))
-        self._write(flow.conn.reset())
+        if flow.conn.state is not State.CLOSED:  # a closing flow's namespace end is done
+            self._write(flow.conn.reset())
         self._finish(flow, reset=True)
 
     # ---- timers and the end -------------------------------------------------------------
@@ -457,7 +460,7 @@ class TunTcp:
 
     def _on_timer(self, flow: _Flow) -> None:
         flow.timer = None
-        if flow.key not in self.flows or flow.conn.state == "closed":
+        if flow.key not in self.flows or flow.conn.state is State.CLOSED:
             return
         actions = flow.conn.on_timeout()
         if actions is not None:
@@ -474,8 +477,7 @@ class TunTcp:
         ``counted=False`` when the caller counted it already (a failed connect)."""
         if self.flows.pop(flow.key, None) is None:
             return
-        flow.conn.state = "closed"
-        flow.conn.release()
+        flow.conn.abandon()
         flow.pending = bytearray()
         if flow.timer is not None:
             flow.timer.cancel()
