@@ -1,6 +1,6 @@
 """Build hook for what pyproject.toml cannot say: the native module, man pages, completion.
 
-* ``nsbridge.usernet._flowrelay`` serves UDP and ping for ``nsbridge run`` from a thread
+* ``nsbridge.usernet.host._flowrelay`` serves UDP and ping for ``nsbridge run`` from a thread
   that never takes the GIL for a known flow.  It is optional: without a C compiler and the
   Python headers the build skips it and the Python engine serves them, slower.
 * Man pages (``nsbridge(1)``, ``netns_tcp_bridge(1)``) and the bash completion are generated
@@ -25,9 +25,9 @@ GENERATED = HERE / "build" / "generated"
 
 # (page, module, function, program, one-line description)
 MAN_PAGES = [
-    ("nsbridge.1", "nsbridge.cli", "build_parser", "nsbridge",
+    ("nsbridge.1", "nsbridge.cli.main", "build_parser", "nsbridge",
      "connect Linux network namespaces: forwarding and rootless user-mode networking"),
-    ("netns_tcp_bridge.1", "nsbridge.compat", "build_parser", "netns_tcp_bridge",
+    ("netns_tcp_bridge.1", "nsbridge.cli.compat", "build_parser", "netns_tcp_bridge",
      "TCP forwarder between network namespaces (nsbridge's drop-in for the original)"),
 ]
 
@@ -66,7 +66,7 @@ def generated_data_files() -> list[tuple[str, list[str]]]:
              "--description", description, "--output", str(man_dir / page))
     completion_dir = GENERATED / "bash-completion"
     completion_dir.mkdir(parents=True, exist_ok=True)
-    _run("import sys, shtab; from nsbridge.cli import build_parser; "
+    _run("import sys, shtab; from nsbridge.cli.main import build_parser; "
          "open(sys.argv[1], 'w').write(shtab.complete(build_parser(), shell='bash'))",
          str(completion_dir / "nsbridge"))
     relative = GENERATED.relative_to(HERE)
@@ -79,8 +79,8 @@ def generated_data_files() -> list[tuple[str, list[str]]]:
 setup(
     ext_modules=[
         Extension(
-            "nsbridge.usernet._flowrelay",
-            ["nsbridge/usernet/_flowrelay.c"],
+            "nsbridge.usernet.host._flowrelay",
+            ["nsbridge/usernet/host/_flowrelay.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
             optional=True,

@@ -12,15 +12,15 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Bridge": "bridge",
+    "Bridge": "forward.bridge",
     "UserError": "errors",
-    "ConnectAddress": "spec",
-    "ForwardSpec": "spec",
-    "ListenAddress": "spec",
-    "ListenSocket": "spec",
-    "Preaccepted": "spec",
-    "Preconnected": "spec",
-    "Netns": "netns",
+    "ConnectAddress": "forward.spec",
+    "ForwardSpec": "forward.spec",
+    "ListenAddress": "forward.spec",
+    "ListenSocket": "forward.spec",
+    "Preaccepted": "forward.spec",
+    "Preconnected": "forward.spec",
+    "Netns": "linux.netns",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-from .errors import UserError
+from nsbridge.errors import UserError
 
 PYROUTE2_MINIMUM = (0, 9, 3)
 _MINIMUM_TEXT = ".".join(map(str, PYROUTE2_MINIMUM))

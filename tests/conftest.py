@@ -73,7 +73,7 @@ def netns(make_netns: Callable[[], str]) -> str:
 
 # The TCP paths of `nsbridge run --tcp=MODE` that the usernet bypass and soak tests run
 # every TCP case through: the nftables fast path and the tun path (TCP terminated by
-# nsbridge.usernet.tuntcp), so both paths face the same suite.
+# nsbridge.usernet.host.tuntcp), so both paths face the same suite.
 USERNET_TCP_MODES: list[str] = ["redirect", "tun"]
 
 
@@ -253,7 +253,7 @@ class Forwarder:
 
 def nsbridge_command(*args: str, compat: bool = False) -> list[str]:
     """Run the checkout's package (works without installing)."""
-    module = "nsbridge.compat" if compat else "nsbridge"
+    module = "nsbridge.cli.compat" if compat else "nsbridge"
     return [sys.executable, "-m", module, *args]
 
 

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from nsbridge.acl import ClientAcl
 from nsbridge.errors import UserError
+from nsbridge.net.acl import ClientAcl
 
 
 def v4(host: str) -> tuple[str, int]:

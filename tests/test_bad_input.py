@@ -50,8 +50,8 @@ def assert_nothing_listens(port: int, netns: str | None = None) -> None:
 
 
 def run_compat(*args: str) -> subprocess.CompletedProcess:
-    """The ``netns-tcp-bridge`` entry point (python -m nsbridge.compat), to completion."""
-    return subprocess.run([sys.executable, "-m", "nsbridge.compat", *args],
+    """The ``netns-tcp-bridge`` entry point (python -m nsbridge.cli.compat), to completion."""
+    return subprocess.run([sys.executable, "-m", "nsbridge.cli.compat", *args],
                           capture_output=True, text=True, timeout=30, cwd=REPO)
 
 

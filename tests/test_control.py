@@ -35,7 +35,7 @@ from conftest import (
     wait_until,
 )
 
-from nsbridge.control import MAX_CLIENTS, MAX_LINE
+from nsbridge.forward.control import MAX_CLIENTS, MAX_LINE
 
 
 @dataclass

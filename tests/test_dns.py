@@ -1,7 +1,7 @@
 """The DNS checks, sans-IO: which messages reach the host's resolvers, and what the rest get.
 
 The host's resolver sees every relayed message come from the host itself, so only
-standard queries may pass (:func:`nsbridge.usernet.dns.check_query`): crafted messages
+standard queries may pass (:func:`nsbridge.usernet.proto.dns.check_query`): crafted messages
 of every opcode, section counts, OPT records well and badly formed, zone transfers and
 meta types, flags, truncation, trailing bytes and compression pointers; messages built
 by dnspython (what real stubs send) pass.  DNS over TCP (:class:`DnsStream`): messages
@@ -26,10 +26,10 @@ from conftest import UdpServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsbridge.usernet import dns as nsdns
-from nsbridge.usernet.dns import DnsQuery, DnsStream, Refused, check_query, refusal
-from nsbridge.usernet.packets import Malformed, build_udp
-from nsbridge.usernet.policy import AllowResolver, Deny, Policy, Rule
+from nsbridge.usernet.proto import dns as nsdns
+from nsbridge.usernet.proto.dns import DnsQuery, DnsStream, Refused, check_query, refusal
+from nsbridge.usernet.proto.packets import Malformed, build_udp
+from nsbridge.usernet.proto.policy import AllowResolver, Deny, Policy, Rule
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

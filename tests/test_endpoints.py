@@ -41,7 +41,7 @@ from conftest import (
     wait_stats,
 )
 
-from nsbridge import proxy_protocol
+from nsbridge.forward import proxy_protocol
 
 try:
     import dns.message

@@ -2,7 +2,7 @@
 
 test_packets.py and test_tcpstate.py fuzz the sans-IO parts with hypothesis; this
 drives the whole engine — UDP flows, DNS, ICMP echo, and the tun TCP path
-(:class:`~nsbridge.usernet.tuntcp.TunTcp`) — with 2,000,000 frames: valid templates
+(:class:`~nsbridge.usernet.host.tuntcp.TunTcp`) — with 2,000,000 frames: valid templates
 of every kind, then mutated (bytes flipped, truncated, lengths and offsets falsified,
 virtio headers lying, fragments, IP options, TCP state violations, ICMP errors quoting
 random packets).  Seeded, so a failure replays.
@@ -30,8 +30,9 @@ import pytest
 from conftest import in_netns
 
 from nsbridge.relay.loop import EventLoop
-from nsbridge.usernet.engine import TunEngine
-from nsbridge.usernet.packets import (
+from nsbridge.usernet.host.engine import TunEngine
+from nsbridge.usernet.host.tuntcp import TunTcp
+from nsbridge.usernet.proto.packets import (
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
@@ -42,8 +43,7 @@ from nsbridge.usernet.packets import (
     build_tcp_head,
     build_udp,
 )
-from nsbridge.usernet.policy import Policy, UsernetAddresses
-from nsbridge.usernet.tuntcp import TunTcp
+from nsbridge.usernet.proto.policy import Policy, UsernetAddresses
 
 pytestmark = pytest.mark.stress
 

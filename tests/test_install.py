@@ -150,7 +150,7 @@ def test_sdist_and_wheel_hold_what_they_should(tmp_path: Path) -> None:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     for wanted in ("LICENSE", "README.md", "install.sh", "setup.py", "examples/forwards.toml",
                    "examples/embed.py", "contrib/nsbridge-web.service",
-                   "nsbridge/usernet/_flowrelay.c", "docs/forward.md"):
+                   "nsbridge/usernet/host/_flowrelay.c", "docs/forward.md"):
         assert wanted in names, f"{wanted} missing from the sdist"
     (wheel,) = built.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import REPO
 
-from nsbridge import lifetime
 from nsbridge.errors import UserError
+from nsbridge.linux import lifetime
 
 
 @pytest.fixture

@@ -529,7 +529,7 @@ def listed_flags(help_text: str) -> set[tuple[str, str]]:
 
 
 def test_compat_help_lists_exactly_the_original_flags() -> None:
-    out = run_help("nsbridge.compat")
+    out = run_help("nsbridge.cli.compat")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: netns_tcp_bridge")
     options = out.stdout.split("options:", 1)[1]

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsbridge.usernet import nsfactory
-from nsbridge.usernet.nsfactory import FactoryUnavailable, ProcessFactory
+from nsbridge.usernet.inside import nsfactory
+from nsbridge.usernet.inside.nsfactory import FactoryUnavailable, ProcessFactory
 
 NO_SUCH_FAMILY = 4000  # not an address family: the factory's socket() refuses it
 

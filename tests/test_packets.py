@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsbridge.usernet import dns
-from nsbridge.usernet.packets import (
+from nsbridge.usernet.proto import dns
+from nsbridge.usernet.proto.packets import (
     ICMP_DEST_UNREACH,
     MIN_MTU_V4,
     MIN_MTU_V6,

@@ -10,7 +10,7 @@ import ipaddress
 import pytest
 
 from nsbridge.errors import UserError
-from nsbridge.usernet.policy import (
+from nsbridge.usernet.proto.policy import (
     Allow,
     AllowResolver,
     Deny,

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from nsbridge import proxy_protocol as pp
-from nsbridge.proxy_protocol import ProxyInfo, ProxyProtocolError
+from nsbridge.forward import proxy_protocol as pp
+from nsbridge.forward.proxy_protocol import ProxyInfo, ProxyProtocolError
 
 V4_SRC, V4_DST = ("192.0.2.1", 51000), ("198.51.100.2", 443)
 V6_SRC, V6_DST = ("2001:db8::1", 1234, 0, 0), ("2001:db8::2", 80, 0, 0)

@@ -1,4 +1,4 @@
-"""The eBPF dealer of an SO_REUSEPORT group (nsbridge/roundrobin.py), on real listeners.
+"""The eBPF dealer of an SO_REUSEPORT group (nsbridge/linux/reuseport_bpf.py), on real listeners.
 
 Runs as root (CAP_BPF) for the attach cases; the refusal case runs the same code as root
 of a user namespace of its own (`unshare -U -r`), which has no CAP_BPF.
@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from nsbridge.roundrobin import attach_round_robin, round_robin_unavailable
+from nsbridge.linux.reuseport_bpf import attach_round_robin, round_robin_unavailable
 
 
 def _group(count: int) -> list[socket.socket]:
@@ -86,7 +86,7 @@ def test_without_cap_bpf_it_says_why_and_changes_nothing():
     code = (
         "import socket, sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from nsbridge.roundrobin import attach_round_robin, round_robin_unavailable\n"
+        "from nsbridge.linux.reuseport_bpf import attach_round_robin, round_robin_unavailable\n"
         "s = socket.socket()\n"
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
         "s.bind(('127.0.0.1', 0)); s.listen()\n"

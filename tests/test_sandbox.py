@@ -1,4 +1,4 @@
-"""nsbridge.usernet.sandbox: real user+network+mount namespaces with a real tun device.
+"""nsbridge.usernet.inside.sandbox: real user+network+mount namespaces with a real tun device.
 
 Run these tests as root.  /dev/net/tun is mode 0600 on the CI machine (0666 on most
 systems), so the namespace creator must be root; inside the new user namespace it is
@@ -32,8 +32,8 @@ import pytest
 from conftest import REPO, have
 
 from nsbridge.errors import UserError
-from nsbridge.usernet.netconf import VNET_HDR_SIZE
-from nsbridge.usernet.sandbox import Sandbox, SandboxError, SandboxHandle
+from nsbridge.usernet.inside.netconf import VNET_HDR_SIZE
+from nsbridge.usernet.inside.sandbox import Sandbox, SandboxError, SandboxHandle
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
                                 reason="no /dev/net/tun on this machine (modprobe tun)")
@@ -291,7 +291,7 @@ def _python_in(prefix: list[str], body: str, timeout: float = 60) -> subprocess.
 CREATE_AND_REPORT = """
     import json
     from nsbridge.errors import UserError
-    from nsbridge.usernet.sandbox import Sandbox
+    from nsbridge.usernet.inside.sandbox import Sandbox
     try:
         handle = Sandbox.create(["true"])
     except UserError as exc:
@@ -343,7 +343,7 @@ def test_resolv_conf_symlink(target_exists: bool) -> None:
     """)
     body = """
         import json, os
-        from nsbridge.usernet.sandbox import Sandbox
+        from nsbridge.usernet.inside.sandbox import Sandbox
         r, w = os.pipe()
         handle = Sandbox.create(["cat", "/etc/resolv.conf"], stdout=w)
         os.close(w)
@@ -376,13 +376,13 @@ def test_resolv_conf_symlink(target_exists: bool) -> None:
 @pytest.mark.skipif(not have("setpriv") or not have("ip"), reason="needs setpriv and ip")
 def test_unprivileged_creator() -> None:
     """The real rootless case: the creator is uid 65534 with no capabilities at all."""
-    probe = _python_in(NOBODY, "import nsbridge.usernet.sandbox, pyroute2")
+    probe = _python_in(NOBODY, "import nsbridge.usernet.inside.sandbox, pyroute2")
     if probe.returncode != 0:
         pytest.skip(f"uid 65534 cannot import nsbridge and pyroute2 with {sys.executable}: "
                     f"{probe.stderr.strip().splitlines()[-1:]}")
     body = """
         import json, os, select, sys
-        from nsbridge.usernet.sandbox import Sandbox
+        from nsbridge.usernet.inside.sandbox import Sandbox
         r, w = os.pipe()
         cmd = ["sh", "-c", "id -u; ip -j addr show nsb0; exit 3"]
         handle = Sandbox.create(cmd, stdout=w)
@@ -518,7 +518,7 @@ def _touch(path: Path) -> str:
 
 
 def test_bad_config_refused_before_fork() -> None:
-    from nsbridge.usernet.netconf import NetConfig
+    from nsbridge.usernet.inside.netconf import NetConfig
 
     with pytest.raises(UserError, match="bad interface name"):
         Sandbox.create(["true"], NetConfig(ifname="x" * 16))

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from nsbridge import systemd
 from nsbridge.errors import UserError
+from nsbridge.linux import systemd
 
 CHILD = r"""
 import fcntl, json, os, socket, sys
 # systemd passes exactly LISTEN_FDS fds; drop anything else the test runner leaked.
 os.closerange(3 + int(sys.argv[1]), 65536)
-from nsbridge import systemd
+from nsbridge.linux import systemd
 from nsbridge.errors import UserError
 
 try:

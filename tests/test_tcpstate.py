@@ -1,4 +1,4 @@
-"""The tun path's TCP end (:mod:`nsbridge.usernet.tcpstate`) with crafted segments.
+"""The tun path's TCP end (:mod:`nsbridge.usernet.proto.tcpstate`) with crafted segments.
 
 Sans-IO: no device, no socket.  Each test plays the namespace's kernel by hand —
 SYN, ACKs, data, FIN, RST, losses — and checks the frames :class:`TcpConn` answers
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsbridge.usernet import tcpstate
-from nsbridge.usernet.packets import (
+from nsbridge.usernet.proto import tcpstate
+from nsbridge.usernet.proto.packets import (
     TCP,
     TCP_ACK,
     TCP_FIN,
@@ -29,7 +29,7 @@ from nsbridge.usernet.packets import (
     build_tcp_head,
     parse_frame,
 )
-from nsbridge.usernet.tcpstate import (
+from nsbridge.usernet.proto.tcpstate import (
     DUPACK_THRESHOLD,
     MAX_RETRIES,
     OUR_WSCALE,

@@ -1,4 +1,4 @@
-"""The tun TCP path's I/O (:mod:`nsbridge.usernet.tuntcp`) with the test as the namespace.
+"""The tun TCP path's I/O (:mod:`nsbridge.usernet.host.tuntcp`) with the test as the namespace.
 
 The engine's "tun" is one end of a datagram socketpair (``PairEngine`` from
 test_usernet_engine.py) and :class:`TunTcp` is attached as its ``tcp_handler``; the
@@ -20,7 +20,8 @@ import pytest
 from conftest import listen_in, wait_until
 from test_usernet_engine import GW4, NS4, PairEngine
 
-from nsbridge.usernet.packets import (
+from nsbridge.usernet.host.tuntcp import TunTcp
+from nsbridge.usernet.proto.packets import (
     TCP,
     TCP_ACK,
     TCP_FIN,
@@ -29,9 +30,8 @@ from nsbridge.usernet.packets import (
     TCP_SYN,
     build_tcp_head,
 )
-from nsbridge.usernet.policy import Policy
-from nsbridge.usernet.tcpstate import RECV_BUFFER
-from nsbridge.usernet.tuntcp import TunTcp
+from nsbridge.usernet.proto.policy import Policy
+from nsbridge.usernet.proto.tcpstate import RECV_BUFFER
 
 WS7 = b"\x02\x04\x05\xb4\x01\x03\x03\x07"  # MSS 1460, window scale 7
 

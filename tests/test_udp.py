@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import pytest
 from conftest import DNS_ADDRESS, DNS_NAME, dns_answer, have, in_netns, wait_until
 
-from nsbridge.addresses import ResolvedAddress
-from nsbridge.factory import SocketFactory, factory_for
-from nsbridge.netns import Netns
+from nsbridge.linux.netns import Netns
+from nsbridge.net.addresses import ResolvedAddress
+from nsbridge.net.factory import SocketFactory, factory_for
 from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.udp import FlowTable, UdpFlow, UdpRelay, UdpStats
 

@@ -1,4 +1,4 @@
-"""nsbridge.usernet.engine: the tun engine against real clients in a real sandbox.
+"""nsbridge.usernet.host.engine: the tun engine against real clients in a real sandbox.
 
 Run as root: /dev/net/tun may be mode 0600, and the tests create namespaces.
 
@@ -44,8 +44,9 @@ import pytest
 from conftest import have, in_netns, wait_until
 
 from nsbridge.relay.loop import EventLoop
-from nsbridge.usernet.engine import TunEngine, TunOutput
-from nsbridge.usernet.packets import (
+from nsbridge.usernet.host.engine import TunEngine, TunOutput
+from nsbridge.usernet.inside.sandbox import Sandbox, SandboxHandle
+from nsbridge.usernet.proto.packets import (
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
@@ -60,8 +61,7 @@ from nsbridge.usernet.packets import (
     l4_checksum,
     parse_frame,
 )
-from nsbridge.usernet.policy import Policy, Rule, UsernetAddresses
-from nsbridge.usernet.sandbox import Sandbox, SandboxHandle
+from nsbridge.usernet.proto.policy import Policy, Rule, UsernetAddresses
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"

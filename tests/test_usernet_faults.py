@@ -268,7 +268,7 @@ def test_relay_device_deleted_while_the_command_runs(host, start_run, echo_serve
     does not spin, and UDP goes on through the main device and the engine (the routes
     to the deleted device went with it); the late answer to a datagram sent before is
     dropped; the exit status is passed on."""
-    from nsbridge.usernet import flowrelay
+    from nsbridge.usernet.host import flowrelay
 
     if flowrelay.unavailable() is not None:  # the module was not built
         pytest.skip(f"no native relay: {flowrelay.unavailable()}")

@@ -400,7 +400,7 @@ def test_run_command_keeps_the_callers_cwd_environment_and_fds(tmp_path, monkeyp
     """The helper sheds cwd, environment and fds before it enters anything; the command
     it becomes still gets the caller's working directory and environment (or ``env``),
     its stdio and ``pass_fds``."""
-    from nsbridge.usernet.sandbox import Sandbox
+    from nsbridge.usernet.inside.sandbox import Sandbox
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NSB_FROM_CALLER", "yes")

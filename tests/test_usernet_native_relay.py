@@ -1,4 +1,4 @@
-"""The native UDP and ping relay (nsbridge/usernet/_flowrelay.c, flowrelay.py), no mocks.
+"""The native UDP and ping relay (nsbridge/usernet/host/_flowrelay.c, flowrelay.py), no mocks.
 
 Three layers:
 
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import REPO, in_netns, wait_until
 
-from nsbridge.usernet import flowrelay
+from nsbridge.usernet.host import flowrelay
 
 pytestmark = pytest.mark.skipif(flowrelay._flowrelay is None,
                                 reason="the native module was not built (no C compiler)")
@@ -273,7 +273,7 @@ def engine_reading(packet: bytes) -> tuple[int, bytes, bytes, int, int, int] | N
     source, destination, source port or echo id, destination port or 0, where the
     payload the host socket sends starts) for a UDP datagram or an echo request (the
     two things the relay handles), None for anything else."""
-    from nsbridge.usernet.packets import UDP, ICMPEcho, Parsed, parse_frame
+    from nsbridge.usernet.proto.packets import UDP, ICMPEcho, Parsed, parse_frame
 
     parsed = parse_frame(packet, vnet=False)
     if type(parsed) is not Parsed:
@@ -292,7 +292,7 @@ def why_the_relay_is_stricter(packet: bytes) -> str | None:
     kernel, which never pads it, never sends a UDP datagram shorter than its IP payload,
     adds no IPv6 extension header to an echo or a datagram (the routing rules match
     the upper protocol), and sends echo requests with code 0 (RFC 792, RFC 4443)."""
-    from nsbridge.usernet.packets import ICMPEcho, Parsed, parse_frame
+    from nsbridge.usernet.proto.packets import ICMPEcho, Parsed, parse_frame
 
     parsed = parse_frame(packet, vnet=False)
     assert type(parsed) is Parsed
@@ -718,7 +718,7 @@ def test_setup_inside_routes_icmp_to_its_device_and_cleans_rp_filter(make_netns)
     """In a namespace whose rp_filter is strict (as a host may hand down), the setup
     switches it off for the relay's address-less device, adds the rule and the table;
     closing the device removes its routes."""
-    from nsbridge.usernet.netconf import RELAY_TABLE, NetConfig
+    from nsbridge.usernet.inside.netconf import RELAY_TABLE, NetConfig
 
     name = make_netns()
     subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",

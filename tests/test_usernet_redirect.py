@@ -16,7 +16,7 @@ What is proven, with real programs (curl, a Python HTTP server, a 256 MiB sha256
 transfer):
 
 * curl over IPv4 and IPv6 reaches servers through the redirect; ``nft list ruleset``
-  inside shows exactly the rule :mod:`nsbridge.usernet.nft` programs over netlink.
+  inside shows exactly the rule :mod:`nsbridge.usernet.inside.nft` programs over netlink.
 * half-close travels both ways; a refused target resets the client at once.
 * policy: a deny rule, the gateway with host loopback off, and a direct connection to
   the listener are reset immediately and counted by reason, and never reach a server;
@@ -321,8 +321,8 @@ def test_dns_address_goes_to_the_host_resolver(host_ns: str, tmp_path: Path,
 
 _UNAVAILABLE_PROBE = """
 import json
-from nsbridge.usernet import nft
-from nsbridge.usernet.redirect import setup_inside
+from nsbridge.usernet.inside import nft
+from nsbridge.usernet.host.redirect import setup_inside
 try:
     setup_inside()
     result = {"raised": None}
@@ -358,7 +358,7 @@ def test_no_cap_net_admin_is_a_clear_unavailable_error(host_ns: str) -> None:
 
 
 _PER_FAMILY = """
-from nsbridge.usernet import nft
+from nsbridge.usernet.inside import nft
 print(nft.program_redirect(4321))
 print(nft.program_redirect(4321))  # replaces, does not add
 print(nft.program_redirect(4322, per_family=True))

@@ -144,9 +144,9 @@ def client_main(argv: list[str]) -> int:
 
 def host_main(config: dict) -> int:
     from nsbridge.relay.loop import EventLoop
-    from nsbridge.usernet.policy import Policy, Rule
-    from nsbridge.usernet.redirect import TcpRedirector, setup_inside
-    from nsbridge.usernet.sandbox import Sandbox
+    from nsbridge.usernet.host.redirect import TcpRedirector, setup_inside
+    from nsbridge.usernet.inside.sandbox import Sandbox
+    from nsbridge.usernet.proto.policy import Policy, Rule
 
     policy = Policy(
         allow_host_loopback=config.get("allow_host_loopback", False),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import procstat
+from tests import procstat
 
 GIB8 = 8 * 1024**3
 

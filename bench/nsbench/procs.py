@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from . import procstat
+from tests import procstat
 
 CLONE_NEWNET = 0x40000000
 NOFILE_WANTED = 65536

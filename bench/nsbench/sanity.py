@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from .servers import page_body
+from tests.servers import page_body
 
 STALL = "duplex: stalled"
 

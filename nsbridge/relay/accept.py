@@ -46,9 +46,9 @@ import socket
 import time
 from collections.abc import Callable
 
-from .._log import INFO, log
-from ..errors import errno_name
-from .loop import IN, EventLoop, Timer
+from nsbridge.errors import errno_name
+from nsbridge.relay.log import INFO, log
+from nsbridge.relay.loop import IN, EventLoop, Timer
 
 __all__ = ["ACCEPT_BATCH", "RETRY_DELAY", "Acceptor"]
 

@@ -35,11 +35,11 @@ import struct
 import time
 from collections.abc import Callable
 
-from .._log import INFO, log
-from ..addresses import format_sockaddr
-from ..errors import errno_name
-from .loop import ERR, ET, HUP, IN, OUT, RDHUP, EventLoop, Timer
-from .pipes import PipePool
+from nsbridge.errors import errno_name
+from nsbridge.net.addresses import format_sockaddr
+from nsbridge.relay.log import INFO, log
+from nsbridge.relay.loop import ERR, ET, HUP, IN, OUT, RDHUP, EventLoop, Timer
+from nsbridge.relay.pipes import PipePool
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
 if TYPE_CHECKING:

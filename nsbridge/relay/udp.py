@@ -4,7 +4,7 @@ through its own connected socket made in the target's namespace.
 How it works, and why:
 
 * **One socket per client (a flow).**  Each distinct client address gets a UDP socket
-  from the connect-side :class:`~nsbridge.factory.SocketFactory` (so it lives in the
+  from the connect-side :class:`~nsbridge.net.factory.SocketFactory` (so it lives in the
   target's namespace), ``connect()``-ed to the target.  The target therefore sees one
   source port per client, and a reply is routed back simply by *which socket it arrived
   on* -- no address rewriting, and the connected socket ignores datagrams from anyone
@@ -49,12 +49,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from .._log import log
-from ..addresses import format_sockaddr
-from ..defaults import MAX_UDP_FLOWS, UDP_IDLE_TIMEOUT
-from ..errors import errno_name
-from ..factory import SocketFactory
-from .loop import IN, EventLoop, Timer
+from nsbridge.defaults import MAX_UDP_FLOWS, UDP_IDLE_TIMEOUT
+from nsbridge.errors import errno_name
+from nsbridge.net.addresses import format_sockaddr
+from nsbridge.net.factory import SocketFactory
+from nsbridge.relay.log import log
+from nsbridge.relay.loop import IN, EventLoop, Timer
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -83,7 +83,7 @@ CLOSED_RELAY = "relay closed"
 
 
 class Target(Protocol):
-    """Where flows connect: :class:`~nsbridge.addresses.ResolvedAddress` fits."""
+    """Where flows connect: :class:`~nsbridge.net.addresses.ResolvedAddress` fits."""
 
     @property
     def family(self) -> int: ...

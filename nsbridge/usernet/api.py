@@ -26,7 +26,7 @@ the caller's process** instead of a separate nsbridge process:
 Why a thread and not a process: the embedding program keeps one process to manage, sees
 the counters (:meth:`stats`) directly, and nothing survives it (every thread is a
 daemon; every helper nsbridge forks exits with its parent's socket).  Namespace entry is
-still done by short-lived single-threaded helpers (see :mod:`nsbridge.usernet.sandbox`),
+still done by short-lived single-threaded helpers (see :mod:`nsbridge.usernet.inside.sandbox`),
 because ``setns``/``unshare`` of a user namespace is refused to a multithreaded process.
 
 Caveats the caller must know:
@@ -50,12 +50,12 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..defaults import MTU, USERNET_CIDR, USERNET_CIDR6
-from ..errors import UserError
-from ..netns import Netns
-from . import sandbox as _sandbox
-from .publish import Publish, parse_publish
-from .runner import (
+from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
+from nsbridge.errors import UserError
+from nsbridge.linux.netns import Netns
+from nsbridge.usernet.inside import sandbox as _sandbox
+from nsbridge.usernet.proto.publish import Publish, parse_publish
+from nsbridge.usernet.runner import (
     Network,
     UsernetOptions,
     _config,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from ..addresses import parse_host_port
-from .publish import parse_publish
-from .runner import UsernetOptions
+from nsbridge.net.addresses import parse_host_port
+from nsbridge.usernet.proto.publish import parse_publish
+from nsbridge.usernet.runner import UsernetOptions
 
 DNS_PORT = 53
 

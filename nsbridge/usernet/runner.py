@@ -30,15 +30,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..addresses import HostPort
-from ..bridge import Bridge
-from ..defaults import MTU, USERNET_CIDR, USERNET_CIDR6
-from ..errors import UserError
-from ..forward import ForwardSpec
-from ..relay.loop import IN
-from ..signals import StopSignals
-from ..spec import UDP, ConnectAddress, ListenAddress
-from .publish import Publish
+from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
+from nsbridge.errors import UserError
+from nsbridge.forward.bridge import Bridge
+from nsbridge.forward.forward import ForwardSpec
+from nsbridge.forward.spec import UDP, ConnectAddress, ListenAddress
+from nsbridge.linux.signals import StopSignals
+from nsbridge.net.addresses import HostPort
+from nsbridge.relay.loop import IN
+from nsbridge.usernet.proto.publish import Publish
 
 log = logging.getLogger("nsbridge")
 
@@ -61,14 +61,14 @@ class UsernetOptions:
 
 def _addresses(options: UsernetOptions) -> Any:
     """The namespace's addresses: host .100, gateway .2, DNS .3 of each network."""
-    from .policy import UsernetAddresses
+    from nsbridge.usernet.proto.policy import UsernetAddresses
 
     return UsernetAddresses.parse(network=options.cidr, network6=options.cidr6,
                                   mtu=options.mtu, labels=("--cidr", "--cidr6"))
 
 
 def _policy(options: UsernetOptions) -> Any:
-    from .policy import Policy, Rule, parse_nat64_prefix
+    from nsbridge.usernet.proto.policy import Policy, Rule, parse_nat64_prefix
 
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
@@ -108,7 +108,7 @@ def check_options(options: UsernetOptions) -> None:
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
     if options.dns is not None:
         return options.dns
-    from .dns import parse_resolv_conf
+    from nsbridge.usernet.proto.dns import parse_resolv_conf
 
     try:
         with open("/etc/resolv.conf") as f:
@@ -121,7 +121,7 @@ def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
 def _config(options: UsernetOptions) -> Any:
     import ipaddress
 
-    from .netconf import NetConfig
+    from nsbridge.usernet.inside.netconf import NetConfig
 
     a = _addresses(options)
     ipv6 = (ipaddress.IPv6Interface(f"{a.namespace6}/{a.network6.prefixlen}")
@@ -136,7 +136,7 @@ def _config(options: UsernetOptions) -> Any:
 
 def run_command(command: list[str], options: UsernetOptions, stops: StopSignals) -> int:
     """Run ``command`` with user-mode networking; return its exit status (128+N if killed)."""
-    from .sandbox import Sandbox
+    from nsbridge.usernet.inside.sandbox import Sandbox
 
     if not command:
         raise UserError("run: give the command to run after --, e.g. nsbridge run -- curl URL")
@@ -153,7 +153,7 @@ def run_command(command: list[str], options: UsernetOptions, stops: StopSignals)
 
 def attach(target: str, options: UsernetOptions, stops: StopSignals) -> int:
     """Give an existing namespace networking until its process exits (PID) or a signal."""
-    from .sandbox import Sandbox
+    from nsbridge.usernet.inside.sandbox import Sandbox
 
     check_options(options)
     policy = _policy(options)
@@ -169,7 +169,7 @@ def _redirect_setup(options: UsernetOptions) -> Any:
     """The sandbox's inside-the-namespace step for the TCP fast path (None for --tcp=tun)."""
     if options.tcp == "tun":
         return None
-    from .redirect import setup_inside
+    from nsbridge.usernet.host.redirect import setup_inside
 
     strict = options.tcp == "redirect"
 
@@ -220,7 +220,7 @@ class Network:
         """Open the engine, the redirector and the published ports (raises UserError).
 
         On failure everything opened so far is released (close() is still safe)."""
-        from .engine import TunEngine, ping_unavailable
+        from nsbridge.usernet.host.engine import TunEngine, ping_unavailable
 
         handle, options, bridge = self.handle, self.options, self.bridge
         for warning in self.warnings:
@@ -240,7 +240,7 @@ class Network:
                 log.info("%s", no_ping)
             listeners = [_socket(fd) for fd in handle.take_extra()]
             if listeners:
-                from .redirect import TcpRedirector
+                from nsbridge.usernet.host.redirect import TcpRedirector
 
                 self.redirector = TcpRedirector(bridge.loop, listeners, self.policy,
                                                 resolvers=resolvers, mover=bridge.mover)
@@ -249,7 +249,7 @@ class Network:
             else:
                 self._start_tun_tcp(resolvers)
             if options.publish:
-                from .nsfactory import ProcessFactory
+                from nsbridge.usernet.inside.nsfactory import ProcessFactory
 
                 factory = ProcessFactory.inside(handle)
                 bridge.register_factory(handle.netns, factory)
@@ -264,7 +264,7 @@ class Network:
 
     def _start_tun_tcp(self, resolvers: list[tuple[str, int]]) -> None:
         """Serve TCP from the tun device (``--tcp=tun``, or no nf_tables for the fast path)."""
-        from .tuntcp import TunTcp, available
+        from nsbridge.usernet.host.tuntcp import TunTcp, available
 
         why_not = available()
         if why_not is not None:
@@ -291,7 +291,12 @@ class Network:
         mode, handle = self.options.relay, self.handle
         if mode == "engine":
             return
-        from .flowrelay import NativeRelay, ping_sockets_refused, setup_inside, unavailable
+        from nsbridge.usernet.host.flowrelay import (
+            NativeRelay,
+            ping_sockets_refused,
+            setup_inside,
+            unavailable,
+        )
 
         why_not = unavailable()
         if why_not is None and getattr(handle, "pid", None) is None:
@@ -560,7 +565,7 @@ def target_pidfd(target: str | int) -> int | None:
     pid_text = text[4:] if text.startswith("pid:") else text
     if not pid_text.isdigit():
         return None
-    from ..lifetime import open_exit_with
+    from nsbridge.linux.lifetime import open_exit_with
 
     return open_exit_with(pid_text, what="attach")
 

@@ -1,0 +1,1 @@
+"""nsbridge.cli: see the module list."""

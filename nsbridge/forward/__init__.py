@@ -1,0 +1,1 @@
+"""nsbridge.forward: see the module list."""

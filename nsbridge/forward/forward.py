@@ -1,0 +1,351 @@
+"""A running forward: owns the listener, admits clients, starts a relay per client and
+keeps statistics.  What a forward *is* (its description) lives in spec.py.
+
+Stream forwards (TCP and Unix, in any mix) start a :class:`~nsbridge.relay.tcp.TcpSession`
+per client; UDP forwards run one :class:`~nsbridge.relay.udp.UdpRelay` with a flow per
+client address.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from nsbridge.forward.spec import (
+    UDP,
+    ConnectAddress,
+    ConnectSide,
+    ForwardSpec,
+    ListenAddress,
+    ListenSide,
+    ListenSocket,
+    Preaccepted,
+    Preconnected,
+)
+from nsbridge.net.addresses import ResolvedAddress, UnixAddress, format_sockaddr, resolve
+from nsbridge.net.factory import SocketFactory
+from nsbridge.net.sockets import (
+    open_listener,
+    open_udp_socket,
+    open_unix_listener,
+    remove_unix_socket,
+)
+from nsbridge.relay.accept import Acceptor
+from nsbridge.relay.log import INFO, log
+from nsbridge.relay.loop import EventLoop
+from nsbridge.relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
+
+__all__ = [
+    "ConnectAddress", "ConnectSide", "Forward", "ForwardSpec", "ForwardStats", "ListenAddress",
+    "ListenSide", "ListenSocket", "Preaccepted", "Preconnected",
+]
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from nsbridge.net.acl import ClientAcl
+    from nsbridge.relay.udp import UdpRelay
+
+# Plain classes, not dataclasses: worker processes import this module, and
+# ``dataclasses`` (with inspect, ast, dis...) would cost each of them about 2 MiB.
+
+
+class ForwardStats:
+    """Counters of one forward.  For UDP, "connections" are flows."""
+
+    FIELDS = ("accepted", "active", "closed", "reset", "connect_failed", "denied", "bytes_up",
+              "bytes_down", "datagrams_up", "datagrams_down", "dropped")
+
+    def __init__(self, accepted: int = 0, active: int = 0, closed: int = 0, reset: int = 0,
+                 connect_failed: int = 0, denied: int = 0, bytes_up: int = 0,
+                 bytes_down: int = 0, datagrams_up: int = 0, datagrams_down: int = 0,
+                 dropped: int = 0) -> None:
+        self.accepted = accepted
+        self.active = active
+        self.closed = closed
+        self.reset = reset
+        self.connect_failed = connect_failed
+        self.denied = denied
+        self.bytes_up = bytes_up
+        self.bytes_down = bytes_down
+        self.datagrams_up = datagrams_up  # UDP only
+        self.datagrams_down = datagrams_down
+        self.dropped = dropped  # UDP datagrams not delivered (too large, send error, no flow)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"ForwardStats({inner})"
+
+
+class Forward:
+    """A running forward inside a :class:`~nsbridge.forward.bridge.Bridge` event loop."""
+
+    def __init__(
+        self,
+        spec: ForwardSpec,
+        loop: EventLoop,
+        mover: Mover,
+        listen_factory: SocketFactory,
+        connect_factory: SocketFactory,
+        on_finished: Callable[[Forward], None],
+        target: ResolvedAddress | None = None,
+        reuseport: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.mover = mover
+        self.listen_factory = listen_factory
+        self.connect_factory = connect_factory
+        self.on_finished = on_finished
+        self.stats = ForwardStats()
+        self.listener: socket.socket | None = None
+        self.target = target  # None until open() resolves it (given: a worker's copy)
+        self.sessions: set[TcpSession] = set()
+        self.finished = False
+        self.acl: ClientAcl | None = None  # when the forward has allow/deny rules
+        self.udp: UdpRelay | None = None  # the UdpRelay of a UDP forward
+        self._unix_path: str | None = None  # socket file we created, removed when we stop
+        self._acceptor: Acceptor | None = None  # while this loop accepts from the listener
+        # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more
+        # listeners can join it: see reuseport_sibling().
+        self.reuseport = reuseport
+
+    def __repr__(self) -> str:
+        return f"<Forward {self.spec.name or '?'} {self.target_description}>"
+
+    # ---- setup ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Resolve, bind and validate everything; raises UserError before anything runs."""
+        spec = self.spec
+        self.build_acl()
+        socktype = socket.SOCK_DGRAM if spec.protocol == UDP else socket.SOCK_STREAM
+        if isinstance(spec.connect, ConnectAddress):
+            self.target = self.connect_factory.call(
+                resolve, spec.connect.address, what="connect", passive=False, socktype=socktype
+            )
+        listen = spec.listen
+        if isinstance(listen, ListenAddress):
+            where = self.listen_factory.call(
+                resolve, listen.address, what="listen", passive=True, socktype=socktype
+            )
+            if listen.protocol == UDP:
+                self.listener = open_udp_socket(self.listen_factory, where, what="listen")
+            elif isinstance(listen.address, UnixAddress):  # resolved to AF_UNIX
+                self.listener = open_unix_listener(self.listen_factory, listen.address,
+                                                   mode=listen.mode, owner=listen.owner)
+                if isinstance(where.sockaddr, str):
+                    self._unix_path = where.sockaddr
+            else:
+                self.listener = open_listener(self.listen_factory, where, what="listen",
+                                              reuseport=self.reuseport)
+        elif isinstance(listen, ListenSocket):
+            self.listener = listen.sock
+
+    def build_acl(self) -> None:
+        """The client ACL from allow/deny rules (raises UserError for a bad rule)."""
+        if self.spec.allow or self.spec.deny:
+            from nsbridge.net.acl import ClientAcl  # only forwards with rules pay for the import
+
+            self.acl = ClientAcl.parse(self.spec.allow, self.spec.deny)
+
+    @property
+    def listen_address(self) -> str:
+        if self.listener is not None:
+            return format_sockaddr(self.listener.getsockname())
+        return "preaccepted socket"
+
+    @property
+    def target_description(self) -> str:
+        if self.target is not None:
+            return str(self.target)
+        return "preconnected socket"
+
+    def start(self) -> None:
+        spec = self.spec
+        if isinstance(spec.listen, Preaccepted):
+            self.start_session(spec.listen.sock)
+        elif spec.protocol == UDP:
+            self.start_udp(self.listener)
+        else:
+            assert self.listener is not None
+            self._accept_from(self.listener)
+
+    def reuseport_sibling(self) -> socket.socket:
+        """One more listener in this forward's SO_REUSEPORT group, for one worker.
+
+        Bound to the address the first listener actually got (port 0 was resolved then),
+        made by the listen side's factory because a socket belongs to the namespace it
+        was created in.  The kernel then spreads new clients over the group by 4-tuple
+        hash, and each worker accepts from its own queue: no hand-off through a supervisor.
+        """
+        assert self.reuseport and self.listener is not None
+        address = ResolvedAddress(self.listener.family, self.listener.getsockname())
+        return open_listener(self.listen_factory, address, what="listen", reuseport=True,
+                             sibling=True)
+
+    def listen_on(self, sock: socket.socket) -> None:
+        """Accept clients from ``sock`` here (a worker's own SO_REUSEPORT listener)."""
+        self.listener = sock
+        self._accept_from(sock)
+
+    def start_udp(self, sock: socket.socket | None) -> None:
+        """Relay datagrams arriving on ``sock`` (bound here, or handed to a worker)."""
+        from nsbridge.relay.udp import UdpRelay
+
+        assert sock is not None and self.target is not None
+
+        def flow_closed(flow: Any) -> None:
+            if log.isEnabledFor(INFO):
+                log.info("%s", flow.describe())
+
+        self.udp = UdpRelay(self.loop, sock, self.target, self.connect_factory,
+                            idle_timeout=self.spec.idle_timeout, max_flows=self.spec.max_flows,
+                            on_flow_closed=flow_closed,
+                            admit=self.admits if self.acl is not None else None)
+        self.listener = sock
+        self.udp.start()
+
+    def admits(self, peer: object) -> bool:
+        """The forward's client ACL (allow/deny); counts refusals."""
+        if self.acl is None or self.acl.permits(peer):
+            return True
+        self.stats.denied += 1
+        if log.isEnabledFor(INFO):
+            log.info("%s: client %s denied by policy", self.name, format_sockaddr(peer))
+        return False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or self.listen_address
+
+    # ---- accepting ----------------------------------------------------------------------
+
+    def _accept_from(self, listener: socket.socket) -> None:
+        """Accept clients from ``listener`` on this forward's loop (relay/accept.py's
+        policy: batches, and a pause rather than a spin when fds run out).  A listener
+        that stops listening is a worker's SO_REUSEPORT listener the supervisor shut
+        down (stop, drain, removal): this forward then stops listening too."""
+        self._acceptor = Acceptor(self.loop, listener, self._on_client,
+                                  name=self.listen_address,
+                                  on_not_listening=self.stop_listening)
+        self._acceptor.start()
+
+    def _on_client(self, client: socket.socket, peer: object) -> None:
+        if not self.admits(peer):
+            reset_and_close(client)
+            return
+        self.stats.accepted += 1
+        if self.spec.one_shot:
+            self.stop_listening()
+        self.start_session(client, accepted=True)
+
+    def start_session(self, client: socket.socket, accepted: bool = False) -> None:
+        """Relay ``client`` (accepted here or handed over by the supervisor) to the target.
+
+        ``accepted``: no other reference to the client's file exists (accepted here, or
+        received over SCM_RIGHTS from a sender that closed its copy), unlike a
+        pre-accepted socket the caller gave us."""
+        connect = self.spec.connect
+        if isinstance(connect, Preconnected):
+            session = TcpSession(self.loop, self.mover, client, connect.sock, self._session_done,
+                                 server_name=peer_name(connect.sock))
+            self._track(session)
+            session.start_connected()
+            return
+        assert self.target is not None
+        try:
+            server = self.connect_factory.socket(self.target.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot create socket for %s: %s; resetting client",
+                        self.target, exc.strerror)
+            reset_and_close(client)
+            self.stats.connect_failed += 1
+            self._maybe_finish()
+            return
+        session = TcpSession(self.loop, self.mover, client, server, self._session_done,
+                             sole=accepted)
+        if self.spec.proxy:
+            session.preamble = proxy_header(self.spec.proxy, client)
+        self._track(session)
+        session.connect(self.target.sockaddr, self.spec.connect_timeout)
+
+    def _track(self, session: TcpSession) -> None:
+        self.sessions.add(session)
+        self.stats.active += 1
+
+    def _session_done(self, session: TcpSession) -> None:
+        self.sessions.discard(session)
+        tally(self.stats, session)
+        if log.isEnabledFor(INFO):
+            log.info("%s", session.describe())
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.spec.one_shot and not self.sessions and not self.finished:
+            self.finished = True
+            self.on_finished(self)
+
+    # ---- stopping ---------------------------------------------------------------------
+
+    def stop_listening(self) -> None:
+        """Close the listener (a UDP forward ends its flows); open connections carry on."""
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+            self.listener = None  # the relay owned and closed it
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self._unix_path is not None:
+            remove_unix_socket(self._unix_path)
+            self._unix_path = None
+
+    def abort_all(self, outcome: str) -> None:
+        for session in list(self.sessions):
+            session.abort(outcome)
+
+    def snapshot(self) -> ForwardStats:
+        """Counters including the bytes that still-open connections moved so far."""
+        stats = ForwardStats(**self.stats.as_dict())
+        if self.udp is not None:  # flows count as connections
+            u = self.udp.stats
+            stats.accepted, stats.active = u.total_flows, u.active_flows
+            stats.closed = u.expired_flows + u.evicted_flows
+            stats.bytes_up, stats.bytes_down = u.bytes_up, u.bytes_down
+            stats.datagrams_up, stats.datagrams_down = u.datagrams_up, u.datagrams_down
+            stats.dropped, stats.connect_failed = u.dropped, u.dropped_no_flow
+            return stats
+        for session in self.sessions:
+            stats.bytes_up += session.up.total
+            stats.bytes_down += session.down.total
+        return stats
+
+
+def proxy_header(version: str, client: socket.socket) -> bytes:
+    """The PROXY protocol header telling the target who the client really is."""
+    try:
+        src, dst = client.getpeername(), client.getsockname()
+    except OSError:
+        src = dst = None
+    from nsbridge.forward.proxy_protocol import encode_v1, encode_v2
+
+    encode = encode_v2 if version == "v2" else encode_v1
+    return encode(src, dst, client.family)
+
+
+

@@ -1,0 +1,1 @@
+"""nsbridge.linux: see the module list."""

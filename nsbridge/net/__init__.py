@@ -1,0 +1,1 @@
+"""nsbridge.net: see the module list."""

@@ -1,0 +1,1 @@
+"""nsbridge.usernet.host: see the module list."""

@@ -1,0 +1,1 @@
+"""nsbridge.usernet.inside: see the module list."""

@@ -1,0 +1,1 @@
+"""nsbridge.usernet.proto: see the module list."""
