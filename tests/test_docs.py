@@ -5,8 +5,8 @@ Each fenced block is labelled on the line just above its opening fence:
 * ``<!-- example: NAME -->``: a runnable example.  The block is extracted from the Markdown
   and run for real by ``run_<NAME>`` below (``EXAMPLES``), never a copy of it;
 * ``<!-- proved by: tests/FILE.py::TEST -->``: an existing test does what the block shows;
-* ``<!-- not an example: syntax|output|rules -->``: usage grammar, sample output, a rule
-  listing.
+* ``<!-- not an example: syntax|output|rules|tree -->``: usage grammar, sample output, a rule
+  listing, a source tree.
 
 Only what must be unique is substituted in an example, and only here (``substitute``):
 namespace names (``web``, ``app``) become fresh ``nsbt-...`` names, paths under ``/run/``
@@ -46,7 +46,7 @@ from conftest import REPO, in_netns, serve_in_thread, wait_until
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_LIMIT = 12_000  # bytes: the README is read in minutes, the rest is in docs/
-NOT_AN_EXAMPLE = {"syntax", "output", "rules"}
+NOT_AN_EXAMPLE = {"syntax", "output", "rules", "tree"}
 FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)\s*$")
 LABEL = re.compile(r"^\s*<!-- (example|proved by|not an example): (\S.*?) -->\s*$")
 PAGE = "served by the docs test\n"  # index.html of the directory the examples run in

@@ -18,10 +18,11 @@ import urllib.request
 
 from nsbridge.dependencies import require_pyroute2
 from nsbridge.errors import UserError
-from nsbridge.forward.bridge import Bridge, MoverName
+from nsbridge.forward.bridge import Bridge
 from nsbridge.forward.forward import ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.linux.netns import CLONE_NEWNET, Netns, unshare
 from nsbridge.net.addresses import parse_host_port
+from nsbridge.relay.movers import MoverName
 
 SERVER_PORT = 8000
 BLOB_SIZE = 64 << 20

@@ -26,24 +26,15 @@ from nsbridge.net.addresses import ResolvedAddress
 from nsbridge.net.factory import SocketFactory, factory_for
 from nsbridge.relay.log import log
 from nsbridge.relay.loop import EventLoop
-from nsbridge.relay.pipes import PipePool
-from nsbridge.relay.tcp import CopyMover, Mover, SplicePipeMover
+from nsbridge.relay.movers import MoverName, make_mover
+from nsbridge.relay.tcp import SplicePipeMover
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Literal, TypeVar
+    from typing import TypeVar
 
-    MoverName = Literal["splice", "copy"]
     _T = TypeVar("_T")
-else:
-    MoverName = str
-
-
-def make_mover(name: MoverName, pipe_size: int | None = None) -> Mover:
-    if name == "copy":
-        return CopyMover()
-    return SplicePipeMover(PipePool(pipe_size) if pipe_size else PipePool())
 
 
 class Bridge:

@@ -53,7 +53,7 @@ from functools import partial
 from typing import Any
 
 from nsbridge.errors import UserError
-from nsbridge.forward.bridge import Bridge, MoverName
+from nsbridge.forward.bridge import Bridge
 from nsbridge.forward.forward import Forward, ForwardStats
 from nsbridge.forward.spec import UDP, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.forward.worker import (
@@ -72,6 +72,7 @@ from nsbridge.linux.signals import StopSignals
 from nsbridge.net.addresses import HostPort
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.loop import IN, OUT, EventLoop
+from nsbridge.relay.movers import MoverName
 from nsbridge.relay.tcp import reset_and_close
 
 log = logging.getLogger("nsbridge")

@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 
-from nsbridge.forward.bridge import Bridge, MoverName
+from nsbridge.forward.bridge import Bridge
 from nsbridge.forward.forward import Forward
 from nsbridge.forward.spec import ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.linux.netns import Netns
@@ -28,6 +28,7 @@ from nsbridge.linux.signals import StopSignals
 from nsbridge.net.addresses import HostPort, ResolvedAddress, UnixAddress
 from nsbridge.relay.log import log
 from nsbridge.relay.loop import IN
+from nsbridge.relay.movers import MoverName
 from nsbridge.relay.tcp import reset_and_close
 
 STATS_INTERVAL = 0.5

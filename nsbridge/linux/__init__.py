@@ -1,1 +1,13 @@
-"""nsbridge.linux: see the module list."""
+"""Thin wrappers over the kernel, with nothing of nsbridge's jobs in them.
+
+* :mod:`.netns` — network namespace handles (``Netns``), ``setns``/``unshare`` through libc.
+* :mod:`.signals` — SIGINT/SIGTERM read from a signalfd, so no stop signal is ever lost.
+* :mod:`.lifetime` — ``--exit-with PID`` (pidfds) and ``--ready-fd``.
+* :mod:`.limits` — the open-file limit raised to what the kernel allows.
+* :mod:`.systemd` — socket activation (``LISTEN_FDS``) and ``sd_notify``.
+* :mod:`.reuseport_bpf` — the hand-assembled eBPF program that deals SO_REUSEPORT
+  connections to workers in turn, loaded with ``bpf(2)``.
+
+Nothing here imports :mod:`nsbridge.relay`, :mod:`nsbridge.forward`,
+:mod:`nsbridge.usernet` or :mod:`nsbridge.cli` (tests/test_layout.py checks).
+"""

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import struct
 from collections.abc import Callable
 
-from nsbridge.relay.loop import IN, EventLoop
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # the loop's type only: linux/ has no run-time dependency on relay/
+    from nsbridge.relay.loop import EventLoop
 
 StopAction = Callable[[int, int], None]  # (signal number, how many signals so far)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -63,7 +66,7 @@ class StopSignals:
         """Deliver signals (including any that already arrived) to ``action`` in ``loop``."""
         self._loop = loop
         self._action = action
-        loop.add(self.fd, IN, self._on_readable)
+        loop.add(self.fd, select.EPOLLIN, self._on_readable)
 
     def _on_readable(self, _events: int) -> None:
         while True:

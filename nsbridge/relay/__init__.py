@@ -1,1 +1,13 @@
-"""The data engines: the event loop and the TCP relay."""
+"""The data plane, shared by forwarding and user-mode networking.
+
+* :mod:`.loop` — the epoll event loop with timers.
+* :mod:`.accept` — accepting in batches, with one overload policy (EMFILE: pause, retry).
+* :mod:`.pipes` — the pool of pipes ``splice`` moves bytes through.
+* :mod:`.tcp` — a TCP session: two sockets, half-close and resets carried, the movers.
+* :mod:`.movers` — the movers by name (``splice``/``copy``).
+* :mod:`.udp` — the UDP flow relay (one connected socket per client flow).
+* :mod:`.log` — the logger the data plane writes to (a small stand-in in workers).
+
+Nothing here imports :mod:`nsbridge.forward`, :mod:`nsbridge.usernet` or
+:mod:`nsbridge.cli` (tests/test_layout.py checks).
+"""

@@ -32,9 +32,7 @@ from typing import Any
 
 from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
 from nsbridge.errors import UserError
-from nsbridge.forward.bridge import Bridge
-from nsbridge.forward.forward import ForwardSpec
-from nsbridge.forward.spec import UDP, ConnectAddress, ListenAddress
+from nsbridge.forward import UDP, Bridge, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.linux.signals import StopSignals
 from nsbridge.net.addresses import HostPort
 from nsbridge.relay.loop import IN

@@ -1,1 +1,17 @@
-"""nsbridge.usernet.host: see the module list."""
+"""The host side's data paths: what reads the namespace's traffic and dials for it.
+
+* :mod:`.engine` — the tun engine: reads and writes the tun device, dispatches frames,
+  resets stray TCP, sweeps idle flows.
+* :mod:`.udpflows` — UDP flows and their host sockets.
+* :mod:`.dnsproxy` — DNS queries to the host's resolvers: retries, refusals, SERVFAIL.
+* :mod:`.icmpecho` — ICMP echo through ping (or raw) sockets, and the IPv4 fast path.
+* :mod:`.flowdecide` — a new flow's decision (source check, policy, the gateway's echo)
+  and its host socket; shared by the engine and the native relay.
+* :mod:`.replies` — answers to the namespace (ICMP unreachable, prohibited) and where
+  they are written.
+* :mod:`.enginestats` — the counters every part of the engine counts into.
+* :mod:`.redirect` — the TCP fast path: connections redirected by nftables, relayed.
+* :mod:`.dnstcp` — DNS over TCP on the fast path, every message checked.
+* :mod:`.tuntcp` — the TCP tun path: the host side is the other end of each connection.
+* :mod:`.flowrelay` — the native UDP and ping relay's Python side (``_flowrelay.c``).
+"""

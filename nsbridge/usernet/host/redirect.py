@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 
 from nsbridge.defaults import CONNECT_TIMEOUT
 from nsbridge.errors import errno_name
-from nsbridge.forward.bridge import MoverName, make_mover
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.loop import EventLoop
+from nsbridge.relay.movers import MoverName, make_mover
 from nsbridge.relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from nsbridge.usernet.host.dnstcp import DnsTcpRelay
 from nsbridge.usernet.inside import nft
