@@ -35,6 +35,7 @@ _EXPORTS = {
     "Preaccepted": "forward.spec",
     "Preconnected": "forward.spec",
     "Netns": "linux.netns",
+    "parse_host_port": "net.addresses",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
