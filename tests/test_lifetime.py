@@ -128,7 +128,7 @@ def test_ready_fd_from_a_child_process() -> None:
     """The real use: a parent waits on a pipe until the child says it is ready."""
     r, w = os.pipe()
     code = (
-        "import sys; from nsbridge import lifetime; "
+        "import sys; from nsbridge.linux import lifetime; "
         f"lifetime.write_ready({w}); sys.stdin.read()"
     )
     proc = subprocess.Popen(

@@ -239,7 +239,7 @@ def test_child_process_notifies_with_its_own_pid(
     """As under systemd: the environment names the socket, the sender's PID is checked."""
     value, sock = notify_socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    code = "from nsbridge import systemd; assert systemd.ready(); systemd.status('serving')"
+    code = "from nsbridge.linux import systemd; assert systemd.ready(); systemd.status('serving')"
     env = {**os.environ, "NOTIFY_SOCKET": value, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
     try:
