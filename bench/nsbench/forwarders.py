@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import BenchError, Managed, Netns, ProcessRegistry, free_port, wait_port
+from .procs import BenchError, Managed, Netns, ProcessRegistry, free_port, wait_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOCAT_BUF = "1048576"

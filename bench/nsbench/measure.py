@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tests import procstat
+from . import procstat
 
 GIB8 = 8 * 1024**3
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from tests import procstat
+from . import procstat
 
 CLONE_NEWNET = 0x40000000
 NOFILE_WANTED = 65536

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.measure import GIB8, Sample
+from .measure import GIB8, Sample
 
 Results = dict[str, dict[str, list[Sample]]]  # row -> measurement kind -> samples
 

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from tests.servers import page_body
+from .servers import page_body
 
 STALL = "duplex: stalled"
 

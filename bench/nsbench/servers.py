@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.procs import Managed, Netns, ProcessRegistry, wait_port
+from .procs import Managed, Netns, ProcessRegistry, wait_port
 
 # Fixed ports are safe: B is a fresh namespace nobody else uses.
 IPERF_PORT = 5201
