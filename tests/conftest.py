@@ -310,6 +310,30 @@ def _wait_listening(fwd: Forwarder, timeout: float = 15) -> None:
     raise AssertionError(f"nsbridge did not start listening:\n{fwd.log()}")
 
 
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Background processes a test started: killed by PID and reaped at the end, even if
+    the test fails."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def reachable_in(netns: str, address: tuple) -> bool:
+    """Whether a TCP connection to ``address`` succeeds from inside ``netns`` (1 s)."""
+    def probe() -> bool:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    return bool(in_netns(netns, probe))
+
+
 def processes_mentioning(word: str) -> set[int]:
     """PIDs whose command line contains ``word`` (a marker only one run uses)."""
     found = set()

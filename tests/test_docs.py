@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, serve_in_thread, wait_until
+from conftest import REPO, in_netns, reachable_in, serve_in_thread, wait_until
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_LIMIT = 12_000  # bytes: the README is read in minutes, the rest is in docs/
@@ -356,23 +356,13 @@ def http_server(netns: str, address: str, port: int, directory: Path, text: str,
                              str(port), "--bind", address, "-d", str(directory)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: connects(netns, (address, port)), what=f"http server {address}")
+        wait_until(lambda: reachable_in(netns, (address, port)), what=f"http server {address}")
     except AssertionError:
         proc.kill()
         proc.wait()
         raise
     return proc
 
-
-def connects(netns: str, address: tuple[str, int]) -> bool:
-    def probe() -> bool:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    return bool(in_netns(netns, probe))
 
 
 @pytest.fixture
@@ -420,7 +410,7 @@ def curl(netns: str, url: str) -> str:
 def wait_curl(netns: str, url: str, daemon: Daemon) -> str:
     """curl ``url`` once the daemon example listens."""
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    wait_until(lambda: daemon.proc.poll() is not None or connects(netns, ("127.0.0.1", port)),
+    wait_until(lambda: daemon.proc.poll() is not None or reachable_in(netns, ("127.0.0.1", port)),
                timeout=20, what=f"the example listening on {port}")
     daemon.alive()
     return curl(netns, url)
@@ -647,7 +637,7 @@ def _forward_web(request: pytest.FixtureRequest) -> None:
     daemon = Daemon(substitute(example("forward-web").text, names, tmp_path), host, shim,
                     workdir)
     daemons.append(daemon)
-    wait_until(lambda: daemon.proc.poll() is not None or connects(host, ("127.0.0.1", 8080)),
+    wait_until(lambda: daemon.proc.poll() is not None or reachable_in(host, ("127.0.0.1", 8080)),
                timeout=20, what="the forward listening")
     daemon.alive()
     servers.append(http_server(web, "127.0.0.1", 80, tmp_path / "web-www", WEB_PAGE))

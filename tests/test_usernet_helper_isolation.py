@@ -42,7 +42,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,16 +104,6 @@ def scan(tmp_path: Path) -> Scan:
     directory.mkdir()
     return Scan(directory, f"nsb-secret-{uuid.uuid4().hex}")
 
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen]]:
-    """Processes a test started: killed by PID and reaped at the end."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def _userns(pid: int) -> int:

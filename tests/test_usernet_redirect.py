@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,16 +77,6 @@ def host_ns(make_netns: Callable[[], str]) -> str:
         _ip("-n", name, "link", "set", device, "up")
     return name
 
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen]]:
-    """Background processes, killed by PID and reaped at the end even if a test fails."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def _wait_listening(netns: str, host: str, port: int, proc: subprocess.Popen) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, processes_mentioning, wait_until
+from conftest import REPO, in_netns, processes_mentioning, reachable_in, wait_until
 
 HTTP_PORT = 8000
 
@@ -41,23 +41,13 @@ def web(host: str, tmp_path: Path) -> Iterator[Path]:
              for bind in ("192.0.2.1", "2001:db8::1", "127.0.0.1")]
     try:
         for address in (("192.0.2.1", HTTP_PORT), ("127.0.0.1", HTTP_PORT)):
-            wait_until(lambda a=address: _reachable(host, a), what=f"http server {address}")
+            wait_until(lambda a=address: reachable_in(host, a), what=f"http server {address}")
         yield root
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
 
-
-def _reachable(netns: str, address: tuple) -> bool:
-    def probe() -> bool:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    return bool(in_netns(netns, probe))
 
 
 def nsbridge_run(host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
