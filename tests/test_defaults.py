@@ -16,7 +16,7 @@ from nsbridge import defaults
 from nsbridge.cli.main import build_parser
 from nsbridge.errors import UserError
 from nsbridge.usernet.inside.netconf import NetConfig
-from nsbridge.usernet.proto.policy import UsernetAddresses
+from nsbridge.usernet.proto.addresses import UsernetAddresses
 
 
 def test_spelled_out_addresses_are_the_default_hosts_of_the_default_networks():

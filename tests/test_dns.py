@@ -28,8 +28,10 @@ from hypothesis import strategies as st
 
 from nsbridge.usernet.proto import dns as nsdns
 from nsbridge.usernet.proto.dns import DnsQuery, DnsStream, Refused, check_query, refusal
-from nsbridge.usernet.proto.packets import Malformed, build_udp
-from nsbridge.usernet.proto.policy import AllowResolver, Deny, Policy, Rule
+from nsbridge.usernet.proto.packetbuild import build_udp
+from nsbridge.usernet.proto.packets import Malformed
+from nsbridge.usernet.proto.policy import AllowResolver, Deny, Policy
+from nsbridge.usernet.proto.rules import Rule
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

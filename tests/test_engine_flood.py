@@ -32,18 +32,15 @@ from conftest import in_netns
 from nsbridge.relay.loop import EventLoop
 from nsbridge.usernet.host.engine import TunEngine
 from nsbridge.usernet.host.tuntcp import TunTcp
-from nsbridge.usernet.proto.packets import (
-    TCP_ACK,
-    TCP_FIN,
-    TCP_PSH,
-    TCP_RST,
-    TCP_SYN,
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.packetbuild import (
     build_icmp_echo,
     build_icmp_unreachable,
     build_tcp_head,
     build_udp,
 )
-from nsbridge.usernet.proto.policy import Policy, UsernetAddresses
+from nsbridge.usernet.proto.packets import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from nsbridge.usernet.proto.policy import Policy
 
 pytestmark = pytest.mark.stress
 

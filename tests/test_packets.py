@@ -16,6 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nsbridge.usernet.proto import dns
+from nsbridge.usernet.proto.checksum import checksum, l4_checksum, ones_sum, pseudo_header_sum
+from nsbridge.usernet.proto.packetbuild import (
+    build_icmp_echo,
+    build_icmp_echo_reply,
+    build_icmp_error,
+    build_icmp_time_exceeded,
+    build_icmp_too_big,
+    build_icmp_unreachable,
+    build_udp,
+    packed,
+)
 from nsbridge.usernet.proto.packets import (
     ICMP_DEST_UNREACH,
     MIN_MTU_V4,
@@ -39,20 +50,8 @@ from nsbridge.usernet.proto.packets import (
     Parsed,
     Unsupported,
     VirtioNetHdr,
-    build_icmp_echo,
-    build_icmp_echo_reply,
-    build_icmp_error,
-    build_icmp_time_exceeded,
-    build_icmp_too_big,
-    build_icmp_unreachable,
-    build_udp,
-    checksum,
-    l4_checksum,
     may_send_icmp_error,
-    ones_sum,
-    packed,
     parse_frame,
-    pseudo_header_sum,
     udp_datagrams,
 )
 

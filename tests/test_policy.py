@@ -10,17 +10,10 @@ import ipaddress
 import pytest
 
 from nsbridge.errors import UserError
-from nsbridge.usernet.proto.policy import (
-    Allow,
-    AllowResolver,
-    Deny,
-    Policy,
-    Rule,
-    UsernetAddresses,
-    embedded_ipv4,
-    nat64_embedded,
-    parse_nat64_prefix,
-)
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
+from nsbridge.usernet.proto.rules import Rule
+from nsbridge.usernet.proto.spellings import embedded_ipv4, nat64_embedded, parse_nat64_prefix
 
 LOOP4 = ipaddress.ip_address("127.0.0.1")
 LOOP6 = ipaddress.ip_address("::1")

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nsbridge.usernet.proto import tcpstate
+from nsbridge.usernet.proto.packetbuild import build_tcp_head
 from nsbridge.usernet.proto.packets import (
     TCP,
     TCP_ACK,
@@ -26,7 +27,6 @@ from nsbridge.usernet.proto.packets import (
     TCP_RST,
     TCP_SYN,
     Parsed,
-    build_tcp_head,
     parse_frame,
 )
 from nsbridge.usernet.proto.tcpstate import (

@@ -21,15 +21,8 @@ from conftest import listen_in, wait_until
 from test_usernet_engine import GW4, NS4, PairEngine
 
 from nsbridge.usernet.host.tuntcp import TunTcp
-from nsbridge.usernet.proto.packets import (
-    TCP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_PSH,
-    TCP_RST,
-    TCP_SYN,
-    build_tcp_head,
-)
+from nsbridge.usernet.proto.packetbuild import build_tcp_head
+from nsbridge.usernet.proto.packets import TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from nsbridge.usernet.proto.policy import Policy
 from nsbridge.usernet.proto.tcpstate import RECV_BUFFER
 

@@ -46,6 +46,9 @@ from conftest import have, in_netns, wait_until
 from nsbridge.relay.loop import EventLoop
 from nsbridge.usernet.host.engine import TunEngine, TunOutput
 from nsbridge.usernet.inside.sandbox import Sandbox, SandboxHandle
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.checksum import l4_checksum
+from nsbridge.usernet.proto.packetbuild import build_icmp_echo, build_tcp_rst, build_udp
 from nsbridge.usernet.proto.packets import (
     PROTO_TCP,
     PROTO_UDP,
@@ -55,13 +58,10 @@ from nsbridge.usernet.proto.packets import (
     TCP_SYN,
     ICMPError,
     Parsed,
-    build_icmp_echo,
-    build_tcp_rst,
-    build_udp,
-    l4_checksum,
     parse_frame,
 )
-from nsbridge.usernet.proto.policy import Policy, Rule, UsernetAddresses
+from nsbridge.usernet.proto.policy import Policy
+from nsbridge.usernet.proto.rules import Rule
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"

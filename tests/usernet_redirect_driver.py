@@ -146,7 +146,8 @@ def host_main(config: dict) -> int:
     from nsbridge.relay.loop import EventLoop
     from nsbridge.usernet.host.redirect import TcpRedirector, setup_inside
     from nsbridge.usernet.inside.sandbox import Sandbox
-    from nsbridge.usernet.proto.policy import Policy, Rule
+    from nsbridge.usernet.proto.policy import Policy
+    from nsbridge.usernet.proto.rules import Rule
 
     policy = Policy(
         allow_host_loopback=config.get("allow_host_loopback", False),

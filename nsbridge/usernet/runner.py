@@ -59,14 +59,16 @@ class UsernetOptions:
 
 def _addresses(options: UsernetOptions) -> Any:
     """The namespace's addresses: host .100, gateway .2, DNS .3 of each network."""
-    from nsbridge.usernet.proto.policy import UsernetAddresses
+    from nsbridge.usernet.proto.addresses import UsernetAddresses
 
     return UsernetAddresses.parse(network=options.cidr, network6=options.cidr6,
                                   mtu=options.mtu, labels=("--cidr", "--cidr6"))
 
 
 def _policy(options: UsernetOptions) -> Any:
-    from nsbridge.usernet.proto.policy import Policy, Rule, parse_nat64_prefix
+    from nsbridge.usernet.proto.policy import Policy
+    from nsbridge.usernet.proto.rules import Rule
+    from nsbridge.usernet.proto.spellings import parse_nat64_prefix
 
     rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]

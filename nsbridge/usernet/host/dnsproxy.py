@@ -33,7 +33,8 @@ from nsbridge.relay.loop import IN, EventLoop, Timer
 from nsbridge.usernet.host.enginestats import EngineStats
 from nsbridge.usernet.host.replies import BATCH, OFFLOAD_MIN, RECV_SIZE, ip_text
 from nsbridge.usernet.proto import dns
-from nsbridge.usernet.proto.packets import UDP, Malformed, Parsed, build_udp
+from nsbridge.usernet.proto.packetbuild import build_udp
+from nsbridge.usernet.proto.packets import UDP, Malformed, Parsed
 
 log = logging.getLogger("nsbridge")
 

@@ -72,6 +72,8 @@ from nsbridge.usernet.host.icmpecho import (
 )
 from nsbridge.usernet.host.replies import BATCH, Replies, TunOutput
 from nsbridge.usernet.host.udpflows import UdpFlows
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.packetbuild import build_tcp_rst
 from nsbridge.usernet.proto.packets import (
     TCP,
     UDP,
@@ -80,10 +82,9 @@ from nsbridge.usernet.proto.packets import (
     ICMPError,
     Malformed,
     Parsed,
-    build_tcp_rst,
     parse_frame,
 )
-from nsbridge.usernet.proto.policy import Policy, UsernetAddresses
+from nsbridge.usernet.proto.policy import Policy
 
 # Importable from here as they always were (the runner, doctor and native relay do).
 __all__ = ["PING_SYSCTL", "EngineStats", "Resolver", "TunEngine", "TunOutput",

@@ -37,8 +37,10 @@ from nsbridge.errors import errno_name
 from nsbridge.usernet.host.dnsproxy import Resolver
 from nsbridge.usernet.host.enginestats import EngineStats
 from nsbridge.usernet.host.replies import ERRNO_KINDS, QUOTE, Replies, TunOutput
-from nsbridge.usernet.proto.packets import UDP, Parsed, build_icmp_echo_reply, may_send_icmp_error
-from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy, UsernetAddresses
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.packetbuild import build_icmp_echo_reply
+from nsbridge.usernet.proto.packets import UDP, Parsed, may_send_icmp_error
+from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
 
 log = logging.getLogger("nsbridge")
 

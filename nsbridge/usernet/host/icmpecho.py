@@ -48,6 +48,8 @@ from nsbridge.relay.udp import FlowTable
 from nsbridge.usernet.host.enginestats import EngineStats
 from nsbridge.usernet.host.flowdecide import FlowDecisions
 from nsbridge.usernet.host.replies import BATCH, QUOTE, RECV_SIZE, Replies
+from nsbridge.usernet.proto.checksum import checksum, fold, ones_sum
+from nsbridge.usernet.proto.packetbuild import build_icmp_echo
 from nsbridge.usernet.proto.packets import (
     ICMP_ECHO,
     ICMP_ECHO_REPLY,
@@ -56,10 +58,6 @@ from nsbridge.usernet.proto.packets import (
     VNET_HDR_LEN,
     ICMPEcho,
     Parsed,
-    build_icmp_echo,
-    checksum,
-    fold,
-    ones_sum,
 )
 from nsbridge.usernet.proto.policy import Allow
 

@@ -28,15 +28,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from nsbridge.usernet.host.enginestats import EngineStats
+from nsbridge.usernet.proto.addresses import UsernetAddresses
+from nsbridge.usernet.proto.packetbuild import build_icmp_unreachable
 from nsbridge.usernet.proto.packets import (
     MIN_MTU_V6,
     UDP,
     Parsed,
     UnreachableKind,
-    build_icmp_unreachable,
     may_send_icmp_error,
 )
-from nsbridge.usernet.proto.policy import UsernetAddresses
 
 log = logging.getLogger("nsbridge")
 

@@ -50,7 +50,8 @@ from nsbridge.relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
 from nsbridge.relay.tcp import reset_and_close
 from nsbridge.usernet.host.redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
 from nsbridge.usernet.proto.dns import DnsStream
-from nsbridge.usernet.proto.packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed, build_tcp_rst
+from nsbridge.usernet.proto.packetbuild import build_tcp_rst
+from nsbridge.usernet.proto.packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
 from nsbridge.usernet.proto.tcpstate import MAX_SEGMENT, Actions, Budget, State, TcpConn
 

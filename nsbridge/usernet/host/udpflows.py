@@ -34,7 +34,8 @@ from nsbridge.relay.udp import FlowTable
 from nsbridge.usernet.host.enginestats import EngineStats
 from nsbridge.usernet.host.flowdecide import FlowDecisions
 from nsbridge.usernet.host.replies import BATCH, ERRNO_KINDS, OFFLOAD_MIN, QUOTE, RECV_SIZE, Replies
-from nsbridge.usernet.proto.packets import UDP, Parsed, build_udp, udp_datagrams
+from nsbridge.usernet.proto.packetbuild import build_udp
+from nsbridge.usernet.proto.packets import UDP, Parsed, udp_datagrams
 from nsbridge.usernet.proto.policy import Allow
 
 FlowKey = tuple[bytes, int, bytes, int]  # namespace src ip, src port, dst ip, dst port

@@ -1,10 +1,17 @@
 """Sans-IO: bytes and values in, decisions and bytes out; no sockets, no devices.
 
+* :mod:`.checksum` — the Internet checksum and the pseudo-header sum (RFC 1071).
 * :mod:`.packets` — tun frames (virtio-net header, IPv4/IPv6, UDP/TCP/ICMP) parsed into
-  values and built back, Internet checksums; never raises on what the namespace sends.
+  values; never raises on what the namespace sends.
+* :mod:`.packetbuild` — reply frames built from those values: UDP, TCP heads and resets,
+  ICMP echo and errors, checksums filled in or left to the kernel.
 * :mod:`.tcpstate` — the tun path's TCP end (one connection's state machine).
 * :mod:`.dns` — resolv.conf, which DNS messages may reach the host's resolvers, and the
   length-prefixed DNS-over-TCP stream checker.
-* :mod:`.policy` — the virtual network's addresses and the firewall deciding every flow.
+* :mod:`.addresses` — the virtual network's addresses (gateway, DNS, namespace, networks,
+  MTU): the one model the policy, the engine and the namespace set-up share.
+* :mod:`.spellings` — IPv6 spellings of IPv4 addresses (mapped, SIIT, NAT64, 6to4, Teredo).
+* :mod:`.rules` — the allow/deny rules, parsed and matched.
+* :mod:`.policy` — the firewall deciding every flow.
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
 """

@@ -1,10 +1,11 @@
-"""Tun frames as values: parse and build IPv4/IPv6 packets, sans-IO.
+"""Tun frames as values: parse IPv4/IPv6 packets read from the tun device, sans-IO.
 
 The namespace's tun device is opened with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR``, so
 every frame read from it or written to it is a 10-byte ``virtio_net_hdr`` followed by an
 IP packet.  :func:`parse_frame` turns such a frame into a :class:`Parsed` value (or a
 :class:`Malformed` / :class:`Unsupported` one saying why it is dropped); the ``build_*``
-functions make reply frames.  Nothing here does I/O.
+functions of :mod:`.packetbuild` make reply frames from the same values and constants.
+Nothing here does I/O.
 
 Design choices, and why:
 
@@ -20,13 +21,8 @@ Design choices, and why:
 * **No reassembly.**  Fragments (IPv4 MF or offset != 0, the IPv6 fragment header) are
   ``Malformed("fragment")``: the namespace's MTU is 65520, so its own stack never needs
   to fragment what it sends, and reassembly buffers are a memory-exhaustion target.
-* **Checksums** use one big ``int.from_bytes`` per buffer reduced modulo 0xFFFF (the
-  ones' complement sum of 16-bit words is congruent to the big-endian integer modulo
-  2**16 - 1, because 2**16 ≡ 1).  Measured on this project's (loaded, 2-core) machine it beats
-  ``array('H')``/``memoryview.cast`` summation by 3-5x: about 3 µs for 1500 bytes and
-  50-100 µs for 64 KiB.  Big payloads should not be checksummed in Python at all:
-  builders can set ``VIRTIO_NET_HDR_F_NEEDS_CSUM`` (``offload=True``) so the kernel
-  finishes the checksum.
+* **Checksums** are :mod:`.checksum`'s; big payloads are never summed in Python
+  (the builders of :mod:`.packetbuild` can leave them to the kernel).
 * **Partial checksums from the kernel are not validated.**  With ``TUNSETOFFLOAD``
   (``TUN_F_CSUM``) the kernel hands us TCP/UDP packets with ``NEEDS_CSUM`` set: the L4
   checksum field then holds only the pseudo-header sum, and validating it would reject
@@ -38,10 +34,11 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass, field
 from typing import Literal, final
+
+from nsbridge.usernet.proto.checksum import fold, ones_sum, pseudo_header_sum
 
 # ---- constants ----------------------------------------------------------------------
 
@@ -85,14 +82,6 @@ TCP_CWR = 0x80
 UnreachableKind = Literal["port", "host", "net", "admin"]
 ICMPErrorKind = Literal["unreachable", "time-exceeded", "too-big"]
 
-# ICMP codes per kind: (IPv4 type-3 code, ICMPv6 type-1 code).
-_UNREACH_CODES: dict[str, tuple[int, int]] = {
-    "net": (0, 0),  # v6: no route to destination
-    "host": (1, 3),  # v6: address unreachable
-    "port": (3, 4),
-    "admin": (13, 1),  # v4: communication administratively prohibited
-}
-
 _IPV6_EXT_SKIPPABLE = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _IPV6_FRAGMENT = 44
 _MAX_EXT_HEADERS = 8
@@ -107,66 +96,6 @@ _TCP = struct.Struct("!HHIIBBHHH")
 _U16 = struct.Struct("!H")
 
 # ---- checksums ----------------------------------------------------------------------
-
-_CHUNK = 4096  # above this, sum per-chunk integers: the final modulo stays small
-
-
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """The folded 16-bit ones' complement sum of ``data`` (RFC 1071), not complemented.
-
-    An odd trailing byte is padded with zero, as the RFC says.  The result is in
-    0..0xFFFF and is 0 only for all-zero input, exactly as end-around-carry folding
-    gives.  Sums of even-length pieces can be added and re-folded with :func:`fold`.
-    """
-    size = len(data)
-    if size <= _CHUNK:
-        total = int.from_bytes(data, "big")
-        return fold(total << 8 if size & 1 else total)
-    # Per-chunk integers (all chunks but the last are even-sized, so each is word
-    # aligned on its own) keep the final modulo small: ``%`` on a 64 KiB integer is
-    # slower than summing sixteen 4 KiB ones.
-    view = memoryview(data)
-    last = (size - 1) // _CHUNK * _CHUNK
-    total = sum([int.from_bytes(view[i : i + _CHUNK], "big") for i in range(0, last, _CHUNK)])
-    tail = int.from_bytes(view[last:], "big")
-    total += tail << 8 if size & 1 else tail
-    return fold(total)
-
-
-def fold(total: int) -> int:
-    """Reduce a non-negative sum of big-endian 16-bit-aligned integers to 0..0xFFFF.
-
-    ``x % 0xFFFF`` is the ones' complement sum except that a non-zero multiple of 0xFFFF
-    folds to 0xFFFF (negative zero), never 0.
-    """
-    reduced = total % 0xFFFF
-    if reduced == 0 and total:
-        return 0xFFFF
-    return reduced
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum of ``data``: the complement of its ones' complement sum."""
-    return ~ones_sum(data) & 0xFFFF
-
-
-def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
-    """Folded sum of the TCP/UDP/ICMPv6 pseudo-header (RFC 768, RFC 8200 section 8.1).
-
-    The IPv4 and IPv6 pseudo-headers have the same ones' complement sum for the same
-    values (the zero padding adds nothing), so one function serves both.
-    """
-    return fold(int.from_bytes(src, "big") + int.from_bytes(dst, "big") + protocol + length)
-
-
-def l4_checksum(src: bytes, dst: bytes, protocol: int, segment: bytes) -> int:
-    """The checksum field value for a TCP/UDP/ICMPv6 ``segment`` whose field is zero.
-
-    UDP's 0 (meaning "no checksum") is *not* mapped to 0xFFFF here; see :func:`build_udp`.
-    """
-    partial = pseudo_header_sum(src, dst, protocol, len(segment))
-    return ~fold(partial + ones_sum(segment)) & 0xFFFF
-
 
 # ---- virtio_net_hdr -----------------------------------------------------------------
 
@@ -621,316 +550,3 @@ def may_send_icmp_error(parsed: Parsed) -> bool:
     if parsed.ip.version == 4:
         return not (dst[0] >= 224 or src[0] >= 224 or src == b"\0\0\0\0")
     return not (dst[0] == 0xFF or src[0] == 0xFF or src == bytes(16))
-
-
-# ---- building -----------------------------------------------------------------------
-
-Address = bytes | ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def packed(address: Address | str) -> bytes:
-    """Packed bytes for an address given as bytes, an ``ipaddress`` object or text."""
-    if type(address) is bytes:
-        if len(address) not in (4, 16):
-            raise ValueError(f"packed address must be 4 or 16 bytes, not {len(address)}")
-        return address
-    if isinstance(address, str):
-        return ipaddress.ip_address(address).packed
-    return address.packed  # type: ignore[union-attr]
-
-
-def _ip_header(src: bytes, dst: bytes, protocol: int, l4_length: int, ttl: int) -> bytes:
-    """An IPv4 (DF set, ident 0: RFC 6864 atomic datagram) or IPv6 header."""
-    if len(src) != len(dst):
-        raise ValueError("source and destination are different IP versions")
-    if len(src) == 4:
-        total = 20 + l4_length
-        if total > 0xFFFF:
-            raise ValueError(f"IPv4 packet of {total} bytes exceeds 65535")
-        header = _IPV4.pack(0x45, 0, total, 0, 0x4000, ttl, protocol, 0, src, dst)
-        return header[:10] + _U16.pack(checksum(header)) + header[12:]
-    if l4_length > 0xFFFF:
-        raise ValueError(f"IPv6 payload of {l4_length} bytes exceeds 65535")
-    return _IPV6.pack(0x60000000, l4_length, protocol, ttl, src, dst)
-
-
-def _assemble(
-    src: bytes,
-    dst: bytes,
-    protocol: int,
-    l4_header: bytes,
-    payload: bytes,
-    *,
-    ttl: int,
-    offload: bool,
-    vnet: bool,
-) -> bytes:
-    """Frame = virtio header + IP header + L4 header (checksum filled in) + payload.
-
-    ``l4_header`` has an even length and a zero checksum field at the protocol's usual
-    offset.  With ``offload`` the field gets the pseudo-header sum and the virtio header
-    asks the kernel to finish; otherwise Python computes the full checksum.
-    """
-    ip = _ip_header(src, dst, protocol, len(l4_header) + len(payload), ttl)
-    length = len(l4_header) + len(payload)
-    has_pseudo = protocol != PROTO_ICMP
-    partial = pseudo_header_sum(src, dst, protocol, length) if has_pseudo else 0
-    if offload:
-        field = partial
-        header = partial_csum_vnet(len(ip), protocol)
-    else:
-        field = ~fold(partial + ones_sum(l4_header) + ones_sum(payload)) & 0xFFFF
-        if field == 0 and protocol == PROTO_UDP:
-            field = 0xFFFF  # 0 would mean "no checksum" (RFC 768)
-        header = NO_VNET
-    at = _CSUM_OFFSETS[protocol]
-    l4_header = l4_header[:at] + _U16.pack(field) + l4_header[at + 2 :]
-    parts = [ip, l4_header, payload]
-    if vnet:
-        parts.insert(0, header.pack())
-    elif offload:
-        raise ValueError("offload needs the virtio_net_hdr (vnet=True)")
-    return b"".join(parts)
-
-
-def build_udp(
-    src_ip: Address,
-    dst_ip: Address,
-    sport: int,
-    dport: int,
-    payload: bytes,
-    *,
-    ttl: int = 64,
-    offload: bool = False,
-    vnet: bool = True,
-) -> bytes:
-    """A UDP datagram as a tun frame (virtio header unless ``vnet=False``).
-
-    ``offload=True`` leaves the checksum to the kernel (``NEEDS_CSUM``): use it for
-    anything larger than a few hundred bytes.  Raises ValueError when the datagram
-    does not fit the IP length field.
-    """
-    src, dst = packed(src_ip), packed(dst_ip)
-    length = 8 + len(payload)
-    if length > 0xFFFF:
-        raise ValueError(f"UDP datagram of {length} bytes exceeds 65535")
-    header = _UDP.pack(sport, dport, length, 0)
-    return _assemble(src, dst, PROTO_UDP, header, payload, ttl=ttl, offload=offload, vnet=vnet)
-
-
-def build_tcp_head(
-    src_ip: Address,
-    dst_ip: Address,
-    sport: int,
-    dport: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    window: int,
-    *,
-    options: bytes = b"",
-    payload: bytes | bytearray | memoryview = b"",
-    mss: int = 0,
-    ttl: int = 64,
-    offload: bool = False,
-    vnet: bool = True,
-) -> bytes:
-    """Everything of a TCP frame that comes before its payload (virtio, IP, TCP headers).
-
-    The tun TCP path writes ``os.writev(tun, [head, payload])``: a 64 KiB payload peeked
-    from a host socket goes to the tun without being joined into a new frame.  With
-    ``offload`` the checksum field holds the pseudo-header sum and the kernel finishes
-    it (Python never sums a payload); without it Python computes the full checksum over
-    ``payload``, which must then be passed.  A payload longer than ``mss`` (when
-    ``mss`` is set and ``offload`` is on) is sent as one GSO frame the kernel cuts into
-    ``mss``-sized segments, so a small-MTU namespace still gets 64 KiB writes.
-    ``options`` must be padded to a multiple of 4 bytes.
-    """
-    src, dst = packed(src_ip), packed(dst_ip)
-    if len(options) % 4 or len(options) > 40:
-        raise ValueError(f"TCP options must be padded to 4 bytes, at most 40: {len(options)}")
-    header_length = 20 + len(options)
-    length = header_length + len(payload)
-    tcp = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, header_length << 2,
-                    flags & 0xFF, window, 0, 0) + options
-    ip = _ip_header(src, dst, PROTO_TCP, length, ttl)
-    partial = pseudo_header_sum(src, dst, PROTO_TCP, length)
-    if offload:
-        if not vnet:
-            raise ValueError("offload needs the virtio_net_hdr (vnet=True)")
-        field = partial
-        gso = mss and len(payload) > mss
-        header = VirtioNetHdr(
-            flags=VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            gso_type=(VIRTIO_NET_HDR_GSO_TCPV4 if len(src) == 4 else VIRTIO_NET_HDR_GSO_TCPV6)
-            if gso else VIRTIO_NET_HDR_GSO_NONE,
-            hdr_len=len(ip) + header_length if gso else 0,
-            gso_size=mss if gso else 0,
-            csum_start=len(ip),
-            csum_offset=_CSUM_OFFSETS[PROTO_TCP],
-        )
-    else:
-        field = ~fold(partial + ones_sum(tcp) + ones_sum(payload)) & 0xFFFF
-        header = NO_VNET
-    tcp = tcp[:16] + _U16.pack(field) + tcp[18:]
-    if vnet:
-        return header.pack() + ip + tcp
-    return ip + tcp
-
-
-def build_icmp_echo(
-    src_ip: Address,
-    dst_ip: Address,
-    ident: int,
-    seq: int,
-    payload: bytes,
-    *,
-    reply: bool = True,
-    ttl: int = 64,
-    offload: bool = False,
-    vnet: bool = True,
-) -> bytes:
-    """An ICMP (IPv4) or ICMPv6 (IPv6) echo reply, or request with ``reply=False``."""
-    src, dst = packed(src_ip), packed(dst_ip)
-    if len(src) == 4:
-        protocol, icmp_type = PROTO_ICMP, ICMP_ECHO_REPLY if reply else ICMP_ECHO
-    else:
-        protocol, icmp_type = PROTO_ICMPV6, ICMPV6_ECHO_REPLY if reply else ICMPV6_ECHO
-    header = _ICMP.pack(icmp_type, 0, 0, ident, seq)
-    return _assemble(src, dst, protocol, header, payload, ttl=ttl, offload=offload, vnet=vnet)
-
-
-def build_icmp_echo_reply(
-    request: Parsed,
-    *,
-    payload: bytes | None = None,
-    ttl: int = 64,
-    offload: bool = False,
-    vnet: bool = True,
-) -> bytes:
-    """The reply to a parsed echo request: addresses swapped, same ident, seq, payload.
-
-    ``payload`` overrides the echoed data (e.g. what the host's ping socket returned).
-    """
-    echo = request.l4
-    if not isinstance(echo, ICMPEcho) or echo.reply:
-        raise ValueError("build_icmp_echo_reply needs a parsed echo request")
-    data = echo.payload if payload is None else payload
-    return build_icmp_echo(
-        request.ip.dst,
-        request.ip.src,
-        echo.ident,
-        echo.seq,
-        data,
-        reply=True,
-        ttl=ttl,
-        offload=offload,
-        vnet=vnet,
-    )
-
-
-def build_icmp_error(
-    original: bytes,
-    icmp_type: int,
-    code: int,
-    rest: int = 0,
-    *,
-    src: Address | None = None,
-    ttl: int = 64,
-    vnet: bool = True,
-) -> bytes:
-    """An ICMP(v6) error about ``original`` (an IP packet, no virtio header).
-
-    The error goes to the original source, from ``src`` (default: the original
-    destination, so ``ping`` and traceroute show the host that was addressed).  It
-    quotes as much of the original as fits in the minimum MTU: 576 bytes for IPv4,
-    1280 for IPv6.  ``rest`` is the 32-bit word after the checksum (the MTU for "too
-    big").  Callers check :func:`may_send_icmp_error` first.  The checksum is always
-    computed here: the quote is small.
-    """
-    version = original[0] >> 4 if original else 0
-    if version == 4 and len(original) >= 20:
-        orig_src, orig_dst = original[12:16], original[16:20]
-        protocol, limit = PROTO_ICMP, MIN_MTU_V4 - 20 - 8
-    elif version == 6 and len(original) >= 40:
-        orig_src, orig_dst = original[8:24], original[24:40]
-        protocol, limit = PROTO_ICMPV6, MIN_MTU_V6 - 40 - 8
-    else:
-        raise ValueError("original is not an IPv4 or IPv6 packet")
-    source = orig_dst if src is None else packed(src)
-    header = _ICMP.pack(icmp_type, code, 0, rest >> 16, rest & 0xFFFF)
-    quote = original[:limit]
-    return _assemble(source, orig_src, protocol, header, quote, ttl=ttl, offload=False, vnet=vnet)
-
-
-def build_icmp_unreachable(
-    original: bytes,
-    kind: UnreachableKind,
-    *,
-    src: Address | None = None,
-    ttl: int = 64,
-    vnet: bool = True,
-) -> bytes:
-    """Destination unreachable about ``original``: ``kind`` is port, host, net or admin.
-
-    IPv4: type 3, code 3 (port), 1 (host), 0 (net), 13 (administratively prohibited).
-    IPv6: type 1, code 4 (port), 3 (address), 0 (no route), 1 (administratively
-    prohibited).  A policy denial is "admin"; a refused UDP port is "port".
-    """
-    codes = _UNREACH_CODES.get(kind)
-    if codes is None:
-        raise ValueError(f"unknown unreachable kind {kind!r}")
-    v6 = bool(original) and original[0] >> 4 == 6
-    icmp_type = ICMPV6_DEST_UNREACH if v6 else ICMP_DEST_UNREACH
-    return build_icmp_error(original, icmp_type, codes[v6], src=src, ttl=ttl, vnet=vnet)
-
-
-def build_icmp_too_big(
-    original: bytes,
-    mtu: int,
-    *,
-    src: Address | None = None,
-    ttl: int = 64,
-    vnet: bool = True,
-) -> bytes:
-    """Packet too big (ICMPv6 type 2) or fragmentation needed (ICMPv4 type 3 code 4)."""
-    if bool(original) and original[0] >> 4 == 6:
-        icmp_type, code, rest = ICMPV6_PACKET_TOO_BIG, 0, mtu
-    else:
-        icmp_type, code, rest = ICMP_DEST_UNREACH, 4, mtu & 0xFFFF
-    return build_icmp_error(original, icmp_type, code, rest, src=src, ttl=ttl, vnet=vnet)
-
-
-def build_icmp_time_exceeded(
-    original: bytes, *, src: Address | None = None, ttl: int = 64, vnet: bool = True
-) -> bytes:
-    """Time exceeded in transit (code 0), e.g. for a hop limit that ran out."""
-    v6 = bool(original) and original[0] >> 4 == 6
-    icmp_type = ICMPV6_TIME_EXCEEDED if v6 else ICMP_TIME_EXCEEDED
-    return build_icmp_error(original, icmp_type, 0, src=src, ttl=ttl, vnet=vnet)
-
-
-def build_tcp_rst(original: Parsed, *, ttl: int = 64, vnet: bool = True) -> bytes | None:
-    """The reset answering a TCP segment for which no connection exists (RFC 9293 3.10.7.1).
-
-    The host side answers TCP that reaches the tun (the redirect fast path normally
-    keeps it away) with a reset, so the namespace's connect() fails at once with
-    ECONNREFUSED instead of retrying SYNs for minutes.  As the RFC says: a segment
-    with ACK gets ``RST`` with ``seq = SEG.ACK``; one without gets ``RST|ACK`` with
-    ``seq = 0, ack = SEG.SEQ + SEG.LEN`` (SYN and FIN count one each).  A reset is
-    never answered: None.  The header is 20 bytes, window 0, checksum computed here
-    (a reset is tiny).
-    """
-    tcp = original.l4
-    if not isinstance(tcp, TCP):
-        raise ValueError("build_tcp_rst needs a parsed TCP segment")
-    if tcp.flags & TCP_RST:
-        return None
-    if tcp.flags & TCP_ACK:
-        seq, ack, flags = tcp.ack, 0, TCP_RST
-    else:
-        length = len(tcp.payload) + bool(tcp.flags & TCP_SYN) + bool(tcp.flags & TCP_FIN)
-        seq, ack, flags = 0, (tcp.seq + length) & 0xFFFFFFFF, TCP_RST | TCP_ACK
-    header = _TCP.pack(tcp.dport, tcp.sport, seq, ack, 5 << 4, flags, 0, 0, 0)
-    ip = original.ip
-    return _assemble(ip.dst, ip.src, PROTO_TCP, header, b"", ttl=ttl, offload=False, vnet=vnet)
