@@ -8,7 +8,7 @@ is multithreaded (socket-factory threads, workers), so every namespace operation
 in a **forked, single-threaded helper** that sends the resulting file descriptors back over
 a ``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS`` (:func:`socket.send_fds`).
 
-Every helper is confined first thing after the fork (:func:`_fork`, through
+Every helper is confined first thing after the fork (:func:`.helper._fork`, through
 :mod:`nsbridge.usernet.inside.confine`): non-dumpable before it enters any namespace, only the
 fds it needs, an empty environment, ``/`` as cwd — because inside, it shares a user
 namespace with the program it serves, whose root would otherwise reach its memory, fds
@@ -46,64 +46,62 @@ never started (the trick :mod:`subprocess` uses).
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
-import json
 import os
 import select
 import shutil
 import signal
 import socket
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
 
-from nsbridge.dependencies import require_pyroute2
-from nsbridge.errors import UserError, describe_oserror
-from nsbridge.linux.netns import CLONE_NEWNET, Netns, setns, unshare
-from nsbridge.usernet.inside import confine, netconf
+from nsbridge.errors import UserError
+from nsbridge.linux.netns import Netns
+from nsbridge.usernet.inside.childsetup import (
+    ExtraFds,
+    _collect_only,
+    _configure_here,
+    _run_child,
+)
+from nsbridge.usernet.inside.helper import (
+    _FIXED_FDS,
+    _REPLY_LIMIT,
+    SandboxError,
+    _close_all,
+    _decode,
+    _fork,
+    _in_helper,
+    _kill_and_reap,
+    _preload,
+    _reap,
+    _receive,
+    _send_error,
+)
 from nsbridge.usernet.inside.netconf import NetConfig, SetupError
+from nsbridge.usernet.inside.nstarget import (
+    _open_target,
+    _owning_userns,
+    _refuse_own_namespace,
+    _same_ns,
+)
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-# ioctl(NS_GET_USERNS) = _IO(0xb7, 0x1): an fd for the user namespace owning a namespace.
-NS_GET_USERNS = 0xB701
-
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-
-RESOLV_CONF = "/etc/resolv.conf"
-DEFAULT_TIMEOUT = 30.0
-_REPLY_LIMIT = 1 << 16
-_SCM_MAX_FD = 253  # the kernel's per-message limit
-_FIXED_FDS = 3  # tun, netns, userns lead every reply; the extra fds follow
-
-ExtraFds = Callable[[], Iterable["int | socket.socket"]]
-"""Run inside the namespace after it is configured; returns fds/sockets to send back."""
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
+__all__ = [  # the public names, and the internals the API's split form uses from here
+    "DEFAULT_TIMEOUT",
+    "ExtraFds",
+    "Sandbox",
+    "SandboxError",
+    "SandboxHandle",
+    "SetupError",
+    "_close_all",
+    "_configure_here",
+    "_decode",
+    "_handle",
+    "_send_error",
+    "attach",
+    "create",
 ]
-# Held from socketpair() until the parent closed the child's end: a helper forked by a
-# concurrent create()/attach() in another thread must not inherit that end, or the parent
-# would miss the EOF that tells it its own helper died.
-_fork_lock = threading.Lock()
 
-
-class SandboxError(UserError):
-    """Creating, entering or configuring the namespace failed; the text says which step."""
+DEFAULT_TIMEOUT = 30.0
 
 
 # ---- the handle ---------------------------------------------------------------------
@@ -407,143 +405,6 @@ def attach(
     return Sandbox.attach(target, config, **kwargs)  # type: ignore[arg-type]
 
 
-# ---- parent side ------------------------------------------------------------------------
-
-
-def _preload() -> None:
-    """Import pyroute2 here, before fork: a child importing it could deadlock on an import
-    lock held by another parent thread at fork time, and would pay the import each time."""
-    require_pyroute2("user-mode networking (nsbridge run/attach)")
-    import pyroute2.netlink.exceptions  # noqa: F401
-    from pyroute2 import IPRoute  # noqa: F401
-
-
-class _Helper:
-    """A forked helper.  Remembers whether it was reaped, because signalling a pid after
-    reaping it could hit an unrelated process that reused the number."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.status: int | None = None
-
-    def reap(self) -> int:
-        """Wait for a helper that is about to exit (SIGKILL if it lingers); its status."""
-        if self.status is None:
-            self.status = _reap(self.pid)
-        return self.status
-
-    def kill(self) -> int:
-        if self.status is None:
-            self.status = _kill_and_reap(self.pid)
-        return self.status
-
-
-def _fork(
-    child_main: Callable[[socket.socket], None],
-    keep: Iterable[int] = (),
-    dumpable: bool = False,
-) -> tuple[_Helper, socket.socket]:
-    """Fork a helper running ``child_main(sock)``; it never returns into our stack.
-
-    Every helper is forked here and confined here, before ``child_main`` runs: non-dumpable
-    (unless ``dumpable``: ``run``'s helper, which turns it off itself once its id maps are
-    written), holding only ``sock`` and the fds in ``keep``, with an empty environment and
-    ``/`` as working directory (see :mod:`nsbridge.usernet.inside.confine`).
-    """
-    with _fork_lock:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            parent_sock.close()
-            child_sock.close()
-            raise SandboxError(
-                f"cannot start the namespace helper: {describe_oserror(exc)}"
-            ) from None
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                try:
-                    confine.harden({child_sock.fileno(), *keep}, dumpable=dumpable)
-                except BaseException as exc:
-                    _send_error(child_sock, str(exc) if isinstance(exc, SetupError) else
-                                f"cannot confine the namespace helper: "
-                                f"{type(exc).__name__}: {exc}")
-                    os._exit(1)
-                child_main(child_sock)
-            finally:
-                os._exit(1)
-        child_sock.close()
-    return _Helper(pid), parent_sock
-
-
-def _receive(
-    sock: socket.socket, helper: _Helper, timeout: float, doing: str, fixed: int = _FIXED_FDS
-) -> tuple[dict, list[int]]:
-    """The helper's one report: (header, fds), or a SandboxError with its message.
-
-    ``fixed`` fds (tun, netns, userns) lead the message, then ``header["extra"]`` more.
-    """
-    sock.settimeout(timeout)
-    try:
-        data, fds, flags, _ = socket.recv_fds(
-            sock, _REPLY_LIMIT, _SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC
-        )
-    except TimeoutError:
-        raise SandboxError(
-            f"{doing}: the namespace helper (pid {helper.pid}) did not report within "
-            f"{timeout:g} s; it was killed"
-        ) from None
-    except ConnectionResetError:
-        data, fds, flags = b"", [], 0
-    if not data or flags & socket.MSG_CTRUNC:
-        _close_all(fds)
-    if not data:
-        status = helper.reap()
-        raise SandboxError(
-            f"{doing}: the namespace helper {_describe_status(status)} before reporting"
-        )
-    if flags & socket.MSG_CTRUNC:
-        raise SandboxError(
-            f"{doing}: too many file descriptors for one message "
-            f"(at most {_SCM_MAX_FD - _FIXED_FDS} extra)"
-        )
-    reply = _decode(data)
-    if "error" in reply:
-        _close_all(fds)
-        raise SandboxError(f"{doing}: {reply['error']}")
-    expected = fixed + int(reply.get("extra", 0))
-    if len(fds) != expected:
-        _close_all(fds)
-        raise SandboxError(
-            f"{doing}: the namespace helper sent {len(fds)} fds, expected {expected}"
-        )
-    return reply, fds
-
-
-def _in_helper(
-    netns: Netns,
-    userns: int | None,
-    work: Callable[[], tuple[dict, list[int]]],
-    doing: str,
-    timeout: float,
-    fixed: int = _FIXED_FDS,
-) -> tuple[dict, list[int]]:
-    """Fork a helper that enters ``userns`` (if given) and ``netns``, runs ``work`` there
-    and sends back its fds; reap it.  Returns (header, fds)."""
-    _preload()
-    keep = [netns.fd] if userns is None else [netns.fd, userns]
-    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work), keep=keep)
-    try:
-        reply, fds = _receive(sock, helper, timeout, doing, fixed)
-    except BaseException:
-        helper.kill()
-        raise
-    finally:
-        sock.close()
-    helper.reap()
-    return reply, fds
-
-
 def _handle(
     reply: dict, fds: list[int], netns: Netns, config: NetConfig, timeout: float
 ) -> SandboxHandle:
@@ -560,397 +421,3 @@ def _handle(
         warnings=list(reply.get("warnings", [])),
         _timeout=timeout,
     )
-
-
-def _open_target(target: str | int | Netns) -> Netns:
-    """PID (int or digits), nsfs path, or any :meth:`Netns.from_spec` selector."""
-    if isinstance(target, Netns):
-        return Netns(os.dup(target.fd), target.label)
-    if isinstance(target, int):
-        return Netns.from_pid(str(target), label=f"pid {target}")
-    text = target.strip()
-    if text.isdigit():
-        return Netns.from_pid(text, label=f"pid {text}")
-    return Netns.from_spec(text)
-
-
-def _refuse_own_namespace(netns: Netns) -> None:
-    """Attaching to our own namespace would add a default route through a tun device that
-    only we serve — cutting this host's networking.  Refuse it."""
-    own = {_ns_identity("/proc/self/ns/net"), _ns_identity("/proc/thread-self/ns/net")}
-    if netns.identity() in own:
-        raise UserError(
-            f"{netns.label} is nsbridge's own network namespace: attach gives a "
-            "*separate* namespace its networking (give the PID of a process in "
-            "the container or sandbox)"
-        )
-
-
-def _owning_userns(netns: Netns) -> int | None:
-    """An fd on the user namespace owning ``netns``, or None if that is ours (no entry)."""
-    try:
-        fd = fcntl.ioctl(netns.fd, NS_GET_USERNS)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            # Owned by an ancestor of our user namespace: it cannot be entered; setns on
-            # the netns itself will then say what is wrong.
-            return None
-        raise SandboxError(
-            f"cannot find the user namespace owning {netns.label}: {describe_oserror(exc)}"
-        ) from None
-    os.set_inheritable(fd, False)
-    if _same_ns(fd, "/proc/self/ns/user"):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _ns_identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
-
-
-def _same_ns(fd: int, path: str) -> bool:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == _ns_identity(path)
-
-
-def _reap(pid: int, grace: float = 5.0) -> int:
-    """waitpid() a helper that is about to exit; SIGKILL it if it lingers.  Its status."""
-    deadline = time.monotonic() + grace
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 0  # someone else reaped it (a SIGCHLD handler); nothing to report
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            return _kill_and_reap(pid)
-        time.sleep(0.005)
-
-
-def _kill_and_reap(pid: int) -> int:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        return os.waitpid(pid, 0)[1]
-    except ChildProcessError:
-        return 0
-
-
-def _describe_status(status: int) -> str:
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
-    return f"exited with status {code}"
-
-
-def _decode(data: bytes) -> dict:
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        return {"error": f"garbled report from the namespace helper: {data[:200]!r}"}
-    return reply if isinstance(reply, dict) else {"error": "garbled report"}
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-# ---- child side (runs only in forked helpers) -------------------------------------------
-
-
-def _run_child(
-    sock: socket.socket,
-    argv: list[str] | None,
-    config: NetConfig,
-    resolv: str,
-    extra: ExtraFds | None,
-    stdio: tuple[int | None, ...],
-    pass_fds: tuple[int, ...],
-    env: dict[str, str],
-    cwd: int,
-) -> NoReturn:
-    """The ``run`` helper: new namespaces, setup, report, then become CMD.
-
-    Forked dumpable (see :func:`_fork`): it becomes non-dumpable as soon as its id maps
-    are written, before anything else happens in the new namespaces, and stays so until
-    the exec that makes it CMD.
-    """
-    try:
-        uid, gid = os.geteuid(), os.getegid()
-        try:
-            _unshare_all()
-            _map_ids(uid, gid)
-            confine.make_non_dumpable()
-            warnings = _setup_mounts(resolv, config)
-            header, fds = _configure_here(config, extra)
-        except SetupError as exc:
-            _send_error(sock, str(exc))
-            os._exit(1)
-        header["warnings"] = warnings + header.get("warnings", [])
-        socket.send_fds(sock, [json.dumps(header).encode()], fds)
-        _close_all(fds)  # the parent has its own copies; CMD must not hold the tun
-        if argv is None or not sock.recv(16):
-            os._exit(0)  # no command, or the parent gave up (closed the socket)
-        os.fchdir(cwd)  # the caller's working directory, for CMD
-        _exec(sock, argv, stdio, pass_fds, env)
-    except BaseException as exc:
-        _send_error(sock, f"unexpected error in the namespace helper: {type(exc).__name__}: {exc}")
-    os._exit(1)
-
-
-def _enter_child(
-    sock: socket.socket,
-    netns_fd: int,
-    userns_fd: int | None,
-    work: Callable[[], tuple[dict, list[int]]],
-) -> NoReturn:
-    """The ``attach``/``make_fds`` helper: enter the namespaces, do ``work``, report, exit."""
-    try:
-        try:
-            if userns_fd is not None:
-                _setns(userns_fd, CLONE_NEWUSER, "user")
-            _setns(netns_fd, CLONE_NEWNET, "network")
-            header, fds = work()
-        except SetupError as exc:
-            _send_error(sock, str(exc))
-            os._exit(1)
-        socket.send_fds(sock, [json.dumps(header).encode()], fds)
-        os._exit(0)
-    except BaseException as exc:
-        _send_error(sock, f"unexpected error in the namespace helper: {type(exc).__name__}: {exc}")
-    os._exit(1)
-
-
-def _send_error(sock: socket.socket, text: str) -> None:
-    try:
-        sock.send(json.dumps({"error": text[:8000]}).encode())
-    except OSError:
-        pass  # the parent is gone: nobody to tell
-
-
-def _unshare_all() -> None:
-    try:
-        unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            hint = (
-                "unprivileged user namespaces are disabled here (sysctl "
-                "kernel.unprivileged_userns_clone=0, an AppArmor/SELinux policy, a "
-                "container's seccomp profile, or a chroot); enable them or run as root"
-            )
-        elif exc.errno in (errno.ENOSPC, errno.EUSERS):
-            hint = (
-                "the user namespace limit is reached (sysctl user.max_user_namespaces, "
-                "or the nesting depth of 32)"
-            )
-        elif exc.errno == errno.EINVAL:
-            hint = "this kernel lacks user/network/mount namespace support"
-        else:
-            hint = ""
-        raise SetupError(
-            f"cannot create a user namespace: {describe_oserror(exc)}"
-            + (f": {hint}" if hint else "")
-        ) from None
-
-
-def _map_ids(uid: int, gid: int) -> None:
-    """Map the caller to root inside: the one mapping a process may write for itself.
-
-    The helper writes its own maps from *inside* the new user namespace, where it holds no
-    capability over the parent namespace — true for root callers too — so the kernel
-    demands ``setgroups`` = ``deny`` before gid_map, exactly as for ``unshare -r``.
-    (Tools inside that call setgroups() then get EPERM; with one mapped id they could not
-    switch users anyway.)
-    """
-    try:
-        _write_proc("/proc/self/setgroups", "deny")
-        _write_proc("/proc/self/uid_map", f"0 {uid} 1\n")
-        _write_proc("/proc/self/gid_map", f"0 {gid} 1\n")
-    except OSError as exc:
-        hint = ""
-        if exc.errno == errno.EPERM:
-            hint = (
-                " (a security policy denies capabilities in new user namespaces, e.g. "
-                "AppArmor's kernel.apparmor_restrict_unprivileged_userns=1)"
-            )
-        raise SetupError(
-            f"cannot map uid {uid}/gid {gid} into the new user namespace: "
-            f"{describe_oserror(exc)}{hint}"
-        ) from None
-
-
-def _write_proc(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())  # one write(2): these files reject partial writes
-    finally:
-        os.close(fd)
-
-
-def _mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> None:
-    def enc(text: str | None) -> bytes | None:
-        return None if text is None else os.fsencode(text)
-
-    data_buf = ctypes.c_char_p(enc(data)) if data is not None else None
-    if _libc.mount(enc(source), enc(target), enc(fstype), flags, data_buf) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), target)
-
-
-def _setup_mounts(resolv: str, config: NetConfig) -> list[str]:
-    """Private mounts, then our resolv.conf in place of the host's.  Returns warnings.
-
-    /etc/resolv.conf is often a symlink (systemd-resolved, NetworkManager).  mount(2)
-    follows symlinks in its target, so binding over the *resolved* file is the same thing,
-    spelled out: the symlink keeps pointing where it did and that file shows our content.
-    If the symlink dangles (its target does not exist, e.g. resolved is not running) there
-    is nothing to bind over and we must not create files outside: a tmpfs is mounted over
-    the target's directory, in our private mount namespace only, and the file written
-    there.  Anything stranger is left alone with a warning: DNS then uses the host's
-    servers, which usually are not reachable from the namespace.
-    """
-    try:
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    except OSError as exc:
-        raise SetupError(
-            f"cannot make mounts private in the new mount namespace: {describe_oserror(exc)}"
-        ) from None
-    real = os.path.realpath(RESOLV_CONF)
-    try:
-        if os.path.isfile(real):
-            _mount(resolv, real, None, MS_BIND)
-            return []
-        directory = os.path.dirname(real)
-        if (
-            os.path.islink(RESOLV_CONF)
-            and not os.path.lexists(real)
-            and os.path.isdir(directory)
-            and directory != "/"
-        ):
-            _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-            with open(real, "w") as f:
-                f.write(config.resolv_conf())
-            return [
-                f"{RESOLV_CONF} points to the missing {real}: mounted an empty tmpfs on "
-                f"{directory} inside the namespace to hold resolv.conf"
-            ]
-    except OSError as exc:
-        raise SetupError(
-            f"cannot put resolv.conf in place at {real}: {describe_oserror(exc)}"
-        ) from None
-    what = "missing" if not os.path.lexists(RESOLV_CONF) else "not a regular file"
-    return [f"{RESOLV_CONF} is {what}: DNS inside the namespace is not set to {config.dns4}"]
-
-
-def _configure_here(config: NetConfig, extra: ExtraFds | None) -> tuple[dict, list[int]]:
-    """tun + netlink + extra, in the namespace we are in.  (header, [tun, netns, userns,
-    *extra]) — the fds are ours to close after sending."""
-    tun = netconf.open_tun(config)
-    fds = [tun.fd]
-    try:
-        ipv6 = netconf.configure(config, tun.ifname)
-        fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
-        fds.append(os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC))
-        extra_fds = _collect(extra) if extra is not None else []
-    except BaseException:
-        _close_all(fds)
-        raise
-    if len(extra_fds) > _SCM_MAX_FD - _FIXED_FDS:
-        raise SetupError(
-            f"the extra callback returned {len(extra_fds)} fds; at most "
-            f"{_SCM_MAX_FD - _FIXED_FDS} fit in one message"
-        )
-    header = {
-        "ifname": tun.ifname,
-        "offloads": list(tun.offloads),
-        "vnet_hdr_size": tun.vnet_hdr_size,
-        "ipv6": ipv6,
-        "extra": len(extra_fds),
-    }
-    return header, fds + extra_fds
-
-
-def _collect_only(fn: ExtraFds) -> tuple[dict, list[int]]:
-    """``make_fds``'s work: just the callback's fds, no fixed leading ones."""
-    fds = _collect(fn)
-    if len(fds) > _SCM_MAX_FD:
-        raise SetupError(f"the callback returned {len(fds)} fds; at most {_SCM_MAX_FD} fit")
-    return {"extra": len(fds)}, fds
-
-
-def _collect(fn: ExtraFds) -> list[int]:
-    """Call the caller's callback; accept fds or socket objects (kept open until sent)."""
-    try:
-        items = list(fn())
-    except SetupError:
-        raise
-    except BaseException as exc:
-        raise SetupError(
-            f"the extra callback failed inside the namespace: {type(exc).__name__}: {exc}"
-        ) from None
-    fds: list[int] = []
-    for item in items:
-        # Dup so a socket object being garbage-collected cannot close the fd before
-        # send_fds; the helper exits right after, closing everything.
-        fds.append(os.dup(item if isinstance(item, int) else item.fileno()))
-    return fds
-
-
-def _setns(fd: int, nstype: int, kind: str) -> None:
-    try:
-        setns(fd, nstype)
-    except OSError as exc:
-        hint = ""
-        if exc.errno == errno.EPERM:
-            hint = (
-                f": entering a {kind} namespace needs CAP_SYS_ADMIN over it; run as "
-                "root or as the user who created it"
-            )
-        elif exc.errno == errno.EINVAL and kind == "user":
-            hint = ": it is not a descendant of ours (or this process is multithreaded)"
-        raise SetupError(
-            f"cannot enter the target's {kind} namespace: {describe_oserror(exc)}{hint}"
-        ) from None
-
-
-def _exec(
-    sock: socket.socket,
-    argv: list[str],
-    stdio: tuple[int | None, ...],
-    pass_fds: tuple[int, ...],
-    env: dict[str, str],
-) -> NoReturn:
-    """Become CMD.  ``sock`` is close-on-exec: EOF tells the parent CMD started."""
-    moved = [None if fd is None else os.dup(fd) for fd in stdio]  # dup first: no clobbering
-    for target, fd in enumerate(moved):
-        if fd is not None:
-            os.dup2(fd, target)  # inheritable by default
-            os.close(fd)
-    for fd in pass_fds:
-        os.set_inheritable(fd, True)
-    confine.close_fds_except({0, 1, 2, sock.fileno(), *pass_fds})
-    # Python ignores SIGPIPE and SIGXFSZ; a fresh program expects the defaults, and a
-    # signal mask inherited from a namespace thread must not follow CMD either.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    try:
-        os.execvpe(argv[0], argv, env)  # searches env's PATH, as execvp searched ours
-    except OSError as exc:
-        _send_error(sock, f"cannot run {argv[0]!r}: {describe_oserror(exc)}")
-    os._exit(127)
