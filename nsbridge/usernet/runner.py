@@ -119,17 +119,9 @@ def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
 
 
 def _config(options: UsernetOptions) -> Any:
-    import ipaddress
-
     from nsbridge.usernet.inside.netconf import NetConfig
 
-    a = _addresses(options)
-    ipv6 = (ipaddress.IPv6Interface(f"{a.namespace6}/{a.network6.prefixlen}")
-            if options.ipv6 else None)
-    config = NetConfig(mtu=options.mtu,
-                       ipv4=ipaddress.IPv4Interface(f"{a.namespace}/{a.network.prefixlen}"),
-                       gateway4=a.gateway, dns4=a.dns, ipv6=ipv6, gateway6=a.gateway6,
-                       dns6=a.dns6)
+    config = NetConfig(_addresses(options), ipv6=options.ipv6)
     config.validate()
     return config
 

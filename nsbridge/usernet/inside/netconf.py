@@ -17,23 +17,12 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
-from nsbridge.defaults import (
-    MAX_MTU,
-    MIN_MTU,
-    MTU,
-    USERNET_CIDR,
-    USERNET_CIDR6,
-    USERNET_DNS,
-    USERNET_DNS6,
-    USERNET_GATEWAY,
-    USERNET_GATEWAY6,
-    USERNET_NAMESPACE,
-    USERNET_NAMESPACE6,
-)
+from nsbridge.defaults import MAX_MTU, MIN_MTU
 from nsbridge.errors import UserError, describe_oserror
+from nsbridge.usernet.proto.addresses import UsernetAddresses
 
 TUN_PATH = "/dev/net/tun"
 
@@ -75,35 +64,65 @@ VNET_HDR_SIZE = 10
 IFA_F_NODAD = 0x02  # <linux/if_addr.h>: the address is usable at once, no DAD wait
 IFNAMSIZ = 16
 
-_PREFIX = ipaddress.IPv4Network(USERNET_CIDR).prefixlen
-_PREFIX6 = ipaddress.IPv6Network(USERNET_CIDR6).prefixlen
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class NetConfig:
-    """How the namespace's side of user-mode networking looks (slirp4netns conventions).
+    """How the namespace's side of user-mode networking looks: the tun device (its name and
+    offloads) carrying the one address model, :class:`UsernetAddresses`, with or without
+    IPv6.
 
-    ``ipv6=None`` gives an IPv4-only namespace.  The defaults are the address table of
-    DESIGN.md, so users who know slirp4netns find the addresses they expect.
+    The addresses are the same value the policy and the engine use, so the namespace
+    cannot be configured with one gateway while the host side answers for another.  Their
+    defaults are slirp4netns's plan (DESIGN.md's table, :mod:`nsbridge.defaults`).
+    ``mtu`` replaces the addresses' MTU (the library's shortcut; :meth:`validate` checks
+    it), and ``ipv6=False`` (or None) gives an IPv4-only namespace.  The properties below
+    are the views the set-up reads: the namespace's address with its prefix, gateway and
+    DNS address per family.
     """
 
-    ifname: str = "nsb0"
-    mtu: int = MTU
-    ipv4: ipaddress.IPv4Interface = field(
-        default_factory=lambda: ipaddress.IPv4Interface((USERNET_NAMESPACE, _PREFIX))
-    )
-    gateway4: ipaddress.IPv4Address = field(
-        default_factory=lambda: ipaddress.IPv4Address(USERNET_GATEWAY)
-    )
-    dns4: ipaddress.IPv4Address = field(default_factory=lambda: ipaddress.IPv4Address(USERNET_DNS))
-    ipv6: ipaddress.IPv6Interface | None = field(
-        default_factory=lambda: ipaddress.IPv6Interface((USERNET_NAMESPACE6, _PREFIX6))
-    )
-    gateway6: ipaddress.IPv6Address = field(
-        default_factory=lambda: ipaddress.IPv6Address(USERNET_GATEWAY6)
-    )
-    dns6: ipaddress.IPv6Address = field(default_factory=lambda: ipaddress.IPv6Address(USERNET_DNS6))
-    offload: bool = True
+    addresses: UsernetAddresses
+    ifname: str
+    dual_stack: bool
+    offload: bool
+
+    def __init__(self, addresses: UsernetAddresses | None = None, *, ifname: str = "nsb0",
+                 mtu: int | None = None, ipv6: bool | None = True,
+                 offload: bool = True) -> None:
+        chosen = UsernetAddresses() if addresses is None else addresses
+        if mtu is not None and mtu != chosen.mtu:
+            chosen = replace(chosen, mtu=mtu)
+        object.__setattr__(self, "addresses", chosen)
+        object.__setattr__(self, "ifname", ifname)
+        object.__setattr__(self, "dual_stack", bool(ipv6))
+        object.__setattr__(self, "offload", offload)
+
+    @property
+    def mtu(self) -> int:
+        return self.addresses.mtu
+
+    @property
+    def ipv4(self) -> ipaddress.IPv4Interface:
+        return self.addresses.interface
+
+    @property
+    def gateway4(self) -> ipaddress.IPv4Address:
+        return self.addresses.gateway
+
+    @property
+    def dns4(self) -> ipaddress.IPv4Address:
+        return self.addresses.dns
+
+    @property
+    def ipv6(self) -> ipaddress.IPv6Interface | None:
+        """The namespace's IPv6 address with its prefix; None in an IPv4-only namespace."""
+        return self.addresses.interface6 if self.dual_stack else None
+
+    @property
+    def gateway6(self) -> ipaddress.IPv6Address:
+        return self.addresses.gateway6
+
+    @property
+    def dns6(self) -> ipaddress.IPv6Address:
+        return self.addresses.dns6
 
     def validate(self) -> None:
         """Refuse a bad configuration in the parent, before any process is forked."""
