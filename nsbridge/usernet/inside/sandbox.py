@@ -88,7 +88,7 @@ _FIXED_FDS = 3  # tun, netns, userns lead every reply; the extra fds follow
 ExtraFds = Callable[[], Iterable["int | socket.socket"]]
 """Run inside the namespace after it is configured; returns fds/sockets to send back."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from nsbridge.linux.libc import libc as _libc  # noqa: E402, I001 (the one handle)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
