@@ -33,7 +33,7 @@ from nsbridge.defaults import (
     USERNET_NAMESPACE,
     USERNET_NAMESPACE6,
 )
-from nsbridge.errors import UserError, describe_oserror
+from nsbridge.errors import SetupError, UserError, describe_oserror
 
 TUN_PATH = "/dev/net/tun"
 
@@ -132,10 +132,6 @@ class NetConfig:
         if self.ipv6 is not None:
             lines.append(f"nameserver {self.dns6}")
         return "\n".join(lines) + "\n"
-
-
-class SetupError(Exception):
-    """A step of the namespace setup failed; the message is meant for the user."""
 
 
 @dataclass
