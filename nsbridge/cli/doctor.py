@@ -42,6 +42,14 @@ class Finding:
     def __str__(self) -> str:
         return f"{self.level:<8}{self.topic}: {self.text}"
 
+    @classmethod
+    def limited_if(cls, problem: str | None, topic: str, *, ok: str, instead: str) -> Finding:
+        """An optional feature: "ok" saying ``ok`` when there is no ``problem``, else
+        "limited" with the problem and what serves ``instead``."""
+        if problem is None:
+            return cls("ok", topic, ok)
+        return cls("limited", topic, f"{problem}; {instead}")
+
 
 def check_python() -> Finding:
     version = platform.python_version()
@@ -140,11 +148,9 @@ def check_unprivileged_users() -> Finding:
 def check_tun_tcp_path() -> Finding:
     from nsbridge.usernet.host import tuntcp
 
-    problem = tuntcp.available()
-    if problem is not None:
-        return Finding("limited", "--tcp=tun",
-                       f"{problem}; the nftables fast path serves TCP instead")
-    return Finding("ok", "--tcp=tun", "this kernel has SO_PEEK_OFF on TCP")
+    return Finding.limited_if(tuntcp.available(), "--tcp=tun",
+                              ok="this kernel has SO_PEEK_OFF on TCP",
+                              instead="the nftables fast path serves TCP instead")
 
 
 def check_ping_sockets() -> Finding:
@@ -165,11 +171,9 @@ def check_ping_sockets() -> Finding:
 def check_native_relay() -> Finding:
     from nsbridge.usernet.host import flowrelay
 
-    problem = flowrelay.unavailable()
-    if problem is not None:
-        return Finding("limited", "native relay",
-                       f"{problem}; UDP and ping are served by Python (slower)")
-    return Finding("ok", "native relay", "built (UDP and ping run in C)")
+    return Finding.limited_if(flowrelay.unavailable(), "native relay",
+                              ok="built (UDP and ping run in C)",
+                              instead="UDP and ping are served by Python (slower)")
 
 
 CHECKS: tuple[Callable[[], Finding | Iterator[Finding]], ...] = (

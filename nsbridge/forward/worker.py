@@ -12,7 +12,6 @@ imported.  ``python3 -S -X importtime`` on :data:`WORKER_BOOT` shows what it loa
 
 from __future__ import annotations
 
-import ctypes
 import marshal
 import os
 import signal
@@ -23,6 +22,7 @@ import sys
 from nsbridge.forward.bridge import Bridge
 from nsbridge.forward.forward import Forward
 from nsbridge.forward.spec import ConnectAddress, ForwardSpec, ListenAddress
+from nsbridge.linux.libc import libc
 from nsbridge.linux.netns import Netns
 from nsbridge.linux.signals import StopSignals
 from nsbridge.net.addresses import HostPort, ResolvedAddress, UnixAddress
@@ -94,8 +94,8 @@ def release_free_heap() -> None:
     A no-op where the C library has no malloc_trim (musl).
     """
     try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+        trim = libc.malloc_trim
+    except AttributeError:
         return
     trim(0)
 

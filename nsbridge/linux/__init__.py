@@ -1,7 +1,10 @@
 """Thin wrappers over the kernel, with nothing of nsbridge's jobs in them.
 
+* :mod:`.libc` — the one ctypes handle on the C library, and a checked call whose
+  OSError names the system call that failed.
 * :mod:`.netns` — network namespace handles (``Netns``), ``setns``/``unshare`` through libc.
-* :mod:`.signals` — SIGINT/SIGTERM read from a signalfd, so no stop signal is ever lost.
+* :mod:`.signals` — SIGINT/SIGTERM read from a signalfd, so no stop signal is ever lost,
+  and blocked in every other thread.
 * :mod:`.lifetime` — ``--exit-with PID`` (pidfds) and ``--ready-fd``.
 * :mod:`.limits` — the open-file limit raised to what the kernel allows.
 * :mod:`.systemd` — socket activation (``LISTEN_FDS``) and ``sd_notify``.

@@ -8,13 +8,13 @@ and produces an error that names the input.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import stat
 
 from nsbridge.errors import UserError, describe_oserror
+from nsbridge.linux.libc import checked
 
 CLONE_NEWNET = 0x40000000
 # ioctl(NS_GET_NSTYPE) = _IO(0xb7, 0x3): asks nsfs which kind of namespace an fd is.
@@ -32,21 +32,14 @@ _NAMESPACE_KINDS = {
     0x00000080: "time",
 }
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     """Move the calling *thread* into the namespace behind ``fd`` (Python 3.11 lacks os.setns)."""
-    if _libc.setns(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    checked("setns", fd, nstype)
 
 
 def unshare(flags: int) -> None:
     """Give the calling thread new namespaces of the kinds in ``flags``."""
-    if _libc.unshare(flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    checked("unshare", flags)
 
 
 class Netns:

@@ -27,6 +27,8 @@ import socket
 import struct
 from collections.abc import Callable
 
+from nsbridge.linux.libc import libc
+
 __all__ = ["attach_round_robin", "round_robin_unavailable"]
 
 # bpf(2) commands, map and program types (linux/bpf.h)
@@ -45,8 +47,6 @@ _ATTR_SIZE = 144  # sizeof(union bpf_attr) on 6.x; the kernel accepts a larger, 
 
 _SYSCALL_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361,
                 "riscv64": 280, "s390x": 351}
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -96,9 +96,11 @@ def _bpf(command: int, attr: bytes) -> int:
     if number is None:
         raise OSError(errno.ENOSYS, f"no bpf(2) number known for {platform.machine()}")
     buffer = ctypes.create_string_buffer(attr.ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
-    result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(command), buffer,
-                           ctypes.c_uint(_ATTR_SIZE))
+    result = libc.syscall(ctypes.c_long(number), ctypes.c_int(command), buffer,
+                          ctypes.c_uint(_ATTR_SIZE))
     if result < 0:
+        # The kernel's words alone: the caller reports them as the reason round robin
+        # is unavailable ("Operation not permitted"), which already says what failed.
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
     return int(result)

@@ -17,6 +17,8 @@ import signal
 import struct
 from collections.abc import Callable
 
+from nsbridge.linux.libc import checked, libc
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:  # the loop's type only: linux/ has no run-time dependency on relay/
     from nsbridge.relay.loop import EventLoop
@@ -24,7 +26,6 @@ if TYPE_CHECKING:  # the loop's type only: linux/ has no run-time dependency on 
 StopAction = Callable[[int, int], None]  # (signal number, how many signals so far)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _SFD_NONBLOCK = os.O_NONBLOCK
 _SFD_CLOEXEC = os.O_CLOEXEC
 _SIGINFO_SIZE = 128  # sizeof(struct signalfd_siginfo)
@@ -36,28 +37,27 @@ class _SigSet(ctypes.Structure):
 
 def _sigset(signals: tuple[int, ...]) -> _SigSet:
     mask = _SigSet()
-    _libc.sigemptyset(ctypes.byref(mask))
+    libc.sigemptyset(ctypes.byref(mask))
     for signum in signals:
-        _libc.sigaddset(ctypes.byref(mask), int(signum))
+        libc.sigaddset(ctypes.byref(mask), int(signum))
     return mask
 
 
-def block_stop_signals() -> None:
-    """Block SIGINT/SIGTERM in the calling thread (and in threads and children it makes)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def block_stop_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Block the stop signals in the calling thread (and in threads and children it makes).
+
+    Every thread but the one whose loop reads the signalfd calls this (the socket
+    factory's namespace threads): a stop signal then never interrupts one of them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
 
 
 class StopSignals:
     """Blocks the stop signals now; delivers them to ``action`` once attached to a loop."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        block_stop_signals(signals)
         mask = _sigset(signals)
-        fd = _libc.signalfd(-1, ctypes.byref(mask), _SFD_NONBLOCK | _SFD_CLOEXEC)
-        if fd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"signalfd: {os.strerror(code)}")
-        self.fd = fd
+        self.fd = checked("signalfd", -1, ctypes.byref(mask), _SFD_NONBLOCK | _SFD_CLOEXEC)
         self.count = 0
         self._loop: EventLoop | None = None
         self._action: StopAction | None = None

@@ -13,7 +13,6 @@ namespace thread refills in batches.
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
 from _queue import SimpleQueue
@@ -21,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 
 from nsbridge.linux.netns import Netns
+from nsbridge.linux.signals import block_stop_signals
 
 # typing.TYPE_CHECKING without importing typing: worker processes import this module, and
 # typing (with re) costs each of them about 1 MiB.
@@ -89,7 +89,7 @@ class ThreadFactory:
             raise
 
     def _serve(self) -> None:
-        _block_stop_signals()
+        block_stop_signals()  # the main thread's loop handles SIGINT/SIGTERM
         while True:
             request = self._requests.get()
             if request is None:
@@ -136,11 +136,6 @@ class ThreadFactory:
             while pool:
                 pool.popleft().close()
         self._stop(wait=True)
-
-
-def _block_stop_signals() -> None:
-    """Namespace threads never take SIGINT/SIGTERM: the main thread's loop handles them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _make_sockets(family: int, type: int, count: int) -> list[socket.socket]:

@@ -5,7 +5,8 @@
 * :mod:`.pipes` — the pool of pipes ``splice`` moves bytes through.
 * :mod:`.tcp` — a TCP session: two sockets, half-close and resets carried, the movers.
 * :mod:`.movers` — the movers by name (``splice``/``copy``).
-* :mod:`.udp` — the UDP flow relay (one connected socket per client flow).
+* :mod:`.udp` — the UDP flow relay (one connected socket per client flow), its flow
+  table and idle sweep (the tun engine uses both).
 * :mod:`.log` — the logger the data plane writes to (a small stand-in in workers).
 
 Nothing here imports :mod:`nsbridge.forward`, :mod:`nsbridge.usernet` or

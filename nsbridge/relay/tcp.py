@@ -395,7 +395,7 @@ class TcpSession:
     # ---- phase 2: relaying --------------------------------------------------------
 
     def _on_client(self, events: int) -> None:
-        if events & ERR and self._check_error(self.client, "client"):
+        if events & ERR and abort_if_error(self.client, "client", self._abort):
             return
         if events & (IN | RDHUP | HUP) and not self.up.pending:
             self._on_readable(self.up, events)
@@ -403,7 +403,7 @@ class TcpSession:
             self._pump(self.down)
 
     def _on_server(self, events: int) -> None:
-        if events & ERR and self._check_error(self.server, "server"):
+        if events & ERR and abort_if_error(self.server, "server", self._abort):
             return
         if events & (IN | RDHUP | HUP) and not self.down.pending:
             self._on_readable(self.down, events)
@@ -428,13 +428,6 @@ class TcpSession:
             self._abort_from(d.dst, exc)
             return
         self._pump(d, True)
-
-    def _check_error(self, sock: socket.socket, who: str) -> bool:
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._abort(f"{who} reset ({errno_name(code)})")
-            return True
-        return False
 
     def _pump(self, d: Direction, edge: bool = False) -> None:
         """Move bytes src -> dst until src is empty, dst is full, or src ends.
@@ -552,6 +545,17 @@ def tally(stats: Any, session: TcpSession) -> None:
 # per connection).
 _raw_family = _socket.socket.family.__get__
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def abort_if_error(sock: socket.socket, who: str, abort: Callable[[str], None]) -> bool:
+    """On EPOLLERR: if ``sock`` has a pending error (reading SO_ERROR clears it), call
+    ``abort("WHO reset (ECODE)")`` and return True.  Shared by every relay of a socket
+    pair (this session, the DNS-over-TCP relay), so a reset is reported alike."""
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        abort(f"{who} reset ({errno_name(code)})")
+        return True
+    return False
 
 
 def reset_and_close(sock: socket.socket) -> None:

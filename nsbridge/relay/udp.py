@@ -219,6 +219,42 @@ class FlowTable(Generic[K, V]):
         return items
 
 
+class IdleSweep:
+    """The timer that expires idle flows, running only while there are flows.
+
+    A new flow arms it (:meth:`arm`); every ``interval`` — a quarter of the idle timeout, at
+    most a second, so a flow outlives its timeout by at most that much — it calls
+    ``sweep()``, and arms itself again while ``sweep`` says flows remain.  An idle relay
+    then has no timer at all.  Shared by the UDP relay and the tun engine's flows.
+    """
+
+    __slots__ = ("_loop", "_stopped", "_sweep", "_timer", "interval")
+
+    def __init__(self, loop: EventLoop, idle_timeout: float, sweep: Callable[[], bool]) -> None:
+        self._loop = loop
+        self._sweep = sweep
+        self.interval = min(_MAX_SWEEP_INTERVAL, idle_timeout / 4)
+        self._timer: Timer | None = None
+        self._stopped = False
+
+    def arm(self) -> None:
+        """Start sweeping if not already (call when a flow is added)."""
+        if self._timer is None and not self._stopped:
+            self._timer = self._loop.call_later(self.interval, self._fire)
+
+    def stop(self) -> None:
+        """No sweep any more (idempotent)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._sweep():
+            self.arm()
+
+
 # ---- flows ----------------------------------------------------------------------------
 
 
@@ -296,12 +332,12 @@ class UdpRelay:
         self.stats = stats if stats is not None else UdpStats()
         self._on_flow_closed = on_flow_closed
         self._admit = admit  # the forward's client ACL, asked once per new client
-        self.sweep_interval = min(_MAX_SWEEP_INTERVAL, idle_timeout / 4)
+        self._idle_sweep = IdleSweep(loop, idle_timeout, self._sweep)
+        self.sweep_interval = self._idle_sweep.interval
         self._target_name = format_sockaddr(target.sockaddr)
         self._listen_fd = listener.fileno()
         self._buf = bytearray(_BUFFER_SIZE)
         self._view = memoryview(self._buf)
-        self._sweep_timer: Timer | None = None
         self._started = False
         self._closed = False
 
@@ -333,9 +369,7 @@ class UdpRelay:
         if self._closed:
             return
         self._closed = True
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-            self._sweep_timer = None
+        self._idle_sweep.stop()
         for _client, flow in self._table.clear():
             self._close_flow(flow, CLOSED_RELAY)
         if self.listener.fileno() >= 0:  # else someone closed it; its fd may be reused
@@ -383,7 +417,7 @@ class UdpRelay:
         self._loop.add(flow.fd, IN, partial(self._on_flow, flow))
         self.stats.active_flows += 1
         self.stats.total_flows += 1
-        self._schedule_sweep()
+        self._idle_sweep.arm()
         return flow
 
     def _connected_socket(self) -> socket.socket | None:
@@ -466,18 +500,12 @@ class UdpRelay:
 
     # ---- ending flows ---------------------------------------------------------------
 
-    def _schedule_sweep(self) -> None:
-        """Arm the sweep if it is not armed: it runs only while there are flows."""
-        if self._sweep_timer is None and not self._closed:
-            self._sweep_timer = self._loop.call_later(self.sweep_interval, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_timer = None
+    def _sweep(self) -> bool:
+        """Close the flows idle for too long; whether any remain (the sweep goes on)."""
         for _client, flow in self._table.expire(time.monotonic()):
             self.stats.expired_flows += 1
             self._close_flow(flow, CLOSED_IDLE)
-        if len(self._table):
-            self._schedule_sweep()
+        return bool(len(self._table))
 
     def _close_flow(self, flow: UdpFlow, outcome: str) -> None:
         """Unregister and close a flow already removed from the table."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from collections import Counter
@@ -158,22 +159,55 @@ def attach(target: str, options: UsernetOptions, stops: StopSignals) -> int:
 
 
 def _redirect_setup(options: UsernetOptions) -> Any:
-    """The sandbox's inside-the-namespace step for the TCP fast path (None for --tcp=tun)."""
+    """The sandbox's inside-the-namespace step for the TCP fast path (None for --tcp=tun).
+
+    With ``--tcp=auto`` one failure, and only one, means "no fast path here":
+    :class:`~nsbridge.usernet.inside.nft.NftUnavailable` — no CAP_NET_ADMIN over the
+    namespace, or a kernel without nf_tables, its NAT/redirect or nfnetlink.  The step
+    then hands back, instead of the listeners, a pipe that carries the kernel's reason
+    (the sandbox sends the host side only fds), which :class:`Network` logs at -v before
+    it serves TCP from the tun device.  Anything else — the listeners cannot bind, the
+    kernel refuses the rules for another reason, a bug — fails the set-up as it does with
+    ``--tcp=redirect``: falling back would hide it behind a wrong reason.
+    """
     if options.tcp == "tun":
         return None
     from nsbridge.usernet.host.redirect import setup_inside
+    from nsbridge.usernet.inside.nft import NftUnavailable
 
-    strict = options.tcp == "redirect"
+    if options.tcp == "redirect":
+        return lambda: list(setup_inside(0))
 
     def inside() -> list[Any]:
         try:
             return list(setup_inside(0))
-        except Exception:
-            if strict:
-                raise
-            return []  # no nf_tables here: TCP goes through the tun path
+        except NftUnavailable as exc:
+            return [_text_pipe(str(exc))]
 
     return inside
+
+
+def _text_pipe(text: str) -> int:
+    """The read end of a pipe that holds ``text`` and then EOF (short texts only: the
+    write must fit the pipe's buffer)."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, text.encode())
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def _redirect_listeners(fds: list[int]) -> tuple[list[Any], str | None]:
+    """The redirect step's fds, as (listening sockets, None), or ([], the reason the
+    fast path is unavailable) when the step sent a :func:`_text_pipe` instead."""
+    if len(fds) == 1 and stat.S_ISFIFO(os.fstat(fds[0]).st_mode):
+        try:
+            reason = b"".join(iter(lambda: os.read(fds[0], 4096), b"")).decode(errors="replace")
+        finally:
+            os.close(fds[0])
+        return [], reason
+    return [_socket(fd) for fd in fds], None
 
 
 class Network:
@@ -230,7 +264,9 @@ class Network:
             no_ping = ping_unavailable()
             if no_ping is not None:
                 log.info("%s", no_ping)
-            listeners = [_socket(fd) for fd in handle.take_extra()]
+            listeners, no_fast_path = _redirect_listeners(handle.take_extra())
+            if no_fast_path is not None:
+                log.info("TCP fast path: %s", no_fast_path)
             if listeners:
                 from nsbridge.usernet.host.redirect import TcpRedirector
 
@@ -274,8 +310,8 @@ class Network:
         if self.options.tcp == "tun":
             log.info("TCP: tun path (terminated on the host side)")
         else:
-            log.warning("TCP fast path unavailable (no nf_tables in the namespace); TCP goes "
-                        "through the tun path (slower)")
+            log.warning("TCP fast path unavailable (nf_tables cannot be used in the namespace; "
+                        "-v says why); TCP goes through the tun path (slower)")
 
     def _start_native_relay(self) -> None:
         """UDP and ping through the native relay (``--relay``): ``auto`` uses it in a

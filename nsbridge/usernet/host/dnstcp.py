@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from nsbridge.errors import errno_name
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
-from nsbridge.relay.tcp import reset_and_close
+from nsbridge.relay.tcp import abort_if_error, reset_and_close
 from nsbridge.usernet.proto.dns import DnsStream
 
 _READ_SIZE = 1 << 16
@@ -129,7 +129,7 @@ class DnsTcpRelay:
     # ---- relaying -------------------------------------------------------------------
 
     def _on_client(self, events: int) -> None:
-        if events & ERR and self._failed(self.client, "client"):
+        if events & ERR and abort_if_error(self.client, "client", self._abort):
             return
         if events & OUT and self._to_client:
             self._flush_down()
@@ -138,7 +138,7 @@ class DnsTcpRelay:
         self._update()
 
     def _on_server(self, events: int) -> None:
-        if events & ERR and self._failed(self.server, "server"):
+        if events & ERR and abort_if_error(self.server, "server", self._abort):
             return
         if events & OUT and self._to_server:
             self._flush_up()
@@ -237,13 +237,6 @@ class DnsTcpRelay:
                 self._unwatch(sock)
             else:
                 self._watch(sock, mask, handler)
-
-    def _failed(self, sock: socket.socket, who: str) -> bool:
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._abort(f"{who} reset ({errno_name(code)})")
-            return True
-        return False
 
     # ---- registration and the end -------------------------------------------------------
 

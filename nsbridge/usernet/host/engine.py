@@ -59,8 +59,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from nsbridge import defaults
 from nsbridge.errors import errno_name
-from nsbridge.relay.loop import IN, EventLoop, Timer
-from nsbridge.relay.udp import FlowTable
+from nsbridge.relay.loop import IN, EventLoop
+from nsbridge.relay.udp import FlowTable, IdleSweep
 from nsbridge.usernet.host.dnsproxy import DnsProxy, Resolver
 from nsbridge.usernet.host.enginestats import EngineStats
 from nsbridge.usernet.host.flowdecide import FlowDecisions
@@ -93,7 +93,6 @@ __all__ = ["PING_SYSCTL", "EngineStats", "Resolver", "TunEngine", "TunOutput",
 log = logging.getLogger("nsbridge")
 
 _READ_SIZE = 1 << 17  # a TSO/USO frame is at most 64 KiB of IP plus the virtio header
-_MAX_SWEEP_INTERVAL = 1.0
 
 
 class TunEngine:
@@ -143,12 +142,14 @@ class TunEngine:
         self.dns = DnsProxy(loop, resolvers, stats, self.write, vnet=vnet, offload=offload,
                             timeout=dns_timeout, max_pending=max_dns_pending)
         self.decide = FlowDecisions(policy, addresses, stats, self.replies, self.dns.query)
+        self._idle_sweep = IdleSweep(loop, idle_timeout, self._sweep)
+        self.sweep_interval = self._idle_sweep.interval
         self._udp = UdpFlows(loop, FlowTable(max_flows, idle_timeout), self.decide,
                              self.replies, stats, self.write, vnet=vnet, offload=offload,
-                             on_new_flow=self._schedule_sweep)
+                             on_new_flow=self._idle_sweep.arm)
         self._echo = EchoFlows(loop, FlowTable(max_flows, idle_timeout), self.decide,
                                self.replies, stats, self.write, self.write_parts, vnet=vnet,
-                               read_buffer=self._rbuf, on_new_flow=self._schedule_sweep)
+                               read_buffer=self._rbuf, on_new_flow=self._idle_sweep.arm)
         # Per-frame handlers, bound once: dispatch stays one call per frame.
         self._on_udp = self._udp.handle
         self._on_echo = self._echo.handle
@@ -160,8 +161,6 @@ class TunEngine:
         self.open_udp_socket = self.decide.open_udp_socket
         self.open_ping_socket = self.decide.open_ping_socket
         self.answer_host_error = self.replies.answer_host_error
-        self.sweep_interval = min(_MAX_SWEEP_INTERVAL, idle_timeout / 4)
-        self._sweep_timer: Timer | None = None
         self._started = False
         self._closed = False
 
@@ -188,9 +187,7 @@ class TunEngine:
         if self._closed:
             return
         self._closed = True
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-            self._sweep_timer = None
+        self._idle_sweep.stop()
         if self._started:
             self._loop.remove(self._tun)
         self._udp.close()
@@ -277,15 +274,9 @@ class TunEngine:
 
     # ---- expiry ---------------------------------------------------------------------------
 
-    def _schedule_sweep(self) -> None:
-        """Arm the idle sweep if it is not armed: it runs only while flows exist."""
-        if self._sweep_timer is None and not self._closed:
-            self._sweep_timer = self._loop.call_later(self.sweep_interval, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_timer = None
+    def _sweep(self) -> bool:
+        """Expire idle UDP and echo flows; whether any remain (the sweep goes on)."""
         now = time.monotonic()
         self._udp.expire(now)
         self._echo.expire(now)
-        if len(self._udp) or len(self._echo):
-            self._schedule_sweep()
+        return bool(len(self._udp) or len(self._echo))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 from nsbridge.errors import describe_oserror
+from nsbridge.linux.libc import libc
 from nsbridge.usernet.inside import confine, netconf
 from nsbridge.usernet.inside.helper import _FIXED_FDS, _SCM_MAX_FD, _close_all, _send_error
 from nsbridge.usernet.inside.netconf import NetConfig, SetupError
@@ -37,7 +38,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 ExtraFds = Callable[[], Iterable["int | socket.socket"]]
 """Run inside the namespace after it is configured; returns fds/sockets to send back."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc  # the one handle (nsbridge.linux.libc)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,

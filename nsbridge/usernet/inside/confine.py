@@ -42,6 +42,7 @@ import gc
 import os
 from collections.abc import Collection
 
+from nsbridge.linux.libc import checked, last_error, libc
 from nsbridge.linux.netns import unshare
 from nsbridge.usernet.inside.netconf import SetupError
 
@@ -56,10 +57,9 @@ MS_NOEXEC = 0x8
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p]
 
 
@@ -88,16 +88,17 @@ def harden(keep: Collection[int], *, dumpable: bool = False) -> None:
 def make_non_dumpable() -> None:
     """``prctl(PR_SET_DUMPABLE, 0)``, checked: a helper that cannot be made non-dumpable
     must not go on into the namespace."""
-    if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise SetupError(f"cannot make the namespace helper non-dumpable: {os.strerror(code)}")
-    if _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+    try:
+        checked("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except OSError as exc:
+        raise SetupError(f"cannot make the namespace helper non-dumpable: {exc.strerror}") from None
+    if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise SetupError("the namespace helper is still dumpable after PR_SET_DUMPABLE")
 
 
 def is_dumpable() -> bool:
     """Whether this process is dumpable (for tests and assertions)."""
-    return bool(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+    return bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 def close_fds_except(keep: Collection[int]) -> None:
@@ -161,6 +162,5 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int,
     def enc(text: str | None) -> bytes | None:
         return None if text is None else os.fsencode(text)
 
-    if _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), target)
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        raise last_error("mount", target)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from nsbridge.defaults import MAX_MTU, MIN_MTU
-from nsbridge.errors import UserError, describe_oserror
+from nsbridge.errors import SetupError, UserError, describe_oserror
 from nsbridge.usernet.proto.addresses import UsernetAddresses
 
 TUN_PATH = "/dev/net/tun"
@@ -151,10 +151,6 @@ class NetConfig:
         if self.ipv6 is not None:
             lines.append(f"nameserver {self.dns6}")
         return "\n".join(lines) + "\n"
-
-
-class SetupError(Exception):
-    """A step of the namespace setup failed; the message is meant for the user."""
 
 
 @dataclass

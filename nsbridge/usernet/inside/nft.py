@@ -79,8 +79,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (  # noqa: E402
     nft_table_msg,
 )
 
-from nsbridge.errors import UserError, describe_oserror  # noqa: E402
-from nsbridge.usernet.inside.netconf import SetupError  # noqa: E402
+from nsbridge.errors import SetupError, describe_oserror  # noqa: E402
 
 TABLE = "nsbridge"
 CHAIN = "output"
@@ -110,11 +109,11 @@ _UNAVAILABLE = {
 }
 
 
-class NftError(SetupError, UserError):
+class NftError(SetupError):
     """Programming the redirect failed; the text names the step and the kernel's error.
 
-    A :class:`SetupError` so the sandbox helper reports it as text, and a
-    :class:`~nsbridge.errors.UserError` so a direct caller prints one line, not a trace.
+    A :class:`~nsbridge.errors.SetupError` (so a :class:`~nsbridge.errors.UserError`):
+    the sandbox helper reports it as text, a direct caller prints one line, not a trace.
     """
 
     def __init__(self, message: str, code: int | None = None, kind: int | None = None) -> None:
