@@ -148,7 +148,7 @@ def check_unprivileged_users() -> Finding:
 def check_tun_tcp_path() -> Finding:
     from nsbridge.usernet.host import tuntcp
 
-    return Finding.limited_if(tuntcp.available(), "--tcp=tun",
+    return Finding.limited_if(tuntcp.unavailable(), "--tcp=tun",
                               ok="this kernel has SO_PEEK_OFF on TCP",
                               instead="the nftables fast path serves TCP instead")
 

@@ -420,13 +420,13 @@ def run_usernet(args: argparse.Namespace) -> int:
 
 def attach_usernet(args: argparse.Namespace) -> int:
     from nsbridge.usernet.options import options_from_args
-    from nsbridge.usernet.runner import attach
+    from nsbridge.usernet.runner import network_existing_namespace
 
     setup_logging(args.verbose)
     options = options_from_args(args)
     stops = StopSignals()
     try:
-        return attach(args.target, options, stops)
+        return network_existing_namespace(args.target, options, stops)
     finally:
         stops.close()
 

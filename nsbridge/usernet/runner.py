@@ -144,7 +144,8 @@ def run_command(command: list[str], options: UsernetOptions, stops: StopSignals)
         handle.close()
 
 
-def attach(target: str, options: UsernetOptions, stops: StopSignals) -> int:
+def network_existing_namespace(target: str, options: UsernetOptions,
+                               stops: StopSignals) -> int:
     """Give an existing namespace networking until its process exits (PID) or a signal."""
     from nsbridge.usernet.inside.sandbox import Sandbox
 
@@ -292,9 +293,9 @@ class Network:
 
     def _start_tun_tcp(self, resolvers: list[tuple[str, int]]) -> None:
         """Serve TCP from the tun device (``--tcp=tun``, or no nf_tables for the fast path)."""
-        from nsbridge.usernet.host.tuntcp import TunTcp, available
+        from nsbridge.usernet.host.tuntcp import TunTcp, unavailable
 
-        why_not = available()
+        why_not = unavailable()
         if why_not is not None:
             if self.options.tcp == "tun":
                 raise UserError(f"--tcp=tun: {why_not}")

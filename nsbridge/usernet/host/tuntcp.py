@@ -64,8 +64,8 @@ _DISCARD_CHUNK = 1 << 20
 FlowKey = tuple[bytes, int, bytes, int]  # namespace ip, port, destination ip, port
 
 
-def available() -> str | None:
-    """None if this kernel supports the tun TCP path; otherwise why not (one line).
+def unavailable() -> str | None:
+    """Why this kernel cannot run the tun TCP path (one line), or None if it can.
 
     The path keeps unacknowledged bytes in the host socket and needs ``SO_PEEK_OFF`` on
     TCP sockets, which Linux has since 6.9."""
