@@ -13,7 +13,7 @@ from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.tcp import CopyMover, TcpSession
 
 
-def _relay_once(sole: bool, *, queue_before: bool) -> None:
+def _relay_once(close_leaves_epoll: bool, *, queue_before: bool) -> None:
     target = socket.create_server(("127.0.0.1", 0))
     outer, inner = loopback_tcp_pair()
     loop = EventLoop()
@@ -25,7 +25,8 @@ def _relay_once(sole: bool, *, queue_before: bool) -> None:
         done.set()
 
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    session = TcpSession(loop, CopyMover(), inner, server, on_done, sole=sole)
+    session = TcpSession(loop, CopyMover(), inner, server, on_done,
+                         close_leaves_epoll=close_leaves_epoll)
     if queue_before:  # request and FIN wait in the client socket before anything polls it
         outer.sendall(b"request")
         outer.shutdown(socket.SHUT_WR)
@@ -59,15 +60,15 @@ def _relay_once(sole: bool, *, queue_before: bool) -> None:
 
 
 def test_local_target_relays_both_ways_and_unregisters():
-    _relay_once(sole=False, queue_before=False)
+    _relay_once(close_leaves_epoll=False, queue_before=False)
 
 
-def test_sole_session_relays_both_ways_and_forgets_its_fds():
-    _relay_once(sole=True, queue_before=False)
+def test_session_whose_close_leaves_epoll_relays_and_forgets_its_fds():
+    _relay_once(close_leaves_epoll=True, queue_before=False)
 
 
 def test_request_and_fin_queued_before_connect_are_carried():
-    _relay_once(sole=True, queue_before=True)
+    _relay_once(close_leaves_epoll=True, queue_before=True)
 
 
 def test_fast_connect_leaves_no_pending_timer():
@@ -77,7 +78,8 @@ def test_fast_connect_leaves_no_pending_timer():
     outer, inner = loopback_tcp_pair()
     loop = EventLoop()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    session = TcpSession(loop, CopyMover(), inner, server, lambda _s: None, sole=True)
+    session = TcpSession(loop, CopyMover(), inner, server, lambda _s: None,
+                         close_leaves_epoll=True)
     try:
         session.connect(target.getsockname(), 30.0)
         if session._timer is None:  # the usual case on loopback

@@ -275,7 +275,7 @@ class Forward:
             self._maybe_finish()
             return
         session = TcpSession(self.loop, self.mover, client, server, self._session_done,
-                             sole=accepted)
+                             close_leaves_epoll=accepted)
         if self.spec.proxy:
             session.preamble = proxy_header(self.spec.proxy, client)
         self._track(session)

@@ -255,13 +255,13 @@ class TcpSession:
         "client",
         "client_fd",
         "client_name",
+        "close_leaves_epoll",
         "down",
         "ended",
         "outcome",
         "preamble",
         "server",
         "server_fd",
-        "sole",
         "started",
         "up",
     )
@@ -275,7 +275,7 @@ class TcpSession:
         on_done: Callable[[TcpSession], None],
         client_name: str = "",
         server_name: str = "",
-        sole: bool = False,
+        close_leaves_epoll: bool = False,
     ) -> None:
         self._loop = loop
         self._mover = mover
@@ -297,9 +297,9 @@ class TcpSession:
         self.ended = False
         self.outcome = ""
         self.preamble = b""  # sent to the server first (a PROXY protocol header)
-        # Nothing else holds either socket's file (accepted or handed over here, the
-        # target made for this session): closing them is enough to leave epoll.
-        self.sole = sole
+        # True when nothing else holds either socket's file (accepted or handed over here,
+        # the target made for this session): closing them is then enough to leave epoll.
+        self.close_leaves_epoll = close_leaves_epoll
         for sock in (client, server):
             if sock.gettimeout() != 0.0:  # made with SOCK_NONBLOCK: skip the ioctl
                 sock.setblocking(False)
@@ -507,7 +507,7 @@ class TcpSession:
             self._timer.cancel()
         self._mover.drop(self.up)
         self._mover.drop(self.down)
-        if self.sole:
+        if self.close_leaves_epoll:
             self._loop.forget(self.client_fd)
             self._loop.forget(self.server_fd)
         else:
