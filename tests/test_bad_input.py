@@ -112,6 +112,7 @@ def test_port_out_of_range(flag: str, value: str, why: str) -> None:
 @pytest.mark.parametrize(("flag", "value"), [
     pytest.param("--accept", "fast", id="accept"),
     pytest.param("--engine", "zerocopy", id="engine"),
+    pytest.param("--mover", "zerocopy", id="mover"),
 ])
 def test_unknown_mode_names_the_choices(flag: str, value: str, listen_port: int) -> None:
     result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c", "127.0.0.1:9",

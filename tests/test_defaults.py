@@ -65,7 +65,7 @@ def test_the_command_line_applies_the_defaults():
     forward = parser.parse_args(["forward", "-l", "127.0.0.1:1", "-c", "127.0.0.1:2"])
     assert (forward.connect_timeout, forward.idle_timeout, forward.max_flows) == (
         defaults.CONNECT_TIMEOUT, defaults.UDP_IDLE_TIMEOUT, defaults.MAX_UDP_FLOWS)
-    assert (forward.drain, forward.engine, forward.accept) == (
+    assert (forward.drain, forward.mover, forward.accept) == (
         defaults.DRAIN, defaults.MOVER, defaults.ACCEPT)
     run = parser.parse_args(["run", "--", "true"])
     assert (run.cidr, run.cidr6, run.mtu) == (

@@ -26,6 +26,9 @@ from conftest import (
     wait_until,
 )
 
+from nsbridge.cli.main import build_parser
+from nsbridge.forward.config import load as load_config
+
 
 def abstract_server(netns: str, stream_server) -> tuple[str, object]:
     """An echo server on an abstract name that exists only inside ``netns``."""
@@ -148,6 +151,9 @@ BAD_CONFIGS = {
     "workers not a number": ('workers = "two"\n' + GOOD_FORWARD, 1, ["workers", "'two'"]),
     "drain negative": ("drain = -1\n" + GOOD_FORWARD, 1, ["drain"]),
     "engine unknown": ('engine = "warp"\n' + GOOD_FORWARD, 1, ["engine", "'warp'"]),
+    "mover unknown": ('mover = "warp"\n' + GOOD_FORWARD, 1, ["mover", "'warp'"]),
+    "mover and its older name": ('mover = "copy"\nengine = "copy"\n' + GOOD_FORWARD, 2,
+                                 ["engine", "older name of mover", "only one"]),
     "accept unknown": ('accept = "shared"\n' + GOOD_FORWARD, 1,
                        ["accept", "'shared'", '"auto", "handoff" or "reuseport"']),
     "timeout not a number": (GOOD_FORWARD + 'connect_timeout = "soon"\n', 6,
@@ -188,6 +194,22 @@ def test_bad_config_is_one_line_naming_file_line_and_key(case: str, tmp_path: Pa
     assert lines[0].startswith(prefix), (prefix, lines[0])
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("key", ["mover", "engine"])
+def test_mover_is_read_under_its_older_name_engine_too(key: str, tmp_path: Path):
+    """``engine`` was the mover's name before ``--mover``: old files keep working."""
+    path = tmp_path / "mover.toml"
+    path.write_text(f'{key} = "copy"\n' + GOOD_FORWARD)
+    assert load_config(str(path)).mover == "copy"
+
+
+@pytest.mark.parametrize("command", [["forward", "-l", "127.0.0.1:1", "-c", "127.0.0.1:2"],
+                                     ["serve", "--config", "f.toml"], ["demo"]])
+@pytest.mark.parametrize("flag", ["--mover", "--engine"])
+def test_mover_flag_keeps_engine_as_an_alias(command: list[str], flag: str):
+    args = build_parser().parse_args([*command, flag, "copy"])
+    assert args.mover == "copy"
 
 
 def test_missing_config_file(tmp_path: Path):

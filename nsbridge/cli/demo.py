@@ -84,13 +84,13 @@ def _make_handler(greeting: bytes, blob: bytes) -> type[http.server.BaseHTTPRequ
     return Handler
 
 
-def run_demo(engine: MoverName = "splice") -> int:
+def run_demo(mover: MoverName = "splice") -> int:
     step = _Steps(6)
     netns = create_anonymous_netns()
     inode = os.fstat(netns.fd).st_ino
     step(f"created a throwaway network namespace (net:[{inode}]); "
          "it has only a loopback interface, which is down")
-    bridge = Bridge(mover=engine)
+    bridge = Bridge(mover=mover)
     server: http.server.ThreadingHTTPServer | None = None
     try:
         factory = bridge.factory(netns)

@@ -102,7 +102,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     if compat:
         parser.set_defaults(listen_netns=None, connect_netns=None,
                             connect_timeout=CONNECT_TIMEOUT, drain=DRAIN, verbose=0,
-                            engine=MOVER, workers=None, endpoints=[], accept=ACCEPT,
+                            mover=MOVER, workers=None, endpoints=[], accept=ACCEPT,
                             control=None, allow=[], deny=[], proxy_protocol=None,
                             idle_timeout=UDP_IDLE_TIMEOUT, max_flows=MAX_UDP_FLOWS,
                             exit_with=None, ready_fd=None)
@@ -118,8 +118,9 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("--drain", metavar="SECONDS", type=float, default=DRAIN,
                         help="on SIGINT/SIGTERM let open connections finish for up to this "
                         f"long before resetting them (default {DRAIN:g})")
-    parser.add_argument("--engine", choices=("splice", "copy"), default=MOVER,
-                        help="data mover: splice (zero-copy through pipes, default) or copy")
+    parser.add_argument("--mover", "--engine", dest="mover", choices=("splice", "copy"),
+                        default=MOVER, help="data mover: splice (zero-copy through pipes, "
+                        "default) or copy; --engine is its older name")
     parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="relay in N worker processes (default: one per CPU, at most "
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
@@ -217,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes (overrides the file; default one per CPU)")
     serve.add_argument("--drain", metavar="SECONDS", type=float, default=None,
                        help="on SIGTERM let connections finish this long (overrides the file)")
-    serve.add_argument("--engine", choices=("splice", "copy"), default=None)
+    serve.add_argument("--mover", "--engine", dest="mover", choices=("splice", "copy"),
+                       default=None, help="data mover (overrides the file; --engine is its "
+                       "older name)")
     serve.add_argument("--accept", choices=ACCEPT_MODES, default=None,
                        help=ACCEPT_HELP + " (overrides the file)")
     serve.add_argument("-v", "--verbose", action="count", default=0)
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "own loopback, forward a port of this namespace into it, fetch a page through the "
         "forward, and remove everything.  Needs root (or run it as `unshare -Ur nsbridge demo`).",
     )
-    demo.add_argument("--engine", choices=("splice", "copy"), default=MOVER)
+    demo.add_argument("--mover", "--engine", dest="mover", choices=("splice", "copy"),
+                      default=MOVER, help="data mover (--engine is its older name)")
     demo.set_defaults(handler=_run_demo)
 
     doctor = sub.add_parser(
@@ -440,7 +444,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from nsbridge.cli.demo import run_demo
 
-    return run_demo(engine=args.engine)
+    return run_demo(mover=args.mover)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from typing import Any
 from nsbridge.errors import FieldError, UserError
 from nsbridge.forward.spec import ForwardSpec
 
-TOP_KEYS = {"workers", "control", "drain", "engine", "accept", "defaults", "forward"}
+# "engine" is the older name of "mover" (the --engine flag is now --mover): both are read.
+TOP_KEYS = {"workers", "control", "drain", "mover", "engine", "accept", "defaults", "forward"}
 FORWARD_KEYS = {"name", "listen", "connect", "allow", "deny", "proxy", "connect_timeout",
                 "idle_timeout", "max_flows"}
 DEFAULT_KEYS = FORWARD_KEYS - {"name", "listen", "connect"}
@@ -40,7 +41,7 @@ class Config:
     workers: int | None = None
     control: str | None = None
     drain: float | None = None
-    engine: str | None = None
+    mover: str | None = None
     accept: str | None = None
 
 
@@ -108,11 +109,19 @@ def load(path: str) -> Config:
                   control=_opt(data, "control", str, path, lines, "a path"),
                   drain=_opt(data, "drain", (int, float), path, lines, "seconds >= 0",
                              lambda v: v >= 0),
-                  engine=_opt(data, "engine", str, path, lines, '"splice" or "copy"',
-                              lambda v: v in ("splice", "copy")),
+                  mover=_opt(data, _mover_key(data, path, lines), str, path, lines,
+                             '"splice" or "copy"', lambda v: v in ("splice", "copy")),
                   accept=_opt(data, "accept", str, path, lines,
                               '"auto", "handoff" or "reuseport"',
                               lambda v: v in ("auto", "handoff", "reuseport")))
+
+
+def _mover_key(data: dict[str, Any], path: str, lines: KeyLines) -> str:
+    """The key that names the mover: ``mover``, or its older name ``engine``."""
+    if "mover" in data and "engine" in data:
+        raise UserError(f"{path}:{lines.key((), 'engine')}: engine: the older name of "
+                        "mover; give only one of them")
+    return "engine" if "engine" in data else "mover"
 
 
 def _opt(data: dict[str, Any], key: str, kind: Any, path: str, lines: KeyLines,

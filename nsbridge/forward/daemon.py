@@ -30,7 +30,7 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 @dataclass
 class DaemonOptions:
     workers: int
-    engine: str = MOVER
+    mover: str = MOVER
     accept: str = ACCEPT  # or "handoff", "reuseport": see workers.py
     drain: float = DRAIN
     control: str | None = None
@@ -45,7 +45,7 @@ def run_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopSign
         from nsbridge.linux.lifetime import check_ready_fd
 
         check_ready_fd(options.ready_fd)
-    supervisor = Supervisor(options.workers, options.engine, options.drain,  # type: ignore[arg-type]
+    supervisor = Supervisor(options.workers, options.mover, options.drain,  # type: ignore[arg-type]
                             accept=options.accept)
     control: ControlServer | None = None
     try:

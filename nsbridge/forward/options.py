@@ -147,7 +147,7 @@ def spec_from_args(args: Namespace) -> ForwardSpec:
 
 def forward_options(args: Namespace) -> DaemonOptions:
     """How ``nsbridge forward``'s forwards run (workers, mover, drain, control, ...)."""
-    return DaemonOptions(workers=worker_count(args.workers), engine=args.engine,
+    return DaemonOptions(workers=worker_count(args.workers), mover=args.mover,
                          drain=args.drain, accept=args.accept, control=args.control,
                          ready_fd=args.ready_fd, exit_with=args.exit_with)
 
@@ -156,7 +156,7 @@ def serve_options(args: Namespace, config: Config) -> DaemonOptions:
     """``nsbridge serve``'s options: a flag wins over the file, the file over the default."""
     return DaemonOptions(
         workers=worker_count(args.workers if args.workers is not None else config.workers),
-        engine=args.engine or config.engine or MOVER,
+        mover=args.mover or config.mover or MOVER,
         accept=args.accept or config.accept or ACCEPT,
         drain=args.drain if args.drain is not None else (config.drain or DRAIN),
         control=args.control or config.control, ready_fd=args.ready_fd,
