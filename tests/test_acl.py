@@ -24,7 +24,6 @@ def v6(host: str) -> tuple[str, int, int, int]:
 def test_no_rules_permits_everyone() -> None:
     acl = ClientAcl.parse([], [])
     assert not acl
-    assert acl.describe() == "all clients"
     for sockaddr in (v4("203.0.113.9"), v6("2001:db8::1"), "/run/x.sock", b"\0abs", ""):
         assert acl.permits(sockaddr)
 
@@ -55,7 +54,6 @@ def test_deny_wins_over_allow() -> None:
     assert not acl.permits(v4("10.9.1.1"))
     assert acl.permits(v6("::1"))
     assert not acl.permits(v4("127.0.0.1"))
-    assert acl.describe() == "allow 10.0.0.0/8, ::1/128; deny 10.0.0.5/32, 10.9.0.0/16"
 
 
 def test_ipv4_mapped_client_matches_ipv4_rules() -> None:

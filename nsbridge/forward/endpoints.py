@@ -69,10 +69,6 @@ class Endpoint:
         return values[-1] if values else None
 
 
-def looks_like_endpoint(text: str) -> bool:
-    return text.split(":", 1)[0] in KINDS and ":" in text
-
-
 def parse_endpoint(text: str, *, role: str) -> Endpoint:
     """Parse ``text`` as a listen (``role="listen"``) or connect endpoint."""
     what = f"{role} endpoint {text!r}"

@@ -133,8 +133,3 @@ class ForwardSpec(_Record):
     @property
     def protocol(self) -> str:
         return self.listen.protocol
-
-    @property
-    def netns_handles(self) -> list[Netns]:
-        return [side.netns for side in (self.listen, self.connect)
-                if isinstance(side, (ListenAddress, ConnectAddress)) and side.netns is not None]

@@ -74,13 +74,6 @@ class ClientAcl:
             return False
         return not self.allow or _matches(address, self.allow)
 
-    def describe(self) -> str:
-        """``allow 10.0.0.0/8; deny 10.0.0.5/32`` for the forward's start-up log line."""
-        parts = [f"allow {', '.join(map(str, self.allow))}"] if self.allow else []
-        if self.deny:
-            parts.append(f"deny {', '.join(map(str, self.deny))}")
-        return "; ".join(parts) or "all clients"
-
 
 def _matches(address: IPAddress, networks: tuple[Network, ...]) -> bool:
     # ``in`` is False across IP versions, so mixed lists need no sorting out.

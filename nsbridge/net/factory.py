@@ -76,7 +76,6 @@ class ThreadFactory:
 
     def __init__(self, netns: Netns) -> None:
         self.label = netns.label
-        self._netns = netns
         self._requests: SimpleQueue = SimpleQueue()
         self._pools: dict[tuple[int, int], deque[socket.socket]] = {}
         self._thread: threading.Thread | None = threading.Thread(

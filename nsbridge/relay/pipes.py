@@ -19,14 +19,12 @@ class PipePool:
         self.pipe_size = pipe_size
         self._max_idle = max_idle
         self._idle: list[tuple[int, int]] = []
-        self.open_pipes = 0
 
     def acquire(self) -> tuple[int, int]:
         """An empty (read_fd, write_fd) pair, non-blocking."""
         if self._idle:
             return self._idle.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.open_pipes += 1
         try:
             # Bigger pipes move more per splice call; the kernel may cap the size
             # (fs.pipe-max-size, or per-user pipe quotas): then keep what we got.
@@ -46,7 +44,6 @@ class PipePool:
         """Close a pipe that may still hold data (an aborted transfer)."""
         os.close(pipe[0])
         os.close(pipe[1])
-        self.open_pipes -= 1
 
     def close(self) -> None:
         while self._idle:

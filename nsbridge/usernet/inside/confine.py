@@ -96,11 +96,6 @@ def make_non_dumpable() -> None:
         raise SetupError("the namespace helper is still dumpable after PR_SET_DUMPABLE")
 
 
-def is_dumpable() -> bool:
-    """Whether this process is dumpable (for tests and assertions)."""
-    return bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
-
-
 def close_fds_except(keep: Collection[int]) -> None:
     """Close every fd not in ``keep``, with close_range(2) over the gaps (through
     :func:`os.closerange`) up to the highest fd open now."""
