@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from nsbridge.relay.udp import UdpRelay
 
 # Plain classes, not dataclasses: worker processes import this module, and
-# ``dataclasses`` (with inspect, ast, dis...) would cost each of them about 2 MiB.
+# ``dataclasses`` (with inspect, ast, dis...) would cost each of them memory.
 
 
 class ForwardStats:

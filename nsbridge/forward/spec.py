@@ -28,7 +28,7 @@ class _Record:
     """Equality and repr from ``_fields``, as ``@dataclass`` would generate them.
 
     Hand-written: worker processes import this module, and ``dataclasses`` (with
-    ``inspect``, ``ast``, ``dis``...) would cost each of them about 2 MiB of memory.
+    ``inspect``, ``ast``, ``dis``...) would cost each of them memory.
     """
 
     _fields: tuple[str, ...] = ()
@@ -98,7 +98,7 @@ class Preconnected(_Record):
 ListenSide = ListenAddress | ListenSocket | Preaccepted
 ConnectSide = ConnectAddress | Preconnected
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (1 MiB per worker)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
 if TYPE_CHECKING:
     from typing import Any
 

@@ -10,15 +10,16 @@ socket factories.  How a worker gets its clients is the ``--accept`` mode:
   the kernel and the worker.  The kernel would place each client by a hash of its
   4-tuple, which splits four long flows 3:1 or 4:0 half of the time (one core does most
   of the work), so the supervisor attaches a small eBPF program to the group that deals
-  new clients to the listeners in turn (roundrobin.py).  Loading it needs CAP_BPF;
+  new clients to the listeners in turn (linux/reuseport_bpf.py).  Loading it needs CAP_BPF;
   without it the hash places clients.
 * ``handoff``: the supervisor accepts and hands each accepted socket to the next worker,
-  round-robin, over a ``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS``.  Even, but it
-  costs the supervisor about 25-30 µs of CPU per new connection.  Inherited listeners
-  (-L, fd:, systemd:), Unix listeners and UDP always use it.
+  round-robin, over a ``SOCK_SEQPACKET`` socketpair with ``SCM_RIGHTS``.  Even, but the
+  supervisor spends CPU on an accept and a hand-off for every new connection.  Inherited
+  listeners (-L, fd:, systemd:), Unix listeners and UDP always use it.
 * ``auto`` (default): ``reuseport`` when that is even (the program loads, or there is
   one worker), ``handoff`` otherwise.  Measured side by side: the same keep-alive and
-  ``-P 4`` throughput as the hand-off, and 10-12% more new connections per second.
+  ``-P 4`` throughput as the hand-off, and more new connections per second (figures in
+  docs/architecture.md and docs/performance.md).
 
 Why not every worker accepting from one shared listener: with EPOLLEXCLUSIVE the kernel
 wakes the *first idle* waiter, so on an idle machine every new long-lived connection

@@ -16,8 +16,8 @@ class _Frozen:
     """A small immutable record: equality, hash and repr from ``_fields``.
 
     Hand-written instead of ``@dataclass(frozen=True)``: these classes are imported by
-    worker processes, and ``dataclasses`` (with ``inspect``, ``ast``, ``dis``...) costs a
-    worker about 2 MiB of resident memory.
+    worker processes, and ``dataclasses`` (with ``inspect``, ``ast``, ``dis``...) costs
+    every worker resident memory (docs/performance.md, Memory).
     """
 
     __slots__ = ()

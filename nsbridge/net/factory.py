@@ -23,7 +23,7 @@ from nsbridge.linux.netns import Netns
 from nsbridge.linux.signals import block_stop_signals
 
 # typing.TYPE_CHECKING without importing typing: worker processes import this module, and
-# typing (with re) costs each of them about 1 MiB.
+# typing (with re) costs each of them memory (docs/performance.md, Memory).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol, TypeVar
@@ -71,7 +71,7 @@ class ThreadFactory:
     once if that is not permitted, so a bad namespace is reported before anything listens.
     The thread serves a queue of calls itself rather than through a ThreadPoolExecutor:
     worker processes use this class, and ``concurrent.futures`` (which imports
-    ``logging``) would cost each of them about 2 MiB of memory.
+    ``logging``) would cost each of them memory (docs/performance.md, Memory).
     """
 
     def __init__(self, netns: Netns) -> None:

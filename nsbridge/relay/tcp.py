@@ -21,8 +21,8 @@ request/response traffic) and :class:`CopyMover` (``readv``/``write`` through on
 buffer).  Either way a short copied read proves the socket had nothing more queued, so
 an IN edge is served with two syscalls (read, write) instead of three, and in one Python
 call (``serve_edge``) rather than the pump's five: on a keep-alive connection that is
-most events, and it took the relay's user time per request from ~6 to ~4.4 µs.  The figures
-behind these choices are in ``bench/RESULTS.md``.
+most events.  The figures behind these choices are in docs/performance.md and
+``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -541,8 +541,8 @@ def tally(stats: Any, session: TcpSession) -> None:
         stats.reset += 1
 
 
-# The family as a plain int: socket.family converts it to an IntEnum member (~0.7 µs, twice
-# per connection).
+# The family as a plain int: socket.family converts it to an IntEnum member, twice per
+# connection, for a comparison that needs no enum.
 _raw_family = _socket.socket.family.__get__
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 

@@ -1,11 +1,11 @@
 /*
- * nsbridge.usernet._flowrelay: UDP and ping (IPv4 and IPv6) for user-mode networking, in a thread
- * that never takes the GIL for a packet of a known flow.
+ * nsbridge.usernet.host._flowrelay: UDP and ping (IPv4 and IPv6) for user-mode networking, in a
+ * thread that never takes the GIL for a packet of a known flow.
  *
  * Why native code: the Python engine's per-packet cost capped UDP below slirp4netns's
- * loss-free rate (~65k datagrams/s), and an echo at a few per second wakes the process
- * from idle with every cache cold, where the interpreter's wake-up, dispatch and
- * bytecode cost ~100 us more than slirp4netns's C loop (bench/usernet_bench.py).  The
+ * loss-free rate, and an echo at a few per second wakes the process from idle with
+ * every cache cold, where the interpreter's wake-up, dispatch and bytecode cost more
+ * than slirp4netns's C loop (figures: docs/history.md, bench/usernet_bench.py).  The
  * sandbox routes ICMP and UDP (DNS excepted) to a second, dedicated tun device
  * (policy-routing rules, see flowrelay.py); this module serves that device:
  *
@@ -891,7 +891,7 @@ static PyMethodDef Relay_methods[] = {
 
 static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nsbridge.usernet._flowrelay.Relay",
+    .tp_name = "nsbridge.usernet.host._flowrelay.Relay",
     .tp_doc = PyDoc_STR("Relay(tun_fd, new_flow, on_error, idle_timeout=60.0, max_flows=4096)"),
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT,

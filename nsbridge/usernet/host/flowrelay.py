@@ -2,11 +2,10 @@
 (``_flowrelay``).
 
 Why: these were the user-mode networking figures where the Python engine lost to
-slirp4netns.  Ping (RTT p50 298 against 194 us at 20 echoes a second): each echo wakes
-the process from idle with cold caches, and the interpreter's share of that wake-up is
-the difference.  UDP: at ~65k datagrams a second the engine's per-packet Python is the
-limit, below slirp4netns's loss-free rate.  A thread in C that never takes the GIL for a
-known flow removes both.
+slirp4netns (the numbers are in docs/history.md).  Ping: each echo wakes the process
+from idle with cold caches, and the interpreter's share of that wake-up is the
+difference.  UDP: the engine's per-packet Python is the limit, below slirp4netns's
+loss-free rate.  A thread in C that never takes the GIL for a known flow removes both.
 
 Shape:
 
