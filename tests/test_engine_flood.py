@@ -1,4 +1,4 @@
-"""Two million adversarial frames through the tun engine (issue 7, hostile input; stress).
+"""Two million adversarial frames through the tun engine (hostile input; stress).
 
 test_packets.py and test_tcpstate.py fuzz the sans-IO parts with hypothesis; this
 drives the whole engine — UDP flows, DNS, ICMP echo, and the tun TCP path

@@ -414,7 +414,7 @@ def test_run_command_keeps_the_callers_cwd_environment_and_fds(tmp_path, monkeyp
             os.close(pass_r)
 
 
-# ---- the host namespace's /proc/PID/net (issue 20, item 6) -----------------------------
+# ---- the host namespace's /proc/PID/net ------------------------------------------------
 
 
 def test_host_sockets_visible_through_proc_net_unless_cmd_has_a_pid_namespace(host):

@@ -1,8 +1,8 @@
 """TCP from a user-mode namespace, one suite for both paths: ``redirect`` and ``tun``.
 
-Issue 5 asks that the fast path (nftables redirect, kernel relay) and the tun path
-(TCP terminated by :mod:`nsbridge.usernet.host.tuntcp` on the host side) be tested with the
-same suite: every test here runs once per path (``tcp_mode``).  The host side is the
+The fast path (nftables redirect, kernel relay) and the tun path (TCP terminated by
+:mod:`nsbridge.usernet.host.tuntcp` on the host side) must behave alike, so they are tested
+with the same suite: every test here runs once per path (``tcp_mode``).  The host side is the
 real Python API (:func:`nsbridge.usernet.api.run`), started with ``ip netns exec HOST``
 in a "host" namespace the test made (conftest ``host``: 192.0.2.1 and 2001:db8::1 on
 an interface of its own), so nothing can leave the machine; it prints the command's

@@ -31,7 +31,7 @@ _ADD_KEYS = {"cmd", "name", "listen", "connect", "allow", "deny", "proxy", "conn
 class DaemonOptions:
     workers: int
     mover: str = MOVER
-    accept: str = ACCEPT  # or "handoff", "reuseport": see workers.py
+    accept: str = ACCEPT  # or "handoff", "reuseport": see supervisor.py
     drain: float = DRAIN
     control: str | None = None
     ready_fd: str | None = None

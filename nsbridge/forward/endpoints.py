@@ -18,8 +18,8 @@ Options:
     proxy=v1|v2       (TCP/Unix target) send a PROXY protocol header with the client's
                       real address first
 
-Parsing checks the text only; namespaces and fds are opened by :func:`to_listen_side` /
-:func:`to_connect_side`, so one bad endpoint is reported before anything starts.
+Parsing checks the text only; namespaces and fds are opened by :func:`build_spec`, so
+one bad endpoint is reported before anything starts.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Forward options: what ``nsbridge forward`` / ``serve`` flags mean, as library calls.
 
-The parser (cli.py) only reads flags; this module holds the rules about them: which
-flags conflict, which namespace a -f/-F/-t/-T/--*-netns flag opens, which endpoint pairs
-make which forwards, how many workers run, and how ``serve``'s flags override its
-config file.  ``netns-tcp-bridge`` (compat.py) goes through the same functions, so both
-commands report a bad input in the same words.
+The parser (``cli/main.py``) only reads flags; this module holds the rules about them:
+which flags conflict, which namespace a -f/-F/-t/-T/--*-netns flag opens, which endpoint
+pairs make which forwards, how many workers run, and how ``serve``'s flags override its
+config file.  ``netns-tcp-bridge`` (``cli/compat.py``) goes through the same functions,
+so both commands report a bad input in the same words.
 
 Every function takes the parsed ``argparse.Namespace`` (or the values in it) and returns
 library objects (:class:`ForwardSpec`, :class:`DaemonOptions`); a bad input raises

@@ -1,11 +1,11 @@
 """The ``nsbridge`` logger, imported by the modules a worker process runs.
 
-``from ._log import log`` gives ``logging.getLogger("nsbridge")`` -- except in a worker
+``from nsbridge.relay.log import log`` gives ``logging.getLogger("nsbridge")`` -- except in a worker
 process (:mod:`nsbridge.forward.worker`), which calls :func:`use_stderr` before it imports
 anything else and so gets a stand-in that writes "nsbridge: message" lines to stderr
 at the level the supervisor passed.  The stand-in saves the ``logging`` import (with
-``traceback``, ``re``, ``string`` and ``weakref``: about 1.7 MiB of resident memory per
-worker).  Only what the relay modules call is provided.
+``traceback``, ``re``, ``string`` and ``weakref``), resident memory in every worker
+(docs/performance.md, Memory).  Only what the relay modules call is provided.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         def exception(self, msg: str, *args: object) -> None: ...
 
 
-# Declared, not assigned: the first ``from ._log import log`` goes through __getattr__.
+# Declared, not assigned: the first ``from nsbridge.relay.log import log`` goes through __getattr__.
 log: Log
 
 

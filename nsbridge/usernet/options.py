@@ -1,8 +1,9 @@
 """Usernet options: what ``nsbridge run`` / ``attach`` flags mean, as library calls.
 
-The parser (cli.py) only reads flags; the rules about their values live here (``--dns``
-spellings, ``-p`` through :func:`.publish.parse_publish`), and the result is the
-:class:`.runner.UsernetOptions` the runner checks as a whole before anything is created.
+The parser (``cli/main.py``) only reads flags; the rules about their values live here
+(``--dns`` spellings, ``-p`` through :func:`.proto.publish.parse_publish`), and the result
+is the :class:`.runner.UsernetOptions` the runner checks as a whole before anything is
+created.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Types of the native relay (``_flowrelay.c``), which the type checker cannot read.
 
 Kept next to the C file so a change to its method table or to ``Relay_init``'s argument
-parsing is seen to need one here; :mod:`nsbridge.usernet.flowrelay` is the caller.
+parsing is seen to need one here; :mod:`nsbridge.usernet.host.flowrelay` is the caller.
 """
 
 from collections.abc import Callable

@@ -1,13 +1,15 @@
 """The tun engine: the host side of a user-mode namespace's catch-all default route.
 
-The namespace's default route is a tun device (see :mod:`.sandbox`); :class:`TunEngine`
-owns its fd on an :class:`~nsbridge.relay.loop.EventLoop`, reads every IP packet the
-namespace sends, and hands each to the module for its kind; they answer with sockets
-made in *this* process's network namespace (plain ``socket.socket``: the engine runs on
-the host side, so every socket it makes is a host socket).  The protocol work is done by
-the sans-IO modules — :mod:`.packets` parses and builds frames, :mod:`.policy` decides
-each new flow, :mod:`.dns` checks queries — and the engine's modules only do the I/O
-between them.
+The namespace's default route is a tun device (see
+:mod:`~nsbridge.usernet.inside.sandbox`); :class:`TunEngine` owns its fd on an
+:class:`~nsbridge.relay.loop.EventLoop`, reads every IP packet the namespace sends, and
+hands each to the module for its kind; they answer with sockets made in *this* process's
+network namespace (plain ``socket.socket``: the engine runs on the host side, so every
+socket it makes is a host socket).  The protocol work is done by the sans-IO modules of
+:mod:`nsbridge.usernet.proto` — :mod:`~nsbridge.usernet.proto.packets` parses and builds
+frames, :mod:`~nsbridge.usernet.proto.policy` decides each new flow,
+:mod:`~nsbridge.usernet.proto.dns` checks queries — and the engine's modules only do the
+I/O between them.
 
 Run it as root, or as a user who may open ``/dev/net/tun`` (mode 0600 on some machines,
 0666 on most): the sandbox that creates the tun device maps the caller to root inside
@@ -28,8 +30,8 @@ Where each packet goes, and why:
 * Denied flows and host errors are answered as ICMP by :mod:`.replies`.
 * **TCP** reaches the tun only without the redirect fast path; then ``tcp_handler``
   (:class:`~nsbridge.usernet.host.tuntcp.TunTcp`) terminates it.  A segment nobody takes is
-  answered here with a reset (:func:`packets.build_tcp_rst`): the namespace's
-  ``connect()`` fails at once instead of retrying SYNs for minutes.
+  answered here with a reset (:func:`~nsbridge.usernet.proto.packets.build_tcp_rst`): the
+  namespace's ``connect()`` fails at once instead of retrying SYNs for minutes.
 * Everything else (neighbour discovery, MLD, other protocols, broken frames) is
   dropped and counted by reason; hostile input never raises (:func:`parse_frame`), and
   an unexpected exception while handling one frame is counted in ``stats.errors`` and

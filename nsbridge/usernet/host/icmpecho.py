@@ -25,7 +25,7 @@ Why and how:
     generic path made the echo round trip twice slirp4netns's.  Both paths write
     byte-identical replies (tests/test_usernet_engine.py checks it);
   - the **native relay** (:mod:`.flowrelay`) carries ping-socket flows in C when it
-    runs, with sockets from :meth:`.FlowDecisions.open_ping_socket`.
+    runs, with sockets from :meth:`.flowdecide.FlowDecisions.open_ping_socket`.
 
 Supported: echo request/reply, IPv4 and IPv6.  Not supported: echo *to* the namespace
 (nobody pings it; a reply it sends is counted as unsupported), other ICMP queries; ICMP

@@ -1,7 +1,7 @@
 """The TCP fast path of user-mode networking: redirected connections, relayed by the kernel.
 
-Inside the namespace an nftables rule (:mod:`.nft`) rewrites every outbound TCP
-connection to a local listener.  That listener was created *inside* the namespace (so
+Inside the namespace an nftables rule (:mod:`~nsbridge.usernet.inside.nft`) rewrites every
+outbound TCP connection to a local listener.  That listener was created *inside* the namespace (so
 the namespace's connections can reach it) but its fd belongs to the host side, which
 accepts here, in its own namespace.  For each connection:
 

@@ -19,7 +19,7 @@ plays the other end.  The protocol is :class:`~nsbridge.usernet.proto.tcpstate.T
   (``SO_PEEK_OFF`` keeps the offset) into one shared buffer, written to the tun with
   ``writev([head, payload])`` (no joined frame; the kernel computes checksums and cuts
   GSO frames), and consumed from the socket only when acknowledged.  Retransmission
-  rewinds the peek offset.  TCP ``SO_PEEK_OFF`` needs Linux 6.9: :func:`available`
+  rewinds the peek offset.  TCP ``SO_PEEK_OFF`` needs Linux 6.9: :func:`unavailable`
   tells the caller whether this path can run.
 * FINs and resets are carried both ways; a host socket error resets the namespace's
   connection and a namespace reset aborts the host socket (``SO_LINGER`` 0).

@@ -12,7 +12,7 @@ Why and how:
   the UDP relay, for the same reasons (UDP never says goodbye).
 * ICMP errors the host socket reports (``ECONNREFUSED`` from a closed port, unreachable
   hosts) go back to the namespace as ICMP unreachable quoting the flow's latest
-  datagram (:meth:`.Replies.answer_host_error`), so its application sees the same error
+  datagram (:meth:`.replies.Replies.answer_host_error`), so its application sees the same error
   it would see on a real network.
 * GSO (USO) frames from the namespace are split into their datagrams; a large reply
   leaves its UDP checksum to the kernel when the tun accepted the ``csum`` offload.

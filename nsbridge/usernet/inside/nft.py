@@ -13,8 +13,8 @@ The rule set is the netlink equivalent of::
 Every TCP connection the namespace *originates* (hook ``output``) and that does not go
 over ``lo`` is rewritten by the kernel to ``127.0.0.1:PORT`` / ``[::1]:PORT``, where the
 host side's listener accepts it and learns the real destination from ``SO_ORIGINAL_DST``
-(see :mod:`.redirect`).  Loopback is left alone so programs inside can still talk to
-each other, and so the listener itself is never redirected into itself.
+(see :mod:`~nsbridge.usernet.host.redirect`).  Loopback is left alone so programs inside
+can still talk to each other, and so the listener itself is never redirected into itself.
 
 Why netlink and not the ``nft`` binary: the host side must not depend on a tool that
 may be missing (or a different version) on the machine, and this runs in the sandbox's
