@@ -1,4 +1,4 @@
-"""``netns-tcp-bridge``: exactly netns_tcp_bridge's command line, on nsbridge's engine.
+"""``netns-tcp-bridge``: exactly netns_tcp_bridge's command line, on nsbridge's relay.
 
 Existing scripts keep working: same flags, same long names, quiet by default.  What
 differs is only what was broken or missing in the original (resets carried, -S with -c

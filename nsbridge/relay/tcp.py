@@ -49,7 +49,7 @@ _REGISTER_MASK = IN | OUT | RDHUP | ET
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _CHUNK = 1 << 20
-# Reads up to this size are copied (readv/write) even by the splice engine: for a
+# Reads up to this size are copied (readv/write) even by the splice mover: for a
 # request or a response the pipe round trip costs more than copying a few KiB (measured:
 # bench/RESULTS.md).  A read that fills it marks the direction as bulk, which then
 # splices.  Tunable for experiments with NSBRIDGE_SMALL_READ (bytes; 0 = always splice).

@@ -2,11 +2,11 @@
 
 A TCP connection from the namespace to its DNS address (``10.0.2.3:53`` /
 ``[fd00::3]:53``) is dialed to a host resolver *from the host*, which a resolver trusts
-far more than the sandbox (often it is ``127.0.0.1``).  The forwarding engine's relay
-would carry any bytes; this one parses the namespace's side as DNS's length-prefixed
-stream (:class:`~nsbridge.usernet.proto.dns.DnsStream`) and forwards only whole messages that
-:func:`~nsbridge.usernet.proto.dns.check_query` passes.  The tun path does the same check in
-:mod:`.tuntcp`, with its own I/O.
+far more than the sandbox (often it is ``127.0.0.1``).  The TCP session of
+:mod:`nsbridge.relay.tcp` would carry any bytes; this one parses the namespace's side as
+DNS's length-prefixed stream (:class:`~nsbridge.usernet.proto.dns.DnsStream`) and
+forwards only whole messages that :func:`~nsbridge.usernet.proto.dns.check_query` passes.
+The tun path does the same check in :mod:`.tuntcp`, with its own I/O.
 
 The first message that does not pass ends what is forwarded: the resolver gets a FIN
 after the messages before it (never a byte of the bad one), answers to those come back
