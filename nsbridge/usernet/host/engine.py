@@ -30,7 +30,7 @@ Where each packet goes, and why:
 * Denied flows and host errors are answered as ICMP by :mod:`.replies`.
 * **TCP** reaches the tun only without the redirect fast path; then ``tcp_handler``
   (:class:`~nsbridge.usernet.host.tuntcp.TunTcp`) terminates it.  A segment nobody takes is
-  answered here with a reset (:func:`~nsbridge.usernet.proto.packets.build_tcp_rst`): the
+  answered here with a reset (:func:`~nsbridge.usernet.proto.packetbuild.build_tcp_rst`): the
   namespace's ``connect()`` fails at once instead of retrying SYNs for minutes.
 * Everything else (neighbour discovery, MLD, other protocols, broken frames) is
   dropped and counted by reason; hostile input never raises (:func:`parse_frame`), and
