@@ -157,6 +157,26 @@ def test_stats_count_bytes_active_and_accepted(daemon: Daemon):
     assert stats["bytes_up"] == stats["bytes_down"] >= 200_000 + 1
 
 
+@pytest.mark.parametrize("accept", ["handoff", "reuseport"])
+def test_stats_right_after_traffic_count_it(netns, forwarder, stream_server, tmp_path: Path,
+                                            accept: str):
+    """A stats request asks the workers first: a client that reads statistics right after
+    its own round trip sees it (no STATS_INTERVAL wait), in both accept modes."""
+    daemon = start_daemon(forwarder, stream_server, netns, tmp_path / "ctl.sock",
+                          "--accept", accept)
+    for held_count in (1, 2):
+        held = socket.create_connection(daemon.address, timeout=10)
+        held.sendall(b"x" * 1000)
+        echoed = b""
+        while len(echoed) < 1000:
+            echoed += held.recv(1000)
+        stats = stats_by_name(daemon.control)["forward-1"]
+        assert stats["accepted"] == held_count and stats["active"] == 1, stats
+        assert stats["bytes_up"] == stats["bytes_down"] == 1000 * held_count, stats
+        held.close()
+        wait_stats(daemon.control, lambda s: s["forward-1"]["active"] == 0, "closed")
+
+
 def test_add_use_and_remove_while_another_connection_keeps_echoing(daemon: Daemon):
     """Adding and removing forward B leaves a long echo connection on forward A alone."""
     long_lived = socket.create_connection(daemon.address, timeout=10)

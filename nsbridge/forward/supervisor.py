@@ -43,6 +43,7 @@ import itertools
 import logging
 import marshal
 import os
+import select
 import signal
 import socket
 import struct
@@ -62,6 +63,8 @@ from nsbridge.forward.worker import (
     CONNECTIONS,
     MAX_MESSAGE,
     REMOVE,
+    REPORT,
+    REPORTED,
     STATS,
     STATS_INTERVAL,
     WORKER_BOOT,
@@ -84,6 +87,8 @@ AUTO = "auto"
 HANDOFF = "handoff"
 REUSEPORT = "reuseport"
 ACCEPT_MODES = (AUTO, HANDOFF, REUSEPORT)
+# How long a control request for statistics waits for the workers' fresh counters.
+REPORT_TIMEOUT = 0.25
 _RESTART_WINDOW = 10.0
 _MAX_RESTARTS_IN_WINDOW = 5
 # The worker's side of the channel (messages, boot code) is nsbridge/forward/worker.py.
@@ -97,6 +102,7 @@ class Worker:
     channel: socket.socket  # supervisor's end of the hand-off socketpair
     started: float
     stats: dict[int, dict[str, int]] = field(default_factory=dict)
+    reports: int = 0  # answers to REPORT received, so stats() knows when all are in
     backlog: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # not yet sent
 
 
@@ -260,7 +266,13 @@ class Supervisor:
                 for f in self.forwards.values()]
 
     def stats(self) -> list[dict[str, Any]]:
-        """Counters per forward, summed over workers (at most STATS_INTERVAL old)."""
+        """Counters per forward, summed over workers.
+
+        The workers are asked for their counters first (:meth:`_refresh_worker_stats`), so
+        a client that reads statistics right after its own connection sees it counted,
+        instead of figures up to STATS_INTERVAL old.
+        """
+        self._refresh_worker_stats()
         rows = []
         for forward_id, forward in self.forwards.items():
             total = ForwardStats(**self._retired.get(forward_id, ForwardStats()).as_dict())
@@ -275,6 +287,32 @@ class Supervisor:
             rows.append({"name": forward.spec.name, "protocol": forward.spec.protocol,
                          **total.as_dict()})
         return rows
+
+    def _refresh_worker_stats(self, timeout: float = REPORT_TIMEOUT) -> None:
+        """Ask every worker for its counters now and wait (briefly) for the answers.
+
+        Blocking the supervisor's loop here is bounded by ``timeout`` and happens only on a
+        control request; a worker too busy to answer in time is read as last reported.
+        """
+        asked = {}
+        for worker in self.workers.values():
+            if worker.backlog:
+                continue  # its channel is full; the periodic report will do
+            try:
+                worker.channel.send(REPORT)
+            except OSError:
+                continue
+            asked[worker.channel.fileno()] = (worker, worker.reports)
+        deadline = time.monotonic() + timeout
+        while asked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select(list(asked), [], [], remaining)
+            for fd in ready:
+                worker, before = asked[fd]
+                if not self._on_worker_message(worker) or worker.reports > before:
+                    del asked[fd]
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -398,22 +436,25 @@ class Supervisor:
         if events & IN:
             self._on_worker_message(worker)
 
-    def _on_worker_message(self, worker: Worker) -> None:
+    def _on_worker_message(self, worker: Worker) -> bool:
+        """Read what the worker sent; False once its channel has ended."""
         while True:
             try:
                 data = worker.channel.recv(MAX_MESSAGE)
             except BlockingIOError:
-                return
+                return True
             except OSError:
                 data = b""
             if not data:  # the worker is gone; its pidfd will tell
                 self.loop.remove(worker.channel.fileno())
-                return
-            if data[:1] == STATS:
+                return False
+            if data[:1] in (STATS, REPORTED):
                 try:
                     worker.stats = marshal.loads(data[1:])
                 except (EOFError, ValueError, TypeError):
                     log.warning("worker %d sent unreadable statistics", worker.index)
+                if data[:1] == REPORTED:
+                    worker.reports += 1
 
     def _reap(self, worker: Worker) -> None:
         self.loop.remove(worker.pidfd)

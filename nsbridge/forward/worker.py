@@ -39,8 +39,10 @@ MAX_MESSAGE = 1 << 16
 CONNECTIONS = b"C"  # body: forward ids (uint32 each); fds: the accepted sockets
 ADD = b"A"  # body: marshalled forward_message(); fds: [connect netns fd] [udp socket] [listener]
 REMOVE = b"R"  # body: marshalled (forward id, kill)
+REPORT = b"Q"  # no body: send the counters now (a control client asked for them)
 # Worker -> supervisor:
-STATS = b"S"  # body: marshalled {forward id: counters}
+STATS = b"S"  # body: marshalled {forward id: counters}, sent every STATS_INTERVAL if changed
+REPORTED = b"s"  # the same body, in answer to REPORT
 
 # argv: package root, channel fd, index, mover, pipe size, drain, log level.  The
 # stand-in logger goes in before any relay module binds ``log``.
@@ -164,6 +166,8 @@ class _WorkerProcess:
             elif kind == REMOVE:
                 forward_id, kill = marshal.loads(body)
                 self._remove(forward_id, kill)
+            elif kind == REPORT:
+                self._send_stats(REPORTED, self._current_stats())
             else:
                 for fd in fds:
                     os.close(fd)
@@ -213,12 +217,18 @@ class _WorkerProcess:
     def _schedule_stats(self) -> None:
         self.bridge.loop.call_later(STATS_INTERVAL, self._report_stats)
 
+    def _current_stats(self) -> dict[int, dict[str, int]]:
+        return {i: f.snapshot().as_dict() for i, f in self.forwards.items()}
+
     def _report_stats(self) -> None:
-        current = {i: f.snapshot().as_dict() for i, f in self.forwards.items()}
-        if current != self._last_stats:
-            try:
-                self.channel.send(STATS + marshal.dumps(current))
-                self._last_stats = current
-            except OSError:
-                pass
+        current = self._current_stats()
+        if current != self._last_stats and self._send_stats(STATS, current):
+            self._last_stats = current
         self._schedule_stats()
+
+    def _send_stats(self, kind: bytes, current: dict[int, dict[str, int]]) -> bool:
+        try:
+            self.channel.send(kind + marshal.dumps(current))
+        except OSError:
+            return False
+        return True
