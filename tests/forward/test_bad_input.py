@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, connect_in, have, listen_in, run_nsbridge
+from helpers.environment import REPO, have
+from helpers.netns import connect_in, listen_in
+from helpers.processes import run_nsbridge
 
 # ---- helpers ------------------------------------------------------------------------
 

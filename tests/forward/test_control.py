@@ -21,19 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    Forwarder,
-    StreamServer,
-    ctl,
-    ctl_json,
-    host_port,
-    listen_in,
-    stats_by_name,
-    tcp_roundtrip,
-    wait_forwarding,
-    wait_stats,
-    wait_until,
-)
+from helpers.control import ctl, ctl_json, stats_by_name, wait_stats
+from helpers.netns import listen_in
+from helpers.processes import Forwarder, host_port, wait_forwarding
+from helpers.servers import StreamServer, tcp_roundtrip
+from helpers.waiting import wait_until
 
 from nsbridge.forward.control import MAX_CLIENTS, MAX_LINE
 
@@ -218,7 +210,7 @@ def test_added_forward_can_use_udp(daemon: Daemon, udp_server):
     result = ctl(daemon.control, "add", "dns", "udp:127.0.0.1:0",
                  f"udp:127.0.0.1:{server.port},netns={daemon.netns}")
     assert result.returncode == 0, result.stderr
-    from conftest import udp_roundtrip
+    from helpers.servers import udp_roundtrip
 
     address = daemon.listening_on("dns")
     assert udp_roundtrip(address, b"ping") == b"ping"

@@ -24,20 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    REPO,
-    Forwarder,
-    free_port,
-    host_port,
-    listen_in,
-    process_tree,
-    stats_by_name,
-    tcp_roundtrip,
-    udp_roundtrip,
-    wait_forwarding,
-    wait_stats,
-    wait_until,
-)
+from helpers.control import stats_by_name, wait_stats
+from helpers.environment import REPO
+from helpers.netns import free_port, listen_in
+from helpers.processes import Forwarder, host_port, process_tree, wait_forwarding
+from helpers.servers import tcp_roundtrip, udp_roundtrip
+from helpers.waiting import wait_until
 
 # ---- systemd socket activation ------------------------------------------------------------
 
@@ -179,7 +171,7 @@ def test_exit_with_follows_a_process(netns, forwarder, stream_server):
 
 def test_exit_with_absent_pid(netns):
     """A PID that is not there: exit 2 at once."""
-    from conftest import run_nsbridge
+    from helpers.processes import run_nsbridge
 
     sleeper = os.posix_spawn("/bin/true", ["true"], dict(os.environ))
     os.waitpid(sleeper, 0)  # exited and reaped: that PID is free now

@@ -22,23 +22,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers.control import wait_stats
+from helpers.environment import have
+from helpers.netns import in_netns, listen_in
+from helpers.processes import Forwarder, host_port, run_nsbridge, wait_forwarding
+from helpers.servers import (
     DNS_ADDRESS,
     DNS_NAME,
-    Forwarder,
     StreamServer,
     UdpServer,
     dns_answer,
-    have,
-    host_port,
-    in_netns,
-    listen_in,
     recv_all,
-    run_nsbridge,
     tcp_roundtrip,
     udp_roundtrip,
-    wait_forwarding,
-    wait_stats,
 )
 
 from nsbridge.forward import proxy_protocol

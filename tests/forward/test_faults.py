@@ -22,18 +22,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import (
-    Forwarder,
-    echo,
-    host_port,
-    listen_in,
-    process_tree,
-    recv_all,
-    serve_in_thread,
-    wait_forwarding,
-    wait_stats,
-    wait_until,
-)
+from helpers.control import wait_stats
+from helpers.netns import listen_in
+from helpers.processes import Forwarder, host_port, process_tree, wait_forwarding
+from helpers.servers import echo, recv_all, serve_in_thread
+from helpers.waiting import wait_until
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 

@@ -22,15 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
-    REPO,
-    Forwarder,
-    connect_in,
-    have,
-    listen_in,
-    recv_all,
-    wait_until,
-)
+from helpers.environment import REPO, have
+from helpers.netns import connect_in, listen_in
+from helpers.processes import Forwarder
+from helpers.servers import recv_all
+from helpers.waiting import wait_until
 
 PAYLOAD_UP = os.urandom(1 << 20)  # big enough to take many reads and fill socket buffers
 PAYLOAD_DOWN = os.urandom(1 << 20)

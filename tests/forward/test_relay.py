@@ -15,15 +15,10 @@ import threading
 import time
 
 import pytest
-from conftest import (
-    connect_in,
-    echo,
-    listen_in,
-    open_fds,
-    recv_all,
-    serve_in_thread,
-    wait_until,
-)
+from helpers.netns import connect_in, listen_in
+from helpers.processes import open_fds
+from helpers.servers import echo, recv_all, serve_in_thread
+from helpers.waiting import wait_until
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 

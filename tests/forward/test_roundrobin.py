@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers.environment import REPO
 
 from nsbridge.linux.reuseport_bpf import attach_round_robin, round_robin_unavailable
 

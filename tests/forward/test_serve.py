@@ -13,18 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ctl_json,
-    host_port,
-    in_netns,
-    listen_in,
-    run_nsbridge,
-    tcp_roundtrip,
-    udp_roundtrip,
-    wait_forwarding,
-    wait_stats,
-    wait_until,
-)
+from helpers.control import ctl_json, wait_stats
+from helpers.netns import in_netns, listen_in
+from helpers.processes import host_port, run_nsbridge, wait_forwarding
+from helpers.servers import tcp_roundtrip, udp_roundtrip
+from helpers.waiting import wait_until
 
 
 def abstract_server(netns: str, stream_server) -> tuple[str, object]:

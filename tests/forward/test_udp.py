@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-from conftest import DNS_ADDRESS, DNS_NAME, dns_answer, have, in_netns, wait_until
+from helpers.environment import have
+from helpers.netns import in_netns
+from helpers.servers import DNS_ADDRESS, DNS_NAME, dns_answer
+from helpers.waiting import wait_until
 
 from nsbridge.linux.netns import Netns
 from nsbridge.net.addresses import ResolvedAddress

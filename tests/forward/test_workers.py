@@ -6,7 +6,10 @@ import os
 import signal
 import socket
 
-from conftest import echo, listen_in, process_tree, recv_all, serve_in_thread, wait_until
+from helpers.netns import listen_in
+from helpers.processes import process_tree
+from helpers.servers import echo, recv_all, serve_in_thread
+from helpers.waiting import wait_until
 
 
 def _growth_while_holding(fwd, count: int) -> dict[int, int]:

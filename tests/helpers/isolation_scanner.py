@@ -1,6 +1,6 @@
 """Run inside a sandbox or container: try to reach every other process through /proc.
 
-Usage: ``python3 helper_isolation_scanner.py REPORT STOP [READY]`` (standard library only:
+Usage: ``python3 isolation_scanner.py REPORT STOP [READY]`` (standard library only:
 it runs as the sandboxed program, under any interpreter).
 
 It spins from its start until the file STOP exists (at most 120 s), listing /proc on every

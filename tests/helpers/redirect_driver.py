@@ -1,4 +1,5 @@
-"""Driver for tests/test_usernet_redirect.py: both ends of the TCP fast path, for real.
+"""Driver for tests/usernet/test_redirect.py and test_tcp.py: both ends of the TCP fast
+path, for real.
 
 ``host CONFIG_JSON`` is run with ``ip netns exec HOST`` so that "the host" is a throwaway
 namespace the test created (nothing dialed here can leave the machine).  It creates a

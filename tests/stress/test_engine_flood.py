@@ -1,6 +1,6 @@
 """Two million adversarial frames through the tun engine (issue 7, hostile input; stress).
 
-test_packets.py and test_tcpstate.py fuzz the sans-IO parts with hypothesis; this
+tests/unit/test_packets.py and test_tcpstate.py fuzz the sans-IO parts with hypothesis; this
 drives the whole engine — UDP flows, DNS, ICMP echo, and the tun TCP path
 (:class:`~nsbridge.usernet.host.tuntcp.TunTcp`) — with 2,000,000 frames: valid templates
 of every kind, then mutated (bytes flipped, truncated, lengths and offsets falsified,
@@ -27,7 +27,7 @@ import tracemalloc
 from collections.abc import Callable
 
 import pytest
-from conftest import in_netns
+from helpers.netns import in_netns
 
 from nsbridge.relay.loop import EventLoop
 from nsbridge.usernet.host.engine import TunEngine

@@ -2,13 +2,13 @@
 that nothing was corrupted or lost and that the nsbridge process is back to the open
 fds it started with.
 
-Why: the per-feature tests in test_usernet_*.py make a handful of flows each.  Leaks
+Why: the per-feature tests in tests/usernet/ make a handful of flows each.  Leaks
 (an fd per redirected connection, per DNS query, per UDP flow), and races (a client
 reset racing the dial, a half-close racing a flush, DNS answers crossing) only show
 after thousands of mixed flows through the same engine.
 
 Shape (inside a "host" namespace of the test's own, the ``host`` fixture): the TCP
-scenario server of test_stress.py (sha256-checked echo, half-closes both ways, 4 MiB
+scenario server of helpers/tcp_mix.py (sha256-checked echo, half-closes both ways, 4 MiB
 downloads, slow readers, client and server aborts, idle connections) listens on
 192.0.2.1, a UDP echo server there too, and a resolver on the host's 127.0.0.1 serves
 ``--dns``.  The clients run *inside* the sandbox (this file run as a script by
@@ -39,7 +39,12 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import REPO, USERNET_TCP_MODES, in_netns, wait_until
+
+if __name__ != "__main__":
+    from helpers.environment import REPO
+    from helpers.netns import in_netns
+    from helpers.usernet_host import USERNET_TCP_MODES
+    from helpers.waiting import wait_until
 
 pytestmark = pytest.mark.stress
 
@@ -130,12 +135,12 @@ async def dns_round(first: int, total: int, counts: Counter) -> None:
 async def soak_round(tcp_port: int, udp_port: int, tcp_total: int, dns_first: int,
                      dns_total: int, seed: int) -> dict[str, Any]:
     """One round: the TCP mix, the UDP flows and the DNS queries, concurrently."""
-    import test_stress
+    from helpers import tcp_mix
 
     counts: Counter = Counter()
     started = time.monotonic()
     tally, _udp, _dns = await asyncio.gather(
-        test_stress.run_mix(tcp_port, tcp_total, concurrency=CONCURRENCY),
+        tcp_mix.run_mix(tcp_port, tcp_total, concurrency=CONCURRENCY),
         udp_round((SERVER, udp_port), seed, counts),
         dns_round(dns_first, dns_total, counts))
     return {"tcp": dict(tally.counts), "failures": tally.failures, "other": dict(counts),
@@ -145,9 +150,9 @@ async def soak_round(tcp_port: int, udp_port: int, tcp_total: int, dns_first: in
 def clients_main(tcp_port: int, udp_port: int, tcp_total: int) -> None:
     """Two rounds, each reported as a JSON line; wait for a line on stdin after each so
     the test can count nsbridge's fds while nothing moves."""
-    import test_stress
+    from helpers import tcp_mix
 
-    test_stress.SERVER_HOST = SERVER
+    tcp_mix.SERVER_HOST = SERVER
     for name, total, dns_first, dns_total, seed in (
             ("warm", WARM_TCP, 0, DNS_WARM, 1), ("soak", tcp_total, DNS_WARM, DNS_QUERIES, 2)):
         report = asyncio.run(soak_round(tcp_port, udp_port, total, dns_first, dns_total, seed))
@@ -156,8 +161,8 @@ def clients_main(tcp_port: int, udp_port: int, tcp_total: int) -> None:
 
 
 def server_main() -> None:
-    """The TCP scenario server of test_stress.py, on SERVER (in the host namespace)."""
-    import test_stress
+    """The TCP scenario server of helpers/tcp_mix.py, on SERVER (in the host namespace)."""
+    from helpers import tcp_mix
 
     async def main() -> None:
         import resource
@@ -166,7 +171,7 @@ def server_main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         counts: Counter = Counter()
         server = await asyncio.start_server(
-            lambda r, w: test_stress._serve_one(r, w, counts), SERVER, 0, backlog=4096)
+            lambda r, w: tcp_mix._serve_one(r, w, counts), SERVER, 0, backlog=4096)
         print(server.sockets[0].getsockname()[1], flush=True)
         await server.serve_forever()
 
@@ -224,7 +229,7 @@ def test_usernet_soak(host: str, udp_server, tmp_path, mode: str) -> None:
     datagrams, 400 DNS queries through one ``nsbridge run --tcp=MODE``: no corrupt or
     lost byte, every reset seen as a reset, fds of nsbridge back to the warmed-up count."""
     pytest.importorskip("dns.message")
-    import test_stress
+    from helpers import tcp_mix
 
     resolver = udp_server(host, _dns_answer)
     echo = udp_server(host, host=SERVER)
@@ -271,7 +276,7 @@ def test_usernet_soak(host: str, udp_server, tmp_path, mode: str) -> None:
               f"{DNS_QUERIES} DNS in {report['seconds']}s; fds {fds_before}->{fds_after}; "
               f"client {report['tcp']} {report['other']}; server {dict(seen)}")
 
-        expected = Counter(kind for kind, _ in test_stress.plan(TCP_TOTAL))
+        expected = Counter(kind for kind, _ in tcp_mix.plan(TCP_TOTAL))
         c, other = Counter(report["tcp"]), Counter(report["other"])
         assert c["failed"] == 0, report["failures"]
         assert c["corrupt"] == 0 and other["udp_corrupt"] == 0, report
@@ -297,6 +302,8 @@ def test_usernet_soak(host: str, udp_server, tmp_path, mode: str) -> None:
 
 
 if __name__ == "__main__":
+    # run as a program (by the test, inside the sandbox): tests/ holds the helpers package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1:2] == ["serve"]:
         server_main()
     elif sys.argv[1:2] == ["clients"]:

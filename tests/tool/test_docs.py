@@ -42,7 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, reachable_in, serve_in_thread, wait_until
+from helpers.environment import REPO
+from helpers.netns import in_netns, reachable_in
+from helpers.servers import serve_in_thread
+from helpers.waiting import wait_until
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_LIMIT = 12_000  # bytes: the README is read in minutes, the rest is in docs/
@@ -127,7 +130,7 @@ def test_every_example_is_run_here() -> None:
     names = [block.label[1] for block in all_blocks()
              if block.label is not None and block.label[0] == "example"]
     unknown = sorted(set(names) - set(EXAMPLES))
-    assert not unknown, f"examples that tests/test_docs.py does not run: {unknown}"
+    assert not unknown, f"examples that tests/tool/test_docs.py does not run: {unknown}"
     doubled = sorted({name for name in names if names.count(name) > 1})
     assert not doubled, f"example names used more than once: {doubled}"
     unused = sorted(set(EXAMPLES) - set(names))

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers.environment import REPO
 
 LINE = re.compile(r"^(ok|limited|missing) +([^:]+): (.+)$")
 

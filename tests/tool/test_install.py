@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers.environment import REPO
 
 STOCK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 STOCK_PYTHON = Path("/usr/bin/python3")

@@ -22,12 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.environment import REPO
 
 from nsbridge.errors import errno_name
 from nsbridge.relay.accept import ACCEPT_BATCH, RETRY_DELAY, Acceptor
 from nsbridge.relay.loop import EventLoop
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_loop_until(loop: EventLoop, done: Callable[[], bool], timeout: float = 5.0) -> None:

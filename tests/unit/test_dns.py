@@ -6,14 +6,14 @@ of every opcode, section counts, OPT records well and badly formed, zone transfe
 meta types, flags, truncation, trailing bytes and compression pointers; messages built
 by dnspython (what real stubs send) pass.  DNS over TCP (:class:`DnsStream`): messages
 split anywhere, pipelined, a bad one stopping the stream, memory bounded.  And the
-policy's side: deny rules see the resolver a query would be sent to; and the tun engine
-answering what it refuses and asking only the resolvers the rules leave.
+policy's side: deny rules see the resolver a query would be sent to.  And the helpers:
+the resolvers read from resolv.conf.  (The tun engine answering what it refuses and asking
+only the resolvers the rules leave needs a namespace: tests/usernet/test_engine.py.)
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 import dns.edns
 import dns.flags
@@ -22,13 +22,12 @@ import dns.opcode
 import dns.rcode
 import dns.update
 import pytest
-from conftest import UdpServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nsbridge.usernet.proto import dns as nsdns
 from nsbridge.usernet.proto.dns import DnsQuery, DnsStream, Refused, check_query, refusal
-from nsbridge.usernet.proto.packets import Malformed, build_udp
+from nsbridge.usernet.proto.packets import Malformed
 from nsbridge.usernet.proto.policy import AllowResolver, Deny, Policy, Rule
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -359,44 +358,59 @@ def test_no_resolvers_and_unknown_resolvers() -> None:
         "udp", "10.0.2.3", 53) == Deny("deny rule")
 
 
-# ---- the tun engine, on a socketpair: refusals answered, covered resolvers skipped -----------
+# ---- resolv.conf, and check_query on hand-built queries ------------------------------------
 
 
-def test_engine_answers_refusals_and_skips_a_covered_resolver(
-        netns: str, udp_server: Callable[..., UdpServer]) -> None:
-    from test_usernet_engine import DNS4, NS4, PairEngine
+def dns_query(
+    name: bytes = b"\x07example\x03com\x00", *, flags: int = 0x0100, qd: int = 1
+) -> bytes:
+    return struct.pack("!HHHHHH", 0xBEEF, flags, qd, 0, 0, 0) + name + b"\x00\x01\x00\x01"
 
-    asked: list[str] = []
 
-    def answer(data: bytes) -> bytes:
-        query = dns.message.from_wire(data)
-        asked.append(f"{query.question[0].name} {query.opcode()}")
-        return dns.message.make_response(query).to_wire()  # type: ignore[no-any-return]
+def test_resolv_conf() -> None:
+    text = """
+    # a comment
+    nameserver 127.0.0.53
+    nameserver 2001:db8::53 # trailing words are ignored
+    nameserver fe80::1%eth0
+    nameserver not-an-address
+    nameserver 127.0.0.53
+    ; nameserver 192.0.2.1
+    search example.com
+    nameserver 192.0.2.9
+    """
+    text = "\n".join(line.strip() for line in text.splitlines())
+    assert [str(a) for a in nsdns.parse_resolv_conf(text)] == [
+        "127.0.0.53",
+        "2001:db8::53",
+        "fe80::1%eth0",
+    ]
+    assert len(nsdns.parse_resolv_conf(text, limit=10)) == 4
+    assert nsdns.parse_resolv_conf("") == []
 
-    good = udp_server(netns, answer, host="127.0.0.1")
-    covered = udp_server(netns, answer, host="127.0.0.2")
-    resolvers = [("127.0.0.2", covered.port), ("127.0.0.1", good.port)]
-    policy = Policy(rules=[Rule.parse("deny", "127.0.0.2")], resolvers=resolvers)
-    engine = PairEngine(policy, resolvers, netns=netns)
-    try:
-        query = dns.message.make_query("example.com.", "A")
-        engine.send(build_udp(NS4, DNS4, 5353, 53, query.to_wire()))
-        reply = dns.message.from_wire(engine.receive().l4.payload)
-        assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
-        update = dns.update.UpdateMessage("example.com.")
-        update.add("www", 60, "A", "192.0.2.1")
-        engine.send(build_udp(NS4, DNS4, 5354, 53, update.to_wire()))
-        refused_reply = engine.receive()
-        assert refused_reply.l4.dport == 5354
-        ident, flags = struct.unpack_from("!HH", refused_reply.l4.payload)
-        assert (ident, flags >> 15, (flags >> 11) & 0xF, flags & 0xF) == (
-            update.id, 1, 5, dns.rcode.NOTIMP)
-        engine.send(build_udp(NS4, DNS4, 5355, 53, b"\x12\x34\x80\x00" + bytes(8)))
-        assert engine.nothing_pending()  # a response sent to the resolver: silence
-        stats = engine.runner.stats()
-        assert stats["dns_queries"] == 3 and stats["dns_answers"] == 1
-        assert stats["dns_refused"] == {"opcode UPDATE": 1} and stats["dns_retries"] == 0
-        assert stats["dns_malformed"] == 1 and stats["malformed"] == {"dns: not a query": 1}
-        assert asked == ["example.com. 0"] and covered.received == 0
-    finally:
-        engine.close()
+
+def test_dns_query_checks() -> None:
+    query = nsdns.check_query(dns_query())
+    assert isinstance(query, nsdns.DnsQuery)
+    assert query.ident == 0xBEEF and query.question == b"\x07example\x03com\x00\x00\x01\x00\x01"
+    answer = nsdns.servfail(query)
+    ident, flags, qd = struct.unpack_from("!HHH", answer)
+    assert (ident, flags & 0x8000, flags & 0x0100, flags & 0xF, qd) == (0xBEEF, 0x8000, 0x100, 2, 1)
+    assert answer[12:] == query.question
+    long_name = (b"\x3f" + b"a" * 63) * 4 + b"\x00"  # 256 bytes: over the 255 limit
+    bad = {
+        b"\0" * 11: "dns: truncated header",
+        dns_query(flags=0x8100): "dns: not a query",
+        dns_query(qd=2): "dns: question count is not 1",
+        dns_query(b"\xc0\x0c"): "dns: bad question",
+        dns_query(b"\x07exam"): "dns: bad question",
+        dns_query(long_name): "dns: bad question",
+    }
+    for message, reason in bad.items():
+        assert nsdns.check_query(message) == Malformed(reason), message
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_dns_check_never_raises(data: bytes) -> None:
+    assert isinstance(nsdns.check_query(data), nsdns.DnsQuery | nsdns.Refused | Malformed)

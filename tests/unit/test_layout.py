@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers.environment import REPO
 
 PACKAGE = REPO / "nsbridge"
 LOWER_LAYERS = {

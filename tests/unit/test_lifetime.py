@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import REPO
+from helpers.environment import REPO
 
 from nsbridge.errors import UserError
 from nsbridge.linux import lifetime

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsbridge.usernet.proto import dns
 from nsbridge.usernet.proto.packets import (
     ICMP_DEST_UNREACH,
     MIN_MTU_V4,
@@ -754,61 +753,3 @@ def test_unreachable_quotes_within_minimum_mtu(pair: tuple[bytes, bytes], payloa
     quoted = result.l4.quoted
     assert original.startswith(quoted)
     assert len(quoted) == min(len(original), limit - result.ip.header_length - 8)
-
-
-# ---- DNS helpers --------------------------------------------------------------------
-
-
-def dns_query(
-    name: bytes = b"\x07example\x03com\x00", *, flags: int = 0x0100, qd: int = 1
-) -> bytes:
-    return struct.pack("!HHHHHH", 0xBEEF, flags, qd, 0, 0, 0) + name + b"\x00\x01\x00\x01"
-
-
-def test_resolv_conf() -> None:
-    text = """
-    # a comment
-    nameserver 127.0.0.53
-    nameserver 2001:db8::53 # trailing words are ignored
-    nameserver fe80::1%eth0
-    nameserver not-an-address
-    nameserver 127.0.0.53
-    ; nameserver 192.0.2.1
-    search example.com
-    nameserver 192.0.2.9
-    """
-    text = "\n".join(line.strip() for line in text.splitlines())
-    assert [str(a) for a in dns.parse_resolv_conf(text)] == [
-        "127.0.0.53",
-        "2001:db8::53",
-        "fe80::1%eth0",
-    ]
-    assert len(dns.parse_resolv_conf(text, limit=10)) == 4
-    assert dns.parse_resolv_conf("") == []
-
-
-def test_dns_query_checks() -> None:
-    query = dns.check_query(dns_query())
-    assert isinstance(query, dns.DnsQuery)
-    assert query.ident == 0xBEEF and query.question == b"\x07example\x03com\x00\x00\x01\x00\x01"
-    answer = dns.servfail(query)
-    ident, flags, qd = struct.unpack_from("!HHH", answer)
-    assert (ident, flags & 0x8000, flags & 0x0100, flags & 0xF, qd) == (0xBEEF, 0x8000, 0x100, 2, 1)
-    assert answer[12:] == query.question
-    long_name = (b"\x3f" + b"a" * 63) * 4 + b"\x00"  # 256 bytes: over the 255 limit
-    bad = {
-        b"\0" * 11: "dns: truncated header",
-        dns_query(flags=0x8100): "dns: not a query",
-        dns_query(qd=2): "dns: question count is not 1",
-        dns_query(b"\xc0\x0c"): "dns: bad question",
-        dns_query(b"\x07exam"): "dns: bad question",
-        dns_query(long_name): "dns: bad question",
-    }
-    for message, reason in bad.items():
-        assert dns.check_query(message) == Malformed(reason), message
-
-
-@FAST
-@given(st.binary(max_size=300))
-def test_dns_check_never_raises(data: bytes) -> None:
-    assert isinstance(dns.check_query(data), dns.DnsQuery | dns.Refused | Malformed)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers.environment import REPO
 
 from nsbridge.errors import UserError
 from nsbridge.linux import systemd

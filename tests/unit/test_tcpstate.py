@@ -4,7 +4,7 @@ Sans-IO: no device, no socket.  Each test plays the namespace's kernel by hand â
 SYN, ACKs, data, FIN, RST, losses â€” and checks the frames :class:`TcpConn` answers
 with (parsed back with :func:`parse_frame`, checksums verified) and the actions it
 asks of the host socket.  The end-to-end behaviour with real kernels on both sides
-is in test_usernet_tcp.py.
+is in tests/usernet/test_tcp.py.
 """
 
 from __future__ import annotations

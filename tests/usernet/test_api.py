@@ -1,6 +1,6 @@
 """The Python API (nsbridge.usernet.api) and examples/embed.py, end to end, no mocks.
 
-As in test_usernet_run.py, each test makes a "host" namespace of its own (the ``host``
+As in test_run.py, each test makes a "host" namespace of its own (the ``host``
 fixture in conftest.py: 192.0.2.1/24 on a veth pair that stays inside it), and the
 program embedding nsbridge runs *in* it (``ip netns exec HOST python3 driver``), because
 the API opens its outside sockets in the caller's namespace.  Nothing can leave the
@@ -26,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, wait_until
+from helpers.environment import REPO
+from helpers.netns import in_netns
+from helpers.waiting import wait_until
 
 HTTP_PORT = 8000
 URL = f"http://192.0.2.1:{HTTP_PORT}/index.html"

@@ -20,7 +20,6 @@ same message-per-frame semantics, and the test can read exactly what the engine 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import json
@@ -40,11 +39,15 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import dns.update
 import pytest
-from conftest import have, in_netns, wait_until
+from helpers.environment import have
+from helpers.netns import in_netns
+from helpers.servers import UdpServer
+from helpers.tun_engine import DNS4, GW4, NS4, NS6, EngineRunner, PairEngine
+from helpers.waiting import wait_until
 
-from nsbridge.relay.loop import EventLoop
-from nsbridge.usernet.host.engine import TunEngine, TunOutput
+from nsbridge.usernet.host.engine import TunOutput
 from nsbridge.usernet.inside.sandbox import Sandbox, SandboxHandle
 from nsbridge.usernet.proto.packets import (
     PROTO_TCP,
@@ -61,7 +64,7 @@ from nsbridge.usernet.proto.packets import (
     l4_checksum,
     parse_frame,
 )
-from nsbridge.usernet.proto.policy import Policy, Rule, UsernetAddresses
+from nsbridge.usernet.proto.policy import Policy, Rule
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this machine"
@@ -70,11 +73,6 @@ needs_tools = pytest.mark.skipif(
     not (have("ip") and have("dig") and have("ping")), reason="needs ip, dig and ping"
 )
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-ADDRS = UsernetAddresses()
-NS4, GW4, DNS4 = ADDRS.namespace.packed, ADDRS.gateway.packed, ADDRS.dns.packed
-NS6, GW6 = ADDRS.namespace6.packed, ADDRS.gateway6.packed
 DNS_NAME = "test.example."
 DNS_A = "192.0.2.53"
 
@@ -131,112 +129,6 @@ def test_build_tcp_rst(src: bytes, dst: bytes) -> None:
 
 
 # ---- the engine on a socketpair (frames in, frames out) ---------------------------------
-
-
-class PairEngine:
-    """An engine whose "tun" is one end of a datagram socketpair; the test holds the other.
-
-    Its loop runs in a thread (in ``netns`` when given, so host sockets are made there).
-    """
-
-    def __init__(self, policy: Policy, resolvers: list[tuple[str, int]],
-                 netns: str | None = None, **kwargs: Any) -> None:
-        self.test_end, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.test_end.settimeout(5)
-        self.runner = EngineRunner(self.tun_end.fileno(), 10, (), policy, resolvers, netns,
-                                   **kwargs)
-
-    def send(self, frame: bytes) -> None:
-        self.test_end.send(frame)
-
-    def receive(self) -> Parsed:
-        parsed = parse_frame(self.test_end.recv(1 << 17))
-        assert isinstance(parsed, Parsed), parsed
-        return parsed
-
-    def nothing_pending(self, wait: float = 0.3) -> bool:
-        self.test_end.settimeout(wait)
-        try:
-            self.test_end.recv(1 << 17)
-        except TimeoutError:
-            return True
-        finally:
-            self.test_end.settimeout(5)
-        return False
-
-    def close(self) -> None:
-        self.runner.stop()
-        self.test_end.close()
-        self.tun_end.close()
-
-
-class EngineRunner:
-    """A TunEngine on its own EventLoop in a thread that entered ``netns`` (if given)."""
-
-    def __init__(self, tun: int, vnet_hdr_size: int, offloads: tuple[str, ...],
-                 policy: Policy, resolvers: list[tuple[str, int]], netns: str | None,
-                 **kwargs: Any) -> None:
-        self.loop: EventLoop | None = None
-        self.engine: TunEngine | None = None
-        self.error: BaseException | None = None
-        ready = threading.Event()
-
-        def run() -> None:
-            try:
-                if netns is not None:
-                    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-                    try:
-                        if _libc.setns(fd, CLONE_NEWNET) != 0:
-                            raise OSError(ctypes.get_errno(), "setns")
-                    finally:
-                        os.close(fd)
-                self.loop = EventLoop()
-                self.engine = TunEngine(self.loop, tun, vnet_hdr_size, policy, ADDRS,
-                                        resolvers, offloads=offloads, **kwargs)
-                self.engine.start()
-            except BaseException as exc:
-                self.error = exc
-                ready.set()
-                return
-            ready.set()
-            try:
-                self.loop.run()
-            finally:
-                self.engine.close()
-                self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-        if self.error is not None:
-            raise self.error
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the loop's thread (the engine is single-threaded) and return it."""
-        assert self.loop is not None
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def wrapped() -> None:
-            try:
-                box["value"] = fn()
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(wrapped)
-        assert done.wait(10), "the engine's loop does not respond"
-        return box["value"]
-
-    def stats(self) -> dict[str, Any]:
-        assert self.engine is not None
-        engine = self.engine
-        return self.call(lambda: engine.stats.as_dict())
-
-    def stop(self) -> None:
-        if self.loop is not None and self.thread.is_alive():
-            self.loop.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -759,3 +651,44 @@ def test_native_relay_entry_points_decide_and_answer_through_its_output(
     assert stats["udp_flows_total"] == 1 and stats["icmp_flows_total"] == 1
     assert stats["icmp_echo_local"] == 1 and stats["icmp_sockets"] == {"ping": 1}
     assert stats["udp_flows_active"] == 0 and stats["frames_out"] == 0
+
+
+# ---- the tun engine, on a socketpair: refusals answered, covered resolvers skipped -----------
+
+
+def test_engine_answers_refusals_and_skips_a_covered_resolver(
+        netns: str, udp_server: Callable[..., UdpServer]) -> None:
+    asked: list[str] = []
+
+    def answer(data: bytes) -> bytes:
+        query = dns.message.from_wire(data)
+        asked.append(f"{query.question[0].name} {query.opcode()}")
+        return dns.message.make_response(query).to_wire()  # type: ignore[no-any-return]
+
+    good = udp_server(netns, answer, host="127.0.0.1")
+    covered = udp_server(netns, answer, host="127.0.0.2")
+    resolvers = [("127.0.0.2", covered.port), ("127.0.0.1", good.port)]
+    policy = Policy(rules=[Rule.parse("deny", "127.0.0.2")], resolvers=resolvers)
+    engine = PairEngine(policy, resolvers, netns=netns)
+    try:
+        query = dns.message.make_query("example.com.", "A")
+        engine.send(build_udp(NS4, DNS4, 5353, 53, query.to_wire()))
+        reply = dns.message.from_wire(engine.receive().l4.payload)
+        assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
+        update = dns.update.UpdateMessage("example.com.")
+        update.add("www", 60, "A", "192.0.2.1")
+        engine.send(build_udp(NS4, DNS4, 5354, 53, update.to_wire()))
+        refused_reply = engine.receive()
+        assert refused_reply.l4.dport == 5354
+        ident, flags = struct.unpack_from("!HH", refused_reply.l4.payload)
+        assert (ident, flags >> 15, (flags >> 11) & 0xF, flags & 0xF) == (
+            update.id, 1, 5, dns.rcode.NOTIMP)
+        engine.send(build_udp(NS4, DNS4, 5355, 53, b"\x12\x34\x80\x00" + bytes(8)))
+        assert engine.nothing_pending()  # a response sent to the resolver: silence
+        stats = engine.runner.stats()
+        assert stats["dns_queries"] == 3 and stats["dns_answers"] == 1
+        assert stats["dns_refused"] == {"opcode UPDATE": 1} and stats["dns_retries"] == 0
+        assert stats["dns_malformed"] == 1 and stats["malformed"] == {"dns: not a query": 1}
+        assert asked == ["example.com. 0"] and covered.received == 0
+    finally:
+        engine.close()

@@ -7,7 +7,7 @@ sandbox's user namespace to create sockets there).  None of this may crash nsbri
 hang its event loop, or leave anything behind; each fault must be named in one clear
 log line, and whatever does not depend on the broken part must keep working.
 
-As in test_usernet_run.py, each test has a "host" namespace of its own (the ``host``
+As in test_run.py, each test has a "host" namespace of its own (the ``host``
 fixture: 192.0.2.1 on a veth pair that stays inside it); servers and nsbridge run in
 it.  The command inside is a small Python script driven line by line over
 stdin/stdout, so the test can act (kill a helper, count CPU time) between its steps.
@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, listen_in, processes_mentioning, wait_until
+from helpers.environment import REPO
+from helpers.netns import in_netns, listen_in
+from helpers.processes import processes_mentioning
+from helpers.waiting import wait_until
 
 SERVER = "192.0.2.1"
 

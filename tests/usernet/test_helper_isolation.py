@@ -1,6 +1,6 @@
 """nsbridge's helpers that enter a sandbox's or container's namespaces are out of its reach.
 
-The program inside (root of its user namespace) runs ``helper_isolation_scanner.py``: from
+The program inside (root of its user namespace) runs ``helpers/isolation_scanner.py``: from
 before nsbridge starts (``attach``; for ``run`` the command can only start after nsbridge)
 until the test stops it, it lists /proc on every pass and tries, on every other process,
 ``/proc/PID/root``, ``cwd``, ``environ``, ``mem``, opening ``/proc/PID/fd/N``,
@@ -46,11 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, have, wait_until
+from helpers.environment import REPO, have
+from helpers.netns import free_port
+from helpers.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not have("unshare"), reason="needs util-linux unshare")
 
-SCANNER = REPO / "tests" / "helper_isolation_scanner.py"
+SCANNER = REPO / "tests" / "helpers" / "isolation_scanner.py"
 SCAN_SECONDS = 1.5  # scanning after nsbridge is set up, before the test stops it
 REFUSED = {"EACCES", "EPERM"}
 ROOTLESS = ["unshare", "-U", "-r", "--"]
@@ -421,7 +423,7 @@ def test_host_sockets_visible_through_proc_net_unless_cmd_has_a_pid_namespace(ho
     """The README's word on item 6, both halves: the command reads the host namespace's
     abstract socket names through /proc/<nsbridge>/net/unix, and ``unshare -pf
     --mount-proc`` (the documented workaround) hides them while passing the exit status."""
-    from conftest import in_netns
+    from helpers.netns import in_netns
 
     name = f"nsbridge-test-{uuid.uuid4().hex[:12]}"
 

@@ -27,7 +27,9 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import REPO, in_netns, wait_until
+from helpers.environment import REPO
+from helpers.netns import in_netns
+from helpers.waiting import wait_until
 
 from nsbridge.usernet.host import flowrelay
 

@@ -8,7 +8,7 @@ Network rule: no packet may leave the machine.  Each test creates a "host" names
 (``ip netns add``, unique name, always deleted) with an extra interface holding
 192.0.2.1/24 and 2001:db8::1/64 (TEST-NET / documentation addresses), starts the
 servers there, and runs the host side *inside it* (``ip netns exec HOST python3
-usernet_redirect_driver.py host ...``): the sandbox's connections are redirected to the
+helpers/redirect_driver.py host ...``): the sandbox's connections are redirected to the
 driver, which dials from HOST — so every dial lands in HOST.  The sandbox's default
 route is its tun device, which nothing reads here; redirected TCP never reaches it.
 
@@ -38,7 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, echo, free_port, have, in_netns, listen_in, reply_after_fin
+from helpers.environment import REPO, have
+from helpers.netns import free_port, in_netns, listen_in
+from helpers.servers import echo, reply_after_fin
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
@@ -46,7 +48,7 @@ pytestmark = [
     pytest.mark.skipif(not have("ip"), reason="needs iproute2"),
 ]
 
-DRIVER = str(REPO / "tests" / "usernet_redirect_driver.py")
+DRIVER = str(REPO / "tests" / "helpers" / "redirect_driver.py")
 HOST4 = "192.0.2.1"
 HOST6 = "2001:db8::1"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

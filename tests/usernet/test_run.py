@@ -24,7 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, in_netns, processes_mentioning, reachable_in, wait_until
+from helpers.environment import REPO
+from helpers.netns import in_netns, reachable_in
+from helpers.processes import processes_mentioning
+from helpers.waiting import wait_until
 
 HTTP_PORT = 8000
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, have
+from helpers.environment import REPO, have
 
 from nsbridge.errors import UserError
 from nsbridge.usernet.inside.netconf import VNET_HDR_SIZE

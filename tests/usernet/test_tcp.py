@@ -7,7 +7,7 @@ real Python API (:func:`nsbridge.usernet.api.run`), started with ``ip netns exec
 in a "host" namespace the test made (conftest ``host``: 192.0.2.1 and 2001:db8::1 on
 an interface of its own), so nothing can leave the machine; it prints the command's
 exit status and the TCP counters as JSON.  The programs inside are real: curl, iperf3,
-and the plain-socket client of usernet_redirect_driver.py (sha256-checked transfers,
+and the plain-socket client of helpers/redirect_driver.py (sha256-checked transfers,
 half-close, resets).
 
 /dev/net/tun is mode 0600 on this machine: the namespace creator runs as root here
@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, echo, free_port, have, in_netns, listen_in, reply_after_fin
+from helpers.environment import REPO, have
+from helpers.netns import free_port, in_netns, listen_in
+from helpers.servers import echo, reply_after_fin
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun"),
@@ -34,7 +36,7 @@ pytestmark = [
 
 HOST4 = "192.0.2.1"
 HOST6 = "2001:db8::1"
-DRIVER = str(REPO / "tests" / "usernet_redirect_driver.py")
+DRIVER = str(REPO / "tests" / "helpers" / "redirect_driver.py")
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MODES = ["redirect", "tun"]
 

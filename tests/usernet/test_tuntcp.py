@@ -1,7 +1,7 @@
 """The tun TCP path's I/O (:mod:`nsbridge.usernet.host.tuntcp`) with the test as the namespace.
 
 The engine's "tun" is one end of a datagram socketpair (``PairEngine`` from
-test_usernet_engine.py) and :class:`TunTcp` is attached as its ``tcp_handler``; the
+helpers/tun_engine.py) and :class:`TunTcp` is attached as its ``tcp_handler``; the
 loop runs in a namespace the test made, so every host socket dials a real server in
 it (the gateway 10.0.2.2 is that namespace's 127.0.0.1 with ``allow_host_loopback``).
 The test writes the namespace's segments by hand — which is how it can be hostile in
@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import listen_in, wait_until
-from test_usernet_engine import GW4, NS4, PairEngine
+from helpers.netns import listen_in
+from helpers.tun_engine import GW4, NS4, PairEngine
+from helpers.waiting import wait_until
 
 from nsbridge.usernet.host.tuntcp import TunTcp
 from nsbridge.usernet.proto.packets import (
