@@ -4,7 +4,7 @@ Each fenced block is labelled on the line just above its opening fence:
 
 * ``<!-- example: NAME -->``: a runnable example.  The block is extracted from the Markdown
   and run for real by ``run_<NAME>`` below (``EXAMPLES``), never a copy of it;
-* ``<!-- proved by: tests/FILE.py::TEST -->``: an existing test does what the block shows;
+* ``<!-- proved by: tests/FOLDER/FILE.py::TEST -->``: an existing test does what the block shows;
 * ``<!-- not an example: syntax|output|rules|tree -->``: usage grammar, sample output, a rule
   listing, a source tree.
 
