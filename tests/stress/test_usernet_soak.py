@@ -40,11 +40,12 @@ from typing import Any
 
 import pytest
 
-if __name__ != "__main__":
-    from helpers.environment import REPO
-    from helpers.netns import in_netns
-    from helpers.usernet_host import USERNET_TCP_MODES
-    from helpers.waiting import wait_until
+if __name__ == "__main__":  # run as a program (by the test, inside the sandbox)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from helpers.environment import REPO
+from helpers.netns import in_netns
+from helpers.usernet_host import USERNET_TCP_MODES
+from helpers.waiting import wait_until
 
 pytestmark = pytest.mark.stress
 
@@ -302,8 +303,6 @@ def test_usernet_soak(host: str, udp_server, tmp_path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    # run as a program (by the test, inside the sandbox): tests/ holds the helpers package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1:2] == ["serve"]:
         server_main()
     elif sys.argv[1:2] == ["clients"]:
