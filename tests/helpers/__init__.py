@@ -1,0 +1,23 @@
+"""What the tests share: plain modules, no tests, one concern each.
+
+* :mod:`.environment` — the checkout's root, and whether a tool is installed.
+* :mod:`.waiting` — polling for a condition with a deadline.
+* :mod:`.netns` — named namespaces, and sockets made inside them by a thread of the test's own.
+* :mod:`.usernet_host` — the "host" namespace user-mode networking tests run nsbridge in.
+* :mod:`.servers` — echo, half-close, one-record DNS and UDP servers; client round trips.
+* :mod:`.processes` — nsbridge as a process (command line, a running forwarder), /proc.
+* :mod:`.control` — ``nsbridge ctl`` and the daemon's counters read through it.
+* :mod:`.relay_loop` — a loopback TCP pair and the event loop run in a thread.
+* :mod:`.tun_engine` — the tun engine on a socketpair, its loop in a namespace.
+* :mod:`.tcp_mix` — the soak tests' TCP scenario (server program and clients).
+* :mod:`.bypass` — the policy-bypass harness: presets, the ``Case`` record, sentinels, checks.
+* :mod:`.bypass_attempt` — the bypass tests' program inside the sandbox (stdlib only).
+* :mod:`.bypass_driver` — the bypass tests' API driver in the host namespace.
+* :mod:`.isolation_scanner` — the program inside the sandbox that tries to reach nsbridge's
+  helpers (``/proc``, ptrace, pidfd_getfd).
+* :mod:`.redirect_driver` — both ends of the TCP fast path, driven for real.
+* :mod:`.unprivileged` — running Python as uid 65534 with the tests' dependencies.
+
+Test modules import these (``from helpers.netns import in_netns``: pyproject puts
+``tests/`` on the path); no test module imports another, and nothing imports conftest.
+"""
