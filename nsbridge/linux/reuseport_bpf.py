@@ -1,7 +1,7 @@
 """Deal new connections of an SO_REUSEPORT group to its listeners in turn (eBPF).
 
 Why: with ``--accept reuseport`` each worker accepts from its own listener, which saves the
-supervisor's accept + SCM_RIGHTS hop (≈25-30 µs of CPU per connection).  But the kernel
+supervisor's accept + SCM_RIGHTS hop (docs/performance.md has its cost).  But the kernel
 places each client by a hash of its 4-tuple, and a few long-lived connections (a
 keep-alive load balancer, ``iperf3 -P 4``) then land 3:1 or 4:0 on two workers, one core
 carrying most of the work.  A tiny SK_REUSEPORT program fixes the placement: it counts

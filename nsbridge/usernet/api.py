@@ -324,7 +324,7 @@ def attach(
                    cidr6=cidr6, nat64_prefix=nat64_prefix)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
-        handle = _sandbox.Sandbox.attach(target, _config(opts), extra=_redirect_setup(opts),
+        handle = _sandbox.Sandbox.for_namespace(target, _config(opts), extra=_redirect_setup(opts),
                                          timeout=timeout)
     except BaseException:
         if pidfd is not None:

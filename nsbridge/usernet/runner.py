@@ -152,7 +152,7 @@ def network_existing_namespace(target: str, options: UsernetOptions,
     check_options(options)
     policy = _policy(options)
     config = _config(options)
-    handle = Sandbox.attach(target, config, extra=_redirect_setup(options))
+    handle = Sandbox.for_namespace(target, config, extra=_redirect_setup(options))
     try:
         return _drive(handle, options, policy, stops, attached=True, target=target)
     finally:

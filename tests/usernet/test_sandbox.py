@@ -452,7 +452,7 @@ def _nsenter(pid: int, *argv: str) -> subprocess.CompletedProcess:
 def test_attach_to_pid(make_target: Callable[[str], int]) -> None:
     rootless_target = make_target("")
     fds_before = open_fd_count()
-    with Sandbox.attach(rootless_target) as handle:
+    with Sandbox.for_namespace(rootless_target) as handle:
         assert handle.pid is None
         assert handle.ifname == "nsb0"
         addrs = _nsenter(rootless_target, "ip", "-j", "addr")
@@ -471,7 +471,7 @@ def test_attach_to_pid(make_target: Callable[[str], int]) -> None:
         assert ("fd00::100", "fd00::2", 9, b"hello-v6") in packets
 
         with pytest.raises(UserError, match="already exists in the namespace"):
-            Sandbox.attach(f"/proc/{rootless_target}/ns/net")
+            Sandbox.for_namespace(f"/proc/{rootless_target}/ns/net")
     assert open_fd_count() == fds_before
     assert child_pids() == [rootless_target]
 
@@ -484,7 +484,7 @@ def test_attach_netlink_failure(make_target: Callable[[str], int]) -> None:
     pid = make_target("ip link set lo up && ip route add default dev lo")
     with pytest.raises(SandboxError, match=r"netlink: cannot add default route via 10\.0\.2\.2"
                        r": File exists \(the namespace already has a default route\)"):
-        Sandbox.attach(pid)
+        Sandbox.for_namespace(pid)
     links = json.loads(_nsenter(pid, "ip", "-j", "link").stdout)
     assert "nsb0" not in {link["ifname"] for link in links}
     assert child_pids() == [pid]
@@ -507,7 +507,7 @@ def test_attach_bad_target(tmp_path: Path, target: Callable[[Path], object],
                            message: str) -> None:
     fds_before = open_fd_count()
     with pytest.raises(UserError, match=message):
-        Sandbox.attach(target(tmp_path))  # type: ignore[arg-type]
+        Sandbox.for_namespace(target(tmp_path))  # type: ignore[arg-type]
     assert open_fd_count() == fds_before
     assert child_pids() == []
 

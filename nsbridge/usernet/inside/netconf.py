@@ -72,7 +72,7 @@ class NetConfig:
 
     The addresses are the same value the policy and the engine use, so the namespace
     cannot be configured with one gateway while the host side answers for another.  Their
-    defaults are slirp4netns's plan (DESIGN.md's table, :mod:`nsbridge.defaults`).
+    defaults are slirp4netns's plan (:mod:`nsbridge.defaults`).
     ``mtu`` replaces the addresses' MTU (the library's shortcut; :meth:`validate` checks
     it), and ``ipv6=False`` (or None) gives an IPv4-only namespace.  The properties below
     are the views the set-up reads: the namespace's address with its prefix, gateway and

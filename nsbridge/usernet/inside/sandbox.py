@@ -97,8 +97,6 @@ __all__ = [  # the public names, and the internals the API's split form uses fro
     "_decode",
     "_handle",
     "_send_error",
-    "attach",
-    "create",
 ]
 
 DEFAULT_TIMEOUT = 30.0
@@ -354,7 +352,7 @@ class Sandbox:
         return handle
 
     @staticmethod
-    def attach(
+    def for_namespace(
         target: str | int | Netns,
         config: NetConfig | None = None,
         *,
@@ -389,20 +387,6 @@ class Sandbox:
         except BaseException:
             netns.close()
             raise
-
-
-def create(
-    command: Sequence[str] | None, config: NetConfig | None = None, **kwargs: object
-) -> SandboxHandle:
-    """Module-level shorthand for :meth:`Sandbox.create`."""
-    return Sandbox.create(command, config, **kwargs)  # type: ignore[arg-type]
-
-
-def attach(
-    target: str | int | Netns, config: NetConfig | None = None, **kwargs: object
-) -> SandboxHandle:
-    """Module-level shorthand for :meth:`Sandbox.attach`."""
-    return Sandbox.attach(target, config, **kwargs)  # type: ignore[arg-type]
 
 
 def _handle(

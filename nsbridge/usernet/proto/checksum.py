@@ -67,7 +67,8 @@ def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int
 def l4_checksum(src: bytes, dst: bytes, protocol: int, segment: bytes) -> int:
     """The checksum field value for a TCP/UDP/ICMPv6 ``segment`` whose field is zero.
 
-    UDP's 0 (meaning "no checksum") is *not* mapped to 0xFFFF here; see :func:`build_udp`.
+    UDP's 0 (meaning "no checksum") is *not* mapped to 0xFFFF here; see
+    :func:`.packetbuild.build_udp`.
     """
     partial = pseudo_header_sum(src, dst, protocol, len(segment))
     return ~fold(partial + ones_sum(segment)) & 0xFFFF

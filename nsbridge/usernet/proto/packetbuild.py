@@ -289,7 +289,7 @@ def build_icmp_error(
     destination, so ``ping`` and traceroute show the host that was addressed).  It
     quotes as much of the original as fits in the minimum MTU: 576 bytes for IPv4,
     1280 for IPv6.  ``rest`` is the 32-bit word after the checksum (the MTU for "too
-    big").  Callers check :func:`may_send_icmp_error` first.  The checksum is always
+    big").  Callers check :func:`.packets.may_send_icmp_error` first.  The checksum is always
     computed here: the quote is small.
     """
     version = original[0] >> 4 if original else 0

@@ -5,9 +5,10 @@ When the redirect fast path is not available (a kernel without nf_tables, or
 ``--tcp=tun``), the namespace's TCP segments reach the tun device and the host side must
 *be* the other end of each connection: answer the SYN, acknowledge data, send the host
 server's bytes back as segments, carry FINs and resets.  :class:`TcpConn` is that
-other end for one connection.  It does no I/O: the caller (:mod:`.tuntcp`) feeds it
-parsed segments and host-socket events and performs what it returns — frames to write
-to the tun, bytes to send to the host socket, how many host bytes were acknowledged.
+other end for one connection.  It does no I/O: the caller
+(:mod:`nsbridge.usernet.host.tuntcp`) feeds it parsed segments and host-socket events
+and performs what it returns — frames to write to the tun, bytes to send to the host
+socket, how many host bytes were acknowledged.
 
 Design, and why:
 
@@ -24,8 +25,8 @@ Design, and why:
   they are, a segment beyond ``rcv_nxt`` is answered with a duplicate ACK *and held*
   (within the advertised window): once the gap is filled the cumulative ACK jumps past
   everything held, so the namespace's sender, which gets no SACK from us, leaves
-  recovery in one round trip instead of one segment per round trip (measured: a 64 MB
-  echo through an 8-frame tun ring took 27 s without the hold queue, 0.6 s with it).
+  recovery in one round trip instead of one segment per round trip (docs/performance.md
+  has the measurement).
   No SACK, no timestamps (we do not offer them in the SYN-ACK, so the namespace never
   uses them).  Window scaling is used whenever the namespace offers it, because a
   64 KiB window would cap throughput.
