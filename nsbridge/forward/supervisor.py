@@ -32,9 +32,17 @@ accept queue survive a worker crash.
 The supervisor is also the control plane: forwards can be added and removed while it
 runs (it tells the workers over the same channel), a UDP forward is relayed by one
 worker (chosen by forward id), workers report per-forward counters every
-``STATS_INTERVAL`` seconds, and a worker that dies is replaced.  The supervisor never
-keeps threads alive (namespace threads are only used while opening a forward), because
-fork() in a threaded process can deadlock the child.
+``STATS_INTERVAL`` seconds (and at once when a control client asks for statistics), and
+a worker that dies is replaced.  The supervisor never keeps threads alive (namespace
+threads are only used while opening a forward), because fork() in a threaded process
+can deadlock the child.
+
+Why one module of ~640 lines and one class of 30 methods: listeners, workers and the
+hand-off share one piece of state — which worker holds which forward, listener and
+pending fds — and every operation (add, remove, a worker's death, a full channel)
+changes several of them at once.  Split across classes, each would reach into the
+others' tables; the sections below (forwards, lifecycle, workers, hand-off) keep it
+readable instead.
 """
 
 from __future__ import annotations
