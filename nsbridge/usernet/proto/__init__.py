@@ -6,5 +6,7 @@
 * :mod:`.dns` — resolv.conf, which DNS messages may reach the host's resolvers, and the
   length-prefixed DNS-over-TCP stream checker.
 * :mod:`.policy` — the virtual network's addresses and the firewall deciding every flow.
+* :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
+  last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
 """
