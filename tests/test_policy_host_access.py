@@ -108,6 +108,16 @@ def test_the_set_is_read_at_each_decision() -> None:
     assert policy.decide("tcp", "10.250.0.9", 80) == Allow(ip("10.250.0.9"), 80)
 
 
+def test_an_earlier_step_of_another_reading_wins() -> None:
+    """Teredo names two IPv4 addresses: a host address (server) and a denied network
+    (client); the deny rule is the reason, whichever comes first in the address."""
+    policy = Policy(host_addresses=frozenset({ip("192.0.2.1")}),
+                    rules=rules("198.51.100.0/24", action="deny"))
+    assert policy.decide("tcp", "2001:0:c000:201::39cc:9bfe", 80) == Deny("deny rule")
+    # and a host address spelled in IPv6 is denied as one when nothing else applies
+    assert policy.decide("tcp", "2001:0:c000:201::34ff:8efa", 80) == HOST_DENIED
+
+
 def test_only_allowed_outside_flows_are_looked_up() -> None:
     """The lookup (a syscall at run time) is skipped for flows decided without it."""
     asked: list[object] = []

@@ -528,7 +528,7 @@ from conftest import REPO, USERNET_TCP_MODES, have, in_netns  # noqa: E402
 TCP_MODES: list[str] = list(USERNET_TCP_MODES)  # every TCP case runs in each of these
 
 # The host namespace: TEST-NET addresses that exist only there.
-HOST_V4, HOST_V6 = "192.0.2.1", "2001:db8::1"  # allowed (the host's own addresses)
+HOST_V4, HOST_V6 = "192.0.2.1", "2001:db8::1"  # the host's own: open with host access
 DENIED_V4, DENIED_V6 = "198.51.100.1", "2001:db8:1::1"  # in the denied networks
 DENIED_NETS = ("198.51.100.0/24", "[2001:db8:1::]/64")
 LO_PORT = 7001  # a service only on the host's loopback (127.0.0.1 and ::1)
@@ -568,6 +568,7 @@ class Preset:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     allow_host_loopback: bool = False
+    allow_host_access: bool = False  # the same switch by its new name
     nat64_prefix: tuple[str, ...] = ()
     relay: str | None = None  # None: the default (auto: the native relay in run)
     dns: tuple[str, int] = ("127.0.0.1", DNS_PORT)  # the host resolver
@@ -575,6 +576,7 @@ class Preset:
     def api_options(self, mode: str) -> dict[str, Any]:
         options = {"deny": list(self.deny), "allow": list(self.allow),
                    "allow_host_loopback": self.allow_host_loopback,
+                   "allow_host_access": self.allow_host_access,
                    "dns": [list(self.dns)], "tcp": mode}
         if self.nat64_prefix:
             options["nat64_prefix"] = list(self.nat64_prefix)
@@ -588,6 +590,7 @@ class Preset:
         args += [f"--allow={rule}" for rule in self.allow]
         args += [f"--nat64-prefix={prefix}" for prefix in self.nat64_prefix]
         args += [] if self.relay is None else [f"--relay={self.relay}"]
+        args += ["--allow-host-access"] if self.allow_host_access else []
         return args + (["--allow-host-loopback"] if self.allow_host_loopback else [])
 
 
@@ -596,6 +599,10 @@ PRESETS = {
     # every address (no protocol given: TCP and UDP, and - since a port rule cannot
     # match ICMP - ping to those addresses still works, which the control case checks).
     "default": Preset(deny=(*DENIED_NETS, f"0.0.0.0/0:{DENIED_PORT}", f"[::]/0:{DENIED_PORT}")),
+    # the same rules with host access on: the host's own addresses (HOST_V4, HOST_V6)
+    # are the allowed destinations of the control cases
+    "host-access": Preset(deny=(*DENIED_NETS, f"0.0.0.0/0:{DENIED_PORT}",
+                                f"[::]/0:{DENIED_PORT}"), allow_host_access=True),
     # host loopback on, one loopback port denied by rule: the rule must hold for the
     # address actually dialed (127.0.0.1 / ::1), not only for the gateway address.
     "loopback-on": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}", f"[::1]:{LO_DENIED_PORT}"),
@@ -610,7 +617,7 @@ PRESETS = {
     # -- IPv6 spellings of IPv4 (item 4): the host's NAT64 prefixes named --
     "nat64-named": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX, NAT64_PREFIX)),
     # -- a port rule for both families (item 5) --
-    "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",)),
+    "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",), allow_host_access=True),
     # -- UDP and ping through the Python engine instead of the native relay --
     "loopback-on-v4-rule-engine": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}",),
                                          allow_host_loopback=True, relay="engine"),
@@ -699,6 +706,7 @@ def refused(reason: str) -> dict[str, int]:
 
 
 LOOPBACK_OFF = refused("host loopback disabled")
+HOST_ADDRESS = refused("host address")
 DENY_RULE = refused("deny rule")
 DNS_ONLY_53 = refused("dns address: port 53 only")
 BROADCAST = refused("broadcast or reserved")
@@ -752,11 +760,14 @@ CASES: list[Case] = [
     Case("tcp-unspecified", tcp("0.0.0.0", LO_PORT), LOCAL_REFUSED, local=True),
     Case("tcp-subnet-broadcast", tcp("10.0.2.255", LO_PORT),
          {"result": "ENETUNREACH", "stage": "connect"}, local=True),
-    # the host namespace's own addresses reach what listens on them, never its loopback
-    Case("tcp-host-address-v4", tcp(HOST_V4, LO_PORT), TCP_DENIED, dials=True,
-         counters={"tcp.connect_failed": 1}),
-    Case("tcp-host-address-v6", tcp(HOST_V6, LO_PORT), TCP_DENIED, dials=True,
-         counters={"tcp.connect_failed": 1}),
+    # the host namespace's own addresses are closed without host access; with it they
+    # reach what listens on them, never its loopback
+    Case("tcp-host-address-v4", tcp(HOST_V4, OK_PORT), TCP_DENIED, HOST_ADDRESS),
+    Case("tcp-host-address-v6", tcp(HOST_V6, OK_PORT), TCP_DENIED, HOST_ADDRESS),
+    Case("tcp-host-access-address-v4", tcp(HOST_V4, LO_PORT), TCP_DENIED, dials=True,
+         counters={"tcp.connect_failed": 1}, preset="host-access"),
+    Case("tcp-host-access-address-v6", tcp(HOST_V6, LO_PORT), TCP_DENIED, dials=True,
+         counters={"tcp.connect_failed": 1}, preset="host-access"),
     # -- rules --
     Case("tcp-denied-net-v4", tcp(DENIED_V4, SVC_PORT), TCP_DENIED, DENY_RULE),
     Case("tcp-denied-net-v6", tcp(DENIED_V6, SVC_PORT), TCP_DENIED, DENY_RULE),
@@ -811,9 +822,9 @@ CASES: list[Case] = [
          tun_denied="host loopback disabled"),
     # -- control: an allowed flow works, so the failures above are the policy's --
     Case("control-tcp-v4", tcp(HOST_V4, OK_PORT), {"result": "data", "data": PROBE.decode()},
-         dials=True, hits=(f"tcp {HOST_V4}:{OK_PORT}",)),
+         dials=True, hits=(f"tcp {HOST_V4}:{OK_PORT}",), preset="host-access"),
     Case("control-tcp-v6", tcp(HOST_V6, OK_PORT), {"result": "data", "data": PROBE.decode()},
-         dials=True, hits=(f"tcp [{HOST_V6}]:{OK_PORT}",)),
+         dials=True, hits=(f"tcp [{HOST_V6}]:{OK_PORT}",), preset="host-access"),
 
     # -- UDP --
     Case("udp-gateway-v4", udp(GATEWAY_V4, LO_PORT), ADMIN4, LOOPBACK_OFF),
@@ -826,12 +837,14 @@ CASES: list[Case] = [
          {"result": "icmp", "icmp": [1, 4], "from": "::1"}, local=True),
     Case("udp-mapped-loopback", udp("::ffff:127.0.0.1", LO_PORT),
          {"result": "icmp", "icmp": [3, 3], "from": "::ffff:127.0.0.1"}, local=True),
-    Case("udp-host-address-v4", udp(HOST_V4, LO_PORT),
+    Case("udp-host-address-v4", udp(HOST_V4, OK_PORT), ADMIN4, HOST_ADDRESS),
+    Case("udp-host-address-v6", udp(HOST_V6, OK_PORT), ADMIN6, HOST_ADDRESS),
+    Case("udp-host-access-address-v4", udp(HOST_V4, LO_PORT),
          {"result": "icmp", "icmp": [3, 3], "from": HOST_V4}, dials=True,
-         counters={"engine.udp_flows_total": 1}),
-    Case("udp-host-address-v6", udp(HOST_V6, LO_PORT),
+         counters={"engine.udp_flows_total": 1}, preset="host-access"),
+    Case("udp-host-access-address-v6", udp(HOST_V6, LO_PORT),
          {"result": "icmp", "icmp": [1, 4], "from": HOST_V6}, dials=True,
-         counters={"engine.udp_flows_total": 1}),
+         counters={"engine.udp_flows_total": 1}, preset="host-access"),
     Case("udp-denied-net-v4", udp(DENIED_V4, SVC_PORT), ADMIN4, DENY_RULE),
     Case("udp-denied-net-v6", udp(DENIED_V6, SVC_PORT), ADMIN6, DENY_RULE),
     Case("udp-mapped-denied-net", udp(f"::ffff:{DENIED_V4}", SVC_PORT),
@@ -857,14 +870,19 @@ CASES: list[Case] = [
          {**ADMIN4, "resolved": DENIED_V4}, DENY_RULE, names=("denied.bypass.test. A",)),
     Case("control-udp-v4", udp(HOST_V4, OK_PORT), {"result": "reply", "data": PROBE.decode()},
          dials=True, hits=(f"udp {HOST_V4}:{OK_PORT}",),
-         counters={"engine.udp_flows_total": 1}),
+         counters={"engine.udp_flows_total": 1}, preset="host-access"),
     Case("control-udp-v6", udp(HOST_V6, OK_PORT), {"result": "reply", "data": PROBE.decode()},
          dials=True, hits=(f"udp [{HOST_V6}]:{OK_PORT}",),
-         counters={"engine.udp_flows_total": 1}),
+         counters={"engine.udp_flows_total": 1}, preset="host-access"),
 
     # -- ICMP echo --
-    Case("ping-gateway-v4", ping(GATEWAY_V4), ADMIN4, LOOPBACK_OFF),
-    Case("ping-gateway-v6", ping(GATEWAY_V6), ADMIN6, LOOPBACK_OFF),
+    # the gateway answers ping itself, host access off (nothing is dialed)
+    Case("ping-gateway-v4", ping(GATEWAY_V4), {"result": "reply", "from": GATEWAY_V4},
+         counters={"engine.icmp_echo_local": 1}),
+    Case("ping-gateway-v6", ping(GATEWAY_V6), {"result": "reply", "from": GATEWAY_V6},
+         counters={"engine.icmp_echo_local": 1}),
+    Case("ping-host-address-v4", ping(HOST_V4), ADMIN4, HOST_ADDRESS),
+    Case("ping-host-address-v6", ping(HOST_V6), ADMIN6, HOST_ADDRESS),
     Case("ping-dns-address-v4", ping(DNS_V4), ADMIN4, DNS_ONLY_53),
     Case("ping-dns-address-v6", ping(DNS_V6), ADMIN6, DNS_ONLY_53),
     Case("ping-denied-net-v4", ping(DENIED_V4), ADMIN4, DENY_RULE),
@@ -876,9 +894,11 @@ CASES: list[Case] = [
     Case("ping-allow-list-v6", ping(HOST_V6), ADMIN6, refused("not in allow rules"),
          preset="allow-list"),
     Case("control-ping-v4", ping(HOST_V4), {"result": "reply", "from": HOST_V4}, dials=True,
-         hits=(f"icmp echo {HOST_V4}",), counters={"engine.icmp_flows_total": 1}),
+         hits=(f"icmp echo {HOST_V4}",), counters={"engine.icmp_flows_total": 1},
+         preset="host-access"),
     Case("control-ping-v6", ping(HOST_V6), {"result": "reply", "from": HOST_V6}, dials=True,
-         hits=(f"icmp echo {HOST_V6}",), counters={"engine.icmp_flows_total": 1}),
+         hits=(f"icmp echo {HOST_V6}",), counters={"engine.icmp_flows_total": 1},
+         preset="host-access"),
 
     # -- hand-made UDP/ICMP packets: destinations the sandbox's kernel would never send --
     Case("crafted-udp-loopback-v4", crafted("udp", "127.0.0.1", LO_PORT), ADMIN4,
@@ -972,7 +992,10 @@ CASES: list[Case] = [
          refused("namespace network")),
     # an allowed spelling is dialed as asked (no translator here: the connect fails)
     Case("tcp-nat64-allowed-spelling-dials", tcp("64:ff9b::c000:201", OK_PORT), TCP_DENIED,
-         dials=True, counters={"tcp.connect_failed": 1}),
+         dials=True, counters={"tcp.connect_failed": 1}, preset="host-access"),
+    # ... and a spelling of a host address is that host address
+    Case("tcp-nat64-host-address", tcp("64:ff9b::c000:201", OK_PORT), TCP_DENIED,
+         HOST_ADDRESS),
     # tcp:*:PORT covers both families; UDP to that port still passes (control)
     Case("tcp-every-family-port-v6", tcp(HOST_V6, DENIED_PORT), TCP_DENIED, DENY_RULE,
          preset="every-family-port"),

@@ -590,10 +590,13 @@ class Policy:
             if self._never(embedded) is not None:
                 return Deny(f"{spelling} of a special address")
         decision = self._decide_address(protocol, address, port)
-        if isinstance(decision, Deny):
+        if isinstance(decision, Deny) and decision.reason != HOST_ADDRESS:
             return decision
         for _spelling, embedded in readings:
             as_ipv4 = self._decide_address(protocol, embedded, port)
+            if isinstance(as_ipv4, Deny) and as_ipv4.reason == HOST_ADDRESS:
+                decision = decision if isinstance(decision, Deny) else as_ipv4
+                continue  # the last step: another reading's earlier denial wins
             if isinstance(as_ipv4, Deny):
                 return as_ipv4
             if as_ipv4 != Allow(embedded, port or 0) or embedded in self._gateways:
