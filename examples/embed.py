@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--publish", "-p", action="append", default=[])
     parser.add_argument("--dns", action="append", default=None, metavar="IP:PORT")
-    parser.add_argument("--allow-host-loopback", action="store_true")
+    parser.add_argument("--allow-host-access", "--allow-host-loopback", action="store_true")
     parser.add_argument("--deny", action="append", default=[])
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             dns.append((ip, int(port or 53)))
     try:
         with api.run(command, publish=args.publish, dns=dns, deny=args.deny,
-                     allow_host_loopback=args.allow_host_loopback) as proc:
+                     allow_host_access=args.allow_host_access) as proc:
             code = proc.wait()
             stats = proc.stats()
     except UserError as exc:

@@ -350,9 +350,12 @@ def run_ctl(args: argparse.Namespace) -> int:
 
 USERNET_EPILOG = """\
 addresses inside (change with --cidr/--cidr6): 10.0.2.100/24 and fd00::100/64; gateway
-(the host) 10.0.2.2 / fd00::2; DNS 10.0.2.3 / fd00::3.  The host's own loopback is
-reachable through the gateway address only with --allow-host-loopback; a rule on either
-family's gateway or loopback address (--deny tcp:127.0.0.1:22) holds for both.
+(the host) 10.0.2.2 / fd00::2; DNS 10.0.2.3 / fd00::3.  The gateway answers ping itself.
+Host access is off by default: the host's loopback (through the gateway address) and
+every address of the host's own (every interface, broadcast addresses too, also ones
+added later) are refused unless --allow-host-access; an allow rule naming exactly one
+host address opens just that (--allow '*' --allow tcp:192.168.1.5:5432).  A rule on
+either family's gateway or loopback address (--deny tcp:127.0.0.1:22) holds for both.
 
 policy rules (--allow/--deny, repeatable; deny wins): [tcp|udp|icmp:]NETWORK[:PORT[-PORT]]
   NETWORK is one family's (192.0.2.0/24, [2001:db8::]/32) or * for both families
@@ -370,9 +373,10 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
                         action="append", default=[],
                         help="publish a namespace port on the host (docker syntax)")
-    parser.add_argument("--allow-host-loopback", action="store_true",
-                        help="let the namespace reach the host's 127.0.0.1/::1 through the "
-                        "gateway address (off by default)")
+    parser.add_argument("--allow-host-access", "--allow-host-loopback", action="store_true",
+                        help="let the namespace reach the host itself: its 127.0.0.1/::1 "
+                        "through the gateway address, and its own addresses (off by "
+                        "default; --allow-host-loopback is the older name)")
     parser.add_argument("--allow", metavar="RULE", action="append", default=[],
                         help="allow destinations matching RULE (see below)")
     parser.add_argument("--deny", metavar="RULE", action="append", default=[],

@@ -77,6 +77,7 @@ _SCM_MAX_FD = 253
 def options(
     *,
     publish: Iterable[str | Publish] = (),
+    allow_host_access: bool = False,
     allow_host_loopback: bool = False,
     allow: Iterable[str] = (),
     deny: Iterable[str] = (),
@@ -91,7 +92,10 @@ def options(
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
-    ``publish`` takes docker syntax (``"8080:80"``, ``"127.0.0.1:5353:53/udp"``) or
+    ``allow_host_access`` opens the host itself to the namespace: its loopback through
+    the gateway address and its own addresses (off by default; ``allow_host_loopback``
+    is the older name and does the same).  ``publish`` takes docker syntax
+    (``"8080:80"``, ``"127.0.0.1:5353:53/udp"``) or
     :class:`Publish` objects; ``allow``/``deny`` the CLI's rule syntax (``"tcp:*:25"``);
     ``dns`` host resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf);
     ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``.  Raises UserError
@@ -104,7 +108,8 @@ def options(
         raise UserError(f"relay={relay!r}: use 'auto', 'native' or 'engine'")
     opts = UsernetOptions(
         publish=[p if isinstance(p, Publish) else parse_publish(p) for p in publish],
-        allow_host_loopback=allow_host_loopback, allow=list(allow), deny=list(deny),
+        allow_host_access=allow_host_access or allow_host_loopback, allow=list(allow),
+        deny=list(deny),
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
         nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix))
@@ -211,6 +216,7 @@ def run(
     command: Sequence[str],
     *,
     publish: Iterable[str | Publish] = (),
+    allow_host_access: bool = False,
     allow_host_loopback: bool = False,
     allow: Iterable[str] = (),
     deny: Iterable[str] = (),
@@ -237,7 +243,8 @@ def run(
     """
     if not command:
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
-    opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
+    opts = options(publish=publish, allow_host_access=allow_host_access,
+                   allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6, nat64_prefix=nat64_prefix)
     handle = _sandbox.Sandbox.create(
@@ -301,6 +308,7 @@ def attach(
     target: int | str | Netns,
     *,
     publish: Iterable[str | Publish] = (),
+    allow_host_access: bool = False,
     allow_host_loopback: bool = False,
     allow: Iterable[str] = (),
     deny: Iterable[str] = (),
@@ -319,7 +327,8 @@ def attach(
     A PID target is watched: its exit ends the networking and releases every fd without
     any call from the caller.  Other targets run until :meth:`Attachment.close`.
     """
-    opts = options(publish=publish, allow_host_loopback=allow_host_loopback, allow=allow,
+    opts = options(publish=publish, allow_host_access=allow_host_access,
+                   allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6, nat64_prefix=nat64_prefix)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
@@ -377,13 +386,15 @@ class HostSide:
     """
 
     def __init__(self, *, publish: Iterable[str | Publish] = (),
-                 allow_host_loopback: bool = False, allow: Iterable[str] = (),
+                 allow_host_access: bool = False, allow_host_loopback: bool = False,
+                 allow: Iterable[str] = (),
                  deny: Iterable[str] = (), dns: Sequence[tuple[str, int]] | None = None,
                  tcp: str = "auto", mtu: int = MTU, ipv6: bool = True,
                  cidr: str = USERNET_CIDR, cidr6: str = USERNET_CIDR6,
                  nat64_prefix: str | Iterable[str] = (),
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._options = options(publish=publish, allow_host_loopback=allow_host_loopback,
+        self._options = options(publish=publish, allow_host_access=allow_host_access,
+                                allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
                                 cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix)
         self._config = _config(self._options)

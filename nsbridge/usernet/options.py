@@ -39,7 +39,7 @@ def parse_dns(texts: list[str] | None) -> list[tuple[str, int]] | None:
 def options_from_args(args: Namespace) -> UsernetOptions:
     """``run``/``attach``'s flags as :class:`UsernetOptions` (``-p`` and ``--dns`` parsed)."""
     return UsernetOptions(publish=[parse_publish(t) for t in args.publish],
-                          allow_host_loopback=args.allow_host_loopback, allow=args.allow,
+                          allow_host_access=args.allow_host_access, allow=args.allow,
                           deny=args.deny, tcp=args.tcp, relay=args.relay,
                           dns=parse_dns(args.dns), mtu=args.mtu, ipv6=not args.disable_ipv6,
                           cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix)

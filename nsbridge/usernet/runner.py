@@ -45,7 +45,8 @@ log = logging.getLogger("nsbridge")
 @dataclass
 class UsernetOptions:
     publish: list[Publish] = field(default_factory=list)
-    allow_host_loopback: bool = False
+    allow_host_access: bool = False  # the host's loopback (gateway) and own addresses
+    allow_host_loopback: bool = False  # the older name of allow_host_access: either opens
     allow: list[str] = field(default_factory=list)  # destination rules
     deny: list[str] = field(default_factory=list)
     tcp: str = "auto"  # auto | redirect | tun
@@ -75,8 +76,8 @@ def _policy(options: UsernetOptions) -> Any:
     rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
     prefixes = [parse_nat64_prefix(text) for text in options.nat64_prefix]
     # The resolvers too: deny rules apply to the resolver a DNS query is sent to.
-    return Policy(allow_host_loopback=options.allow_host_loopback, rules=rules,
-                  addresses=_addresses(options), nat64_prefixes=prefixes,
+    return Policy(allow_host_access=options.allow_host_access or options.allow_host_loopback,
+                  rules=rules, addresses=_addresses(options), nat64_prefixes=prefixes,
                   resolvers=_resolvers(options))
 
 
@@ -234,6 +235,7 @@ class Network:
         self.redirector: Any = None
         self.tun_tcp: Any = None
         self.native_relay: Any = None
+        self.host_addresses: Any = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -253,6 +255,7 @@ class Network:
         for warning in self.warnings:
             log.warning("%s", warning)
         try:
+            self._track_host_addresses()
             resolvers = self.policy.resolvers
             if resolvers is None:
                 resolvers = _resolvers(options)
@@ -290,6 +293,22 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def _track_host_addresses(self) -> None:
+        """With host access off, give the policy the host's addresses, live (opened here:
+        in the namespace this process dials from)."""
+        from nsbridge.usernet.host.hostaddrs import HostAddresses
+        from nsbridge.usernet.proto.hostaccess import NO_HOST_ADDRESSES
+
+        if self.policy.allow_host_access or self.policy.host_addresses is not NO_HOST_ADDRESSES:
+            log.info("host access: allowed (the host's loopback through the gateway, and "
+                     "its own addresses)")
+            return
+        self.host_addresses = HostAddresses()
+        self.policy.host_addresses = self.host_addresses
+        log.info("host access: denied (the host's loopback and its %d own addresses, kept "
+                 "current; --allow-host-access opens them)",
+                 len(self.host_addresses.snapshot()))
 
     def _start_tun_tcp(self, resolvers: list[tuple[str, int]]) -> None:
         """Serve TCP from the tun device (``--tcp=tun``, or no nf_tables for the fast path)."""
@@ -483,6 +502,8 @@ class Network:
             self.engine.close()
         if self.redirector is not None:
             self.redirector.close()
+        if self.host_addresses is not None:
+            self.host_addresses.close()
         self.bridge.close()
 
 

@@ -1,7 +1,7 @@
 """A forwarding worker's resident memory stays within its budget.
 
 With many idle connections most of a daemon's memory is the per-worker baseline, so each
-worker is kept lean (tests/test_layout.py checks it imports no dataclasses, typing or
+worker is kept lean (tests/unit/test_layout.py checks it imports no dataclasses, typing or
 logging).  This test holds the result, not the means: real workers, booted by a real
 supervisor, after relaying real connections, measured from /proc/PID/status.
 """

@@ -70,7 +70,7 @@ DRIVER = str(Path(__file__).with_name("bypass_driver.py"))
 TCP_MODES: list[str] = list(USERNET_TCP_MODES)  # every TCP case runs in each of these
 
 # The host namespace: TEST-NET addresses that exist only there.
-HOST_V4, HOST_V6 = "192.0.2.1", "2001:db8::1"  # allowed (the host's own addresses)
+HOST_V4, HOST_V6 = "192.0.2.1", "2001:db8::1"  # the host's own: open with host access
 DENIED_V4, DENIED_V6 = "198.51.100.1", "2001:db8:1::1"  # in the denied networks
 DENIED_NETS = ("198.51.100.0/24", "[2001:db8:1::]/64")
 LO_PORT = 7001  # a service only on the host's loopback (127.0.0.1 and ::1)
@@ -110,6 +110,7 @@ class Preset:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     allow_host_loopback: bool = False
+    allow_host_access: bool = False  # the same switch by its new name
     nat64_prefix: tuple[str, ...] = ()
     relay: str | None = None  # None: the default (auto: the native relay in run)
     dns: tuple[str, int] = ("127.0.0.1", DNS_PORT)  # the host resolver
@@ -117,6 +118,7 @@ class Preset:
     def api_options(self, mode: str) -> dict[str, Any]:
         options = {"deny": list(self.deny), "allow": list(self.allow),
                    "allow_host_loopback": self.allow_host_loopback,
+                   "allow_host_access": self.allow_host_access,
                    "dns": [list(self.dns)], "tcp": mode}
         if self.nat64_prefix:
             options["nat64_prefix"] = list(self.nat64_prefix)
@@ -130,6 +132,7 @@ class Preset:
         args += [f"--allow={rule}" for rule in self.allow]
         args += [f"--nat64-prefix={prefix}" for prefix in self.nat64_prefix]
         args += [] if self.relay is None else [f"--relay={self.relay}"]
+        args += ["--allow-host-access"] if self.allow_host_access else []
         return args + (["--allow-host-loopback"] if self.allow_host_loopback else [])
 
 
@@ -138,6 +141,10 @@ PRESETS = {
     # every address (no protocol given: TCP and UDP, and - since a port rule cannot
     # match ICMP - ping to those addresses still works, which the control case checks).
     "default": Preset(deny=(*DENIED_NETS, f"0.0.0.0/0:{DENIED_PORT}", f"[::]/0:{DENIED_PORT}")),
+    # the same rules with host access on: the host's own addresses (HOST_V4, HOST_V6)
+    # are the allowed destinations of the control cases
+    "host-access": Preset(deny=(*DENIED_NETS, f"0.0.0.0/0:{DENIED_PORT}",
+                                f"[::]/0:{DENIED_PORT}"), allow_host_access=True),
     # host loopback on, one loopback port denied by rule: the rule must hold for the
     # address actually dialed (127.0.0.1 / ::1), not only for the gateway address.
     "loopback-on": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}", f"[::1]:{LO_DENIED_PORT}"),
@@ -152,7 +159,7 @@ PRESETS = {
     # -- IPv6 spellings of IPv4: the host's NAT64 prefixes named --
     "nat64-named": Preset(deny=DENIED_NETS, nat64_prefix=(NAT64_LOCAL_PREFIX, NAT64_PREFIX)),
     # -- a port rule for both families --
-    "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",)),
+    "every-family-port": Preset(deny=(f"tcp:*:{DENIED_PORT}",), allow_host_access=True),
     # -- UDP and ping through the Python engine instead of the native relay --
     "loopback-on-v4-rule-engine": Preset(deny=(f"127.0.0.1:{LO_DENIED_PORT}",),
                                          allow_host_loopback=True, relay="engine"),
@@ -241,6 +248,7 @@ def refused(reason: str) -> dict[str, int]:
 
 
 LOOPBACK_OFF = refused("host loopback disabled")
+HOST_ADDRESS = refused("host address")
 DENY_RULE = refused("deny rule")
 DNS_ONLY_53 = refused("dns address: port 53 only")
 BROADCAST = refused("broadcast or reserved")

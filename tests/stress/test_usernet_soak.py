@@ -244,7 +244,9 @@ def test_usernet_soak(host: str, udp_server, tmp_path, mode: str) -> None:
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run",
-                 f"--tcp={mode}", "--dns", f"127.0.0.1:{resolver.port}", "--",
+                 f"--tcp={mode}", "--dns", f"127.0.0.1:{resolver.port}",
+                 "--allow-host-access",  # the servers are on the host namespace's address
+                 "--",
                  sys.executable, __file__, "clients", str(tcp_port), str(echo.port),
                  str(TCP_TOTAL)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,

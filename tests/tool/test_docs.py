@@ -381,9 +381,23 @@ def servers() -> Iterator[list[subprocess.Popen]]:
 
 
 @pytest.fixture
-def host_web(host: str, tmp_path: Path, servers: list[subprocess.Popen]) -> str:
-    """The host namespace, with an HTTP server on 192.0.2.1:80 serving HOST_PAGE."""
-    servers.append(http_server(host, "192.0.2.1", 80, tmp_path / "host-www", HOST_PAGE))
+def host_web(host: str, names: Callable[[str], str], tmp_path: Path,
+             servers: list[subprocess.Popen]) -> str:
+    """The host namespace, with an HTTP server at 192.0.2.1:80 serving HOST_PAGE.
+
+    The docs' 192.0.2.1 "stands for any server you can reach", so it is not one of the
+    host's own addresses (those are closed to a sandbox without host access): the host
+    fixture's veth peer moves to a namespace of its own holding 192.0.2.1, and the host
+    keeps 192.0.2.254 on its end."""
+    far = names("far")
+    for command in (["netns", "add", far], ["-n", far, "link", "set", "lo", "up"],
+                    ["-n", host, "addr", "del", "192.0.2.1/24", "dev", "d0"],
+                    ["-n", host, "addr", "add", "192.0.2.254/24", "dev", "d0"],
+                    ["-n", host, "link", "set", "d1", "netns", far],
+                    ["-n", far, "addr", "add", "192.0.2.1/24", "dev", "d1"],
+                    ["-n", far, "link", "set", "d1", "up"]):
+        subprocess.run(["ip", *command], check=True, capture_output=True)
+    servers.append(http_server(far, "192.0.2.1", 80, tmp_path / "host-www", HOST_PAGE))
     return host
 
 

@@ -111,8 +111,9 @@ def _probe() -> bool:
 
 
 def test_example_runs_curl_and_reports(host, web):
-    result = _in_host(host, [sys.executable, "examples/embed.py", "--", "curl", "-sS",
-                             "--max-time", "10", URL])
+    # URL is on the host namespace's own address: host access opens it
+    result = _in_host(host, [sys.executable, "examples/embed.py", "--allow-host-access", "--",
+                             "curl", "-sS", "--max-time", "10", URL])
     assert result.returncode == 0, result.stderr
     assert result.stdout == BODY
     assert "exit status: 0" in result.stderr
@@ -138,7 +139,8 @@ def test_run_is_subprocess_like_and_leaves_nothing(host, web, tmp_path):
 
         before = set(os.listdir("/proc/self/fd"))
         out = {{}}
-        with api.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "10", {URL!r}]) as p:
+        with api.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "10", {URL!r}],
+                     allow_host_access=True) as p:  # URL: the host namespace's address
             out["curl"] = p.wait(timeout=30)
             out["stats"] = p.stats()
         with api.run(["sh", "-c", "exit 7"]) as p:
@@ -185,7 +187,7 @@ def test_attach_serves_and_ends_with_the_target(host, web, tmp_path):
             from nsbridge.usernet import api
 
             before = set(os.listdir("/proc/self/fd"))
-            att = api.attach({target.pid})
+            att = api.attach({target.pid}, allow_host_access=True)  # URL: a host address
             curl = subprocess.run(["nsenter", "-t", "{target.pid}", "-U", "-n",
                                    "--preserve-credentials", "curl", "-sS", "--max-time",
                                    "10", {URL!r}], capture_output=True, text=True)
@@ -239,7 +241,7 @@ def test_split_form_host_side_and_child_setup(host, web, tmp_path):
             "sys.exit(subprocess.call(['curl', '-sS', '-o', '/dev/null', '--max-time',"
             " '10', {URL!r}]))\\n"
         )
-        with api.HostSide() as side:
+        with api.HostSide(allow_host_access=True) as side:  # URL: a host address
             fd = side.child_fd()
             # The runtime's own child: it makes its namespaces itself.
             child = subprocess.Popen(["unshare", "-Urn", sys.executable, "-c", child_code,

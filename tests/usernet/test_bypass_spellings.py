@@ -21,6 +21,7 @@ from helpers.bypass import (
     DNS_PORT,
     GATEWAY_V4,
     GATEWAY_V6,
+    HOST_ADDRESS,
     HOST_V4,
     HOST_V6,
     LO_DENIED_PORT,
@@ -103,7 +104,10 @@ CASES: list[Case] = [
          refused("namespace network")),
     # an allowed spelling is dialed as asked (no translator here: the connect fails)
     Case("tcp-nat64-allowed-spelling-dials", tcp("64:ff9b::c000:201", OK_PORT), TCP_DENIED,
-         dials=True, counters={"tcp.connect_failed": 1}),
+         dials=True, counters={"tcp.connect_failed": 1}, preset="host-access"),
+    # ... and a spelling of a host address is that host address
+    Case("tcp-nat64-host-address", tcp("64:ff9b::c000:201", OK_PORT), TCP_DENIED,
+         HOST_ADDRESS),
     # tcp:*:PORT covers both families; UDP to that port still passes (control)
     Case("tcp-every-family-port-v6", tcp(HOST_V6, DENIED_PORT), TCP_DENIED, DENY_RULE,
          preset="every-family-port"),

@@ -18,6 +18,7 @@ from helpers.bypass import (
     DNS_V6,
     GATEWAY_V4,
     GATEWAY_V6,
+    HOST_ADDRESS,
     HOST_V4,
     HOST_V6,
     LO_DENIED_PORT,
@@ -49,11 +50,14 @@ CASES: list[Case] = [
     Case("tcp-unspecified", tcp("0.0.0.0", LO_PORT), LOCAL_REFUSED, local=True),
     Case("tcp-subnet-broadcast", tcp("10.0.2.255", LO_PORT),
          {"result": "ENETUNREACH", "stage": "connect"}, local=True),
-    # the host namespace's own addresses reach what listens on them, never its loopback
-    Case("tcp-host-address-v4", tcp(HOST_V4, LO_PORT), TCP_DENIED, dials=True,
-         counters={"tcp.connect_failed": 1}),
-    Case("tcp-host-address-v6", tcp(HOST_V6, LO_PORT), TCP_DENIED, dials=True,
-         counters={"tcp.connect_failed": 1}),
+    # the host namespace's own addresses are closed without host access; with it they
+    # reach what listens on them, never its loopback
+    Case("tcp-host-address-v4", tcp(HOST_V4, OK_PORT), TCP_DENIED, HOST_ADDRESS),
+    Case("tcp-host-address-v6", tcp(HOST_V6, OK_PORT), TCP_DENIED, HOST_ADDRESS),
+    Case("tcp-host-access-address-v4", tcp(HOST_V4, LO_PORT), TCP_DENIED, dials=True,
+         counters={"tcp.connect_failed": 1}, preset="host-access"),
+    Case("tcp-host-access-address-v6", tcp(HOST_V6, LO_PORT), TCP_DENIED, dials=True,
+         counters={"tcp.connect_failed": 1}, preset="host-access"),
     # -- rules --
     Case("tcp-denied-net-v4", tcp(DENIED_V4, SVC_PORT), TCP_DENIED, DENY_RULE),
     Case("tcp-denied-net-v6", tcp(DENIED_V6, SVC_PORT), TCP_DENIED, DENY_RULE),
@@ -108,9 +112,9 @@ CASES: list[Case] = [
          tun_denied="host loopback disabled"),
     # -- control: an allowed flow works, so the failures above are the policy's --
     Case("control-tcp-v4", tcp(HOST_V4, OK_PORT), {"result": "data", "data": PROBE.decode()},
-         dials=True, hits=(f"tcp {HOST_V4}:{OK_PORT}",)),
+         dials=True, hits=(f"tcp {HOST_V4}:{OK_PORT}",), preset="host-access"),
     Case("control-tcp-v6", tcp(HOST_V6, OK_PORT), {"result": "data", "data": PROBE.decode()},
-         dials=True, hits=(f"tcp [{HOST_V6}]:{OK_PORT}",)),
+         dials=True, hits=(f"tcp [{HOST_V6}]:{OK_PORT}",), preset="host-access"),
 
 ]
 

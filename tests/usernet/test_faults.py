@@ -155,8 +155,9 @@ def start_run(host: str, tmp_path: Path) -> Iterator[Callable[..., Run]]:
         log_path = tmp_path / f"nsbridge-{len(runs)}.log"
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen(
+                # the servers are on the host namespace's own address: host access
                 ["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run", "-v",
-                 *args, "--", sys.executable, "-c", COMMAND, marker],
+                 "--allow-host-access", *args, "--", sys.executable, "-c", COMMAND, marker],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
                 cwd=REPO)
         hello = read_json(proc, log_path, 30)

@@ -769,8 +769,11 @@ def test_setup_inside_routes_icmp_to_its_device_and_cleans_rp_filter(make_netns)
 
 
 def nsbridge_run(host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``nsbridge run ARGS`` in ``host``, whose own addresses (192.0.2.1, 2001:db8::1) stand
+    for the outside here: host access opens them (closing them is usernet/test_host_access.py)."""
     return subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run",
-                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                           "--allow-host-access", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
 
 
 def test_run_pings_through_the_native_relay(host):
@@ -939,7 +942,7 @@ def test_api_stats_show_the_native_relay(host, tmp_path):
         "from nsbridge.usernet import api\n"
         "before = set(os.listdir('/proc/self/fd'))\n"
         "with api.run(['ping', '-c', '4', '-i', '0.2', '-W', '5', '192.0.2.1'],\n"
-        "             stdout=os.open(os.devnull, os.O_WRONLY)) as p:\n"
+        "             stdout=os.open(os.devnull, os.O_WRONLY), allow_host_access=True) as p:\n"
         "    code = p.wait(timeout=30)\n"
         "    stats = p.stats()\n"
         "print(json.dumps({'code': code, 'engine': stats['engine']}))\n")

@@ -54,6 +54,12 @@ def web(host: str, tmp_path: Path) -> Iterator[Path]:
 
 
 
+# The host namespace's own addresses (192.0.2.1, 2001:db8::1) stand for the outside in
+# these tests: they need host access, which closes them by default (that is tested in
+# usernet/test_host_access.py).
+HOST_ACCESS = "--allow-host-access"
+
+
 def nsbridge_run(host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run",
                            *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -71,14 +77,14 @@ def tcp(request: pytest.FixtureRequest) -> str:
 
 
 def test_tcp_to_the_host_network_with_curl(host, web, tcp):
-    result = nsbridge_run(host, tcp, "--", "curl", "-sS", "--max-time", "10",
+    result = nsbridge_run(host, tcp, HOST_ACCESS, "--", "curl", "-sS", "--max-time", "10",
                           f"http://192.0.2.1:{HTTP_PORT}/index.html")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from the host namespace\n"
 
 
 def test_tcp_over_ipv6(host, web, tcp):
-    result = nsbridge_run(host, tcp, "--", "curl", "-sS", "-g", "--max-time", "10",
+    result = nsbridge_run(host, tcp, HOST_ACCESS, "--", "curl", "-sS", "-g", "--max-time", "10",
                           f"http://[2001:db8::1]:{HTTP_PORT}/index.html")
     assert result.returncode == 0, result.stderr
     assert "hello" in result.stdout
@@ -144,7 +150,7 @@ def _bind_udp(host_ip: str) -> socket.socket:
 
 
 def test_ping_the_host_network(host):
-    result = nsbridge_run(host, "--", "ping", "-c", "2", "-W", "5", "192.0.2.1")
+    result = nsbridge_run(host, HOST_ACCESS, "--", "ping", "-c", "2", "-W", "5", "192.0.2.1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 received" in result.stdout
 
@@ -220,7 +226,7 @@ def test_attach_cli_serves_and_ends_with_the_target(host, web, tcp, by):
                    .startswith("sleep"), what="the target to unshare")
         which = str(target.pid) if by == "pid" else f"/proc/{target.pid}/ns/net"
         attach = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-m",
-                                   "nsbridge", "attach", tcp, which],
+                                   "nsbridge", "attach", tcp, HOST_ACCESS, which],
                                   stderr=subprocess.PIPE, text=True, cwd=REPO)
         inside = ["nsenter", "-t", str(target.pid), "-U", "-n", "--preserve-credentials"]
         url = f"http://192.0.2.1:{HTTP_PORT}/index.html"
@@ -271,7 +277,8 @@ def test_unprivileged_creator_in_a_user_namespace(host, web, tcp):
                            capture_output=True, text=True)
     assert probe.returncode != 0  # no CAP_NET_ADMIN over the host namespace
     result = subprocess.run(
-        [*unprivileged, sys.executable, "-m", "nsbridge", "run", tcp, "--", "sh", "-c",
+        [*unprivileged, sys.executable, "-m", "nsbridge", "run", tcp, HOST_ACCESS, "--",
+         "sh", "-c",
          f"curl -sS -m 10 http://192.0.2.1:{HTTP_PORT}/index.html && "
          "ping -c 1 -W 5 192.0.2.1 >/dev/null && exit 3"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -290,7 +297,8 @@ def test_ping_without_ping_sockets_says_why(host, relay):
                     "net.ipv4.ping_group_range=1 0"], check=True)
     result = subprocess.run(
         ["ip", "netns", "exec", host, "unshare", "-U", "-r", "--", sys.executable, "-m",
-         "nsbridge", "run", "-v", f"--relay={relay}", "--", "ping", "-c", "1", "-W", "3",
+         "nsbridge", "run", "-v", f"--relay={relay}", HOST_ACCESS, "--", "ping", "-c", "1",
+         "-W", "3",
          "192.0.2.1"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})

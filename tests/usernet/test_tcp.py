@@ -42,13 +42,15 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MODES = ["redirect", "tun"]
 
 # The host side: the API, in the host namespace; one JSON line with code and counters.
+# HOST4/HOST6 are the host namespace's own addresses, standing for the outside: host
+# access opens them (closing them is usernet/test_host_access.py's).
 HOST_SIDE = """
 import json, sys
 from nsbridge.usernet import api
 config = json.loads(sys.argv[1])
 with open(config["out"], "w") as out, open(config["err"], "w") as err:
     proc = api.run(config["command"], tcp=config["tcp"], deny=config.get("deny", ()),
-                   allow_host_loopback=config.get("allow_host_loopback", False),
+                   allow_host_access=True,
                    mtu=config.get("mtu", 65520), stdout=out.fileno(), stderr=err.fileno())
 code = proc.wait(timeout=config["timeout"])
 stats = proc.stats()

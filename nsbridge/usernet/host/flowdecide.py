@@ -11,9 +11,9 @@ treated alike whichever path it takes:
 2. **The policy** (:meth:`Policy.decide`): a denial is answered with ICMP
    "administratively prohibited" (:class:`~.replies.Replies`); a UDP flow to the DNS
    address goes to the DNS proxy; echo to the gateway is answered here, the gateway
-   being this process (only when the policy allows ICMP to the gateway, which it does
-   exactly when host loopback is allowed and no deny rule matches: one rule, no
-   exception for ping).
+   being this process, whatever host access says (the policy allows ICMP to the
+   gateway unless a deny rule covers it: ``ping 10.0.2.2`` is a user's first check, and
+   nothing is dialed for it).
 3. **The host socket**, for an allowed flow: a non-blocking UDP socket, or for echo a
    ping socket (``SOCK_DGRAM``/``IPPROTO_ICMP``, no privilege needed when
    ``net.ipv4.ping_group_range`` includes our gid), else (root) a raw socket, else none

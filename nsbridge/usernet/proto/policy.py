@@ -34,8 +34,11 @@ Decision order (the first that applies wins):
    operator picks a prefix of /48 to /96 inside it, and the readings of one address in
    those layouts disagree), so an address in it is denied ("nat64 prefix not named")
    unless a prefix named with ``nat64_prefixes`` covers it.
-4. The gateway (``10.0.2.2``, ``fd00::2``), any port and protocol → the host's loopback
-   (``127.0.0.1``, ``::1``, same port) when ``allow_host_loopback``, else deny.
+4. The gateway (``10.0.2.2``, ``fd00::2``), TCP and UDP, any port → the host's loopback
+   (``127.0.0.1``, ``::1``, same port) when host access is allowed
+   (``allow_host_access``, alias ``allow_host_loopback``), else deny.  ICMP echo to the
+   gateway is answered by the gateway itself (``Allow(gateway, 0)``: nothing is dialed),
+   whatever host access says: ``ping 10.0.2.2`` is a user's first check.
 5. The DNS address (``10.0.2.3``, ``fd00::3``) → :class:`AllowResolver` for TCP/UDP port
    53; any other port, and ICMP, is denied.  Like the gateway, the DNS service is one
    service in both families: deny rules are matched against both DNS addresses, so a rule
@@ -64,6 +67,9 @@ Decision order (the first that applies wins):
 9. Allow rules, if there are any, must match (an allow list); without allow rules
    everything else is allowed.  Allow rules select outside destinations only: the
    gateway and DNS service follow their own switches (and deny rules).
+10. The host's own addresses (every address of the host namespace, their interface
+   broadcast addresses) → deny ("host address") unless host access is allowed or an
+   allow rule names exactly that address (:mod:`.hostaccess`).
 
 Deny wins over allow: rules are checked deny-first, whatever their order.  A rule's
 network is one family's (``0.0.0.0/0``, ``[::]/0``) or ``*``, both families.
@@ -73,11 +79,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.usernet.proto.addresses import IPAddress, UsernetAddresses
+from nsbridge.usernet.proto.hostaccess import (
+    HOST_ADDRESS,
+    NO_HOST_ADDRESSES,
+    is_host_address,
+    opened_by_rule,
+)
 from nsbridge.usernet.proto.rules import PROTOCOLS, Rule
 from nsbridge.usernet.proto.spellings import (
     IPV4_COMPATIBLE,
@@ -128,6 +140,9 @@ class Policy:
     ``denied`` counts denials by reason, for the stats a user reads when something
     does not connect.  ``resolvers`` are the host's DNS servers (``(ip, port)``) that the
     DNS address forwards to; given, the deny rules are applied to them too.
+    ``host_addresses`` holds the host's own addresses (anything with ``in``; the runner
+    gives a live :class:`~nsbridge.usernet.host.hostaddrs.HostAddresses`), closed unless
+    ``allow_host_access`` (``allow_host_loopback`` is its older name: either opens both).
     """
 
     def __init__(
@@ -137,8 +152,13 @@ class Policy:
         addresses: UsernetAddresses | None = None,
         nat64_prefixes: Iterable[ipaddress.IPv6Network] = (),
         resolvers: Iterable[tuple[str, int]] | None = None,
+        *,
+        allow_host_access: bool = False,
+        host_addresses: Container[object] = NO_HOST_ADDRESSES,
     ) -> None:
-        self.allow_host_loopback = allow_host_loopback
+        self.allow_host_access = allow_host_access or allow_host_loopback
+        self.allow_host_loopback = self.allow_host_access  # the older name, same switch
+        self.host_addresses = host_addresses
         self.addresses = addresses or UsernetAddresses()
         rules = tuple(rules)
         self.deny_rules = tuple(rule for rule in rules if rule.action == "deny")
@@ -198,13 +218,16 @@ class Policy:
             if self._never(embedded) is not None:
                 return Deny(f"{spelling} of a special address")
         decision = self._decide_address(protocol, address, port)
-        if isinstance(decision, Deny):
+        if isinstance(decision, Deny) and decision.reason != HOST_ADDRESS:
             return decision
         for _spelling, embedded in readings:
             as_ipv4 = self._decide_address(protocol, embedded, port)
+            if isinstance(as_ipv4, Deny) and as_ipv4.reason == HOST_ADDRESS:
+                decision = decision if isinstance(decision, Deny) else as_ipv4
+                continue  # the last step: another reading's earlier denial wins
             if isinstance(as_ipv4, Deny):
                 return as_ipv4
-            if as_ipv4 != Allow(embedded, port or 0):
+            if as_ipv4 != Allow(embedded, port or 0) or embedded in self._gateways:
                 # the gateway or the DNS address: the namespace's, not the host's
                 return Deny("namespace network")
         return decision
@@ -212,7 +235,9 @@ class Policy:
     def _decide_address(self, protocol: str, address: IPAddress, port: int | None) -> Decision:
         """Steps 4-9 of the module docstring for one reading of the destination."""
         if address in self._gateways:
-            if not self.allow_host_loopback:
+            if protocol == "icmp":  # the gateway answers echo itself; nothing is dialed
+                return self._ruled(protocol, address, port, Allow(address, 0))
+            if not self.allow_host_access:
                 return Deny("host loopback disabled")
             return self._ruled(protocol, address, port, Allow(self._gateways[address], port or 0))
         if address in self._dns:
@@ -248,7 +273,13 @@ class Policy:
     def _outside(self, protocol: str, address: IPAddress, port: int | None) -> Decision:
         if address.is_link_local and not self._link_local_allowed(protocol, address, port):
             return Deny("link-local")
-        return self._ruled(protocol, address, port, Allow(address, port or 0), outside=True)
+        decision = self._ruled(protocol, address, port, Allow(address, port or 0),
+                               outside=True)
+        if (not self.allow_host_access and isinstance(decision, Allow)
+                and is_host_address(self.host_addresses, address)
+                and not opened_by_rule(self.allow_rules, protocol, address, port)):
+            return Deny(HOST_ADDRESS)
+        return decision
 
     def _link_local_allowed(self, protocol: str, address: IPAddress, port: int | None) -> bool:
         if address.version == 6:

@@ -1,0 +1,226 @@
+"""The host's own addresses, kept current from the kernel: what host access closes.
+
+The policy denies a flow to one of the host's addresses unless host access is on
+(:mod:`nsbridge.usernet.proto.hostaccess`).  "The host's addresses" must be the ones
+that exist when the flow is decided, not at start: a VPN comes up, DHCP renews to a
+new address, a container bridge appears.  So this set is filled by a netlink dump
+(``RTM_GETADDR``) and kept current from the address events (``RTNLGRP_IPV4_IFADDR``,
+``RTNLGRP_IPV6_IFADDR``) on the same socket, and every membership test first reads
+whatever events are queued (non-blocking).  That makes it race-free: once
+``ip addr add`` has returned, the kernel has queued its event on this socket, so a flow
+decided afterwards sees the address.  With nothing queued the cost is one failed
+``recv`` and a set lookup.  If the socket's queue overflowed (``ENOBUFS``: events were
+lost) the set is dumped again from scratch.
+
+What counts: every IPv4 and IPv6 address on every interface (the local address,
+``IFA_LOCAL``, for point-to-point IPv4 links, whose ``IFA_ADDRESS`` is the peer), and
+each IPv4 address's broadcast addresses: the one configured (``IFA_BROADCAST``) and,
+for a prefix shorter than /31, the subnet's directed broadcast, which the kernel treats
+as a broadcast whether or not it was configured (dialing it would broadcast on the
+host's network).  Loopback addresses are in it too, harmlessly
+(the policy never dials them anyway).
+
+The socket belongs to the network namespace of the thread that opens it (a socket is
+bound to its namespace for life), so open it where the host side dials from.
+Not thread-safe: one thread (the event loop's) tests and drains.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import select
+import socket
+import struct
+from collections import Counter
+
+# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
+NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTATTR = struct.Struct("=HH")  # len, type
+_DUMP_TIMEOUT = 5.0  # seconds for the kernel to finish a dump (it answers at once)
+RECEIVE_BUFFER = 1 << 20  # room for a burst of events between two decisions
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Key = tuple[int, int, int, bytes]  # family, interface index, prefix length, local address
+
+
+class HostAddresses:
+    """A live set of the host namespace's addresses (module doc); ``address in it``.
+
+    ``receive_buffer`` is the event socket's buffer (tests make it tiny to provoke an
+    overflow).  Close it with :meth:`close` (or use it as a context manager).
+    """
+
+    def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                   | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self._entries: dict[_Key, tuple[Address, ...]] = {}
+        self._count: Counter[Address] = Counter()
+        self._buffer = bytearray(1 << 16)
+        self._seq = 0
+        self.resyncs = 0  # dumps after the first: how often events were lost
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            self._sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            self._resync()
+        except BaseException:
+            self._sock.close()
+            raise
+
+    # ---- what the policy asks -----------------------------------------------------------
+
+    def __contains__(self, address: object) -> bool:
+        self.refresh()
+        return address in self._count
+
+    def refresh(self) -> None:
+        """Apply every queued address event (re-dump if some were lost)."""
+        while True:
+            try:
+                size = self._sock.recv_into(self._buffer)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.resyncs += 1
+                self._resync()
+                return
+            self._apply(memoryview(self._buffer)[:size])
+
+    def snapshot(self) -> frozenset[Address]:
+        """The current addresses (after applying queued events)."""
+        self.refresh()
+        return frozenset(self._count)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> HostAddresses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- netlink ------------------------------------------------------------------------
+
+    def _resync(self) -> None:
+        """Start over from full dumps until one completes with no event lost meanwhile.
+
+        The socket stays (it belongs to the namespace it was made in, whichever thread
+        runs this).  The queue is emptied first: the kernel starts a dump only when the
+        queue has room, and continues it as we read.  Events queued during a dump are
+        read in order with its parts, each reflecting the state when it was made, so the
+        set ends current; an overflow during a dump (``ENOBUFS``) loses events, so the
+        dump is read to its end and made again."""
+        while True:
+            self._drain()
+            self._entries.clear()
+            self._count.clear()
+            self._seq += 1
+            seq = self._seq
+            request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR,
+                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+            self._sock.send(request + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+            if self._read_dump(seq):
+                return
+
+    def _drain(self) -> None:
+        """Discard what is queued (a dump follows)."""
+        while True:
+            try:
+                self._sock.recv_into(self._buffer)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+
+    def _read_dump(self, seq: int) -> bool:
+        """Read dump ``seq`` to its end; False if events were lost meanwhile."""
+        complete = True
+        while True:
+            try:
+                size = self._sock.recv_into(self._buffer)
+            except BlockingIOError:
+                ready, _, _ = select.select([self._sock], [], [], _DUMP_TIMEOUT)
+                if not ready:
+                    raise TimeoutError("netlink: the address dump did not finish") from None
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                complete = False
+                continue
+            if self._apply(memoryview(self._buffer)[:size], seq):
+                return complete
+
+    def _apply(self, data: memoryview, seq: int | None = None) -> bool:
+        """Apply the messages in one datagram; True when it ended dump ``seq``."""
+        offset, done = 0, False
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size or offset + length > len(data):
+                break
+            body = data[offset + _NLMSGHDR.size:offset + length]
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                self._address_message(kind, body)
+            elif seq is not None and msg_seq == seq:
+                if kind == NLMSG_DONE:
+                    done = True
+                elif kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+                    if code:
+                        raise OSError(code, f"netlink address dump: {os.strerror(code)}")
+            offset += (length + 3) & ~3
+        return done
+
+    def _address_message(self, kind: int, body: memoryview) -> None:
+        if len(body) < _IFADDRMSG.size:
+            return
+        family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(body)
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        size = 4 if family == socket.AF_INET else 16
+        attrs: dict[int, bytes] = {}
+        offset = _IFADDRMSG.size
+        while offset + _RTATTR.size <= len(body):
+            length, kind_attr = _RTATTR.unpack_from(body, offset)
+            if length < _RTATTR.size:
+                break
+            value = bytes(body[offset + _RTATTR.size:offset + length])
+            if kind_attr in (IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST) and len(value) == size:
+                attrs[kind_attr] = value
+            offset += (length + 3) & ~3
+        local = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if local is None:
+            return
+        key = (family, index, prefixlen, local)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._count.subtract(old)
+            for gone in old:
+                if self._count[gone] <= 0:
+                    del self._count[gone]
+        if kind == RTM_DELADDR:
+            return
+        addresses: tuple[Address, ...] = (ipaddress.ip_address(local),)
+        broadcast = attrs.get(IFA_BROADCAST)
+        if broadcast is not None and broadcast != local:
+            addresses += (ipaddress.ip_address(broadcast),)
+        if family == socket.AF_INET and prefixlen < 31:
+            subnet = ipaddress.IPv4Network((local, prefixlen), strict=False)
+            addresses += (subnet.broadcast_address,)
+        self._entries[key] = addresses
+        self._count.update(addresses)
