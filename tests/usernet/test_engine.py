@@ -58,6 +58,7 @@ from nsbridge.usernet.proto.packets import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    ICMPEcho,
     ICMPError,
     Parsed,
     parse_frame,
@@ -183,7 +184,7 @@ def test_engine_counts_bad_frames_and_keeps_working(pair_engine: Callable[..., P
         engine.send(frame)
     engine.send(ipv4_frame(132, b"sctp"))  # well-formed, unsupported protocol
     # Still working: the denied datagram is answered with admin-prohibited from the
-    # gateway, quoting it; an echo to the gateway is refused the same way.
+    # gateway, quoting it; an echo to the gateway is answered by the gateway itself.
     engine.send(good)
     reply = engine.receive()
     assert isinstance(reply.l4, ICMPError) and (reply.l4.type, reply.l4.code) == (3, 13)
@@ -191,7 +192,8 @@ def test_engine_counts_bad_frames_and_keeps_working(pair_engine: Callable[..., P
     assert reply.l4.quoted.startswith(good[10:38])
     engine.send(build_icmp_echo(NS4, GW4, 9, 1, b"ping", reply=False))
     reply = engine.receive()
-    assert isinstance(reply.l4, ICMPError) and reply.l4.code == 13
+    assert isinstance(reply.l4, ICMPEcho) and reply.l4.reply and reply.l4.payload == b"ping"
+    assert reply.ip.src == GW4 and reply.ip.dst == NS4
     # TCP: every SYN gets a reset at once.
     engine.send(tcp_frame(NS4, b"\xc0\x00\x02\x01", 40000, 80, 100, 0, TCP_SYN))
     reset = engine.receive()
@@ -205,8 +207,9 @@ def test_engine_counts_bad_frames_and_keeps_working(pair_engine: Callable[..., P
     stats = engine.runner.stats()
     assert stats["malformed"] == dict.fromkeys(frames, 1)
     assert stats["unsupported"] == {"ip protocol 132": 1}
-    assert stats["denied"] == {"host loopback disabled": 2}
-    assert stats["unreachable_sent"] == {"admin": 2}
+    assert stats["denied"] == {"host loopback disabled": 1}
+    assert stats["unreachable_sent"] == {"admin": 1}
+    assert stats["icmp_echo_local"] == 1
     assert stats["tcp_resets"] == 1
     assert stats["drops"] == {"foreign source address": 1}
     assert stats["errors"] == 0

@@ -20,6 +20,11 @@ as a broadcast whether or not it was configured (dialing it would broadcast on t
 host's network).  Loopback addresses are in it too, harmlessly
 (the policy never dials them anyway).
 
+Why a raw socket and not pyroute2 (which the namespace set-up uses): this check runs on
+every new flow, and with nothing queued it must cost one ``recv``; pyroute2 parses every
+message into objects and owns its socket's reads.  The two message types read here
+(``ifaddrmsg`` and three attributes) are a few lines of ``struct``.
+
 The socket belongs to the network namespace of the thread that opens it (a socket is
 bound to its namespace for life), so open it where the host side dials from.
 Not thread-safe: one thread (the event loop's) tests and drains.
