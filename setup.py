@@ -3,7 +3,7 @@
 * ``nsbridge.usernet.host._flowrelay`` serves UDP and ping for ``nsbridge run`` from a thread
   that never takes the GIL for a known flow.  It is optional: without a C compiler and the
   Python headers the build skips it and the Python engine serves them, slower.
-* Man pages (``nsbridge(1)``, ``netns_tcp_bridge(1)``) and the bash completion are generated
+* Man pages (``nsbridge(1)``, ``netns_tcp_bridge(1)``, ``nsbridge-slirp4netns(1)``) and the bash completion are generated
   at build time from the very argparse parsers the commands use (argparse-manpage and shtab,
   build requirements), so they cannot drift from ``--help``.  They are installed as data
   files into the environment's ``share/`` (``install.sh`` links them into the system's).
@@ -29,6 +29,9 @@ MAN_PAGES = [
      "connect Linux network namespaces: forwarding and rootless user-mode networking"),
     ("netns_tcp_bridge.1", "nsbridge.cli.compat", "build_parser", "netns_tcp_bridge",
      "TCP forwarder between network namespaces (nsbridge's drop-in for the original)"),
+    ("nsbridge-slirp4netns.1", "nsbridge.cli.slirp4netns", "build_parser",
+     "nsbridge-slirp4netns", "user-mode networking for container runtimes, in place of "
+     "slirp4netns"),
 ]
 
 

@@ -279,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a process whose namespace to serve, or an nsfs path")
     att.set_defaults(handler=attach_usernet)
 
+    # Listed for --help and the man page; main() hands its arguments to
+    # cli/slirp4netns.py before argparse sees them (slirp4netns parses with getopt).
+    sub.add_parser(
+        "slirp4netns", add_help=False,
+        help="serve a namespace for rootlesskit or podman, with slirp4netns's command line "
+        "(`nsbridge slirp4netns --help`; also installed as nsbridge-slirp4netns)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="show a real forward into a throwaway namespace, step by step",
@@ -452,6 +460,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["slirp4netns"]:
+        # slirp4netns's own command line (getopt, not argparse): see cli/slirp4netns.py.
+        from nsbridge.cli.slirp4netns import main as slirp4netns_main
+
+        return slirp4netns_main(arguments[1:], prog="nsbridge slirp4netns")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

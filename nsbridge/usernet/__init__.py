@@ -14,6 +14,8 @@ and a host-side policy decides every new flow.  The package is split by what a m
 * :mod:`.options` — ``run``/``attach`` options from the command line (``--dns`` parsing).
 * :mod:`.runner` — the wiring shared by the CLI and the API (one ``Network`` per
   namespace), and ``run``/``attach`` for the CLI.
+* :mod:`.slirp4netns` — ``nsbridge-slirp4netns``'s life cycle: a TAP device in an
+  existing namespace, ready and exit fds, slirp4netns's policy.
 * :mod:`.api` — the Python API: ``run``, ``attach``, the split form.
 
 docs/architecture.md walks through the data paths.

@@ -12,6 +12,8 @@
 * :mod:`.confine` — every such helper: non-dumpable, only the fds it needs, empty
   environment; the long-lived one on an empty root.
 * :mod:`.netconf` — the tun device, addresses and routes, over netlink.
+* :mod:`.tapdevice` — the TAP device slirp4netns's callers expect: opened, or created
+  and configured (``-c``).
 * :mod:`.nft` — the nftables redirect of the TCP fast path, over netlink.
 * :mod:`.nsfactory` — a socket-factory process living inside the sandbox (published
   ports' connect side).

@@ -46,6 +46,7 @@ from nsbridge.linux.libc import checked, last_error, libc
 from nsbridge.linux.netns import unshare
 from nsbridge.usernet.inside.netconf import SetupError
 
+PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 CLONE_NEWNS = 0x00020000
@@ -94,6 +95,20 @@ def make_non_dumpable() -> None:
         raise SetupError(f"cannot make the namespace helper non-dumpable: {exc.strerror}") from None
     if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise SetupError("the namespace helper is still dumpable after PR_SET_DUMPABLE")
+
+
+def die_with_parent(parent: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, SIGKILL)``: a helper must not outlive the process that
+    forked it, even one killed with SIGKILL (rootlesskit's way of ending slirp4netns).
+
+    Call it after the last ``setns`` into a user namespace: the kernel clears the setting
+    when credentials change.  ``parent`` is the pid that forked us, taken before the
+    fork: if it already died, ``getppid()`` names another process and we exit here."""
+    import signal
+
+    checked("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def close_fds_except(keep: Collection[int]) -> None:

@@ -168,7 +168,9 @@ def _in_helper(
     and sends back its fds; reap it.  Returns (header, fds)."""
     _preload()
     keep = [netns.fd] if userns is None else [netns.fd, userns]
-    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work), keep=keep)
+    parent = os.getpid()
+    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work, parent),
+                         keep=keep)
     try:
         reply, fds = _receive(sock, helper, timeout, doing, fixed)
     except BaseException:
@@ -238,13 +240,16 @@ def _enter_child(
     netns_fd: int,
     userns_fd: int | None,
     work: Callable[[], tuple[dict, list[int]]],
+    parent: int,
 ) -> NoReturn:
-    """The ``attach``/``make_fds`` helper: enter the namespaces, do ``work``, report, exit."""
+    """The ``attach``/``make_fds`` helper: enter the namespaces, do ``work``, report, exit.
+    It dies with its parent (SIGKILL included), set once the namespaces are entered."""
     try:
         try:
             if userns_fd is not None:
                 _setns(userns_fd, CLONE_NEWUSER, "user")
             _setns(netns_fd, CLONE_NEWNET, "network")
+            confine.die_with_parent(parent)
             header, fds = work()
         except SetupError as exc:
             _send_error(sock, str(exc))

@@ -19,9 +19,8 @@ from nsbridge.usernet.inside.helper import SandboxError
 
 # ioctl(NS_GET_USERNS) = _IO(0xb7, 0x1): an fd for the user namespace owning a namespace.
 NS_GET_USERNS = 0xB701
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
 CLONE_NEWUSER = 0x10000000
-# ioctl(NS_GET_USERNS) = _IO(0xb7, 0x1): an fd for the user namespace owning a namespace.
-NS_GET_USERNS = 0xB701
 
 
 def _open_target(target: str | int | Netns) -> Netns:
@@ -61,6 +60,26 @@ def _owning_userns(netns: Netns) -> int | None:
             f"cannot find the user namespace owning {netns.label}: {describe_oserror(exc)}"
         ) from None
     os.set_inheritable(fd, False)
+    if _same_ns(fd, "/proc/self/ns/user"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _open_userns(path: str) -> int | None:
+    """An fd on the user namespace file ``path`` (slirp4netns's ``--userns-path``), or
+    None if that is our own (nothing to enter)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot open user namespace {path}: {describe_oserror(exc)}") from None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None
+    if kind != CLONE_NEWUSER:
+        os.close(fd)
+        raise UserError(f"{path} is not a user namespace file (such as /proc/PID/ns/user)")
     if _same_ns(fd, "/proc/self/ns/user"):
         os.close(fd)
         return None

@@ -80,10 +80,12 @@ from nsbridge.usernet.inside.helper import (
 from nsbridge.usernet.inside.netconf import NetConfig, SetupError
 from nsbridge.usernet.inside.nstarget import (
     _open_target,
+    _open_userns,
     _owning_userns,
     _refuse_own_namespace,
     _same_ns,
 )
+from nsbridge.usernet.inside.tapdevice import TapRequest, tap_here
 
 __all__ = [  # the public names, and the internals the API's split form uses from here
     "DEFAULT_TIMEOUT",
@@ -358,24 +360,34 @@ class Sandbox:
         *,
         extra: ExtraFds | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        tap: TapRequest | None = None,
+        userns_path: str | None = None,
     ) -> SandboxHandle:
         """Give an existing namespace (a PID, an nsfs path, ``pid:N``, a name) a tun device.
 
         The helper enters the user namespace owning the target's network namespace when
         that is not ours (a rootless container's), then the network namespace itself; it
-        leaves mounts alone (the container runtime owns them).  Raises :class:`UserError`.
+        leaves mounts alone (the container runtime owns them).  ``userns_path`` names the
+        user namespace to enter instead (slirp4netns's ``--userns-path``).  With ``tap``
+        the device is that TAP device instead of a new tun (:mod:`.tapdevice`; ``extra``
+        is not supported then).  Raises :class:`UserError`.
         """
         config = config or NetConfig()
         config.validate()
+        if tap is not None and extra is not None:
+            raise ValueError("a TAP device takes no extra callback")
         netns = _open_target(target)
         try:
             _refuse_own_namespace(netns)
-            userns = _owning_userns(netns)
+            userns = _owning_userns(netns) if userns_path is None else \
+                _open_userns(userns_path)
+            work = (lambda: _configure_here(config, extra)) if tap is None else \
+                (lambda: tap_here(config, tap))
             try:
                 reply, fds = _in_helper(
                     netns,
                     userns,
-                    lambda: _configure_here(config, extra),
+                    work,
                     f"attaching to {netns.label}",
                     timeout,
                 )
@@ -392,7 +404,7 @@ class Sandbox:
 def _handle(
     reply: dict, fds: list[int], netns: Netns, config: NetConfig, timeout: float
 ) -> SandboxHandle:
-    return SandboxHandle(
+    handle = SandboxHandle(
         tun=fds[0],
         netns=netns,
         userns=fds[2],
@@ -405,3 +417,8 @@ def _handle(
         warnings=list(reply.get("warnings", [])),
         _timeout=timeout,
     )
+    if "link" in reply and "link" in SandboxHandle.__dataclass_fields__:
+        # A TAP device (tapdevice.py): the engine's layer-2 mode reads these fields.
+        setattr(handle, "link", reply["link"])  # noqa: B010 - fields of the tap-l2 branch
+        setattr(handle, "guest_mac", reply.get("guest_mac"))  # noqa: B010
+    return handle

@@ -1,0 +1,216 @@
+"""``nsbridge-slirp4netns``'s life cycle: what rootlesskit and podman rely on, in order.
+
+1. The caller's ``--ready-fd`` and ``--exit-fd`` are checked with ``fstat`` before
+   anything of ours is opened (:func:`check_caller_fds`): a number the caller forgot to
+   pass would otherwise be taken by one of our own fds, and we would write "1" into our
+   own socket or wait for our own pipe.
+2. The namespace is entered by the same forked helper ``nsbridge attach`` uses
+   (:meth:`~nsbridge.usernet.inside.sandbox.Sandbox.for_namespace`): ``--netns-type=pid``
+   is the PID's network namespace, ``path`` an nsfs file (nobody needs to live in it);
+   the helper enters the user namespace that owns it unless that is ours (podman calls
+   us from inside it), or ``--userns-path``'s.  There it opens the TAP device, and with
+   ``-c`` creates and configures it (:mod:`.inside.tapdevice`).  The helper dies with us.
+3. The host side is :class:`~nsbridge.usernet.runner.Network`, with TCP on the tun path
+   and UDP/ping in the engine (a TAP device carries Ethernet frames: the nftables fast
+   path and the native relay are built for ``run``'s own tun device).  Then the API
+   socket, if asked for.  Only then ``--ready-fd`` gets its "1" and is closed; a failure
+   before that exits 1 with the reason on stderr, and the caller reads EOF.
+4. The loop runs until ``--exit-fd`` reports any event (its writer closed: exit 0),
+   SIGTERM/SIGINT (exit 0), or, in PID mode, the target process exits.
+
+The policy is slirp4netns's, not ``nsbridge run``'s (docs/slirp4netns.md): the host's
+loopback is reachable through the gateway unless ``--disable-host-loopback``, and the
+host's other addresses are ordinary destinations either way, as slirp4netns has them.
+``--disable-dns`` refuses the DNS address (a deny rule on it) rather than dialing it as
+an outside address: that address is inside the namespace's own network, where nothing
+real lives behind nsbridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from nsbridge.errors import UserError
+
+log = logging.getLogger("nsbridge")
+
+API_SOCKET_MODULE = "nsbridge.usernet.host.apisocket"
+# The range nsbridge's engine serves; slirp4netns's parser allows 1-65521, and callers
+# pass 1500 (the default) or 65520.
+MIN_MTU, MAX_MTU = 1280, 65520
+
+
+def check_caller_fds(*fds: int | None) -> None:
+    """Each given fd must be open now, before we open anything (else one of ours could
+    take its number).  Raises UserError naming the first that is not."""
+    for fd in fds:
+        if fd is None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise UserError(f"file descriptor {fd} (--ready-fd/--exit-fd) is not open: "
+                            "the caller must pass it") from None
+
+
+def serve(args: Any, prog: str) -> int:
+    """Run for a parsed :class:`nsbridge.cli.slirp4netns.Slirp4netnsArgs`; the exit code."""
+    _setup_logging(prog)
+    from nsbridge.linux.signals import StopSignals
+
+    stops = StopSignals()  # from here SIGTERM/SIGINT wait in a signalfd: none is lost
+    try:
+        return _serve(args, stops)
+    except UserError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stops.close()
+
+
+def _setup_logging(prog: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{os.path.basename(prog)}: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if not os.environ.get("NSBRIDGE_DEBUG") else logging.INFO)
+    log.propagate = False
+
+
+def usernet_options(args: Any) -> Any:
+    """slirp4netns's semantics as ``nsbridge run``'s options (see the module's text)."""
+    from nsbridge.defaults import USERNET_CIDR6
+    from nsbridge.usernet.runner import UsernetOptions
+
+    deny = []
+    if args.disable_dns:
+        import ipaddress
+
+        dns4 = ipaddress.IPv4Network(args.cidr)[3]  # slirp4netns's DNS: network + 3
+        deny = [f"{dns4}/32"]  # covers the IPv6 DNS address too (one service)
+    return UsernetOptions(allow_host_access=not args.disable_host_loopback, deny=deny,
+                          tcp="tun", relay="engine", mtu=args.mtu, ipv6=args.ipv6,
+                          cidr=args.cidr, cidr6=USERNET_CIDR6)
+
+
+def _serve(args: Any, stops: Any) -> int:
+    started = time.monotonic()
+    api_server_class = _api_server_class() if args.api_socket is not None else None
+    if not MIN_MTU <= args.mtu <= MAX_MTU:
+        raise UserError(f"MTU {args.mtu} is not supported by nsbridge-slirp4netns (it "
+                        f"serves {MIN_MTU}-{MAX_MTU})")
+    from nsbridge.linux.netns import Netns
+    from nsbridge.usernet.inside.netconf import NetConfig
+    from nsbridge.usernet.inside.sandbox import Sandbox
+    from nsbridge.usernet.inside.tapdevice import TapRequest
+    from nsbridge.usernet.proto.addresses import UsernetAddresses
+    from nsbridge.usernet.runner import Network, check_options, target_pidfd
+
+    options = usernet_options(args)
+    check_options(options)
+    addresses = UsernetAddresses.parse(network=options.cidr, network6=options.cidr6,
+                                       mtu=options.mtu, labels=("--cidr", "--cidr6"))
+    config = NetConfig(addresses, ifname=args.tapname, ipv6=options.ipv6)
+    if args.netns_type == "pid":
+        target: Any = args.target
+        pidfd = target_pidfd(args.target)
+    else:
+        target = Netns.from_path(args.target)
+        pidfd = None
+    try:
+        handle = Sandbox.for_namespace(
+            target, config, userns_path=args.userns_path,
+            tap=TapRequest(args.tapname, create=args.configure, mac=args.macaddress))
+    finally:
+        if isinstance(target, Netns):
+            target.close()
+    api = None
+    network = Network(handle, options)
+    try:
+        if args.disable_host_loopback:
+            # slirp4netns closes only the host's loopback: its other addresses stay
+            # ordinary destinations, so they are not tracked (an empty set, not None).
+            network.policy.host_addresses = set()
+        network.start()
+        loop = network.bridge.loop
+        if api_server_class is not None:
+            api = api_server_class(loop, args.api_socket, network)
+        if pidfd is not None:
+            network.stop_when_readable(pidfd)
+        if args.exit_fd is not None:
+            _watch_exit_fd(loop, args.exit_fd)
+        stops.attach(loop, lambda _signum, _count: loop.stop())
+        _print_banner(args, addresses)
+        if args.ready_fd is not None:
+            _signal_ready(args.ready_fd)
+        log.info("ready after %.0f ms", (time.monotonic() - started) * 1000)
+        network.run()
+        return 0
+    finally:
+        if api is not None and hasattr(api, "close"):
+            api.close()
+        network.close()
+        handle.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _api_server_class() -> Any:
+    """The API socket's server (``ApiSocketServer(loop, path, network)``), or a one-line
+    refusal when this build has none."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(API_SOCKET_MODULE) is None:
+        raise UserError("--api-socket is not supported by this build of nsbridge")
+    return importlib.import_module(API_SOCKET_MODULE).ApiSocketServer
+
+
+def _watch_exit_fd(loop: Any, fd: int) -> None:
+    """End on any event of the caller's exit fd (its other end closed: HUP; an error:
+    ERR), as slirp4netns does; data written to it is not an event (slirp4netns polls for
+    HUP alone)."""
+    from nsbridge.relay.loop import ERR, HUP
+
+    try:
+        loop.add(fd, HUP | ERR, lambda _events: loop.stop())
+    except PermissionError:  # a regular file: nothing to wait for, as with poll()
+        log.warning("--exit-fd %d cannot be watched (a regular file?); ignoring it", fd)
+
+
+def _signal_ready(fd: int) -> None:
+    """Write "1" and close: the caller reads one byte, then EOF."""
+    try:
+        os.write(fd, b"1")
+    except OSError as exc:
+        log.warning("--ready-fd %d: cannot write: %s", fd, os.strerror(exc.errno or 0))
+    finally:
+        os.close(fd)
+
+
+def _print_banner(args: Any, addresses: Any) -> None:
+    """slirp4netns's start-up summary on stdout (callers log it; nobody parses it)."""
+    network = addresses.network
+    lines = [
+        "Starting slirp (nsbridge)",
+        f"* MTU:             {args.mtu}",
+        f"* Network:         {network.network_address}",
+        f"* Netmask:         {network.netmask}",
+        f"* Gateway:         {addresses.gateway}",
+        f"* DNS:             {addresses.dns}",
+        f"* Recommended IP:  {addresses.interface.ip}",
+    ]
+    if args.api_socket is not None:
+        lines.append(f"* API Socket:      {args.api_socket}")
+    if args.macaddress is not None:
+        lines.append(f"* MAC address:     {args.macaddress}")
+    if not args.disable_host_loopback:
+        lines.append(f"WARNING: 127.0.0.1:* on the host is accessible as {addresses.gateway} "
+                     "(set --disable-host-loopback to prohibit connecting to 127.0.0.1:*)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
