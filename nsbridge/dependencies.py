@@ -13,7 +13,6 @@ instead of an ``ImportError`` traceback from the middle of a set-up.
 from __future__ import annotations
 
 import re
-from importlib import metadata
 
 from nsbridge.errors import UserError
 
@@ -24,6 +23,10 @@ _INSTALL_HINT = f"pip install 'pyroute2>={_MINIMUM_TEXT}' (into nsbridge's envir
 
 def pyroute2_version() -> str | None:
     """The installed pyroute2's version string, or None when it is not installed."""
+    # Imported here: importlib.metadata costs milliseconds (it loads the email package),
+    # and nsbridge-slirp4netns's start, which never asks, is on every container start.
+    from importlib import metadata
+
     try:
         return metadata.version("pyroute2")
     except metadata.PackageNotFoundError:

@@ -56,7 +56,6 @@ from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.movers import MoverName, make_mover
 from nsbridge.relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from nsbridge.usernet.host.dnstcp import DnsTcpRelay
-from nsbridge.usernet.inside import nft
 from nsbridge.usernet.inside.netconf import SetupError
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
 
@@ -138,6 +137,11 @@ def setup_inside(port: int = 0, *, optional: bool = False) -> list[socket.socket
     with ``optional=True``, returns ``[]`` instead so the caller falls back to the tun
     path without creating the namespace again.
     """
+    # Imported here, not at the top: it loads pyroute2 (tens of ms), which the tun path
+    # (tuntcp.py imports this module) never needs.  Callers that run this step import
+    # it before forking the helper it runs in (runner._redirect_setup).
+    from nsbridge.usernet.inside import nft
+
     listeners = make_redirect_listeners(port)
     try:
         nft.program_redirect(listeners[0].getsockname()[1])

@@ -163,10 +163,13 @@ def _in_helper(
     doing: str,
     timeout: float,
     fixed: int = _FIXED_FDS,
+    preload: bool = True,
 ) -> tuple[dict, list[int]]:
     """Fork a helper that enters ``userns`` (if given) and ``netns``, runs ``work`` there
-    and sends back its fds; reap it.  Returns (header, fds)."""
-    _preload()
+    and sends back its fds; reap it.  Returns (header, fds).  ``preload=False`` skips
+    importing pyroute2 first, for work that never uses it."""
+    if preload:
+        _preload()
     keep = [netns.fd] if userns is None else [netns.fd, userns]
     parent = os.getpid()
     helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work, parent),

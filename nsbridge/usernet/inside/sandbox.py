@@ -390,6 +390,7 @@ class Sandbox:
                     work,
                     f"attaching to {netns.label}",
                     timeout,
+                    preload=tap is None,  # a TAP is set up without pyroute2
                 )
             finally:
                 if userns is not None:

@@ -10,9 +10,9 @@ configure it.  So there are two requests, and they must not be confused:
   caller would see a helper that is "ready" but carries nothing;
 * with ``create``, the device is made (or, as slirp4netns does, a persistent one of that
   name is attached to), given the MAC address asked for before it goes up (the kernel
-  refuses to change a running TAP's address), then configured as :func:`.netconf.configure`
-  configures ``nsbridge run``'s tun device: ``lo`` up, MTU, network+100, the default route
-  via network+2, and IPv6 when the configuration has it.
+  refuses to change a running TAP's address), then configured with the addresses
+  ``nsbridge run``'s tun device gets: ``lo`` up, MTU, network+100, the default route via
+  network+2, and IPv6 when the configuration has it (:func:`configure_tap`).
 
 Runs in the forked helper that entered the namespace (:mod:`.helper`), like :mod:`.netconf`.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -39,11 +40,24 @@ from nsbridge.usernet.inside.netconf import (
     NetConfig,
     Tun,
     _set_offloads,
-    _step,
-    configure,
 )
 
 IFF_TAP = 0x0002
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+ARPHRD_ETHER = 1
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+# <linux/sockios.h>
+SIOCADDRT = 0x890B
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+SIOCSIFHWADDR = 0x8924
+SIOCGIFHWADDR = 0x8927
+# What an IPv6 socket or address fails with when IPv6 is off in this namespace or kernel.
+_IPV6_OFF = (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP)
 
 
 @dataclass(frozen=True)
@@ -98,21 +112,109 @@ def open_tap(request: TapRequest, offload: bool = True) -> Tun:
 
 
 def configure_tap(config: NetConfig, request: TapRequest) -> bool:
-    """``-c``: the MAC address first (while the device is down), then the addresses and
-    routes.  Returns whether IPv6 is configured (see :func:`.netconf.configure`)."""
-    if request.mac is not None:
-        from pyroute2 import IPRoute
+    """``-c``: what slirp4netns does, with the same ioctls (no netlink library to load:
+    podman pays this on every container start) — ``lo`` up, the MAC address while the
+    device is still down (a running TAP refuses a new one), the device up, MTU, the
+    address and netmask, the default route via the gateway; then IPv6 when configured:
+    the address (duplicate detection switched off first, as ``nsbridge run`` adds its
+    address with ``nodad``) and the default route.  Returns whether IPv6 is configured:
+    a namespace whose kernel has IPv6 off still gets working IPv4."""
+    name = request.name
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fd = sock.fileno()
+        _ioctl(fd, SIOCSIFFLAGS, _ifreq_flags("lo", IFF_UP | IFF_RUNNING), "bring lo up")
+        if request.mac is not None:
+            mac = bytes.fromhex(request.mac.replace(":", ""))
+            _ioctl(fd, SIOCSIFHWADDR, struct.pack("16sH14s8x", name.encode(), ARPHRD_ETHER,
+                                                  mac), f"set MAC address {request.mac}")
+        _ioctl(fd, SIOCSIFFLAGS, _ifreq_flags(name, IFF_UP | IFF_RUNNING), f"bring {name} up")
+        _ioctl(fd, SIOCSIFMTU, struct.pack("16si20x", name.encode(), config.mtu),
+               f"set MTU {config.mtu} on {name}")
+        interface = config.ipv4
+        _ioctl(fd, SIOCSIFADDR, _ifreq_inet(name, interface.ip), f"add {interface} to {name}")
+        _ioctl(fd, SIOCSIFNETMASK, _ifreq_inet(name, interface.netmask),
+               f"set netmask {interface.netmask} on {name}")
+        _ioctl(fd, SIOCADDRT, _rtentry_default_via(config.gateway4),
+               f"add default route via {config.gateway4}")
+    if config.ipv6 is None:
+        return False
+    return _configure_ipv6(config, name)
 
-        with IPRoute() as ipr:
-            (index,) = _step(f"find {request.name}", ipr.link_lookup, ifname=request.name)
-            _step(f"set MAC address {request.mac} on {request.name}", ipr.link, "set",
-                  index=index, address=request.mac)
-    return configure(config, request.name)
+
+def _configure_ipv6(config: NetConfig, name: str) -> bool:
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_dad", "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # no IPv6 here (checked below), or the sysctl is not ours: DAD then runs
+    assert config.ipv6 is not None
+    index = socket.if_nametoindex(name)
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if exc.errno in _IPV6_OFF:
+            return False
+        raise SetupError(f"cannot open an IPv6 socket: {describe_oserror(exc)}") from None
+    with sock:
+        address = struct.pack("16sIi", config.ipv6.ip.packed, config.ipv6.network.prefixlen,
+                              index)
+        try:
+            fcntl.ioctl(sock.fileno(), SIOCSIFADDR, address)
+        except OSError as exc:
+            if exc.errno in _IPV6_OFF:
+                return False
+            raise _failed(f"add {config.ipv6} to {name}", exc) from None
+        # struct in6_rtmsg: dst, src, gateway, type, dst_len, src_len, metric, info,
+        # flags, ifindex.
+        route = struct.pack("16s16s16sIHHI4xQIi", bytes(16), bytes(16),
+                            config.gateway6.packed, 0, 0, 0, 1, 0, RTF_UP | RTF_GATEWAY,
+                            index)
+        _ioctl(sock.fileno(), SIOCADDRT, route, f"add default route via {config.gateway6}")
+    return True
+
+
+# struct rtentry (<net/route.h>, 64-bit): pad, dst, gateway, genmask (struct sockaddr
+# each), flags, pad, pad, pad, metric, dev (NULL: the kernel finds the device by the
+# gateway), mtu, window, irtt.
+_RTENTRY = struct.Struct("Q16s16s16sHh4xQQh6xQQQH6x")
+
+
+def _rtentry_default_via(gateway: ipaddress.IPv4Address) -> bytes:
+    return _RTENTRY.pack(0, _sockaddr_in(ipaddress.IPv4Address(0)), _sockaddr_in(gateway),
+                         _sockaddr_in(ipaddress.IPv4Address(0)), RTF_UP | RTF_GATEWAY, 0,
+                         0, 0, 0, 0, 0, 0, 0)
+
+
+def _sockaddr_in(address: ipaddress.IPv4Address) -> bytes:
+    return struct.pack("=HH4s8x", socket.AF_INET, 0, address.packed)
+
+
+def _ifreq_inet(name: str, address: ipaddress.IPv4Address) -> bytes:
+    return struct.pack("16sHH4s8x8x", name.encode(), socket.AF_INET, 0, address.packed)
+
+
+def _ifreq_flags(name: str, flags: int) -> bytes:
+    return struct.pack("16sH22x", name.encode(), flags)
+
+
+def _ioctl(fd: int, request: int, data: bytes, what: str) -> None:
+    try:
+        fcntl.ioctl(fd, request, data)
+    except OSError as exc:
+        raise _failed(what, exc) from None
+
+
+def _failed(what: str, exc: OSError) -> SetupError:
+    hint = ""
+    if exc.errno == errno.EEXIST:
+        hint = " (already present: is the device already configured?)"
+    elif exc.errno == errno.EPERM:
+        hint = " (no CAP_NET_ADMIN over this network namespace)"
+    return SetupError(f"cannot {what}: {describe_oserror(exc)}{hint}")
 
 
 def mac_address(ifname: str) -> str:
     """The device's MAC address as ``aa:bb:cc:dd:ee:ff`` (SIOCGIFHWADDR)."""
-    SIOCGIFHWADDR = 0x8927
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             result = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR,
