@@ -109,7 +109,7 @@ def _serve(args: Any, stops: Any) -> int:
     from nsbridge.usernet.inside.sandbox import Sandbox
     from nsbridge.usernet.inside.tapdevice import TapRequest
     from nsbridge.usernet.proto.addresses import UsernetAddresses
-    from nsbridge.usernet.runner import Network, check_options, target_pidfd
+    from nsbridge.usernet.runner import Network, check_options
 
     options = usernet_options(args)
     check_options(options)
@@ -117,8 +117,10 @@ def _serve(args: Any, stops: Any) -> int:
                                        mtu=options.mtu, labels=("--cidr", "--cidr6"))
     config = NetConfig(addresses, ifname=args.tapname, ipv6=options.ipv6)
     if args.netns_type == "pid":
+        from nsbridge.linux.lifetime import open_exit_with
+
         target: Any = args.target
-        pidfd = target_pidfd(args.target)
+        pidfd = open_exit_with(args.target, what="PID")
     else:
         target = Netns.from_path(args.target)
         pidfd = None

@@ -127,6 +127,8 @@ def configure_tap(config: NetConfig, request: TapRequest) -> bool:
             mac = bytes.fromhex(request.mac.replace(":", ""))
             _ioctl(fd, SIOCSIFHWADDR, struct.pack("16sH14s8x", name.encode(), ARPHRD_ETHER,
                                                   mac), f"set MAC address {request.mac}")
+        if config.ipv6 is not None:
+            _no_dad(name)  # before the device is up: its link-local address too
         _ioctl(fd, SIOCSIFFLAGS, _ifreq_flags(name, IFF_UP | IFF_RUNNING), f"bring {name} up")
         _ioctl(fd, SIOCSIFMTU, struct.pack("16si20x", name.encode(), config.mtu),
                f"set MTU {config.mtu} on {name}")
@@ -141,12 +143,17 @@ def configure_tap(config: NetConfig, request: TapRequest) -> bool:
     return _configure_ipv6(config, name)
 
 
-def _configure_ipv6(config: NetConfig, name: str) -> bool:
+def _no_dad(name: str) -> None:
+    """Duplicate address detection off for the device: its addresses are usable at once
+    (nobody else is on this link but nsbridge)."""
     try:
         with open(f"/proc/sys/net/ipv6/conf/{name}/accept_dad", "w") as f:
             f.write("0")
     except OSError:
-        pass  # no IPv6 here (checked below), or the sysctl is not ours: DAD then runs
+        pass  # no IPv6 here (found out below), or the sysctl is not ours: DAD then runs
+
+
+def _configure_ipv6(config: NetConfig, name: str) -> bool:
     assert config.ipv6 is not None
     index = socket.if_nametoindex(name)
     try:
