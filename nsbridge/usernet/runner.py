@@ -81,6 +81,11 @@ def _policy(options: UsernetOptions) -> Any:
                   resolvers=_resolvers(options))
 
 
+def build_policy(options: UsernetOptions) -> Any:
+    """The policy ``options`` describe (checked: raises UserError on a bad rule)."""
+    return _policy(options)
+
+
 def policy_warnings(options: UsernetOptions, policy: Any) -> list[str]:
     """Start-up warnings about the rules: a port rule that names one family while IPv6
     is on (with ``--disable-ipv6`` no IPv6 flow exists for it to miss)."""

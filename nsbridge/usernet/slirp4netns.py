@@ -98,6 +98,19 @@ def usernet_options(args: Any) -> Any:
                           cidr=args.cidr, cidr6=USERNET_CIDR6)
 
 
+def slirp4netns_policy(args: Any, options: Any) -> Any:
+    """The policy for ``options`` (from :func:`usernet_options`), with slirp4netns's view
+    of the host: ``--disable-host-loopback`` closes the host's loopback (the gateway) and
+    nothing else, so the host's own addresses are not tracked — an empty set, where
+    ``nsbridge run`` fills it from netlink."""
+    from nsbridge.usernet.runner import build_policy
+
+    policy = build_policy(options)
+    if args.disable_host_loopback:
+        policy.host_addresses = set()
+    return policy
+
+
 def _serve(args: Any, stops: Any) -> int:
     started = time.monotonic()
     api_server_class = _api_server_class() if args.api_socket is not None else None
@@ -132,12 +145,8 @@ def _serve(args: Any, stops: Any) -> int:
         if isinstance(target, Netns):
             target.close()
     api = None
-    network = Network(handle, options)
+    network = Network(handle, options, slirp4netns_policy(args, options))
     try:
-        if args.disable_host_loopback:
-            # slirp4netns closes only the host's loopback: its other addresses stay
-            # ordinary destinations, so they are not tracked (an empty set, not None).
-            network.policy.host_addresses = set()
         network.start()
         loop = network.bridge.loop
         if api_server_class is not None:

@@ -169,3 +169,46 @@ def test_deprecated_aliases() -> None:
 def test_tapfd_and_bess_refused() -> None:
     assert "tapfd is not supported" in fails("--netns-type=tapfd", "5").stderr
     assert "BESS mode is not supported" in fails("--target-type=bess", "/tmp/x").stderr
+
+
+# ---- slirp4netns's policy, as nsbridge-slirp4netns builds it --------------------------
+
+
+def slirp_policy(*argv: str):  # type: ignore[no-untyped-def]
+    from nsbridge.usernet.slirp4netns import slirp4netns_policy, usernet_options
+
+    args = parse([*argv, "1", "tap0"], PROG)
+    return slirp4netns_policy(args, usernet_options(args))
+
+
+def test_host_loopback_reachable_by_default() -> None:
+    """slirp4netns's default: the host's 127.0.0.1 is 10.0.2.2, and the host's own
+    addresses are ordinary destinations (not tracked)."""
+    from nsbridge.usernet.proto.policy import Allow
+
+    policy = slirp_policy()
+    assert isinstance(policy.decide("tcp", "10.0.2.2", 8080), Allow)
+    assert policy.allow_host_access
+
+
+def test_disable_host_loopback_closes_the_gateway_only() -> None:
+    from nsbridge.usernet.proto.policy import Allow, Deny
+
+    policy = slirp_policy("--disable-host-loopback")
+    assert policy.decide("tcp", "10.0.2.2", 8080) == Deny("host loopback disabled")
+    assert isinstance(policy.decide("tcp", "fd00::2", 8080), Deny)
+    # The host's own addresses are not looked up: slirp4netns leaves them reachable.
+    assert policy.host_addresses == set()
+    assert isinstance(policy.decide("tcp", "192.0.2.1", 80), Allow)
+
+
+def test_disable_dns_refuses_the_dns_address() -> None:
+    """--disable-dns: 10.0.2.3 (and fd00::3) are refused, not forwarded to the host's
+    resolvers, and not dialed either (that address is inside the namespace's network)."""
+    from nsbridge.usernet.proto.policy import AllowResolver, Deny
+
+    assert isinstance(slirp_policy().decide("udp", "10.0.2.3", 53), AllowResolver)
+    policy = slirp_policy("--disable-dns", "--cidr=10.7.0.0/24")
+    for address in ("10.7.0.3", "fd00::3"):
+        for protocol in ("udp", "tcp"):
+            assert isinstance(policy.decide(protocol, address, 53), Deny), (protocol, address)

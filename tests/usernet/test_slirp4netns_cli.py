@@ -287,15 +287,27 @@ def test_sigkill_leaves_nothing_behind(host: str, netns: str, helpers: list[Help
     (["--netns-type=path", "/etc/hostname", "tap0"], "not a namespace file"),
     (["-m", "1000", "1", "tap0"], "MTU 1000 is not supported"),
     (["--netns-type=path", "/proc/self/ns/user", "tap0"], "not a network namespace"),
+    # Bypass attempts through the new paths: our own namespace (a default route through
+    # a device only we serve would cut the host off), a TAPNAME that is another kind of
+    # device or a path, a user namespace file that is not one.
+    (["-c", "--netns-type=path", "/proc/self/ns/net", "tap0"], "nsbridge's own network"),
+    (["-c", "--netns-type=path", "{ns}", "lo"], "exists and is not a TAP device"),
+    (["--netns-type=path", "{ns}", "lo"], "exists and is not a TAP device"),
+    (["-c", "--netns-type=path", "{ns}", "../tap0"], "bad interface name"),
+    (["-c", "--netns-type=path", "{ns}", "a" * 16], "bad interface name"),
+    (["--userns-path={ns}", "-c", "--netns-type=path", "{ns}", "tap0"],
+     "is not a user namespace file"),
 ])
-def test_bad_input_one_line(host: str, args: list[str], message: str,
+def test_bad_input_one_line(host: str, netns: str, args: list[str], message: str,
                             helpers: list[Helper]) -> None:
-    helper = Helper(args, host)
+    before = ip_out("-n", netns, "-br", "link")
+    helper = Helper([arg.replace("{ns}", f"/run/netns/{netns}") for arg in args], host)
     helpers.append(helper)
     assert helper.wait_ready() == b""
     code, _out, err = helper.finish()
     assert code == 1
     assert message in err and len(err.strip().splitlines()) == 1, err
+    assert ip_out("-n", netns, "-br", "link") == before  # nothing made or changed
 
 
 def test_ready_fd_not_open(host: str, netns: str) -> None:
