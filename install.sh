@@ -72,7 +72,7 @@ say "creating the virtual environment $venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "$here"
 
 mkdir -p "$bin"
-for command in nsbridge netns-tcp-bridge netns_tcp_bridge; do
+for command in nsbridge netns-tcp-bridge netns_tcp_bridge nsbridge-slirp4netns; do
     ln -sf "$venv/bin/$command" "$bin/$command"
 done
 if [ -d "$venv/share/man/man1" ]; then

@@ -87,8 +87,12 @@ def test_readme_first_command_installs_and_the_demo_passes(installed: Path) -> N
     """The venv uses the system Python, and every command of the package is on PATH."""
     venv_python = installed / "venv" / "bin" / "python"
     assert os.path.realpath(venv_python).startswith("/usr/bin/python3"), venv_python
-    for command in ("nsbridge", "netns-tcp-bridge", "netns_tcp_bridge"):
+    for command in ("nsbridge", "netns-tcp-bridge", "netns_tcp_bridge",
+                    "nsbridge-slirp4netns"):
         assert (installed / "bin" / command).exists(), command
+    # Never under slirp4netns's own name: it must not shadow a real one on PATH.
+    assert not (installed / "bin" / "slirp4netns").exists()
+    assert not (installed / "venv" / "bin" / "slirp4netns").exists()
 
 
 def test_unprivileged_variant(installed: Path) -> None:
@@ -112,7 +116,8 @@ def test_man_pages_and_completion_are_installed(installed: Path) -> None:
         pytest.skip("man-db is not installed")
     pages = installed / "share" / "man" / "man1"
     for page, command in (("nsbridge.1", ["nsbridge", "run"]),
-                          ("netns_tcp_bridge.1", ["netns_tcp_bridge"])):
+                          ("netns_tcp_bridge.1", ["netns_tcp_bridge"]),
+                          ("nsbridge-slirp4netns.1", ["nsbridge-slirp4netns"])):
         rendered = subprocess.run(["man", "-l", str(pages / page)], capture_output=True,
                                   text=True, timeout=60, env={**os.environ, "MANWIDTH": "200"})
         assert rendered.returncode == 0, rendered.stderr
@@ -161,6 +166,7 @@ def test_sdist_and_wheel_hold_what_they_should(tmp_path: Path) -> None:
     data = {name.split(".data/data/", 1)[1] for name in names if ".data/data/" in name}
     if data:  # generated when argparse-manpage and shtab are importable (pip's builds)
         assert data == {"share/man/man1/nsbridge.1", "share/man/man1/netns_tcp_bridge.1",
+                        "share/man/man1/nsbridge-slirp4netns.1",
                         "share/bash-completion/completions/nsbridge"}, data
 
 
@@ -204,7 +210,7 @@ def test_uninstall_removes_the_venv_and_the_links(installed: Path) -> None:
     made = [installed / "venv", *(installed / "bin").iterdir(),
             *(installed / "share").rglob("*")]
     links = [path for path in made if path.is_symlink()]
-    assert len(links) >= 6, made  # three commands, two man pages, the completion
+    assert len(links) >= 8, made  # four commands, three man pages, the completion
     result = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     left = [path for path in made if path.is_symlink() or path.is_file()]
