@@ -25,8 +25,12 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_MTU = 1500  # slirp4netns's, not nsbridge run's: callers that pass none expect it
 MAX_MTU = 65521
@@ -143,7 +147,7 @@ def version_text() -> str:
 # ---- getopt_long ------------------------------------------------------------------------
 
 
-def _walk(argv: Sequence[str], prog: str):  # type: ignore[no-untyped-def]
+def _walk(argv: Sequence[str], prog: str) -> Iterator[tuple[Flag, str | None] | str]:
     """Yield (flag, value) pairs and positional strings in getopt's order of discovery;
     raise :class:`ParseExit` (code 1, glibc's text) at the first bad option."""
     args = list(argv)
@@ -433,7 +437,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return serve(args, prog)
 
 
-def build_parser():  # type: ignore[no-untyped-def]
+def build_parser() -> argparse.ArgumentParser:
     """An argparse description of the same flags, for the man page only (argparse-manpage
     reads parsers); parsing itself is :func:`parse`."""
     import argparse

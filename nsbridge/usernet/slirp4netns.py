@@ -78,7 +78,7 @@ def _setup_logging(prog: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{os.path.basename(prog)}: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if not os.environ.get("NSBRIDGE_DEBUG") else logging.INFO)
+    log.setLevel(logging.INFO)  # a line per step, as slirp4netns logs to stderr
     log.propagate = False
 
 

@@ -203,6 +203,39 @@ def test_podman_style_call_on_a_namespace_nobody_lives_in(host: str, netns: str,
     wait_until(lambda: "tap0" not in ip_out("-n", netns, "-br", "link"), timeout=5)
 
 
+@pytest.mark.parametrize(("ready", "exit_"), [(3, 4), (4, 3)], ids=["podman", "swapped"])
+def test_podman_fd_numbers(host: str, netns: str, ready: int, exit_: int) -> None:
+    """Podman passes ``-r 3 -e 4`` literally (podman 5 the other way round): fds that sit
+    where our own first fds would land if we opened anything before checking them."""
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    command = ours("-r", str(ready), "-e", str(exit_), *podman_args(f"/run/netns/{netns}"),
+                   host=host)
+    shell = (f'exec {ready}>&{ready_w} {exit_}<&{exit_r} {ready_w}>&- {exit_r}<&-; '
+             'exec "$0" "$@"')
+    proc = subprocess.Popen(["bash", "-c", shell, *command], pass_fds=(ready_w, exit_r),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    os.close(ready_w)
+    os.close(exit_r)
+    try:
+        assert os.read(ready_r, 2) == b"1"
+        assert os.read(ready_r, 2) == b""
+        assert "10.0.2.100/24" in ip_out("-n", netns, "-br", "addr", "show", "tap0")
+        os.close(exit_w)
+        exit_w = -1
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(ready_r)
+        if exit_w >= 0:
+            os.close(exit_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
 def test_macaddress_and_cidr(host: str, netns: str, helpers: list[Helper]) -> None:
     helper = Helper(["-c", "--macaddress=02:00:00:00:00:42", "--cidr=10.9.0.0/16", "-m",
                      "1500", "--netns-type=path", f"/run/netns/{netns}", "eth7"], host)
