@@ -305,9 +305,15 @@ class Network:
         from nsbridge.usernet.host.hostaddrs import HostAddresses
         from nsbridge.usernet.proto.hostaccess import NO_HOST_ADDRESSES
 
-        if self.policy.allow_host_access or self.policy.host_addresses is not NO_HOST_ADDRESSES:
+        if self.policy.allow_host_access:
             log.info("host access: allowed (the host's loopback through the gateway, and "
                      "its own addresses)")
+            return
+        if self.policy.host_addresses is not NO_HOST_ADDRESSES:
+            # The caller chose the set (nsbridge-slirp4netns: an empty one, as slirp4netns
+            # closes the loopback only).
+            log.info("host access: the host's loopback denied; of its own addresses, only "
+                     "those in the set given are")
             return
         self.host_addresses = HostAddresses()
         self.policy.host_addresses = self.host_addresses
