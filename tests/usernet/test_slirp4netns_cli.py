@@ -315,6 +315,45 @@ def test_sigkill_leaves_nothing_behind(host: str, netns: str, helpers: list[Help
         wait_until(lambda: "tap0" not in ip_out("-n", netns, "-br", "link"), timeout=5)
 
 
+HELPER_SCRIPT = """
+import sys, time
+from nsbridge.linux.netns import Netns
+from nsbridge.usernet.inside.helper import _in_helper
+
+def work():
+    with open(sys.argv[2], "w") as f:  # the helper's pid, then it hangs
+        f.write(str(__import__("os").getpid()))
+    time.sleep(60)
+    return {}, []
+
+_in_helper(Netns.from_path(sys.argv[1]), None, work, "test", 120, fixed=0, preload=False)
+"""
+
+
+def test_a_namespace_helper_dies_with_its_parent(netns: str, tmp_path: Path) -> None:
+    """A helper caught mid-work when its parent gets SIGKILL does not stay behind."""
+    pid_file = tmp_path / "helper.pid"
+    parent = subprocess.Popen([sys.executable, "-c", HELPER_SCRIPT, f"/run/netns/{netns}",
+                               str(pid_file)], cwd=REPO)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", timeout=10)
+        helper = int(pid_file.read_text())
+        assert os.path.exists(f"/proc/{helper}")
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: not os.path.exists(f"/proc/{helper}")
+                   or "Z" in Path(f"/proc/{helper}/stat").read_text().split()[2], timeout=5)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if pid_file.exists() and pid_file.read_text():  # a failed test ends it here
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["999999999", "tap0"], "no process with PID 999999999"),
     (["--netns-type=path", "/etc/hostname", "tap0"], "not a namespace file"),
