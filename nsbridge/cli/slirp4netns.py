@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="nsbridge-slirp4netns [OPTION]... PID|PATH [TAPNAME]",
         description="User-mode networking for a network namespace, started by container "
         "runtimes (rootlesskit, podman) in place of slirp4netns: its command line, "
-        "nsbridge's engine and policy.  See docs/slirp4netns.md.")
+        "nsbridge's engine and policy.  -h/--help lists exactly the flags that work here "
+        "(callers detect features by reading it).  See docs/slirp4netns.md.")
     for flag in FLAGS:
         if flag.help is None:
             continue
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         names.append(f"--{flag.long}")
         if flag.value:
             parser.add_argument(*names, metavar=flag.value, help=flag.help)
+        elif flag.long == "help":
+            parser.add_argument(*names, action="help", help=flag.help)
         else:
             parser.add_argument(*names, action="store_true", help=flag.help)
     parser.add_argument("target", metavar="PID|PATH",
