@@ -16,4 +16,6 @@
 * :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
   last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
+* :mod:`.slirpapi` — slirp4netns's API socket protocol (``add_hostfwd``, ``list_hostfwd``,
+  ``remove_hostfwd``) and the parson-compatible JSON reader it needs.
 """
