@@ -89,6 +89,7 @@ def options(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
@@ -98,7 +99,9 @@ def options(
     (``"8080:80"``, ``"127.0.0.1:5353:53/udp"``) or
     :class:`Publish` objects; ``allow``/``deny`` the CLI's rule syntax (``"tcp:*:25"``);
     ``dns`` host resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf);
-    ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``.  Raises UserError
+    ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``; ``api_socket`` a
+    path where slirp4netns's API socket is served (ports published at run time, see
+    docs/slirp4netns.md).  Raises UserError
     on bad input, before anything is created.  Rule warnings (a port rule naming one
     family) are logged at start and listed in ``warnings`` of what is returned.
     """
@@ -112,7 +115,8 @@ def options(
         deny=list(deny),
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
-        nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix))
+        nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix),
+        api_socket=api_socket)
     check_options(opts)  # a typo must not surface after the fork
     return opts
 
@@ -228,6 +232,7 @@ def run(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -246,7 +251,7 @@ def run(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     handle = _sandbox.Sandbox.create(
         list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
@@ -319,6 +324,7 @@ def attach(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -330,7 +336,7 @@ def attach(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
         handle = _sandbox.Sandbox.for_namespace(target, _config(opts), extra=_redirect_setup(opts),

@@ -57,6 +57,7 @@ class UsernetOptions:
     cidr: str = USERNET_CIDR  # the namespace's IPv4 network (slirp4netns's --cidr)
     cidr6: str = USERNET_CIDR6  # and its IPv6 network
     nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
+    api_socket: str | None = None  # serve slirp4netns's API socket here (host/apisocket.py)
 
 
 def _addresses(options: UsernetOptions) -> Any:
@@ -105,6 +106,10 @@ def check_options(options: UsernetOptions) -> None:
                             "192.0.2.53 or [2001:db8::53]:53") from None
     _policy(options)
     _config(options)
+    if options.api_socket is not None:
+        from nsbridge.usernet.host.apisocket import check_path
+
+        check_path(options.api_socket)
 
 
 def _resolvers(options: UsernetOptions) -> list[tuple[str, int]]:
@@ -236,6 +241,7 @@ class Network:
         self.tun_tcp: Any = None
         self.native_relay: Any = None
         self.host_addresses: Any = None
+        self.api_socket: Any = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -280,13 +286,17 @@ class Network:
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
-            if options.publish:
+            if options.publish or options.api_socket:
                 from nsbridge.usernet.inside.nsfactory import ProcessFactory
 
                 factory = ProcessFactory.inside(handle)
                 bridge.register_factory(handle.netns, factory)
                 for publish in options.publish:
                     _publish(bridge, handle, publish)
+            if options.api_socket:
+                from nsbridge.usernet.host.apisocket import ApiSocketServer
+
+                self.api_socket = ApiSocketServer(bridge.loop, options.api_socket, self)
             # Last: the published ports' helper is forked above, and a fork is best made
             # before a thread that C code owns is running.
             self._start_native_relay()
@@ -504,6 +514,8 @@ class Network:
             self.redirector.close()
         if self.host_addresses is not None:
             self.host_addresses.close()
+        if self.api_socket is not None:
+            self.api_socket.close()
         self.bridge.close()
 
 
