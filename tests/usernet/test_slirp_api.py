@@ -250,8 +250,12 @@ def test_a_hostfwd_cannot_reach_past_the_policy(host, tmp_path, host_access):
                 conn, _ = server.accept()
             except OSError:
                 return
-            with conn:
-                conn.sendall(b"HOST SECRET")
+            with conn:  # read first: closing with unread bytes would send a reset
+                try:
+                    conn.recv(16)
+                    conn.sendall(b"HOST SECRET")
+                except OSError:
+                    pass
 
     for server in servers:
         threading.Thread(target=serve, args=(server,), daemon=True).start()
@@ -284,6 +288,32 @@ def test_a_silent_client_does_not_block_the_others(ours):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
         silent.connect(ours)  # and says nothing
         assert request(ours, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+
+
+def test_hostile_clients_get_an_error_or_nothing_and_the_socket_keeps_serving(ours):
+    import random
+
+    rng = random.Random(17)
+    payloads = [b"\0" * 64, b"{" * 4095, b"[" * 3000, b"x" * 70000,
+                b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1e999}}',
+                b'{"execute":"add_hostfwd","arguments":"tcp"}',
+                b'{"execute":"add_hostfwd","arguments":{"proto":null}}']
+    payloads += [rng.randbytes(rng.randrange(1, 5000)) for _ in range(40)]
+    for data in payloads:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(ours)
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                reply = sock.recv(65536)
+            except (BrokenPipeError, ConnectionResetError):
+                continue  # a long request: answered "too large", the rest is not read
+            assert reply.startswith(b'{"error":{"desc":"bad request: ') or reply == b"", data[:40]
+        # half-open clients that vanish mid-request
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(ours)
+    assert request(ours, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
 
 
 def test_bad_api_socket_paths_fail_at_start_with_one_line(host, tmp_path):
