@@ -136,6 +136,7 @@ class Network:
         handle, options, bridge = self.handle, self.options, self.bridge
         for warning in self.warnings:
             log.warning("%s", warning)
+        log.info("policy: %s", self.policy.describe())
         try:
             self._track_host_addresses()
             resolvers = self.policy.resolvers
