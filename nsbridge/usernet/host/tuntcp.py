@@ -424,12 +424,14 @@ class TunTcp:
     def _pull(self, flow: _Flow) -> None:
         """Send the namespace what its window allows, peeking from the host socket."""
         conn, sock, buf, view = flow.conn, flow.sock, self._buf, self._view
+        # Without offloads (a TAP) nothing cuts a large frame: send MSS-sized segments.
+        largest = MAX_SEGMENT if self.offload else conn.mss
         while True:
             room = conn.sendable()
             if room <= 0:
                 break
             try:
-                got = sock.recv_into(buf, min(room, MAX_SEGMENT), socket.MSG_PEEK)
+                got = sock.recv_into(buf, min(room, largest), socket.MSG_PEEK)
             except BlockingIOError:
                 break
             except OSError as exc:
