@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import os
 import signal
 import socket
@@ -172,6 +173,39 @@ def test_arp_ping_curl_udp_and_dig_with_static_config(host: str, guest: str, str
     assert resolver.received >= 1 and echo.received == 1
 
 
+def test_bulk_tcp_both_ways_over_a_small_mtu_tap(host: str, guest: str,
+                                                 stream_server: Any) -> None:
+    """MSS-sized segments with Python's checksums, both ways, byte-exact (a TAP has no
+    offloads: every segment nsbridge writes must fit the guest's 1500-byte MTU)."""
+    blob = os.urandom(4 << 20)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            got = hashlib.sha256()
+            remaining = len(blob)
+            while remaining:
+                chunk = conn.recv(1 << 16)
+                assert chunk
+                got.update(chunk)
+                remaining -= len(chunk)
+            conn.sendall(got.hexdigest().encode() + blob)
+
+    server = stream_server(listen_in(host, HOST_V4), serve)
+    fd = open_tap(guest)
+    configure_static(guest)
+    probe = ("import hashlib, socket, sys; blob = sys.stdin.buffer.read(); "
+             f"s = socket.create_connection(('{HOST_V4}', {server.port}), timeout=20); "
+             "s.sendall(blob); got = b''\n"
+             "while True:\n c = s.recv(1 << 16)\n if not c: break\n got += c\n"
+             "print(got[:64].decode(), hashlib.sha256(got[64:]).hexdigest())")
+    with tap_network(host, guest, fd, UsernetOptions(allow_host_access=True)):
+        result = subprocess.run(["ip", "netns", "exec", guest, "python3", "-c", probe],
+                                input=blob, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    digest = hashlib.sha256(blob).hexdigest()
+    assert result.stdout.decode().split() == [digest, digest]
+
+
 def test_slaac_from_router_advertisements_then_ipv6_tcp(host: str, guest: str,
                                                         stream_server: Any) -> None:
     web = stream_server(listen_in(host, HOST_V6), http_hello)
@@ -303,3 +337,40 @@ def test_malformed_frames_are_counted_and_the_engine_keeps_working(host: str,
         assert malformed.get(reason) == 1, (reason, engine)
     assert engine["unsupported"].get("ethernet: type 0x88b5") == 1, engine
     assert engine["errors"] == 0
+
+
+def test_tap_engine_on_a_socketpair_short_frames_and_the_guest_mac() -> None:
+    """What the kernel never sends but a TAP fd could carry: a frame shorter than its
+    header; and nothing is written to the guest before its MAC is known."""
+    from nsbridge.relay.loop import EventLoop
+    from nsbridge.usernet.host.tap import TapEngine
+    from nsbridge.usernet.proto.policy import Policy
+
+    test_end, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    loop = EventLoop()
+    engine = TapEngine(loop, tap_end.fileno(), Policy(), UsernetAddresses(), [], ipv6=False)
+    try:
+        engine.start()
+        engine.write(bytes.fromhex("4500001c00000000400100000a0002020a000264") + bytes(8))
+        assert engine.stats.drops["guest MAC unknown"] == 1
+        guest_mac = bytes.fromhex("0242ac110002")
+        arp = (b"\xff" * 6 + guest_mac + b"\x08\x06"
+               + struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, guest_mac,
+                             bytes([10, 0, 2, 100]), bytes(6), bytes([10, 0, 2, 2])))
+        for frame in (b"\x01\x02\x03\x04\x05", arp):
+            test_end.send(frame)
+        loop.call_later(0.2, loop.stop)
+        loop.run()
+        assert engine.stats.malformed["ethernet: short"] == 1
+        assert engine.guest_mac == guest_mac
+        test_end.settimeout(1)
+        reply = test_end.recv(100)
+        assert reply[:6] == guest_mac and reply[12:14] == b"\x08\x06"
+        engine.write(bytes.fromhex("4500001c00000000400100000a0002020a000264") + bytes(8))
+        assert test_end.recv(100)[:14] == guest_mac + bytes.fromhex(HOST_MAC.replace(":", "")) \
+            + b"\x08\x00"
+    finally:
+        engine.close()
+        loop.close()
+        test_end.close()
+        tap_end.close()

@@ -424,8 +424,9 @@ class TunTcp:
     def _pull(self, flow: _Flow) -> None:
         """Send the namespace what its window allows, peeking from the host socket."""
         conn, sock, buf, view = flow.conn, flow.sock, self._buf, self._view
-        # Without offloads (a TAP) nothing cuts a large frame: send MSS-sized segments.
-        largest = MAX_SEGMENT if self.offload else conn.mss
+        # A TAP (no virtio header) gets MSS-sized segments: nothing there cuts a large
+        # frame, and a guest forwarding it (containers behind a bridge) would drop it.
+        largest = MAX_SEGMENT if self.vnet else conn.mss
         while True:
             room = conn.sendable()
             if room <= 0:
