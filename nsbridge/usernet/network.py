@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from nsbridge.errors import UserError
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.flowrelay import NativeRelay
     from nsbridge.usernet.host.hostaddrs import HostAddresses
     from nsbridge.usernet.host.redirect import TcpRedirector
+    from nsbridge.usernet.host.tap import TapEngine
     from nsbridge.usernet.host.tuntcp import TunTcp
     from nsbridge.usernet.inside.sandbox import ExtraFds, SandboxHandle
     from nsbridge.usernet.proto.policy import Policy
@@ -133,7 +135,7 @@ class Network:
         On failure everything opened so far is released (close() is still safe)."""
         from nsbridge.usernet.host.engine import TunEngine, ping_unavailable
 
-        handle, options, bridge = self.handle, self.options, self.bridge
+        handle, bridge = self.handle, self.bridge
         for warning in self.warnings:
             log.warning("%s", warning)
         log.info("policy: %s", self.policy.describe())
@@ -141,12 +143,15 @@ class Network:
             self._track_host_addresses()
             resolvers = self.policy.resolvers
             if resolvers is None:
-                resolvers = resolvers_of(options)
+                resolvers = resolvers_of(self.options)
             for line in self.policy.denied_resolvers():
                 log.warning("%s", line)
-            self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size, self.policy,
-                                    self.policy.addresses, resolvers,
-                                    offloads=handle.offloads)
+            if handle.link == "tap":
+                self.engine = self._tap_engine(resolvers)
+            else:
+                self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size,
+                                        self.policy, self.policy.addresses, resolvers,
+                                        offloads=handle.offloads)
             self.engine.start()
             no_ping = ping_unavailable()
             if no_ping is not None:
@@ -163,12 +168,12 @@ class Network:
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
-            if options.publish:
+            if self.options.publish:
                 from nsbridge.usernet.inside.nsfactory import ProcessFactory
 
                 factory = ProcessFactory.inside(handle)
                 bridge.register_factory(handle.netns, factory)
-                for publish in options.publish:
+                for publish in self.options.publish:
                     _publish(bridge, handle, publish)
             # Last: the published ports' helper is forked above, and a fork is best made
             # before a thread that C code owns is running.
@@ -176,6 +181,23 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def _tap_engine(self, resolvers: list[tuple[str, int]]) -> TapEngine:
+        """The engine for a TAP device (slirp4netns's callers): Ethernet handled by
+        ``host/tap.py``, TCP through the tun path, UDP and ping through the engine; the
+        fast path and the native relay need set-up inside the namespace that a TAP's
+        owner does not give us."""
+        from nsbridge.usernet.host.tap import TapEngine
+
+        options, handle = self.options, self.handle
+        if options.tcp not in ("auto", "tun"):
+            raise UserError(f"--tcp={options.tcp}: not on a TAP device; use --tcp=tun")
+        if options.relay not in ("auto", "engine"):
+            raise UserError(f"--relay={options.relay}: not on a TAP device; use --relay=engine")
+        self.options = replace(options, tcp="tun", relay="engine")
+        log.info("link: TAP (Ethernet; ARP, neighbour discovery and DHCP answered here)")
+        return TapEngine(self.bridge.loop, handle.tun, self.policy, self.policy.addresses,
+                         resolvers, guest_mac=handle.guest_mac, ipv6=bool(handle.ipv6))
 
     def _track_host_addresses(self) -> None:
         """With host access off, give the policy the host's addresses, live (opened here:

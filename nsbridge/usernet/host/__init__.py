@@ -16,4 +16,6 @@
 * :mod:`.flowrelay` — the native UDP and ping relay's Python side (``_flowrelay.c``).
 * :mod:`.hostaddrs` — the host's own addresses, kept current from netlink events (what
   host access closes).
+* :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour
+  discovery and DHCP answered, IP packets to the engine.
 """
