@@ -1,7 +1,7 @@
 """Python API for embedding nsbridge's user-mode networking (container runtimes, tools).
 
 Three forms, all built on the same pieces as ``nsbridge run``/``attach``
-(:class:`nsbridge.usernet.runner.Network`: one event loop carrying the tun engine for
+(:class:`nsbridge.usernet.network.Network`: one event loop carrying the tun engine for
 UDP/DNS/ICMP, the TCP redirector and published ports), run in a **background thread of
 the caller's process** instead of a separate nsbridge process:
 
@@ -54,16 +54,15 @@ from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
 from nsbridge.errors import UserError
 from nsbridge.linux.netns import Netns
 from nsbridge.usernet.inside import sandbox as _sandbox
-from nsbridge.usernet.proto.publish import Publish, parse_publish
-from nsbridge.usernet.runner import (
-    Network,
+from nsbridge.usernet.network import Network, redirect_setup
+from nsbridge.usernet.options import (
     UsernetOptions,
-    _config,
-    _redirect_setup,
     check_options,
+    netconfig_of,
     option_warnings,
-    target_pidfd,
 )
+from nsbridge.usernet.proto.publish import Publish, parse_publish
+from nsbridge.usernet.runner import target_pidfd
 
 __all__ = ["Attachment", "HostSide", "Process", "UserError", "attach", "child_setup", "options",
            "run"]
@@ -253,7 +252,7 @@ def run(
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     handle = _sandbox.Sandbox.create(
-        list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,
+        list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
     try:
         network = Network(handle, opts)
@@ -339,8 +338,8 @@ def attach(
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
-        handle = _sandbox.Sandbox.for_namespace(target, _config(opts), extra=_redirect_setup(opts),
-                                         timeout=timeout)
+        handle = _sandbox.Sandbox.for_namespace(target, netconfig_of(opts),
+                                                extra=redirect_setup(opts), timeout=timeout)
     except BaseException:
         if pidfd is not None:
             os.close(pidfd)
@@ -403,7 +402,7 @@ class HostSide:
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
                                 cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix)
-        self._config = _config(self._options)
+        self._config = netconfig_of(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._child: socket.socket | None = child
@@ -517,7 +516,7 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
                               cidr=str(settings.get("cidr", USERNET_CIDR)),
                               cidr6=str(settings.get("cidr6", USERNET_CIDR6)))
         try:
-            header, fds = _sandbox._configure_here(_config(opts), _redirect_setup(opts))
+            header, fds = _sandbox._configure_here(netconfig_of(opts), redirect_setup(opts))
         except _sandbox.SetupError as exc:
             _sandbox._send_error(sock, str(exc))
             raise _sandbox.SandboxError(str(exc)) from None

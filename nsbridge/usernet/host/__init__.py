@@ -17,4 +17,6 @@
 * :mod:`.apisocket` — slirp4netns's API socket: ports published and removed at run time.
 * :mod:`.hostaddrs` — the host's own addresses, kept current from netlink events (what
   host access closes).
+* :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour
+  discovery and DHCP answered, IP packets to the engine.
 """

@@ -113,7 +113,10 @@ class SandboxHandle:
     the ``extra`` callback produced, also owned by the handle until :meth:`take_extra`.
     ``offloads`` names the TUNSETOFFLOAD bits the kernel accepted (``csum``, ``tso4``,
     ``tso6``, ``uso4``, ``uso6``); every tun frame starts with a ``vnet_hdr_size``-byte
-    virtio-net header.
+    virtio-net header.  ``link`` is ``"tap"`` when ``tun`` is a TAP device (Ethernet
+    frames, no virtio header: ``vnet_hdr_size`` 0, no offloads), as slirp4netns's callers
+    give one; ``guest_mac`` is then the guest's MAC if the caller fixed it
+    (``--macaddress``), else the host side learns it from the guest's frames.
     """
 
     tun: int
@@ -129,6 +132,8 @@ class SandboxHandle:
     extra: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     returncode: int | None = None
+    link: str = "tun"  # "tun" (IP frames after a virtio header) or "tap" (Ethernet frames)
+    guest_mac: bytes | None = None  # a TAP guest's MAC, if known in advance
     _control: socket.socket | None = field(default=None, repr=False)
     _pidfd: int = field(default=-1, repr=False)
     _timeout: float = field(default=DEFAULT_TIMEOUT, repr=False)
