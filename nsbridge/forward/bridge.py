@@ -42,6 +42,8 @@ class Bridge:
         self.loop = EventLoop()
         self.mover = make_mover(mover, pipe_size)
         self.forwards: list[Forward] = []
+        # Removed forwards whose connections still run: close() must still reset them.
+        self._removed: list[Forward] = []
         self._factories: dict[tuple[int, int] | None, SocketFactory] = {}
         self._thread: threading.Thread | None = None
         self._draining = False
@@ -92,6 +94,16 @@ class Bridge:
         if start:
             forward.start()
         return forward
+
+    def remove(self, forward: Forward) -> None:
+        """Stop ``forward`` at run time: its listener closes at once (new clients are
+        refused; a UDP forward's flows end with it), while its TCP connections carry on
+        until they end, as a removed slirp4netns hostfwd's do.  Loop thread only."""
+        forward.stop_listening()
+        self.forwards.remove(forward)
+        self._removed = [f for f in self._removed if f.sessions]
+        if forward.sessions:
+            self._removed.append(forward)
 
     def adopt(self, spec: ForwardSpec, target: ResolvedAddress, netns: Netns | None) -> Forward:
         """A worker's copy of a forward the supervisor opened: same target, no listener
@@ -186,7 +198,7 @@ class Bridge:
         if self._thread is not None and self._thread.is_alive():
             self.loop.stop()
             self._thread.join(timeout=5)
-        for forward in self.forwards:
+        for forward in self.forwards + self._removed:
             forward.stop_listening()
             forward.abort_all("reset: nsbridge closing")
         self.close_factories()

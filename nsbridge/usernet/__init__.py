@@ -11,9 +11,12 @@ and a host-side policy decides every new flow.  The package is split by what a m
   their confinement, the tun device and nftables rules over netlink, the socket factory.
 * :mod:`.host` — the host side's data paths: the tun engine, the TCP fast path and tun
   path, DNS over TCP, the native relay.
-* :mod:`.options` — ``run``/``attach`` options from the command line (``--dns`` parsing).
-* :mod:`.runner` — the wiring shared by the CLI and the API (one ``Network`` per
-  namespace), and ``run``/``attach`` for the CLI.
+* :mod:`.options` — the one options model of ``run``/``attach`` (CLI and API), checked
+  as a whole, and the addresses, policy and set-up built from it.
+* :mod:`.network` — :class:`~.network.Network`, the host side of one namespace wired on
+  one event loop; the CLI and the API share it.
+* :mod:`.runner` — ``run``/``attach`` for the CLI: drive a ``Network`` with signals,
+  pass the command's exit status on, print the summary.
 * :mod:`.slirp4netns` — ``nsbridge-slirp4netns``'s life cycle: a TAP device in an
   existing namespace, ready and exit fds, slirp4netns's policy.
 * :mod:`.api` — the Python API: ``run``, ``attach``, the split form.

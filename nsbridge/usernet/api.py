@@ -1,7 +1,7 @@
 """Python API for embedding nsbridge's user-mode networking (container runtimes, tools).
 
 Three forms, all built on the same pieces as ``nsbridge run``/``attach``
-(:class:`nsbridge.usernet.runner.Network`: one event loop carrying the tun engine for
+(:class:`nsbridge.usernet.network.Network`: one event loop carrying the tun engine for
 UDP/DNS/ICMP, the TCP redirector and published ports), run in a **background thread of
 the caller's process** instead of a separate nsbridge process:
 
@@ -54,16 +54,15 @@ from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
 from nsbridge.errors import UserError
 from nsbridge.linux.netns import Netns
 from nsbridge.usernet.inside import sandbox as _sandbox
-from nsbridge.usernet.proto.publish import Publish, parse_publish
-from nsbridge.usernet.runner import (
-    Network,
+from nsbridge.usernet.network import Network, redirect_setup
+from nsbridge.usernet.options import (
     UsernetOptions,
-    _config,
-    _redirect_setup,
     check_options,
+    netconfig_of,
     option_warnings,
-    target_pidfd,
 )
+from nsbridge.usernet.proto.publish import Publish, parse_publish
+from nsbridge.usernet.runner import target_pidfd
 
 __all__ = ["Attachment", "HostSide", "Process", "UserError", "attach", "child_setup", "options",
            "run"]
@@ -89,6 +88,7 @@ def options(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
@@ -98,7 +98,9 @@ def options(
     (``"8080:80"``, ``"127.0.0.1:5353:53/udp"``) or
     :class:`Publish` objects; ``allow``/``deny`` the CLI's rule syntax (``"tcp:*:25"``);
     ``dns`` host resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf);
-    ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``.  Raises UserError
+    ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``; ``api_socket`` a
+    path where slirp4netns's API socket is served (ports published at run time, see
+    docs/slirp4netns.md).  Raises UserError
     on bad input, before anything is created.  Rule warnings (a port rule naming one
     family) are logged at start and listed in ``warnings`` of what is returned.
     """
@@ -112,7 +114,8 @@ def options(
         deny=list(deny),
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
-        nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix))
+        nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix),
+        api_socket=api_socket)
     check_options(opts)  # a typo must not surface after the fork
     return opts
 
@@ -228,6 +231,7 @@ def run(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -246,9 +250,9 @@ def run(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     handle = _sandbox.Sandbox.create(
-        list(command), _config(opts), extra=_redirect_setup(opts), hold=True, stdin=stdin,
+        list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
     try:
         network = Network(handle, opts)
@@ -319,6 +323,7 @@ def attach(
     cidr: str = USERNET_CIDR,
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
+    api_socket: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -330,11 +335,11 @@ def attach(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
-        handle = _sandbox.Sandbox.for_namespace(target, _config(opts), extra=_redirect_setup(opts),
-                                         timeout=timeout)
+        handle = _sandbox.Sandbox.for_namespace(target, netconfig_of(opts),
+                                                extra=redirect_setup(opts), timeout=timeout)
     except BaseException:
         if pidfd is not None:
             os.close(pidfd)
@@ -397,7 +402,7 @@ class HostSide:
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
                                 cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix)
-        self._config = _config(self._options)
+        self._config = netconfig_of(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._child: socket.socket | None = child
@@ -511,7 +516,7 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
                               cidr=str(settings.get("cidr", USERNET_CIDR)),
                               cidr6=str(settings.get("cidr6", USERNET_CIDR6)))
         try:
-            header, fds = _sandbox._configure_here(_config(opts), _redirect_setup(opts))
+            header, fds = _sandbox._configure_here(netconfig_of(opts), redirect_setup(opts))
         except _sandbox.SetupError as exc:
             _sandbox._send_error(sock, str(exc))
             raise _sandbox.SandboxError(str(exc)) from None

@@ -1,18 +1,121 @@
-"""Usernet options: what ``nsbridge run`` / ``attach`` flags mean, as library calls.
+"""Usernet options: the one model of what ``run``/``attach`` (CLI and API) were asked for,
+and the values built from it.
 
-The parser (``cli/main.py``) only reads flags; the rules about their values live here
-(``--dns`` spellings, ``-p`` through :func:`.proto.publish.parse_publish`), and the result
-is the :class:`.runner.UsernetOptions` the runner checks as a whole before anything is
-created.
+:class:`UsernetOptions` is what the command line (``cli/main.py`` reads the flags,
+:func:`options_from_args` gives their meaning: ``--dns`` spellings, ``-p`` through
+:func:`.proto.publish.parse_publish`) and the Python API (:mod:`.api`) both produce.
+:func:`check_options` refuses bad input as a whole before anything is created; the
+builders (:func:`addresses_of`, :func:`policy_of`, :func:`netconfig_of`,
+:func:`resolvers_of`) turn the options into the sans-IO values the rest takes.  The
+imports they need are made inside them: ``nsbridge run --help`` need not pay for them.
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from nsbridge.defaults import MTU, USERNET_CIDR, USERNET_CIDR6
+from nsbridge.errors import UserError
 from nsbridge.net.addresses import parse_host_port
-from nsbridge.usernet.proto.publish import parse_publish
-from nsbridge.usernet.runner import UsernetOptions
+from nsbridge.usernet.proto.publish import Publish, parse_publish
+
+if TYPE_CHECKING:
+    from nsbridge.usernet.inside.netconf import NetConfig
+    from nsbridge.usernet.proto.addresses import UsernetAddresses
+    from nsbridge.usernet.proto.policy import Policy
+
+@dataclass
+class UsernetOptions:
+    publish: list[Publish] = field(default_factory=list)
+    allow_host_access: bool = False  # the host's loopback (gateway) and own addresses
+    allow_host_loopback: bool = False  # the older name of allow_host_access: either opens
+    allow: list[str] = field(default_factory=list)  # destination rules
+    deny: list[str] = field(default_factory=list)
+    tcp: str = "auto"  # auto | redirect | tun
+    relay: str = "auto"  # auto | native | engine: who serves UDP and ping (flowrelay.py)
+    dns: list[tuple[str, int]] | None = None  # host resolvers; None: /etc/resolv.conf
+    mtu: int = MTU
+    ipv6: bool = True
+    cidr: str = USERNET_CIDR  # the namespace's IPv4 network (slirp4netns's --cidr)
+    cidr6: str = USERNET_CIDR6  # and its IPv6 network
+    nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
+    api_socket: str | None = None  # serve slirp4netns's API socket here (host/apisocket.py)
+
+
+def addresses_of(options: UsernetOptions) -> UsernetAddresses:
+    """The namespace's addresses: host .100, gateway .2, DNS .3 of each network."""
+    from nsbridge.usernet.proto.addresses import UsernetAddresses
+
+    return UsernetAddresses.parse(network=options.cidr, network6=options.cidr6,
+                                  mtu=options.mtu, labels=("--cidr", "--cidr6"))
+
+
+def policy_of(options: UsernetOptions) -> Policy:
+    from nsbridge.usernet.proto.policy import Policy
+    from nsbridge.usernet.proto.rules import Rule
+    from nsbridge.usernet.proto.spellings import parse_nat64_prefix
+
+    rules = [Rule.parse("allow", text, what="--allow") for text in options.allow]
+    rules += [Rule.parse("deny", text, what="--deny") for text in options.deny]
+    prefixes = [parse_nat64_prefix(text) for text in options.nat64_prefix]
+    # The resolvers too: deny rules apply to the resolver a DNS query is sent to.
+    return Policy(allow_host_access=options.allow_host_access or options.allow_host_loopback,
+                  rules=rules, addresses=addresses_of(options), nat64_prefixes=prefixes,
+                  resolvers=resolvers_of(options))
+
+
+def policy_warnings(options: UsernetOptions, policy: Policy) -> list[str]:
+    """Start-up warnings about the rules: a port rule that names one family while IPv6
+    is on (with ``--disable-ipv6`` no IPv6 flow exists for it to miss)."""
+    return list(policy.single_family_port_rules()) if options.ipv6 else []
+
+
+def option_warnings(options: UsernetOptions) -> list[str]:
+    """:func:`policy_warnings` straight from the options (already checked)."""
+    return policy_warnings(options, policy_of(options))
+
+
+def check_options(options: UsernetOptions) -> None:
+    """Refuse bad input before anything is created (a typo must not surface after the
+    sandbox exists): the rules, the addresses and MTU, and the --dns resolvers."""
+    import ipaddress
+
+    for host, _port in options.dns or ():  # first: the policy is told the resolvers
+        try:
+            ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
+                            "192.0.2.53 or [2001:db8::53]:53") from None
+    policy_of(options)
+    netconfig_of(options)
+    if options.api_socket is not None:
+        from nsbridge.usernet.host.apisocket import check_path
+
+        check_path(options.api_socket)
+
+
+def resolvers_of(options: UsernetOptions) -> list[tuple[str, int]]:
+    if options.dns is not None:
+        return options.dns
+    from nsbridge.usernet.proto.dns import parse_resolv_conf
+
+    try:
+        with open("/etc/resolv.conf") as f:
+            servers = parse_resolv_conf(f.read())
+    except OSError:
+        servers = []
+    return [(str(server), 53) for server in servers]
+
+
+def netconfig_of(options: UsernetOptions) -> NetConfig:
+    from nsbridge.usernet.inside.netconf import NetConfig
+
+    config = NetConfig(addresses_of(options), ipv6=options.ipv6)
+    config.validate()
+    return config
+
 
 DNS_PORT = 53
 
@@ -22,7 +125,7 @@ def parse_dns(texts: list[str] | None) -> list[tuple[str, int]] | None:
 
     ``IP``, ``IP:PORT`` and ``[IPv6]:PORT`` are accepted; a bare IPv6 address has more
     than one colon and is taken whole.  Whether the host is an IP address is checked
-    with the other options (:func:`.runner.check_options`).
+    with the other options (:func:`check_options`).
     """
     if not texts:
         return None

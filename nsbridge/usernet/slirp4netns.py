@@ -10,11 +10,11 @@
    the helper enters the user namespace that owns it unless that is ours (podman calls
    us from inside it), or ``--userns-path``'s.  There it opens the TAP device, and with
    ``-c`` creates and configures it (:mod:`.inside.tapdevice`).  The helper dies with us.
-3. The host side is :class:`~nsbridge.usernet.runner.Network`, with TCP on the tun path
-   and UDP/ping in the engine (a TAP device carries Ethernet frames: the nftables fast
-   path and the native relay are built for ``run``'s own tun device).  Then the API
-   socket, if asked for.  Only then ``--ready-fd`` gets its "1" and is closed; a failure
-   before that exits 1 with the reason on stderr, and the caller reads EOF.
+3. The host side is :class:`~nsbridge.usernet.network.Network` on the TAP link, with TCP
+   on the tun path and UDP/ping in the engine (the nftables fast path and the native
+   relay need set-up a TAP's namespace does not get), and the API socket if asked for.
+   Only then ``--ready-fd`` gets its "1" and is closed; a failure before that exits 1
+   with the reason on stderr, and the caller reads EOF.
 4. The loop runs until ``--exit-fd`` reports any event (its writer closed: exit 0),
    SIGTERM/SIGINT (exit 0), or, in PID mode, the target process exits.
 
@@ -38,7 +38,6 @@ from nsbridge.errors import UserError
 
 log = logging.getLogger("nsbridge")
 
-API_SOCKET_MODULE = "nsbridge.usernet.host.apisocket"
 # The range nsbridge's engine serves; slirp4netns's parser allows 1-65521, and callers
 # pass 1500 (the default) or 65520.
 MIN_MTU, MAX_MTU = 1280, 65520
@@ -85,7 +84,7 @@ def _setup_logging(prog: str) -> None:
 def usernet_options(args: Any) -> Any:
     """slirp4netns's semantics as ``nsbridge run``'s options (see the module's text)."""
     from nsbridge.defaults import USERNET_CIDR6
-    from nsbridge.usernet.runner import UsernetOptions
+    from nsbridge.usernet.options import UsernetOptions
 
     deny = []
     if args.disable_dns:
@@ -95,7 +94,7 @@ def usernet_options(args: Any) -> Any:
         deny = [f"{dns4}/32"]  # covers the IPv6 DNS address too (one service)
     return UsernetOptions(allow_host_access=not args.disable_host_loopback, deny=deny,
                           tcp="tun", relay="engine", mtu=args.mtu, ipv6=args.ipv6,
-                          cidr=args.cidr, cidr6=USERNET_CIDR6)
+                          cidr=args.cidr, cidr6=USERNET_CIDR6, api_socket=args.api_socket)
 
 
 def slirp4netns_policy(args: Any, options: Any) -> Any:
@@ -103,9 +102,9 @@ def slirp4netns_policy(args: Any, options: Any) -> Any:
     of the host: ``--disable-host-loopback`` closes the host's loopback (the gateway) and
     nothing else, so the host's own addresses are not tracked — an empty set, where
     ``nsbridge run`` fills it from netlink."""
-    from nsbridge.usernet.runner import build_policy
+    from nsbridge.usernet.options import policy_of
 
-    policy = build_policy(options)
+    policy = policy_of(options)
     if args.disable_host_loopback:
         policy.host_addresses = set()
     return policy
@@ -113,7 +112,6 @@ def slirp4netns_policy(args: Any, options: Any) -> Any:
 
 def _serve(args: Any, stops: Any) -> int:
     started = time.monotonic()
-    api_server_class = _api_server_class() if args.api_socket is not None else None
     if not MIN_MTU <= args.mtu <= MAX_MTU:
         raise UserError(f"MTU {args.mtu} is not supported by nsbridge-slirp4netns (it "
                         f"serves {MIN_MTU}-{MAX_MTU})")
@@ -121,8 +119,9 @@ def _serve(args: Any, stops: Any) -> int:
     from nsbridge.usernet.inside.netconf import NetConfig
     from nsbridge.usernet.inside.sandbox import Sandbox
     from nsbridge.usernet.inside.tapdevice import TapRequest
+    from nsbridge.usernet.network import Network
+    from nsbridge.usernet.options import check_options
     from nsbridge.usernet.proto.addresses import UsernetAddresses
-    from nsbridge.usernet.runner import Network, check_options
 
     options = usernet_options(args)
     check_options(options)
@@ -144,13 +143,10 @@ def _serve(args: Any, stops: Any) -> int:
     finally:
         if isinstance(target, Netns):
             target.close()
-    api = None
     network = Network(handle, options, slirp4netns_policy(args, options))
     try:
-        network.start()
+        network.start()  # with the API socket, when asked for
         loop = network.bridge.loop
-        if api_server_class is not None:
-            api = api_server_class(loop, args.api_socket, network)
         if pidfd is not None:
             network.stop_when_readable(pidfd)
         if args.exit_fd is not None:
@@ -163,23 +159,10 @@ def _serve(args: Any, stops: Any) -> int:
         network.run()
         return 0
     finally:
-        if api is not None and hasattr(api, "close"):
-            api.close()
         network.close()
         handle.close()
         if pidfd is not None:
             os.close(pidfd)
-
-
-def _api_server_class() -> Any:
-    """The API socket's server (``ApiSocketServer(loop, path, network)``), or a one-line
-    refusal when this build has none."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(API_SOCKET_MODULE) is None:
-        raise UserError("--api-socket is not supported by this build of nsbridge")
-    return importlib.import_module(API_SOCKET_MODULE).ApiSocketServer
 
 
 def _watch_exit_fd(loop: Any, fd: int) -> None:

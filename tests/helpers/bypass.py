@@ -20,7 +20,7 @@ namespace, so it can send packets its kernel would never build).  For each one:
   see anything but the expected control traffic;
 * the denial is counted: the exact ``denied`` counters (by reason) of the run, read
   through ``nsbridge.usernet.api`` (the only interface that exposes the tun engine's
-  counters; it drives the very same Sandbox + runner.Network as the CLI), and for TCP
+  counters; it drives the very same Sandbox + network.Network as the CLI), and for TCP
   additionally the ``-v`` log line ``... denied: REASON`` of the ``nsbridge run`` CLI;
 * nothing was dialed for a denied flow (no host UDP/ICMP socket, no TCP session), no
   hand-made packet was rejected as malformed (that would test the parser, not the

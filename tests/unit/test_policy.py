@@ -127,7 +127,7 @@ def test_defaults() -> None:
     assert policy.decide("udp", "10.0.2.3", 53) == AllowResolver(4)
     assert policy.decide("tcp", "fd00::3", 53) == AllowResolver(6)
     assert policy.allowed == 5 and not policy.denied
-    assert policy.describe() == "host loopback denied"
+    assert policy.describe() == "host access denied"
     with pytest.raises(ValueError, match="unknown protocol"):
         policy.decide("sctp", "192.0.2.1", 80)
 
@@ -515,7 +515,7 @@ def test_named_local_use_prefix_opens_it_in_its_own_layout() -> None:
     assert slash48.decide("tcp", "64:ff9b:1:afa:0:200::", 80) == Deny("deny rule")
     assert slash48.decide("tcp", "64:ff9b:1:c000:2:100::", 80) == Allow(
         ipaddress.ip_address("64:ff9b:1:c000:2:100::"), 80)
-    assert slash48.describe() == "host loopback denied; deny 10.250.0.0/24; nat64 prefix " \
+    assert slash48.describe() == "host access denied; deny 10.250.0.0/24; nat64 prefix " \
         "64:ff9b:1::/48"
 
 

@@ -28,15 +28,16 @@ LOOPBACK_UP = ["unshare", "-Urn", "sh", "-c", 'ip link set lo up && exec "$0" "$
 
 _STEP = """
 import json, os, resource, sys
-from nsbridge.usernet.runner import UsernetOptions, _redirect_listeners, _redirect_setup
-step = _redirect_setup(UsernetOptions(tcp=sys.argv[1]))
+from nsbridge.usernet.network import redirect_listeners, redirect_setup
+from nsbridge.usernet.options import UsernetOptions
+step = redirect_setup(UsernetOptions(tcp=sys.argv[1]))
 if sys.argv[2:] == ["no-fds"]:  # no fd can be opened from now on
     highest = max(int(name) for name in os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, highest + 1))
 try:
     # as the sandbox sends them: every fd or socket the step returns, duplicated
     fds = [os.dup(item if isinstance(item, int) else item.fileno()) for item in step()]
-    listeners, reason = _redirect_listeners(fds)
+    listeners, reason = redirect_listeners(fds)
 except Exception as exc:
     print(json.dumps({"raised": type(exc).__name__, "message": str(exc)}))
 else:

@@ -212,6 +212,8 @@ def test_udp_and_icmp_denials_are_logged_at_v(host):
     [summary] = [line for line in result.stderr.splitlines() if "UDP flows:" in line]
     assert "UDP flows: 0" in summary and "echo requests: 1" in summary
     assert "denials: deny rule x2" in summary
+    # the start-up line says what the policy is, so a user reading -v knows the rules
+    assert "policy: host access denied; deny 192.0.2.0/24" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("by", ["pid", "path"])

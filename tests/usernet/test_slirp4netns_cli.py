@@ -10,6 +10,8 @@ life cycle container runtimes rely on, in namespaces of the test's own.
 * SIGTERM ends it with 0; SIGKILL leaves no process of ours behind.
 * Bad input: no such PID, not a namespace file, TAP missing without ``-c``, MTU out of
   range, ready fd not open.
+* The API socket answers once ready; TCP through the TAP to the host's address, and to
+  its loopback through 10.0.2.2 unless ``--disable-host-loopback``.
 
 nsbridge-slirp4netns runs in a "host" namespace of the test's own (``ip netns exec``), so
 whatever it dials stays inside what the test made.
@@ -391,16 +393,35 @@ def test_ready_fd_not_open(host: str, netns: str) -> None:
     assert "tap0" not in ip_out("-n", netns, "-br", "link")
 
 
-def test_api_socket_refused_until_built(host: str, netns: str, tmp_path: Path) -> None:
-    import importlib.util
+def test_api_socket_is_in_place_when_ready(host: str, netns: str, tmp_path: Path,
+                                           helpers: list[Helper]) -> None:
+    """-a: the socket answers as soon as the ready byte is written (rootlesskit sends its
+    first add_hostfwd right then), and is removed at the end."""
+    import socket as socket_module
 
-    if importlib.util.find_spec("nsbridge.usernet.host.apisocket") is not None:
-        pytest.skip("the API socket server is built (its own tests cover -a)")
-    result = run(ours("-a", str(tmp_path / "api.sock"), "-c", "--netns-type=path",
-                      f"/run/netns/{netns}", "tap0", host=host))
-    assert result.returncode == 1
-    assert "--api-socket is not supported" in result.stderr
-    assert "tap0" not in ip_out("-n", netns, "-br", "link")
+    path = tmp_path / "api.sock"
+    helper = Helper(["-a", str(path), "-c", "--netns-type=path", f"/run/netns/{netns}",
+                     "tap0"], host)
+    helpers.append(helper)
+    assert helper.wait_ready() == b"1"
+    with socket_module.socket(socket_module.AF_UNIX) as client:
+        client.connect(str(path))
+        client.sendall(b'{"execute":"list_hostfwd"}')
+        client.shutdown(socket_module.SHUT_WR)
+        assert client.recv(4096) == b'{"entries":[]}'
+    helper.close_exit_fd()
+    assert helper.finish()[0] == 0
+    assert not path.exists()
+
+
+def test_api_socket_path_too_long(host: str, netns: str, helpers: list[Helper]) -> None:
+    helper = Helper(["-a", "/tmp/" + "x" * 120, "-c", "--netns-type=path",
+                     f"/run/netns/{netns}", "tap0"], host)
+    helpers.append(helper)
+    assert helper.wait_ready() == b""
+    code, _out, err = helper.finish()
+    assert code == 1 and "too long for a Unix socket" in err
+    assert "tap0" not in ip_out("-n", netns, "-br", "link")  # refused before set-up
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("nsenter") is None,
@@ -451,18 +472,9 @@ def test_path_mode_from_inside_the_owning_user_namespace(host: str, tmp_path: Pa
         subprocess.run(["umount", str(mount)])
 
 
-# ---- traffic (once the engine serves TAP devices) ------------------------------------
+# ---- traffic through the TAP ----------------------------------------------------------
 
 
-def _engine_has_tap_mode() -> bool:
-    from nsbridge.usernet.inside.sandbox import SandboxHandle
-
-    return "link" in SandboxHandle.__dataclass_fields__
-
-
-@pytest.mark.skipif(not _engine_has_tap_mode(),
-                    reason="the engine's TAP mode (SandboxHandle.link, branch tap-l2) is "
-                    "not merged yet")
 @pytest.mark.parametrize("disable_host_loopback", [False, True])
 def test_traffic_through_the_tap(host: str, netns: str, helpers: list[Helper],
                                  disable_host_loopback: bool) -> None:

@@ -14,6 +14,9 @@
 * :mod:`.dnstcp` — DNS over TCP on the fast path, every message checked.
 * :mod:`.tuntcp` — the TCP tun path: the host side is the other end of each connection.
 * :mod:`.flowrelay` — the native UDP and ping relay's Python side (``_flowrelay.c``).
+* :mod:`.apisocket` — slirp4netns's API socket: ports published and removed at run time.
 * :mod:`.hostaddrs` — the host's own addresses, kept current from netlink events (what
   host access closes).
+* :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour
+  discovery and DHCP answered, IP packets to the engine.
 """

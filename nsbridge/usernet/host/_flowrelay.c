@@ -273,7 +273,7 @@ struct counts {
     int active;
 };
 
-/* The engine's counter names (engine.py's EngineStats), so that runner.py adds each
+/* The engine's counter names (engine.py's EngineStats), so that network.py adds each
  * of these to the engine's counter of the same name and users read one set of figures
  * whichever path served a packet.  The names no engine counter has are the relay's
  * own: flows_opened (the engine counts each flow it decides in *_flows_total, so the

@@ -54,6 +54,7 @@ class EngineStats:
     icmp_unavailable: int = 0  # neither ping nor raw sockets are permitted
     icmp_errors_in: int = 0  # ICMP errors the namespace sent (ignored)
     tcp_resets: int = 0
+    link: Counter[str] = field(default_factory=Counter)  # a TAP's ARP/NDP/DHCP answers (tap.py)
     errors: int = 0  # unexpected exceptions while handling a frame (a bug; logged)
 
     def as_dict(self) -> dict[str, Any]:

@@ -424,12 +424,15 @@ class TunTcp:
     def _pull(self, flow: _Flow) -> None:
         """Send the namespace what its window allows, peeking from the host socket."""
         conn, sock, buf, view = flow.conn, flow.sock, self._buf, self._view
+        # A TAP (no virtio header) gets MSS-sized segments: nothing there cuts a large
+        # frame, and a guest forwarding it (containers behind a bridge) would drop it.
+        largest = MAX_SEGMENT if self.vnet else conn.mss
         while True:
             room = conn.sendable()
             if room <= 0:
                 break
             try:
-                got = sock.recv_into(buf, min(room, MAX_SEGMENT), socket.MSG_PEEK)
+                got = sock.recv_into(buf, min(room, largest), socket.MSG_PEEK)
             except BlockingIOError:
                 break
             except OSError as exc:

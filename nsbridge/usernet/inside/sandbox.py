@@ -115,7 +115,10 @@ class SandboxHandle:
     the ``extra`` callback produced, also owned by the handle until :meth:`take_extra`.
     ``offloads`` names the TUNSETOFFLOAD bits the kernel accepted (``csum``, ``tso4``,
     ``tso6``, ``uso4``, ``uso6``); every tun frame starts with a ``vnet_hdr_size``-byte
-    virtio-net header.
+    virtio-net header.  ``link`` is ``"tap"`` when ``tun`` is a TAP device (Ethernet
+    frames, no virtio header: ``vnet_hdr_size`` 0, no offloads), as slirp4netns's callers
+    give one; ``guest_mac`` is then the guest's MAC if the caller fixed it
+    (``--macaddress``), else the host side learns it from the guest's frames.
     """
 
     tun: int
@@ -131,6 +134,8 @@ class SandboxHandle:
     extra: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     returncode: int | None = None
+    link: str = "tun"  # "tun" (IP frames after a virtio header) or "tap" (Ethernet frames)
+    guest_mac: bytes | None = None  # a TAP guest's MAC, if known in advance
     _control: socket.socket | None = field(default=None, repr=False)
     _pidfd: int = field(default=-1, repr=False)
     _timeout: float = field(default=DEFAULT_TIMEOUT, repr=False)
@@ -405,7 +410,8 @@ class Sandbox:
 def _handle(
     reply: dict, fds: list[int], netns: Netns, config: NetConfig, timeout: float
 ) -> SandboxHandle:
-    handle = SandboxHandle(
+    mac = reply.get("guest_mac")
+    return SandboxHandle(
         tun=fds[0],
         netns=netns,
         userns=fds[2],
@@ -417,9 +423,6 @@ def _handle(
         extra=fds[_FIXED_FDS:],
         warnings=list(reply.get("warnings", [])),
         _timeout=timeout,
+        link=reply.get("link", "tun"),
+        guest_mac=None if mac is None else bytes.fromhex(mac.replace(":", "")),
     )
-    if "link" in reply and "link" in SandboxHandle.__dataclass_fields__:
-        # A TAP device (tapdevice.py): the engine's layer-2 mode reads these fields.
-        setattr(handle, "link", reply["link"])  # noqa: B010 - fields of the tap-l2 branch
-        setattr(handle, "guest_mac", reply.get("guest_mac"))  # noqa: B010
-    return handle

@@ -30,16 +30,11 @@ from dataclasses import dataclass
 from nsbridge.errors import SetupError, describe_oserror
 from nsbridge.usernet.inside.netconf import (
     IFF_NO_PI,
-    IFF_VNET_HDR,
     IFNAMSIZ,
-    OFFLOAD_NAMES,
     TUN_PATH,
     TUNSETIFF,
-    TUNSETVNETHDRSZ,
-    VNET_HDR_SIZE,
     NetConfig,
     Tun,
-    _set_offloads,
 )
 
 IFF_TAP = 0x0002
@@ -55,7 +50,6 @@ SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCSIFMTU = 0x8922
 SIOCSIFHWADDR = 0x8924
-SIOCGIFHWADDR = 0x8927
 # What an IPv6 socket or address fails with when IPv6 is off in this namespace or kernel.
 _IPV6_OFF = (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP)
 
@@ -70,9 +64,10 @@ class TapRequest:
     mac: str | None = None
 
 
-def open_tap(request: TapRequest, offload: bool = True) -> Tun:
-    """Open (and with ``create``, make) the TAP device in the calling thread's namespace,
-    with the virtio-net header and offloads the engine reads tun devices with."""
+def open_tap(request: TapRequest) -> Tun:
+    """Open (and with ``create``, make) the TAP device in the calling thread's namespace:
+    ``IFF_TAP | IFF_NO_PI``, whole Ethernet frames without a virtio header, as the
+    engine's TAP link reads them (:mod:`nsbridge.usernet.host.tap`)."""
     name = request.name
     if not request.create and not _exists(name):
         raise SetupError(
@@ -83,7 +78,7 @@ def open_tap(request: TapRequest, offload: bool = True) -> Tun:
     except OSError as exc:
         raise SetupError(f"cannot open {TUN_PATH}: {describe_oserror(exc)}") from None
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
         try:
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as exc:
@@ -98,14 +93,7 @@ def open_tap(request: TapRequest, offload: bool = True) -> Tun:
             raise SetupError(f"cannot open TAP device {name}: "
                              f"{describe_oserror(exc)}{hint}") from None
         ifname = result[:IFNAMSIZ].split(b"\0", 1)[0].decode()
-        try:
-            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
-        except OSError as exc:
-            raise SetupError(f"TAP device {ifname}: TUNSETVNETHDRSZ failed: "
-                             f"{describe_oserror(exc)}") from None
-        flags = _set_offloads(fd, offload)
-        names = tuple(label for bit, label in OFFLOAD_NAMES.items() if flags & bit)
-        return Tun(fd, ifname, names)
+        return Tun(fd, ifname, (), 0)
     except BaseException:
         os.close(fd)
         raise
@@ -220,18 +208,6 @@ def _failed(what: str, exc: OSError) -> SetupError:
     return SetupError(f"cannot {what}: {describe_oserror(exc)}{hint}")
 
 
-def mac_address(ifname: str) -> str:
-    """The device's MAC address as ``aa:bb:cc:dd:ee:ff`` (SIOCGIFHWADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            result = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR,
-                                 struct.pack("16s16x", ifname.encode()))
-        except OSError as exc:
-            raise SetupError(f"cannot read the MAC address of {ifname}: "
-                             f"{describe_oserror(exc)}") from None
-    return ":".join(f"{byte:02x}" for byte in result[18:24])
-
-
 def _exists(name: str) -> bool:
     try:
         socket.if_nametoindex(name)
@@ -244,13 +220,12 @@ def tap_here(config: NetConfig, request: TapRequest) -> tuple[dict, list[int]]:
     """The helper's work for a TAP: open (and with ``create`` configure) the device in the
     namespace we are in.  (header, [tap, netns, userns]), as :func:`.childsetup._configure_here`
     returns for a tun device, plus ``link`` and ``guest_mac`` for the engine."""
-    tap = open_tap(request, config.offload)
+    tap = open_tap(request)
     fds = [tap.fd]
     try:
         ipv6 = configure_tap(config, request) if request.create else config.ipv6 is not None
         fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         fds.append(os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC))
-        mac = mac_address(tap.ifname)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -262,6 +237,8 @@ def tap_here(config: NetConfig, request: TapRequest) -> tuple[dict, list[int]]:
         "ipv6": ipv6,
         "extra": 0,
         "link": "tap",
-        "guest_mac": mac,
+        # Known in advance only when the caller fixed it; else the engine learns it from
+        # the guest's frames (a caller may still change it after we are ready).
+        "guest_mac": request.mac,
     }
     return header, fds

@@ -16,4 +16,11 @@
 * :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
   last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
+* :mod:`.slirpapi` — slirp4netns's API socket protocol (``add_hostfwd``, ``list_hostfwd``,
+  ``remove_hostfwd``) and the parson-compatible JSON reader it needs.
+* :mod:`.ethernet` — Ethernet II headers and the host side's MAC (a TAP's frames).
+* :mod:`.arp` — ARP answers for the gateway and DNS addresses on a TAP.
+* :mod:`.ndp` — IPv6 neighbour discovery on a TAP: router advertisements (SLAAC) and
+  neighbour advertisements for the router, gateway and DNS addresses.
+* :mod:`.dhcp` — the DHCPv4 server a TAP guest may ask (slirp4netns's address plan).
 """

@@ -339,8 +339,8 @@ class Policy:
         return lines
 
     def describe(self) -> str:
-        """One line for the start-up log: loopback switch, rules and NAT64 prefixes."""
-        parts = ["host loopback " + ("allowed" if self.allow_host_loopback else "denied")]
+        """One line for the start-up log (-v): host access, rules and NAT64 prefixes."""
+        parts = ["host access " + ("allowed" if self.allow_host_access else "denied")]
         parts.extend(str(rule) for rule in (*self.deny_rules, *self.allow_rules))
         parts.extend(f"nat64 prefix {prefix}" for prefix in self.nat64_prefixes)
         return "; ".join(parts)
