@@ -9,7 +9,8 @@ says how /dev/net/tun mode 0600 is handled). The command inside prints what each
 checks; the servers outside answer with the client address they saw.
 
 Until ``nsbridge-slirp4netns`` exists in the checkout, the ``nsbridge`` cases fail with
-"nsbridge-slirp4netns not found" rather than skip.
+"nsbridge-slirp4netns not found" rather than skip. The client addresses the server
+inside saw through each port driver are printed and recorded (``-rP`` shows them).
 """
 
 from __future__ import annotations
@@ -267,11 +268,13 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 def test_port_driver_builtin(world: World, user: RootlessUser, helper: str,
-                             record_property) -> None:
+                             record_property, request: pytest.FixtureRequest) -> None:
     from_loopback, from_outside, proc = _published(world, user, helper, "builtin")
     _finish(proc)
     record_property("client_address_seen", f"loopback={from_loopback} "
                                            f"outside={from_outside}")
+    print(f"{request.node.callspec.id}: server inside saw loopback client as "
+          f"{from_loopback}, outside client ({OUTSIDE_V4}) as {from_outside}")
     # rootlesskit's builtin driver dials from the child's own loopback, whatever the helper.
     assert (from_loopback, from_outside) == ("127.0.0.1", "127.0.0.1")
 
@@ -300,7 +303,10 @@ def _leftovers(user: RootlessUser) -> list[str]:
 def test_exit_leaves_nothing_behind(world: World, user: RootlessUser, helper: str) -> None:
     inside(world, user, helper, "ip -o link show tap0",
            ("--port-driver=slirp4netns", "--disable-host-loopback"))
-    assert not user_processes(user.uid)
+    # rootlesskit SIGKILLs the helper and waits for it; whatever the helper forked goes
+    # with it (PR_SET_PDEATHSIG), allowed a moment to be reaped.
+    left = end_user_processes(user.uid, timeout=2)
+    assert not left, f"left after rootlesskit's exit: {left}"
     assert _leftovers(user) == []
     assert os.listdir(user.tmpdir) == [], "rootlesskit's state directory is left"
 
