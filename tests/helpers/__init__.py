@@ -17,6 +17,10 @@
   helpers (``/proc``, ptrace, pidfd_getfd).
 * :mod:`.redirect_driver` — both ends of the TCP fast path, driven for real.
 * :mod:`.unprivileged` — running Python as uid 65534 with the tests' dependencies.
+* :mod:`.rootlesskit` — rootlesskit as the real client of a slirp4netns-compatible helper:
+  an unprivileged user with subordinate ids, host and outside namespaces, the helper.
+* :mod:`.rootlesskit_probe` — the rootlesskit tests' program inside its namespace
+  (stdlib only).
 
 Test modules import these (``from helpers.netns import in_netns``: pyproject puts
 ``tests/`` on the path); no test module imports another, and nothing imports conftest.

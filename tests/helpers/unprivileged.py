@@ -51,8 +51,8 @@ def unprivileged_checkout() -> Iterator[tuple[Path, list[str], dict[str, str]]]:
                "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
         python = [sys.executable]
         if not _imports_as_nobody(sys.executable, top, env):
-            python, site = [_system_python()], top / "site-packages"
-            _copy_distributions(site)
+            python, site = [system_python()], top / "site-packages"
+            copy_distributions(site, TEST_DISTRIBUTIONS)
             env["PYTHONPATH"] = str(site)
         subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(top)], check=True)
         yield tree, python, env
@@ -67,7 +67,7 @@ def _imports_as_nobody(python: str, cwd: Path, env: dict[str, str]) -> bool:
     return done.returncode == 0
 
 
-def _system_python() -> str:
+def system_python() -> str:
     """The distribution's own Python of this version (the same ABI, so the checkout's
     built native module loads too)."""
     wanted = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -78,10 +78,10 @@ def _system_python() -> str:
                             f"interpreter's prefix {sys.prefix}")
 
 
-def _copy_distributions(site: Path) -> None:
-    """Copy every installed file of TEST_DISTRIBUTIONS and their requirements (markers
-    evaluated for this interpreter) into ``site``."""
-    todo, done = list(TEST_DISTRIBUTIONS), set()
+def copy_distributions(site: Path, names: tuple[str, ...]) -> None:
+    """Copy every installed file of the distributions ``names`` and their requirements
+    (markers evaluated for this interpreter) into ``site``."""
+    todo, done = list(names), set()
     while todo:
         dist = importlib.metadata.distribution(todo.pop())
         key = dist.metadata["Name"].lower().replace("_", "-")
