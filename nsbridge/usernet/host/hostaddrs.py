@@ -85,7 +85,8 @@ class HostAddresses:
     # ---- what the policy asks -----------------------------------------------------------
 
     def __contains__(self, address: object) -> bool:
-        self.refresh()
+        if self._ready.poll(0):  # refresh() inlined: this runs on every new flow
+            self.refresh()
         return address in self._count
 
     def refresh(self) -> None:

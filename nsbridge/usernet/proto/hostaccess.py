@@ -47,11 +47,23 @@ def names_exactly(rule: Rule, address: IPAddress) -> bool:
             and network.network_address == address)
 
 
-def opened_by_rule(allow_rules: Iterable[Rule], protocol: str, address: IPAddress,
-                   port: int | None) -> bool:
-    """Whether an allow rule naming exactly this host address covers the flow."""
-    return any(names_exactly(rule, address) and rule.matches(protocol, address, port)
-               for rule in allow_rules)
+def exact_rules(allow_rules: Iterable[Rule]) -> dict[IPAddress, tuple[Rule, ...]]:
+    """The allow rules that name exactly one address, by that address: made once per
+    policy, so a flow to a host address costs one dict lookup, not a walk of the rules."""
+    exact: dict[IPAddress, tuple[Rule, ...]] = {}
+    for rule in allow_rules:
+        network = rule.network
+        if network is not None and names_exactly(rule, network.network_address):
+            exact[network.network_address] = (*exact.get(network.network_address, ()), rule)
+    return exact
+
+
+def opened_by_rule(exact: dict[IPAddress, tuple[Rule, ...]], protocol: str,
+                   address: IPAddress, port: int | None) -> bool:
+    """Whether an allow rule naming exactly this host address covers the flow
+    (``exact`` from :func:`exact_rules`)."""
+    rules = exact.get(address)
+    return rules is not None and any(rule.matches(protocol, address, port) for rule in rules)
 
 
 def is_host_address(host_addresses: Container[object], address: IPAddress) -> bool:

@@ -87,6 +87,7 @@ from nsbridge.usernet.proto.addresses import IPAddress, UsernetAddresses
 from nsbridge.usernet.proto.hostaccess import (
     HOST_ADDRESS,
     NO_HOST_ADDRESSES,
+    exact_rules,
     is_host_address,
     opened_by_rule,
 )
@@ -163,6 +164,7 @@ class Policy:
         rules = tuple(rules)
         self.deny_rules = tuple(rule for rule in rules if rule.action == "deny")
         self.allow_rules = tuple(rule for rule in rules if rule.action == "allow")
+        self._exact_allow = exact_rules(self.allow_rules)  # the ones that open one host address
         self.nat64_prefixes = tuple(dict.fromkeys(nat64_prefixes))
         self.denied: Counter[str] = Counter()
         self.allowed = 0
@@ -277,7 +279,7 @@ class Policy:
                                outside=True)
         if (not self.allow_host_access and isinstance(decision, Allow)
                 and is_host_address(self.host_addresses, address)
-                and not opened_by_rule(self.allow_rules, protocol, address, port)):
+                and not opened_by_rule(self._exact_allow, protocol, address, port)):
             return Deny(HOST_ADDRESS)
         return decision
 
