@@ -295,7 +295,7 @@ def test_port_driver_slirp4netns(world: World, user: RootlessUser, helper: str,
         # client with its own address.
         assert (from_loopback, from_outside) == (GATEWAY_V4, OUTSIDE_V4)
     else:
-        # Ours is to keep the client's address (issue 17); recorded, not asserted yet.
+        # Ours does not keep the client's address yet (docs/slirp4netns.md): recorded only.
         assert from_loopback and from_outside
 
 
