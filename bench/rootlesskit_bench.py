@@ -24,7 +24,6 @@ import secrets
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from nsbench.measure import Sample, run_iperf_json
 from nsbench.procs import BenchError, Netns, bench_main, run_checked
+from nsbench.report import spread
 
 from helpers.rootlesskit import (
     HELPERS,
@@ -342,14 +342,7 @@ def summarize(results: dict[str, list[dict[str, Sample]]]) -> dict[str, dict[str
             key = "ready" if m.key == "ready_ms" else m.key
             vals = [s[field] for rep in reps for s in rep.get(key, []) if field in s]
             errors = [s["error"] for rep in reps for s in rep.get(key, []) if "error" in s]
-            per[row] = {
-                "values": vals,
-                "n": len(vals),
-                "errors": errors,
-                "median": statistics.median(vals) if vals else None,
-                "min": min(vals) if vals else None,
-                "max": max(vals) if vals else None,
-            }
+            per[row] = spread(vals, errors)
         summary[m.key] = per
     return summary
 

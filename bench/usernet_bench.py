@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nsbench import procstat
 from nsbench.measure import GIB8, Sample, parse_wrk, run_client, run_iperf_json
 from nsbench.procs import BenchError, Managed, Netns, ProcessRegistry, bench_main, run_checked
+from nsbench.report import spread
 from nsbench.servers import write_nginx_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -534,14 +535,7 @@ def summarize(results: dict[str, list[dict[str, Sample]]]) -> dict[str, dict[str
             vals = values(m.key, reps, dns_ref)
             kind = {"cpu": "tcp_out", "dns_p50": "dns", "dns_added": "dns"}.get(m.key, m.key)
             errors = [r[kind]["error"] for r in reps if "error" in r.get(kind, {})]
-            per[row] = {
-                "values": vals,
-                "n": len(vals),
-                "median": statistics.median(vals) if vals else None,
-                "min": min(vals) if vals else None,
-                "max": max(vals) if vals else None,
-                "errors": errors,
-            }
+            per[row] = spread(vals, errors)
         summary[m.key] = per
     return summary
 

@@ -90,6 +90,19 @@ METRICS: list[Metric] = [
 ]
 
 
+def spread(vals: list[float], errors: list[str]) -> dict[str, Any]:
+    """One row's figures for one metric: the samples, their median and range, the errors
+    (the shape every benchmark's JSON summary uses)."""
+    return {
+        "values": vals,
+        "n": len(vals),
+        "errors": errors,
+        "median": statistics.median(vals) if vals else None,
+        "min": min(vals) if vals else None,
+        "max": max(vals) if vals else None,
+    }
+
+
 def summarize(results: Results) -> dict[str, dict[str, dict[str, Any]]]:
     """metric -> row -> {median, min, max, n, values, errors}."""
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -99,14 +112,7 @@ def summarize(results: Results) -> dict[str, dict[str, dict[str, Any]]]:
             vals = metric.values(kinds)
             samples = kinds.get(metric.kind, [])
             errors = [s["error"] for s in samples if "error" in s]
-            per_row[row] = {
-                "values": vals,
-                "n": len(vals),
-                "errors": errors,
-                "median": statistics.median(vals) if vals else None,
-                "min": min(vals) if vals else None,
-                "max": max(vals) if vals else None,
-            }
+            per_row[row] = spread(vals, errors)
         summary[metric.key] = per_row
     return summary
 
