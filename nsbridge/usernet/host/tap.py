@@ -223,16 +223,9 @@ class TapEngine(TunEngine):
     # ---- writing the TAP ----------------------------------------------------------------
 
     def _write_link(self, frame: bytes) -> None:
-        """Write a whole Ethernet frame (an answer the link layer built)."""
-        try:
-            written = os.write(self._tun, frame)
-        except BlockingIOError:
-            self.stats.drops["tun full"] += 1
-        except OSError as exc:
-            self.stats.drops[f"tun write {errno_name(exc.errno)}"] += 1
-        else:
-            self.stats.frames_out += 1
-            self.stats.bytes_out += written
+        """Write a whole Ethernet frame (an answer the link layer built): the engine's
+        own writer, without the IP path's header in front."""
+        TunEngine.write_parts(self, (frame,))
 
     def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Write one IP packet given in parts, behind the guest's Ethernet header."""
