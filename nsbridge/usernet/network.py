@@ -58,15 +58,16 @@ def redirect_setup(options: UsernetOptions) -> ExtraFds | None:
     """
     if options.tcp == "tun":
         return None
+    from nsbridge.defaults import TUN_IFNAME
     from nsbridge.usernet.host.redirect import setup_inside
     from nsbridge.usernet.inside.nft import NftUnavailable
 
     if options.tcp == "redirect":
-        return lambda: list(setup_inside(0))
+        return lambda: list(setup_inside(0, forwarded=TUN_IFNAME))
 
     def inside() -> list[int | socket.socket]:
         try:
-            return list(setup_inside(0))
+            return list(setup_inside(0, forwarded=TUN_IFNAME))
         except NftUnavailable as exc:
             return [_text_pipe(str(exc))]
 
@@ -208,7 +209,8 @@ class Network:
             return self.redirector is not None
         device = self.handle.config.ifname
         try:
-            fds = self.handle.make_fds(lambda: setup_inside(optional=True, device=device))
+            fds = self.handle.make_fds(
+                lambda: setup_inside(optional=True, device=device, forwarded=device))
         except UserError as exc:
             log.info("TCP fast path: not set up (%s); TCP stays on the tun path", exc)
             return False

@@ -141,10 +141,12 @@ def _listener(family: int, host: str, port: int, backlog: int, *,
     return sock
 
 
-def setup_inside(port: int = 0, *, optional: bool = False,
-                 device: str | None = None) -> list[socket.socket]:
+def setup_inside(port: int = 0, *, optional: bool = False, device: str | None = None,
+                 forwarded: str | None = None) -> list[socket.socket]:
     """The sandbox ``extra`` callback: listeners, then the nftables redirect to their port
-    (of the TCP leaving by ``device`` only, when given: a namespace nsbridge did not make).
+    (of the TCP leaving by ``device`` only, when given: a namespace nsbridge did not make;
+    with ``forwarded``, also of the TCP the namespace forwards out of that device, for
+    which the listeners listen on every address: see :mod:`~nsbridge.usernet.inside.nft`).
 
     Listeners come first so the rule never points at a port nobody holds.  Raises
     :class:`~nsbridge.usernet.inside.nft.NftUnavailable` (the sandbox reports its text; see
@@ -157,9 +159,9 @@ def setup_inside(port: int = 0, *, optional: bool = False,
     # it before forking the helper it runs in (runner._redirect_setup).
     from nsbridge.usernet.inside import nft
 
-    listeners = make_redirect_listeners(port)
+    listeners = make_redirect_listeners(port, wildcard=forwarded is not None)
     try:
-        nft.program_redirect(listeners[0].getsockname()[1], device=device)
+        nft.program_redirect(listeners[0].getsockname()[1], device=device, forwarded=forwarded)
     except nft.NftUnavailable:
         for sock in listeners:
             sock.close()
@@ -233,6 +235,9 @@ class TcpRedirector:
         self.sessions: set[TcpSession | DnsTcpRelay] = set()
         self._acceptors: list[Acceptor] = []
         self._started = False
+        # The listeners' port: a connection whose original destination is this port on
+        # the address it arrived at was made straight to a listener, not redirected.
+        self._port = self.listeners[0].getsockname()[1] if self.listeners else None
 
     @classmethod
     def from_fds(
@@ -296,7 +301,8 @@ class TcpRedirector:
 
     def _handle(self, client: socket.socket) -> None:
         destination = original_destination(client)
-        if destination is None:
+        if destination is None or (destination[1] == self._port
+                                   and _is_local_end(client, destination[0])):
             self._deny(client, NO_ORIGINAL_DST, "?")
             return
         ip, port = destination
@@ -370,6 +376,15 @@ class TcpRedirector:
         tally(self.stats, session)  # type: ignore[arg-type]  # the same fields
         if log.isEnabledFor(logging.INFO):
             log.info("usernet tcp: %s", session.describe())
+
+
+def _is_local_end(client: socket.socket,
+                  ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is the address ``client`` was accepted on (no NAT happened)."""
+    try:
+        return ipaddress.ip_address(client.getsockname()[0]) == ip
+    except OSError:
+        return True  # the client is already gone: nothing to relay
 
 
 def original_destination(
