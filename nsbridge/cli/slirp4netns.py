@@ -66,9 +66,10 @@ FLAGS = (
     Flag("netns-type", None, "TYPE",
          "specify network namespace type ([path|pid], default=pid)"),
     Flag("userns-path", None, "PATH", "specify user namespace path"),
-    Flag("enable-sandbox", None, None, None),  # not implemented: never listed
+    Flag("enable-sandbox", None, None,
+         "create a new mount namespace (and drop all caps except CAP_NET_BIND_SERVICE)"),
     Flag("create-sandbox", None, None, None),  # deprecated alias of the above
-    Flag("enable-seccomp", None, None, None),  # not implemented: never listed
+    Flag("enable-seccomp", None, None, "enable seccomp to limit syscalls"),
     Flag("outbound-addr", None, "IPv4", None),  # not implemented: never listed
     Flag("outbound-addr6", None, "IPv6", None),
     Flag("disable-dns", None, None,
@@ -81,9 +82,6 @@ FLAGS = (
 _BY_LONG = {flag.long: flag for flag in FLAGS}
 _BY_SHORT = {flag.short: flag for flag in FLAGS if flag.short}
 NOT_IMPLEMENTED = {
-    "enable-sandbox": "--enable-sandbox is not supported by nsbridge-slirp4netns",
-    "create-sandbox": "--enable-sandbox is not supported by nsbridge-slirp4netns",
-    "enable-seccomp": "--enable-seccomp is not supported by nsbridge-slirp4netns",
     "outbound-addr": "--outbound-addr is not supported by nsbridge-slirp4netns "
                      "(outbound sockets are not bound to an address)",
     "outbound-addr6": "--outbound-addr6 is not supported by nsbridge-slirp4netns "
@@ -109,6 +107,8 @@ class Slirp4netnsArgs:
     userns_path: str | None = None
     disable_dns: bool = False
     macaddress: str | None = None  # normalised aa:bb:cc:dd:ee:ff
+    enable_sandbox: bool = False
+    enable_seccomp: bool = False
     refused: list[str] = field(default_factory=list)  # flags given that are not built
 
 
@@ -125,13 +125,25 @@ def usage(prog: str) -> str:
     lines = [f"Usage: {prog} [OPTION]... PID|PATH [TAPNAME]",
              "User-mode networking for unprivileged network namespaces.", ""]
     for flag in FLAGS:
-        if flag.help is None:
+        if flag.help is None or (flag.long == "enable-seccomp" and not seccomp_supported()):
             continue
         names = f"-{flag.short}, --{flag.long}" if flag.short else f"--{flag.long}"
         if flag.value:
             names += f"={flag.value}"
         lines.append(f"{names:<24} {flag.help}")
     return "\n".join(lines) + "\n"
+
+
+def seccomp_supported() -> bool:
+    """Whether nsbridge knows this machine's system call numbers (else --enable-seccomp
+    is not listed, and refused with one line if given)."""
+    from nsbridge.linux.seccomp import SeccompUnsupported, native_arch
+
+    try:
+        native_arch()
+    except SeccompUnsupported:
+        return False
+    return True
 
 
 def version_text() -> str:
@@ -290,9 +302,13 @@ def _parse(argv: Sequence[str], prog: str, warnings: list[str]) -> Slirp4netnsAr
             if name == "no-host-loopback":
                 warnings.append(_DEPRECATED.format(old=name, new="disable-host-loopback"))
             out.disable_host_loopback = True
-        elif name in NOT_IMPLEMENTED:
+        elif name in ("enable-sandbox", "create-sandbox"):
             if name == "create-sandbox":
                 warnings.append(_DEPRECATED.format(old=name, new="enable-sandbox"))
+            out.enable_sandbox = True
+        elif name == "enable-seccomp":
+            out.enable_seccomp = True
+        elif name in NOT_IMPLEMENTED:
             out.refused.append(name)
         elif name == "userns-path":
             assert value is not None

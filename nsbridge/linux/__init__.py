@@ -10,6 +10,10 @@
 * :mod:`.systemd` — socket activation (``LISTEN_FDS``) and ``sd_notify``.
 * :mod:`.reuseport_bpf` — the hand-assembled eBPF program that deals SO_REUSEPORT
   connections to workers in turn, loaded with ``bpf(2)``.
+* :mod:`.seccomp` — a deny-list seccomp filter assembled as classic BPF (pure) and
+  installed with ``seccomp(2)``, for x86_64 and aarch64.
+* :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root
+  with a few directories bound read-only (``pivot_root``), capabilities dropped.
 
 Nothing here imports :mod:`nsbridge.relay`, :mod:`nsbridge.forward`,
 :mod:`nsbridge.usernet` or :mod:`nsbridge.cli` (tests/test_layout.py checks).

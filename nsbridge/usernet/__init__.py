@@ -19,6 +19,8 @@ and a host-side policy decides every new flow.  The package is split by what a m
   pass the command's exit status on, print the summary.
 * :mod:`.slirp4netns` — ``nsbridge-slirp4netns``'s life cycle: a TAP device in an
   existing namespace, ready and exit fds, slirp4netns's policy.
+* :mod:`.slirpsandbox` — its ``--enable-sandbox`` and ``--enable-seccomp``: the serving
+  process locks itself down after set-up, before the ready byte.
 * :mod:`.api` — the Python API: ``run``, ``attach``, the split form.
 
 docs/architecture.md walks through the data paths.

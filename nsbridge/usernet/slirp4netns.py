@@ -12,12 +12,14 @@
    ``-c`` creates and configures it (:mod:`.inside.tapdevice`).  The helper dies with us.
 3. The host side is :class:`~nsbridge.usernet.network.Network` on the TAP link, with TCP
    on the tun path and UDP/ping in the engine (the native relay needs set-up a TAP's
-   namespace does not get), and the API socket if asked for.  Only then ``--ready-fd``
-   gets its "1" and is closed; a failure before that exits 1 with the reason on stderr,
-   and the caller reads EOF.  Right after, the TCP fast path is added (an nftables
-   redirect of the SYNs leaving by the TAP, when the namespace allows nf_tables):
-   the connections the namespace starts then move at the kernel's speed, while the tun
-   path keeps those already open and the ones forwarded from containers on a bridge.
+   namespace does not get), and the API socket if asked for.  With
+   ``--enable-sandbox``/``--enable-seccomp`` the process then locks itself down
+   (:mod:`.slirpsandbox`).  Only then ``--ready-fd`` gets its "1" and is closed; a
+   failure before that exits 1 with the reason on stderr, and the caller reads EOF.
+   Right after, the TCP fast path is added (an nftables redirect of the SYNs leaving
+   by the TAP, when the namespace allows nf_tables): the connections the namespace
+   starts then move at the kernel's speed, while the tun path keeps those already open
+   and the ones forwarded from containers on a bridge.
 4. The loop runs until ``--exit-fd`` reports any event (its writer closed: exit 0),
    SIGTERM/SIGINT (exit 0), or, in PID mode, the target process exits.
 
@@ -155,6 +157,10 @@ def _serve(args: Any, stops: Any) -> int:
         if args.exit_fd is not None:
             _watch_exit_fd(loop, args.exit_fd)
         stops.attach(loop, lambda _signum, _count: loop.stop())
+        if args.enable_sandbox or args.enable_seccomp:
+            from nsbridge.usernet.slirpsandbox import lock_down
+
+            lock_down(handle.userns, sandbox=args.enable_sandbox, seccomp=args.enable_seccomp)
         _print_banner(args, addresses)
         if args.ready_fd is not None:
             _signal_ready(args.ready_fd)

@@ -264,9 +264,15 @@ def rootlesskit_world() -> Iterator[World]:
 
 def rootlesskit_argv(world: World, user: RootlessUser, binary: str, flags: list[str],
                      command: list[str]) -> list[str]:
-    """rootlesskit run as ``user`` in the host namespace with helper ``binary``."""
+    """rootlesskit run as ``user`` in the host namespace with helper ``binary``.
+
+    ``--slirp4netns-sandbox=auto --slirp4netns-seccomp=auto`` (dockerd-rootless.sh's
+    defaults): rootlesskit then adds ``--enable-sandbox --enable-seccomp``
+    whenever the helper's ``--help`` lists them, so every case runs locked down for
+    both helpers."""
     return ["ip", "netns", "exec", world.host, *user.argv(
         "rootlesskit", "--net=slirp4netns", f"--slirp4netns-binary={binary}",
+        "--slirp4netns-sandbox=auto", "--slirp4netns-seccomp=auto",
         "--copy-up=/etc", *flags, *command)]
 
 

@@ -197,3 +197,4 @@ def test_the_kernel_applies_the_filter() -> None:
     assert out["execv"] == errno.EPERM
     assert out["fork"] == 7 and out["socket"] is True
     assert out["status"] == "2"
+
