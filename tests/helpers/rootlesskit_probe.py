@@ -7,6 +7,10 @@ packages).
 * ``udp ADDR PORT``: one datagram, resent until its reply comes, print the reply.
 * ``serve PORT``: listen on every IPv4 address, print ``READY``, then answer each client
   with the address it came from and print ``peer ADDR``, until stdin closes.
+* ``reach``: as an attacker who is root inside would, find the slirp4netns helper (it
+  shares our user id outside) and try to read its root, environment, fds and memory
+  through /proc; print one line ``helper PID WHAT:open|denied...``, then wait until
+  stdin closes.
 
 A failure prints ``failed: REASON`` on stdout and exits 1, so the test can tell "refused"
 from "timed out" from a broken probe.
@@ -69,11 +73,50 @@ def serve(port: int) -> None:
     listener.close()
 
 
+def reach() -> None:
+    import os
+
+    helpers = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv and argv[-1] == b"tap0" and b"-r" in argv and \
+                not any(arg.startswith(b"--slirp4netns-binary") for arg in argv):
+            helpers.append(int(entry))
+    if len(helpers) != 1:
+        print(f"failed: helpers {helpers}", flush=True)
+        return
+    pid = helpers[0]
+    def listdir(path: str) -> None:
+        os.listdir(path)
+
+    def read(path: str) -> None:
+        with open(path, "rb") as f:
+            f.read(1)
+
+    tries = {"root": (listdir, "root"), "environ": (read, "environ"),
+             "fd": (listdir, "fd"), "mem": (read, "mem")}
+    verdicts = []
+    for what, (attempt, name) in tries.items():
+        try:
+            attempt(f"/proc/{pid}/{name}")
+            verdicts.append(f"{what}:open")
+        except OSError:
+            verdicts.append(f"{what}:denied")
+    print(f"helper {pid} {' '.join(verdicts)}", flush=True)
+    sys.stdin.read()
+
+
 def main(argv: list[str]) -> int:
     verb, *args = argv
     try:
         if verb == "serve":
             serve(int(args[0]))
+        elif verb == "reach":
+            reach()
         elif verb == "tcp":
             print(tcp(args[0], int(args[1])))
         elif verb == "udp":

@@ -355,3 +355,44 @@ def test_sigkill_leaves_no_helper_behind(world: World, user: RootlessUser,
     assert stray == []
     for entry in os.listdir(user.tmpdir):
         subprocess.run(["rm", "-rf", str(user.tmpdir / entry)], check=True)
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["locked", "control"])
+def test_helper_locked_down_and_out_of_the_childs_reach(world: World, user: RootlessUser,
+                                                        helper: str, locked: bool) -> None:
+    """With --enable-sandbox --enable-seccomp (rootlesskit's auto mode passes them),
+    the helper keeps CAP_NET_BIND_SERVICE alone, runs under a seccomp filter and sees
+    only /etc and /run; ours also leaves the child's root (our user id outside) none of
+    its /proc files, where the real slirp4netns, still dumpable, shows its root,
+    environment and fds (recorded, not asserted). The control, both flags off, shows the
+    probe reaches an unlocked helper of either kind: its fd list is open to the child."""
+    flags = [] if locked else ["--slirp4netns-sandbox=false", "--slirp4netns-seccomp=false"]
+    proc = start_rootlesskit(world, user, helper, flags, ["python3", str(PROBE), "reach"])
+    try:
+        line = _read_line(proc)
+        assert line.startswith("helper "), line + (proc.stderr.read() if proc.poll() else "")
+        _, number, *verdicts = line.split()
+        pid = int(number)
+        seen = dict(verdict.split(":") for verdict in verdicts)
+        caps = subprocess.run(["getpcaps", str(pid)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        with open(f"/proc/{pid}/status") as f:
+            seccomp = next(row.split()[1] for row in f if row.startswith("Seccomp:"))
+        print(f"{os.path.basename(helper)} locked={locked}: the child reaches {seen}")
+        if locked:
+            if "nsbridge" in helper:
+                assert seen == dict.fromkeys(("root", "environ", "fd", "mem"), "denied")
+            assert caps == f"{pid}: cap_net_bind_service=eip"
+            assert seccomp == "2"
+            assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "run"]
+        else:
+            assert seen["fd"] == "open", seen
+            assert seccomp == "0"
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
