@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Collection, Sequence
 
 from nsbridge.linux.libc import checked, last_error, libc
@@ -142,28 +143,36 @@ def join_user_namespace(fd: int) -> None:
 
 def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
     """Make the root an empty tmpfs holding read-only bind mounts of ``keep`` (absolute
-    paths; one that does not exist is skipped).  ``scratch`` is where the tmpfs is
-    mounted before the pivot, in our own mount namespace only.  Needs CAP_SYS_ADMIN in
-    this process's user namespace and a single thread.  Raises :class:`LockdownError`."""
+    paths, each at its own path; one that does not exist is skipped).  ``scratch`` is
+    where the tmpfs is mounted before the pivot, in our own mount namespace only.  Needs
+    CAP_SYS_ADMIN in this process's user namespace and a single thread.  Raises
+    :class:`LockdownError`."""
     step = "cannot make a mount namespace of our own (unshare)"
+    sources: list[tuple[str, int]] = []
     try:
         unshare(CLONE_NEWNS)
         step = "cannot make the mounts private"
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        # Held open before the tmpfs hides whatever lies under ``scratch``; bound below
+        # through /proc/self/fd, which names the very file or directory opened here.
+        for path in keep:
+            step = f"cannot open {path}"
+            try:
+                sources.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+            except FileNotFoundError:
+                continue
         step = f"cannot mount a tmpfs on {scratch}"
         _mount("nsbridge-sandbox", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                "size=64k,mode=0755")
-        for path in keep:
-            if not os.path.exists(path):
-                continue
-            inside = os.path.join(scratch, path.lstrip("/"))
+        for path, fd in sources:
+            inside = os.path.join(scratch, os.path.normpath(path).lstrip("/"))
             step = f"cannot bind {path} into the new root"
-            if os.path.isdir(path):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
                 os.makedirs(inside, mode=0o755, exist_ok=True)
             else:
                 os.makedirs(os.path.dirname(inside), mode=0o755, exist_ok=True)
                 os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            _mount(path, inside, None, MS_BIND | MS_REC)
+            _mount(f"/proc/self/fd/{fd}", inside, None, MS_BIND | MS_REC)
             step = f"cannot make {path} read-only"
             _mount_setattr(inside, _LOCKED, recursive=True)
         os.mkdir(os.path.join(scratch, "old"), 0o700)
@@ -179,6 +188,9 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
         _mount_setattr("/", _LOCKED, recursive=False)
     except OSError as exc:
         raise _fail(step, exc) from None
+    finally:
+        for _path, fd in sources:
+            os.close(fd)
 
 
 def keep_only_capabilities(keep: Collection[int]) -> None:

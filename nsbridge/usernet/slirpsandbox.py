@@ -73,11 +73,11 @@ class ImportWatch:
         sys.meta_path.insert(0, self)  # type: ignore[arg-type]
 
 
-def sandbox_paths() -> list[str]:
-    """What the new root holds: /etc and /run, and the file /etc/resolv.conf points to
+def sandbox_paths(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """What the new root holds: /etc and /run, and the file ``resolv_conf`` points to
     when that is elsewhere (a resolver daemon's file), as slirp4netns binds it."""
     paths = list(SANDBOX_DIRECTORIES)
-    real = os.path.realpath("/etc/resolv.conf")
+    real = os.path.realpath(resolv_conf)
     if os.path.exists(real) and not any(
             real == top or real.startswith(top + "/") for top in SANDBOX_DIRECTORIES):
         paths.append(real)

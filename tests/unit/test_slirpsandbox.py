@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,19 @@ def test_the_new_root_keeps_etc_and_run() -> None:
     # Anything more is the file /etc/resolv.conf leads to, when it lives elsewhere.
     for extra in paths[2:]:
         assert extra == os.path.realpath("/etc/resolv.conf")
+
+
+def test_a_resolv_conf_elsewhere_is_kept_too(tmp_path: Path) -> None:
+    """/etc/resolv.conf as a link to a resolver daemon's file outside /etc and /run
+    (slirp4netns's issue 116): that file is bound as well; a link that stays inside, or
+    leads nowhere, adds nothing."""
+    target = tmp_path / "daemon" / "resolv.conf"
+    target.parent.mkdir()
+    target.write_text("nameserver 192.0.2.1\n")
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(target)
+    assert sandbox_paths(str(link)) == ["/etc", "/run", str(target)]
+    inside = tmp_path / "inside.conf"
+    inside.symlink_to("/run/nowhere-nsbridge-test/resolv.conf")
+    assert sandbox_paths(str(inside)) == ["/etc", "/run"]
+    assert sandbox_paths("/etc/hostname") == ["/etc", "/run"]

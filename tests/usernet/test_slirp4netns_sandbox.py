@@ -326,3 +326,39 @@ def test_a_failed_lock_down_exits_1_before_ready(
     wait_until(lambda: "tap0" not in subprocess.run(
         ["ip", "-n", netns, "-br", "link"], capture_output=True, text=True).stdout,
         timeout=5)
+
+
+PIVOT = r"""
+import errno, json, os, sys
+from nsbridge.linux import lockdown
+keep = sys.argv[1:]
+lockdown.pivot_to_empty_root(keep)
+out = {"root": sorted(os.listdir("/")), "file": open(keep[2]).read(),
+       "cwd": os.getcwd()}
+for path in ("/etc/nsbridge-test-write", keep[2], "/run/x", "/x"):
+    try:
+        open(path, "w").close()
+        out[path] = "written"
+    except OSError as exc:
+        out[path] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+
+def test_pivot_keeps_only_what_it_is_told_read_only(tmp_path: Path) -> None:
+    """The lock-down's file system step on its own (in a child: it changes the
+    caller's mounts for good): a file kept from under /tmp (where the new root is
+    built) is still the caller's file, and nothing anywhere can be written."""
+    kept = tmp_path / "daemon" / "resolv.conf"
+    kept.parent.mkdir()
+    kept.write_text("nameserver 192.0.2.1\n")
+    result = subprocess.run([sys.executable, "-c", PIVOT, "/etc", "/run", str(kept),
+                             "/nonexistent-nsbridge-test"], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["root"] == ["etc", "run", "tmp"] and out["cwd"] == "/"
+    assert out["file"] == "nameserver 192.0.2.1\n"
+    assert out["/etc/nsbridge-test-write"] == "EROFS" and out[str(kept)] == "EROFS"
+    assert out["/run/x"] == "EROFS" and out["/x"] == "EROFS"
+    assert not Path("/etc/nsbridge-test-write").exists()
