@@ -147,6 +147,10 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
     where the tmpfs is mounted before the pivot, in our own mount namespace only.  Needs
     CAP_SYS_ADMIN in this process's user namespace and a single thread.  Raises
     :class:`LockdownError`."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        raise LockdownError(errno.EINVAL, f"a mount namespace of our own needs a single "
+                            f"thread, and {threads} run (a thread was started too early)")
     step = "cannot make a mount namespace of our own (unshare)"
     sources: list[tuple[str, int]] = []
     try:

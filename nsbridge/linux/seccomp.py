@@ -19,8 +19,9 @@ without a kernel:
   filter cannot read) gets ENOSYS so the C library falls back to ``clone``, and anything
   else is allowed.
 * :func:`install` needs the kernel: ``prctl(PR_SET_NO_NEW_PRIVS)`` (what lets a process
-  without CAP_SYS_ADMIN install a filter) then ``seccomp(SECCOMP_SET_MODE_FILTER)``.  A
-  filter stays for the life of the process and every child it forks.
+  without CAP_SYS_ADMIN install a filter) then ``seccomp(SECCOMP_SET_MODE_FILTER)`` with
+  ``TSYNC``, so every thread of the process gets it.  A filter stays for the life of
+  the process and every child it forks.
 
 System call numbers are known for x86_64 and aarch64 (:data:`ARCHES`); elsewhere
 :func:`native_arch` raises :class:`SeccompUnsupported` with one line, and the caller
@@ -57,6 +58,7 @@ OFFSET_ARGS = 16
 
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
 MAX_INSNS = 4096  # BPF_MAXINSNS
 X32_SYSCALL_BIT = 0x40000000
 
@@ -250,11 +252,13 @@ def install(program: bytes) -> None:
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         exc = last_error("prctl(PR_SET_NO_NEW_PRIVS)")
         raise SeccompError(exc.errno, str(exc))
-    # SECCOMP_FILTER_FLAG_TSYNC would be needed for threads started earlier; callers
-    # install before starting any, and a process's later threads inherit the filter.
+    # TSYNC: threads already running get the filter too (later ones inherit it); a
+    # positive result names a thread that could not be synchronised.
     number = native_arch().numbers["seccomp"]
     result = libc.syscall(ctypes.c_long(number), ctypes.c_ulong(SECCOMP_SET_MODE_FILTER),
-                          ctypes.c_ulong(0), ctypes.byref(fprog))
+                          ctypes.c_ulong(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
+    if result > 0:
+        raise SeccompError(errno.EBUSY, f"seccomp: thread {result} cannot take the filter")
     if result != 0:
         exc = last_error("seccomp(SECCOMP_SET_MODE_FILTER)")
         raise SeccompError(exc.errno, str(exc))

@@ -198,3 +198,32 @@ def test_the_kernel_applies_the_filter() -> None:
     assert out["fork"] == 7 and out["socket"] is True
     assert out["status"] == "2"
 
+
+
+THREADS_CHECK = r"""
+import ctypes, errno, json, threading
+from nsbridge.linux import seccomp
+libc = ctypes.CDLL(None, use_errno=True)
+nr = seccomp.native_arch().numbers["getppid"]
+started, result = threading.Event(), {}
+go = threading.Event()
+def worker():
+    started.set()
+    go.wait()
+    ctypes.set_errno(0)
+    result["thread"] = [libc.syscall(nr), ctypes.get_errno()]
+thread = threading.Thread(target=worker)
+thread.start()
+started.wait()
+seccomp.install_deny_list(("getppid",))  # installed from the main thread
+go.set()
+thread.join()
+print(json.dumps(result))
+"""
+
+
+def test_a_thread_already_running_gets_the_filter_too() -> None:
+    result = subprocess.run([sys.executable, "-c", THREADS_CHECK], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["thread"] == [-1, errno.EPERM]

@@ -51,3 +51,22 @@ def test_a_resolv_conf_elsewhere_is_kept_too(tmp_path: Path) -> None:
     inside.symlink_to("/run/nowhere-nsbridge-test/resolv.conf")
     assert sandbox_paths(str(inside)) == ["/etc", "/run"]
     assert sandbox_paths("/etc/hostname") == ["/etc", "/run"]
+
+
+def test_the_pivot_refuses_a_process_with_threads() -> None:
+    """unshare(CLONE_NEWNS) cannot work with a second thread (it shares the file system
+    context): the lock-down says so instead of failing with a bare EINVAL. Nothing is
+    changed before the check."""
+    import threading
+
+    from nsbridge.linux.lockdown import LockdownError, pivot_to_empty_root
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with pytest.raises(LockdownError, match="needs a single thread"):
+            pivot_to_empty_root(["/etc"])
+    finally:
+        stop.set()
+        thread.join()
