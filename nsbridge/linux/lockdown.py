@@ -121,6 +121,16 @@ def same_user_namespace(fd: int) -> bool:
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
+def require_single_thread(what: str) -> None:
+    """Raise :class:`LockdownError` naming ``what`` if this process runs a second thread
+    (``unshare(CLONE_NEWNS)`` and ``setns(CLONE_NEWUSER)`` refuse one with a bare
+    EINVAL: threads share the file system context)."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        raise LockdownError(errno.EINVAL, f"{what} needs a single thread, and {threads} "
+                            "run (a thread was started too early)")
+
+
 def join_user_namespace(fd: int) -> None:
     """``setns(fd, CLONE_NEWUSER)``, keeping the parent-death signal (see the module's
     text).  If the parent already died meanwhile, we exit as that signal would have
@@ -128,6 +138,7 @@ def join_user_namespace(fd: int) -> None:
     signal_number = ctypes.c_int(0)
     pdeathsig_read = libc.prctl(PR_GET_PDEATHSIG, ctypes.addressof(signal_number), 0, 0, 0)
     parent = os.getppid()
+    require_single_thread("joining a user namespace")
     try:
         setns(fd, CLONE_NEWUSER)
     except OSError as exc:
@@ -147,10 +158,7 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
     where the tmpfs is mounted before the pivot, in our own mount namespace only.  Needs
     CAP_SYS_ADMIN in this process's user namespace and a single thread.  Raises
     :class:`LockdownError`."""
-    threads = len(os.listdir("/proc/self/task"))
-    if threads > 1:
-        raise LockdownError(errno.EINVAL, f"a mount namespace of our own needs a single "
-                            f"thread, and {threads} run (a thread was started too early)")
+    require_single_thread("a mount namespace of our own")
     step = "cannot make a mount namespace of our own (unshare)"
     sources: list[tuple[str, int]] = []
     try:
