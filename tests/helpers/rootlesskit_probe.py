@@ -76,20 +76,37 @@ def serve(port: int) -> None:
 def reach() -> None:
     import os
 
+    def real_uid(pid: int) -> int:
+        """As this namespace sees it (a non-dumpable process's /proc files belong to
+        root whatever its user, so not their owner)."""
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(row.split()[1]) for row in f if row.startswith("Uid:"))
+
     helpers = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
+            uid = real_uid(int(entry))
+        except (OSError, ValueError, StopIteration):
+            continue  # gone meanwhile, or not a process
         if argv and argv[-1] == b"tap0" and b"-r" in argv and \
-                not any(arg.startswith(b"--slirp4netns-binary") for arg in argv):
-            helpers.append(int(entry))
-    if len(helpers) != 1:
+                not any(arg.startswith(b"--slirp4netns-binary") for arg in argv) and \
+                uid == os.getuid():
+            helpers.append(int(entry))  # ours: other users' helpers may run meanwhile
+
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    # A helper's own forked children (its set-up helper, caught before it is reaped)
+    # carry its command line too: the one whose parent is not among them serves.
+    serving = [pid for pid in helpers if parent(pid) not in helpers]
+    if len(serving) != 1:
         print(f"failed: helpers {helpers}", flush=True)
         return
-    pid = helpers[0]
+    pid = serving[0]
+
     def listdir(path: str) -> None:
         os.listdir(path)
 
