@@ -49,9 +49,12 @@ def preload() -> None:
 
     Found by running every path of the life cycle under ``--enable-sandbox``
     (tests/usernet/test_slirp4netns_sandbox.py and the rootlesskit cases) with
-    :class:`ImportWatch` in place: today the serving modules import everything at their
-    top, so only the lock-down's own modules are left to load here."""
+    :class:`ImportWatch` in place: today the serving modules have loaded everything by
+    then, and what is named here is what a path imports inside a function: the
+    lock-down's own steps, and the UDP relay an ``add_hostfwd`` for UDP starts (loaded
+    today through the engine, named so a refactor cannot lose it)."""
     from nsbridge.linux import lockdown, seccomp  # noqa: F401
+    from nsbridge.relay import udp  # noqa: F401  forward.Forward.start_udp
 
 
 class ImportWatch:
