@@ -21,7 +21,8 @@ order (each step needs the one before):
      ``/run`` bound read-only (and ``/etc/resolv.conf``'s target, when it points
      elsewhere), the old root detached;
    * every capability dropped but CAP_NET_BIND_SERVICE (which lets root publish ports
-     below 1024), and the process made non-dumpable.
+     below 1024).  Before all of these the process is made non-dumpable: once it has
+     joined, the namespace's root holds capabilities over its credentials.
 
 3. ``--enable-seccomp`` (:mod:`nsbridge.linux.seccomp`): the deny-list filter, after the
    sandbox because the sandbox itself needs ``mount``, ``pivot_root``, ``setns`` and
@@ -92,16 +93,22 @@ def enter_sandbox(userns: int) -> None:
     from nsbridge.linux import lockdown
 
     try:
-        if not lockdown.has_capability(lockdown.CAP_SYS_ADMIN) and \
-                not lockdown.same_user_namespace(userns):
+        # First: from the join on, the namespace's root holds capabilities over our
+        # credentials, and only non-dumpability keeps it out of our memory and fds.
+        lockdown.make_non_dumpable()
+        joined = not lockdown.has_capability(lockdown.CAP_SYS_ADMIN) and \
+            not lockdown.same_user_namespace(userns)
+        if joined:
             lockdown.join_user_namespace(userns)
         paths = sandbox_paths()
         lockdown.pivot_to_empty_root(paths)
         ImportWatch().install()
         lockdown.keep_only_capabilities({lockdown.CAP_NET_BIND_SERVICE})
-        lockdown.make_non_dumpable()
     except OSError as exc:
         raise UserError(f"--enable-sandbox: {exc.strerror or exc}") from None
+    log.info("sandbox: root holds %s read-only; capabilities: CAP_NET_BIND_SERVICE "
+             "only%s", ", ".join(paths),
+             " (in the namespace's user namespace)" if joined else "")
 
 
 def enable_seccomp() -> str:
@@ -109,9 +116,13 @@ def enable_seccomp() -> str:
     from nsbridge.linux import seccomp
 
     try:
-        return seccomp.install_deny_list().name
+        arch = seccomp.install_deny_list()
     except OSError as exc:
         raise UserError(f"--enable-seccomp: {exc.strerror or exc}") from None
+    denied = [name for name in seccomp.DENIED if name in arch.numbers]
+    log.info("seccomp: %d system calls denied (%s), clone for new namespaces, other "
+             "ABIs", len(denied), arch.name)
+    return arch.name
 
 
 def lock_down(userns: int, *, sandbox: bool, seccomp: bool) -> None:
