@@ -8,9 +8,7 @@ file system as it needs and hold no privilege it could turn against the host.
 
 * :func:`join_user_namespace`: an unprivileged process may not make a mount namespace
   in its own user namespace, but holds every capability in a user namespace it owns; so
-  it joins one (the kernel demands a single-threaded caller).  The kernel clears the
-  parent-death signal on that change of credentials, so it is set again: a caller that
-  ends us with it (rootlesskit) must still be able to.
+  it joins one (the kernel demands a single-threaded caller).
 * :func:`pivot_to_empty_root`: a mount namespace of its own, a small tmpfs as the new
   root holding only bind mounts of the directories named (made read-only, nosuid, nodev,
   noexec, submounts included), ``pivot_root`` into it and the old root detached, then
@@ -40,8 +38,6 @@ CLONE_NEWUSER = 0x10000000
 CAP_SYS_ADMIN = 21
 CAP_NET_BIND_SERVICE = 10
 
-PR_GET_PDEATHSIG = 2
-PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
@@ -132,24 +128,17 @@ def require_single_thread(what: str) -> None:
 
 
 def join_user_namespace(fd: int) -> None:
-    """``setns(fd, CLONE_NEWUSER)``, keeping the parent-death signal (see the module's
-    text).  If the parent already died meanwhile, we exit as that signal would have
-    made us.  Raises :class:`LockdownError`."""
-    signal_number = ctypes.c_int(0)
-    pdeathsig_read = libc.prctl(PR_GET_PDEATHSIG, ctypes.addressof(signal_number), 0, 0, 0)
-    parent = os.getppid()
+    """``setns(fd, CLONE_NEWUSER)`` (a single thread only).  Raises :class:`LockdownError`.
+
+    The kernel counts the new credentials as no more than the old ones when we own the
+    namespace joined (or one of its ancestors), which is the only kind we may join: so
+    it keeps the parent-death signal a caller gave us (rootlesskit's SIGKILL) and our
+    dumpability as they were."""
     require_single_thread("joining a user namespace")
     try:
         setns(fd, CLONE_NEWUSER)
     except OSError as exc:
         raise _fail("cannot join the namespace's user namespace (setns)", exc) from None
-    if pdeathsig_read == 0 and signal_number.value:
-        try:
-            checked("prctl", PR_SET_PDEATHSIG, signal_number.value, 0, 0, 0)
-        except OSError as exc:
-            raise _fail("cannot keep the parent-death signal", exc) from None
-        if os.getppid() != parent:
-            os._exit(1)
 
 
 def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:

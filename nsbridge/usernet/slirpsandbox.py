@@ -100,9 +100,6 @@ def enter_sandbox(userns: int) -> None:
             not lockdown.same_user_namespace(userns)
         if joined:
             lockdown.join_user_namespace(userns)
-            # The change of credentials resets dumpability to fs.suid_dumpable, which
-            # may be 1 (dumpable) on a machine set up for debugging.
-            lockdown.make_non_dumpable()
         paths = sandbox_paths()
         lockdown.pivot_to_empty_root(paths)
         ImportWatch().install()

@@ -362,3 +362,55 @@ def test_pivot_keeps_only_what_it_is_told_read_only(tmp_path: Path) -> None:
     assert out["/etc/nsbridge-test-write"] == "EROFS" and out[str(kept)] == "EROFS"
     assert out["/run/x"] == "EROFS" and out["/x"] == "EROFS"
     assert not Path("/etc/nsbridge-test-write").exists()
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["locked", "control"])
+def test_unprivileged_pid_mode_still_dies_with_its_parent(host: str, locked: bool) -> None:
+    """rootlesskit's way, by hand: an unprivileged helper in PID mode whose parent gave
+    it PR_SET_PDEATHSIG=SIGKILL. Locked down, it has joined the namespace's user
+    namespace, and SIGKILL to the parent still ends it while its target lives on (the
+    control shows the same without the flags)."""
+    from helpers.rootlesskit import tun_open_to_users
+    from helpers.unprivileged import as_nobody, system_python
+
+    target = subprocess.Popen(as_nobody("unshare", "-Ur", "--net", "sleep", "60"))
+    parent = None
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{target.pid}/ns/net") !=
+                   os.readlink("/proc/self/ns/net"), timeout=5)
+        sleeper = int(subprocess.run(["pgrep", "-P", str(target.pid)], capture_output=True,
+                                     text=True).stdout.split()[0]) \
+            if os.readlink(f"/proc/{target.pid}/exe").endswith("unshare") else target.pid
+        flags = LOCKED if locked else []
+        command = as_nobody("--pdeathsig=KILL", system_python(), "-m",
+                            "nsbridge.cli.slirp4netns", *flags, "-c", str(sleeper), "tap0")
+        ready_r, ready_w = os.pipe()
+        with tun_open_to_users():
+            # bash is the parent the helper watches; its SIGKILL is what is tested.
+            parent = subprocess.Popen(
+                ["ip", "netns", "exec", host, "bash", "-c", f'"$@" & exec {ready_w}>&-; wait',
+                 "sh",
+                 *command[:-2], "-r", str(ready_w), *command[-2:]],
+                pass_fds=(ready_w,), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            os.close(ready_w)
+            with os.fdopen(ready_r, "rb") as ready:
+                assert ready.read() == b"1", parent.stderr.read() if parent.stderr else ""
+        helper = int(subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
+                                    text=True).stdout.split()[0])
+        if locked:
+            assert_locked_down(helper)
+            assert os.readlink(f"/proc/{helper}/ns/user") == \
+                os.readlink(f"/proc/{sleeper}/ns/user")
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: not os.path.exists(f"/proc/{helper}") or
+                   Path(f"/proc/{helper}/stat").read_text().split(")")[1].split()[0] == "Z",
+                   timeout=5)
+        assert target.poll() is None  # the target lives: the parent's death ended it
+    finally:
+        if parent is not None and parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        target.kill()
+        target.wait()
