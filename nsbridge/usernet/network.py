@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.redirect import TcpRedirector
     from nsbridge.usernet.host.tap import TapEngine
     from nsbridge.usernet.host.tuntcp import TunTcp
-    from nsbridge.usernet.inside.sandbox import ExtraFds, SandboxHandle
+    from nsbridge.usernet.inside.sandbox import ExtraFds, PendingFds, SandboxHandle
     from nsbridge.usernet.proto.policy import Policy
 
 log = logging.getLogger("nsbridge")
@@ -128,6 +128,7 @@ class Network:
         self._closed = False
         self._final: dict[str, Any] | None = None
         self._on_end: list[Callable[[], None]] = []
+        self._fast_path_pending: PendingFds | None = None  # see prepare_tcp_fast_path
         self.warnings: list[str] = policy_warnings(options, self.policy)
 
     # ---- building -------------------------------------------------------------------
@@ -202,15 +203,19 @@ class Network:
         path stays there).  False (and the tun path alone, logged) when nf_tables cannot
         be used in the namespace.
         """
-        from nsbridge.usernet.host.redirect import TcpRedirector, setup_inside
-        from nsbridge.usernet.inside import nft  # noqa: F401  # imported before the fork
+        from nsbridge.usernet.host.redirect import TcpRedirector
 
+        pending, self._fast_path_pending = self._fast_path_pending, None
         if self.redirector is not None or self.engine is None:
+            if pending is not None:
+                pending.cancel()
             return self.redirector is not None
-        device = self.handle.config.ifname
         try:
-            fds = self.handle.make_fds(
-                lambda: setup_inside(optional=True, device=device, forwarded=device))
+            if pending is None:
+                from nsbridge.usernet.inside import nft  # noqa: F401  # before the fork
+
+                pending = self._start_fast_path_helper(preload=True)
+            fds = pending.collect()
         except UserError as exc:
             log.info("TCP fast path: not set up (%s); TCP stays on the tun path", exc)
             return False
@@ -228,6 +233,25 @@ class Network:
         log.info("TCP: kernel fast path (nftables redirect) for the namespace's own "
                  "connections; the tun path for forwarded ones")
         return True
+
+    def prepare_tcp_fast_path(self) -> None:
+        """Fork :meth:`add_tcp_fast_path`'s helper now; that method then only collects its
+        listeners.  For a process about to lock itself down before it is ready
+        (``nsbridge-slirp4netns --enable-sandbox``/``--enable-seccomp``): a helper forked
+        afterwards could neither enter the namespace nor load its modules, while one
+        forked now does its work (pyroute2's import included, left to it) beside the
+        lock-down and the ready byte, so the caller's wait stays as short."""
+        if self.redirector is None and self.engine is not None and \
+                self._fast_path_pending is None:
+            self._fast_path_pending = self._start_fast_path_helper(preload=False)
+
+    def _start_fast_path_helper(self, *, preload: bool) -> PendingFds:
+        from nsbridge.usernet.host.redirect import setup_inside
+
+        device = self.handle.config.ifname
+        return self.handle.start_fds(
+            lambda: setup_inside(optional=True, device=device, forwarded=device),
+            preload=preload)
 
     def _tap_engine(self, resolvers: list[tuple[str, int]]) -> TapEngine:
         """The engine for a TAP device (slirp4netns's callers): Ethernet handled by
@@ -454,6 +478,9 @@ class Network:
             except Exception:
                 log.exception("reading the final counters failed")
             self._closed = True
+        if self._fast_path_pending is not None:
+            self._fast_path_pending.cancel()
+            self._fast_path_pending = None
         if self.tun_tcp is not None:
             self.tun_tcp.close()
         if self.native_relay is not None:

@@ -160,6 +160,7 @@ def _serve(args: Any, stops: Any) -> int:
         if args.enable_sandbox or args.enable_seccomp:
             from nsbridge.usernet.slirpsandbox import lock_down
 
+            network.prepare_tcp_fast_path()  # its helper must be forked before we lock down
             lock_down(handle.userns, sandbox=args.enable_sandbox, seccomp=args.enable_seccomp)
         _print_banner(args, addresses)
         if args.ready_fd is not None:

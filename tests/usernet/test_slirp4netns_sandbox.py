@@ -6,7 +6,8 @@ whose every case runs with both flags).
   holds nothing else, ``Seccomp: 2`` with no_new_privs, and the process's root holds
   ``/etc`` and ``/run`` only, every mount read-only.
 * Every serving path still works afterwards: TCP to the host's address and (through
-  10.0.2.2) its loopback, IPv6 TCP, UDP, ping, DNS through 10.0.2.3, the API socket's
+  10.0.2.2) its loopback, IPv6 TCP (on the kernel fast path, whose set-up helper was
+  forked before the lock-down), UDP, ping, DNS through 10.0.2.3, the API socket's
   add/list/remove_hostfwd for TCP and UDP with clients through the published ports, the
   exit fd, SIGTERM, PID mode ending with its target; nothing in the helper's log says a
   module could not be loaded.
@@ -151,6 +152,14 @@ def assert_clean_log(err: str) -> None:
         assert sign not in err, err
 
 
+def fast_path_syns(netns: str) -> int | None:
+    """The SYNs the fast path's output rule redirected in ``netns`` (None: no table)."""
+    listing = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "chain", "inet",
+                              "nsbridge", "output"], capture_output=True, text=True)
+    found = re.search(r"counter packets (\d+)", listing.stdout)
+    return int(found.group(1)) if listing.returncode == 0 and found else None
+
+
 def api(path: Path, request: dict) -> dict:
     with socket.socket(socket.AF_UNIX) as client:
         client.settimeout(10)
@@ -185,12 +194,17 @@ def test_locked_down_and_every_path_works(host: str, netns: str, tmp_path: Path,
                              "--netns-type=path", f"/run/netns/{netns}", "tap0"))
     assert helper.ready() == b"1"
     assert_locked_down(helper.pid)
+    # The TCP fast path's helper was forked before the lock-down; its redirect follows
+    # the ready byte.
+    wait_until(lambda: fast_path_syns(netns) is not None, timeout=10,
+               what="the helper's nftables table")
 
     # Out of the namespace: TCP (IPv4, the host's loopback through the gateway, IPv6),
     # UDP, ping, DNS.
     for (address, server) in zip((HOST_V4, "10.0.2.2", HOST_V6), servers, strict=True):
         assert tcp_echo(netns, (address, server.port), b"tcp " + address.encode()) == \
             b"tcp " + address.encode()
+    assert fast_path_syns(netns) == 3  # every SYN took the kernel fast path
     assert in_netns(netns, lambda: udp_roundtrip((HOST_V4, udp.port), b"udp")) == b"udp"
     ping = subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "1", "-W", "5",
                            HOST_V4], capture_output=True, text=True)

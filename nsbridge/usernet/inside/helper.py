@@ -168,12 +168,33 @@ def _in_helper(
     """Fork a helper that enters ``userns`` (if given) and ``netns``, runs ``work`` there
     and sends back its fds; reap it.  Returns (header, fds).  ``preload=False`` skips
     importing pyroute2 first, for work that never uses it."""
+    helper, sock = _start_in_helper(netns, userns, work, preload=preload)
+    return _finish_in_helper(helper, sock, timeout, doing, fixed)
+
+
+def _start_in_helper(
+    netns: Netns,
+    userns: int | None,
+    work: Callable[[], tuple[dict, list[int]]],
+    preload: bool = True,
+) -> tuple[_Helper, socket.socket]:
+    """The first half of :func:`_in_helper`: fork the helper, which goes to work at
+    once; :func:`_finish_in_helper` collects its report.  Split for a process that must
+    fork before it locks itself down and collect afterwards (nsbridge-slirp4netns
+    --enable-sandbox); with ``preload=False`` a single-threaded caller leaves
+    pyroute2's import to the helper."""
     if preload:
         _preload()
     keep = [netns.fd] if userns is None else [netns.fd, userns]
     parent = os.getpid()
-    helper, sock = _fork(lambda s: _enter_child(s, netns.fd, userns, work, parent),
-                         keep=keep)
+    return _fork(lambda s: _enter_child(s, netns.fd, userns, work, parent), keep=keep)
+
+
+def _finish_in_helper(
+    helper: _Helper, sock: socket.socket, timeout: float, doing: str,
+    fixed: int = _FIXED_FDS,
+) -> tuple[dict, list[int]]:
+    """The second half of :func:`_in_helper`: the report, and the helper reaped."""
     try:
         reply, fds = _receive(sock, helper, timeout, doing, fixed)
     except BaseException:

@@ -69,13 +69,16 @@ from nsbridge.usernet.inside.helper import (
     SandboxError,
     _close_all,
     _decode,
+    _finish_in_helper,
     _fork,
+    _Helper,
     _in_helper,
     _kill_and_reap,
     _preload,
     _reap,
     _receive,
     _send_error,
+    _start_in_helper,
 )
 from nsbridge.usernet.inside.netconf import NetConfig, SetupError
 from nsbridge.usernet.inside.nstarget import (
@@ -235,16 +238,19 @@ class SandboxHandle:
         For a namespace owned by another user namespace (every ``run`` sandbox) a thread
         cannot simply ``setns`` there, so a forked helper enters the user namespace too.
         """
+        return self.start_fds(fn, timeout).collect()
+
+    def start_fds(self, fn: ExtraFds, timeout: float | None = None, *,
+                  preload: bool = True) -> PendingFds:
+        """:meth:`make_fds` in two halves: the helper is forked now and works meanwhile;
+        :meth:`PendingFds.collect` waits for its fds.  ``preload=False`` leaves
+        pyroute2's import to the helper (for a single-threaded caller that must not pay
+        it now)."""
         userns = None if _same_ns(self.userns, "/proc/self/ns/user") else self.userns
-        _, fds = _in_helper(
-            self.netns,
-            userns,
-            lambda: _collect_only(fn),
-            f"making sockets in {self.netns.label}",
-            self._timeout if timeout is None else timeout,
-            fixed=0,
-        )
-        return fds
+        helper, sock = _start_in_helper(self.netns, userns, lambda: _collect_only(fn),
+                                        preload=preload)
+        return PendingFds(helper, sock, f"making sockets in {self.netns.label}",
+                          self._timeout if timeout is None else timeout)
 
     def close(self) -> None:
         """Release every fd.  A held CMD is abandoned (its helper exits and is reaped); a
@@ -405,6 +411,30 @@ class Sandbox:
         except BaseException:
             netns.close()
             raise
+
+
+class PendingFds:
+    """A helper :meth:`SandboxHandle.start_fds` forked, still at work.  :meth:`collect`
+    waits for its fds (SandboxError if it fails); :meth:`cancel` kills and reaps it.
+    Exactly one of them is called."""
+
+    def __init__(self, helper: _Helper, sock: socket.socket, doing: str,
+                 timeout: float) -> None:
+        self._helper, self._doing, self._timeout = helper, doing, timeout
+        self._sock: socket.socket | None = sock
+
+    def collect(self) -> list[int]:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            raise RuntimeError("these fds were already collected or cancelled")
+        _, fds = _finish_in_helper(self._helper, sock, self._timeout, self._doing, fixed=0)
+        return fds
+
+    def cancel(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._helper.kill()
 
 
 def _handle(
