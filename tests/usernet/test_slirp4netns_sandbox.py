@@ -33,6 +33,7 @@ import pytest
 
 from helpers.environment import REPO
 from helpers.netns import connect_in, free_port, in_netns, listen_in
+from helpers.processes import processes_mentioning
 from helpers.servers import DNS_ADDRESS, DNS_NAME, dns_answer, recv_all, udp_roundtrip
 from helpers.usernet_host import HOST_V4, HOST_V6
 from helpers.waiting import wait_until
@@ -326,7 +327,8 @@ def test_podman_call_from_inside_the_owning_user_namespace(
 def test_a_failed_lock_down_exits_1_before_ready(
         host: str, netns: str, started: Callable[[list[str]], Running]) -> None:
     """Without CAP_SETPCAP the capabilities cannot be dropped: the caller gets EOF on
-    the ready fd and one line, and the namespace loses the device we made."""
+    the ready fd and one line, and the namespace loses the device we made; no helper
+    of ours stays."""
     argv = in_host(host, *LOCKED, "-c", "--netns-type=path", f"/run/netns/{netns}", "tap0")
     at = argv.index(sys.executable)
     argv[at:at] = ["setpriv", "--bounding-set=-setpcap", "--"]
@@ -340,6 +342,8 @@ def test_a_failed_lock_down_exits_1_before_ready(
     wait_until(lambda: "tap0" not in subprocess.run(
         ["ip", "-n", netns, "-br", "link"], capture_output=True, text=True).stdout,
         timeout=5)
+    # The fast path's helper, forked just before the lock-down, went too.
+    wait_until(lambda: not processes_mentioning(netns), timeout=5)
 
 
 PIVOT = r"""
