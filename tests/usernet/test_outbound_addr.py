@@ -470,3 +470,46 @@ def test_helper_binds_every_path(world: World, target: str, host_resolv_conf: No
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert f"* Outbound IPv4:    {SIDE4}\n" in out and f"* Outbound IPv6:    {SIDE6}\n" in out
+
+
+# ---- the address leaves the host while flows are being opened ------------------------------
+
+
+@pytest.mark.parametrize("tcp", ["redirect", "tun"])
+def test_an_outbound_address_removed_while_running_fails_flows_not_nsbridge(
+        world: World, tcp: str, tmp_path: Path) -> None:
+    """New flows fail (reset, no reply) while the address is gone, nsbridge carries on,
+    and binds again once it is back."""
+    probe = f"{sys.executable} -c '{PROBE}' {OUT4}"
+    steps = "\n".join(
+        f"{probe}; touch {tmp_path}/done{n}; "
+        f"while [ ! -e {tmp_path}/go{n} ]; do sleep 0.05; done" for n in (1, 2))
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "run", "-v",
+         "--tcp", tcp, "--outbound-addr", SIDE4, "--", "sh", "-c", f"{steps}\n{probe}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    removed = False
+    try:
+        from helpers.waiting import wait_until
+
+        wait_until(lambda: (tmp_path / "done1").exists(), timeout=30, what="first probe")
+        ip("-n", world.host, "addr", "del", f"{SIDE4}/32", "dev", "side0")
+        removed = True
+        (tmp_path / "go1").touch()
+        wait_until(lambda: (tmp_path / "done2").exists(), timeout=60, what="second probe")
+        ip("-n", world.host, "addr", "add", f"{SIDE4}/32", "dev", "side0")
+        removed = False
+        (tmp_path / "go2").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if removed:
+            ip("-n", world.host, "addr", "add", f"{SIDE4}/32", "dev", "side0")
+    assert proc.returncode == 0, err
+    first, gone, back = (json.loads(line) for line in out.splitlines() if line.startswith("{"))
+    assert first == back == {f"tcp {OUT4}": SIDE4, f"udp {OUT4}": SIDE4}
+    assert gone[f"tcp {OUT4}"] in ("ConnectionResetError", "ConnectionRefusedError"), gone
+    assert gone[f"udp {OUT4}"] in ("TimeoutError", "ConnectionRefusedError"), gone
+    assert "Traceback" not in err
