@@ -513,3 +513,40 @@ def test_an_outbound_address_removed_while_running_fails_flows_not_nsbridge(
     assert gone[f"tcp {OUT4}"] in ("ConnectionResetError", "ConnectionRefusedError"), gone
     assert gone[f"udp {OUT4}"] in ("TimeoutError", "ConnectionRefusedError"), gone
     assert "Traceback" not in err
+
+
+def test_attach_binds_too(world: World) -> None:
+    """``nsbridge attach`` takes the same flags: a namespace someone else made leaves
+    from side0's addresses (by interface name for both families)."""
+    from helpers.waiting import wait_until
+
+    target = subprocess.Popen(["unshare", "-Urn", "sleep", "60"])
+    attach = None
+    try:
+        wait_until(lambda: os.path.basename(os.readlink(f"/proc/{target.pid}/exe"))
+                   .startswith("sleep"), what="the target to unshare")
+        attach = subprocess.Popen(
+            ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "attach",
+             "--outbound-addr", "side0", "--outbound-addr6", "side0", str(target.pid)],
+            stderr=subprocess.PIPE, text=True, cwd=REPO)
+        inside = ["nsenter", "-t", str(target.pid), "-U", "-n", "--preserve-credentials"]
+        seen: dict[str, str] = {}
+
+        def probed() -> bool:
+            result = subprocess.run([*inside, sys.executable, "-c", PROBE, OUT4, OUT6],
+                                    capture_output=True, text=True, timeout=60)
+            seen.update(probe_result(result.stdout) if result.stdout.startswith("{") else {})
+            return seen.get(f"tcp {OUT4}") == SIDE4  # once the attachment serves
+
+        wait_until(probed, timeout=30, what="the attached namespace to reach outside")
+        assert seen == {f"tcp {OUT4}": SIDE4, f"udp {OUT4}": SIDE4,
+                        f"tcp {OUT6}": SIDE6, f"udp {OUT6}": SIDE6}
+        target.kill()  # by PID: the process this test started
+        target.wait(timeout=10)
+        _out, err = attach.communicate(timeout=15)
+        assert attach.returncode == 0 and "Traceback" not in err, err
+    finally:
+        for proc in (attach, target):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
