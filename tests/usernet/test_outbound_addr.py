@@ -10,9 +10,11 @@ with the source address they saw: TCP and UDP (their reply is the address), and 
 UDP and TCP and raw ICMP sockets seeing echo requests (recorded).
 
 Cases: every path (TCP on the fast path and the tun path, UDP and ping on the native
-relay and the engine, DNS over UDP and both TCP paths) for IPv4 and IPv6, by address
-and by interface name, through ``nsbridge run``, the Python API and
-``nsbridge-slirp4netns``; one family given (the other keeps the kernel's choice) and none;
+relay and the engine, ping through raw sockets when ping sockets are closed, DNS over
+UDP and both TCP paths) for IPv4 and IPv6, by address and by interface name, through
+``nsbridge run``, ``nsbridge attach``, the Python API and ``nsbridge-slirp4netns``; one
+family given (the other keeps the kernel's choice) and none; the address removed while
+running (new flows fail, nsbridge carries on and binds again once it is back);
 the policy unchanged (a denied destination stays denied, the host's loopback stays
 closed without host access and is reached from loopback with it); and every bad value
 refused at start with one line, by ``run`` (exit 2) and the helper (exit 1, the ready fd
@@ -550,3 +552,22 @@ def test_attach_binds_too(world: World) -> None:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def test_ping_through_raw_sockets_is_bound_too(world: World) -> None:
+    """With ping sockets closed (``ping_group_range`` "1 0"), root's engine pings through
+    raw sockets: their echo requests leave from the outbound address as well."""
+    subprocess.run(["ip", "netns", "exec", world.host, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=1 0"], check=True)
+    try:
+        world.servers.seen.clear()
+        result = nsbridge_run(world, "-vv", "--relay", "engine", "--outbound-addr", "side0",
+                              "--outbound-addr6", "side0",
+                              script=f"ping -c 1 -W 5 {OUT4} && ping -c 1 -W 5 {OUT6}")
+    finally:
+        subprocess.run(["ip", "netns", "exec", world.host, "sysctl", "-qw",
+                        "net.ipv4.ping_group_range=0 2147483647"], check=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(world.servers.seen) == sorted([f"ping {SIDE4}", f"ping {SIDE6}"])
+    for version in (4, 6):  # -vv names the kind of socket each family uses
+        assert f"icmp echo for IPv{version} through raw sockets" in result.stderr

@@ -103,6 +103,8 @@ class OutboundAddresses:
         when there is none.  Raises OSError as ``bind()`` does (the address was removed
         from the host while we run: ``EADDRNOTAVAIL``), which callers count as the
         flow's connect failure."""
+        if self.ipv4 is None and self.ipv6 is None:
+            return  # the default: nothing to bind, and nothing parsed per flow
         source = self.source_for(destination)
         if source is None or (sock.family == socket.AF_INET6) != (source.version == 6):
             return
