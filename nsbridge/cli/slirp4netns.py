@@ -207,7 +207,8 @@ def _long(name: str, arg: str, prog: str) -> Flag:
         return matches[0]
     if matches:
         names = " ".join(f"'--{flag.long}'" for flag in matches)
-        raise _bad(prog, f"option '--{name}' is ambiguous; possibilities: {names}")
+        # glibc quotes the whole argument here, "=value" included
+        raise _bad(prog, f"option '{arg}' is ambiguous; possibilities: {names}")
     raise _bad(prog, f"unrecognized option '{arg}'")
 
 

@@ -57,6 +57,7 @@ BAD_COMMAND_LINES = [
     ["--cidr=300.0.2.0/24", "1", "t"], ["--cidr=10.0.2.0/26", "1", "t"],
     ["--cidr=10.0.2.1/24", "1", "t"], ["-c", "--macaddress=zz", "1", "t"],
     ["--no-host-loopback", "1"],
+    ["--outbound-addr"], ["--outbound-addr6=eth0", "1"], ["--outbound-a=lo", "1", "t"],
 ]
 
 
