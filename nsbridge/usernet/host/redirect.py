@@ -66,6 +66,7 @@ log = logging.getLogger("nsbridge")
 # IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP / SOL_IPV6.
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
+IPV6_FREEBIND = 78  # <linux/in6.h>; not in Python's socket module
 _BIND_ATTEMPTS = 20
 DEFAULT_CONNECT_TIMEOUT = CONNECT_TIMEOUT
 NO_ORIGINAL_DST = "not redirected"  # the denial reason for a direct connection
@@ -98,8 +99,17 @@ def make_redirect_listeners(
         try:
             v6 = _listener(socket.AF_INET6, "::" if wildcard else "::1", chosen, backlog)
         except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                return [v4]  # no IPv6 here (disabled, or no ::1 on lo)
+            if exc.errno == errno.EADDRNOTAVAIL:
+                # ::1 appears only once lo is up.  In a namespace its owner is still
+                # setting up (rootlesskit brings lo up after its helper said "ready")
+                # the listener binds it in advance, and receives once lo is up.
+                try:
+                    v6 = _listener(socket.AF_INET6, "::1", chosen, backlog, freebind=True)
+                except OSError:
+                    return [v4]  # no IPv6 here (disabled)
+                return [v4, v6]
+            if exc.errno == errno.EAFNOSUPPORT:
+                return [v4]  # no IPv6 in this kernel
             v4.close()
             if exc.errno == errno.EADDRINUSE and port == 0:
                 continue
@@ -112,11 +122,14 @@ def make_redirect_listeners(
     )
 
 
-def _listener(family: int, host: str, port: int, backlog: int) -> socket.socket:
+def _listener(family: int, host: str, port: int, backlog: int, *,
+              freebind: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if freebind:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError as exc:
@@ -129,8 +142,10 @@ def _listener(family: int, host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def setup_inside(port: int = 0, *, optional: bool = False) -> list[socket.socket]:
-    """The sandbox ``extra`` callback: listeners, then the nftables redirect to their port.
+def setup_inside(port: int = 0, *, optional: bool = False,
+                 device: str | None = None) -> list[socket.socket]:
+    """The sandbox ``extra`` callback: listeners, then the nftables redirect to their port
+    (of the TCP leaving by ``device`` only, when given: a namespace nsbridge did not make).
 
     Listeners come first so the rule never points at a port nobody holds.  Raises
     :class:`~nsbridge.usernet.inside.nft.NftUnavailable` (the sandbox reports its text; see
@@ -145,7 +160,7 @@ def setup_inside(port: int = 0, *, optional: bool = False) -> list[socket.socket
 
     listeners = make_redirect_listeners(port)
     try:
-        nft.program_redirect(listeners[0].getsockname()[1])
+        nft.program_redirect(listeners[0].getsockname()[1], device=device)
     except nft.NftUnavailable:
         for sock in listeners:
             sock.close()

@@ -6,7 +6,7 @@ The rule set is the netlink equivalent of::
         chain output {
             type nat hook output priority -100; policy accept;
             oifname "lo" return
-            meta l4proto tcp redirect to :PORT
+            meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn redirect to :PORT
         }
     }
 
@@ -15,6 +15,18 @@ over ``lo`` is rewritten by the kernel to ``127.0.0.1:PORT`` / ``[::1]:PORT``, w
 host side's listener accepts it and learns the real destination from ``SO_ORIGINAL_DST``
 (see :mod:`~nsbridge.usernet.host.redirect`).  Loopback is left alone so programs inside
 can still talk to each other, and so the listener itself is never redirected into itself.
+
+With ``device`` (a namespace nsbridge did not make: a TAP that rootlesskit or podman
+owns), the first rule is ``oifname != DEVICE return`` instead: only connections that
+leave by nsbridge's device are nsbridge's; traffic to the caller's own bridges, VPNs or
+other devices stays theirs.
+
+Only a SYN opens a redirected connection.  NAT rules are consulted for the first packet
+conntrack sees of a connection, and when the table is added to a namespace that already
+carries connections (the helper adds the fast path after telling its caller "ready",
+while those connections go through the tun path), conntrack picks them up in mid-stream
+from an ACK: redirecting that ACK would send it to a listener that never saw the
+connection, which answers with a reset.  Unmatched, such a connection keeps its path.
 
 Why netlink and not the ``nft`` binary: the host side must not depend on a tool that
 may be missing (or a different version) on the machine, and this runs in the sandbox's
@@ -94,6 +106,9 @@ NF_ACCEPT = 1
 NFT_RETURN = -5
 NAT_PRIORITY_OUT = -100  # NF_IP_PRI_NAT_DST: where "priority -100" puts the chain
 IFNAMSIZ = 16
+_TRANSPORT_HEADER = 2  # NFT_PAYLOAD_TRANSPORT_HEADER
+_TCP_FLAGS_OFFSET = 13  # the flags byte of the TCP header
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _ACK_TIMEOUT = 10.0
@@ -153,8 +168,10 @@ class Programmed:
 # ---- the public entry point ----------------------------------------------------------
 
 
-def program_redirect(port: int, *, table: str = TABLE, per_family: bool = False) -> Programmed:
-    """Install (or replace) the redirect of all non-loopback outbound TCP to ``port``.
+def program_redirect(port: int, *, device: str | None = None, table: str = TABLE,
+                     per_family: bool = False) -> Programmed:
+    """Install (or replace) the redirect of all non-loopback outbound TCP to ``port``
+    (with ``device``: of the outbound TCP that leaves by that device).
 
     Must run in a thread that is inside the target network namespace and holds
     CAP_NET_ADMIN there (the sandbox's ``extra`` callback).  ``per_family`` forces the
@@ -164,17 +181,19 @@ def program_redirect(port: int, *, table: str = TABLE, per_family: bool = False)
     """
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise NftError(f"redirect port {port!r} is not 1-65535")
+    if device is not None and not 0 < len(device.encode()) < IFNAMSIZ:
+        raise NftError(f"device name {device!r} is not 1-{IFNAMSIZ - 1} bytes")
     with _open_socket() as sock:
         if not per_family:
             try:
-                _transact(sock, _batch(port, table, (NFPROTO_INET,)))
+                _transact(sock, _batch(port, table, (NFPROTO_INET,), device))
                 return Programmed(port, ("inet",))
             except NftError as exc:
                 # Before Linux 5.2 the inet family has no nat chain type: the chain is
                 # refused (ENOENT after the module autoload, or EOPNOTSUPP).
                 if not (exc.kind == NFT_MSG_NEWCHAIN and exc.errno in _NO_INET_NAT):
                     raise
-        _transact(sock, _batch(port, table, (NFPROTO_IPV4, NFPROTO_IPV6)))
+        _transact(sock, _batch(port, table, (NFPROTO_IPV4, NFPROTO_IPV6), device))
         return Programmed(port, ("ip", "ip6"))
 
 
@@ -195,7 +214,8 @@ class _Message:
     doing: str
 
 
-def _batch(port: int, table: str, families: Sequence[int]) -> list[_Message]:
+def _batch(port: int, table: str, families: Sequence[int],
+           device: str | None = None) -> list[_Message]:
     create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
     messages: list[_Message] = []
     for family in families:
@@ -209,10 +229,12 @@ def _batch(port: int, table: str, families: Sequence[int]) -> list[_Message]:
             _Message(_table(table), NFT_MSG_NEWTABLE, create, family, f"creating table {name}"),
             _Message(_chain(table), NFT_MSG_NEWCHAIN, create, family,
                      f"creating the nat chain {name} {CHAIN}"),
-            _Message(_rule(table, _loopback_return()), NFT_MSG_NEWRULE, create | NLM_F_APPEND,
-                     family, f"adding the rule 'oifname lo return' to {name}"),
+            _Message(_rule(table, _oifname_return(device)), NFT_MSG_NEWRULE,
+                     create | NLM_F_APPEND, family,
+                     f"adding the rule 'oifname {_shown_match(device)} return' to {name}"),
             _Message(_rule(table, _redirect_tcp(port)), NFT_MSG_NEWRULE, create | NLM_F_APPEND,
-                     family, f"adding the rule 'meta l4proto tcp redirect to :{port}' to {name}"),
+                     family, f"adding the rule 'meta l4proto tcp tcp flags syn redirect to "
+                             f":{port}' to {name}"),
         ]
     return messages
 
@@ -265,18 +287,24 @@ def _meta_load(key: int) -> dict:
     return _expr("meta", [("NFTA_META_DREG", Regs.NFT_REG_1), ("NFTA_META_KEY", key)])
 
 
-def _loopback_return() -> list[dict]:
-    """``oifname "lo" return``: meta oifname -> reg1; cmp eq "lo" (IFNAMSIZ bytes, NUL
-    padded, as nft sends it); immediate verdict return."""
+def _shown_match(device: str | None) -> str:
+    return '"lo"' if device is None else f'!= "{device}"'
+
+
+def _oifname_return(device: str | None) -> list[dict]:
+    """``oifname "lo" return`` (``device`` None) or ``oifname != "DEVICE" return``: meta
+    oifname -> reg1; cmp eq/neq the name (IFNAMSIZ bytes, NUL padded, as nft sends it);
+    immediate verdict return."""
     verdict = {"attrs": [("NFTA_DATA_VERDICT", {"attrs": [("NFTA_VERDICT_CODE", NFT_RETURN)]})]}
+    name = b"lo" if device is None else device.encode()
     return [
         _meta_load(Meta.NFT_META_OIFNAME),
         _expr(
             "cmp",
             [
                 ("NFTA_CMP_SREG", Regs.NFT_REG_1),
-                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-                ("NFTA_CMP_DATA", _value(b"lo".ljust(IFNAMSIZ, b"\0"))),
+                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ if device is None else Cmp.NFT_CMP_NEQ),
+                ("NFTA_CMP_DATA", _value(name.ljust(IFNAMSIZ, b"\0"))),
             ],
         ),
         _expr(
@@ -287,9 +315,10 @@ def _loopback_return() -> list[dict]:
 
 
 def _redirect_tcp(port: int) -> list[dict]:
-    """``meta l4proto tcp redirect to :PORT``: meta l4proto -> reg1; cmp eq 6; immediate
-    reg1 = port (big-endian 16 bit); redir proto_min/max reg1, flags PROTO_SPECIFIED —
-    byte for byte what ``nft`` 1.0 sends."""
+    """``meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn redirect to :PORT``: meta
+    l4proto -> reg1; cmp eq 6; payload (transport header, byte 13: the flags) -> reg1;
+    bitwise reg1 & 0x17; cmp eq 0x02; immediate reg1 = port (big-endian 16 bit); redir
+    proto_min/max reg1, flags PROTO_SPECIFIED — byte for byte what ``nft`` 1.0 sends."""
     return [
         _meta_load(Meta.NFT_META_L4PROTO),
         _expr(
@@ -298,6 +327,33 @@ def _redirect_tcp(port: int) -> list[dict]:
                 ("NFTA_CMP_SREG", Regs.NFT_REG_1),
                 ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
                 ("NFTA_CMP_DATA", _value(bytes([socket.IPPROTO_TCP]))),
+            ],
+        ),
+        _expr(
+            "payload",
+            [
+                ("NFTA_PAYLOAD_DREG", Regs.NFT_REG_1),
+                ("NFTA_PAYLOAD_BASE", _TRANSPORT_HEADER),
+                ("NFTA_PAYLOAD_OFFSET", _TCP_FLAGS_OFFSET),
+                ("NFTA_PAYLOAD_LEN", 1),
+            ],
+        ),
+        _expr(
+            "bitwise",
+            [
+                ("NFTA_BITWISE_SREG", Regs.NFT_REG_1),
+                ("NFTA_BITWISE_DREG", Regs.NFT_REG_1),
+                ("NFTA_BITWISE_LEN", 1),
+                ("NFTA_BITWISE_MASK", _value(bytes([_FIN | _SYN | _RST | _ACK]))),
+                ("NFTA_BITWISE_XOR", _value(b"\0")),
+            ],
+        ),
+        _expr(
+            "cmp",
+            [
+                ("NFTA_CMP_SREG", Regs.NFT_REG_1),
+                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+                ("NFTA_CMP_DATA", _value(bytes([_SYN]))),
             ],
         ),
         _expr(
