@@ -234,7 +234,7 @@ class Network:
             resolvers = resolvers_of(self.options)
         self.redirector = TcpRedirector(self.bridge.loop, [_socket(fd) for fd in fds],
                                         self.policy, resolvers=resolvers,
-                                        mover=self.bridge.mover)
+                                        mover=self.bridge.mover, outbound=self.outbound)
         self.redirector.start()
         log.info("TCP: kernel fast path (nftables redirect) for the namespace's own "
                  "connections; the tun path for forwarded ones")

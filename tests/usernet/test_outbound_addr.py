@@ -392,14 +392,15 @@ def target() -> Iterator[str]:
         delete_netns(name)
 
 
-def start_helper(world: World, target: str, *args: str) -> tuple[subprocess.Popen, int]:
+def start_helper(world: World, target: str, *args: str,
+                 stderr: object = subprocess.PIPE) -> tuple[subprocess.Popen, int]:
     """nsbridge-slirp4netns on ``target`` (-c, IPv6) in the host namespace; its process
     and the read end of its ready pipe."""
     ready_r, ready_w = os.pipe()
     proc = subprocess.Popen(
         ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge.cli.slirp4netns",
          "-r", str(ready_w), *args, "-6", "-c", "--netns-type=path", f"/run/netns/{target}",
-         "tap0"], pass_fds=(ready_w,), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "tap0"], pass_fds=(ready_w,), stdout=subprocess.PIPE, stderr=stderr,
         text=True, cwd=REPO)
     os.close(ready_w)
     return proc, ready_r
@@ -447,14 +448,24 @@ def host_resolv_conf(world: World) -> Iterator[None]:
         etc.rmdir()
 
 
-def test_helper_binds_every_path(world: World, target: str, host_resolv_conf: None) -> None:
-    """nsbridge-slirp4netns (TAP, tun TCP path, engine UDP/ping/DNS): by interface name
-    for IPv4 and by address for IPv6; its start-up summary names both, as slirp4netns's."""
+def test_helper_binds_every_path(world: World, target: str, host_resolv_conf: None,
+                                 tmp_path: Path) -> None:
+    """nsbridge-slirp4netns (TAP; TCP on the fast path it adds after ready, UDP, ping and
+    DNS in the engine): by interface name for IPv4 and by address for IPv6; its start-up
+    summary names both, as slirp4netns's."""
+    from helpers.waiting import wait_until
+
     world.servers.seen.clear()
-    proc, ready = start_helper(world, target, "--outbound-addr=side0",
-                               f"--outbound-addr6={SIDE6}")
+    log = tmp_path / "helper.log"
+    with log.open("w") as log_file:
+        proc, ready = start_helper(world, target, "--outbound-addr=side0",
+                                   f"--outbound-addr6={SIDE6}", stderr=log_file)
     try:
-        assert read_ready(ready) == b"1", proc.stderr.read() if proc.poll() is not None else ""
+        assert read_ready(ready) == b"1", log.read_text()
+        # The fast path is added just after ready: probe once it serves, so the TCP
+        # checked is the fast path's (the tun path's is run's --tcp=tun case above).
+        wait_until(lambda: "TCP: kernel fast path" in log.read_text(), timeout=20,
+                   what="the helper's TCP fast path")
         script = sandbox_script(OUT4, OUT6, dns=False) + "\n" + "\n".join(
             f"dig +short +time=5 +tries=1 {flag} @10.0.2.3 {DNS_NAME} || echo dig-failed"
             for flag in ("+notcp", "+tcp"))
@@ -469,8 +480,8 @@ def test_helper_binds_every_path(world: World, target: str, host_resolv_conf: No
             f"ping {SIDE4}", f"ping {SIDE6}", f"dns-udp {SIDE4}", f"dns-tcp {SIDE4}"])
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=15)
-    assert proc.returncode == 0, err
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, log.read_text()
     assert f"* Outbound IPv4:    {SIDE4}\n" in out and f"* Outbound IPv6:    {SIDE6}\n" in out
 
 
