@@ -411,6 +411,12 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cidr6", metavar="NETWORK", default=USERNET_CIDR6,
                         help=f"the namespace's IPv6 network (default {USERNET_CIDR6}): ::100, "
                         "gateway ::2, DNS ::3")
+    parser.add_argument("--outbound-addr", metavar="IPv4|INTERFACE",
+                        help="bind outbound IPv4 sockets to this address of the host, or to "
+                        "the interface's first IPv4 address (as slirp4netns); the source "
+                        "only, the policy still decides (default: the kernel's choice)")
+    parser.add_argument("--outbound-addr6", metavar="IPv6|INTERFACE",
+                        help="the same for IPv6 (an interface's first global address)")
     parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)

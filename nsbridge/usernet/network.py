@@ -27,7 +27,14 @@ from nsbridge.errors import UserError
 from nsbridge.forward import UDP, Bridge, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.net.addresses import HostPort
 from nsbridge.relay.loop import IN
-from nsbridge.usernet.options import UsernetOptions, policy_of, policy_warnings, resolvers_of
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
+from nsbridge.usernet.options import (
+    UsernetOptions,
+    outbound_of,
+    policy_of,
+    policy_warnings,
+    resolvers_of,
+)
 from nsbridge.usernet.proto.publish import Publish
 
 if TYPE_CHECKING:
@@ -129,6 +136,8 @@ class Network:
         self._final: dict[str, Any] | None = None
         self._on_end: list[Callable[[], None]] = []
         self.warnings: list[str] = policy_warnings(options, self.policy)
+        # Resolved in start(), in the namespace the host side dials from.
+        self.outbound: OutboundAddresses = NONE
 
     # ---- building -------------------------------------------------------------------
 
@@ -143,6 +152,9 @@ class Network:
             log.warning("%s", warning)
         log.info("policy: %s", self.policy.describe())
         try:
+            self.outbound = outbound = outbound_of(self.options)
+            if outbound:
+                log.info("outbound sockets bound to: %s", outbound.describe())
             self._track_host_addresses()
             resolvers = self.policy.resolvers
             if resolvers is None:
@@ -154,7 +166,7 @@ class Network:
             else:
                 self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size,
                                         self.policy, self.policy.addresses, resolvers,
-                                        offloads=handle.offloads)
+                                        offloads=handle.offloads, outbound=outbound)
             self.engine.start()
             no_ping = ping_unavailable()
             if no_ping is not None:
@@ -166,7 +178,8 @@ class Network:
                 from nsbridge.usernet.host.redirect import TcpRedirector
 
                 self.redirector = TcpRedirector(bridge.loop, listeners, self.policy,
-                                                resolvers=resolvers, mover=bridge.mover)
+                                                resolvers=resolvers, mover=bridge.mover,
+                                                outbound=outbound)
                 self.redirector.start()
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
@@ -223,7 +236,7 @@ class Network:
             resolvers = resolvers_of(self.options)
         self.redirector = TcpRedirector(self.bridge.loop, [_socket(fd) for fd in fds],
                                         self.policy, resolvers=resolvers,
-                                        mover=self.bridge.mover)
+                                        mover=self.bridge.mover, outbound=self.outbound)
         self.redirector.start()
         log.info("TCP: kernel fast path (nftables redirect) for the namespace's own "
                  "connections; the tun path for forwarded ones")
@@ -244,7 +257,8 @@ class Network:
         self.options = replace(options, tcp="tun", relay="engine")
         log.info("link: TAP (Ethernet; ARP, neighbour discovery and DHCP answered here)")
         return TapEngine(self.bridge.loop, handle.tun, self.policy, self.policy.addresses,
-                         resolvers, guest_mac=handle.guest_mac, ipv6=bool(handle.ipv6))
+                         resolvers, guest_mac=handle.guest_mac, ipv6=bool(handle.ipv6),
+                         outbound=self.outbound)
 
     def _track_host_addresses(self) -> None:
         """With host access off, give the policy the host's addresses, live (opened here:
@@ -284,7 +298,7 @@ class Network:
         self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts, self.policy,
                               source_ok=engine.new_flow_source_ok, resolvers=resolvers,
                               vnet=bool(self.handle.vnet_hdr_size),
-                              offload="csum" in self.handle.offloads)
+                              offload="csum" in self.handle.offloads, outbound=self.outbound)
         engine.tcp_handler = self.tun_tcp.handle
         if self.options.tcp == "tun":
             log.info("TCP: tun path (terminated on the host side)")

@@ -15,6 +15,8 @@
 * :mod:`.tuntcp` — the TCP tun path: the host side is the other end of each connection.
 * :mod:`.flowrelay` — the native UDP and ping relay's Python side (``_flowrelay.c``).
 * :mod:`.apisocket` — slirp4netns's API socket: ports published and removed at run time.
+* :mod:`.outbound` — the source address outbound sockets are bound to
+  (``--outbound-addr(6)``): resolved once, asked by every path that dials.
 * :mod:`.hostaddrs` — the host's own addresses, kept current from netlink events (what
   host access closes).
 * :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour

@@ -48,6 +48,7 @@ from nsbridge.errors import errno_name
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
 from nsbridge.relay.tcp import reset_and_close
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
 from nsbridge.usernet.proto.dns import DnsStream
 from nsbridge.usernet.proto.packetbuild import build_tcp_rst
@@ -127,6 +128,7 @@ class TunTcp:
     engine's, so its frame counters stay whole); ``source_ok`` is the engine's
     anti-spoofing check for a new flow.  ``offload``: the tun has a virtio header with
     checksum offload, so the kernel computes checksums and splits GSO frames.
+    ``outbound``: the source addresses host sockets are bound to (:mod:`.outbound`).
     """
 
     def __init__(
@@ -142,8 +144,10 @@ class TunTcp:
         offload: bool = True,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        outbound: OutboundAddresses = NONE,
     ) -> None:
         self.loop = loop
+        self.outbound = outbound
         self._write = write
         self._writev = writev
         self.policy = policy
@@ -243,7 +247,12 @@ class TunTcp:
         self.flows[key] = flow
         self.stats.accepted += 1
         self.stats.active += 1
-        code = sock.connect_ex(target)
+        try:
+            self.outbound.bind(sock, target[0])
+        except OSError as exc:  # the outbound address left the host
+            code = exc.errno or errno.EADDRNOTAVAIL
+        else:
+            code = sock.connect_ex(target)
         if code not in (0, errno.EINPROGRESS):
             self._connect_failed(flow, code)
             return
