@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.engine import TunEngine
     from nsbridge.usernet.host.flowrelay import NativeRelay
     from nsbridge.usernet.host.hostaddrs import HostAddresses
+    from nsbridge.usernet.host.inbound import InboundPorts
     from nsbridge.usernet.host.redirect import TcpRedirector
     from nsbridge.usernet.host.tap import TapEngine
     from nsbridge.usernet.host.tuntcp import TunTcp
@@ -122,6 +123,7 @@ class Network:
         self.native_relay: NativeRelay | None = None
         self.host_addresses: HostAddresses | None = None
         self.api_socket: ApiSocketServer | None = None
+        self.inbound: InboundPorts | None = None  # device-mode published TCP ports
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -170,13 +172,14 @@ class Network:
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
+            self._start_inbound(resolvers)
             if self.options.publish or self.options.api_socket:
                 from nsbridge.usernet.inside.nsfactory import ProcessFactory
 
                 factory = ProcessFactory.inside(handle)
                 bridge.register_factory(handle.netns, factory)
                 for publish in self.options.publish:
-                    _publish(bridge, handle, publish)
+                    self._publish(publish)
             if self.options.api_socket:
                 from nsbridge.usernet.host.apisocket import ApiSocketServer
 
@@ -250,6 +253,46 @@ class Network:
         else:
             log.warning("TCP fast path unavailable (nf_tables cannot be used in the namespace; "
                         "-v says why); TCP goes through the tun path (slower)")
+
+    def _start_inbound(self, resolvers: list[tuple[str, int]]) -> None:
+        """Published TCP ports that keep the client's address (``--publish-mode=device``,
+        the default): they need the tun TCP path's active open, so under the fast path a
+        TunTcp serving only inbound flows is made too.  Without it (a kernel before 6.9)
+        published TCP ports fall back to splice, and say so."""
+        options = self.options
+        wanted = options.api_socket or any(p.protocol == "tcp" for p in options.publish)
+        if options.publish_mode != "device" or not wanted:
+            return
+        from nsbridge.usernet.host.inbound import InboundPorts
+        from nsbridge.usernet.host.tuntcp import TunTcp, unavailable
+
+        if self.tun_tcp is None:
+            why_not = unavailable()
+            if why_not is not None or self.engine is None:
+                log.warning("published TCP ports show every client as the namespace's own "
+                            "loopback (splice mode): %s", why_not or "no TCP path")
+                return
+            engine = self.engine
+            self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts,
+                                  self.policy, source_ok=engine.new_flow_source_ok,
+                                  resolvers=resolvers, vnet=bool(self.handle.vnet_hdr_size),
+                                  offload="csum" in self.handle.offloads, outbound=False)
+            engine.tcp_handler = self.tun_tcp.handle
+        self.inbound = InboundPorts(self.bridge.loop, self.tun_tcp, self.policy.addresses)
+
+    def _publish(self, publish: Publish) -> None:
+        """One ``-p``: through the device keeping the client's address (TCP in device
+        mode), else an ordinary forward dialing the namespace's loopback (splice)."""
+        if publish.protocol == "tcp" and self.inbound is not None:
+            addresses = self.policy.addresses
+            v6 = ":" in publish.host.host and self.options.ipv6
+            guest = addresses.namespace6 if v6 else addresses.namespace
+            port = self.inbound.add(publish.host, str(guest), publish.ns_port,
+                                    name=f"-p {publish.host}:{publish.ns_port}")
+            log.info("published %s (listening on %s; dialed at %s through the device, "
+                     "keeping the client's address)", publish, port.listen_address, guest)
+            return
+        _publish(self.bridge, self.handle, publish)
 
     def _start_native_relay(self) -> None:
         """UDP and ping through the native relay (``--relay``): ``auto`` uses it in a
@@ -402,7 +445,13 @@ class Network:
             tcp = self.tun_tcp.snapshot().as_dict()
         forwards = [{"name": f.spec.name, "listen": str(f.listen_address)}
                     for f in self.bridge.forwards]
-        return {"engine": engine, "tcp": tcp, "published": forwards}
+        if self.inbound is not None:
+            forwards += [{"name": p.name, "listen": str(p.listen_address), "mode": "device"}
+                         for p in self.inbound.ports]
+        result = {"engine": engine, "tcp": tcp, "published": forwards}
+        if self.redirector is not None and self.tun_tcp is not None:
+            result["inbound"] = self.tun_tcp.snapshot().as_dict()
+        return result
 
     def _teardown(self) -> None:
         with self._lock:
@@ -413,6 +462,8 @@ class Network:
             except Exception:
                 log.exception("reading the final counters failed")
             self._closed = True
+        if self.inbound is not None:
+            self.inbound.close()
         if self.tun_tcp is not None:
             self.tun_tcp.close()
         if self.native_relay is not None:
@@ -443,6 +494,7 @@ def _merge_native_relay(engine: dict[str, Any], relay: dict[str, Any]) -> None:
 
 
 def _publish(bridge: Bridge, handle: SandboxHandle, publish: Publish) -> None:
+    """A published port in splice mode: an ordinary forward to the namespace's loopback."""
     protocol = UDP if publish.protocol == "udp" else "stream"
     target = HostPort("127.0.0.1", publish.ns_port)
     forward = bridge.add(ForwardSpec(

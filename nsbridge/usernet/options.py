@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from nsbridge.usernet.proto.addresses import UsernetAddresses
     from nsbridge.usernet.proto.policy import Policy
 
+PUBLISH_MODES = ("device", "splice")
+
+
 @dataclass
 class UsernetOptions:
     publish: list[Publish] = field(default_factory=list)
@@ -42,6 +45,9 @@ class UsernetOptions:
     cidr6: str = USERNET_CIDR6  # and its IPv6 network
     nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
     api_socket: str | None = None  # serve slirp4netns's API socket here (host/apisocket.py)
+    # device: published TCP ports dial through the device, keeping the client's address
+    # (host/inbound.py); splice: an ordinary forward to the namespace's loopback
+    publish_mode: str = "device"
 
 
 def addresses_of(options: UsernetOptions) -> UsernetAddresses:
@@ -88,6 +94,8 @@ def check_options(options: UsernetOptions) -> None:
         except ValueError:
             raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
                             "192.0.2.53 or [2001:db8::53]:53") from None
+    if options.publish_mode not in PUBLISH_MODES:
+        raise UserError(f"--publish-mode {options.publish_mode!r}: use 'device' or 'splice'")
     policy_of(options)
     netconfig_of(options)
     if options.api_socket is not None:
@@ -145,4 +153,5 @@ def options_from_args(args: Namespace) -> UsernetOptions:
                           allow_host_access=args.allow_host_access, allow=args.allow,
                           deny=args.deny, tcp=args.tcp, relay=args.relay,
                           dns=parse_dns(args.dns), mtu=args.mtu, ipv6=not args.disable_ipv6,
-                          cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix)
+                          cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix,
+                          publish_mode=args.publish_mode)
