@@ -35,8 +35,8 @@ ECHO_TCP, ECHO_UDP = 8000, 5353
 # Runs inside the sandbox: echo servers that say who they saw.
 ECHO = textwrap.dedent(f"""
     import socket, threading
-    def tcp():
-        srv = socket.create_server(("0.0.0.0", {ECHO_TCP}))
+    def tcp(address="0.0.0.0", family=socket.AF_INET):
+        srv = socket.create_server((address, {ECHO_TCP}), family=family)
         while True:
             conn, peer = srv.accept()
             def serve(conn=conn, peer=peer):
@@ -45,6 +45,7 @@ ECHO = textwrap.dedent(f"""
                         conn.sendall(peer[0].encode() + b" " + data)
             threading.Thread(target=serve, daemon=True).start()
     threading.Thread(target=tcp, daemon=True).start()
+    threading.Thread(target=tcp, args=("::", socket.AF_INET6), daemon=True).start()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("0.0.0.0", {ECHO_UDP}))
     while True:
@@ -231,6 +232,11 @@ def test_ports_published_listed_and_removed_at_run_time(host, ours):
                 guest_port=ECHO_TCP) == {"return": {"id": 4}}
     assert tcp_echo(host, ("127.0.0.1", TCP_PORT)).endswith(b" hello")
     assert [e["id"] for e in call(ours, "list_hostfwd")["entries"]] == [2, 3, 4]
+
+    # IPv6 both sides (slirp4netns cannot): the client on ::1 is the IPv6 gateway.
+    assert call(ours, "add_hostfwd", proto="tcp", host_addr="::1", host_port=V6_PORT + 1,
+                guest_addr="fd00::100", guest_port=ECHO_TCP) == {"return": {"id": 5}}
+    assert tcp_echo(host, ("::1", V6_PORT + 1)) == b"fd00::2 hello"
 
 
 @pytest.mark.parametrize("host_access", [False, True], ids=["host-access-off", "control"])
