@@ -40,6 +40,7 @@ from nsbridge.usernet.proto.tcpstate import (
     Budget,
     State,
     TcpConn,
+    clock_iss,
     syn_options,
 )
 
@@ -684,3 +685,13 @@ def test_hostile_segments_while_opening_never_raise(steps: list) -> None:
         conn.on_segment(segment(flags, seq, ack, payload).l4)
         conn.arm()
         conn.on_timeout()
+
+
+def test_clock_iss_grows_with_time_per_four_tuple_and_differs_between_them() -> None:
+    """RFC 6528: a reused four-tuple's numbers move forward (a guest's TIME-WAIT takes
+    the new SYN), other four-tuples' are keyed apart."""
+    a, b = (DST, 40000), (NS, 8000)
+    first = clock_iss(a, b, 10**9, b"k" * 16)
+    assert clock_iss(a, b, 10**9 + 50 * 10**6, b"k" * 16) == (first + 12500) & 0xFFFFFFFF
+    assert clock_iss((DST, 40001), b, 10**9, b"k" * 16) != first
+    assert clock_iss(a, b, 10**9, b"j" * 16) != first

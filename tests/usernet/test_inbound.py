@@ -401,3 +401,32 @@ def test_hostile_guest_segments_are_reset_and_counted(world, tmp_path):
         assert after["engine"]["tcp_resets"] >= before["engine"]["tcp_resets"] + 2, after
         assert after["inbound"]["inbound"] == before["inbound"]["inbound"] + 1
         assert after["inbound"]["active"] == 0
+
+
+def test_a_client_port_used_again_at_once_is_served_at_once(world, tmp_path):
+    """The guest closed first, so it holds the last connection's four-tuple in TIME-WAIT
+    when the same client port comes again: our SYN must still be taken promptly."""
+    host, outside = world
+    with sandbox(host, tmp_path, "redirect", guest_ports={"0.0.0.0": SERVER_PORT}) as box:
+        port = box.ports["0.0.0.0"]
+
+        def again() -> list[float]:
+            times = []
+            for _ in range(20):
+                began = time.monotonic()
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.settimeout(10)
+                    sock.bind((OUTSIDE_V4, 40123))
+                    sock.connect((HOST_OUTSIDE_V4, port))
+                    sock.sendall(b"who\n")
+                    seen = sock.makefile().readline().split()
+                    assert seen[0] == OUTSIDE_V4, seen
+                    sock.shutdown(socket.SHUT_WR)
+                    assert sock.recv(10) == b""
+                times.append((time.monotonic() - began, seen[1]))  # (seconds, port)
+                time.sleep(0.05)
+            return times
+
+        times = in_netns(outside, again)
+        assert max(times)[0] < 0.15, times  # type: ignore[call-overload]

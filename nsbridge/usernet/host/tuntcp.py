@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -62,7 +64,14 @@ from nsbridge.usernet.proto.dns import DnsStream
 from nsbridge.usernet.proto.packetbuild import build_tcp_rst
 from nsbridge.usernet.proto.packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
-from nsbridge.usernet.proto.tcpstate import MAX_SEGMENT, Actions, Budget, State, TcpConn
+from nsbridge.usernet.proto.tcpstate import (
+    MAX_SEGMENT,
+    Actions,
+    Budget,
+    State,
+    TcpConn,
+    clock_iss,
+)
 
 log = logging.getLogger("nsbridge")
 
@@ -175,6 +184,7 @@ class TunTcp:
         self._view = memoryview(self._buf)
         self._scratch = bytearray(_DISCARD_CHUNK)  # MSG_TRUNC target: never written
         self._closed = False
+        self._iss_secret = os.urandom(16)  # keys the active open's sequence numbers
 
     # ---- the engine's tcp_handler ----------------------------------------------------------
 
@@ -224,7 +234,8 @@ class TunTcp:
             log.warning("usernet tcp: cannot set up a published port's client: %s",
                         exc.strerror)
             return False
-        conn, syn = TcpConn.active_open(client, guest, random.getrandbits(32), vnet=self.vnet,
+        iss = clock_iss(client, guest, time.monotonic_ns(), self._iss_secret)
+        conn, syn = TcpConn.active_open(client, guest, iss, vnet=self.vnet,
                                         offload=self.offload, budget=self.budget)
         flow = _Flow(key, conn, sock)
         flow.connected = True

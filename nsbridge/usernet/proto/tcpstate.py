@@ -141,6 +141,7 @@ checks, an active open.  Not supported: SACK, timestamps, urgent data, simultane
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -158,6 +159,23 @@ MAX_RETRIES = 8
 SYN_RETRIES = 5  # an active open gives up after about 12 s of silence (0.2 s doubling)
 DUPACK_THRESHOLD = 3
 _DEFAULT_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: when the SYN has none
+
+
+def clock_iss(ours: tuple[bytes, int], theirs: tuple[bytes, int], now_ns: int,
+              secret: bytes) -> int:
+    """An initial sequence number for an active open (RFC 6528): a 4-microsecond clock
+    plus a keyed hash of the four-tuple.
+
+    Random numbers would do for a connection's own safety, but the namespace may still
+    hold the last connection of the same four-tuple in TIME-WAIT (its server closed
+    first, and a client port comes again): a kernel takes a SYN there only when its
+    sequence number lies beyond the old connection's, otherwise it answers with an ACK
+    of the old one, and the reset and retransmission that clear it cost the client the
+    retransmit timeout.  A clock that only grows keeps a reused four-tuple's numbers
+    moving forward; the hash keeps other four-tuples' unguessable."""
+    key = ours[0] + ours[1].to_bytes(2, "big") + theirs[0] + theirs[1].to_bytes(2, "big")
+    offset = int.from_bytes(hashlib.blake2s(key, key=secret, digest_size=4).digest(), "big")
+    return (now_ns // 4000 + offset) & MASK
 
 
 def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
