@@ -255,40 +255,44 @@ class Network:
                         "-v says why); TCP goes through the tun path (slower)")
 
     def _start_inbound(self, resolvers: list[tuple[str, int]]) -> None:
-        """Published TCP ports that keep the client's address (``--publish-mode=device``,
-        the default): they need the tun TCP path's active open, so under the fast path a
-        TunTcp serving only inbound flows is made too.  Without it (a kernel before 6.9)
-        published TCP ports fall back to splice, and say so."""
-        options = self.options
-        wanted = options.api_socket or any(p.protocol == "tcp" for p in options.publish)
-        if options.publish_mode != "device" or not wanted:
+        """Published ports that keep the client's address (``--publish-mode=device``,
+        the default).  TCP needs the tun TCP path's active open, so under the fast path
+        a TunTcp serving only inbound flows is made too; without it (a kernel before
+        6.9) published TCP ports fall back to splice, and say so.  UDP goes through the
+        engine's UDP flows."""
+        options, engine = self.options, self.engine
+        if options.publish_mode != "device" or engine is None or not (
+                options.api_socket or options.publish):
             return
         from nsbridge.usernet.host.inbound import InboundPorts
         from nsbridge.usernet.host.tuntcp import TunTcp, unavailable
 
-        if self.tun_tcp is None:
+        wants_tcp = options.api_socket or any(p.protocol == "tcp" for p in options.publish)
+        if self.tun_tcp is None and wants_tcp:
             why_not = unavailable()
-            if why_not is not None or self.engine is None:
+            if why_not is not None:
                 log.warning("published TCP ports show every client as the namespace's own "
-                            "loopback (splice mode): %s", why_not or "no TCP path")
-                return
-            engine = self.engine
-            self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts,
-                                  self.policy, source_ok=engine.new_flow_source_ok,
-                                  resolvers=resolvers, vnet=bool(self.handle.vnet_hdr_size),
-                                  offload="csum" in self.handle.offloads, outbound=False)
-            engine.tcp_handler = self.tun_tcp.handle
-        self.inbound = InboundPorts(self.bridge.loop, self.tun_tcp, self.policy.addresses)
+                            "loopback (splice mode): %s", why_not)
+            else:
+                self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts,
+                                      self.policy, source_ok=engine.new_flow_source_ok,
+                                      resolvers=resolvers,
+                                      vnet=bool(self.handle.vnet_hdr_size),
+                                      offload="csum" in self.handle.offloads, outbound=False)
+                engine.tcp_handler = self.tun_tcp.handle
+        self.inbound = InboundPorts(self.bridge.loop, self.tun_tcp, engine.udp_flows,
+                                    self.policy.addresses)
 
     def _publish(self, publish: Publish) -> None:
-        """One ``-p``: through the device keeping the client's address (TCP in device
-        mode), else an ordinary forward dialing the namespace's loopback (splice)."""
-        if publish.protocol == "tcp" and self.inbound is not None:
+        """One ``-p``: through the device keeping the client's address (device mode),
+        else an ordinary forward dialing the namespace's loopback (splice)."""
+        if self.inbound is not None and self.inbound.serves_protocol(publish.protocol):
             addresses = self.policy.addresses
             v6 = ":" in publish.host.host and self.options.ipv6
             guest = addresses.namespace6 if v6 else addresses.namespace
             port = self.inbound.add(publish.host, str(guest), publish.ns_port,
-                                    name=f"-p {publish.host}:{publish.ns_port}")
+                                    name=f"-p {publish.host}:{publish.ns_port}",
+                                    protocol=publish.protocol)
             log.info("published %s (listening on %s; dialed at %s through the device, "
                      "keeping the client's address)", publish, port.listen_address, guest)
             return
@@ -446,7 +450,8 @@ class Network:
         forwards = [{"name": f.spec.name, "listen": str(f.listen_address)}
                     for f in self.bridge.forwards]
         if self.inbound is not None:
-            forwards += [{"name": p.name, "listen": str(p.listen_address), "mode": "device"}
+            forwards += [{"name": p.name, "listen": str(p.listen_address),
+                          "protocol": p.protocol, "mode": "device"}
                          for p in self.inbound.ports]
         result = {"engine": engine, "tcp": tcp, "published": forwards}
         if self.redirector is not None and self.tun_tcp is not None:

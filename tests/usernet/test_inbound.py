@@ -102,6 +102,16 @@ SERVER = textwrap.dedent(f"""
         while True:
             conn, peer = srv.accept()
             threading.Thread(target=handle, args=(conn, peer), daemon=True).start()
+    def udp(family, address):
+        srv = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        srv.bind((address, {SERVER_PORT}))
+        while True:
+            data, peer = srv.recvfrom(65535)
+            srv.sendto(f"{{peer[0]}} {{peer[1]}} ".encode() + data, peer)
+    threading.Thread(target=udp, args=(socket.AF_INET6, "::"), daemon=True).start()
+    threading.Thread(target=udp, args=(socket.AF_INET, "0.0.0.0"), daemon=True).start()
     threading.Thread(target=serve, args=(socket.AF_INET6, "::"), daemon=True).start()
     serve(socket.AF_INET, "0.0.0.0")
 """)
@@ -112,7 +122,8 @@ DRIVER = textwrap.dedent("""
     from nsbridge.usernet import api
     config = json.loads(sys.argv[1])
     proc = api.run([sys.executable, "-c", config["server"], config["out"]],
-                   publish=config["publish"], publish_mode=config["mode"], tcp=config["tcp"])
+                   publish=config["publish"], publish_mode=config["mode"], tcp=config["tcp"],
+                   relay=config["relay"])
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":
@@ -172,18 +183,26 @@ def world() -> Iterator[tuple[str, str]]:
 
 @contextmanager
 def sandbox(host: str, tmp_path: Path, tcp: str, mode: str = "device",
-            guest_ports: dict[str, int] | None = None) -> Iterator[Sandbox]:
+            guest_ports: dict[str, int] | None = None, relay: str = "auto",
+            udp: tuple[str, ...] = ()) -> Iterator[Sandbox]:
     """nsbridge with ports published from each host address (``guest_ports``: the
-    namespace port per host address, SERVER_PORT by default)."""
+    namespace port per host address, SERVER_PORT by default; ``udp``: host addresses
+    whose SERVER_PORT is published for UDP too, as ``ports["udp " + address]``)."""
     guest_ports = guest_ports or {"127.0.0.1": SERVER_PORT, "::1": SERVER_PORT,
                                   "0.0.0.0": SERVER_PORT, "::": SERVER_PORT}
     ports = {address: free_port(host, host="::1" if ":" in address else "127.0.0.1")
              for address in guest_ports}
     publish = [(f"[{a}]" if ":" in a else a) + f":{ports[a]}:{guest_ports[a]}"
                for a in guest_ports]
+    for address in udp:
+        ports["udp " + address] = free_port(host, socket.SOCK_DGRAM,
+                                            "::1" if ":" in address else "127.0.0.1")
+        publish.append((f"[{address}]" if ":" in address else address)
+                       + f":{ports['udp ' + address]}:{SERVER_PORT}/udp")
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    config = {"server": SERVER, "out": str(out), "publish": publish, "mode": mode, "tcp": tcp}
+    config = {"server": SERVER, "out": str(out), "publish": publish, "mode": mode, "tcp": tcp,
+              "relay": relay}
     proc = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", DRIVER,
                              json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -430,3 +449,45 @@ def test_a_client_port_used_again_at_once_is_served_at_once(world, tmp_path):
 
         times = in_netns(outside, again)
         assert max(times)[0] < 0.15, times  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("relay", ["native", "engine"])
+def test_udp_ports_keep_the_client_address_too(world, tmp_path, relay):
+    """Through the engine's UDP flows (and handed to the native relay when it serves
+    UDP): the answers come back from the published port, a flow per client."""
+    host, outside = world
+    with sandbox(host, tmp_path, "redirect", relay=relay, guest_ports={"::1": SERVER_PORT},
+                 udp=("127.0.0.1", "::1", "0.0.0.0")) as box:
+        def exchange(address: tuple) -> list[tuple[bytes, tuple]]:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)
+                answers = []
+                for n in range(3):  # the first makes the flow, the others use it
+                    sock.sendto(b"ping %d" % n, address)
+                    data, source = sock.recvfrom(65535)
+                    answers.append((data.replace(b"%d" % sock.getsockname()[1], b"PORT"),
+                                    source[:2]))
+                return answers
+
+        def answers_for(ns: str, address: tuple, seen: str) -> None:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    got = in_netns(ns, lambda: exchange(address))
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+            assert got == [(b"%s PORT ping %d" % (seen.encode(), n), address)
+                           for n in range(3)], got
+
+        p = box.ports
+        answers_for(host, ("127.0.0.1", p["udp 127.0.0.1"]), "10.0.2.2")
+        answers_for(host, ("::1", p["udp ::1"]), "fd00::2")
+        answers_for(outside, (HOST_OUTSIDE_V4, p["udp 0.0.0.0"]), OUTSIDE_V4)
+        stats = box.stats()
+        assert stats["engine"]["udp_flows_inbound"] == 3, stats["engine"]
+        if relay == "native":  # the guest's first answer handed each flow to the relay
+            assert stats["engine"]["native"]["udp_flows_opened"] == 3, stats["engine"]
+        assert [e["protocol"] for e in stats["published"]].count("udp") == 3

@@ -233,9 +233,27 @@ def test_ports_published_listed_and_removed_at_run_time(host, ours):
     assert tcp_echo(host, ("127.0.0.1", TCP_PORT)).endswith(b" hello")
     assert [e["id"] for e in call(ours, "list_hostfwd")["entries"]] == [2, 3, 4]
 
+    # A UDP port removed: new clients are refused; added again at once, it serves.
+    def udp_from_new_socket() -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.connect(("192.0.2.1", UDP_PORT))
+            sock.send(b"ping")
+            try:
+                return sock.recv(4096)
+            except ConnectionRefusedError:
+                return b"refused"
+
+    assert call(ours, "remove_hostfwd", id=2) == {"return": {}}
+    assert in_netns(host, udp_from_new_socket) == b"refused"
+    assert call(ours, "add_hostfwd", proto="udp", host_addr="192.0.2.1", host_port=UDP_PORT,
+                guest_port=ECHO_UDP) == {"return": {"id": 5}}
+    assert in_netns(host, udp_from_new_socket) == b"udp ping"
+    assert call(ours, "remove_hostfwd", id=5) == {"return": {}}
+
     # IPv6 both sides (slirp4netns cannot): the client on ::1 is the IPv6 gateway.
     assert call(ours, "add_hostfwd", proto="tcp", host_addr="::1", host_port=V6_PORT + 1,
-                guest_addr="fd00::100", guest_port=ECHO_TCP) == {"return": {"id": 5}}
+                guest_addr="fd00::100", guest_port=ECHO_TCP) == {"return": {"id": 6}}
     assert tcp_echo(host, ("::1", V6_PORT + 1)) == b"fd00::2 hello"
 
 

@@ -3,12 +3,12 @@
 Container runtimes publish ports at run time by talking to ``slirp4netns --api-socket
 PATH`` (rootlesskit's ``--port-driver=slirp4netns``, podman); this serves the same
 protocol (:mod:`nsbridge.usernet.proto.slirpapi`) for a :class:`~nsbridge.usernet.runner.
-Network`.  A TCP ``add_hostfwd`` becomes a device-mode published port
-(:mod:`.inbound`): the guest is dialed through the device with the client's address as
-the source (10.0.2.2 for a client on the host's loopback), as slirp4netns does, when the
-guest address is one of the namespace's network.  A UDP one, and a TCP one to any other
-address (the namespace's loopback, a host the namespace reaches through the policy) or
-when the network has no inbound path, is an ordinary forward on the network's
+Network`.  An ``add_hostfwd`` becomes a device-mode published port (:mod:`.inbound`)
+when the guest address is one of the namespace's network: the guest is reached through
+the device with the client's address as the source (10.0.2.2 for a client on the host's
+loopback), as slirp4netns does.  One to any other address (the namespace's loopback, a
+host the namespace reaches through the policy), or when the network has no inbound path
+for its protocol, is an ordinary forward on the network's
 :class:`~nsbridge.forward.Bridge`, as ``nsbridge run -p`` makes in splice mode: it listens
 on the host and connects inside the namespace, through the namespace's socket factory, to
 ``guest_addr:guest_port`` (its server sees the namespace's own address).
@@ -108,7 +108,7 @@ class ApiSocketServer:
             return slirpapi.error_reply("bad request: internal error")
 
     def _add(self, request: AddHostFwd) -> bytes:
-        if (request.proto == "tcp" and self.inbound is not None
+        if (self.inbound is not None and self.inbound.serves_protocol(request.proto)
                 and self.inbound.serves(request.guest_addr)):
             return self._add_inbound(request)
         protocol = UDP if request.proto == "udp" else "stream"
@@ -135,15 +135,16 @@ class ApiSocketServer:
         name = f"hostfwd {self.table.next_id}"
         try:
             port = self.inbound.add(HostPort(request.host_addr, request.host_port),
-                                    request.guest_addr, request.guest_port, name=name)
+                                    request.guest_addr, request.guest_port, name=name,
+                                    protocol=request.proto)
         except UserError as exc:
-            log.warning("API socket: add_hostfwd tcp %s:%d failed: %s", request.host_addr,
-                        request.host_port, exc)
+            log.warning("API socket: add_hostfwd %s %s:%d failed: %s", request.proto,
+                        request.host_addr, request.host_port, exc)
             return slirpapi.error_reply(slirpapi.ADD_FAILED)
         entry = self.table.add(request)
         self.forwards[entry.id] = port
-        log.info("API socket: hostfwd %d: tcp %s -> %s:%d through the device", entry.id,
-                 port.listen_address, request.guest_addr, request.guest_port)
+        log.info("API socket: hostfwd %d: %s %s -> %s:%d through the device", entry.id,
+                 request.proto, port.listen_address, request.guest_addr, request.guest_port)
         return slirpapi.added_reply(entry.id)
 
     def _remove(self, request: RemoveHostFwd) -> bytes:
