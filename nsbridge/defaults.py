@@ -34,6 +34,9 @@ ACCEPT = "auto"
 
 # ---- user-mode networking (slirp4netns's address plan) --------------------------------
 
+#: The tun device ``nsbridge run``/``attach`` create in the namespace.
+TUN_IFNAME = "nsb0"
+
 #: The namespace's IPv4 and IPv6 networks (``--cidr`` / ``--cidr6``).
 USERNET_CIDR = "10.0.2.0/24"
 USERNET_CIDR6 = "fd00::/64"

@@ -59,15 +59,16 @@ def redirect_setup(options: UsernetOptions) -> ExtraFds | None:
     """
     if options.tcp == "tun":
         return None
+    from nsbridge.defaults import TUN_IFNAME
     from nsbridge.usernet.host.redirect import setup_inside
     from nsbridge.usernet.inside.nft import NftUnavailable
 
     if options.tcp == "redirect":
-        return lambda: list(setup_inside(0))
+        return lambda: list(setup_inside(0, forwarded=TUN_IFNAME))
 
     def inside() -> list[int | socket.socket]:
         try:
-            return list(setup_inside(0))
+            return list(setup_inside(0, forwarded=TUN_IFNAME))
         except NftUnavailable as exc:
             return [_text_pipe(str(exc))]
 
@@ -123,7 +124,7 @@ class Network:
         self.native_relay: NativeRelay | None = None
         self.host_addresses: HostAddresses | None = None
         self.api_socket: ApiSocketServer | None = None
-        self.inbound: InboundPorts | None = None  # device-mode published TCP ports
+        self.inbound: InboundPorts | None = None  # device-mode published ports
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -190,6 +191,46 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def add_tcp_fast_path(self) -> bool:
+        """On a TAP, once the caller has been told "ready": the kernel fast path for the
+        TCP the namespace itself starts and sends out of our device (an nftables redirect
+        to listeners made inside, as ``nsbridge run`` has from the start), beside the tun
+        path, which keeps the connections already open and carries the traffic forwarded
+        from containers behind a bridge (the output hook never sees that).
+
+        Done after ready because it costs a helper and pyroute2's import, which would
+        otherwise be in every container start's wait; new connections move to it as soon
+        as the rule exists (only a SYN is redirected, so a connection already on the tun
+        path stays there).  False (and the tun path alone, logged) when nf_tables cannot
+        be used in the namespace.
+        """
+        from nsbridge.usernet.host.redirect import TcpRedirector, setup_inside
+        from nsbridge.usernet.inside import nft  # noqa: F401  # imported before the fork
+
+        if self.redirector is not None or self.engine is None:
+            return self.redirector is not None
+        device = self.handle.config.ifname
+        try:
+            fds = self.handle.make_fds(
+                lambda: setup_inside(optional=True, device=device, forwarded=device))
+        except UserError as exc:
+            log.info("TCP fast path: not set up (%s); TCP stays on the tun path", exc)
+            return False
+        if not fds:
+            log.info("TCP fast path: nf_tables cannot be used in the namespace; TCP stays "
+                     "on the tun path")
+            return False
+        resolvers = self.policy.resolvers
+        if resolvers is None:
+            resolvers = resolvers_of(self.options)
+        self.redirector = TcpRedirector(self.bridge.loop, [_socket(fd) for fd in fds],
+                                        self.policy, resolvers=resolvers,
+                                        mover=self.bridge.mover)
+        self.redirector.start()
+        log.info("TCP: kernel fast path (nftables redirect) for the namespace's own "
+                 "connections; the tun path for forwarded ones")
+        return True
 
     def _tap_engine(self, resolvers: list[tuple[str, int]]) -> TapEngine:
         """The engine for a TAP device (slirp4netns's callers): Ethernet handled by
@@ -455,7 +496,9 @@ class Network:
                          for p in self.inbound.ports]
         result = {"engine": engine, "tcp": tcp, "published": forwards}
         if self.redirector is not None and self.tun_tcp is not None:
-            result["inbound"] = self.tun_tcp.snapshot().as_dict()
+            # beside the fast path: the tun path's (published ports' inbound flows; on
+            # a TAP also the connections forwarded from containers behind a bridge)
+            result["tun_tcp"] = self.tun_tcp.snapshot().as_dict()
         return result
 
     def _teardown(self) -> None:

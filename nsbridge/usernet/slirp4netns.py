@@ -11,10 +11,13 @@
    us from inside it), or ``--userns-path``'s.  There it opens the TAP device, and with
    ``-c`` creates and configures it (:mod:`.inside.tapdevice`).  The helper dies with us.
 3. The host side is :class:`~nsbridge.usernet.network.Network` on the TAP link, with TCP
-   on the tun path and UDP/ping in the engine (the nftables fast path and the native
-   relay need set-up a TAP's namespace does not get), and the API socket if asked for.
-   Only then ``--ready-fd`` gets its "1" and is closed; a failure before that exits 1
-   with the reason on stderr, and the caller reads EOF.
+   on the tun path and UDP/ping in the engine (the native relay needs set-up a TAP's
+   namespace does not get), and the API socket if asked for.  Only then ``--ready-fd``
+   gets its "1" and is closed; a failure before that exits 1 with the reason on stderr,
+   and the caller reads EOF.  Right after, the TCP fast path is added (an nftables
+   redirect of the SYNs leaving by the TAP, when the namespace allows nf_tables):
+   the connections the namespace starts then move at the kernel's speed, while the tun
+   path keeps those already open and the ones forwarded from containers on a bridge.
 4. The loop runs until ``--exit-fd`` reports any event (its writer closed: exit 0),
    SIGTERM/SIGINT (exit 0), or, in PID mode, the target process exits.
 
@@ -156,6 +159,7 @@ def _serve(args: Any, stops: Any) -> int:
         if args.ready_fd is not None:
             _signal_ready(args.ready_fd)
         log.info("ready after %.0f ms", (time.monotonic() - started) * 1000)
+        network.add_tcp_fast_path()  # after ready: not part of the caller's wait
         network.run()
         return 0
     finally:

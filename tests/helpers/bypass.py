@@ -195,6 +195,8 @@ class Case:
     ``modes``: the TCP modes a trick applies to.  ``tun_denied``: a hand-made TCP packet
     reaches the tun device; the redirect fast path has no TCP handler there and resets it
     (``engine.tcp_resets``), other modes must deny it with this reason.
+    ``fast_path_denied``: refusals the fast path makes before the policy is asked (a
+    connection made straight to its listener), counted in ``tcp.denied`` only.
     """
 
     id: str
@@ -209,6 +211,7 @@ class Case:
     names: tuple[str, ...] = ()
     modes: tuple[str, ...] | None = None
     tun_denied: str | None = None
+    fast_path_denied: dict[str, int] = field(default_factory=dict)
 
     @property
     def tcp(self) -> bool:
@@ -619,7 +622,8 @@ def check_counters(case: Case, mode: str, stats: dict[str, Any]) -> None:
         assert got is None or got == wanted, f"{path} = {got}, not {wanted}; {what}"
     if tcp_stats is not None and case.tcp and case.tun_denied is None:
         # the fast path counts its own denials too (the same reasons)
-        assert tcp_stats["denied"] == case.expected_denied(mode), what
+        assert tcp_stats["denied"] == {**case.expected_denied(mode),
+                                       **case.fast_path_denied}, what
     if case.local:
         assert engine["tcp_resets"] == 0 and engine["icmp_echo_requests"] == 0, what
         assert tcp_stats is None or tcp_stats["accepted"] == 0, what
@@ -641,7 +645,7 @@ def check_log(case: Case, mode: str, result: dict[str, Any], log: str) -> None:
     sandbox's source port; none for what was not denied."""
     denials = [line for line in log.splitlines() if " denied: " in line]
     wanted = {} if case.tun_denied is not None and mode == "redirect" \
-        else case.expected_denied(mode)
+        else {**case.expected_denied(mode), **case.fast_path_denied}
     assert Counter(line.rsplit(" denied: ", 1)[1] for line in denials) == Counter(wanted), log
     if denials and result.get("port"):
         assert all(f":{result['port']} -> " in line for line in denials), log

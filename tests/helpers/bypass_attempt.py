@@ -301,12 +301,13 @@ def attempt_crafted(proto: str, dst: str, dport: int, timeout: float,
 
 
 def redirect_listener_port() -> int | None:
-    """The redirect listener's port: the only TCP listener on 127.0.0.1 in the sandbox
-    (its fd belongs to nsbridge, but the socket lives here and /proc shows it)."""
+    """The redirect listener's port: the only TCP listener on 0.0.0.0 (or 127.0.0.1) in
+    the sandbox (its fd belongs to nsbridge, but the socket lives here and /proc shows
+    it)."""
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A" and fields[1].startswith("0100007F:"):
+            if fields[3] == "0A" and fields[1].startswith(("00000000:", "0100007F:")):
                 return int(fields[1].split(":")[1], 16)
     return None
 
@@ -422,7 +423,7 @@ def attempt(spec: dict[str, Any]) -> dict[str, Any]:
         port = redirect_listener_port()
         if port is None:
             return {"result": "no redirect listener"}
-        ip, spec = "127.0.0.1", {**spec, "port": port}
+        ip, spec = spec.get("ip", "127.0.0.1"), {**spec, "port": port}
         kind = "tcp"
     if kind == "tcp":
         result.update(attempt_tcp(ip, spec["port"], timeout))

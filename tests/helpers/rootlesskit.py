@@ -192,6 +192,11 @@ def _wrapper_script(user: RootlessUser, target: str, dependencies: list[str]) ->
     script.chmod(0o755)
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(site), str(script)],
                    check=True)
+    # Byte-compiled as an installed copy is (pip compiles on install): the user cannot
+    # write __pycache__ into the checkout, and without it every start would compile the
+    # sources again, which time-to-ready would then measure instead of nsbridge.
+    subprocess.run([system_python(), "-m", "compileall", "-q", str(REPO / "nsbridge"),
+                    str(site)], check=True)
     return script
 
 

@@ -98,7 +98,15 @@ CASES: list[Case] = [
          names=("mapped.bypass.test. AAAA",)),
     # -- the fast path's own machinery --
     Case("tcp-straight-to-redirect-listener", {"kind": "redirect-listener"}, TCP_DENIED,
-         refused("loopback"), modes=("redirect",)),
+         fast_path_denied=refused("not redirected"), modes=("redirect",)),
+    # The listeners listen on every address (the prerouting redirect for forwarded
+    # traffic lands on the address of the interface it came in on).
+    Case("tcp-straight-to-redirect-listener-on-own-address",
+         {"kind": "redirect-listener", "ip": "10.0.2.100"}, TCP_DENIED,
+         fast_path_denied=refused("not redirected"), modes=("redirect",)),
+    Case("tcp-straight-to-redirect-listener-on-own-ipv6-address",
+         {"kind": "redirect-listener", "ip": "fd00::100"}, TCP_DENIED,
+         fast_path_denied=refused("not redirected"), modes=("redirect",)),
     Case("tcp-after-deleting-redirect-rules", {"kind": "nft-flush", "ip": GATEWAY_V4,
                                                "port": LO_PORT},
          {"result": "ECONNREFUSED", "nft": 0}, counters={"engine.tcp_resets": 1},

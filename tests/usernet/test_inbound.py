@@ -154,7 +154,7 @@ class Sandbox:
 
     def inbound_stats(self) -> dict:
         stats = self.stats()
-        return stats.get("inbound") or stats["tcp"]
+        return stats.get("tun_tcp") or stats["tcp"]
 
     def fds(self) -> int:
         return int(self.ask("fds"))
@@ -418,8 +418,8 @@ def test_hostile_guest_segments_are_reset_and_counted(world, tmp_path):
             time.sleep(0.1)
         after = box.stats()
         assert after["engine"]["tcp_resets"] >= before["engine"]["tcp_resets"] + 2, after
-        assert after["inbound"]["inbound"] == before["inbound"]["inbound"] + 1
-        assert after["inbound"]["active"] == 0
+        assert after["tun_tcp"]["inbound"] == before["tun_tcp"]["inbound"] + 1
+        assert after["tun_tcp"]["active"] == 0
 
 
 def test_a_client_port_used_again_at_once_is_served_at_once(world, tmp_path):

@@ -489,15 +489,35 @@ def test_traffic_through_the_tap(host: str, netns: str, helpers: list[Helper],
     helpers.append(helper)
     try:
         assert helper.wait_ready() == b"1"
+        # The fast path is added just after the ready byte; wait for it, so that the
+        # connections below are known to take it (the tun path is tested in tap tests).
+        wait_until(lambda: _fast_path_syns(netns) is not None, timeout=10,
+                   what="the helper's nftables table")
         port = servers[0].getsockname()[1]
         client = connect_in(netns, (HOST_V4, port))
         client.close()
         loopback = servers[1].getsockname()[1]
         if disable_host_loopback:
+            # Refused either at the SYN (tun path) or, on the fast path, by a reset right
+            # after the namespace's kernel accepted: nothing is ever read.
             with pytest.raises(OSError):
-                connect_in(netns, ("10.0.2.2", loopback)).close()
+                refused = connect_in(netns, ("10.0.2.2", loopback))
+                try:
+                    refused.settimeout(10)
+                    refused.recv(1)
+                finally:
+                    refused.close()
         else:
             connect_in(netns, ("10.0.2.2", loopback)).close()
+        assert _fast_path_syns(netns) == 2  # both SYNs were redirected
     finally:
         for server in servers:
             server.close()
+
+
+def _fast_path_syns(netns: str) -> int | None:
+    """The SYNs the fast path's output rule redirected in ``netns`` (None: no table)."""
+    listing = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "chain", "inet",
+                              "nsbridge", "output"], capture_output=True, text=True)
+    found = re.search(r"counter packets (\d+)", listing.stdout)
+    return int(found.group(1)) if listing.returncode == 0 and found else None

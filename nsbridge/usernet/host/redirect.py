@@ -65,6 +65,7 @@ log = logging.getLogger("nsbridge")
 # IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP / SOL_IPV6.
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
+IPV6_FREEBIND = 78  # <linux/in6.h>; not in Python's socket module
 _BIND_ATTEMPTS = 20
 DEFAULT_CONNECT_TIMEOUT = CONNECT_TIMEOUT
 NO_ORIGINAL_DST = "not redirected"  # the denial reason for a direct connection
@@ -97,8 +98,17 @@ def make_redirect_listeners(
         try:
             v6 = _listener(socket.AF_INET6, "::" if wildcard else "::1", chosen, backlog)
         except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                return [v4]  # no IPv6 here (disabled, or no ::1 on lo)
+            if exc.errno == errno.EADDRNOTAVAIL:
+                # ::1 appears only once lo is up.  In a namespace its owner is still
+                # setting up (rootlesskit brings lo up after its helper said "ready")
+                # the listener binds it in advance, and receives once lo is up.
+                try:
+                    v6 = _listener(socket.AF_INET6, "::1", chosen, backlog, freebind=True)
+                except OSError:
+                    return [v4]  # no IPv6 here (disabled)
+                return [v4, v6]
+            if exc.errno == errno.EAFNOSUPPORT:
+                return [v4]  # no IPv6 in this kernel
             v4.close()
             if exc.errno == errno.EADDRINUSE and port == 0:
                 continue
@@ -111,11 +121,14 @@ def make_redirect_listeners(
     )
 
 
-def _listener(family: int, host: str, port: int, backlog: int) -> socket.socket:
+def _listener(family: int, host: str, port: int, backlog: int, *,
+              freebind: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if freebind:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError as exc:
@@ -128,8 +141,12 @@ def _listener(family: int, host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def setup_inside(port: int = 0, *, optional: bool = False) -> list[socket.socket]:
-    """The sandbox ``extra`` callback: listeners, then the nftables redirect to their port.
+def setup_inside(port: int = 0, *, optional: bool = False, device: str | None = None,
+                 forwarded: str | None = None) -> list[socket.socket]:
+    """The sandbox ``extra`` callback: listeners, then the nftables redirect to their port
+    (of the TCP leaving by ``device`` only, when given: a namespace nsbridge did not make;
+    with ``forwarded``, also of the TCP the namespace forwards out of that device, for
+    which the listeners listen on every address: see :mod:`~nsbridge.usernet.inside.nft`).
 
     Listeners come first so the rule never points at a port nobody holds.  Raises
     :class:`~nsbridge.usernet.inside.nft.NftUnavailable` (the sandbox reports its text; see
@@ -142,9 +159,9 @@ def setup_inside(port: int = 0, *, optional: bool = False) -> list[socket.socket
     # it before forking the helper it runs in (runner._redirect_setup).
     from nsbridge.usernet.inside import nft
 
-    listeners = make_redirect_listeners(port)
+    listeners = make_redirect_listeners(port, wildcard=forwarded is not None)
     try:
-        nft.program_redirect(listeners[0].getsockname()[1])
+        nft.program_redirect(listeners[0].getsockname()[1], device=device, forwarded=forwarded)
     except nft.NftUnavailable:
         for sock in listeners:
             sock.close()
@@ -218,6 +235,9 @@ class TcpRedirector:
         self.sessions: set[TcpSession | DnsTcpRelay] = set()
         self._acceptors: list[Acceptor] = []
         self._started = False
+        # The listeners' port: a connection whose original destination is this port on
+        # the address it arrived at was made straight to a listener, not redirected.
+        self._port = self.listeners[0].getsockname()[1] if self.listeners else None
 
     @classmethod
     def from_fds(
@@ -281,7 +301,8 @@ class TcpRedirector:
 
     def _handle(self, client: socket.socket) -> None:
         destination = original_destination(client)
-        if destination is None:
+        if destination is None or (destination[1] == self._port
+                                   and _is_local_end(client, destination[0])):
             self._deny(client, NO_ORIGINAL_DST, "?")
             return
         ip, port = destination
@@ -355,6 +376,15 @@ class TcpRedirector:
         tally(self.stats, session)  # type: ignore[arg-type]  # the same fields
         if log.isEnabledFor(logging.INFO):
             log.info("usernet tcp: %s", session.describe())
+
+
+def _is_local_end(client: socket.socket,
+                  ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is the address ``client`` was accepted on (no NAT happened)."""
+    try:
+        return ipaddress.ip_address(client.getsockname()[0]) == ip
+    except OSError:
+        return True  # the client is already gone: nothing to relay
 
 
 def original_destination(

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-from nsbridge.defaults import MAX_MTU, MIN_MTU
+from nsbridge.defaults import MAX_MTU, MIN_MTU, TUN_IFNAME
 from nsbridge.errors import SetupError, UserError, describe_oserror
 from nsbridge.usernet.proto.addresses import UsernetAddresses
 
@@ -84,7 +84,7 @@ class NetConfig:
     dual_stack: bool
     offload: bool
 
-    def __init__(self, addresses: UsernetAddresses | None = None, *, ifname: str = "nsb0",
+    def __init__(self, addresses: UsernetAddresses | None = None, *, ifname: str = TUN_IFNAME,
                  mtu: int | None = None, ipv6: bool | None = True,
                  offload: bool = True) -> None:
         chosen = UsernetAddresses() if addresses is None else addresses

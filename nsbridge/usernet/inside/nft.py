@@ -6,7 +6,7 @@ The rule set is the netlink equivalent of::
         chain output {
             type nat hook output priority -100; policy accept;
             oifname "lo" return
-            meta l4proto tcp redirect to :PORT
+            meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn redirect to :PORT
         }
     }
 
@@ -15,6 +15,36 @@ over ``lo`` is rewritten by the kernel to ``127.0.0.1:PORT`` / ``[::1]:PORT``, w
 host side's listener accepts it and learns the real destination from ``SO_ORIGINAL_DST``
 (see :mod:`~nsbridge.usernet.host.redirect`).  Loopback is left alone so programs inside
 can still talk to each other, and so the listener itself is never redirected into itself.
+
+With ``device`` (a namespace nsbridge did not make: a TAP that rootlesskit or podman
+owns), the first rule is ``oifname != DEVICE return`` instead: only connections that
+leave by nsbridge's device are nsbridge's; traffic to the caller's own bridges, VPNs or
+other devices stays theirs.
+
+With ``forwarded`` (the name of nsbridge's device), a second chain takes the connections
+the namespace *forwards* out of that device — containers on a bridge inside it, which
+Docker, nerdctl and podman masquerade out of ``tap0``; the output hook never sees them::
+
+        chain prerouting {
+            type nat hook prerouting priority -100; policy accept;
+            iifname "DEVICE" return
+            iifname "lo" return
+            fib daddr oifname "DEVICE" tcp flags & (fin|syn|rst|ack) == syn redirect to :PORT
+        }
+
+``fib daddr oifname`` is the device the route to the destination leaves by, so traffic
+between the namespace's own bridges, or to its own addresses (a container reaching a
+port the namespace publishes), keeps its path.  A redirect in prerouting rewrites the
+destination to the address of the interface the SYN came in on, not to loopback: the
+listeners must then listen on every address (see
+:func:`~nsbridge.usernet.host.redirect.make_redirect_listeners`).
+
+Only a SYN opens a redirected connection.  NAT rules are consulted for the first packet
+conntrack sees of a connection, and when the table is added to a namespace that already
+carries connections (the helper adds the fast path after telling its caller "ready",
+while those connections go through the tun path), conntrack picks them up in mid-stream
+from an ACK: redirecting that ACK would send it to a listener that never saw the
+connection, which answers with a reset.  Unmatched, such a connection keeps its path.
 
 Why netlink and not the ``nft`` binary: the host side must not depend on a tool that
 may be missing (or a different version) on the machine, and this runs in the sandbox's
@@ -94,6 +124,13 @@ NF_ACCEPT = 1
 NFT_RETURN = -5
 NAT_PRIORITY_OUT = -100  # NF_IP_PRI_NAT_DST: where "priority -100" puts the chain
 IFNAMSIZ = 16
+PREROUTING = "prerouting"
+NF_INET_PRE_ROUTING = 0
+_FIB_RESULT_OIFNAME = 2  # enum nft_fib_result
+_FIB_F_DADDR = 1 << 1  # enum nft_fib_flags
+_TRANSPORT_HEADER = 2  # NFT_PAYLOAD_TRANSPORT_HEADER
+_TCP_FLAGS_OFFSET = 13  # the flags byte of the TCP header
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _ACK_TIMEOUT = 10.0
@@ -153,8 +190,11 @@ class Programmed:
 # ---- the public entry point ----------------------------------------------------------
 
 
-def program_redirect(port: int, *, table: str = TABLE, per_family: bool = False) -> Programmed:
-    """Install (or replace) the redirect of all non-loopback outbound TCP to ``port``.
+def program_redirect(port: int, *, device: str | None = None, forwarded: str | None = None,
+                     table: str = TABLE, per_family: bool = False) -> Programmed:
+    """Install (or replace) the redirect of all non-loopback outbound TCP to ``port``
+    (with ``device``: of the outbound TCP that leaves by that device; with ``forwarded``:
+    also of the TCP forwarded out of that device).
 
     Must run in a thread that is inside the target network namespace and holds
     CAP_NET_ADMIN there (the sandbox's ``extra`` callback).  ``per_family`` forces the
@@ -164,17 +204,21 @@ def program_redirect(port: int, *, table: str = TABLE, per_family: bool = False)
     """
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise NftError(f"redirect port {port!r} is not 1-65535")
+    for name in (device, forwarded):
+        if name is not None and not 0 < len(name.encode()) < IFNAMSIZ:
+            raise NftError(f"device name {name!r} is not 1-{IFNAMSIZ - 1} bytes")
     with _open_socket() as sock:
         if not per_family:
             try:
-                _transact(sock, _batch(port, table, (NFPROTO_INET,)))
+                _transact(sock, _batch(port, table, (NFPROTO_INET,), device, forwarded))
                 return Programmed(port, ("inet",))
             except NftError as exc:
                 # Before Linux 5.2 the inet family has no nat chain type: the chain is
                 # refused (ENOENT after the module autoload, or EOPNOTSUPP).
                 if not (exc.kind == NFT_MSG_NEWCHAIN and exc.errno in _NO_INET_NAT):
                     raise
-        _transact(sock, _batch(port, table, (NFPROTO_IPV4, NFPROTO_IPV6)))
+        _transact(sock, _batch(port, table, (NFPROTO_IPV4, NFPROTO_IPV6), device,
+                               forwarded))
         return Programmed(port, ("ip", "ip6"))
 
 
@@ -195,7 +239,8 @@ class _Message:
     doing: str
 
 
-def _batch(port: int, table: str, families: Sequence[int]) -> list[_Message]:
+def _batch(port: int, table: str, families: Sequence[int], device: str | None = None,
+           forwarded: str | None = None) -> list[_Message]:
     create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
     messages: list[_Message] = []
     for family in families:
@@ -209,10 +254,29 @@ def _batch(port: int, table: str, families: Sequence[int]) -> list[_Message]:
             _Message(_table(table), NFT_MSG_NEWTABLE, create, family, f"creating table {name}"),
             _Message(_chain(table), NFT_MSG_NEWCHAIN, create, family,
                      f"creating the nat chain {name} {CHAIN}"),
-            _Message(_rule(table, _loopback_return()), NFT_MSG_NEWRULE, create | NLM_F_APPEND,
-                     family, f"adding the rule 'oifname lo return' to {name}"),
+            _Message(_rule(table, _name_return(Meta.NFT_META_OIFNAME, device)),
+                     NFT_MSG_NEWRULE, create | NLM_F_APPEND, family,
+                     f"adding the rule 'oifname {_shown_match(device)} return' to {name}"),
             _Message(_rule(table, _redirect_tcp(port)), NFT_MSG_NEWRULE, create | NLM_F_APPEND,
-                     family, f"adding the rule 'meta l4proto tcp redirect to :{port}' to {name}"),
+                     family, f"adding the rule 'meta l4proto tcp tcp flags syn redirect to "
+                             f":{port}' to {name}"),
+        ]
+        if forwarded is None:
+            continue
+        where = f"{name} {PREROUTING}"
+        messages += [
+            _Message(_chain(table, PREROUTING, NF_INET_PRE_ROUTING), NFT_MSG_NEWCHAIN, create,
+                     family, f"creating the nat chain {where}"),
+            _Message(_rule(table, _name_return(Meta.NFT_META_IIFNAME, forwarded, equal=True),
+                           PREROUTING), NFT_MSG_NEWRULE, create | NLM_F_APPEND, family,
+                     f"adding the rule 'iifname \"{forwarded}\" return' to {where}"),
+            _Message(_rule(table, _name_return(Meta.NFT_META_IIFNAME, "lo", equal=True),
+                           PREROUTING), NFT_MSG_NEWRULE, create | NLM_F_APPEND, family,
+                     f"adding the rule 'iifname \"lo\" return' to {where}"),
+            _Message(_rule(table, _route_leaves_by(forwarded) + _redirect_tcp(port),
+                           PREROUTING), NFT_MSG_NEWRULE, create | NLM_F_APPEND, family,
+                     f"adding the rule 'fib daddr oifname \"{forwarded}\" tcp flags syn "
+                     f"redirect to :{port}' to {where}"),
         ]
     return messages
 
@@ -223,16 +287,16 @@ def _table(table: str) -> Any:
     return msg
 
 
-def _chain(table: str) -> Any:
+def _chain(table: str, chain: str = CHAIN, hook: int = NF_INET_LOCAL_OUT) -> Any:
     msg = nft_chain_msg()
     msg["attrs"] = [
         ("NFTA_CHAIN_TABLE", table),
-        ("NFTA_CHAIN_NAME", CHAIN),
+        ("NFTA_CHAIN_NAME", chain),
         (
             "NFTA_CHAIN_HOOK",
             {
                 "attrs": [
-                    ("NFTA_HOOK_HOOKNUM", NF_INET_LOCAL_OUT),
+                    ("NFTA_HOOK_HOOKNUM", hook),
                     ("NFTA_HOOK_PRIORITY", NAT_PRIORITY_OUT),
                 ]
             },
@@ -243,11 +307,11 @@ def _chain(table: str) -> Any:
     return msg
 
 
-def _rule(table: str, expressions: list[dict]) -> Any:
+def _rule(table: str, expressions: list[dict], chain: str = CHAIN) -> Any:
     msg = nft_rule_msg()
     msg["attrs"] = [
         ("NFTA_RULE_TABLE", table),
-        ("NFTA_RULE_CHAIN", CHAIN),
+        ("NFTA_RULE_CHAIN", chain),
         ("NFTA_RULE_EXPRESSIONS", expressions),
     ]
     return msg
@@ -265,18 +329,25 @@ def _meta_load(key: int) -> dict:
     return _expr("meta", [("NFTA_META_DREG", Regs.NFT_REG_1), ("NFTA_META_KEY", key)])
 
 
-def _loopback_return() -> list[dict]:
-    """``oifname "lo" return``: meta oifname -> reg1; cmp eq "lo" (IFNAMSIZ bytes, NUL
-    padded, as nft sends it); immediate verdict return."""
+def _shown_match(device: str | None) -> str:
+    return '"lo"' if device is None else f'!= "{device}"'
+
+
+def _name_return(key: int, device: str | None, *, equal: bool = False) -> list[dict]:
+    """``oifname "lo" return`` (``device`` None), ``oifname != "DEVICE" return``, or with
+    ``equal`` ``iifname "DEVICE" return``: meta KEY -> reg1; cmp eq/neq the name
+    (IFNAMSIZ bytes, NUL padded, as nft sends it); immediate verdict return."""
     verdict = {"attrs": [("NFTA_DATA_VERDICT", {"attrs": [("NFTA_VERDICT_CODE", NFT_RETURN)]})]}
+    name = b"lo" if device is None else device.encode()
+    same = device is None or equal
     return [
-        _meta_load(Meta.NFT_META_OIFNAME),
+        _meta_load(key),
         _expr(
             "cmp",
             [
                 ("NFTA_CMP_SREG", Regs.NFT_REG_1),
-                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-                ("NFTA_CMP_DATA", _value(b"lo".ljust(IFNAMSIZ, b"\0"))),
+                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ if same else Cmp.NFT_CMP_NEQ),
+                ("NFTA_CMP_DATA", _value(name.ljust(IFNAMSIZ, b"\0"))),
             ],
         ),
         _expr(
@@ -286,10 +357,52 @@ def _loopback_return() -> list[dict]:
     ]
 
 
+def _route_leaves_by(device: str) -> list[dict]:
+    """``fib daddr oifname "DEVICE"``: fib (flags DADDR, result OIFNAME) -> reg1; cmp eq
+    the name."""
+    return [
+        _expr(
+            "fib",
+            [
+                ("NFTA_FIB_DREG", Regs.NFT_REG_1),
+                ("NFTA_FIB_RESULT", _fib_result(_FIB_RESULT_OIFNAME)),
+                ("NFTA_FIB_FLAGS", _FIB_F_DADDR),
+            ],
+        ),
+        _expr(
+            "cmp",
+            [
+                ("NFTA_CMP_SREG", Regs.NFT_REG_1),
+                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+                ("NFTA_CMP_DATA", _value(device.encode().ljust(IFNAMSIZ, b"\0"))),
+            ],
+        ),
+    ]
+
+
+def _fib_result(value: int) -> Any:
+    """The NFTA_FIB_RESULT attribute's value as pyroute2 must be given it to put ``value``
+    on the wire.  The kernel's attribute is an enum (NFT_FIB_RESULT_OIFNAME = 2), but
+    pyroute2 (0.9.x) declares it a set of flags — name number *i* encodes as bit *i* —
+    so the enum's value is reached through the name whose bit it is.  Should a later
+    pyroute2 declare it a plain number, the number is passed as it is."""
+    from pyroute2.netlink.nfnetlink.nftsocket import nft_contains_expr, nft_flags_be32
+
+    attribute = nft_contains_expr.nft_expr.nft_fib.fib_result
+    if not issubclass(attribute, nft_flags_be32):
+        return value
+    names = attribute.ops
+    bit = value.bit_length() - 1
+    if value != 1 << bit or not 0 <= bit < len(names):
+        raise NftError(f"pyroute2 cannot encode NFTA_FIB_RESULT {value}")
+    return frozenset({names[bit]})
+
+
 def _redirect_tcp(port: int) -> list[dict]:
-    """``meta l4proto tcp redirect to :PORT``: meta l4proto -> reg1; cmp eq 6; immediate
-    reg1 = port (big-endian 16 bit); redir proto_min/max reg1, flags PROTO_SPECIFIED —
-    byte for byte what ``nft`` 1.0 sends."""
+    """``meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn redirect to :PORT``: meta
+    l4proto -> reg1; cmp eq 6; payload (transport header, byte 13: the flags) -> reg1;
+    bitwise reg1 & 0x17; cmp eq 0x02; immediate reg1 = port (big-endian 16 bit); redir
+    proto_min/max reg1, flags PROTO_SPECIFIED — byte for byte what ``nft`` 1.0 sends."""
     return [
         _meta_load(Meta.NFT_META_L4PROTO),
         _expr(
@@ -301,12 +414,42 @@ def _redirect_tcp(port: int) -> list[dict]:
             ],
         ),
         _expr(
+            "payload",
+            [
+                ("NFTA_PAYLOAD_DREG", Regs.NFT_REG_1),
+                ("NFTA_PAYLOAD_BASE", _TRANSPORT_HEADER),
+                ("NFTA_PAYLOAD_OFFSET", _TCP_FLAGS_OFFSET),
+                ("NFTA_PAYLOAD_LEN", 1),
+            ],
+        ),
+        _expr(
+            "bitwise",
+            [
+                ("NFTA_BITWISE_SREG", Regs.NFT_REG_1),
+                ("NFTA_BITWISE_DREG", Regs.NFT_REG_1),
+                ("NFTA_BITWISE_LEN", 1),
+                ("NFTA_BITWISE_MASK", _value(bytes([_FIN | _SYN | _RST | _ACK]))),
+                ("NFTA_BITWISE_XOR", _value(b"\0")),
+            ],
+        ),
+        _expr(
+            "cmp",
+            [
+                ("NFTA_CMP_SREG", Regs.NFT_REG_1),
+                ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+                ("NFTA_CMP_DATA", _value(bytes([_SYN]))),
+            ],
+        ),
+        _expr(
             "immediate",
             [
                 ("NFTA_IMMEDIATE_DREG", Regs.NFT_REG_1),
                 ("NFTA_IMMEDIATE_DATA", _value(struct.pack(">H", port))),
             ],
         ),
+        # Counted (only first packets reach a nat chain, so this costs nothing per byte):
+        # ``nft list table inet nsbridge`` then shows whether the fast path is used.
+        _expr("counter", [("NFTA_COUNTER_BYTES", 0), ("NFTA_COUNTER_PACKETS", 0)]),
         _expr(
             "redir",
             [
