@@ -369,6 +369,7 @@ def test_ping_without_ping_sockets_says_why(host, relay):
     (["--mtu", "100"], "--mtu '100'"),
     (["--mtu", "abc"], "invalid int value"),
     (["--tcp", "quic"], "invalid choice: 'quic'"),
+    (["--publish-mode", "fast"], "invalid choice: 'fast'"),
     (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),
     (["--deny", "*/8"], "--deny */8: '*' stands alone for every address of both families"),
     (["--allow", "tcp:[*]:443"], "--allow tcp:[*]:443: '*' stands alone"),
