@@ -80,6 +80,10 @@ SERVER = textwrap.dedent(f"""
             elif cmd == "reset":
                 conn.sendall(b"x" * 100000)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif cmd == "forwarding":  # the guest routes what is not its own
+                with open("/proc/sys/net/ipv4/ip_forward", "w") as knob:
+                    knob.write("1")
+                conn.sendall(b"on\\n")
             elif cmd == "forge":
                 forge(int(words[1]))
                 conn.sendall(b"forged\\n")
@@ -123,7 +127,7 @@ DRIVER = textwrap.dedent("""
     config = json.loads(sys.argv[1])
     proc = api.run([sys.executable, "-c", config["server"], config["out"]],
                    publish=config["publish"], publish_mode=config["mode"], tcp=config["tcp"],
-                   relay=config["relay"])
+                   relay=config["relay"], api_socket=config["api"])
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":
@@ -202,7 +206,7 @@ def sandbox(host: str, tmp_path: Path, tcp: str, mode: str = "device",
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     config = {"server": SERVER, "out": str(out), "publish": publish, "mode": mode, "tcp": tcp,
-              "relay": relay}
+              "relay": relay, "api": str(tmp_path / "api.sock")}
     proc = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", DRIVER,
                              json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -218,8 +222,9 @@ def sandbox(host: str, tmp_path: Path, tcp: str, mode: str = "device",
                 talk(host, ("::1" if ":" in warm else "127.0.0.1", ports[warm]), b"who\n")
                 break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise AssertionError(proc.stderr.read() if proc.stderr else "") from None
                 time.sleep(0.1)
         yield box
         assert proc.stdin is not None
@@ -491,3 +496,49 @@ def test_udp_ports_keep_the_client_address_too(world, tmp_path, relay):
         if relay == "native":  # the guest's first answer handed each flow to the relay
             assert stats["engine"]["native"]["udp_flows_opened"] == 3, stats["engine"]
         assert [e["protocol"] for e in stats["published"]].count("udp") == 3
+
+
+def call(path: Path, **arguments: object) -> dict:
+    """One add_hostfwd on the API socket (slirp4netns's protocol)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"execute": "add_hostfwd", "arguments": arguments}).encode())
+        sock.shutdown(socket.SHUT_WR)
+        return json.loads(b"".join(iter(lambda: sock.recv(65536), b"")))
+
+
+@pytest.mark.parametrize("tcp", USERNET_TCP_MODES)
+def test_a_port_to_another_address_of_the_network_cannot_be_bounced_out(world, tmp_path, tcp):
+    """Bypass attempt: a hostfwd to an address of the namespace's network that is not the
+    guest's, with the guest forwarding.  Our SYN (from the outside client's address) is
+    routed by the guest back out of the device; there it is a foreign-source packet (tun
+    path) or a SYN nobody opened (fast path): dropped or reset, never dialed out."""
+    host, outside = world
+    with sandbox(host, tmp_path, tcp, guest_ports={"::1": SERVER_PORT}) as box:
+        assert talk(host, ("::1", box.ports["::1"]), b"forwarding\n") == b"on\n"
+        port = free_port(host)
+        assert call(tmp_path / "api.sock", proto="tcp", host_addr="0.0.0.0", host_port=port,
+                    guest_addr="10.0.2.50", guest_port=SERVER_PORT) == {"return": {"id": 1}}
+        before = box.stats()
+
+        def attempt() -> bytes:
+            try:
+                with socket.create_connection((HOST_OUTSIDE_V4, port), timeout=10) as sock:
+                    sock.settimeout(2)
+                    sock.sendall(b"who\n")
+                    return sock.recv(100)
+            except (TimeoutError, ConnectionResetError, BrokenPipeError):
+                return b""  # reset (fast path), or never answered (tun path)
+
+        assert in_netns(outside, attempt) == b""
+        after = box.stats()
+        engine, was = after["engine"], before["engine"]
+        if tcp == "tun":
+            assert (engine["drops"].get("foreign source address", 0)
+                    > was["drops"].get("foreign source address", 0)), engine
+        else:
+            assert engine["tcp_resets"] > was["tcp_resets"], engine
+        tcp_now = after.get("tun_tcp") or after["tcp"]
+        assert tcp_now.get("connect_failed", 0) == (before.get("tun_tcp") or before["tcp"]).get(
+            "connect_failed", 0)  # nothing was dialed from the host for it
