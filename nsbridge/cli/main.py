@@ -381,6 +381,11 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
                         action="append", default=[],
                         help="publish a namespace port on the host (docker syntax)")
+    parser.add_argument("--publish-mode", choices=("device", "splice"), default="device",
+                        help="how published TCP ports reach the namespace: device (default) "
+                        "= through the device to its interface address, so the server sees "
+                        "the client's address (the gateway for the host's loopback); splice "
+                        "= a forward to its 127.0.0.1 (faster; every client is 127.0.0.1)")
     parser.add_argument("--allow-host-access", "--allow-host-loopback", action="store_true",
                         help="let the namespace reach the host itself: its 127.0.0.1/::1 "
                         "through the gateway address, and its own addresses (off by "

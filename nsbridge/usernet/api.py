@@ -91,6 +91,7 @@ def options(
     api_socket: str | None = None,
     outbound_addr: str | None = None,
     outbound_addr6: str | None = None,
+    publish_mode: str = "device",
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
@@ -104,7 +105,12 @@ def options(
     path where slirp4netns's API socket is served (ports published at run time, see
     docs/slirp4netns.md); ``outbound_addr``/``outbound_addr6`` an address of the host or
     an interface name each, the source of outbound IPv4/IPv6 sockets (``--outbound-addr``,
-    ``--outbound-addr6``; None: the kernel's choice).  Raises UserError
+    ``--outbound-addr6``; None: the kernel's choice);
+    ``publish_mode`` how published TCP ports reach the namespace:
+    ``"device"`` (default) dials its interface address through the device, so the server
+    sees the client's address (the gateway for a client on the host's loopback),
+    ``"splice"`` is an ordinary forward to its loopback (faster; every client shows as
+    127.0.0.1).  Raises UserError
     on bad input, before anything is created.  Rule warnings (a port rule naming one
     family) are logged at start and listed in ``warnings`` of what is returned.
     """
@@ -119,7 +125,8 @@ def options(
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
         nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix),
-        api_socket=api_socket, outbound_addr=outbound_addr, outbound_addr6=outbound_addr6)
+        api_socket=api_socket, outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+        publish_mode=publish_mode)
     check_options(opts)  # a typo must not surface after the fork
     return opts
 
@@ -238,6 +245,7 @@ def run(
     api_socket: str | None = None,
     outbound_addr: str | None = None,
     outbound_addr6: str | None = None,
+    publish_mode: str = "device",
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -257,7 +265,8 @@ def run(
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
-                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6)
+                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                   publish_mode=publish_mode)
     handle = _sandbox.Sandbox.create(
         list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
@@ -333,6 +342,7 @@ def attach(
     api_socket: str | None = None,
     outbound_addr: str | None = None,
     outbound_addr6: str | None = None,
+    publish_mode: str = "device",
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -345,7 +355,8 @@ def attach(
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
-                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6)
+                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                   publish_mode=publish_mode)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
         handle = _sandbox.Sandbox.for_namespace(target, netconfig_of(opts),
@@ -408,12 +419,14 @@ class HostSide:
                  cidr: str = USERNET_CIDR, cidr6: str = USERNET_CIDR6,
                  nat64_prefix: str | Iterable[str] = (),
                  outbound_addr: str | None = None, outbound_addr6: str | None = None,
+                 publish_mode: str = "device",
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self._options = options(publish=publish, allow_host_access=allow_host_access,
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
                                 cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix,
-                                outbound_addr=outbound_addr, outbound_addr6=outbound_addr6)
+                                outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                                publish_mode=publish_mode)
         self._config = netconfig_of(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from nsbridge.usernet.proto.addresses import UsernetAddresses
     from nsbridge.usernet.proto.policy import Policy
 
+PUBLISH_MODES = ("device", "splice")
+
+
 @dataclass
 class UsernetOptions:
     publish: list[Publish] = field(default_factory=list)
@@ -47,6 +50,9 @@ class UsernetOptions:
     # (slirp4netns's --outbound-addr/--outbound-addr6; None: the kernel's choice).
     outbound_addr: str | None = None
     outbound_addr6: str | None = None
+    # device: published TCP ports dial through the device, keeping the client's address
+    # (host/inbound.py); splice: an ordinary forward to the namespace's loopback
+    publish_mode: str = "device"
 
 
 def addresses_of(options: UsernetOptions) -> UsernetAddresses:
@@ -93,6 +99,8 @@ def check_options(options: UsernetOptions) -> None:
         except ValueError:
             raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
                             "192.0.2.53 or [2001:db8::53]:53") from None
+    if options.publish_mode not in PUBLISH_MODES:
+        raise UserError(f"--publish-mode {options.publish_mode!r}: use 'device' or 'splice'")
     policy_of(options)
     netconfig_of(options)
     outbound_of(options)
@@ -163,4 +171,5 @@ def options_from_args(args: Namespace) -> UsernetOptions:
                           deny=args.deny, tcp=args.tcp, relay=args.relay,
                           dns=parse_dns(args.dns), mtu=args.mtu, ipv6=not args.disable_ipv6,
                           cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix,
-                          outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6)
+                          outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6,
+                          publish_mode=args.publish_mode)

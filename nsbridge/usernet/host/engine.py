@@ -168,6 +168,7 @@ class TunEngine:
         self.open_udp_socket = self.decide.open_udp_socket
         self.open_ping_socket = self.decide.open_ping_socket
         self.answer_host_error = self.replies.answer_host_error
+        self.udp_flows = self._udp  # published UDP ports' inbound flows (host/inbound.py)
         self._started = False
         self._closed = False
 
