@@ -381,6 +381,11 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
                         action="append", default=[],
                         help="publish a namespace port on the host (docker syntax)")
+    parser.add_argument("--publish-mode", choices=("device", "splice"), default="device",
+                        help="how published TCP ports reach the namespace: device (default) "
+                        "= through the device to its interface address, so the server sees "
+                        "the client's address (the gateway for the host's loopback); splice "
+                        "= a forward to its 127.0.0.1 (faster; every client is 127.0.0.1)")
     parser.add_argument("--allow-host-access", "--allow-host-loopback", action="store_true",
                         help="let the namespace reach the host itself: its 127.0.0.1/::1 "
                         "through the gateway address, and its own addresses (off by "
@@ -411,6 +416,12 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cidr6", metavar="NETWORK", default=USERNET_CIDR6,
                         help=f"the namespace's IPv6 network (default {USERNET_CIDR6}): ::100, "
                         "gateway ::2, DNS ::3")
+    parser.add_argument("--outbound-addr", metavar="IPv4|INTERFACE",
+                        help="bind outbound IPv4 sockets to this address of the host, or to "
+                        "the interface's first IPv4 address (as slirp4netns); the source "
+                        "only, the policy still decides (default: the kernel's choice)")
+    parser.add_argument("--outbound-addr6", metavar="IPv6|INTERFACE",
+                        help="the same for IPv6 (an interface's first global address)")
     parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)

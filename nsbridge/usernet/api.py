@@ -89,6 +89,9 @@ def options(
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
     api_socket: str | None = None,
+    outbound_addr: str | None = None,
+    outbound_addr6: str | None = None,
+    publish_mode: str = "device",
 ) -> UsernetOptions:
     """Build the options ``run``/``attach``/``HostSide`` share (the CLI's flags).
 
@@ -100,7 +103,14 @@ def options(
     ``dns`` host resolvers as ``(ip, port)`` (None: the host's /etc/resolv.conf);
     ``nat64_prefix`` the host's NAT64 prefix(es), ``--nat64-prefix``; ``api_socket`` a
     path where slirp4netns's API socket is served (ports published at run time, see
-    docs/slirp4netns.md).  Raises UserError
+    docs/slirp4netns.md); ``outbound_addr``/``outbound_addr6`` an address of the host or
+    an interface name each, the source of outbound IPv4/IPv6 sockets (``--outbound-addr``,
+    ``--outbound-addr6``; None: the kernel's choice);
+    ``publish_mode`` how published TCP ports reach the namespace:
+    ``"device"`` (default) dials its interface address through the device, so the server
+    sees the client's address (the gateway for a client on the host's loopback),
+    ``"splice"`` is an ordinary forward to its loopback (faster; every client shows as
+    127.0.0.1).  Raises UserError
     on bad input, before anything is created.  Rule warnings (a port rule naming one
     family) are logged at start and listed in ``warnings`` of what is returned.
     """
@@ -115,7 +125,8 @@ def options(
         tcp=tcp, relay=relay, dns=None if dns is None else [(str(h), int(p)) for h, p in dns],
         mtu=mtu, ipv6=ipv6, cidr=cidr, cidr6=cidr6,
         nat64_prefix=[nat64_prefix] if isinstance(nat64_prefix, str) else list(nat64_prefix),
-        api_socket=api_socket)
+        api_socket=api_socket, outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+        publish_mode=publish_mode)
     check_options(opts)  # a typo must not surface after the fork
     return opts
 
@@ -232,6 +243,9 @@ def run(
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
     api_socket: str | None = None,
+    outbound_addr: str | None = None,
+    outbound_addr6: str | None = None,
+    publish_mode: str = "device",
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -250,7 +264,9 @@ def run(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, relay=relay, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
+                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                   publish_mode=publish_mode)
     handle = _sandbox.Sandbox.create(
         list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
@@ -324,6 +340,9 @@ def attach(
     cidr6: str = USERNET_CIDR6,
     nat64_prefix: str | Iterable[str] = (),
     api_socket: str | None = None,
+    outbound_addr: str | None = None,
+    outbound_addr6: str | None = None,
+    publish_mode: str = "device",
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Attachment:
     """Give the namespace of ``target`` (a PID, ``pid:N``, an nsfs path, an ``ip netns``
@@ -335,7 +354,9 @@ def attach(
     opts = options(publish=publish, allow_host_access=allow_host_access,
                    allow_host_loopback=allow_host_loopback, allow=allow,
                    deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6, cidr=cidr,
-                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket)
+                   cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
+                   outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                   publish_mode=publish_mode)
     pidfd = None if isinstance(target, Netns) else target_pidfd(target)
     try:
         handle = _sandbox.Sandbox.for_namespace(target, netconfig_of(opts),
@@ -397,11 +418,15 @@ class HostSide:
                  tcp: str = "auto", mtu: int = MTU, ipv6: bool = True,
                  cidr: str = USERNET_CIDR, cidr6: str = USERNET_CIDR6,
                  nat64_prefix: str | Iterable[str] = (),
+                 outbound_addr: str | None = None, outbound_addr6: str | None = None,
+                 publish_mode: str = "device",
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self._options = options(publish=publish, allow_host_access=allow_host_access,
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
-                                cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix)
+                                cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix,
+                                outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
+                                publish_mode=publish_mode)
         self._config = netconfig_of(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

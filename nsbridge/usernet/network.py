@@ -27,7 +27,14 @@ from nsbridge.errors import UserError
 from nsbridge.forward import UDP, Bridge, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.net.addresses import HostPort
 from nsbridge.relay.loop import IN
-from nsbridge.usernet.options import UsernetOptions, policy_of, policy_warnings, resolvers_of
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
+from nsbridge.usernet.options import (
+    UsernetOptions,
+    outbound_of,
+    policy_of,
+    policy_warnings,
+    resolvers_of,
+)
 from nsbridge.usernet.proto.publish import Publish
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.engine import TunEngine
     from nsbridge.usernet.host.flowrelay import NativeRelay
     from nsbridge.usernet.host.hostaddrs import HostAddresses
+    from nsbridge.usernet.host.inbound import InboundPorts
     from nsbridge.usernet.host.redirect import TcpRedirector
     from nsbridge.usernet.host.tap import TapEngine
     from nsbridge.usernet.host.tuntcp import TunTcp
@@ -123,6 +131,7 @@ class Network:
         self.native_relay: NativeRelay | None = None
         self.host_addresses: HostAddresses | None = None
         self.api_socket: ApiSocketServer | None = None
+        self.inbound: InboundPorts | None = None  # device-mode published ports
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -130,6 +139,8 @@ class Network:
         self._on_end: list[Callable[[], None]] = []
         self._fast_path_pending: PendingFds | None = None  # see prepare_tcp_fast_path
         self.warnings: list[str] = policy_warnings(options, self.policy)
+        # Resolved in start(), in the namespace the host side dials from.
+        self.outbound: OutboundAddresses = NONE
 
     # ---- building -------------------------------------------------------------------
 
@@ -144,6 +155,9 @@ class Network:
             log.warning("%s", warning)
         log.info("policy: %s", self.policy.describe())
         try:
+            self.outbound = outbound = outbound_of(self.options)
+            if outbound:
+                log.info("outbound sockets bound to: %s", outbound.describe())
             self._track_host_addresses()
             resolvers = self.policy.resolvers
             if resolvers is None:
@@ -155,7 +169,7 @@ class Network:
             else:
                 self.engine = TunEngine(bridge.loop, handle.tun, handle.vnet_hdr_size,
                                         self.policy, self.policy.addresses, resolvers,
-                                        offloads=handle.offloads)
+                                        offloads=handle.offloads, outbound=outbound)
             self.engine.start()
             no_ping = ping_unavailable()
             if no_ping is not None:
@@ -167,18 +181,20 @@ class Network:
                 from nsbridge.usernet.host.redirect import TcpRedirector
 
                 self.redirector = TcpRedirector(bridge.loop, listeners, self.policy,
-                                                resolvers=resolvers, mover=bridge.mover)
+                                                resolvers=resolvers, mover=bridge.mover,
+                                                outbound=outbound)
                 self.redirector.start()
                 log.info("TCP: kernel fast path (nftables redirect)")
             else:
                 self._start_tun_tcp(resolvers)
+            self._start_inbound(resolvers)
             if self.options.publish or self.options.api_socket:
                 from nsbridge.usernet.inside.nsfactory import ProcessFactory
 
                 factory = ProcessFactory.inside(handle)
                 bridge.register_factory(handle.netns, factory)
                 for publish in self.options.publish:
-                    _publish(bridge, handle, publish)
+                    self._publish(publish)
             if self.options.api_socket:
                 from nsbridge.usernet.host.apisocket import ApiSocketServer
 
@@ -228,7 +244,7 @@ class Network:
             resolvers = resolvers_of(self.options)
         self.redirector = TcpRedirector(self.bridge.loop, [_socket(fd) for fd in fds],
                                         self.policy, resolvers=resolvers,
-                                        mover=self.bridge.mover)
+                                        mover=self.bridge.mover, outbound=self.outbound)
         self.redirector.start()
         log.info("TCP: kernel fast path (nftables redirect) for the namespace's own "
                  "connections; the tun path for forwarded ones")
@@ -268,7 +284,8 @@ class Network:
         self.options = replace(options, tcp="tun", relay="engine")
         log.info("link: TAP (Ethernet; ARP, neighbour discovery and DHCP answered here)")
         return TapEngine(self.bridge.loop, handle.tun, self.policy, self.policy.addresses,
-                         resolvers, guest_mac=handle.guest_mac, ipv6=bool(handle.ipv6))
+                         resolvers, guest_mac=handle.guest_mac, ipv6=bool(handle.ipv6),
+                         outbound=self.outbound)
 
     def _track_host_addresses(self) -> None:
         """With host access off, give the policy the host's addresses, live (opened here:
@@ -308,13 +325,57 @@ class Network:
         self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts, self.policy,
                               source_ok=engine.new_flow_source_ok, resolvers=resolvers,
                               vnet=bool(self.handle.vnet_hdr_size),
-                              offload="csum" in self.handle.offloads)
+                              offload="csum" in self.handle.offloads, outbound=self.outbound)
         engine.tcp_handler = self.tun_tcp.handle
         if self.options.tcp == "tun":
             log.info("TCP: tun path (terminated on the host side)")
         else:
             log.warning("TCP fast path unavailable (nf_tables cannot be used in the namespace; "
                         "-v says why); TCP goes through the tun path (slower)")
+
+    def _start_inbound(self, resolvers: list[tuple[str, int]]) -> None:
+        """Published ports that keep the client's address (``--publish-mode=device``,
+        the default).  TCP needs the tun TCP path's active open, so under the fast path
+        a TunTcp serving only inbound flows is made too; without it (a kernel before
+        6.9) published TCP ports fall back to splice, and say so.  UDP goes through the
+        engine's UDP flows."""
+        options, engine = self.options, self.engine
+        if options.publish_mode != "device" or engine is None or not (
+                options.api_socket or options.publish):
+            return
+        from nsbridge.usernet.host.inbound import InboundPorts
+        from nsbridge.usernet.host.tuntcp import TunTcp, unavailable
+
+        wants_tcp = options.api_socket or any(p.protocol == "tcp" for p in options.publish)
+        if self.tun_tcp is None and wants_tcp:
+            why_not = unavailable()
+            if why_not is not None:
+                log.warning("published TCP ports show every client as the namespace's own "
+                            "loopback (splice mode): %s", why_not)
+            else:
+                self.tun_tcp = TunTcp(self.bridge.loop, engine.write, engine.write_parts,
+                                      self.policy, source_ok=engine.new_flow_source_ok,
+                                      resolvers=resolvers,
+                                      vnet=bool(self.handle.vnet_hdr_size),
+                                      offload="csum" in self.handle.offloads, serve_outbound=False)
+                engine.tcp_handler = self.tun_tcp.handle
+        self.inbound = InboundPorts(self.bridge.loop, self.tun_tcp, engine.udp_flows,
+                                    self.policy.addresses)
+
+    def _publish(self, publish: Publish) -> None:
+        """One ``-p``: through the device keeping the client's address (device mode),
+        else an ordinary forward dialing the namespace's loopback (splice)."""
+        if self.inbound is not None and self.inbound.serves_protocol(publish.protocol):
+            addresses = self.policy.addresses
+            v6 = ":" in publish.host.host and self.options.ipv6
+            guest = addresses.namespace6 if v6 else addresses.namespace
+            port = self.inbound.add(publish.host, str(guest), publish.ns_port,
+                                    name=f"-p {publish.host}:{publish.ns_port}",
+                                    protocol=publish.protocol)
+            log.info("published %s (listening on %s; dialed at %s through the device, "
+                     "keeping the client's address)", publish, port.listen_address, guest)
+            return
+        _publish(self.bridge, self.handle, publish)
 
     def _start_native_relay(self) -> None:
         """UDP and ping through the native relay (``--relay``): ``auto`` uses it in a
@@ -467,7 +528,16 @@ class Network:
             tcp = self.tun_tcp.snapshot().as_dict()
         forwards = [{"name": f.spec.name, "listen": str(f.listen_address)}
                     for f in self.bridge.forwards]
-        return {"engine": engine, "tcp": tcp, "published": forwards}
+        if self.inbound is not None:
+            forwards += [{"name": p.name, "listen": str(p.listen_address),
+                          "protocol": p.protocol, "mode": "device"}
+                         for p in self.inbound.ports]
+        result = {"engine": engine, "tcp": tcp, "published": forwards}
+        if self.redirector is not None and self.tun_tcp is not None:
+            # beside the fast path: the tun path's (published ports' inbound flows; on
+            # a TAP also the connections forwarded from containers behind a bridge)
+            result["tun_tcp"] = self.tun_tcp.snapshot().as_dict()
+        return result
 
     def _teardown(self) -> None:
         with self._lock:
@@ -481,6 +551,8 @@ class Network:
         if self._fast_path_pending is not None:
             self._fast_path_pending.cancel()
             self._fast_path_pending = None
+        if self.inbound is not None:
+            self.inbound.close()
         if self.tun_tcp is not None:
             self.tun_tcp.close()
         if self.native_relay is not None:
@@ -511,6 +583,7 @@ def _merge_native_relay(engine: dict[str, Any], relay: dict[str, Any]) -> None:
 
 
 def _publish(bridge: Bridge, handle: SandboxHandle, publish: Publish) -> None:
+    """A published port in splice mode: an ordinary forward to the namespace's loopback."""
     protocol = UDP if publish.protocol == "udp" else "stream"
     target = HostPort("127.0.0.1", publish.ns_port)
     forward = bridge.add(ForwardSpec(

@@ -22,9 +22,13 @@ from nsbridge.net.addresses import parse_host_port
 from nsbridge.usernet.proto.publish import Publish, parse_publish
 
 if TYPE_CHECKING:
+    from nsbridge.usernet.host.outbound import OutboundAddresses
     from nsbridge.usernet.inside.netconf import NetConfig
     from nsbridge.usernet.proto.addresses import UsernetAddresses
     from nsbridge.usernet.proto.policy import Policy
+
+PUBLISH_MODES = ("device", "splice")
+
 
 @dataclass
 class UsernetOptions:
@@ -42,6 +46,13 @@ class UsernetOptions:
     cidr6: str = USERNET_CIDR6  # and its IPv6 network
     nat64_prefix: list[str] = field(default_factory=list)  # the host's NAT64 prefixes
     api_socket: str | None = None  # serve slirp4netns's API socket here (host/apisocket.py)
+    # The source of outbound sockets per family: an address or an interface name
+    # (slirp4netns's --outbound-addr/--outbound-addr6; None: the kernel's choice).
+    outbound_addr: str | None = None
+    outbound_addr6: str | None = None
+    # device: published TCP ports dial through the device, keeping the client's address
+    # (host/inbound.py); splice: an ordinary forward to the namespace's loopback
+    publish_mode: str = "device"
 
 
 def addresses_of(options: UsernetOptions) -> UsernetAddresses:
@@ -88,12 +99,26 @@ def check_options(options: UsernetOptions) -> None:
         except ValueError:
             raise UserError(f"--dns {host!r}: not an IP address; give IP or IP:PORT, e.g. "
                             "192.0.2.53 or [2001:db8::53]:53") from None
+    if options.publish_mode not in PUBLISH_MODES:
+        raise UserError(f"--publish-mode {options.publish_mode!r}: use 'device' or 'splice'")
     policy_of(options)
     netconfig_of(options)
+    outbound_of(options)
     if options.api_socket is not None:
         from nsbridge.usernet.host.apisocket import check_path
 
         check_path(options.api_socket)
+
+
+def outbound_of(options: UsernetOptions) -> OutboundAddresses:
+    """The source addresses of outbound sockets, resolved in this process's network
+    namespace (where the host side dials from); UserError naming a bad value."""
+    from nsbridge.usernet.host import outbound
+
+    try:
+        return outbound.resolve(options.outbound_addr, options.outbound_addr6)
+    except outbound.OutboundError as exc:
+        raise UserError(str(exc)) from None
 
 
 def resolvers_of(options: UsernetOptions) -> list[tuple[str, int]]:
@@ -145,4 +170,6 @@ def options_from_args(args: Namespace) -> UsernetOptions:
                           allow_host_access=args.allow_host_access, allow=args.allow,
                           deny=args.deny, tcp=args.tcp, relay=args.relay,
                           dns=parse_dns(args.dns), mtu=args.mtu, ipv6=not args.disable_ipv6,
-                          cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix)
+                          cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix,
+                          outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6,
+                          publish_mode=args.publish_mode)

@@ -99,7 +99,8 @@ def usernet_options(args: Any) -> Any:
         deny = [f"{dns4}/32"]  # covers the IPv6 DNS address too (one service)
     return UsernetOptions(allow_host_access=not args.disable_host_loopback, deny=deny,
                           tcp="tun", relay="engine", mtu=args.mtu, ipv6=args.ipv6,
-                          cidr=args.cidr, cidr6=USERNET_CIDR6, api_socket=args.api_socket)
+                          cidr=args.cidr, cidr6=USERNET_CIDR6, api_socket=args.api_socket,
+                          outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6)
 
 
 def slirp4netns_policy(args: Any, options: Any) -> Any:
@@ -162,7 +163,7 @@ def _serve(args: Any, stops: Any) -> int:
 
             network.prepare_tcp_fast_path()  # its helper must be forked before we lock down
             lock_down(handle.userns, sandbox=args.enable_sandbox, seccomp=args.enable_seccomp)
-        _print_banner(args, addresses)
+        _print_banner(args, addresses, network.outbound)
         if args.ready_fd is not None:
             _signal_ready(args.ready_fd)
         log.info("ready after %.0f ms", (time.monotonic() - started) * 1000)
@@ -198,7 +199,7 @@ def _signal_ready(fd: int) -> None:
         os.close(fd)
 
 
-def _print_banner(args: Any, addresses: Any) -> None:
+def _print_banner(args: Any, addresses: Any, outbound: Any) -> None:
     """slirp4netns's start-up summary on stdout (callers log it; nobody parses it)."""
     network = addresses.network
     lines = [
@@ -212,6 +213,10 @@ def _print_banner(args: Any, addresses: Any) -> None:
     ]
     if args.api_socket is not None:
         lines.append(f"* API Socket:      {args.api_socket}")
+    if outbound.ipv4 is not None:
+        lines.append(f"* Outbound IPv4:    {outbound.ipv4}")
+    if outbound.ipv6 is not None:
+        lines.append(f"* Outbound IPv6:    {outbound.ipv6}")
     if args.macaddress is not None:
         lines.append(f"* MAC address:     {args.macaddress}")
     if not args.disable_host_loopback:

@@ -32,12 +32,15 @@ from nsbridge.usernet.proto.packets import (
 from nsbridge.usernet.proto.tcpstate import (
     DUPACK_THRESHOLD,
     MAX_RETRIES,
+    MAX_SEGMENT,
     OUR_WSCALE,
     RECV_BUFFER,
+    SYN_RETRIES,
     Actions,
     Budget,
     State,
     TcpConn,
+    clock_iss,
     syn_options,
 )
 
@@ -382,6 +385,15 @@ def test_connections_share_one_buffer_budget() -> None:
 # ---- the state/event tables of the module docstring, walked against the code ----------------
 
 IRS, ISS = 5000, 1000
+GUEST_ISS = 9000  # the namespace's sequence numbers when we open (not its SYN's IRS)
+
+
+def active(mss_ws: bytes = MSS_WS) -> tuple[TcpConn, TCP]:
+    """A connection we open towards the namespace (published port, device mode): the
+    namespace is NS:40000 and we are DST:80, as in every segment() here; and our SYN."""
+    conn, syn = TcpConn.active_open((DST, 80), (NS, 40000), ISS, vnet=False)
+    assert conn.state is State.SYN_SENT
+    return conn, tcp_of(syn)
 
 
 def docstring_tables() -> list[tuple[list[str], dict[str, list[str]]]]:
@@ -410,6 +422,8 @@ def docstring_tables() -> list[tuple[list[str], dict[str, list[str]]]]:
 def in_state(state: State) -> TcpConn:
     """A connection driven to ``state`` by the shortest real path (nothing in flight but
     a FIN; the namespace's FIN, when sent, is at IRS + 1)."""
+    if state is State.SYN_SENT:
+        return active()[0]
     conn = TcpConn(segment(TCP_SYN, IRS, window=65535, options=MSS_WS), ISS, vnet=False)
     steps = {
         State.DIALING: [],
@@ -440,12 +454,15 @@ def in_state(state: State) -> TcpConn:
 
 
 def give_up(conn: TcpConn) -> Actions:
-    """Let the retransmit timer fire until the connection gives up; its last actions."""
+    """Let the retransmit timer fire until the connection gives up; its last actions
+    (after exactly MAX_RETRIES retransmissions, SYN_RETRIES for our SYN)."""
     if conn.snd_max == conn.snd_una:
         conn.data_head(b"x")  # ESTABLISHED, CLOSE-WAIT: put something in flight
-    for _ in range(MAX_RETRIES):
+    retries = SYN_RETRIES if conn.state is State.SYN_SENT else MAX_RETRIES
+    for _ in range(retries):
         conn.arm()
-        assert conn.on_timeout() is not None
+        again = conn.on_timeout()
+        assert again is not None and not again.abort
     conn.arm()
     final = conn.on_timeout()
     assert final is not None
@@ -453,7 +470,7 @@ def give_up(conn: TcpConn) -> Actions:
 
 
 def segment_event(event: str) -> Callable[[TcpConn], Actions]:
-    """The namespace's segment for one column of the first table."""
+    """The namespace's segment for one column of the first two tables."""
     return {
         "SYN": lambda conn: conn.on_segment(segment(TCP_SYN, IRS, options=MSS_WS).l4),
         "ACK of SYN": lambda conn: conn.on_segment(segment(TCP_ACK, IRS + 1, ISS + 1).l4),
@@ -461,7 +478,10 @@ def segment_event(event: str) -> Callable[[TcpConn], Actions]:
             segment(TCP_ACK, conn.rcv_nxt, ISS + 2).l4),
         "FIN": lambda conn: conn.on_segment(
             segment(TCP_ACK | TCP_FIN, IRS + 1, conn.snd_una).l4),
-        "RST": lambda conn: conn.on_segment(segment(TCP_RST, conn.rcv_nxt).l4),
+        "SYN-ACK": lambda conn: conn.on_segment(
+            segment(TCP_SYN | TCP_ACK, GUEST_ISS, ISS + 1, options=MSS_WS).l4),
+        "RST": lambda conn: conn.on_segment(
+            segment(TCP_RST | TCP_ACK, conn.rcv_nxt, conn.snd_max).l4),
         "accepted()": lambda conn: Actions(frames=[conn.accepted()]),
         "refused()": lambda conn: Actions(frames=[conn.refused()]),
         "host_eof()": lambda conn: Actions(frames=conn.host_eof()),
@@ -478,7 +498,7 @@ def answer_of(actions: Actions) -> set[str]:
         if flags & TCP_RST:
             words.add("rst")
         elif flags & TCP_SYN:
-            words.add("synack")
+            words.add("synack" if flags & TCP_ACK else "syn")
         elif flags & TCP_FIN:
             words.add("fin")
         else:
@@ -499,9 +519,9 @@ TABLE_CELLS = [  # "-" (the event cannot happen in that state) has nothing to dr
 ]
 
 
-def test_the_docstring_has_both_tables_with_a_row_per_state() -> None:
+def test_the_docstring_has_the_three_tables_with_a_row_per_state() -> None:
     tables = docstring_tables()
-    assert len(tables) == 2
+    assert len(tables) == 3
     for _events, rows in tables:
         assert list(rows) == [state.value for state in State]
 
@@ -569,3 +589,109 @@ def test_the_last_ack_also_acknowledges_a_retransmitted_fin() -> None:
     actions = conn.on_segment(segment(TCP_ACK | TCP_FIN, IRS + 1, ISS + 2).l4)
     assert actions.done and conn.state is State.CLOSED
     assert [tcp_of(frame).ack for frame in actions.frames] == [IRS + 2]
+
+
+# ---- the active open (a published port that keeps its client's address) -------------------
+
+
+def test_active_open_sends_a_syn_with_mss_and_window_scale() -> None:
+    conn, syn = active()
+    assert syn.flags == TCP_SYN and syn.seq == ISS and (syn.sport, syn.dport) == (80, 40000)
+    assert syn_options(syn.options, 4) == (MAX_SEGMENT, OUR_WSCALE)
+    assert conn.sendable() == 0 and conn.in_flight()
+
+
+def test_synack_establishes_takes_its_mss_and_scale_and_is_acked() -> None:
+    conn, _ = active()
+    actions = conn.on_segment(segment(TCP_SYN | TCP_ACK, GUEST_ISS, ISS + 1, window=1000,
+                                      options=b"\x02\x04\x05\xb4\x01\x03\x03\x05").l4)
+    assert conn.state is State.ESTABLISHED and actions.pull
+    (ack,) = [tcp_of(frame) for frame in actions.frames]
+    assert ack.flags == TCP_ACK and ack.seq == ISS + 1 and ack.ack == GUEST_ISS + 1
+    assert conn.mss == 1460 and conn.peer_wscale == 5 and conn.our_wscale == OUR_WSCALE
+    assert conn.snd_wnd == 1000  # a SYN-ACK's window is not scaled
+    assert conn.sendable() == 1000
+    data = tcp_of(conn.data_head(b"hello") + b"hello")
+    assert data.seq == ISS + 1 and data.payload == b"hello"
+    back = conn.on_segment(segment(TCP_ACK | TCP_PSH, GUEST_ISS + 1, ISS + 6, b"hi").l4)
+    assert back.discard == 5 and back.deliver == b"hi"
+
+
+def test_synack_without_window_scale_turns_scaling_off_both_ways() -> None:
+    conn, _ = active()
+    conn.on_segment(segment(TCP_SYN | TCP_ACK, GUEST_ISS, ISS + 1,
+                            options=b"\x02\x04\x05\xb4").l4)
+    assert conn.state is State.ESTABLISHED
+    assert conn.our_wscale == 0 and conn.peer_wscale == 0
+
+
+@pytest.mark.parametrize("ack", [ISS, ISS + 2, ISS + (1 << 31)])
+def test_synack_acking_something_else_gets_a_bare_reset_and_changes_nothing(ack: int) -> None:
+    """RFC 9293 3.10.7.3: a reset whose sequence number is the ACK received; the SYN is
+    still waiting for its real answer (a hostile or stale segment cannot end it)."""
+    conn, _ = active()
+    actions = conn.on_segment(segment(TCP_SYN | TCP_ACK, GUEST_ISS, ack).l4)
+    (rst,) = [tcp_of(frame) for frame in actions.frames]
+    assert rst.flags == TCP_RST and rst.seq == ack & 0xFFFFFFFF
+    assert conn.state is State.SYN_SENT and not actions.abort and not actions.pull
+
+
+def test_reset_acking_our_syn_is_a_closed_port_and_one_without_ack_is_ignored() -> None:
+    conn, _ = active()
+    ignored = conn.on_segment(segment(TCP_RST, 0).l4)
+    assert conn.state is State.SYN_SENT and not ignored.abort and not ignored.frames
+    wrong = conn.on_segment(segment(TCP_RST | TCP_ACK, 0, ISS + 5).l4)
+    assert conn.state is State.SYN_SENT and not wrong.abort and not wrong.frames
+    refused = conn.on_segment(segment(TCP_RST | TCP_ACK, 0, ISS + 1).l4)
+    assert conn.state is State.CLOSED and refused.abort and not refused.frames
+
+
+def test_the_syn_is_retransmitted_then_given_up_silently() -> None:
+    conn, _ = active()
+    for _ in range(SYN_RETRIES):
+        conn.arm()
+        actions = conn.on_timeout()
+        assert actions is not None and not actions.abort
+        (again,) = [tcp_of(frame) for frame in actions.frames]
+        assert again.flags == TCP_SYN and again.seq == ISS
+    conn.arm()
+    final = conn.on_timeout()
+    assert final is not None and final.abort and not final.frames
+    assert conn.state is State.CLOSED
+
+
+def test_a_retransmitted_synack_after_establishing_gets_a_challenge_ack() -> None:
+    conn, _ = active()
+    conn.on_segment(segment(TCP_SYN | TCP_ACK, GUEST_ISS, ISS + 1, options=MSS_WS).l4)
+    actions = conn.on_segment(segment(TCP_SYN | TCP_ACK, GUEST_ISS, ISS + 1).l4)
+    assert conn.state is State.ESTABLISHED
+    assert [tcp_of(frame).flags for frame in actions.frames] == [TCP_ACK]
+
+
+def test_reset_while_opening_has_no_ack_and_our_next_sequence() -> None:
+    conn, _ = active()
+    rst = tcp_of(conn.reset())
+    assert rst.flags == TCP_RST and rst.seq == ISS + 1 and conn.state is State.CLOSED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([TCP_SYN, TCP_ACK, TCP_RST, TCP_FIN, TCP_PSH,
+                                           TCP_SYN | TCP_ACK, TCP_RST | TCP_ACK]),
+                          st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+                          st.binary(max_size=8)), max_size=12))
+def test_hostile_segments_while_opening_never_raise(steps: list) -> None:
+    conn, _ = active()
+    for flags, seq, ack, payload in steps:
+        conn.on_segment(segment(flags, seq, ack, payload).l4)
+        conn.arm()
+        conn.on_timeout()
+
+
+def test_clock_iss_grows_with_time_per_four_tuple_and_differs_between_them() -> None:
+    """RFC 6528: a reused four-tuple's numbers move forward (a guest's TIME-WAIT takes
+    the new SYN), other four-tuples' are keyed apart."""
+    a, b = (DST, 40000), (NS, 8000)
+    first = clock_iss(a, b, 10**9, b"k" * 16)
+    assert clock_iss(a, b, 10**9 + 50 * 10**6, b"k" * 16) == (first + 12500) & 0xFFFFFFFF
+    assert clock_iss((DST, 40001), b, 10**9, b"k" * 16) != first
+    assert clock_iss(a, b, 10**9, b"j" * 16) != first

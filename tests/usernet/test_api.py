@@ -286,3 +286,13 @@ def test_options_take_nat64_prefixes_and_every_address_rules():
         api.options(nat64_prefix=["64:ff9b:1::/100"])
     with pytest.raises(UserError, match=r"^--deny \*/0: '\*' stands alone"):
         api.options(deny=["*/0"])
+
+
+def test_publish_mode_is_device_by_default_and_checked():
+    from nsbridge.errors import UserError
+    from nsbridge.usernet import api
+
+    assert api.options(publish=["8080:80"]).publish_mode == "device"
+    assert api.options(publish_mode="splice").publish_mode == "splice"
+    with pytest.raises(UserError, match=r"^--publish-mode 'fast': use 'device' or 'splice'"):
+        api.options(publish_mode="fast")

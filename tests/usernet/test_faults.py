@@ -346,7 +346,7 @@ def test_socket_factory_killed_or_stopped(host, start_run, echo_servers, sig):
     on and nothing is left behind."""
     tcp_port, udp_port = echo_servers
     port = 20000 + uuid.uuid4().int % 20000
-    run = start_run("-p", f"127.0.0.1:{port}:8000")
+    run = start_run("--publish-mode=splice", "-p", f"127.0.0.1:{port}:8000")
     wait_until(lambda: published(host, port)[0] == "hello", timeout=10, what="published port")
     helper = factory_pid(run)
 

@@ -197,12 +197,15 @@ def test_ping_the_host_network(host):
     assert "2 received" in result.stdout
 
 
-def test_published_port_reached_from_the_host(host, tmp_path):
+@pytest.mark.parametrize(("mode", "bind"), [("device", "0.0.0.0"), ("splice", "127.0.0.1")])
+def test_published_port_reached_from_the_host(host, tmp_path, mode, bind):
+    """Device mode (the default) dials the namespace's interface address, so the server
+    listens on it; splice mode dials its loopback, so a server bound there is reached."""
     (tmp_path / "page.txt").write_text("served from inside the sandbox\n")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge", "run", "-v",
-         "-p", "127.0.0.1:18080:8000", "--", sys.executable, "-m", "http.server", "8000",
-         "--bind", "127.0.0.1", "-d", str(tmp_path)],
+         f"--publish-mode={mode}", "-p", "127.0.0.1:18080:8000", "--", sys.executable,
+         "-m", "http.server", "8000", "--bind", bind, "-d", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         def fetch() -> bytes | None:
@@ -366,6 +369,7 @@ def test_ping_without_ping_sockets_says_why(host, relay):
     (["--mtu", "100"], "--mtu '100'"),
     (["--mtu", "abc"], "invalid int value"),
     (["--tcp", "quic"], "invalid choice: 'quic'"),
+    (["--publish-mode", "fast"], "invalid choice: 'fast'"),
     (["--allow", "tcp:192.0.2.1:99999"], "port '99999'"),
     (["--deny", "*/8"], "--deny */8: '*' stands alone for every address of both families"),
     (["--allow", "tcp:[*]:443"], "--allow tcp:[*]:443: '*' stands alone"),

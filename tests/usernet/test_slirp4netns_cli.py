@@ -57,6 +57,7 @@ BAD_COMMAND_LINES = [
     ["--cidr=300.0.2.0/24", "1", "t"], ["--cidr=10.0.2.0/26", "1", "t"],
     ["--cidr=10.0.2.1/24", "1", "t"], ["-c", "--macaddress=zz", "1", "t"],
     ["--no-host-loopback", "1"],
+    ["--outbound-addr"], ["--outbound-addr6=eth0", "1"], ["--outbound-a=lo", "1", "t"],
 ]
 
 
@@ -91,8 +92,8 @@ def test_help_and_version_like_slirp4netns() -> None:
     assert (real.returncode, mine.returncode) == (0, 0)
     listed = set(re.findall(r"--[a-z0-9-]+", mine.stdout))
     assert listed <= set(re.findall(r"--[a-z0-9-]+", real.stdout))
-    assert not listed & {"--outbound-addr"}
-    assert {"--enable-sandbox", "--enable-seccomp"} <= listed
+    assert {"--outbound-addr", "--outbound-addr6", "--enable-sandbox",
+            "--enable-seccomp"} <= listed  # built: listed
     real, mine = run([REAL, "-v"]), run([*OURS, "--version"])
     assert (real.returncode, mine.returncode) == (0, 0)
     for output in (real.stdout, mine.stdout):

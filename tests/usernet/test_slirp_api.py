@@ -35,8 +35,8 @@ ECHO_TCP, ECHO_UDP = 8000, 5353
 # Runs inside the sandbox: echo servers that say who they saw.
 ECHO = textwrap.dedent(f"""
     import socket, threading
-    def tcp():
-        srv = socket.create_server(("0.0.0.0", {ECHO_TCP}))
+    def tcp(address="0.0.0.0", family=socket.AF_INET):
+        srv = socket.create_server((address, {ECHO_TCP}), family=family)
         while True:
             conn, peer = srv.accept()
             def serve(conn=conn, peer=peer):
@@ -45,6 +45,7 @@ ECHO = textwrap.dedent(f"""
                         conn.sendall(peer[0].encode() + b" " + data)
             threading.Thread(target=serve, daemon=True).start()
     threading.Thread(target=tcp, daemon=True).start()
+    threading.Thread(target=tcp, args=("::", socket.AF_INET6), daemon=True).start()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("0.0.0.0", {ECHO_UDP}))
     while True:
@@ -173,7 +174,8 @@ def test_ports_published_listed_and_removed_at_run_time(host, ours):
     assert call(ours, "add_hostfwd", proto="tcp", host_port=TCP_PORT,
                 guest_port=ECHO_TCP) == {"return": {"id": 1}}
     reply = eventually_echo(host, ("127.0.0.1", TCP_PORT))
-    assert reply.endswith(b" hello")
+    # through the device, as slirp4netns: a client on the host's loopback is the gateway
+    assert reply == b"10.0.2.2 hello"
 
     assert call(ours, "add_hostfwd", proto="udp", host_addr="192.0.2.1", host_port=UDP_PORT,
                 guest_port=ECHO_UDP) == {"return": {"id": 2}}
@@ -189,7 +191,8 @@ def test_ports_published_listed_and_removed_at_run_time(host, ours):
     # IPv6 on the host side (slirp4netns cannot), to the namespace's IPv4 address.
     assert call(ours, "add_hostfwd", proto="tcp", host_addr="::1", host_port=V6_PORT,
                 guest_port=ECHO_TCP) == {"return": {"id": 3}}
-    assert tcp_echo(host, ("::1", V6_PORT)).endswith(b" hello")
+    # (an IPv6 client of an IPv4 guest address is shown as the IPv4 gateway)
+    assert tcp_echo(host, ("::1", V6_PORT)) == b"10.0.2.2 hello"
 
     assert request(ours, b'{"execute":"list_hostfwd"}') == (
         b'{"entries":[{"id":1,"proto":"tcp","host_addr":"0.0.0.0","host_port":18080,'
@@ -229,6 +232,29 @@ def test_ports_published_listed_and_removed_at_run_time(host, ours):
                 guest_port=ECHO_TCP) == {"return": {"id": 4}}
     assert tcp_echo(host, ("127.0.0.1", TCP_PORT)).endswith(b" hello")
     assert [e["id"] for e in call(ours, "list_hostfwd")["entries"]] == [2, 3, 4]
+
+    # A UDP port removed: new clients are refused; added again at once, it serves.
+    def udp_from_new_socket() -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.connect(("192.0.2.1", UDP_PORT))
+            sock.send(b"ping")
+            try:
+                return sock.recv(4096)
+            except ConnectionRefusedError:
+                return b"refused"
+
+    assert call(ours, "remove_hostfwd", id=2) == {"return": {}}
+    assert in_netns(host, udp_from_new_socket) == b"refused"
+    assert call(ours, "add_hostfwd", proto="udp", host_addr="192.0.2.1", host_port=UDP_PORT,
+                guest_port=ECHO_UDP) == {"return": {"id": 5}}
+    assert in_netns(host, udp_from_new_socket) == b"udp ping"
+    assert call(ours, "remove_hostfwd", id=5) == {"return": {}}
+
+    # IPv6 both sides (slirp4netns cannot): the client on ::1 is the IPv6 gateway.
+    assert call(ours, "add_hostfwd", proto="tcp", host_addr="::1", host_port=V6_PORT + 1,
+                guest_addr="fd00::100", guest_port=ECHO_TCP) == {"return": {"id": 6}}
+    assert tcp_echo(host, ("::1", V6_PORT + 1)) == b"fd00::2 hello"
 
 
 @pytest.mark.parametrize("host_access", [False, True], ids=["host-access-off", "control"])

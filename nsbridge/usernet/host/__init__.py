@@ -13,8 +13,12 @@
 * :mod:`.redirect` — the TCP fast path: connections redirected by nftables, relayed.
 * :mod:`.dnstcp` — DNS over TCP on the fast path, every message checked.
 * :mod:`.tuntcp` — the TCP tun path: the host side is the other end of each connection.
+* :mod:`.inbound` — published TCP ports that keep the client's address: listeners whose
+  clients are dialed into the namespace through the device.
 * :mod:`.flowrelay` — the native UDP and ping relay's Python side (``_flowrelay.c``).
 * :mod:`.apisocket` — slirp4netns's API socket: ports published and removed at run time.
+* :mod:`.outbound` — the source address outbound sockets are bound to
+  (``--outbound-addr(6)``): resolved once, asked by every path that dials.
 * :mod:`.hostaddrs` — the host's own addresses, kept current from netlink events (what
   host access closes).
 * :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour

@@ -3,10 +3,16 @@
 Container runtimes publish ports at run time by talking to ``slirp4netns --api-socket
 PATH`` (rootlesskit's ``--port-driver=slirp4netns``, podman); this serves the same
 protocol (:mod:`nsbridge.usernet.proto.slirpapi`) for a :class:`~nsbridge.usernet.runner.
-Network`.  Each ``add_hostfwd`` becomes an ordinary forward on the network's
-:class:`~nsbridge.forward.Bridge`, exactly as ``nsbridge run -p`` publishes a port: it
-listens on the host and connects inside the namespace, through the namespace's socket
-factory, to ``guest_addr:guest_port``.  ``remove_hostfwd`` closes its listener; TCP
+Network`.  An ``add_hostfwd`` becomes a device-mode published port (:mod:`.inbound`)
+when the guest address is one of the namespace's network: the guest is reached through
+the device with the client's address as the source (10.0.2.2 for a client on the host's
+loopback), as slirp4netns does.  One to any other address (the namespace's loopback, a
+host the namespace reaches through the policy), or when the network has no inbound path
+for its protocol, is an ordinary forward on the network's
+:class:`~nsbridge.forward.Bridge`, as ``nsbridge run -p`` makes in splice mode: it listens
+on the host and connects inside the namespace, through the namespace's socket factory, to
+``guest_addr:guest_port`` (its server sees the namespace's own address).
+``remove_hostfwd`` closes its listener; TCP
 connections already made carry on and a UDP forward's flows end, which is what libslirp
 does (its accepted connections are sockets of their own, its UDP forward is one socket).
 
@@ -31,6 +37,7 @@ from nsbridge.net.addresses import HostPort
 from nsbridge.net.sockets import clear_stale_socket, remove_unix_socket
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.loop import IN, OUT, EventLoop, Timer
+from nsbridge.usernet.host.inbound import InboundPort
 from nsbridge.usernet.proto import slirpapi
 from nsbridge.usernet.proto.slirpapi import (
     AddHostFwd,
@@ -56,6 +63,7 @@ class ApiSocketServer:
         self.loop = loop
         self.path = path
         self.bridge = network.bridge
+        self.inbound = network.inbound  # device-mode TCP ports (None: all are forwards)
         self.netns = network.handle.netns
         self.default_guest = str(network.policy.addresses.namespace)
         self.table = HostFwdTable()
@@ -100,6 +108,9 @@ class ApiSocketServer:
             return slirpapi.error_reply("bad request: internal error")
 
     def _add(self, request: AddHostFwd) -> bytes:
+        if (self.inbound is not None and self.inbound.serves_protocol(request.proto)
+                and self.inbound.serves(request.guest_addr)):
+            return self._add_inbound(request)
         protocol = UDP if request.proto == "udp" else "stream"
         spec = ForwardSpec(
             ListenAddress(HostPort(request.host_addr, request.host_port), protocol=protocol),
@@ -119,11 +130,33 @@ class ApiSocketServer:
                  forward.listen_address, request.guest_addr, request.guest_port)
         return slirpapi.added_reply(entry.id)
 
+    def _add_inbound(self, request: AddHostFwd) -> bytes:
+        assert self.inbound is not None
+        name = f"hostfwd {self.table.next_id}"
+        try:
+            port = self.inbound.add(HostPort(request.host_addr, request.host_port),
+                                    request.guest_addr, request.guest_port, name=name,
+                                    protocol=request.proto)
+        except UserError as exc:
+            log.warning("API socket: add_hostfwd %s %s:%d failed: %s", request.proto,
+                        request.host_addr, request.host_port, exc)
+            return slirpapi.error_reply(slirpapi.ADD_FAILED)
+        entry = self.table.add(request)
+        self.forwards[entry.id] = port
+        log.info("API socket: hostfwd %d: %s %s -> %s:%d through the device", entry.id,
+                 request.proto, port.listen_address, request.guest_addr, request.guest_port)
+        return slirpapi.added_reply(entry.id)
+
     def _remove(self, request: RemoveHostFwd) -> bytes:
         entry = self.table.remove(request.id)
         if entry is None:
             return slirpapi.error_reply(slirpapi.BAD_ID)
-        self.bridge.remove(self.forwards.pop(entry.id))
+        made = self.forwards.pop(entry.id)
+        if isinstance(made, InboundPort):
+            assert self.inbound is not None
+            self.inbound.remove(made)
+        else:
+            self.bridge.remove(made)
         log.info("API socket: hostfwd %d removed", entry.id)
         return slirpapi.removed_reply()
 

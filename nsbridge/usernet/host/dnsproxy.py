@@ -31,6 +31,7 @@ from typing import Any
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import IN, EventLoop, Timer
 from nsbridge.usernet.host.enginestats import EngineStats
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.replies import BATCH, OFFLOAD_MIN, RECV_SIZE, ip_text
 from nsbridge.usernet.proto import dns
 from nsbridge.usernet.proto.packetbuild import build_udp
@@ -79,8 +80,10 @@ class DnsProxy:
         offload: bool,
         timeout: float,
         max_pending: int,
+        outbound: OutboundAddresses = NONE,
     ) -> None:
         self._loop = loop
+        self.outbound = outbound  # the resolvers are dialed like any outbound flow
         self.resolvers = [resolver_sockaddr(host, port) for host, port in resolvers]
         # The sockaddrs of the resolvers a policy decision names, by their tuple of (ip, port).
         self._resolver_lists: dict[tuple[Resolver, ...], list[ResolverAddress]] = {}
@@ -145,6 +148,7 @@ class DnsProxy:
                 self.stats.dns_retries += 1
                 continue
             try:
+                self.outbound.bind(sock, sockaddr[0])
                 sock.connect(sockaddr)
                 sock.send(query.message)
             except OSError:

@@ -72,6 +72,7 @@ from nsbridge.usernet.host.icmpecho import (
     ping_group_range,
     ping_unavailable,
 )
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.replies import BATCH, Replies, TunOutput
 from nsbridge.usernet.host.udpflows import UdpFlows
 from nsbridge.usernet.proto.addresses import UsernetAddresses
@@ -106,6 +107,7 @@ class TunEngine:
     in order.  ``offloads`` are the tun's accepted offloads (``handle.offloads``): with
     ``csum`` large UDP replies leave their checksum to the kernel.  ``tcp_handler``, when
     given, sees every parsed TCP frame first and returns True if it took it.
+    ``outbound``: the source addresses the DNS, UDP and echo sockets are bound to.
 
     The parts, each one concern: ``replies`` (ICMP answers), ``dns`` (the DNS proxy),
     ``decide`` (flow decisions, shared with the native relay), and the UDP and echo
@@ -127,6 +129,7 @@ class TunEngine:
         dns_timeout: float = 2.0,
         max_dns_pending: int = 256,
         tcp_handler: Callable[[Parsed], bool] | None = None,
+        outbound: OutboundAddresses = NONE,
     ) -> None:
         if vnet_hdr_size not in (0, VNET_HDR_LEN):
             raise ValueError(f"vnet_hdr_size must be 0 or {VNET_HDR_LEN}, not {vnet_hdr_size}")
@@ -142,8 +145,10 @@ class TunEngine:
         self._rview = memoryview(self._rbuf)
         self.replies = Replies(TunOutput(self.write, vnet), stats, addresses)
         self.dns = DnsProxy(loop, resolvers, stats, self.write, vnet=vnet, offload=offload,
-                            timeout=dns_timeout, max_pending=max_dns_pending)
-        self.decide = FlowDecisions(policy, addresses, stats, self.replies, self.dns.query)
+                            timeout=dns_timeout, max_pending=max_dns_pending,
+                            outbound=outbound)
+        self.decide = FlowDecisions(policy, addresses, stats, self.replies, self.dns.query,
+                                    outbound)
         self._idle_sweep = IdleSweep(loop, idle_timeout, self._sweep)
         self.sweep_interval = self._idle_sweep.interval
         self._udp = UdpFlows(loop, FlowTable(max_flows, idle_timeout), self.decide,
@@ -163,6 +168,7 @@ class TunEngine:
         self.open_udp_socket = self.decide.open_udp_socket
         self.open_ping_socket = self.decide.open_ping_socket
         self.answer_host_error = self.replies.answer_host_error
+        self.udp_flows = self._udp  # published UDP ports' inbound flows (host/inbound.py)
         self._started = False
         self._closed = False
 

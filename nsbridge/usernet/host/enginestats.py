@@ -34,6 +34,7 @@ class EngineStats:
     udp_flows_total: int = 0
     udp_flows_expired: int = 0
     udp_flows_evicted: int = 0
+    udp_flows_inbound: int = 0  # published UDP ports' clients (host/inbound.py)
     udp_datagrams_out: int = 0
     udp_datagrams_in: int = 0
     udp_bytes_out: int = 0

@@ -21,6 +21,8 @@ treated alike whichever path it takes:
    ``icmp_unavailable``).  Which kind works is probed once per address family and
    remembered.  The socket is ``connect()``-ed to where the policy says to dial; a
    refused connect is told to the namespace as the ICMP unreachable it stands for.
+   Before connecting it is bound to the outbound address of its family, if one was
+   given (:mod:`.outbound`: the source only; the policy has already decided).
 
 The ``out`` argument of each call says where its answers go (default: the engine's tun;
 the native relay passes its own device), and ``open_*`` hand the native relay a bare fd
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from nsbridge.errors import errno_name
 from nsbridge.usernet.host.dnsproxy import Resolver
 from nsbridge.usernet.host.enginestats import EngineStats
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.replies import ERRNO_KINDS, QUOTE, Replies, TunOutput
 from nsbridge.usernet.proto.addresses import UsernetAddresses
 from nsbridge.usernet.proto.packetbuild import build_icmp_echo_reply
@@ -50,11 +53,14 @@ DnsQueryHandler = Callable[[Parsed, UDP, tuple[Resolver, ...] | None], None]
 class FlowDecisions:
     """Admits new flows and opens their host sockets (module doc), counting into
     ``stats`` and answering through ``replies``; ``dns_query`` takes a UDP flow's first
-    datagram when the policy sends it to the DNS proxy."""
+    datagram when the policy sends it to the DNS proxy; ``outbound`` the source addresses
+    host sockets are bound to."""
 
     def __init__(self, policy: Policy, addresses: UsernetAddresses, stats: EngineStats,
-                 replies: Replies, dns_query: DnsQueryHandler) -> None:
+                 replies: Replies, dns_query: DnsQueryHandler,
+                 outbound: OutboundAddresses = NONE) -> None:
         self.policy = policy
+        self.outbound = outbound
         self.stats = stats
         self.replies = replies
         self._dns_query = dns_query
@@ -193,6 +199,7 @@ class FlowDecisions:
         failure the socket is closed, the drop counted, and the namespace told what the
         host was told (ICMP unreachable), so its program sees the same error."""
         try:
+            self.outbound.bind(sock, address[0])
             sock.connect(address)
         except OSError as exc:
             sock.close()

@@ -193,9 +193,15 @@ class NativeRelay:
             engine, out = self._engine, self._out
             # The relay checked the packet: parsing cannot fail, and it is UDP or echo.
             if type(parsed) is Parsed and type(parsed.l4) is UDP:
-                allow = engine.admit_udp(parsed, parsed.l4, out)
-                if allow is not None:
-                    fd = engine.open_udp_socket(parsed, allow, out)
+                # The guest answering a published port's client: that flow's socket, no
+                # new flow (udpflows.py, inbound flows).
+                udp = parsed.l4
+                fd = engine.udp_flows.hand_over((parsed.ip.src, udp.sport, parsed.ip.dst,
+                                                 udp.dport))
+                if fd < 0:
+                    allow = engine.admit_udp(parsed, udp, out)
+                    if allow is not None:
+                        fd = engine.open_udp_socket(parsed, allow, out)
             elif type(parsed) is Parsed and type(parsed.l4) is ICMPEcho:
                 allow = engine.admit_echo(parsed, out)
                 if allow is not None:

@@ -56,6 +56,7 @@ from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.movers import MoverName, make_mover
 from nsbridge.relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
 from nsbridge.usernet.host.dnstcp import DnsTcpRelay
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.inside.netconf import SetupError
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
 
@@ -212,7 +213,8 @@ class TcpRedirector:
     the loop runs).  Target sockets are created in the namespace of the loop's thread —
     the host's.  ``resolvers`` are the host's DNS servers (``(ip, port)``); a TCP
     connection to the namespace's DNS address is relayed to the first one that no deny
-    rule covers, by a :class:`~nsbridge.usernet.host.dnstcp.DnsTcpRelay`.
+    rule covers, by a :class:`~nsbridge.usernet.host.dnstcp.DnsTcpRelay`.  Target sockets
+    are bound to ``outbound``'s address of their family, if any (:mod:`.outbound`).
     """
 
     def __init__(
@@ -224,8 +226,10 @@ class TcpRedirector:
         resolvers: Sequence[tuple[str, int]] = (),
         mover: Mover | MoverName = "splice",
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        outbound: OutboundAddresses = NONE,
     ) -> None:
         self.loop = loop
+        self.outbound = outbound
         self.listeners = list(listeners)
         self.policy = policy
         self.resolvers = list(resolvers)
@@ -332,9 +336,14 @@ class TcpRedirector:
         """The host-side socket that will dial ``target``; on failure (EMFILE...) the
         client is reset, the failure counted and logged, and None returned."""
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        sock = None
         try:
-            return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.outbound.bind(sock, target[0])
+            return sock
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             log.warning("usernet tcp: cannot create a socket for %s: %s", shown, exc.strerror)
             self.stats.connect_failed += 1
             reset_and_close(client)

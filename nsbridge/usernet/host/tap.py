@@ -43,6 +43,7 @@ from nsbridge import defaults
 from nsbridge.errors import errno_name
 from nsbridge.relay.loop import EventLoop, Timer
 from nsbridge.usernet.host.engine import Resolver, TunEngine
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.replies import BATCH
 from nsbridge.usernet.proto.addresses import UsernetAddresses
 from nsbridge.usernet.proto.arp import answer_arp
@@ -94,10 +95,11 @@ class TapEngine(TunEngine):
         max_dns_pending: int = 256,
         tcp_handler: Callable[[Parsed], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outbound: OutboundAddresses = NONE,
     ) -> None:
         super().__init__(loop, tap_fd, 0, policy, addresses, resolvers, idle_timeout,
                          max_flows, dns_timeout=dns_timeout, max_dns_pending=max_dns_pending,
-                         tcp_handler=tcp_handler)
+                         tcp_handler=tcp_handler, outbound=outbound)
         if guest_mac is not None and not is_unicast(guest_mac):
             raise ValueError(f"guest MAC {guest_mac.hex(':')}: not a unicast MAC address")
         self.our_mac = host_mac(addresses)

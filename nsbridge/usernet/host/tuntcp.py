@@ -23,6 +23,15 @@ plays the other end.  The protocol is :class:`~nsbridge.usernet.proto.tcpstate.T
   tells the caller whether this path can run.
 * FINs and resets are carried both ways; a host socket error resets the namespace's
   connection and a namespace reset aborts the host socket (``SO_LINGER`` 0).
+* **Inbound** (a published port that keeps its client's address, :mod:`.inbound`):
+  :meth:`TunTcp.open_inbound` takes a client the host side accepted and dials the
+  namespace through the device *as that client* (:meth:`TcpConn.active_open
+  <nsbridge.usernet.proto.tcpstate.TcpConn.active_open>`): the flow is keyed as the
+  guest's packets will be, and from the SYN-ACK on it is an ordinary flow whose host
+  socket is the client's.  The guest's port closed resets the client at once; a guest
+  that never answers gives up after the SYN's retries.  Under the redirect fast path
+  this class serves only these flows (``serve_outbound=False``): a SYN from the namespace
+  never reaches the tun there, and one that does anyway is reset as before.
 * A connection to the namespace's **DNS address** goes to a host resolver, and what the
   namespace sends on it passes a :class:`~nsbridge.usernet.proto.dns.DnsStream` first: only
   whole standard queries reach the resolver.  The first message refused ends the
@@ -38,8 +47,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -48,12 +59,20 @@ from nsbridge.errors import errno_name
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ET, IN, OUT, RDHUP, EventLoop, Timer
 from nsbridge.relay.tcp import reset_and_close
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.redirect import DEFAULT_CONNECT_TIMEOUT, RedirectStats
 from nsbridge.usernet.proto.dns import DnsStream
 from nsbridge.usernet.proto.packetbuild import build_tcp_rst
 from nsbridge.usernet.proto.packets import TCP, TCP_ACK, TCP_RST, TCP_SYN, Parsed
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Deny, Policy
-from nsbridge.usernet.proto.tcpstate import MAX_SEGMENT, Actions, Budget, State, TcpConn
+from nsbridge.usernet.proto.tcpstate import (
+    MAX_SEGMENT,
+    Actions,
+    Budget,
+    State,
+    TcpConn,
+    clock_iss,
+)
 
 log = logging.getLogger("nsbridge")
 
@@ -85,6 +104,10 @@ class TunTcpStats(RedirectStats):
 
     retransmits: int = 0  # go-back-N rewinds (timeouts and triple duplicate ACKs)
     refused_full: int = 0  # SYNs reset because max_connections were open
+    inbound: int = 0  # published-port clients dialed through the device
+    inbound_refused: int = 0  # ... whose guest port reset our SYN
+    inbound_timeout: int = 0  # ... whose SYN the guest never answered
+    inbound_bad_ack: int = 0  # segments acknowledging what our SYN was not (reset)
 
 
 class _Flow:
@@ -127,6 +150,7 @@ class TunTcp:
     engine's, so its frame counters stay whole); ``source_ok`` is the engine's
     anti-spoofing check for a new flow.  ``offload``: the tun has a virtio header with
     checksum offload, so the kernel computes checksums and splits GSO frames.
+    ``outbound``: the source addresses host sockets are bound to (:mod:`.outbound`).
     """
 
     def __init__(
@@ -142,8 +166,13 @@ class TunTcp:
         offload: bool = True,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        outbound: OutboundAddresses = NONE,
+        serve_outbound: bool = True,
     ) -> None:
         self.loop = loop
+        self.outbound = outbound
+        # False: inbound flows only (the fast path carries the outbound ones)
+        self.serve_outbound = serve_outbound
         self._write = write
         self._writev = writev
         self.policy = policy
@@ -160,6 +189,7 @@ class TunTcp:
         self._view = memoryview(self._buf)
         self._scratch = bytearray(_DISCARD_CHUNK)  # MSG_TRUNC target: never written
         self._closed = False
+        self._iss_secret = os.urandom(16)  # keys the active open's sequence numbers
 
     # ---- the engine's tcp_handler ----------------------------------------------------------
 
@@ -172,12 +202,65 @@ class TunTcp:
         key = (ip.src, tcp.sport, ip.dst, tcp.dport)
         flow = self.flows.get(key)
         if flow is None:
-            if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN or self._closed:
+            if (tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN or self._closed
+                    or not self.serve_outbound):
                 return False
             self._open(parsed, tcp, key)
             return True
-        self._apply(flow, flow.conn.on_segment(tcp))
+        conn = flow.conn
+        if conn.state is State.SYN_SENT:
+            self._on_answer(flow, conn.on_segment(tcp))
+            return True
+        self._apply(flow, conn.on_segment(tcp))
         return True
+
+    def in_use(self, guest: tuple[bytes, int], client: tuple[bytes, int]) -> bool:
+        """A flow between these ends exists (an inbound one must pick another port)."""
+        return (guest[0], guest[1], client[0], client[1]) in self.flows
+
+    def open_inbound(self, sock: socket.socket, client: tuple[bytes, int],
+                     guest: tuple[bytes, int]) -> bool:
+        """Dial ``guest`` (address, port) through the device as ``client`` (the address
+        and port the guest will see), with ``sock`` (an accepted, non-blocking client) as
+        the host socket.  False, and ``sock`` untouched, when the flow cannot be made
+        (closing, :attr:`max_connections` open, or the ends are :meth:`in_use`)."""
+        key = (guest[0], guest[1], client[0], client[1])
+        if self._closed or key in self.flows:
+            return False
+        if len(self.flows) >= self.max_connections:
+            self.stats.refused_full += 1
+            log.warning("usernet tcp: %d connections open, refusing a client of %s",
+                        len(self.flows), _shown(*guest))
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.warning("usernet tcp: cannot set up a published port's client: %s",
+                        exc.strerror)
+            return False
+        iss = clock_iss(client, guest, time.monotonic_ns(), self._iss_secret)
+        conn, syn = TcpConn.active_open(client, guest, iss, vnet=self.vnet,
+                                        offload=self.offload, budget=self.budget)
+        flow = _Flow(key, conn, sock)
+        flow.connected = True
+        self.flows[key] = flow
+        self.stats.inbound += 1
+        self.stats.active += 1
+        self.loop.add(flow.fd, IN | OUT | RDHUP | ET, partial(self._on_host, flow))
+        self._write(syn)
+        self._arm(flow)
+        return True
+
+    def _on_answer(self, flow: _Flow, actions: Actions) -> None:
+        """The guest's segment for our SYN: counted by what it was, then done."""
+        if actions.abort:
+            self.stats.inbound_refused += 1
+            log.info("usernet tcp: %s -> %s refused by the namespace",
+                     _shown(flow.key[2], flow.key[3]), _shown(flow.key[0], flow.key[1]))
+        elif actions.frames and flow.conn.state is State.SYN_SENT:
+            self.stats.inbound_bad_ack += 1
+        self._apply(flow, actions)
 
     def snapshot(self) -> TunTcpStats:
         """The counters, with the bytes of open connections so far."""
@@ -243,7 +326,12 @@ class TunTcp:
         self.flows[key] = flow
         self.stats.accepted += 1
         self.stats.active += 1
-        code = sock.connect_ex(target)
+        try:
+            self.outbound.bind(sock, target[0])
+        except OSError as exc:  # the outbound address left the host
+            code = exc.errno or errno.EADDRNOTAVAIL
+        else:
+            code = sock.connect_ex(target)
         if code not in (0, errno.EINPROGRESS):
             self._connect_failed(flow, code)
             return
@@ -466,9 +554,14 @@ class TunTcp:
         flow.timer = None
         if flow.key not in self.flows or flow.conn.state is State.CLOSED:
             return
+        opening = flow.conn.state is State.SYN_SENT
         actions = flow.conn.on_timeout()
         if actions is not None:
-            if actions.abort:
+            if actions.abort and opening:
+                self.stats.inbound_timeout += 1
+                log.info("usernet tcp: %s -> %s: the namespace never answered; client reset",
+                         _shown(flow.key[2], flow.key[3]), _shown(flow.key[0], flow.key[1]))
+            elif actions.abort:
                 log.info("usernet tcp: %s -> %s: no acknowledgement after retries; reset",
                          _shown(flow.key[0], flow.key[1]), _shown(flow.key[2], flow.key[3]))
             self._apply(flow, actions)

@@ -19,6 +19,14 @@ Why and how:
 
 The native relay carries the same flows in C when it runs; this is the path without it
 (and for the flows it leaves to the engine).
+
+**Inbound flows** (a published UDP port that keeps its client's address,
+:mod:`.inbound`) are the same flows started from the other end: the host socket is one
+connected to the client and bound to the published port (:meth:`UdpFlows.adopt`), the
+client's datagrams arrive on it as replies do, and the guest's answers, keyed as its
+packets will be, leave on it.  So the guest answering opens nothing: its datagrams match
+that one flow.  When the native relay serves UDP, the guest's first answer reaches it
+instead, and it takes the flow's socket over (:meth:`UdpFlows.hand_over`).
 """
 
 from __future__ import annotations
@@ -44,13 +52,14 @@ FlowKey = tuple[bytes, int, bytes, int]  # namespace src ip, src port, dst ip, d
 class _UdpFlow:
     """One namespace UDP flow and its connected host socket."""
 
-    __slots__ = ("dport", "fd", "ns_dst", "ns_src", "quote", "sock", "sport")
+    __slots__ = ("dport", "fd", "inbound", "ns_dst", "ns_src", "quote", "sock", "sport")
 
-    def __init__(self, key: FlowKey, sock: socket.socket) -> None:
+    def __init__(self, key: FlowKey, sock: socket.socket, inbound: bool = False) -> None:
         self.ns_src, self.sport, self.ns_dst, self.dport = key
         self.sock = sock
         self.fd = sock.fileno()
         self.quote = b""  # the start of the latest datagram, to quote in ICMP errors
+        self.inbound = inbound  # a published port's client (module doc)
 
 
 class UdpFlows:
@@ -129,6 +138,50 @@ class UdpFlows:
         self.stats.udp_flows_active += 1
         self._on_new_flow()
         return flow
+
+    # ---- inbound flows ----------------------------------------------------------------
+
+    def adopt(self, key: FlowKey, sock: socket.socket) -> None:
+        """Make ``sock`` (non-blocking, connected to a published port's client) the host
+        socket of flow ``key`` (the guest's address and port, then the client's as the
+        guest sees them), which must not exist yet."""
+        flow = _UdpFlow(key, sock, inbound=True)
+        for _old_key, old in self.table.add(key, flow, time.monotonic()):
+            self.stats.udp_flows_evicted += 1
+            self._close(old)
+        self._loop.add(flow.fd, IN, partial(self._on_reply, flow))
+        self.stats.udp_flows_active += 1
+        self.stats.udp_flows_inbound += 1
+        self._on_new_flow()
+
+    def inject(self, key: FlowKey, payload: bytes) -> None:
+        """One datagram of flow ``key`` from its host end to the guest (what the host
+        socket of an inbound flow got before the flow had it)."""
+        ns_src, sport, ns_dst, dport = key
+        self._write(build_udp(ns_dst, ns_src, dport, sport, payload,
+                              offload=self._offload and len(payload) > OFFLOAD_MIN,
+                              vnet=self._vnet))
+        self.stats.udp_datagrams_in += 1
+        self.stats.udp_bytes_in += len(payload)
+
+    def hand_over(self, key: FlowKey) -> int:
+        """The native relay met the guest's answer on an inbound flow: the flow leaves
+        this table and its socket's fd goes to the caller (-1: no such inbound flow)."""
+        flow = self.table.get(key, time.monotonic())
+        if flow is None or not flow.inbound:
+            return -1
+        self.table.remove(key)
+        self._loop.remove(flow.fd)
+        self.stats.udp_flows_active -= 1
+        return flow.sock.detach()
+
+    def drop_inbound(self, keys: list[FlowKey]) -> None:
+        """End these inbound flows if this table still has them (their port was removed)."""
+        for key in keys:
+            flow = self.table.get(key, time.monotonic())
+            if flow is not None and flow.inbound:
+                self.table.remove(key)
+                self._close(flow)
 
     def _send(self, flow: _UdpFlow, datagram: bytes) -> None:
         for attempt in range(2):

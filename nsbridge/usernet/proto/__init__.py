@@ -16,6 +16,8 @@
 * :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
   last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
+* :mod:`.inboundaddr` — a published port's client as the namespace sees it (loopback as
+  the gateway, others as themselves) and the guest addresses a port may dial.
 * :mod:`.slirpapi` — slirp4netns's API socket protocol (``add_hostfwd``, ``list_hostfwd``,
   ``remove_hostfwd``) and the parson-compatible JSON reader it needs.
 * :mod:`.ethernet` — Ethernet II headers and the host side's MAC (a TAP's frames).

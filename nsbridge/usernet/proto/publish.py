@@ -1,8 +1,10 @@
 """``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``: publish a port of the namespace on the host.
 
-The docker/podman syntax, so users know it.  A published port is an ordinary forward:
-listener on the host, connect side created inside the namespace (by the sandbox's socket
-factory process), dialing the namespace's own loopback.
+The docker/podman syntax, so users know it.  How the port reaches the namespace is the
+publish mode's (``--publish-mode``): through the device to its interface address, as the
+client (:mod:`nsbridge.usernet.host.inbound`), or an ordinary forward whose connect side
+is created inside the namespace (by the sandbox's socket factory process) and dials its
+own loopback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from nsbridge.net.addresses import HostPort, parse_host_port
 @dataclass(frozen=True)
 class Publish:
     host: HostPort  # where the host side listens
-    ns_port: int  # the port inside the namespace (dialed on its 127.0.0.1 / ::1)
+    ns_port: int  # the port inside the namespace (its interface address, or its loopback)
     protocol: str  # "tcp" or "udp"
 
     def __str__(self) -> str:

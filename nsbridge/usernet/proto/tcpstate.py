@@ -52,7 +52,20 @@ is held in DIALING while the caller dials the host (its SYN retries are harmless
 the reset → the namespace's ACK (ESTABLISHED) → data both ways → FINs both ways, each
 direction ending on its own (half-close is carried: FIN-WAIT-1/2 when the host finished
 first, CLOSE-WAIT then LAST-ACK when the namespace did, CLOSING when both crossed) →
-CLOSED when both FINs are acknowledged, or at once on a reset.
+  CLOSED when both FINs are acknowledged, or at once on a reset.
+
+The **active open** (:meth:`TcpConn.active_open`) is the same connection started from the
+other end, for a published port that keeps its client's address: the host side accepted a
+client and now dials the namespace *through the device*, as that client.  It sends our
+SYN (SYN-SENT); the namespace's SYN-ACK that acknowledges it gets our ACK and the
+connection is ESTABLISHED, after which nothing differs (the client socket is the host
+socket, peeked and consumed as above).  A reset that acknowledges our SYN is the guest's
+port being closed (CLOSED, ``abort``: the caller resets the client).  The SYN is sent again
+on the retransmit timer, at most :data:`SYN_RETRIES` times; then the connection gives up
+without a frame (the namespace never answered, so there is nothing to reset).  Anything
+else in SYN-SENT is dropped; a segment acknowledging something other than our SYN gets a
+reset with that number as its sequence (RFC 9293 3.10.7.3), which also clears a stale
+connection the namespace may still hold for the same four-tuple.
 
 Every transition happens inside :class:`TcpConn`.  The tables below are the whole state
 machine; ``tests/test_tcpstate.py`` parses them and drives every cell, so they cannot
@@ -60,14 +73,15 @@ drift from the code.  A cell is the next state (``=``: unchanged) and after a ``
 the connection answers: the frames it returns (``synack``, ``ack``, ``fin``, ``rst``) and
 the :class:`Actions` it asks for (``shut``: shutdown towards the host, ``done``, ``abort``);
 ``-``: the event cannot happen in that state.  Data, windows and retransmission change no
-state and are left out.
+  state and are left out.
 
 Segments from the namespace (``SYN``: its SYN again, same initial sequence number;
-``FIN``: its FIN in order, acknowledging nothing new; ``RST``: a reset inside our window
-(one outside it changes nothing, RFC 5961 3.2)):
+``FIN``: its FIN in order, acknowledging nothing new; ``RST``: a reset inside our window,
+acknowledging what we sent (one outside it changes nothing, RFC 5961 3.2)):
 
   state         SYN       ACK of SYN   ACK of FIN   FIN                   RST
   DIALING       =         -            -            =                     CLOSED/abort
+  SYN-SENT      =         =            -            =/rst                 CLOSED/abort
   SYN-RECEIVED  =/synack  ESTABLISHED  -            =                     CLOSED/abort
   ESTABLISHED   =/ack     -            -            CLOSE-WAIT/ack+shut   CLOSED/abort
   FIN-WAIT-1    =/ack     -            FIN-WAIT-2   CLOSING/ack+shut      CLOSED/abort
@@ -77,12 +91,28 @@ Segments from the namespace (``SYN``: its SYN again, same initial sequence numbe
   LAST-ACK      =/ack     -            CLOSED/done  =/ack                 CLOSED/abort
   CLOSED        =         -            -            =                     =
 
-The caller's events (``give up``: the retransmit timer fired :data:`MAX_RETRIES` + 1 times
-with something in flight and no progress; :meth:`~TcpConn.abandon`, not shown, takes
-every state to CLOSED and sends nothing):
+The namespace's ``SYN-ACK``, the answer to our SYN that acknowledges it (anything other
+than SYN-SENT takes it for a SYN again, with another initial sequence number):
+
+  state         SYN-ACK
+  DIALING       =
+  SYN-SENT      ESTABLISHED/ack
+  SYN-RECEIVED  =/ack
+  ESTABLISHED   =/ack
+  FIN-WAIT-1    =/ack
+  FIN-WAIT-2    =/ack
+  CLOSE-WAIT    =/ack
+  CLOSING       =/ack
+  LAST-ACK      =/ack
+  CLOSED        =
+
+The caller's events (``give up``: the retransmit timer fired :data:`MAX_RETRIES` + 1 times,
+:data:`SYN_RETRIES` + 1 in SYN-SENT, with something in flight and no progress;
+:meth:`~TcpConn.abandon`, not shown, takes every state to CLOSED and sends nothing):
 
   state         accepted()           refused()   host_eof()      give up           reset()
   DIALING       SYN-RECEIVED/synack  CLOSED/rst  -               -                 CLOSED/rst
+  SYN-SENT      -                    -           =               CLOSED/abort      CLOSED/rst
   SYN-RECEIVED  -                    -           -               CLOSED/rst+abort  CLOSED/rst
   ESTABLISHED   -                    -           FIN-WAIT-1/fin  CLOSED/rst+abort  CLOSED/rst
   FIN-WAIT-1    -                    -           =               CLOSED/rst+abort  CLOSED/rst
@@ -105,12 +135,13 @@ and is one class, the per-segment hot path, which indirection into more modules 
 
 Supported: window scaling, MSS, go-back-N retransmission, duplicate-ACK recovery,
 zero-window probes, out-of-order hold, half-close both ways, RFC 5961 reset and SYN
-checks.  Not supported: SACK, timestamps, urgent data, simultaneous open, an active open
-(this end only answers), TIME-WAIT (see :class:`State`).
+checks, an active open.  Not supported: SACK, timestamps, urgent data, simultaneous open
+(a bare SYN in SYN-SENT is dropped), TIME-WAIT (see :class:`State`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -125,8 +156,26 @@ MAX_SEGMENT = 65535 - 40 - 20  # largest payload one IPv6 or IPv4 frame can carr
 INITIAL_RTO = 0.2
 MAX_RTO = 10.0
 MAX_RETRIES = 8
+SYN_RETRIES = 5  # an active open gives up after about 12 s of silence (0.2 s doubling)
 DUPACK_THRESHOLD = 3
 _DEFAULT_MSS = {4: 536, 6: 1220}  # RFC 9293 3.7.1 / RFC 8200: when the SYN has none
+
+
+def clock_iss(ours: tuple[bytes, int], theirs: tuple[bytes, int], now_ns: int,
+              secret: bytes) -> int:
+    """An initial sequence number for an active open (RFC 6528): a 4-microsecond clock
+    plus a keyed hash of the four-tuple.
+
+    Random numbers would do for a connection's own safety, but the namespace may still
+    hold the last connection of the same four-tuple in TIME-WAIT (its server closed
+    first, and a client port comes again): a kernel takes a SYN there only when its
+    sequence number lies beyond the old connection's, otherwise it answers with an ACK
+    of the old one, and the reset and retransmission that clear it cost the client the
+    retransmit timeout.  A clock that only grows keeps a reused four-tuple's numbers
+    moving forward; the hash keeps other four-tuples' unguessable."""
+    key = ours[0] + ours[1].to_bytes(2, "big") + theirs[0] + theirs[1].to_bytes(2, "big")
+    offset = int.from_bytes(hashlib.blake2s(key, key=secret, digest_size=4).digest(), "big")
+    return (now_ns // 4000 + offset) & MASK
 
 
 def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
@@ -161,8 +210,8 @@ def syn_options(options: bytes, version: int) -> tuple[int, int | None]:
 class State(Enum):
     """Where one connection is, in RFC 9293's names (section 3.3.2), seen from the host side.
 
-    This end only ever answers a SYN, so it never is in LISTEN (the engine's dispatch of
-    a SYN with no connection plays that part) or SYN-SENT (no active open).  It has no
+    It is never in LISTEN (the engine's dispatch of a SYN with no connection plays that
+    part); SYN-SENT is the active open of a published port (:meth:`TcpConn.active_open`).  It has no
     TIME-WAIT either: that state keeps a closed connection's four-tuple so a lost last
     ACK can be resent and old segments cannot enter a new incarnation.  Here the
     namespace is one tun write away (no old segments wander in a network), and when our
@@ -180,6 +229,7 @@ class State(Enum):
     """
 
     DIALING = "DIALING"
+    SYN_SENT = "SYN-SENT"
     SYN_RECEIVED = "SYN-RECEIVED"
     ESTABLISHED = "ESTABLISHED"
     FIN_WAIT_1 = "FIN-WAIT-1"
@@ -194,7 +244,8 @@ class State(Enum):
 
 
 for _state in State:
-    _state.synchronized = _state not in (State.DIALING, State.SYN_RECEIVED, State.CLOSED)
+    _state.synchronized = _state not in (State.DIALING, State.SYN_SENT, State.SYN_RECEIVED,
+                                         State.CLOSED)
     _state.fin_received = _state in (State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK)
 del _state
 
@@ -283,19 +334,46 @@ class TcpConn:
                  budget: Budget | None = None) -> None:
         tcp = syn.l4
         assert isinstance(tcp, TCP)
-        self.ns_ip, self.our_ip = syn.ip.src, syn.ip.dst
-        self.ns_port, self.our_port = tcp.sport, tcp.dport
-        self.version = syn.ip.version
-        self.vnet, self.offload = vnet, offload
+        self._setup(syn.ip.src, tcp.sport, syn.ip.dst, tcp.dport, iss, vnet, offload, budget)
         mss, wscale = syn_options(tcp.options, self.version)
         self.mss = min(mss, MAX_SEGMENT)
         self.peer_wscale = wscale or 0
         self.our_wscale = OUR_WSCALE if wscale is not None else 0
         self.irs = tcp.seq
         self.rcv_nxt = tcp.seq + 1  # unwrapped: starts at the wire value
+        self.snd_wnd = tcp.window  # a SYN's window is never scaled
+
+    @classmethod
+    def active_open(cls, ours: tuple[bytes, int], theirs: tuple[bytes, int], iss: int, *,
+                    vnet: bool = True, offload: bool = False,
+                    budget: Budget | None = None) -> tuple[TcpConn, bytes]:
+        """A connection we open towards the namespace, as ``ours`` (the address and port
+        the namespace will see) to ``theirs`` (its address and port), in SYN-SENT, and
+        our SYN to write.
+
+        The SYN offers the largest MSS a frame here can carry and our window scale: the
+        namespace's kernel answers with the MSS its own MTU allows, which is what we send
+        with from then on."""
+        conn = cls.__new__(cls)
+        conn._setup(theirs[0], theirs[1], ours[0], ours[1], iss, vnet, offload, budget)
+        conn.mss = MAX_SEGMENT
+        conn.peer_wscale = 0
+        conn.our_wscale = OUR_WSCALE  # kept only if the SYN-ACK offers a scale too
+        conn.irs = 0
+        conn.rcv_nxt = 0  # unknown until the SYN-ACK
+        conn.snd_wnd = 0
+        conn.state = State.SYN_SENT
+        return conn, conn._syn()
+
+    def _setup(self, ns_ip: bytes, ns_port: int, our_ip: bytes, our_port: int, iss: int,
+               vnet: bool, offload: bool, budget: Budget | None) -> None:
+        """What both ways of opening share (the SYN's own fields are the caller's)."""
+        self.ns_ip, self.our_ip = ns_ip, our_ip
+        self.ns_port, self.our_port = ns_port, our_port
+        self.version = 4 if len(ns_ip) == 4 else 6
+        self.vnet, self.offload = vnet, offload
         self.iss = iss & MASK
         self.snd_una = self.snd_nxt = self.snd_max = self.iss  # SYN not sent yet
-        self.snd_wnd = tcp.window  # a SYN's window is never scaled
         self.backlog = 0  # bytes accepted from the namespace, not yet in the host socket
         self.budget = budget if budget is not None else Budget()
         self.ooo: dict[int, tuple[bytes, bool]] = {}  # segments after a gap, by sequence
@@ -352,6 +430,24 @@ class TcpConn:
             offload=self.offload, vnet=self.vnet,
         )
 
+    def _syn(self) -> bytes:
+        """Our SYN (active open), first or again: MSS and the window scale we offer."""
+        self.snd_nxt = self.snd_max = self.iss + 1
+        options = b"\x02\x04" + self.mss.to_bytes(2, "big") + b"\x01\x03\x03" + bytes(
+            [OUR_WSCALE])
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, self.iss, 0, TCP_SYN,
+            min(RECV_BUFFER, 0xFFFF), options=options, offload=self.offload, vnet=self.vnet,
+        )
+
+    def _bare_reset(self, seq: int) -> bytes:
+        """A reset with sequence number ``seq`` (the wire value the namespace acknowledged)
+        and no ACK: RFC 9293's answer to a segment acknowledging what we never sent."""
+        return build_tcp_head(
+            self.our_ip, self.ns_ip, self.our_port, self.ns_port, seq, 0, TCP_RST, 0,
+            offload=self.offload, vnet=self.vnet,
+        )
+
     def refused(self) -> bytes:
         """The host server refused or is unreachable: CLOSED, and a reset for its SYN."""
         self.state = State.CLOSED
@@ -362,6 +458,9 @@ class TcpConn:
 
     def reset(self) -> bytes:
         """Abort towards the namespace (host reset, give-up, shutdown): CLOSED, one RST."""
+        if self.state is State.SYN_SENT:  # nothing of theirs to acknowledge yet
+            self.state = State.CLOSED
+            return self._bare_reset(self.snd_nxt & MASK)
         self.state = State.CLOSED
         return build_tcp_head(
             self.our_ip, self.ns_ip, self.our_port, self.ns_port, self.snd_nxt, self.rcv_nxt,
@@ -461,7 +560,12 @@ class TcpConn:
             self.rto = INITIAL_RTO
             return None
         self.retries += 1
-        if self.retries > MAX_RETRIES:
+        if self.state is State.SYN_SENT:
+            if self.retries > SYN_RETRIES:  # never answered: nothing to reset there
+                self.state = State.CLOSED
+                actions.abort = True
+                return actions
+        elif self.retries > MAX_RETRIES:
             actions.frames.append(self.reset())
             actions.abort = True
             return actions
@@ -473,6 +577,9 @@ class TcpConn:
         """Retransmit everything from snd_una (SYN-ACK, data, FIN) as if never sent."""
         if self.state is State.SYN_RECEIVED:
             actions.frames.append(self._synack())
+            return
+        if self.state is State.SYN_SENT:
+            actions.frames.append(self._syn())
             return
         self.snd_nxt = self.snd_una  # the FIN, if sent, follows the data again (fin_due)
         actions.rewind = True
@@ -487,9 +594,11 @@ class TcpConn:
 
     def on_segment(self, tcp: TCP) -> Actions:
         """Handle one segment of this connection from the namespace (the first table)."""
+        state = self.state
+        if state is State.SYN_SENT:
+            return self._on_syn_sent(tcp)
         actions = Actions()
         flags = tcp.flags
-        state = self.state
         if flags & TCP_RST:
             # RFC 5961 3.2: only an in-window reset counts, so a blind one cannot kill us.
             seq = self._unwrap(tcp.seq, self.rcv_nxt)
@@ -517,6 +626,38 @@ class TcpConn:
             # now, after the payload, so a retransmitted FIN on this segment is acked.
             self.state = State.CLOSED
             actions.done = True
+        return actions
+
+    def _on_syn_sent(self, tcp: TCP) -> Actions:
+        """A segment while our SYN waits for its answer (RFC 9293 3.10.7.3)."""
+        actions = Actions()
+        flags = tcp.flags
+        if flags & TCP_ACK and self._unwrap(tcp.ack, self.snd_una) != self.iss + 1:
+            if not flags & TCP_RST:  # acknowledges what we never sent
+                actions.frames.append(self._bare_reset(tcp.ack))
+            return actions
+        if flags & TCP_RST:
+            if flags & TCP_ACK:  # the namespace's port is closed
+                self.state = State.CLOSED
+                actions.abort = True
+            return actions  # a reset without ACK cannot be tied to our SYN
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK:
+            return actions  # a bare SYN (simultaneous open, unsupported) or a bare ACK
+        mss, wscale = syn_options(tcp.options, self.version)
+        self.mss = min(mss, MAX_SEGMENT)
+        if wscale is None:  # RFC 7323 2.2: scaling only when both ends offered it
+            self.our_wscale = self.peer_wscale = 0
+        else:
+            self.peer_wscale = wscale
+        self.irs = tcp.seq
+        self.rcv_nxt = tcp.seq + 1
+        self.snd_una = self.iss + 1
+        self.snd_wnd = tcp.window  # a SYN-ACK's window is never scaled
+        self.retries = 0
+        self.rto = INITIAL_RTO
+        self.state = State.ESTABLISHED
+        actions.frames.append(self.ack_frame())
+        actions.pull = True
         return actions
 
     def _on_handshake(self, tcp: TCP, actions: Actions) -> bool:
