@@ -432,3 +432,26 @@ def test_unprivileged_pid_mode_still_dies_with_its_parent(host: str, locked: boo
             parent.wait()
         target.kill()
         target.wait()
+
+
+def test_locked_down_with_outbound_addresses(host: str, netns: str,
+                                             stream_server: Callable[..., object],
+                                             started: Callable[[list[str]], Running]) -> None:
+    """--outbound-addr(6) (podman passes them from containers.conf, an interface name
+    too) are resolved before the lock-down, and connections bound to them still work
+    after it (which source a bind picks is test_outbound_addr.py's subject: here the
+    host namespace has one address per family)."""
+    servers = [stream_server(listen_in(host, address), echo_once)
+               for address in (HOST_V4, HOST_V6)]
+    helper = started(in_host(host, *LOCKED, f"--outbound-addr={HOST_V4}",
+                             "--outbound-addr6=d0", "-6", "-c", "--netns-type=path",
+                             f"/run/netns/{netns}", "tap0"))
+    assert helper.ready() == b"1"
+    assert_locked_down(helper.pid)
+    for address, server in zip((HOST_V4, HOST_V6), servers, strict=True):
+        assert tcp_echo(netns, (address, server.port), b"bound") == b"bound"
+        assert server.accepted[-1][0] == address
+    helper.close_exit_fd()
+    code, err = helper.finish()
+    assert code == 0, err
+    assert_clean_log(err)
