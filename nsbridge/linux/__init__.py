@@ -12,6 +12,8 @@
   connections to workers in turn, loaded with ``bpf(2)``.
 * :mod:`.seccomp` — a deny-list seccomp filter assembled as classic BPF (pure) and
   installed with ``seccomp(2)``, for x86_64 and aarch64.
+* :mod:`.seccomp_notify` — serving a seccomp user-notification listener: RECV, SEND,
+  ID_VALID, ADDFD, the caller's memory and fds (``run --bypass``).
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root
   with a few directories bound read-only (``pivot_root``), capabilities dropped.
 

@@ -6,6 +6,10 @@ takes networking down; a deny list removes what a serving process never needs an
 attacker who took it over would want (running programs, debugging other processes,
 mounting, loading kernel code, entering namespaces).  slirp4netns makes the same choice.
 
+A second program, :func:`notify_program`, is ``nsbridge run --bypass``'s: it hands the
+program's ``connect``/``listen`` calls to a listener (``SECCOMP_RET_USER_NOTIF``,
+served by :mod:`.seccomp_notify` and ``usernet/host/switcher.py``).
+
 Two halves, so the program can be tested and reused (issue 18 wants a notify filter)
 without a kernel:
 
@@ -49,6 +53,7 @@ BPF_RET_K = 0x06  # return k
 # seccomp return values (linux/seccomp.h).
 RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = 0x00050000
+RET_USER_NOTIF = 0x7FC00000  # Linux 5.0: the call waits for a listener's answer
 RET_ALLOW = 0x7FFF0000
 
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
@@ -59,6 +64,8 @@ OFFSET_ARGS = 16
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3  # the result is a notification listener's fd
+MSG_FASTOPEN = 0x20000000  # <linux/socket.h>: a send that connects first
 MAX_INSNS = 4096  # BPF_MAXINSNS
 X32_SYSCALL_BIT = 0x40000000
 
@@ -103,6 +110,7 @@ X86_64 = Arch("x86_64", 0xC000003E, True, _table("""
     prctl 157 acct 163 quotactl 179 lookup_dcookie 212 syslog 103 iopl 172 ioperm 173
     io_uring_setup 425 io_uring_enter 426 io_uring_register 427 clone 56 clone3 435
     seccomp 317 getppid 110
+    connect 42 listen 50 sendto 44 sendmsg 46 sendmmsg 307
 """))
 AARCH64 = Arch("aarch64", 0xC00000B7, False, _table("""
     execve 221 execveat 281 ptrace 117 process_vm_readv 270 process_vm_writev 271
@@ -115,6 +123,7 @@ AARCH64 = Arch("aarch64", 0xC00000B7, False, _table("""
     prctl 167 acct 89 quotactl 60 lookup_dcookie 18 syslog 116
     io_uring_setup 425 io_uring_enter 426 io_uring_register 427 clone 220 clone3 435
     seccomp 277 getppid 173
+    connect 203 listen 201 sendto 206 sendmsg 211 sendmmsg 269
 """))
 ARCHES = {arch.name: arch for arch in (X86_64, AARCH64)}
 
@@ -224,6 +233,50 @@ def deny_list_program(arch: Arch, denied: Iterable[str] = DENIED,
     return program
 
 
+def notify_program(arch: Arch, trapped: Iterable[str] = ("connect", "listen"),
+                   denied: Iterable[str] = ("io_uring_setup", "io_uring_enter",
+                                            "io_uring_register")) -> list[Insn]:
+    """The filter of ``nsbridge run --bypass`` (socket switching): foreign ABI → kill;
+    each ``trapped`` call → a user notification (the host side answers it); each
+    ``denied`` call → ENOSYS; a send that carries ``MSG_FASTOPEN`` (``sendto``/``sendmmsg``
+    flags in the fourth argument, ``sendmsg``'s in the third) → EOPNOTSUPP; anything
+    else allowed.
+
+    Why these: a TCP connection starts only by ``connect``, a send with
+    ``MSG_FASTOPEN`` (the kernel connects first) or an io_uring operation (which seccomp
+    never sees), and a socket starts listening only by ``listen``.  Trapping the first,
+    refusing the next two and trapping the last leaves the program no way to start
+    traffic on a socket of the host's namespace that the host side did not decide.  The
+    flags are read from the register itself (the low word), which the program cannot
+    change after the filter ran; ``TCP_FASTOPEN_CONNECT`` needs a ``connect``, which is
+    trapped.  ENOSYS for io_uring lets programs fall back to plain system calls."""
+    numbers = arch.numbers
+    program = [
+        Insn(BPF_LD_W_ABS, OFFSET_ARCH),
+        Insn(BPF_JEQ_K, arch.audit_arch, jt=0, jf="kill"),
+        Insn(BPF_LD_W_ABS, OFFSET_NR),
+    ]
+    if arch.x32_bit:
+        program.append(Insn(BPF_JGE_K, X32_SYSCALL_BIT, jt="kill", jf=0))
+    program += [Insn(BPF_JEQ_K, numbers[name], jt="notify", jf=0) for name in trapped]
+    program += [Insn(BPF_JEQ_K, numbers[name], jt="nosys", jf=0) for name in denied]
+    program += [
+        Insn(BPF_JEQ_K, numbers["sendto"], jt="flags3", jf=0),
+        Insn(BPF_JEQ_K, numbers["sendmmsg"], jt="flags3", jf=0),
+        Insn(BPF_JEQ_K, numbers["sendmsg"], jt=0, jf="allow"),
+        Insn(BPF_LD_W_ABS, OFFSET_ARGS + 8 * 2),
+        Insn(BPF_JSET_K, MSG_FASTOPEN, jt="notsupp", jf="allow"),
+        Insn(BPF_LD_W_ABS, OFFSET_ARGS + 8 * 3, label="flags3"),
+        Insn(BPF_JSET_K, MSG_FASTOPEN, jt="notsupp", jf="allow"),
+        Insn(BPF_RET_K, RET_ALLOW, label="allow"),
+        Insn(BPF_RET_K, RET_USER_NOTIF, label="notify"),
+        Insn(BPF_RET_K, RET_ERRNO | errno.ENOSYS, label="nosys"),
+        Insn(BPF_RET_K, RET_ERRNO | errno.EOPNOTSUPP, label="notsupp"),
+        Insn(BPF_RET_K, RET_KILL_PROCESS, label="kill"),
+    ]
+    return program
+
+
 def native_arch(machine: str | None = None) -> Arch:
     """The ABI this interpreter runs under; :class:`SeccompUnsupported` elsewhere."""
     machine = machine or platform.machine()
@@ -242,9 +295,14 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
                        ctypes.c_ulong]
 
 
-def install(program: bytes) -> None:
+def install(program: bytes, flags: int = SECCOMP_FILTER_FLAG_TSYNC) -> int:
     """Install assembled ``program`` on this process (every thread, every later child),
-    with ``no_new_privs`` set first.  Raises :class:`SeccompError`."""
+    with ``no_new_privs`` set first.  Raises :class:`SeccompError`.
+
+    Returns what ``seccomp(2)`` returned: 0, or with
+    ``SECCOMP_FILTER_FLAG_NEW_LISTENER`` in ``flags`` the listener's fd (close-on-exec).
+    The kernel refuses that flag beside plain TSYNC: a caller asking for a listener
+    must be single-threaded and pass it alone."""
     if not program or len(program) % 8:
         raise SeccompError(errno.EINVAL, "not an assembled filter")
     buffer = ctypes.create_string_buffer(program, len(program))
@@ -256,12 +314,15 @@ def install(program: bytes) -> None:
     # positive result names a thread that could not be synchronised.
     number = native_arch().numbers["seccomp"]
     result = libc.syscall(ctypes.c_long(number), ctypes.c_ulong(SECCOMP_SET_MODE_FILTER),
-                          ctypes.c_ulong(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
-    if result > 0:
-        raise SeccompError(errno.EBUSY, f"seccomp: thread {result} cannot take the filter")
-    if result != 0:
+                          ctypes.c_ulong(flags), ctypes.byref(fprog))
+    if result < 0:
         exc = last_error("seccomp(SECCOMP_SET_MODE_FILTER)")
         raise SeccompError(exc.errno, str(exc))
+    if flags & SECCOMP_FILTER_FLAG_NEW_LISTENER:
+        return int(result)
+    if result > 0:
+        raise SeccompError(errno.EBUSY, f"seccomp: thread {result} cannot take the filter")
+    return 0
 
 
 def install_deny_list(denied: Iterable[str] = DENIED, error: int = errno.EPERM) -> Arch:

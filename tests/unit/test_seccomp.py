@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import errno
 import json
-import struct
 import subprocess
 import sys
 
 import pytest
 
+from helpers.bpf_filter import run_filter
 from helpers.environment import REPO
 from nsbridge.linux import seccomp
 from nsbridge.linux.seccomp import (
@@ -39,30 +39,6 @@ CLONE_NEWNET = 0x40000000
 SIGCHLD = 17
 AUDIT_ARCH_I386 = 0x40000003
 AUDIT_ARCH_ARM = 0x40000028
-
-
-def run_filter(program: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
-    """Interpret ``program`` (struct sock_filter bytes) on one ``seccomp_data``, as the
-    kernel would: the value it returns."""
-    data = struct.pack("=iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
-    insns = [struct.unpack_from("=HBBI", program, at) for at in range(0, len(program), 8)]
-    pc, acc = 0, 0
-    for _ in range(len(insns)):  # forward jumps only: at most one pass
-        code, jt, jf, k = insns[pc]
-        if code == seccomp.BPF_LD_W_ABS:
-            acc = struct.unpack_from("=I", data, k)[0]
-            pc += 1
-        elif code == seccomp.BPF_JEQ_K:
-            pc += 1 + (jt if acc == k else jf)
-        elif code == seccomp.BPF_JGE_K:
-            pc += 1 + (jt if acc >= k else jf)
-        elif code == seccomp.BPF_JSET_K:
-            pc += 1 + (jt if acc & k else jf)
-        elif code == seccomp.BPF_RET_K:
-            return k
-        else:
-            raise AssertionError(f"opcode {code:#x} at {pc}")
-    raise AssertionError("ran off the end of the program")
 
 
 @pytest.mark.parametrize("arch", list(ARCHES.values()), ids=list(ARCHES))
