@@ -58,8 +58,15 @@ def _run_child(
     pass_fds: tuple[int, ...],
     env: dict[str, str],
     cwd: int,
+    bypass: bool = False,
 ) -> NoReturn:
     """The ``run`` helper: new namespaces, setup, report, then become CMD.
+
+    With ``bypass`` (socket switching) the helper installs the notify filter last,
+    after every step of the set-up (which must not be trapped) and before the report,
+    which carries the listener fd to the host side; what it does from there to the exec
+    (read "go", move fds, exec) calls nothing the filter traps.  The filter then holds
+    for CMD and every process it starts.
 
     Forked dumpable (see :func:`.helper._fork`): it becomes non-dumpable as soon as its id maps
     are written, before anything else happens in the new namespaces, and stays so until
@@ -73,6 +80,9 @@ def _run_child(
             confine.make_non_dumpable()
             warnings = _setup_mounts(resolv, config)
             header, fds = _configure_here(config, extra)
+            if bypass:
+                fds.append(_install_switch_filter(fds))
+                header["seccomp_listener"] = True
         except SetupError as exc:
             _send_error(sock, str(exc))
             os._exit(1)
@@ -86,6 +96,26 @@ def _run_child(
     except BaseException as exc:
         _send_error(sock, f"unexpected error in the namespace helper: {type(exc).__name__}: {exc}")
     os._exit(1)
+
+
+def _install_switch_filter(fds: list[int]) -> int:
+    """Install ``run --bypass``'s notify filter here (no_new_privs first) and return its
+    listener fd; on failure close ``fds`` and raise SetupError with one line."""
+    from nsbridge.linux import seccomp
+
+    try:
+        if len(fds) >= _SCM_MAX_FD:
+            raise SetupError("too many fds to pass the seccomp listener too")
+        arch = seccomp.native_arch()
+        return seccomp.install(seccomp.assemble(seccomp.notify_program(arch)),
+                               seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER)
+    except SetupError:
+        _close_all(fds)
+        raise
+    except OSError as exc:
+        _close_all(fds)
+        raise SetupError(f"--bypass: cannot install the seccomp filter: "
+                         f"{describe_oserror(exc)}") from None
 
 
 def _mount(

@@ -147,7 +147,7 @@ def _receive(
     if "error" in reply:
         _close_all(fds)
         raise SandboxError(f"{doing}: {reply['error']}")
-    expected = fixed + int(reply.get("extra", 0))
+    expected = fixed + int(reply.get("extra", 0)) + bool(reply.get("seccomp_listener"))
     if len(fds) != expected:
         _close_all(fds)
         raise SandboxError(

@@ -139,6 +139,8 @@ class SandboxHandle:
     returncode: int | None = None
     link: str = "tun"  # "tun" (IP frames after a virtio header) or "tap" (Ethernet frames)
     guest_mac: bytes | None = None  # a TAP guest's MAC, if known in advance
+    # ``run --bypass``: the seccomp listener of CMD's filter (host/switcher.py serves it)
+    seccomp_listener: int = -1
     _control: socket.socket | None = field(default=None, repr=False)
     _pidfd: int = field(default=-1, repr=False)
     _timeout: float = field(default=DEFAULT_TIMEOUT, repr=False)
@@ -232,6 +234,12 @@ class SandboxHandle:
         fds, self.extra = self.extra, []
         return fds
 
+    def take_seccomp_listener(self) -> int:
+        """Hand the seccomp listener (``bypass=True``) to the caller, who then closes it;
+        -1 when there is none."""
+        fd, self.seccomp_listener = self.seccomp_listener, -1
+        return fd
+
     def make_fds(self, fn: ExtraFds, timeout: float | None = None) -> list[int]:
         """Run ``fn`` in a helper inside this namespace; return the fds it made (caller owns).
 
@@ -259,10 +267,10 @@ class SandboxHandle:
             self._control.close()  # the held helper reads EOF and exits without exec
             self._control = None
             self._reap()
-        for fd in (self.tun, self.userns, self._pidfd, *self.extra):
+        for fd in (self.tun, self.userns, self._pidfd, self.seccomp_listener, *self.extra):
             if fd >= 0:
                 os.close(fd)
-        self.tun = self.userns = self._pidfd = -1
+        self.tun = self.userns = self._pidfd = self.seccomp_listener = -1
         self.extra = []
         self.netns.close()
         if self.pid is not None and self.returncode is None:
@@ -307,8 +315,12 @@ class Sandbox:
         pass_fds: Sequence[int] = (),
         env: dict[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        bypass: bool = False,
     ) -> SandboxHandle:
         """Start ``command`` in a new user+network+mount namespace with a configured tun.
+
+        ``bypass=True`` installs the socket-switching filter on CMD just before exec; its
+        listener is ``handle.seccomp_listener`` (see ``usernet/host/switcher.py``).
 
         ``command=None`` only builds the namespace (kept alive by ``handle.netns``).  CMD
         inherits our stdin/stdout/stderr unless ``stdin``/``stdout``/``stderr`` name other
@@ -335,7 +347,7 @@ class Sandbox:
                 keep = {0, 1, 2, cwd, *(fd for fd in stdio if fd is not None), *pass_fds}
                 helper, sock = _fork(
                     lambda s: _run_child(s, argv, config, resolv, extra, stdio,
-                                         tuple(pass_fds), exec_env, cwd),
+                                         tuple(pass_fds), exec_env, cwd, bypass),
                     keep=keep, dumpable=True,
                 )
             finally:
@@ -441,6 +453,7 @@ def _handle(
     reply: dict, fds: list[int], netns: Netns, config: NetConfig, timeout: float
 ) -> SandboxHandle:
     mac = reply.get("guest_mac")
+    listener = fds.pop() if reply.get("seccomp_listener") else -1
     return SandboxHandle(
         tun=fds[0],
         netns=netns,
@@ -455,4 +468,5 @@ def _handle(
         _timeout=timeout,
         link=reply.get("link", "tun"),
         guest_mac=None if mac is None else bytes.fromhex(mac.replace(":", "")),
+        seccomp_listener=listener,
     )
