@@ -422,6 +422,12 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "only, the policy still decides (default: the kernel's choice)")
     parser.add_argument("--outbound-addr6", metavar="IPv6|INTERFACE",
                         help="the same for IPv6 (an interface's first global address)")
+    parser.add_argument("--bypass", action="store_true",
+                        help="socket switching (run only; Linux 5.9+): outbound TCP "
+                        "connections the policy allows become sockets of the host's "
+                        "namespace, at the kernel's own speed; denied ones fail with "
+                        "ECONNREFUSED; DNS, UDP, ping and the namespace's loopback keep "
+                        "their paths")
     parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)

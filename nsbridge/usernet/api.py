@@ -57,6 +57,7 @@ from nsbridge.usernet.inside import sandbox as _sandbox
 from nsbridge.usernet.network import Network, redirect_setup
 from nsbridge.usernet.options import (
     UsernetOptions,
+    check_bypass,
     check_options,
     netconfig_of,
     option_warnings,
@@ -246,6 +247,7 @@ def run(
     outbound_addr: str | None = None,
     outbound_addr6: str | None = None,
     publish_mode: str = "device",
+    bypass: bool = False,
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -257,7 +259,9 @@ def run(
 
     The command is held until the host side is serving (its first packet is not lost),
     then started.  ``stdin``/``stdout``/``stderr`` are fds (default: ours); only
-    ``pass_fds`` and those stay open in it.  Raises UserError/SandboxError.
+    ``pass_fds`` and those stay open in it.  ``bypass=True`` switches the command's
+    allowed outbound TCP connections to sockets of the host's namespace (``nsbridge run
+    --bypass``; docs/usernet.md).  Raises UserError/SandboxError.
     """
     if not command:
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
@@ -267,9 +271,15 @@ def run(
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
                    outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
                    publish_mode=publish_mode)
+    if bypass:
+        from dataclasses import replace
+
+        opts = replace(opts, bypass=True)
+        check_bypass()
     handle = _sandbox.Sandbox.create(
         list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
-        stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout)
+        stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout,
+        bypass=bypass)
     try:
         network = Network(handle, opts)
         network.start()

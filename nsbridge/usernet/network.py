@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.hostaddrs import HostAddresses
     from nsbridge.usernet.host.inbound import InboundPorts
     from nsbridge.usernet.host.redirect import TcpRedirector
+    from nsbridge.usernet.host.switcher import SocketSwitcher
     from nsbridge.usernet.host.tap import TapEngine
     from nsbridge.usernet.host.tuntcp import TunTcp
     from nsbridge.usernet.inside.sandbox import ExtraFds, PendingFds, SandboxHandle
@@ -132,6 +133,7 @@ class Network:
         self.host_addresses: HostAddresses | None = None
         self.api_socket: ApiSocketServer | None = None
         self.inbound: InboundPorts | None = None  # device-mode published ports
+        self.switcher: SocketSwitcher | None = None  # run --bypass
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _closed against cross-thread stats()/stop()
         self._closed = False
@@ -202,6 +204,7 @@ class Network:
             # Last: the published ports' helper is forked above, and a fork is best made
             # before a thread that C code owns is running.
             self._start_native_relay()
+            self._start_switcher()
         except BaseException:
             self.close()
             raise
@@ -416,6 +419,20 @@ class Network:
             log.info("UDP: native relay (device nsb-relay); ping through the engine: %s",
                      no_ping)
 
+    def _start_switcher(self) -> None:
+        """``--bypass``: serve the program's seccomp listener (host/switcher.py)."""
+        listener = self.handle.take_seccomp_listener() if \
+            hasattr(self.handle, "take_seccomp_listener") else -1
+        if listener < 0:
+            return
+        from nsbridge.usernet.host.switcher import SocketSwitcher
+
+        self.switcher = SocketSwitcher(self.bridge.loop, listener, self.policy,
+                                       outbound=self.outbound)
+        self.switcher.start()
+        log.info("TCP: socket switching (--bypass): allowed outbound connections are "
+                 "sockets of the host's namespace")
+
     def stop_when_readable(self, fd: int) -> None:
         """Stop the loop once ``fd`` (a pidfd) is readable — a process exited.  Call
         before the loop runs; ``fd`` stays the caller's (closed after close())."""
@@ -533,6 +550,8 @@ class Network:
                           "protocol": p.protocol, "mode": "device"}
                          for p in self.inbound.ports]
         result = {"engine": engine, "tcp": tcp, "published": forwards}
+        if self.switcher is not None:
+            result["bypass"] = self.switcher.snapshot()
         if self.redirector is not None and self.tun_tcp is not None:
             # beside the fast path: the tun path's (published ports' inbound flows; on
             # a TAP also the connections forwarded from containers behind a bridge)
@@ -551,6 +570,8 @@ class Network:
         if self._fast_path_pending is not None:
             self._fast_path_pending.cancel()
             self._fast_path_pending = None
+        if self.switcher is not None:
+            self.switcher.close()
         if self.inbound is not None:
             self.inbound.close()
         if self.tun_tcp is not None:

@@ -53,6 +53,8 @@ class UsernetOptions:
     # device: published TCP ports dial through the device, keeping the client's address
     # (host/inbound.py); splice: an ordinary forward to the namespace's loopback
     publish_mode: str = "device"
+    # socket switching (host/switcher.py): outbound TCP on host sockets, run only
+    bypass: bool = False
 
 
 def addresses_of(options: UsernetOptions) -> UsernetAddresses:
@@ -108,6 +110,23 @@ def check_options(options: UsernetOptions) -> None:
         from nsbridge.usernet.host.apisocket import check_path
 
         check_path(options.api_socket)
+    if options.bypass:
+        check_bypass()
+
+
+def check_bypass() -> None:
+    """``--bypass`` on this machine, or a UserError with the one-line reason: a kernel
+    with seccomp user notification and ADDFD (5.9), an ABI whose numbers we know."""
+    from nsbridge.linux.seccomp import SeccompUnsupported, native_arch
+    from nsbridge.linux.seccomp_notify import unsupported
+
+    try:
+        native_arch()
+    except SeccompUnsupported as exc:
+        raise UserError(f"--bypass: {exc.strerror}") from None
+    reason = unsupported()
+    if reason is not None:
+        raise UserError(f"--bypass: {reason}")
 
 
 def outbound_of(options: UsernetOptions) -> OutboundAddresses:
@@ -172,4 +191,5 @@ def options_from_args(args: Namespace) -> UsernetOptions:
                           dns=parse_dns(args.dns), mtu=args.mtu, ipv6=not args.disable_ipv6,
                           cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix,
                           outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6,
-                          publish_mode=args.publish_mode)
+                          publish_mode=args.publish_mode,
+                          bypass=getattr(args, "bypass", False))

@@ -47,7 +47,7 @@ def run_command(command: list[str], options: UsernetOptions, stops: StopSignals)
     policy = policy_of(options)
     config = netconfig_of(options)
     extra = redirect_setup(options)
-    handle = Sandbox.create(command, config, extra=extra, hold=True)
+    handle = Sandbox.create(command, config, extra=extra, hold=True, bypass=options.bypass)
     try:
         return _drive(handle, options, policy, stops, attached=False)
     finally:
@@ -59,6 +59,7 @@ def network_existing_namespace(target: str, options: UsernetOptions,
     """Give an existing namespace networking until its process exits (PID) or a signal."""
     from nsbridge.usernet.inside.sandbox import Sandbox
 
+    refuse_bypass_for_attach(options)
     check_options(options)
     policy = policy_of(options)
     config = netconfig_of(options)
@@ -67,6 +68,14 @@ def network_existing_namespace(target: str, options: UsernetOptions,
         return _drive(handle, options, policy, stops, attached=True, target=target)
     finally:
         handle.close()
+
+
+def refuse_bypass_for_attach(options: UsernetOptions) -> None:
+    """``attach --bypass``: one line saying why not (a filter is installed by a process
+    on itself, before exec; nothing can put one on a process already running)."""
+    if options.bypass:
+        raise UserError("attach: --bypass needs a seccomp filter in the program, which "
+                        "only a process starting it can install; use nsbridge run --bypass")
 
 
 def _drive(handle: SandboxHandle, options: UsernetOptions, policy: Policy, stops: StopSignals, *,
@@ -117,6 +126,12 @@ def summary(stats: dict[str, Any]) -> str:
         f"DNS queries: {engine.get('dns_queries', 0)}",
         f"echo requests: {engine.get('icmp_echo_requests', 0)}",
     ]
+    bypass = stats.get("bypass")
+    if bypass is not None:
+        parts.insert(1, f"switched TCP connections: {bypass.get('switched', 0)} "
+                     f"({bypass.get('connect_failed', 0)} failed to connect)")
+        for reason, count in (bypass.get("refused") or {}).items():
+            denied[reason] += count
     if denied:
         parts.append("denials: " + ", ".join(f"{reason} x{n}"
                                            for reason, n in denied.most_common()))

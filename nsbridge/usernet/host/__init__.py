@@ -23,4 +23,6 @@
   host access closes).
 * :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour
   discovery and DHCP answered, IP packets to the engine.
+* :mod:`.switcher` — socket switching (``run --bypass``): the program's trapped
+  ``connect``/``listen`` answered, allowed TCP moved onto host sockets.
 """

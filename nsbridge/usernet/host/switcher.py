@@ -1,0 +1,517 @@
+"""Socket switching (``nsbridge run --bypass``): the program's outbound TCP sockets become
+sockets of the host's namespace, each connect decided by the policy first.
+
+The program runs under the filter of :func:`nsbridge.linux.seccomp.notify_program`:
+every ``connect`` and ``listen`` it makes waits for this module's answer, io_uring and
+sends with ``MSG_FASTOPEN`` are refused.  For each trapped call, on the event loop:
+
+1. Our own reference to the program's socket (``pidfd_getfd`` on its fd number), the
+   sockaddr read from its memory, then ``ID_VALID`` (the thread still waits, so what we
+   read was its).  From here on we act on *that* socket and *those* bytes only.
+2. Where the socket lives (``SIOCGSKNS``): in the namespace (or one the program made),
+   or in the host's namespace (a socket we switched earlier, or one handed in).
+3. A TCP connect to an outside address: :meth:`Policy.decide
+   <nsbridge.usernet.proto.policy.Policy.decide>`, as the fast path decides
+   (:mod:`.redirect`).  Deny → ``ECONNREFUSED``, counted, logged at ``-v``.  Allow → a
+   socket of the host's namespace (same family, the options we copy, bound to
+   ``--outbound-addr``) connects to what the policy said, non-blocking, and ``ADDFD``
+   puts it over the program's fd number: a non-blocking socket is answered at once
+   (``EINPROGRESS``), a blocking one when the connect has finished (the loop never
+   waits).  The DNS address (``AllowResolver``) is not switched: the fast path serves it.
+4. Everything else — the namespace's own loopback and addresses, the DNS address, UDP,
+   Unix sockets, ``AF_UNSPEC``, ``listen`` on a namespace socket — is *performed here*,
+   on the program's own socket, with the address we read: the result is what the
+   program's own call would have given, and every packet it sends still meets today's
+   paths (fast path, engine, policy).  Blocking ones run in a short-lived thread.
+
+Why never ``SECCOMP_USER_NOTIF_FLAG_CONTINUE``, not even for a namespace-local connect
+that needs no decision: the kernel would then read the sockaddr and look up the fd
+number *again*.  Another thread can change both in between (write another address,
+``dup2`` a switched host socket over the number), and a host socket connected by the
+kernel unchecked is a way around the policy.  Performing the call ourselves on the
+object and bytes we checked leaves no such gap.
+
+What a host socket in the program cannot do: ``connect`` again (trapped: an outside
+address is decided and gets a fresh host socket; the namespace's own addresses are
+refused with ``ENETUNREACH`` on it), ``listen`` (trapped: ``EOPNOTSUPP``), a send with
+``MSG_FASTOPEN`` or io_uring (refused by the filter).  So it only ever talks to the one
+peer the policy allowed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from nsbridge.defaults import CONNECT_TIMEOUT
+from nsbridge.linux import seccomp_notify as notify
+from nsbridge.linux.libc import libc
+from nsbridge.net.addresses import format_sockaddr
+from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
+from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
+from nsbridge.usernet.proto.addresses import IPAddress
+from nsbridge.usernet.proto.policy import Allow, AllowResolver, Policy
+
+log = logging.getLogger("nsbridge")
+
+MAX_SOCKADDR = 128  # sizeof(struct sockaddr_storage): the kernel refuses longer (EINVAL)
+IPPROTO_MPTCP = 262
+
+# Options copied from the program's socket to its host replacement: plain integers the
+# program may have set before connect.  Buffer sizes are not copied (reading them back
+# cannot tell a set value from the default, and setting one turns autotuning off);
+# SO_BINDTODEVICE is not (the namespace's device names mean nothing on the host).
+_COPIED = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+)
+_LINGER = struct.Struct("ii")
+
+libc.connect.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+libc.listen.argtypes = [ctypes.c_int, ctypes.c_int]
+
+# Refusal reasons of the switcher's own (the policy's are its own words).
+ON_SWITCHED = "namespace address on a switched socket"
+LISTEN_SWITCHED = "listen on a switched socket"
+FOREIGN_SOCKET = "undecidable connect on a host socket"
+
+
+@dataclass
+class SwitchStats:
+    """Counters of socket switching; ``denied`` by the policy's reason, ``refused`` by
+    the switcher's own."""
+
+    notifications: int = 0  # trapped calls received
+    switched: int = 0  # connects now carried by a host socket
+    connect_failed: int = 0  # allowed, but the host connect failed (refused, timeout...)
+    performed: int = 0  # calls made here on the program's own socket (not switched)
+    denied: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    gone: int = 0  # the caller stopped waiting before the answer (killed, signal)
+    errors: int = 0  # unexpected failures (logged), answered with the errno
+
+    def as_dict(self) -> dict:
+        return {name: dict(value) if isinstance(value, Counter) else value
+                for name, value in self.__dict__.items()}
+
+
+class _Call:
+    """One trapped call being answered: the notification, the thread's pidfd, and our
+    reference to the program's socket (both closed by :meth:`close`)."""
+
+    __slots__ = ("fd", "notification", "pidfd", "sock")
+
+    def __init__(self, notification: notify.Notification) -> None:
+        self.notification = notification
+        self.pidfd = -1
+        self.sock: socket.socket | None = None
+        self.fd = _signed(notification.args[0])
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class SocketSwitcher:
+    """Serves a ``run --bypass`` program's seccomp listener on ``loop`` (see the module
+    docstring).  Host sockets are made in the namespace of the loop's thread."""
+
+    def __init__(self, loop: EventLoop, listener: int, policy: Policy, *,
+                 outbound: OutboundAddresses = NONE,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.policy = policy
+        self.outbound = outbound
+        self.connect_timeout = connect_timeout
+        self.stats = SwitchStats()
+        self._host_netns = os.stat("/proc/thread-self/ns/net").st_ino
+        a = policy.addresses
+        self._own = {a.namespace, a.namespace6}
+        self._pending: dict[int, tuple[_Call, socket.socket, Timer]] = {}
+        self._closed = False
+        from nsbridge.linux.seccomp import native_arch
+
+        numbers = native_arch().numbers
+        self._connect_nr, self._listen_nr = numbers["connect"], numbers["listen"]
+
+    def start(self) -> None:
+        self.loop.add(self.listener, IN, self._on_listener)
+
+    def close(self) -> None:
+        """Stop serving; the program's trapped calls then fail with ENOSYS (the kernel's
+        answer once no listener is left), so nothing waits forever."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove(self.listener)
+        for call, host, timer in list(self._pending.values()):
+            timer.cancel()
+            self.loop.remove(host.fileno())
+            host.close()
+            call.close()
+        self._pending.clear()
+        os.close(self.listener)
+
+    def snapshot(self) -> dict:
+        return self.stats.as_dict()
+
+    # ---- receiving -----------------------------------------------------------------
+
+    def _on_listener(self, events: int) -> None:
+        if not events & IN:
+            if events & (HUP | ERR):
+                # Every process under the filter has exited: nothing more will come.
+                self.loop.remove(self.listener)
+            return
+        try:
+            notification = notify.receive(self.listener)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EINTR):
+                log.warning("bypass: reading the seccomp listener failed: %s", exc.strerror)
+            return
+        self.stats.notifications += 1
+        call = _Call(notification)
+        try:
+            self._serve(call)
+        except notify.NotificationGone:
+            self.stats.gone += 1
+            call.close()
+        except OSError as exc:
+            if not notify.is_valid(self.listener, notification.id):
+                self.stats.gone += 1
+            else:
+                self.stats.errors += 1
+                log.info("bypass: pid %d: %s", notification.pid, exc)
+                self._answer(call, error=exc.errno or errno.EIO)
+            call.close()
+        except Exception:
+            self.stats.errors += 1
+            log.exception("bypass: a trapped call failed")
+            self._answer(call, error=errno.EIO)
+            call.close()
+
+    def _answer(self, call: _Call, value: int = 0, error: int = 0) -> None:
+        if not notify.respond(self.listener, call.notification.id, value, error):
+            self.stats.gone += 1
+
+    def _serve(self, call: _Call) -> None:
+        n = call.notification
+        call.pidfd = notify.pidfd_of_thread(n.pid)
+        notify.check_valid(self.listener, n.id)  # the pid still names the caller
+        try:
+            call.sock = _socket_of(notify.take_fd(call.pidfd, call.fd))
+        except OSError as exc:
+            # EBADF: no such fd; ENOTSOCK: socket() refused what it got.
+            notify.check_valid(self.listener, n.id)
+            self._answer(call, error=exc.errno or errno.EBADF)
+            call.close()
+            return
+        if n.nr == self._listen_nr:
+            self._listen(call, _signed(n.args[1]))
+        elif n.nr == self._connect_nr:
+            self._connect(call)
+        else:
+            self._answer(call, error=errno.ENOSYS)
+            call.close()
+
+    # ---- listen --------------------------------------------------------------------
+
+    def _listen(self, call: _Call, backlog: int) -> None:
+        sock = call.sock
+        assert sock is not None
+        if self._is_host_socket(sock):
+            self._refuse(call, LISTEN_SWITCHED, "listen", errno.EOPNOTSUPP)
+            return
+        self._perform(call, lambda fd: libc.listen(fd, backlog), blocking=False)
+
+    # ---- connect -------------------------------------------------------------------
+
+    def _connect(self, call: _Call) -> None:
+        n, sock = call.notification, call.sock
+        assert sock is not None
+        length = n.args[2] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR or length < 2:
+            notify.check_valid(self.listener, n.id)
+            self._answer(call, error=errno.EINVAL)
+            call.close()
+            return
+        raw = notify.read_memory(n.pid, n.args[1], length)
+        notify.check_valid(self.listener, n.id)  # the bytes were the caller's
+        family = struct.unpack_from("=H", raw)[0]
+        host_socket = self._is_host_socket(sock)
+        tcp = (sock.family in (socket.AF_INET, socket.AF_INET6)
+               and sock.type == socket.SOCK_STREAM
+               and sock.proto in (0, socket.IPPROTO_TCP))
+        destination = _inet_destination(sock.family, family, raw) if tcp else None
+        if destination is None:
+            if host_socket and family != socket.AF_UNSPEC:
+                # Not a TCP connect to an address we can decide (another family, a
+                # socket handed in from outside): performing it would be unchecked.
+                self._refuse(call, FOREIGN_SOCKET, _family_name(family), errno.EPERM)
+                return
+            # Not TCP to an address, or AF_UNSPEC (a disconnect: a switched socket stays
+            # one of the host's, and every later connect or listen on it is trapped).
+            if family == socket.AF_UNIX:
+                raw = _unix_in_callers_view(raw, n.pid)
+            self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+                          blocking=_is_blocking(sock))
+            return
+        ip, port = destination
+        shown = format_sockaddr((str(ip), port))
+        decided_ip = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and \
+            ip.ipv4_mapped is not None else ip
+        if decided_ip.is_loopback or decided_ip in self._own:
+            if host_socket:
+                self._refuse(call, ON_SWITCHED, shown, errno.ENETUNREACH)
+                return
+            self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+                          blocking=_is_blocking(sock))
+            return
+        decision = self.policy.decide("tcp", decided_ip, port)
+        if isinstance(decision, AllowResolver):
+            if host_socket:
+                self._refuse(call, ON_SWITCHED, shown, errno.ENETUNREACH)
+                return
+            # The DNS address: the namespace's own path serves it (checked queries).
+            self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+                          blocking=_is_blocking(sock))
+            return
+        if not isinstance(decision, Allow):
+            self.stats.denied[decision.reason] += 1
+            if log.isEnabledFor(logging.INFO):
+                log.info("usernet tcp: bypass pid %d -> %s denied: %s", n.pid, shown,
+                         decision.reason)
+            self._answer(call, error=errno.ECONNREFUSED)
+            call.close()
+            return
+        self._switch(call, decision, mapped=decided_ip is not ip, shown=shown)
+
+    def _switch(self, call: _Call, decision: Allow, *, mapped: bool, shown: str) -> None:
+        """A host socket connects to the allowed target and replaces the program's."""
+        sock = call.sock
+        assert sock is not None
+        target_ip = decision.host_ip
+        if mapped and isinstance(target_ip, ipaddress.IPv4Address):
+            # An IPv6 socket asked for an IPv4 address (::ffff:a.b.c.d): keep it IPv6.
+            target: tuple[str, int] = (f"::ffff:{target_ip}", decision.host_port)
+            family = socket.AF_INET6
+        else:
+            target = (str(target_ip), decision.host_port)
+            family = socket.AF_INET6 if target_ip.version == 6 else socket.AF_INET
+        blocking = _is_blocking(sock)
+        host = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            _copy_options(sock, host)
+            if family == socket.AF_INET6 and mapped:
+                host.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.outbound.bind(host, str(target_ip))
+            result = host.connect_ex(target)
+        except OSError:
+            host.close()
+            raise
+        if result == 0:
+            self._install(call, host, blocking, 0)
+        elif result != errno.EINPROGRESS:
+            host.close()
+            self._connect_failed(call, shown, result)
+        elif not blocking:
+            self._install(call, host, blocking, errno.EINPROGRESS)
+        else:
+            nid = call.notification.id
+            timer = self.loop.call_later(self.connect_timeout,
+                                         lambda: self._connect_done(nid, shown, timed_out=True))
+            self._pending[nid] = (call, host, timer)
+            self.loop.add(host.fileno(), OUT, lambda _e: self._connect_done(nid, shown))
+
+    def _connect_done(self, nid: int, shown: str, timed_out: bool = False) -> None:
+        entry = self._pending.pop(nid, None)
+        if entry is None:
+            return
+        call, host, timer = entry
+        timer.cancel()
+        self.loop.remove(host.fileno())
+        error = errno.ETIMEDOUT if timed_out else \
+            host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            host.close()
+            self._connect_failed(call, shown, error)
+            return
+        try:
+            self._install(call, host, True, 0)
+        except notify.NotificationGone:
+            self.stats.gone += 1
+            call.close()
+        except OSError as exc:
+            self.stats.errors += 1
+            log.info("bypass: installing a switched socket failed: %s", exc)
+            self._answer(call, error=exc.errno or errno.EIO)
+            call.close()
+
+    def _install(self, call: _Call, host: socket.socket, blocking: bool, result: int) -> None:
+        """``host`` over the program's fd number (its close-on-exec flag kept), then the
+        answer.  The program's namespace socket is closed by the replacement."""
+        n = call.notification
+        try:
+            if blocking:
+                host.setblocking(True)  # the file's flag: the program's socket was blocking
+            cloexec = notify.fd_cloexec(n.pid, call.fd)
+            notify.install_fd(self.listener, n.id, host.fileno(), call.fd, cloexec)
+        finally:
+            host.close()  # the program holds its own reference now (or nobody does)
+        self.stats.switched += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("usernet tcp: bypass pid %d fd %d switched", n.pid, call.fd)
+        self._answer(call, error=result)
+        call.close()
+
+    def _connect_failed(self, call: _Call, shown: str, error: int) -> None:
+        self.stats.connect_failed += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("usernet tcp: bypass pid %d -> %s: %s", call.notification.pid, shown,
+                     os.strerror(error))
+        self._answer(call, error=error)
+        call.close()
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _refuse(self, call: _Call, reason: str, shown: str, error: int) -> None:
+        self.stats.refused[reason] += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("usernet tcp: bypass pid %d %s refused: %s", call.notification.pid,
+                     shown, reason)
+        self._answer(call, error=error)
+        call.close()
+
+    def _is_host_socket(self, sock: socket.socket) -> bool:
+        """True for a socket of the host's namespace (or one we may not inspect, which
+        is treated the same way: it is not the program's own)."""
+        netns = notify.socket_netns(sock.fileno())
+        return netns is None or netns == self._host_netns
+
+    def _perform(self, call: _Call, operation: object, *, blocking: bool) -> None:
+        """Run ``operation(fd)`` (a libc call) on our reference to the program's socket
+        and answer with its result; a call that may block runs in a thread."""
+        assert callable(operation) and call.sock is not None
+        fd = call.sock.fileno()
+        self.stats.performed += 1
+
+        def run() -> tuple[int, int]:
+            result = operation(fd)
+            return (result, ctypes.get_errno() if result < 0 else 0)
+
+        def answer(result: tuple[int, int]) -> None:
+            if not self._closed:
+                self._answer(call, error=result[1])
+            call.close()
+
+        if not blocking:
+            answer(run())
+            return
+
+        def in_thread() -> None:
+            result = run()
+            self.loop.call_soon_threadsafe(lambda: answer(result))
+
+        threading.Thread(target=in_thread, name="nsbridge-bypass-connect",
+                         daemon=True).start()
+
+
+def _socket_of(fd: int) -> socket.socket:
+    """A socket object owning ``fd``; ENOTSOCK (``fd`` closed) when it is no socket."""
+    try:
+        return socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise
+
+
+def _signed(value: int) -> int:
+    """A system call's int argument (the low 32 bits, signed) from its u64 slot."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _is_blocking(sock: socket.socket) -> bool:
+    return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def _family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return f"family {family}"
+
+
+def _inet_destination(sock_family: int, family: int,
+                      raw: bytes) -> tuple[IPAddress, int] | None:
+    """(address, port) of an AF_INET/AF_INET6 sockaddr the kernel would accept for a
+    socket of ``sock_family``; None for anything else (which is then performed as is,
+    and the kernel gives its own error)."""
+    if family == socket.AF_INET and len(raw) >= 16 and sock_family == socket.AF_INET:
+        return ipaddress.IPv4Address(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET and len(raw) >= 16 and sock_family == socket.AF_INET6:
+        return None  # the kernel refuses it (EAFNOSUPPORT) on a v6 socket... mostly
+    if family == socket.AF_INET6 and len(raw) >= 24 and sock_family == socket.AF_INET6:
+        return ipaddress.IPv6Address(raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+    return None
+
+
+def _unix_in_callers_view(raw: bytes, pid: int) -> bytes:
+    """A Unix sockaddr with its path resolved where the caller sees it (its root and
+    working directory: it has a mount namespace of its own), through ``/proc/PID``.
+    Abstract names are left alone (they belong to the socket's network namespace)."""
+    path = raw[2:].split(b"\0", 1)[0]
+    if not path:
+        return raw
+    base = f"/proc/{pid}/root" if path.startswith(b"/") else f"/proc/{pid}/cwd/"
+    resolved = base.encode() + path
+    if len(resolved) > 107:
+        raise OSError(errno.ENAMETOOLONG, "a Unix socket path too long to reach through "
+                      "/proc for the program")
+    return raw[:2] + resolved + b"\0"
+
+
+def _copy_options(source: socket.socket, target: socket.socket) -> None:
+    for level, option in _COPIED:
+        try:
+            target.setsockopt(level, option, source.getsockopt(level, option))
+        except OSError:
+            pass
+    try:
+        linger = source.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
+        if _LINGER.unpack(linger)[0]:
+            target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    except OSError:
+        pass
+    if source.family == target.family == socket.AF_INET:
+        _copy_int(source, target, socket.IPPROTO_IP, socket.IP_TOS)
+    elif source.family == target.family == socket.AF_INET6:
+        _copy_int(source, target, socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+
+
+def _copy_int(source: socket.socket, target: socket.socket, level: int, option: int) -> None:
+    try:
+        target.setsockopt(level, option, source.getsockopt(level, option))
+    except OSError:
+        pass
