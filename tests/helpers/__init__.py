@@ -8,6 +8,11 @@
 * :mod:`.processes` — nsbridge as a process (command line, a running forwarder), /proc.
 * :mod:`.control` — ``nsbridge ctl`` and the daemon's counters read through it.
 * :mod:`.relay_loop` — a loopback TCP pair and the event loop run in a thread.
+* :mod:`.bpf_filter` — a classic-BPF interpreter: a seccomp filter's verdict on one call.
+* :mod:`.switching` — the socket-switching tests' world: host and outside namespaces,
+  servers that answer with the client address they saw.
+* :mod:`.switch_probe` — the socket-switching tests' program inside ``run --bypass``
+  (stdlib only).
 * :mod:`.tun_engine` — the tun engine on a socketpair, its loop in a namespace.
 * :mod:`.tcp_mix` — the soak tests' TCP scenario (server program and clients).
 * :mod:`.bypass` — the policy-bypass harness: presets, the ``Case`` record, sentinels, checks.

@@ -1,0 +1,238 @@
+"""The socket-switching tests' program inside ``nsbridge run --bypass`` (stdlib only).
+
+``python3 switch_probe.py CASE ARGS...`` runs one case and prints one JSON object: what
+the program saw (its socket's own address, the server's answer, or the errno name).
+The servers the tests start answer every connection with the address they saw it come
+from, then echo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+MSG_FASTOPEN = 0x20000000
+TCP_FASTOPEN_CONNECT = 30
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def error_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def talk(sock: socket.socket) -> dict:
+    """The server's first line (the peer it saw), an echo, our own address."""
+    sock.settimeout(10)
+    seen = b""
+    while not seen.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        seen += chunk
+    sock.sendall(b"ping\n")
+    echoed = sock.recv(100)
+    return {"server_saw": seen.decode().strip(), "echo": echoed.decode().strip(),
+            "sockname": sock.getsockname()[0]}
+
+
+def connect(ip: str, port: str) -> dict:
+    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    try:
+        sock.connect((ip, int(port)))
+        return {"result": "ok", **talk(sock)}
+    except OSError as exc:
+        return {"result": error_name(exc)}
+    finally:
+        sock.close()
+
+
+def connect_many(ip: str, port: str, count: str) -> dict:
+    """``count`` connections one after another; the fd count before and after."""
+    before = len(os.listdir("/proc/self/fd"))
+    ok = 0
+    for _ in range(int(count)):
+        with socket.create_connection((ip, int(port)), timeout=10) as sock:
+            if talk(sock)["echo"] == "ping":
+                ok += 1
+    return {"ok": ok, "fds_before": before, "fds_after": len(os.listdir("/proc/self/fd"))}
+
+
+def nonblocking(ip: str, port: str) -> dict:
+    """asyncio: a non-blocking connect (EINPROGRESS, then writable)."""
+    async def main() -> dict:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, int(port)), 10)
+        except OSError as exc:
+            return {"result": error_name(exc)}
+        seen = (await reader.readline()).decode().strip()
+        writer.write(b"ping\n")
+        echoed = (await reader.readline()).decode().strip()
+        sockname = writer.get_extra_info("sockname")[0]
+        writer.close()
+        return {"result": "ok", "server_saw": seen, "echo": echoed, "sockname": sockname}
+
+    return asyncio.run(main())
+
+
+def loopback() -> dict:
+    """A server on the namespace's own 127.0.0.1 and [::1], reached from inside."""
+    out = {}
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.bind((host, 0))
+        server.listen(1)
+        client = socket.socket(family, socket.SOCK_STREAM)
+        client.connect(server.getsockname()[:2])
+        conn, _ = server.accept()
+        client.sendall(b"x")
+        out[host] = conn.recv(1).decode()
+        for s in (client, conn, server):
+            s.close()
+    return out
+
+
+def raw_connect(fd: int, family: int, ip: str = "", port: int = 0) -> int:
+    """connect(2) through libc with a hand-made sockaddr; 0 or the errno."""
+    if family == socket.AF_UNSPEC:
+        addr = struct.pack("=H14x", socket.AF_UNSPEC)
+    elif family == socket.AF_INET:
+        addr = struct.pack("=H", family) + struct.pack("!H", port) + socket.inet_aton(ip) \
+            + bytes(8)
+    else:
+        addr = struct.pack("=H", family) + struct.pack("!HI", port, 0) \
+            + socket.inet_pton(socket.AF_INET6, ip) + bytes(4)
+    return 0 if libc.connect(fd, addr, len(addr)) == 0 else ctypes.get_errno()
+
+
+def unspec(ip: str, port: str, denied_ip: str, denied_port: str) -> dict:
+    """A switched socket disconnected with AF_UNSPEC, then connected again: to a denied
+    address (must be refused), then to the allowed one (decided again)."""
+    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    sock.connect((ip, int(port)))
+    first = sock.getsockname()[0]
+    out = {"first_sockname": first,
+           "unspec": errno.errorcode.get(raw_connect(sock.fileno(), socket.AF_UNSPEC), "0")}
+    code = raw_connect(sock.fileno(), family_of(denied_ip), denied_ip, int(denied_port))
+    out["denied"] = errno.errorcode.get(code, "0")
+    code = raw_connect(sock.fileno(), family_of(ip), ip, int(port))
+    out["again"] = errno.errorcode.get(code, "0")
+    if code == 0:
+        out.update(talk(sock))
+    code = raw_connect(sock.fileno(), socket.AF_INET, "127.0.0.1", 9)
+    out["loopback_on_switched"] = errno.errorcode.get(code, "0")
+    try:
+        sock.listen(1)
+        out["listen"] = "0"
+    except OSError as exc:
+        out["listen"] = error_name(exc)
+    sock.close()
+    return out
+
+
+def fastopen(ip: str, port: str) -> dict:
+    """sendto/sendmsg with MSG_FASTOPEN (connects without connect), and
+    TCP_FASTOPEN_CONNECT followed by connect."""
+    out = {}
+    for call in ("sendto", "sendmsg"):
+        sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+        try:
+            if call == "sendto":
+                sock.sendto(b"hello\n", MSG_FASTOPEN, (ip, int(port)))
+            else:
+                sock.sendmsg([b"hello\n"], [], MSG_FASTOPEN, (ip, int(port)))
+            out[call] = "0"
+        except OSError as exc:
+            out[call] = error_name(exc)
+        sock.close()
+    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    try:
+        sock.connect((ip, int(port)))
+        sock.sendall(b"x")
+        out["fastopen_connect"] = "0"
+    except OSError as exc:
+        out["fastopen_connect"] = error_name(exc)
+    sock.close()
+    return out
+
+
+def io_uring() -> dict:
+    params = ctypes.create_string_buffer(120)
+    result = libc.syscall(425, 8, params)  # io_uring_setup (x86_64 and aarch64)
+    return {"io_uring_setup": "0" if result >= 0 else errno.errorcode[ctypes.get_errno()]}
+
+
+def x32() -> dict:
+    """A system call through the x32 ABI (x86_64 only): the filter kills the process."""
+    pid = os.fork()
+    if pid == 0:
+        libc.syscall(0x40000000 | 39)  # getpid, x32 numbering
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
+
+
+def race(ip: str, port: str, denied_ip: str, denied_port: str, rounds: str) -> dict:
+    """A thread rewrites the sockaddr between an allowed and a denied destination while
+    connect(2) reads it: every connection that succeeds must be to the allowed one."""
+    allowed = struct.pack("=H", socket.AF_INET) + struct.pack("!H", int(port)) \
+        + socket.inet_aton(ip) + bytes(8)
+    denied = struct.pack("=H", socket.AF_INET) + struct.pack("!H", int(denied_port)) \
+        + socket.inet_aton(denied_ip) + bytes(8)
+    buffer = ctypes.create_string_buffer(allowed, len(allowed))
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            ctypes.memmove(buffer, denied, len(denied))
+            ctypes.memmove(buffer, allowed, len(allowed))
+
+    thread = threading.Thread(target=flip, daemon=True)
+    thread.start()
+    peers: dict[str, int] = {}
+    for _ in range(int(rounds)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if libc.connect(sock.fileno(), buffer, len(allowed)) == 0:
+            host, port_seen = sock.getpeername()
+            peer = f"{host}:{port_seen}"
+        else:
+            peer = errno.errorcode.get(ctypes.get_errno(), "?")
+        peers[peer] = peers.get(peer, 0) + 1
+        sock.close()
+    stop.set()
+    thread.join()
+    return {"peers": peers}
+
+
+def child(ip: str, port: str, denied_ip: str, denied_port: str) -> dict:
+    """The filter holds for child processes too (subprocess: CPython starts them with
+    vfork where it can)."""
+    import subprocess
+
+    out = {}
+    for name, args in (("allowed", [ip, port]), ("denied", [denied_ip, denied_port])):
+        done = subprocess.run([sys.executable, __file__, "connect", *args],
+                              capture_output=True, text=True, check=True)
+        out[name] = json.loads(done.stdout)
+    return out
+
+
+CASES = {"connect": connect, "connect_many": connect_many, "nonblocking": nonblocking,
+         "loopback": loopback, "unspec": unspec, "fastopen": fastopen, "io_uring": io_uring,
+         "x32": x32, "race": race, "child": child}
+
+if __name__ == "__main__":
+    print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)

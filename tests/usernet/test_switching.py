@@ -1,0 +1,142 @@
+"""``nsbridge run --bypass`` (socket switching) end to end: allowed outbound TCP leaves on
+sockets of the host's namespace, everything else keeps its path.
+
+The world (helpers.switching): nsbridge in a host namespace, servers in an outside one
+that answer with the client address they saw.  A switched connection shows it twice:
+the program's own socket has the host's address (``getsockname``: 198.51.100.1, not the
+namespace's 10.0.2.100), and the server sees the host's address.  Cases: blocking and
+asyncio (non-blocking) connects, IPv4 and IPv6, curl and iperf3; denied destinations,
+the host's loopback and the host's own addresses refused with ECONNREFUSED, counted and
+logged; the same with host access on; the namespace's own loopback, DNS (UDP and TCP),
+UDP and ping unchanged; 300 switched connections leave the program's fd count as it
+was; ``attach --bypass`` refused with one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from helpers.switching import (
+    DENIED_PORT,
+    ECHO_PORT,
+    HOST_LOOPBACK_PORT,
+    OUT4,
+    OUT6,
+    UDP_PORT,
+    UP4,
+    UP6,
+    World,
+    switching_world,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with switching_world() as made:
+        yield made
+
+
+@pytest.mark.parametrize(("target", "host_address"), [(OUT4, UP4), (OUT6, UP6)],
+                         ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("case", ["connect", "nonblocking"])
+def test_outbound_tcp_is_switched(world: World, case: str, target: str,
+                                  host_address: str) -> None:
+    result, log = world.probe(case, target, str(ECHO_PORT))
+    assert result == {"result": "ok", "server_saw": host_address, "echo": "ping",
+                      "sockname": host_address}
+    assert "switched TCP connections: 1" in log
+    assert "TCP connections: 0 " in log  # nothing took the fast path
+
+
+def test_without_bypass_the_fast_path_carries_it(world: World) -> None:
+    """The control: the same probe without --bypass is relayed (the program's socket
+    keeps the namespace's address)."""
+    result, _ = world.probe("connect", OUT4, str(ECHO_PORT), options=())
+    assert result["result"] == "ok" and result["sockname"] == "10.0.2.100"
+
+
+def test_denied_and_host_access_refused(world: World) -> None:
+    before = len(world.seen.get(HOST_LOOPBACK_PORT, []))
+    for target, port, reason in ((OUT4, DENIED_PORT, "deny rule"),
+                                 (OUT6, DENIED_PORT, "deny rule"),
+                                 ("10.0.2.2", HOST_LOOPBACK_PORT, "host loopback disabled"),
+                                 (UP4, ECHO_PORT, "host address")):
+        result, log = world.probe("connect", target, str(port),
+                                  options=("--bypass", "--deny", f"tcp:*:{DENIED_PORT}"))
+        assert result == {"result": "ECONNREFUSED"}, (target, log)
+        assert "denied: " in log and f"{reason} x1" in log, log
+        assert "usernet tcp: bypass pid" in log
+    assert len(world.seen.get(HOST_LOOPBACK_PORT, [])) == before
+    assert not world.seen.get(DENIED_PORT)
+
+
+def test_host_access_switches_to_the_hosts_loopback(world: World) -> None:
+    result, _ = world.probe("connect", "10.0.2.2", str(HOST_LOOPBACK_PORT),
+                            options=("--bypass", "--allow-host-access"))
+    assert result == {"result": "ok", "server_saw": "127.0.0.1", "echo": "ping",
+                      "sockname": "127.0.0.1"}
+
+
+def test_loopback_dns_udp_and_ping_keep_their_paths(world: World) -> None:
+    result, _ = world.probe("loopback")
+    assert result == {"127.0.0.1": "x", "::1": "x"}
+    script = (f"dig +short +time=5 +tries=1 www.nsbridge.test @10.0.2.3 && "
+              f"dig +short +tcp +time=5 +tries=1 www.nsbridge.test @10.0.2.3 && "
+              f"{sys.executable} -c 'import socket; s = socket.socket(socket.AF_INET, "
+              f"socket.SOCK_DGRAM); s.settimeout(5); s.sendto(b\"udp-ok\", "
+              f"(\"{OUT4}\", {UDP_PORT})); print(s.recv(100).decode())' && "
+              f"ping -c 1 -W 5 {OUT4} >/dev/null && echo ping-ok")
+    done = world.run("--bypass", command=["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert lines.count("192.0.2.53") == 2 and "udp-ok" in lines and "ping-ok" in lines
+
+
+@pytest.mark.skipif(not shutil.which("curl") or not shutil.which("iperf3"),
+                    reason="curl and iperf3 are needed")
+def test_curl_and_iperf3(world: World, tmp_path) -> None:
+    page = tmp_path / "page.txt"
+    page.write_text("switched page\n")
+    http = subprocess.Popen(["ip", "netns", "exec", world.outside, sys.executable, "-m",
+                             "http.server", "-b", OUT4, "7310", "-d", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    iperf = subprocess.Popen(["ip", "netns", "exec", world.outside, "iperf3", "-s", "-1",
+                              "-B", OUT4, "-p", "7311"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        script = (f"curl -s --retry 5 --retry-connrefused --retry-delay 1 "
+                  f"http://{OUT4}:7310/page.txt && "
+                  f"for i in 1 2 3 4 5; do iperf3 -c {OUT4} -p 7311 -t 1 -J > /tmp/iperf.$$ "
+                  f"&& break; sleep 1; done && grep -c bits_per_second /tmp/iperf.$$ "
+                  f"&& rm -f /tmp/iperf.$$")
+        done = world.run("--bypass", command=["sh", "-c", script], timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("switched page\n")
+        assert "switched TCP connections: 0" not in done.stderr
+    finally:
+        for process in (http, iperf):
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=10)
+
+
+def test_many_connections_leave_no_fds(world: World) -> None:
+    result, log = world.probe("connect_many", OUT4, str(ECHO_PORT), "300", timeout=180)
+    assert result["ok"] == 300
+    assert result["fds_after"] == result["fds_before"]
+    assert "switched TCP connections: 300" in log
+
+
+def test_attach_refuses_bypass_with_one_line(world: World) -> None:
+    done = subprocess.run([sys.executable, "-m", "nsbridge", "attach", "--bypass", "1"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--bypass" in lines[0] and "nsbridge run --bypass" in lines[0]
