@@ -230,9 +230,85 @@ def child(ip: str, port: str, denied_ip: str, denied_port: str) -> dict:
     return out
 
 
+def unix() -> dict:
+    """Unix sockets by absolute path, relative path and abstract name, the path in a
+    tmpfs only this program's mount namespace has: connected where the program sees it."""
+    import tempfile
+
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    directory = tempfile.mkdtemp(prefix="nsbridge-switch-")
+    out = {}
+    try:
+        if libc.mount(b"tmpfs", directory.encode(), b"tmpfs", 0, None) != 0:
+            return {"mount": errno.errorcode[ctypes.get_errno()]}
+        try:
+            path = os.path.join(directory, "s")
+            for name, bound, dialed in (("absolute", path, path), ("relative", path, "s"),
+                                        ("abstract", "\0nsbridge-switch-probe",
+                                         "\0nsbridge-switch-probe")):
+                server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                server.bind(bound)
+                server.listen(1)
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                os.chdir(directory)
+                try:
+                    client.connect(dialed)
+                    conn, _ = server.accept()
+                    client.sendall(b"u")
+                    out[name] = conn.recv(1).decode()
+                    conn.close()
+                except OSError as exc:
+                    out[name] = error_name(exc)
+                os.chdir("/")
+                client.close()
+                server.close()
+                if not bound.startswith("\0"):
+                    os.unlink(bound)
+        finally:
+            libc.umount2(directory.encode(), 0)
+    finally:
+        os.rmdir(directory)
+    return out
+
+
+def udp_connected(ip: str, port: str) -> dict:
+    """A connected UDP socket (not switched: the namespace's own path carries it)."""
+    with socket.socket(family_of(ip), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect((ip, int(port)))
+        for _ in range(3):
+            sock.send(b"udp-connected")
+            try:
+                return {"echo": sock.recv(100).decode(), "sockname": sock.getsockname()[0]}
+            except TimeoutError:
+                continue
+    return {"echo": None}
+
+
+def outlive(ip: str, port: str) -> dict:
+    """Connect, say so, wait for a line on stdin (the test kills nsbridge meanwhile),
+    then use the switched connection and try a new connect."""
+    sock = socket.create_connection((ip, int(port)), timeout=10)
+    first = talk(sock)
+    print("connected", flush=True)
+    sys.stdin.readline()
+    sock.sendall(b"after\n")
+    out = {"first": first["echo"], "after": sock.recv(100).decode().strip()}
+    sock.close()
+    again = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    try:
+        again.connect((ip, int(port)))
+        out["new_connect"] = "0"
+    except OSError as exc:
+        out["new_connect"] = error_name(exc)
+    again.close()
+    return out
+
+
 CASES = {"connect": connect, "connect_many": connect_many, "nonblocking": nonblocking,
          "loopback": loopback, "unspec": unspec, "fastopen": fastopen, "io_uring": io_uring,
-         "x32": x32, "race": race, "child": child}
+         "x32": x32, "race": race, "child": child, "unix": unix,
+         "udp_connected": udp_connected, "outlive": outlive}
 
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -9,24 +9,32 @@ asyncio (non-blocking) connects, IPv4 and IPv6, curl and iperf3; denied destinat
 the host's loopback and the host's own addresses refused with ECONNREFUSED, counted and
 logged; the same with host access on; the namespace's own loopback, DNS (UDP and TCP),
 UDP and ping unchanged; 300 switched connections leave the program's fd count as it
-was; ``attach --bypass`` refused with one line.
+was; Unix sockets reach what the program sees; the Python API's ``bypass=True`` and
+counters; nsbridge killed under a running program; ``attach --bypass`` refused with
+one line.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 
+from helpers.environment import REPO
 from helpers.switching import (
     DENIED_PORT,
     ECHO_PORT,
     HOST_LOOPBACK_PORT,
     OUT4,
     OUT6,
+    PROBE,
     UDP_PORT,
     UP4,
     UP6,
@@ -140,3 +148,70 @@ def test_attach_refuses_bypass_with_one_line(world: World) -> None:
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--bypass" in lines[0] and "nsbridge run --bypass" in lines[0]
+
+
+def test_unix_sockets_reach_what_the_program_sees(world: World) -> None:
+    """Unix connects are made by the host side on the program's socket: by path in the
+    program's own mount namespace (a tmpfs only it has), relative to its working
+    directory, and by abstract name in its network namespace."""
+    result, _ = world.probe("unix")
+    assert result == {"absolute": "u", "relative": "u", "abstract": "u"}
+
+
+def test_connected_udp_keeps_the_namespace_path(world: World) -> None:
+    result, _ = world.probe("udp_connected", OUT4, str(UDP_PORT))
+    assert result == {"echo": "udp-connected", "sockname": "10.0.2.100"}
+
+
+def test_python_api_counts_switching(world: World, tmp_path) -> None:
+    """``api.run(bypass=True)``: the same switching, its counters in ``stats()``."""
+    script = tmp_path / "api_driver.py"
+    script.write_text(f"""
+import json, os, sys
+from nsbridge.usernet import api
+read_end, write_end = os.pipe()
+with api.run([sys.executable, {PROBE!r}, "connect", "{OUT4}", "{ECHO_PORT}"],
+             bypass=True, deny=["tcp:*:{DENIED_PORT}"], dns=[("{OUT4}", 53)],
+             stdout=write_end) as proc:
+    os.close(write_end)
+    output = os.read(read_end, 4096).decode()
+    proc.wait()
+    stats = proc.stats()
+print(json.dumps({{"probe": json.loads(output), "bypass": stats["bypass"]}}))
+""")
+    done = subprocess.run(["ip", "netns", "exec", world.host, sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=90, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["probe"]["sockname"] == UP4 and result["probe"]["echo"] == "ping"
+    assert result["bypass"]["switched"] == 1
+    assert result["bypass"]["denied"] == {} and result["bypass"]["errors"] == 0
+
+
+def test_program_outlives_nsbridge_cleanly(world: World) -> None:
+    """nsbridge killed: the switched connection (the host kernel's) keeps working; a new
+    connect fails at once (ENOSYS: no listener left) instead of hanging."""
+    argv = ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "run",
+            "--bypass", "--dns", OUT4, "--", sys.executable, PROBE, "outlive", OUT4,
+            str(ECHO_PORT)]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "connected"
+        os.kill(process.pid, signal.SIGKILL)  # ip netns exec became nsbridge
+        process.wait(timeout=10)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        reader = threading.Thread(target=lambda: box.append(process.stdout.read()))
+        box: list[str] = []
+        reader.start()
+        reader.join(timeout=30)
+        assert box, "the program hung after nsbridge was killed"
+        assert json.loads(box[0].strip().splitlines()[-1]) == {
+            "first": "ping", "after": "after", "new_connect": "ENOSYS"}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
