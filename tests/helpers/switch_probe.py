@@ -86,6 +86,28 @@ def nonblocking(ip: str, port: str) -> dict:
     return asyncio.run(main())
 
 
+def concurrent(ip: str, port: str, count: str) -> dict:
+    """``count`` non-blocking connects at once (each switched while the others wait),
+    each exchanging its own line; the fd count before and after."""
+    async def one(index: int) -> str:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, int(port)), 30)
+        await reader.readline()
+        writer.write(f"line {index}\n".encode())
+        echoed = (await reader.readline()).decode().strip()
+        sockname = writer.get_extra_info("sockname")[0]
+        writer.close()
+        await writer.wait_closed()
+        return sockname if echoed == f"line {index}" else "mismatch"
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(int(count))))
+
+    before = len(os.listdir("/proc/self/fd"))
+    socknames = asyncio.run(main())
+    return {"socknames": sorted(set(socknames)), "count": len(socknames),
+            "fds_before": before, "fds_after": len(os.listdir("/proc/self/fd"))}
+
+
 def loopback() -> dict:
     """A server on the namespace's own 127.0.0.1 and [::1], reached from inside."""
     out = {}
@@ -305,7 +327,7 @@ def outlive(ip: str, port: str) -> dict:
     return out
 
 
-CASES = {"connect": connect, "connect_many": connect_many, "nonblocking": nonblocking,
+CASES = {"connect": connect, "concurrent": concurrent, "connect_many": connect_many, "nonblocking": nonblocking,
          "loopback": loopback, "unspec": unspec, "fastopen": fastopen, "io_uring": io_uring,
          "x32": x32, "race": race, "child": child, "unix": unix,
          "udp_connected": udp_connected, "outlive": outlive}

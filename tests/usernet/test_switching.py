@@ -215,3 +215,46 @@ def test_program_outlives_nsbridge_cleanly(world: World) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_switching_works_unprivileged(world: World) -> None:
+    """As an ordinary user (uid 65534, no capabilities on the host): the host side can
+    still take the program's socket (pidfd_getfd), tell a switched one from the
+    namespace's (SIOCGSKNS is refused for the host's: that counts as the host's), read
+    its memory and install sockets."""
+    from helpers.unprivileged import as_nobody, unprivileged_checkout
+
+    with unprivileged_checkout() as (tree, python, env):
+        probe = str(tree / "tests" / "helpers" / "switch_probe.py")
+        for case, expected in (
+                (["connect", OUT4, str(ECHO_PORT)], {"result": "ok", "server_saw": UP4,
+                                                     "echo": "ping", "sockname": UP4}),
+                (["connect", OUT4, str(DENIED_PORT)], {"result": "ECONNREFUSED"}),
+                (["loopback"], {"127.0.0.1": "x", "::1": "x"}),
+                (["unix"], {"absolute": "u", "relative": "u", "abstract": "u"})):
+            argv = ["ip", "netns", "exec", world.host, *as_nobody(
+                *python, "-m", "nsbridge", "run", "--bypass", "--deny",
+                f"tcp:*:{DENIED_PORT}", "--dns", OUT4, "--", *python, probe, *case)]
+            done = subprocess.run(argv, capture_output=True, text=True, cwd=tree, env=env,
+                                  timeout=90)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout.strip().splitlines()[-1]) == expected, case
+
+
+def test_concurrent_nonblocking_connects(world: World) -> None:
+    result, log = world.probe("concurrent", OUT4, str(ECHO_PORT), "200", timeout=180)
+    assert result["count"] == 200 and result["socknames"] == [UP4]
+    assert result["fds_after"] == result["fds_before"]
+    assert "switched TCP connections: 200 (0 failed to connect)" in log
+
+
+@pytest.mark.parametrize("case", ["connect", "nonblocking"])
+def test_allowed_but_refused_target(world: World, case: str) -> None:
+    """An allowed destination with nothing listening: the host's connect is refused and
+    so is the program's (at once when blocking; through the socket's error when not)."""
+    result, log = world.probe(case, OUT4, "7399")
+    assert result == {"result": "ECONNREFUSED"}
+    if case == "connect":
+        assert "switched TCP connections: 0 (1 failed to connect)" in log
+    else:  # switched before the answer came: the host socket carried the refusal
+        assert "switched TCP connections: 1 (0 failed to connect)" in log

@@ -267,7 +267,7 @@ class SocketSwitcher:
             if host_socket and family != socket.AF_UNSPEC:
                 # Not a TCP connect to an address we can decide (another family, a
                 # socket handed in from outside): performing it would be unchecked.
-                self._refuse(call, FOREIGN_SOCKET, _family_name(family), errno.EPERM)
+                self._refuse(call, FOREIGN_SOCKET, f"-> {_family_name(family)}", errno.EPERM)
                 return
             # Not TCP to an address, or AF_UNSPEC (a disconnect: a switched socket stays
             # one of the host's, and every later connect or listen on it is trapped).
@@ -282,7 +282,7 @@ class SocketSwitcher:
             ip.ipv4_mapped is not None else ip
         if decided_ip.is_loopback or decided_ip in self._own:
             if host_socket:
-                self._refuse(call, ON_SWITCHED, shown, errno.ENETUNREACH)
+                self._refuse(call, ON_SWITCHED, f"-> {shown}", errno.ENETUNREACH)
                 return
             self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
                           blocking=_is_blocking(sock))
@@ -290,7 +290,7 @@ class SocketSwitcher:
         decision = self.policy.decide("tcp", decided_ip, port)
         if isinstance(decision, AllowResolver):
             if host_socket:
-                self._refuse(call, ON_SWITCHED, shown, errno.ENETUNREACH)
+                self._refuse(call, ON_SWITCHED, f"-> {shown}", errno.ENETUNREACH)
                 return
             # The DNS address: the namespace's own path serves it (checked queries).
             self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
