@@ -258,3 +258,12 @@ def test_allowed_but_refused_target(world: World, case: str) -> None:
         assert "switched TCP connections: 0 (1 failed to connect)" in log
     else:  # switched before the answer came: the host socket carried the refusal
         assert "switched TCP connections: 1 (0 failed to connect)" in log
+
+
+def test_connect_polled_until_eisconn(world: World) -> None:
+    result, log = world.probe("connect_again", OUT4, str(ECHO_PORT))
+    # Linux answers the first connect after completion with 0 (then EISCONN).
+    assert result["answers"][0] == "EINPROGRESS" and result["answers"][-1] in ("0", "EISCONN")
+    assert set(result["answers"]) <= {"EINPROGRESS", "EALREADY", "0", "EISCONN"}
+    assert result["echo"] == "ping" and result["sockname"] == UP4
+    assert "switched TCP connections: 1 (0 failed to connect)" in log

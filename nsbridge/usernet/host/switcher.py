@@ -31,9 +31,10 @@ number *again*.  Another thread can change both in between (write another addres
 kernel unchecked is a way around the policy.  Performing the call ourselves on the
 object and bytes we checked leaves no such gap.
 
-What a host socket in the program cannot do: ``connect`` again (trapped: an outside
-address is decided and gets a fresh host socket; the namespace's own addresses are
-refused with ``ENETUNREACH`` on it), ``listen`` (trapped: ``EOPNOTSUPP``), a send with
+What a host socket in the program cannot do: ``connect`` undecided (trapped: an outside
+address is decided, then connected on that socket by us, so the kernel's answers stay
+its own: ``EISCONN``, ``EALREADY``...; the namespace's own addresses are refused with
+``ENETUNREACH`` on it), ``listen`` (trapped: ``EOPNOTSUPP``), a send with
 ``MSG_FASTOPEN`` or io_uring (refused by the filter).  So it only ever talks to the one
 peer the policy allowed.
 """
@@ -304,6 +305,14 @@ class SocketSwitcher:
             self._answer(call, error=errno.ECONNREFUSED)
             call.close()
             return
+        if host_socket:
+            # Already switched: the kernel's own connect on it, to what was decided,
+            # keeps its semantics (EISCONN, EALREADY, the error of a failed attempt, a
+            # new attempt after that or after AF_UNSPEC) for programs that poll so.
+            target = _sockaddr(sock.family, decision.host_ip, decision.host_port)
+            self._perform(call, lambda fd: libc.connect(fd, target, len(target)),
+                          blocking=_is_blocking(sock))
+            return
         self._switch(call, decision, mapped=decided_ip is not ip, shown=shown)
 
     def _switch(self, call: _Call, decision: Allow, *, mapped: bool, shown: str) -> None:
@@ -470,11 +479,18 @@ def _inet_destination(sock_family: int, family: int,
     and the kernel gives its own error)."""
     if family == socket.AF_INET and len(raw) >= 16 and sock_family == socket.AF_INET:
         return ipaddress.IPv4Address(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    if family == socket.AF_INET and len(raw) >= 16 and sock_family == socket.AF_INET6:
-        return None  # the kernel refuses it (EAFNOSUPPORT) on a v6 socket... mostly
     if family == socket.AF_INET6 and len(raw) >= 24 and sock_family == socket.AF_INET6:
         return ipaddress.IPv6Address(raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
     return None
+
+
+def _sockaddr(family: int, ip: IPAddress, port: int) -> bytes:
+    """The ``sockaddr_in``/``sockaddr_in6`` for ``ip:port`` on a socket of ``family``
+    (an IPv4 address on an IPv6 socket as ``::ffff:a.b.c.d``)."""
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H", port) + ip.packed + bytes(8)
+    packed = ip.packed if ip.version == 6 else bytes(10) + b"\xff\xff" + ip.packed
+    return struct.pack("=H", family) + struct.pack("!HI", port, 0) + packed + bytes(4)
 
 
 def _unix_in_callers_view(raw: bytes, pid: int) -> bytes:
