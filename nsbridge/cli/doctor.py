@@ -176,6 +176,20 @@ def check_native_relay() -> Finding:
                               instead="UDP and ping are served by Python (slower)")
 
 
+def check_socket_switching() -> Finding:
+    from nsbridge.linux.seccomp import SeccompUnsupported, native_arch
+    from nsbridge.linux.seccomp_notify import unsupported
+
+    try:
+        native_arch()
+        problem = unsupported()
+    except SeccompUnsupported as exc:
+        problem = exc.strerror
+    return Finding.limited_if(problem, "--bypass",
+                              ok="seccomp user notification with ADDFD (socket switching)",
+                              instead="run --bypass is refused; TCP takes the other paths")
+
+
 CHECKS: tuple[Callable[[], Finding | Iterator[Finding]], ...] = (
     check_python,
     check_kernel,
@@ -185,6 +199,7 @@ CHECKS: tuple[Callable[[], Finding | Iterator[Finding]], ...] = (
     check_tun_tcp_path,
     check_ping_sockets,
     check_native_relay,
+    check_socket_switching,
 )
 
 

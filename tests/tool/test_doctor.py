@@ -49,7 +49,7 @@ def test_doctor_reports_what_this_machine_does() -> None:
     assert f"{mode:04o}" in found["tun device"][1]
     assert found["tun device"][0] == ("ok" if mode & 0o006 == 0o006 else "limited")
     for topic in ("python", "pyroute2", "tcp fast path", "user namespaces", "--tcp=tun",
-                  "ping", "native relay"):
+                  "ping", "native relay", "--bypass"):
         assert topic in found, (topic, found)
 
 
