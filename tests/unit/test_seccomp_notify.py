@@ -97,3 +97,24 @@ def test_short_notification_refused(size: int) -> None:
 def test_structs_match_the_kernel() -> None:
     assert seccomp_notify.NOTIF.size == 80
     assert seccomp_notify.RESPONSE.size == seccomp_notify.ADDFD.size == 24
+
+
+def test_unsupported_kernels_get_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from nsbridge.errors import UserError
+    from nsbridge.usernet.options import UsernetOptions, check_options
+
+    actions = tmp_path / "actions_avail"
+    actions.write_text("kill_process kill_thread trap errno user_notif trace log allow\n")
+    monkeypatch.setattr(seccomp_notify, "ACTIONS_AVAIL", str(actions))
+    monkeypatch.setattr(seccomp_notify.platform, "release", lambda: "6.1.0-13-amd64")
+    assert seccomp_notify.unsupported() is None
+    monkeypatch.setattr(seccomp_notify.platform, "release", lambda: "5.8.18-100.fc31")
+    assert "older than 5.9" in (seccomp_notify.unsupported() or "")
+    monkeypatch.setattr(seccomp_notify.platform, "release", lambda: "5.10.0")
+    actions.write_text("kill_process errno allow\n")
+    assert "user_notif" in (seccomp_notify.unsupported() or "")
+    actions.unlink()
+    assert "cannot read" in (seccomp_notify.unsupported() or "")
+    with pytest.raises(UserError) as caught:
+        check_options(UsernetOptions(bypass=True))
+    assert str(caught.value).startswith("--bypass: ") and "\n" not in str(caught.value)
