@@ -50,7 +50,8 @@ import os
 import socket
 import struct
 import threading
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nsbridge.defaults import CONNECT_TIMEOUT
@@ -149,6 +150,7 @@ class SocketSwitcher:
         a = policy.addresses
         self._own = {a.namespace, a.namespace6}
         self._pending: dict[int, tuple[_Call, socket.socket, Timer]] = {}
+        self._blocking = _BlockingCalls()
         self._closed = False
         from nsbridge.linux.seccomp import native_arch
 
@@ -418,10 +420,11 @@ class SocketSwitcher:
         netns = notify.socket_netns(sock.fileno())
         return netns is None or netns == self._host_netns
 
-    def _perform(self, call: _Call, operation: object, *, blocking: bool) -> None:
+    def _perform(self, call: _Call, operation: Callable[[int], int], *,
+                 blocking: bool) -> None:
         """Run ``operation(fd)`` (a libc call) on our reference to the program's socket
         and answer with its result; a call that may block runs in a thread."""
-        assert callable(operation) and call.sock is not None
+        assert call.sock is not None
         fd = call.sock.fileno()
         self.stats.performed += 1
 
@@ -442,8 +445,39 @@ class SocketSwitcher:
             result = run()
             self.loop.call_soon_threadsafe(lambda: answer(result))
 
-        threading.Thread(target=in_thread, name="nsbridge-bypass-connect",
-                         daemon=True).start()
+        self._blocking.submit(in_thread)
+
+
+class _BlockingCalls:
+    """Runs calls that may block (a program's blocking connect to its own namespace) in
+    at most :data:`MAX_THREADS` daemon threads, the rest queued: a program that makes
+    thousands at once cannot make thousands of threads here, and a call that never
+    returns (a Unix listener that never accepts) holds one thread, not the loop.
+    Daemon threads: nsbridge's exit must not wait for a connect."""
+
+    MAX_THREADS = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[Callable[[], None]] = deque()
+        self._threads = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(job)
+            if self._threads >= self.MAX_THREADS:
+                return
+            self._threads += 1
+        threading.Thread(target=self._work, name="nsbridge-bypass-call", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                job = self._queue.popleft()
+            job()
 
 
 def _socket_of(fd: int) -> socket.socket:
