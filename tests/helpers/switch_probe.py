@@ -231,6 +231,27 @@ def x32() -> dict:
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
 
 
+def int80() -> dict:
+    """A system call through the 32-bit ABI (``int 0x80``, x86_64 only), from machine code
+    put in executable memory: the filter kills the process."""
+    import mmap
+
+    pid = os.fork()
+    if pid == 0:
+        code = bytes([0xB8, 20, 0, 0, 0,  # mov eax, 20 (getpid in i386 numbering)
+                      0xCD, 0x80,  # int 0x80
+                      0xC3])  # ret
+        memory = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                           | mmap.PROT_EXEC)
+        memory.write(code)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        ctypes.CFUNCTYPE(ctypes.c_int)(address)()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
+
+
 def race(ip: str, port: str, denied_ip: str, denied_port: str, rounds: str) -> dict:
     """A thread rewrites the sockaddr between an allowed and a denied destination while
     connect(2) reads it: every connection that succeeds must be to the allowed one."""
@@ -353,7 +374,8 @@ def outlive(ip: str, port: str) -> dict:
 
 CASES = {name: function for name, function in globals().items()
          if name in ("connect", "concurrent", "connect_again", "connect_many", "nonblocking",
-                     "loopback", "unspec", "fastopen", "io_uring", "x32", "race", "child",
+                     "loopback", "unspec", "fastopen", "io_uring", "x32", "int80", "race",
+                     "child",
                      "unix", "udp_connected", "outlive")}
 
 if __name__ == "__main__":
