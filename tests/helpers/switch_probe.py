@@ -69,6 +69,40 @@ def connect_many(ip: str, port: str, count: str) -> dict:
     return {"ok": ok, "fds_before": before, "fds_after": len(os.listdir("/proc/self/fd"))}
 
 
+def transfer(ip: str, port: str, mebibytes: str) -> dict:
+    """Random bytes sent through the echo server while its echo is read back, then a
+    half-close: sha256 of both ways, and whether the server's end followed our FIN."""
+    import hashlib
+
+    size = int(mebibytes) << 20
+    payload = os.urandom(size)
+    sock = socket.create_connection((ip, int(port)), timeout=30)
+    first = b""
+    while not first.endswith(b"\n"):
+        first += sock.recv(1)
+    received = hashlib.sha256()
+    got = {"bytes": 0, "eof": False}
+
+    def read() -> None:
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                got["eof"] = True
+                return
+            received.update(chunk)
+            got["bytes"] += len(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    reader.join(60)
+    sock.close()
+    return {"same": received.hexdigest() == hashlib.sha256(payload).hexdigest(),
+            "bytes": got["bytes"], "eof_after_half_close": got["eof"],
+            "server_saw": first.decode().strip()}
+
+
 def nonblocking(ip: str, port: str) -> dict:
     """asyncio: a non-blocking connect (EINPROGRESS, then writable)."""
     async def main() -> dict:
@@ -373,10 +407,9 @@ def outlive(ip: str, port: str) -> dict:
 
 
 CASES = {name: function for name, function in globals().items()
-         if name in ("connect", "concurrent", "connect_again", "connect_many", "nonblocking",
-                     "loopback", "unspec", "fastopen", "io_uring", "x32", "int80", "race",
-                     "child",
-                     "unix", "udp_connected", "outlive")}
+         if name in ("connect", "concurrent", "transfer", "connect_again", "connect_many",
+                     "nonblocking", "loopback", "unspec", "fastopen", "io_uring", "x32",
+                     "int80", "race", "child", "unix", "udp_connected", "outlive")}
 
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)
