@@ -429,8 +429,10 @@ class HostSide:
                  cidr: str = USERNET_CIDR, cidr6: str = USERNET_CIDR6,
                  nat64_prefix: str | Iterable[str] = (),
                  outbound_addr: str | None = None, outbound_addr6: str | None = None,
-                 publish_mode: str = "device",
+                 publish_mode: str = "device", bypass: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
+        if bypass:
+            check_bypass()
         self._options = options(publish=publish, allow_host_access=allow_host_access,
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
@@ -444,7 +446,8 @@ class HostSide:
         child.set_inheritable(True)  # for fork+exec without pass_fds, too
         self._sock.send(json.dumps({"mtu": self._options.mtu, "ipv6": self._options.ipv6,
                                     "tcp": self._options.tcp, "cidr": self._options.cidr,
-                                    "cidr6": self._options.cidr6}).encode())
+                                    "cidr6": self._options.cidr6,
+                                    "bypass": bypass}).encode())
         self._network: Network | None = None
 
     def child_fd(self) -> int:
@@ -479,7 +482,7 @@ class HostSide:
                 data, fds = b"", []
             reply = _sandbox._decode(data) if data else {
                 "error": "the child exited (or closed its fd) before child_setup() finished"}
-            if "error" in reply or len(fds) < 3:
+            if "error" in reply or len(fds) < 3 + bool(reply.get("seccomp_listener")):
                 _sandbox._close_all(fds)
                 raise _sandbox.SandboxError(str(reply.get("error", "garbled child reply")))
             handle = _sandbox._handle(reply, fds, Netns(fds[1], f"child {pid or '?'}"),
@@ -539,6 +542,12 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     and returns once the host serves them.  ``fd`` is closed.  /etc/resolv.conf is left
     to the runtime: point it at 10.0.2.3.  Returns the interface details.  Raises
     SandboxError (the host side's start() raises too, with the same text).
+
+    With ``HostSide(bypass=True)`` it also installs socket switching's seccomp filter
+    on the calling thread (``no_new_privs`` set): the thread that will exec the
+    container's process must call it, and what that thread and its children do from
+    then on (the runtime's own remaining steps included) has its ``connect``/``listen``
+    answered by the host side.
     """
     sock = socket.socket(fileno=fd)
     try:
@@ -552,6 +561,9 @@ def child_setup(fd: int, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
                               cidr6=str(settings.get("cidr6", USERNET_CIDR6)))
         try:
             header, fds = _sandbox._configure_here(netconfig_of(opts), redirect_setup(opts))
+            if settings.get("bypass"):
+                fds.append(_sandbox._install_switch_filter(fds))
+                header["seccomp_listener"] = True
         except _sandbox.SetupError as exc:
             _sandbox._send_error(sock, str(exc))
             raise _sandbox.SandboxError(str(exc)) from None

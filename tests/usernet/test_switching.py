@@ -277,3 +277,36 @@ def test_connect_polled_until_eisconn(world: World) -> None:
     assert set(result["answers"]) <= {"EINPROGRESS", "EALREADY", "0", "EISCONN"}
     assert result["echo"] == "ping" and result["sockname"] == UP4
     assert "switched TCP connections: 1 (0 failed to connect)" in log
+
+
+def test_split_form_switches_too(world: World, tmp_path) -> None:
+    """``HostSide(bypass=True)`` + ``child_setup(fd)``: the runtime's own child (here made
+    by unshare) gets the filter from child_setup and its connects are switched."""
+    script = tmp_path / "split_driver.py"
+    script.write_text(f"""
+import json, subprocess, sys
+from nsbridge.usernet import api
+child_code = (
+    "import subprocess, sys\\n"
+    "from nsbridge.usernet import api\\n"
+    "api.child_setup(int(sys.argv[1]))\\n"
+    "sys.exit(subprocess.call([sys.executable, {PROBE!r}, 'connect', '{OUT4}', "
+    "'{ECHO_PORT}']))\\n")
+with api.HostSide(bypass=True, dns=[("{OUT4}", 53)]) as side:
+    fd = side.child_fd()
+    child = subprocess.Popen(["unshare", "-Urn", sys.executable, "-c", child_code, str(fd)],
+                             pass_fds=(fd,), stdout=subprocess.PIPE, text=True)
+    side.start(pid=child.pid)
+    output, _ = child.communicate(timeout=60)
+    side.wait(timeout=10)
+    stats = side.stats()
+print(json.dumps({{"probe": json.loads(output), "bypass": stats.get("bypass")}}))
+""")
+    done = subprocess.run(["ip", "netns", "exec", world.host, sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=90, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["probe"] == {"result": "ok", "server_saw": UP4, "echo": "ping",
+                               "sockname": UP4}
+    assert result["bypass"]["switched"] == 1

@@ -59,6 +59,7 @@ from nsbridge.errors import UserError
 from nsbridge.linux.netns import Netns
 from nsbridge.usernet.inside.childsetup import (
     ExtraFds,
+    _install_switch_filter,
     _collect_only,
     _configure_here,
     _run_child,
@@ -101,6 +102,7 @@ __all__ = [  # the public names, and the internals the API's split form uses fro
     "_configure_here",
     "_decode",
     "_handle",
+    "_install_switch_filter",
     "_send_error",
 ]
 
