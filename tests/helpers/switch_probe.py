@@ -169,12 +169,15 @@ def connect_again(ip: str, port: str) -> dict:
 def loopback() -> dict:
     """A server on the namespace's own 127.0.0.1 and [::1], reached from inside."""
     out = {}
-    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+    for host, family, dialed in (("127.0.0.1", socket.AF_INET, "127.0.0.1"),
+                                 ("::1", socket.AF_INET6, "::1"),
+                                 ("0.0.0.0", socket.AF_INET, "0.0.0.0"),
+                                 ("10.0.2.100", socket.AF_INET, "10.0.2.100")):
         server = socket.socket(family, socket.SOCK_STREAM)
         server.bind((host, 0))
         server.listen(1)
         client = socket.socket(family, socket.SOCK_STREAM)
-        client.connect(server.getsockname()[:2])
+        client.connect((dialed, server.getsockname()[1]))
         conn, _ = server.accept()
         client.sendall(b"x")
         out[host] = conn.recv(1).decode()

@@ -104,7 +104,7 @@ def test_host_access_switches_to_the_hosts_loopback(world: World) -> None:
 
 def test_loopback_dns_udp_and_ping_keep_their_paths(world: World) -> None:
     result, _ = world.probe("loopback")
-    assert result == {"127.0.0.1": "x", "::1": "x"}
+    assert result == {"127.0.0.1": "x", "::1": "x", "0.0.0.0": "x", "10.0.2.100": "x"}
     script = (f"dig +short +time=5 +tries=1 www.nsbridge.test @10.0.2.3 && "
               f"dig +short +tcp +time=5 +tries=1 www.nsbridge.test @10.0.2.3 && "
               f"{sys.executable} -c 'import socket; s = socket.socket(socket.AF_INET, "
@@ -240,7 +240,7 @@ def test_switching_works_unprivileged(world: World) -> None:
                 (["connect", OUT4, str(ECHO_PORT)], {"result": "ok", "server_saw": UP4,
                                                      "echo": "ping", "sockname": UP4}),
                 (["connect", OUT4, str(DENIED_PORT)], {"result": "ECONNREFUSED"}),
-                (["loopback"], {"127.0.0.1": "x", "::1": "x"}),
+                (["loopback"], {"127.0.0.1": "x", "::1": "x", "0.0.0.0": "x", "10.0.2.100": "x"}),
                 (["unix"], {"absolute": "u", "relative": "u", "abstract": "u"})):
             argv = ["ip", "netns", "exec", world.host, *as_nobody(
                 *python, "-m", "nsbridge", "run", "--bypass", "--deny",

@@ -18,7 +18,8 @@ sends with ``MSG_FASTOPEN`` are refused.  For each trapped call, on the event lo
    puts it over the program's fd number: a non-blocking socket is answered at once
    (``EINPROGRESS``), a blocking one when the connect has finished (the loop never
    waits).  The DNS address (``AllowResolver``) is not switched: the fast path serves it.
-4. Everything else — the namespace's own loopback and addresses, the DNS address, UDP,
+4. Everything else — the namespace's own loopback and addresses (``0.0.0.0`` and ``::``
+   included: connect(2) reads them as this host), the DNS address, UDP,
    Unix sockets, ``AF_UNSPEC``, ``listen`` on a namespace socket — is *performed here*,
    on the program's own socket, with the address we read: the result is what the
    program's own call would have given, and every packet it sends still meets today's
@@ -283,7 +284,8 @@ class SocketSwitcher:
         shown = format_sockaddr((str(ip), port))
         decided_ip = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and \
             ip.ipv4_mapped is not None else ip
-        if decided_ip.is_loopback or decided_ip in self._own:
+        if decided_ip.is_loopback or decided_ip.is_unspecified or decided_ip in self._own:
+            # The namespace's own: 0.0.0.0 and :: mean "this host" to connect(2) too.
             if host_socket:
                 self._refuse(call, ON_SWITCHED, f"-> {shown}", errno.ENETUNREACH)
                 return

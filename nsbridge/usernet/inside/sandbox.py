@@ -59,9 +59,9 @@ from nsbridge.errors import UserError
 from nsbridge.linux.netns import Netns
 from nsbridge.usernet.inside.childsetup import (
     ExtraFds,
-    _install_switch_filter,
     _collect_only,
     _configure_here,
+    _install_switch_filter,
     _run_child,
 )
 from nsbridge.usernet.inside.helper import (
