@@ -389,6 +389,22 @@ def udp_connected(ip: str, port: str) -> dict:
     return {"echo": None}
 
 
+def serve_once(port: str) -> dict:
+    """Listen on the namespace's 0.0.0.0:PORT (a trapped listen, made by the host side
+    on this socket), say so, answer one client with the address it came from."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", int(port)))
+    server.listen(4)
+    print("listening", flush=True)
+    server.settimeout(30)
+    conn, peer = server.accept()
+    conn.sendall(f"{peer[0]}\n".encode())
+    conn.close()
+    server.close()
+    return {"client": peer[0]}
+
+
 def outlive(ip: str, port: str) -> dict:
     """Connect, say so, wait for a line on stdin (the test kills nsbridge meanwhile),
     then use the switched connection and try a new connect."""
@@ -412,7 +428,8 @@ def outlive(ip: str, port: str) -> dict:
 CASES = {name: function for name, function in globals().items()
          if name in ("connect", "concurrent", "transfer", "connect_again", "connect_many",
                      "nonblocking", "loopback", "unspec", "fastopen", "io_uring", "x32",
-                     "int80", "race", "child", "unix", "udp_connected", "outlive")}
+                     "int80", "race", "child", "unix", "udp_connected", "outlive",
+                     "serve_once")}
 
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)

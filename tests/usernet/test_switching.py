@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.environment import REPO
+from helpers.netns import in_netns
 from helpers.switching import (
     DENIED_PORT,
     ECHO_PORT,
@@ -310,3 +312,30 @@ print(json.dumps({{"probe": json.loads(output), "bypass": stats.get("bypass")}})
     assert result["probe"] == {"result": "ok", "server_saw": UP4, "echo": "ping",
                                "sockname": UP4}
     assert result["bypass"]["switched"] == 1
+
+
+def test_published_port_reaches_a_listener_under_bypass(world: World) -> None:
+    """``-p`` with ``--bypass``: the program's listen() is trapped and made on its own
+    socket, so a published port (device mode) still reaches it, with the client's
+    address (the host's loopback shows as the gateway)."""
+    argv = ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "run",
+            "--bypass", "--dns", OUT4, "-p", "127.0.0.1:7320:8080", "--", sys.executable,
+            PROBE, "serve_once", "8080"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "listening"
+
+        def fetch() -> str:
+            with socket.create_connection(("127.0.0.1", 7320), timeout=10) as sock:
+                return sock.recv(100).decode().strip()
+
+        assert in_netns(world.host, fetch) == "10.0.2.2"
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1]) == {"client": "10.0.2.2"}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
