@@ -389,6 +389,30 @@ def udp_connected(ip: str, port: str) -> dict:
     return {"echo": None}
 
 
+def bad_calls() -> dict:
+    """connect(2) and listen(2) with bad arguments: the kernel's own errors, from the
+    host side that answers them (and nsbridge carries on)."""
+    out = {}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    good = struct.pack("=H", socket.AF_INET) + bytes(14)
+
+    def errno_of(result: int) -> str:
+        return "0" if result == 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+
+    libc.connect.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
+    out["bad_pointer"] = errno_of(libc.connect(sock.fileno(), ctypes.c_void_p(16), 16))
+    out["too_long"] = errno_of(libc.connect(sock.fileno(), good, 4096))
+    out["too_short"] = errno_of(libc.connect(sock.fileno(), good, 1))
+    out["no_such_fd"] = errno_of(libc.connect(9999, good, 16))
+    read_end, write_end = os.pipe()
+    out["not_a_socket"] = errno_of(libc.connect(read_end, good, 16))
+    out["listen_not_a_socket"] = errno_of(libc.listen(read_end, 1))
+    os.close(read_end)
+    os.close(write_end)
+    sock.close()
+    return out
+
+
 def serve_once(port: str) -> dict:
     """Listen on the namespace's 0.0.0.0:PORT (a trapped listen, made by the host side
     on this socket), say so, answer one client with the address it came from."""
@@ -429,7 +453,7 @@ CASES = {name: function for name, function in globals().items()
          if name in ("connect", "concurrent", "transfer", "connect_again", "connect_many",
                      "nonblocking", "loopback", "unspec", "fastopen", "io_uring", "x32",
                      "int80", "race", "child", "unix", "udp_connected", "outlive",
-                     "serve_once")}
+                     "serve_once", "bad_calls")}
 
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)

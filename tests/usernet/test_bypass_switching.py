@@ -15,6 +15,8 @@ to end from inside the sandbox and shown shut (world: helpers.switching).
   nothing reaches the host's loopback.
 * Child processes (subprocess, vfork): the filter is inherited; a denied connect from
   a child is refused, an allowed one switched.
+* Bad arguments (a bad pointer, lengths out of range, no such fd, not a socket): the
+  kernel's own errors, as without the filter.
 """
 
 from __future__ import annotations
@@ -99,3 +101,15 @@ def test_children_inherit_the_filter(world: World) -> None:
                             options=DENY)
     assert result["allowed"]["result"] == "ok" and result["allowed"]["sockname"] == UP4
     assert result["denied"] == {"result": "ECONNREFUSED"}
+
+
+def test_bad_arguments_get_the_kernels_errors(world: World) -> None:
+    """A bad pointer, lengths out of range, no such fd, not a socket: the host side gives
+    each trapped call the error the kernel gives without the filter (the control), and
+    serves the next one."""
+    switched, log = world.probe("bad_calls")
+    plain, _ = world.probe("bad_calls", options=())
+    assert switched == plain == {"bad_pointer": "EFAULT", "too_long": "EINVAL",
+                                 "too_short": "EINVAL", "no_such_fd": "EBADF",
+                                 "not_a_socket": "ENOTSOCK", "listen_not_a_socket": "ENOTSOCK"}
+    assert "Traceback" not in log
