@@ -12,6 +12,8 @@
   connections to workers in turn, loaded with ``bpf(2)``.
 * :mod:`.seccomp` — a deny-list seccomp filter assembled as classic BPF (pure) and
   installed with ``seccomp(2)``, for x86_64 and aarch64.
+* :mod:`.rtaddr` — rtnetlink address messages (the ``RTM_GETADDR`` dump, address
+  events), sans-IO, for readers that must not wait for pyroute2's import.
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root
   with a few directories bound read-only (``pivot_root``), capabilities dropped.
 
