@@ -34,10 +34,6 @@ from helpers.rootlesskit import (
     DNS_V4,
     GATEWAY_V4,
     HELPERS,
-    HOST_OUTSIDE_V4,
-    HOST_OUTSIDE_V6,
-    OUTSIDE_V4,
-    OUTSIDE_V6,
     PROBE,
     RootlessUser,
     World,
@@ -53,6 +49,7 @@ from helpers.rootlesskit import (
     user_processes,
 )
 from helpers.servers import DNS_ADDRESS
+from helpers.usernet_host import HOST_OUTSIDE_V4, HOST_OUTSIDE_V6, OUTSIDE_V4, OUTSIDE_V6
 
 pytestmark = [
     pytest.mark.skipif(not have("rootlesskit") or not have("newuidmap"),
