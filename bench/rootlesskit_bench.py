@@ -4,10 +4,12 @@ slirp4netns vs nsbridge-slirp4netns.
 
 rootlesskit runs as an unprivileged user (made for the run, with subordinate ids) inside
 a "host" namespace that reaches an "outside" namespace (iperf3 server) through a veth,
-with each helper as ``--slirp4netns-binary`` at MTU 1500 and 65520; iperf3 runs in
-rootlesskit's child namespace (nsenter) towards the outside and back (-R). Time to ready
-is the helper started the way rootlesskit starts it (``BIN --mtu M -r 3 PID tap0``, tap0
-made beforehand) until its ready-fd byte.
+with each helper as ``--slirp4netns-binary`` at MTU 1500 and 65520, locked down as
+dockerd-rootless.sh has it (``--slirp4netns-sandbox=auto --slirp4netns-seccomp=auto``);
+iperf3 runs in rootlesskit's child namespace (nsenter) towards the outside and back (-R).
+Time to ready is the helper started the way rootlesskit starts it (``BIN --mtu M -r 3
+PID tap0``, tap0 made beforehand) until its ready-fd byte, once plain and once with
+``--enable-sandbox --enable-seccomp`` (what podman passes when ``--help`` lists them).
 
 Run as root:  python3 bench/rootlesskit_bench.py [--quick] [--runs N] [--json OUT.json]
                   [--only ROW,ROW]
@@ -74,7 +76,12 @@ METRICS = [
         for kind, arrow, rev in (("out", "child->host", ""), ("in", "host->child", ", -R"))
     ),
     Metric("ready_ms", "time to ready ms (start to ready-fd byte, MTU 65520)", False, "{:.1f}"),
+    Metric("ready_locked_ms", "time to ready ms, with --enable-sandbox --enable-seccomp",
+           False, "{:.1f}"),
 ]
+# What each time-to-ready metric adds to the helper's command line: podman and
+# dockerd-rootless.sh pass the lock-down flags whenever the helper's --help lists them.
+READY_FLAGS = {"ready_ms": [], "ready_locked_ms": ["--enable-sandbox", "--enable-seccomp"]}
 
 
 @dataclass
@@ -212,6 +219,9 @@ def throughput(
                 f"--slirp4netns-binary={binary}",
                 "--copy-up=/etc",
                 "--disable-host-loopback",
+                # dockerd-rootless.sh's defaults: lock the helper down when it can.
+                "--slirp4netns-sandbox=auto",
+                "--slirp4netns-seccomp=auto",
                 f"--mtu={mtu}",
                 f"--state-dir={state}",
                 "sleep",
@@ -259,8 +269,10 @@ def throughput(
     return out
 
 
-def time_to_ready(user: RootlessUser, host: Netns, binary: str) -> Sample:
-    """The helper started as rootlesskit starts it, timed to its ready-fd byte."""
+def time_to_ready(user: RootlessUser, host: Netns, binary: str,
+                  flags: list[str] | None = None) -> Sample:
+    """The helper started as rootlesskit starts it (plus ``flags``), timed to its
+    ready-fd byte."""
     holder = subprocess.Popen(
         _as_user(
             user,
@@ -299,6 +311,7 @@ def time_to_ready(user: RootlessUser, host: Netns, binary: str) -> Sample:
                     "-r",
                     "3",
                     "--disable-host-loopback",
+                    *(flags or []),
                     str(target),
                     "tap0",
                 ],
@@ -338,8 +351,8 @@ def summarize(results: dict[str, list[dict[str, Sample]]]) -> dict[str, dict[str
     for m in METRICS:
         per: dict[str, Any] = {}
         for row, reps in results.items():
-            field = "ms" if m.key == "ready_ms" else "gbps"
-            key = "ready" if m.key == "ready_ms" else m.key
+            field = "ms" if m.key in READY_FLAGS else "gbps"
+            key = m.key
             vals = [s[field] for rep in reps for s in rep.get(key, []) if field in s]
             errors = [s["error"] for rep in reps for s in rep.get(key, []) if "error" in s]
             per[row] = spread(vals, errors)
@@ -409,7 +422,7 @@ def bench(args: argparse.Namespace) -> int:
                 active = [r for r in rows if r not in unavailable]
                 k = rep % max(len(active), 1)
                 for row in active[k:] + active[:k]:
-                    one: dict[str, Any] = {"ready": []}
+                    one: dict[str, Any] = {key: [] for key in READY_FLAGS}
                     for mtu in MTUS:
                         for key, sample in throughput(user, host, binaries[row], mtu, cfg).items():
                             one[key] = [sample]
@@ -418,10 +431,12 @@ def bench(args: argparse.Namespace) -> int:
                                 f"{sample.get('gbps', sample.get('error'))}"
                             )
                     results[row].append(one)
-                # Time to ready, the helpers interleaved sample by sample.
+                # Time to ready, the helpers and the flag sets interleaved sample by sample.
                 for _ in range(cfg.ready_count):
-                    for row in active:
-                        results[row][-1]["ready"].append(time_to_ready(user, host, binaries[row]))
+                    for key, flags in READY_FLAGS.items():
+                        for row in active:
+                            results[row][-1][key].append(
+                                time_to_ready(user, host, binaries[row], flags))
         finally:
             for pid in user_processes(user.uid):
                 with contextlib.suppress(ProcessLookupError):

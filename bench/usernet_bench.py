@@ -239,10 +239,13 @@ def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side
         return Side(None, [])
     if row.startswith("nsbridge"):
         argv = [sys.executable, "-m", "nsbridge", "run", "--dns", "127.0.0.1:53"]
-        # The published-port figure has always been the splice relay's; device mode (the
-        # default since ports keep the client's address) is the tun TCP path's, and is
-        # not measured by this row.
-        argv += ["--publish-mode=splice", "-p", f"127.0.0.1:{PUB_HOST_PORT}:{NS_IPERF_PORT}"]
+        # The fast-path row publishes in splice mode (the relay of `forward`; its figure
+        # has always been that one's), the tun row in device mode, the default since
+        # published ports keep the client's address: the tun TCP path's user-space end,
+        # as --tcp=tun is for outbound TCP.
+        if row == "nsbridge":
+            argv.append("--publish-mode=splice")
+        argv += ["-p", f"127.0.0.1:{PUB_HOST_PORT}:{NS_IPERF_PORT}"]
         # The servers are on HOST's own address, which host access (off) closes: allow
         # exactly it, so every flow still passes the host-address check being measured.
         argv += [f"--allow={HOST_IP}", "--allow=[2001:db8::1]"]

@@ -14,6 +14,8 @@
   installed with ``seccomp(2)``, for x86_64 and aarch64.
 * :mod:`.seccomp_notify` — serving a seccomp user-notification listener: RECV, SEND,
   ID_VALID, ADDFD, the caller's memory and fds (``run --bypass``).
+* :mod:`.rtaddr` — rtnetlink address messages (the ``RTM_GETADDR`` dump, address
+  events), sans-IO, for readers that must not wait for pyroute2's import.
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root
   with a few directories bound read-only (``pivot_root``), capabilities dropped.
 

@@ -36,3 +36,13 @@ def checked(call: str, *args: object) -> int:
     if result == -1:
         raise last_error(call)
     return result
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    """``mount(2)``; an OSError naming the call and ``target`` when it fails."""
+    def encoded(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    if libc.mount(encoded(source), encoded(target), encoded(fstype), flags, encoded(data)) != 0:
+        raise last_error("mount", target)

@@ -30,7 +30,7 @@ import os
 import stat
 from collections.abc import Collection, Sequence
 
-from nsbridge.linux.libc import checked, last_error, libc
+from nsbridge.linux.libc import checked, last_error, libc, mount
 from nsbridge.linux.netns import setns, unshare
 
 CLONE_NEWNS = 0x00020000
@@ -153,7 +153,7 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
     try:
         unshare(CLONE_NEWNS)
         step = "cannot make the mounts private"
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
         # Held open before the tmpfs hides whatever lies under ``scratch``; bound below
         # through /proc/self/fd, which names the very file or directory opened here.
         for path in keep:
@@ -163,7 +163,7 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
             except FileNotFoundError:
                 continue
         step = f"cannot mount a tmpfs on {scratch}"
-        _mount("nsbridge-sandbox", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        mount("nsbridge-sandbox", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                "size=64k,mode=0755")
         for path, fd in sources:
             inside = os.path.join(scratch, os.path.normpath(path).lstrip("/"))
@@ -173,7 +173,7 @@ def pivot_to_empty_root(keep: Sequence[str], scratch: str = "/tmp") -> None:
             else:
                 os.makedirs(os.path.dirname(inside), mode=0o755, exist_ok=True)
                 os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            _mount(f"/proc/self/fd/{fd}", inside, None, MS_BIND | MS_REC)
+            mount(f"/proc/self/fd/{fd}", inside, None, MS_BIND | MS_REC)
             step = f"cannot make {path} read-only"
             _mount_setattr(inside, _LOCKED, recursive=True)
         os.mkdir(os.path.join(scratch, "old"), 0o700)
@@ -230,15 +230,6 @@ def make_non_dumpable() -> None:
         checked("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)
     except OSError as exc:
         raise _fail("cannot make the process non-dumpable", exc) from None
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    def enc(text: str | None) -> bytes | None:
-        return None if text is None else os.fsencode(text)
-
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        raise last_error("mount", target)
 
 
 def _mount_setattr(path: str, attr_set: int, *, recursive: bool) -> None:

@@ -24,6 +24,8 @@
 * :mod:`.unprivileged` — running Python as uid 65534 with the tests' dependencies.
 * :mod:`.rootlesskit` — rootlesskit as the real client of a slirp4netns-compatible helper:
   an unprivileged user with subordinate ids, host and outside namespaces, the helper.
+* :mod:`.nested` — a container behind a bridge inside a namespace, masqueraded out of
+  one device (a shell script), and the prerouting redirect's counter.
 * :mod:`.rootlesskit_probe` — the rootlesskit tests' program inside its namespace
   (stdlib only).
 

@@ -7,13 +7,17 @@ independent of nsbridge's code, so tests do not trust what they test.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from helpers.waiting import wait_until
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -126,3 +130,27 @@ def free_port(netns: str | None = None, kind: int = socket.SOCK_STREAM,
             return sock.getsockname()[1]
 
     return pick() if netns is None else in_netns(netns, pick)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def podman_style_namespace(host: str, mount: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A user+network namespace made from ``host`` (``unshare -Ur --net``) with its
+    network namespace bind-mounted at ``mount``, as podman keeps one: yields (the
+    process holding it, its user namespace's /proc path).  The holder may be killed
+    early (the bind mount keeps the namespace); both end when the block does."""
+    holder = subprocess.Popen(["ip", "netns", "exec", host, "unshare", "-Ur", "--net",
+                               "sleep", "60"])
+    mount.touch()
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") !=
+                   os.readlink("/proc/self/ns/net") and
+                   os.readlink(f"/proc/{holder.pid}/ns/user") !=
+                   os.readlink("/proc/self/ns/user"), timeout=5)
+        subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/ns/net", str(mount)],
+                       check=True)
+        yield holder, f"/proc/{holder.pid}/ns/user"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -47,20 +47,24 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from helpers.environment import REPO
-from helpers.netns import delete_netns, ip, listen_in, new_netns
+from helpers.netns import delete_netns, listen_in
 from helpers.servers import DNS_NAME, StreamServer, UdpServer, dns_answer
 from helpers.unprivileged import copy_distributions, system_python
-from helpers.usernet_host import HOST_V4, new_host_netns
+from helpers.usernet_host import (
+    HOST_V4,
+    OUTSIDE_V4,
+    OUTSIDE_V6,
+    new_host_netns,
+    new_outside_netns,
+)
 
 HELPERS = ["slirp4netns", "nsbridge"]
 REAL_SLIRP4NETNS = "/usr/bin/slirp4netns"
 ENTRY_POINT = "nsbridge-slirp4netns"
 PROBE = REPO / "tests" / "helpers" / "rootlesskit_probe.py"
 
-# The "outside": a namespace behind a veth from the host namespace, standing for the
+# The "outside" (helpers.usernet_host.new_outside_netns): a namespace behind a veth, for the
 # internet, so what the child reaches there is never one of the host's own addresses.
-HOST_OUTSIDE_V4, OUTSIDE_V4 = "198.51.100.1", "198.51.100.2"
-HOST_OUTSIDE_V6, OUTSIDE_V6 = "2001:db8:5::1", "2001:db8:5::2"
 # What the child sees (rootlesskit's and slirp4netns's defaults).
 CHILD_V4, GATEWAY_V4, DNS_V4 = "10.0.2.100", "10.0.2.2", "10.0.2.3"
 USER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -229,14 +233,7 @@ def rootlesskit_world() -> Iterator[World]:
     etc = Path("/etc/netns") / host
     servers: list = []
     try:
-        outside = new_netns("nsro")
-        ip("-n", host, "link", "add", "o0", "type", "veth", "peer", "name", "o1",
-           "netns", outside)
-        for ns, dev, v4, v6 in ((host, "o0", HOST_OUTSIDE_V4, HOST_OUTSIDE_V6),
-                                (outside, "o1", OUTSIDE_V4, OUTSIDE_V6)):
-            ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            ip("-n", ns, "link", "set", dev, "up")
+        outside = new_outside_netns(host, "nsro")
         etc.mkdir(parents=True)
         (etc / "resolv.conf").write_text(f"nameserver {HOST_V4}\n")
         def tcp(ns: str, address: str) -> StreamServer:

@@ -212,3 +212,15 @@ def udp_roundtrip(address: tuple, payload: bytes, sock: socket.socket | None = N
     finally:
         if own:
             sock.close()
+
+
+def dual_stack_socket(kind: int, port: int) -> socket.socket:
+    """A socket of ``kind`` bound to ``[::]:port`` for both families (V6ONLY off), listening
+    if it is a stream socket: one server for IPv4 and IPv6 clients."""
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(64)
+    return sock

@@ -1,7 +1,8 @@
 """The world the socket-switching tests (``nsbridge run --bypass``) run in.
 
-A "host" namespace (where nsbridge runs) with an uplink ``up0`` (198.51.100.1/24,
-2001:db8:51::1/64) to an "outside" namespace (``out0``: .10 / ::10).  Outside: a TCP
+A "host" namespace (where nsbridge runs) joined to an "outside" one
+(:func:`helpers.usernet_host.new_outside_netns`: the host is 198.51.100.1 /
+2001:db8:5::1 there, the outside .2 / ::2).  Outside: a TCP
 server on every address at :data:`ECHO_PORT` and :data:`DENIED_PORT` that first writes
 the address it saw the client come from (one line) and then echoes lines; a DNS server
 (UDP and TCP, port 53; :func:`helpers.servers.dns_answer`); a UDP echo server at
@@ -22,10 +23,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from helpers.environment import REPO
-from helpers.netns import delete_netns, in_netns, ip, new_netns
+from helpers.netns import delete_netns, in_netns, new_netns
+from helpers.servers import dual_stack_socket
+from helpers.usernet_host import (
+    HOST_OUTSIDE_V4,
+    HOST_OUTSIDE_V6,
+    OUTSIDE_V4,
+    OUTSIDE_V6,
+    new_outside_netns,
+)
 
-UP4, UP6 = "198.51.100.1", "2001:db8:51::1"
-OUT4, OUT6 = "198.51.100.10", "2001:db8:51::10"
+UP4, UP6 = HOST_OUTSIDE_V4, HOST_OUTSIDE_V6  # the host's addresses towards the outside
+OUT4, OUT6 = OUTSIDE_V4, OUTSIDE_V6
 ECHO_PORT, DENIED_PORT, UDP_PORT, HOST_LOOPBACK_PORT = 7301, 7302, 7304, 7303
 PROBE = str(REPO / "tests" / "helpers" / "switch_probe.py")
 
@@ -123,12 +132,9 @@ def _udp_and_dns(world: World, udp: socket.socket, dns_udp: socket.socket,
 
 
 def _dual(kind: int, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, kind)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("::", port))
+    sock = dual_stack_socket(kind, port)
     if kind == socket.SOCK_STREAM:
-        sock.listen(512)
+        sock.listen(512)  # a deeper queue: 200 clients connect at once
     return sock
 
 
@@ -138,15 +144,7 @@ def switching_world() -> Iterator[World]:
     outside = ""
     world = None
     try:
-        outside = new_netns("nsbx")
-        ip("-n", host, "link", "add", "up0", "type", "veth", "peer", "name", "out0",
-           "netns", outside)
-        for ns, dev, addresses in ((host, "up0", (f"{UP4}/24", f"{UP6}/64")),
-                                   (outside, "out0", (f"{OUT4}/24", f"{OUT6}/64"))):
-            for address in addresses:
-                ip("-n", ns, "addr", "add", address, "dev", dev,
-                   *(["nodad"] if ":" in address else []))
-            ip("-n", ns, "link", "set", dev, "up")
+        outside = new_outside_netns(host, prefix="nsbx")
         subprocess.run(["ip", "netns", "exec", host, "sysctl", "-qw",
                         "net.ipv4.ping_group_range=0 2147483647"], check=True)
         world = World(host, outside)

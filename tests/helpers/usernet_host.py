@@ -41,3 +41,28 @@ def new_host_netns(extra_addresses: tuple[str, ...] = (), prefix: str = "nsbh") 
         delete_netns(name)
         raise
     return name
+
+
+# An "outside" namespace behind a veth from the host namespace (o0 -- o1): a network the
+# host reaches that is not the host itself (clients with their own addresses, servers
+# that see the host's).
+HOST_OUTSIDE_V4, OUTSIDE_V4 = "198.51.100.1", "198.51.100.2"
+HOST_OUTSIDE_V6, OUTSIDE_V6 = "2001:db8:5::1", "2001:db8:5::2"
+
+
+def new_outside_netns(host: str, prefix: str = "nsbo") -> str:
+    """A fresh namespace joined to ``host`` by a veth (host o0: HOST_OUTSIDE_V4/V6,
+    outside o1: OUTSIDE_V4/V6); the caller deletes it with ``delete_netns``."""
+    outside = new_netns(prefix)
+    try:
+        ip("-n", host, "link", "add", "o0", "type", "veth", "peer", "name", "o1",
+           "netns", outside)
+        for ns, dev, v4, v6 in ((host, "o0", HOST_OUTSIDE_V4, HOST_OUTSIDE_V6),
+                                (outside, "o1", OUTSIDE_V4, OUTSIDE_V6)):
+            ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+            ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            ip("-n", ns, "link", "set", dev, "up")
+    except BaseException:
+        delete_netns(outside)
+        raise
+    return outside

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from helpers.environment import REPO
+from helpers.servers import dual_stack_socket
 
 ATTEMPT = str(REPO / "tests" / "helpers" / "bypass_attempt.py")
 HOST4, SECOND4, LATER4 = "10.250.0.1", "10.251.0.1", "10.250.0.7"
@@ -65,8 +66,8 @@ class Servers:
                     return
             try:
                 for port in (TCP_PORT, OTHER_PORT):
-                    self._add(self._bound(socket.SOCK_STREAM, port), "tcp")
-                self._add(self._bound(socket.SOCK_DGRAM, UDP_PORT), "udp")
+                    self._add(dual_stack_socket(socket.SOCK_STREAM, port), "tcp")
+                self._add(dual_stack_socket(socket.SOCK_DGRAM, UDP_PORT), "udp")
             except OSError as exc:
                 box["error"] = exc
 
@@ -78,16 +79,6 @@ class Servers:
             raise box["error"]
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def _bound(kind: int, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6, kind)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("::", port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(64)
-        return sock
 
     def _add(self, sock: socket.socket, kind: str) -> None:
         sock.setblocking(False)

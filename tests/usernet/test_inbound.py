@@ -27,11 +27,18 @@ from pathlib import Path
 import pytest
 
 from helpers.environment import REPO
-from helpers.netns import delete_netns, free_port, in_netns, ip, new_netns
-from helpers.usernet_host import HOST_V4, USERNET_TCP_MODES, new_host_netns
+from helpers.netns import delete_netns, free_port, in_netns
+from helpers.usernet_host import (
+    HOST_OUTSIDE_V4,
+    HOST_OUTSIDE_V6,
+    HOST_V4,
+    OUTSIDE_V4,
+    OUTSIDE_V6,
+    USERNET_TCP_MODES,
+    new_host_netns,
+    new_outside_netns,
+)
 
-HOST_OUTSIDE_V4, OUTSIDE_V4 = "198.51.100.1", "198.51.100.2"
-HOST_OUTSIDE_V6, OUTSIDE_V6 = "2001:db8:5::1", "2001:db8:5::2"
 SERVER_PORT, CLOSED_PORT, SILENT_PORT = 8000, 8001, 8002
 MIB = 1 << 20
 
@@ -170,14 +177,7 @@ def world() -> Iterator[tuple[str, str]]:
     host = new_host_netns(prefix="nsih")
     outside = ""
     try:
-        outside = new_netns("nsio")
-        ip("-n", host, "link", "add", "o0", "type", "veth", "peer", "name", "o1",
-           "netns", outside)
-        for ns, dev, v4, v6 in ((host, "o0", HOST_OUTSIDE_V4, HOST_OUTSIDE_V6),
-                                (outside, "o1", OUTSIDE_V4, OUTSIDE_V6)):
-            ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            ip("-n", ns, "link", "set", dev, "up")
+        outside = new_outside_netns(host, "nsio")
         yield host, outside
     finally:
         if outside:

@@ -39,6 +39,7 @@ import pytest
 
 from helpers.environment import REPO
 from helpers.netns import delete_netns, in_netns, ip, new_netns
+from helpers.servers import dual_stack_socket
 
 UP4, UP6 = "198.51.100.1", "2001:db8:51::1"
 OUT4, OUT6 = "198.51.100.10", "2001:db8:51::10"
@@ -94,19 +95,10 @@ class Outside:
         self._thread.start()
 
     def _open(self) -> None:
-        def dual(kind: int, port: int) -> socket.socket:
-            sock = socket.socket(socket.AF_INET6, kind)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("::", port))
-            if kind == socket.SOCK_STREAM:
-                sock.listen(64)
-            return sock
-
-        self._add(dual(socket.SOCK_STREAM, TCP_PORT), self._on_tcp)
-        self._add(dual(socket.SOCK_DGRAM, UDP_PORT), self._on_udp)
-        self._add(dual(socket.SOCK_DGRAM, 53), self._on_dns_udp)
-        self._add(dual(socket.SOCK_STREAM, 53), self._on_dns_tcp)
+        self._add(dual_stack_socket(socket.SOCK_STREAM, TCP_PORT), self._on_tcp)
+        self._add(dual_stack_socket(socket.SOCK_DGRAM, UDP_PORT), self._on_udp)
+        self._add(dual_stack_socket(socket.SOCK_DGRAM, 53), self._on_dns_udp)
+        self._add(dual_stack_socket(socket.SOCK_STREAM, 53), self._on_dns_tcp)
         self._add(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
                   self._on_icmp)
         self._add(socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.environment import have
+from helpers.nested import nested_script
 from helpers.netns import free_port, in_netns
 from helpers.rootlesskit import (
     CHILD_V4,
@@ -33,10 +34,6 @@ from helpers.rootlesskit import (
     DNS_V4,
     GATEWAY_V4,
     HELPERS,
-    HOST_OUTSIDE_V4,
-    HOST_OUTSIDE_V6,
-    OUTSIDE_V4,
-    OUTSIDE_V6,
     PROBE,
     RootlessUser,
     World,
@@ -52,6 +49,7 @@ from helpers.rootlesskit import (
     user_processes,
 )
 from helpers.servers import DNS_ADDRESS
+from helpers.usernet_host import HOST_OUTSIDE_V4, HOST_OUTSIDE_V6, OUTSIDE_V4, OUTSIDE_V6
 
 pytestmark = [
     pytest.mark.skipif(not have("rootlesskit") or not have("newuidmap"),
@@ -167,35 +165,6 @@ def test_ipv6_slaac_and_tcp_out(world: World, user: RootlessUser, helper: str) -
     assert out.strip().splitlines()[-1] == HOST_OUTSIDE_V6
 
 
-# A container behind a bridge inside rootlesskit's namespace, masqueraded out of tap0
-# (what Docker, nerdctl and podman's rootless-netns do).
-NESTED_SCRIPT = """
-unshare -n sleep 60 & nested=$!
-for i in $(seq 50); do
-    [ "$(readlink /proc/$nested/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break
-    sleep 0.05
-done
-ip link add br0 type bridge
-ip addr add 10.88.0.1/24 dev br0
-ip link set br0 up
-ip link add veth0 type veth peer name eth0 netns $nested
-ip link set veth0 master br0 up
-in_nested() { nsenter -t $nested -n "$@"; }
-in_nested ip link set lo up
-in_nested ip addr add 10.88.0.2/24 dev eth0
-in_nested ip link set eth0 up
-in_nested ip route add default via 10.88.0.1
-echo 1 > /proc/sys/net/ipv4/ip_forward
-nft add table ip nat
-nft 'add chain ip nat post { type nat hook postrouting priority 100; }'
-nft add rule ip nat post ip saddr 10.88.0.0/24 oifname tap0 masquerade
-{wait}
-in_nested {tcp}
-in_nested {udp}
-in_nested ping -c 1 -W 5 {ping}
-nft list chain inet nsbridge prerouting 2>/dev/null | grep -o 'counter packets [0-9]*' || true
-kill $nested
-"""
 # nsbridge's helper adds its TCP fast path just after "ready": wait for its table (with
 # the real slirp4netns there is none to wait for).
 WAIT_FOR_FAST_PATH = """
@@ -205,11 +174,10 @@ for i in $(seq 100); do nft list table inet nsbridge >/dev/null 2>&1 && break; s
 
 def test_nested_namespace_masqueraded_out_of_tap0(world: World, user: RootlessUser,
                                                   helper: str) -> None:
-    script = (NESTED_SCRIPT
-              .replace("{tcp}", probe("tcp", OUTSIDE_V4, str(world.tcp_outside.port)))
-              .replace("{udp}", probe("udp", OUTSIDE_V4, str(world.udp_outside.port)))
-              .replace("{ping}", OUTSIDE_V4)
-              .replace("{wait}", "" if _real(helper) else WAIT_FOR_FAST_PATH))
+    script = nested_script("tap0", [probe("tcp", OUTSIDE_V4, str(world.tcp_outside.port)),
+                                    probe("udp", OUTSIDE_V4, str(world.udp_outside.port)),
+                                    f"ping -c 1 -W 5 {OUTSIDE_V4}"],
+                           before="" if _real(helper) else WAIT_FOR_FAST_PATH)
     out = inside(world, user, helper, script)
     lines = out.splitlines()
     assert lines[:2] == [HOST_OUTSIDE_V4, "HELLO"], out

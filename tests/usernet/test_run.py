@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from helpers.environment import REPO
+from helpers.nested import nested_script
 from helpers.netns import in_netns, reachable_in
 from helpers.processes import processes_mentioning
 from helpers.waiting import wait_until
@@ -90,39 +91,12 @@ def test_tcp_over_ipv6(host, web, tcp):
     assert "hello" in result.stdout
 
 
-# A container behind a bridge inside the sandbox, masqueraded out of nsbridge's device
-# (what podman or Docker run inside `nsbridge run` do): its TCP is forwarded by the
-# sandbox's kernel, so the output hook's redirect never sees it.
-NESTED = """
-unshare -n sleep 60 & nested=$!
-for i in $(seq 50); do
-    [ "$(readlink /proc/$nested/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break
-    sleep 0.05
-done
-ip link add br0 type bridge
-ip addr add 10.88.0.1/24 dev br0
-ip link set br0 up
-ip link add veth0 type veth peer name eth0 netns $nested
-ip link set veth0 master br0 up
-in_nested() { nsenter -t $nested -n "$@"; }
-in_nested ip link set lo up
-in_nested ip addr add 10.88.0.2/24 dev eth0
-in_nested ip link set eth0 up
-in_nested ip route add default via 10.88.0.1
-echo 1 > /proc/sys/net/ipv4/ip_forward
-nft add table ip nat
-nft 'add chain ip nat post { type nat hook postrouting priority 100; }'
-nft add rule ip nat post ip saddr 10.88.0.0/24 oifname nsb0 masquerade
-in_nested curl -sS --max-time 10 http://192.0.2.1:HTTP_PORT/index.html
-nft list chain inet nsbridge prerouting 2>/dev/null | grep -o 'counter packets [0-9]*' || true
-kill $nested
-""".replace("HTTP_PORT", str(HTTP_PORT))
-
-
 def test_tcp_forwarded_from_a_nested_namespace(host, web, tcp):
     """Carried on both paths: the fast path's prerouting redirect takes it (its counter
     shows the SYN), the tun path terminates it like any other."""
-    result = nsbridge_run(host, tcp, HOST_ACCESS, "--", "sh", "-c", NESTED)
+    script = nested_script("nsb0", [f"curl -sS --max-time 10 http://192.0.2.1:{HTTP_PORT}/"
+                                    "index.html"])
+    result = nsbridge_run(host, tcp, HOST_ACCESS, "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "hello from the host namespace", result.stdout + result.stderr

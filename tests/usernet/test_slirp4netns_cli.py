@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers.environment import REPO
-from helpers.netns import ip
+from helpers.netns import ip, podman_style_namespace
 from helpers.processes import processes_mentioning
 from helpers.waiting import wait_until
 
@@ -432,18 +432,8 @@ def test_path_mode_from_inside_the_owning_user_namespace(host: str, tmp_path: Pa
                                                          helpers: list[Helper]) -> None:
     """podman: the namespace is bind-mounted at a path, owned by a user namespace we are
     already in; nobody lives in the network namespace."""
-    holder = subprocess.Popen(["ip", "netns", "exec", host, "unshare", "-Ur", "--net",
-                               "sleep", "60"])
     mount = tmp_path / "netns"
-    mount.touch()
-    try:
-        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") !=
-                   os.readlink("/proc/self/ns/net") and
-                   os.readlink(f"/proc/{holder.pid}/ns/user") !=
-                   os.readlink("/proc/self/ns/user"), timeout=5)
-        subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/ns/net", str(mount)],
-                       check=True)
-        userns = f"/proc/{holder.pid}/ns/user"
+    with podman_style_namespace(host, mount) as (holder, userns):
         # Enter only the user namespace (as podman's rootless process lives), then drop
         # the holder: the network namespace lives on in the bind mount alone.
         ready_r, ready_w = os.pipe()
@@ -467,11 +457,6 @@ def test_path_mode_from_inside_the_owning_user_namespace(host: str, tmp_path: Pa
             os.close(ready_r)
             proc.terminate()
             assert proc.wait(10) == 0
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-        subprocess.run(["umount", str(mount)])
 
 
 # ---- traffic through the TAP ----------------------------------------------------------

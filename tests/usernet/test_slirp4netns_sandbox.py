@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers.environment import REPO
-from helpers.netns import connect_in, free_port, in_netns, listen_in
+from helpers.netns import connect_in, free_port, in_netns, listen_in, podman_style_namespace
 from helpers.processes import processes_mentioning
 from helpers.servers import DNS_ADDRESS, DNS_NAME, dns_answer, recv_all, udp_roundtrip
 from helpers.usernet_host import HOST_V4, HOST_V6
@@ -296,18 +296,8 @@ def test_podman_call_from_inside_the_owning_user_namespace(
         host: str, tmp_path: Path, started: Callable[[list[str]], Running]) -> None:
     """podman runs us inside the namespace's user namespace already: no namespace is
     joined, and the capabilities dropped are those of that namespace."""
-    holder = subprocess.Popen(["ip", "netns", "exec", host, "unshare", "-Ur", "--net",
-                               "sleep", "60"])
     mount = tmp_path / "netns"
-    mount.touch()
-    try:
-        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") !=
-                   os.readlink("/proc/self/ns/net") and
-                   os.readlink(f"/proc/{holder.pid}/ns/user") !=
-                   os.readlink("/proc/self/ns/user"), timeout=5)
-        subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/ns/net", str(mount)],
-                       check=True)
-        userns = f"/proc/{holder.pid}/ns/user"
+    with podman_style_namespace(host, mount) as (_holder, userns):
         helper = started(["nsenter", f"--user={userns}", "--preserve-credentials", "--",
                           *OURS, *LOCKED, "-c", "-6", "--netns-type=path", str(mount),
                           "tap0"])
@@ -318,10 +308,6 @@ def test_podman_call_from_inside_the_owning_user_namespace(
         code, err = helper.finish()
         assert code == 0, err
         assert_clean_log(err)
-    finally:
-        holder.kill()
-        holder.wait()
-        subprocess.run(["umount", str(mount)])
 
 
 def test_a_failed_lock_down_exits_1_before_ready(

@@ -23,7 +23,7 @@ host's network).  Loopback addresses are in it too, harmlessly
 Why a raw socket and not pyroute2 (which the namespace set-up uses): this check runs on
 every new flow, and with nothing queued it must cost one ``recv``; pyroute2 parses every
 message into objects and owns its socket's reads.  The two message types read here
-(``ifaddrmsg`` and three attributes) are a few lines of ``struct``.
+(``ifaddrmsg`` and three attributes) are a few lines of ``struct`` (:mod:`nsbridge.linux.rtaddr`).
 
 The socket belongs to the network namespace of the thread that opens it (a socket is
 bound to its namespace for life), so open it where the host side dials from.
@@ -37,19 +37,10 @@ import ipaddress
 import os
 import select
 import socket
-import struct
 from collections import Counter
 
-# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
-NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
-IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+from nsbridge.linux import rtaddr
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTATTR = struct.Struct("=HH")  # len, type
 _DUMP_TIMEOUT = 5.0  # seconds for the kernel to finish a dump (it answers at once)
 RECEIVE_BUFFER = 1 << 20  # room for a burst of events between two decisions
 
@@ -76,7 +67,7 @@ class HostAddresses:
         self._ready.register(self._sock.fileno(), select.POLLIN)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            self._sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            self._sock.bind((0, rtaddr.RTMGRP_IPV4_IFADDR | rtaddr.RTMGRP_IPV6_IFADDR))
             self._resync()
         except BaseException:
             self._sock.close()
@@ -143,9 +134,7 @@ class HostAddresses:
             self._count.clear()
             self._seq += 1
             seq = self._seq
-            request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR,
-                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-            self._sock.send(request + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+            self._sock.send(rtaddr.dump_request(socket.AF_UNSPEC, seq))
             if self._read_dump(seq):
                 return
 
@@ -181,55 +170,38 @@ class HostAddresses:
 
     def _apply(self, data: memoryview, seq: int | None = None) -> bool:
         """Apply the messages in one datagram; True when it ended dump ``seq``."""
-        offset, done = 0, False
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                break
-            body = data[offset + _NLMSGHDR.size:offset + length]
-            if kind in (RTM_NEWADDR, RTM_DELADDR):
+        done = False
+        for kind, msg_seq, body in rtaddr.messages(data):
+            if kind in (rtaddr.RTM_NEWADDR, rtaddr.RTM_DELADDR):
                 self._address_message(kind, body)
             elif seq is not None and msg_seq == seq:
-                if kind == NLMSG_DONE:
+                if kind == rtaddr.NLMSG_DONE:
                     done = True
-                elif kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+                elif kind == rtaddr.NLMSG_ERROR:
+                    code = rtaddr.error_code(body)
                     if code:
                         raise OSError(code, f"netlink address dump: {os.strerror(code)}")
-            offset += (length + 3) & ~3
         return done
 
-    def _address_message(self, kind: int, body: memoryview) -> None:
-        if len(body) < _IFADDRMSG.size:
+    def _address_message(self, kind: int, body: bytes | memoryview) -> None:
+        message = rtaddr.parse_ifaddr(body)
+        if message is None:
             return
-        family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(body)
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        size = 4 if family == socket.AF_INET else 16
-        attrs: dict[int, bytes] = {}
-        offset = _IFADDRMSG.size
-        while offset + _RTATTR.size <= len(body):
-            length, kind_attr = _RTATTR.unpack_from(body, offset)
-            if length < _RTATTR.size:
-                break
-            value = bytes(body[offset + _RTATTR.size:offset + length])
-            if kind_attr in (IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST) and len(value) == size:
-                attrs[kind_attr] = value
-            offset += (length + 3) & ~3
-        local = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        local = message.local
         if local is None:
             return
-        key = (family, index, prefixlen, local)
+        family, prefixlen = message.family, message.prefixlen
+        key = (family, message.index, prefixlen, local)
         old = self._entries.pop(key, None)
         if old is not None:
             self._count.subtract(old)
             for gone in old:
                 if self._count[gone] <= 0:
                     del self._count[gone]
-        if kind == RTM_DELADDR:
+        if kind == rtaddr.RTM_DELADDR:
             return
         addresses: tuple[Address, ...] = (ipaddress.ip_address(local),)
-        broadcast = attrs.get(IFA_BROADCAST)
+        broadcast = message.attrs.get(rtaddr.IFA_BROADCAST)
         if broadcast is not None and broadcast != local:
             addresses += (ipaddress.ip_address(broadcast),)
         if family == socket.AF_INET and prefixlen < 31:

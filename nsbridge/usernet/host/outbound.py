@@ -41,24 +41,16 @@ import ipaddress
 import os
 import select
 import socket
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from nsbridge.linux import rtaddr
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # <linux/in.h>
 IFNAMSIZ = 16  # <linux/if.h>: names are at most 15 bytes
 
-# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_RTM_NEWADDR, _RTM_GETADDR = 20, 22
-_IFA_ADDRESS, _IFA_LOCAL, _IFA_FLAGS = 1, 2, 8
-_IFA_F_DADFAILED, _IFA_F_TENTATIVE = 0x08, 0x40
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTATTR = struct.Struct("=HH")  # len, type
 _DUMP_TIMEOUT = 5.0
 
 
@@ -162,7 +154,7 @@ def pick_interface_address(addresses: Iterable[InterfaceAddress], index: int,
     for entry in addresses:
         if entry.index != index or entry.address.version != version:
             continue
-        if entry.flags & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED):
+        if entry.flags & (rtaddr.IFA_F_TENTATIVE | rtaddr.IFA_F_DADFAILED):
             continue
         if entry.address.is_loopback or (entry.address.version == 6
                                          and entry.address.is_link_local):
@@ -224,9 +216,7 @@ def interface_addresses(version: int) -> list[InterfaceAddress]:
     found: list[InterfaceAddress] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
-        request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, _RTM_GETADDR,
-                                 _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
-        sock.send(request + _IFADDRMSG.pack(family, 0, 0, 0, 0))
+        sock.send(rtaddr.dump_request(family, 1))
         while True:
             if not select.select([sock], [], [], _DUMP_TIMEOUT)[0]:
                 raise TimeoutError("netlink: the address dump did not finish")
@@ -237,42 +227,16 @@ def interface_addresses(version: int) -> list[InterfaceAddress]:
 
 def _parse_dump(data: bytes, family: int, found: list[InterfaceAddress]) -> bool:
     """Append the addresses in one datagram of the dump; True at its end."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
+    for kind, _seq, body in rtaddr.messages(data):
+        if kind == rtaddr.NLMSG_DONE:
             return True
-        body = data[offset + _NLMSGHDR.size:offset + length]
-        if kind == _NLMSG_DONE:
-            return True
-        if kind == _NLMSG_ERROR:
-            code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+        if kind == rtaddr.NLMSG_ERROR:
+            code = rtaddr.error_code(body)
             raise OSError(code, f"netlink address dump: {os.strerror(code)}")
-        if kind == _RTM_NEWADDR and len(body) >= _IFADDRMSG.size:
-            entry = _address(body, family)
-            if entry is not None:
-                found.append(entry)
-        offset += (length + 3) & ~3
+        if kind == rtaddr.RTM_NEWADDR:
+            message = rtaddr.parse_ifaddr(body)
+            if message is not None and message.family == family and message.local:
+                found.append(InterfaceAddress(message.index,
+                                              ipaddress.ip_address(message.local),
+                                              message.flags))
     return False
-
-
-def _address(body: bytes, family: int) -> InterfaceAddress | None:
-    msg_family, _prefixlen, flags, _scope, index = _IFADDRMSG.unpack_from(body)
-    if msg_family != family:
-        return None
-    size = 4 if family == socket.AF_INET else 16
-    attrs: dict[int, bytes] = {}
-    offset = _IFADDRMSG.size
-    while offset + _RTATTR.size <= len(body):
-        length, kind = _RTATTR.unpack_from(body, offset)
-        if length < _RTATTR.size:
-            break
-        attrs[kind] = body[offset + _RTATTR.size:offset + length]
-        offset += (length + 3) & ~3
-    local = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-    if local is None or len(local) != size:
-        return None
-    extended = attrs.get(_IFA_FLAGS)
-    if extended is not None and len(extended) == 4:
-        flags = struct.unpack("=I", extended)[0]
-    return InterfaceAddress(index, ipaddress.ip_address(local), flags)

@@ -42,7 +42,7 @@ import gc
 import os
 from collections.abc import Collection
 
-from nsbridge.linux.libc import checked, last_error, libc
+from nsbridge.linux.libc import checked, libc, mount
 from nsbridge.linux.netns import unshare
 from nsbridge.usernet.inside.netconf import SetupError
 
@@ -144,8 +144,8 @@ def empty_root() -> None:
     """
     try:
         unshare(CLONE_NEWNS)
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        _mount("nsbridge-empty", "/", "tmpfs",
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("nsbridge-empty", "/", "tmpfs",
                MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
         os.chdir("/..")
         os.chroot(".")
@@ -167,10 +167,3 @@ def _stdio_to_null(keep: Collection[int]) -> None:
         os.close(null)
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    def enc(text: str | None) -> bytes | None:
-        return None if text is None else os.fsencode(text)
-
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        raise last_error("mount", target)
