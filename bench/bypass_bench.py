@@ -56,8 +56,15 @@ def prefix(row: str, host: Netns) -> list[str]:
     if row == "direct":
         return host.exec_argv([])
     # The checkout's nsbridge, whichever Python runs the benchmark.
-    argv = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "nsbridge", "run",
-            f"--allow={HOST_IP}"]
+    argv = [
+        "env",
+        f"PYTHONPATH={REPO}",
+        sys.executable,
+        "-m",
+        "nsbridge",
+        "run",
+        f"--allow={HOST_IP}",
+    ]
     if row == "nsbridge-bypass":
         argv.append("--bypass")
     return host.exec_argv([*argv, "--"])
@@ -74,49 +81,87 @@ def bench(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, list[Sample]]] = {r: {m: [] for m in METRICS} for r in ROWS}
     try:
         host.create()
-        run_checked(["ip", "-n", host.name, "link", "add", "d0", "type", "veth", "peer",
-                     "name", "d1"])
+        run_checked(
+            ["ip", "-n", host.name, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]
+        )
         run_checked(["ip", "-n", host.name, "addr", "add", f"{HOST_IP}/24", "dev", "d0"])
         for dev in ("d0", "d1"):
             run_checked(["ip", "-n", host.name, "link", "set", dev, "up"])
-        server = subprocess.Popen(host.exec_argv(["iperf3", "-s", "-p", str(PORT)]),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            host.exec_argv(["iperf3", "-s", "-p", str(PORT)]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not try_connect(PORT, host.path):
             if time.monotonic() > deadline:
                 raise BenchError("iperf3 -s did not start in the host namespace")
             time.sleep(0.1)
         for rep in range(runs):
-            order = ROWS[rep % len(ROWS):] + ROWS[:rep % len(ROWS)]
+            order = ROWS[rep % len(ROWS) :] + ROWS[: rep % len(ROWS)]
             for key, (_label, streams, reverse) in METRICS.items():
                 for row in order:
                     sample = _measure(row, host, seconds, streams, reverse)
                     sample.update(rep=rep, t=time.time())
                     results[row][key].append(sample)
-                    shown = (f"{sample['gbps']:.2f} Gbit/s" if "gbps" in sample
-                             else f"FAILED: {str(sample.get('error'))[:120]}")
-                    print(f"[{rep + 1}/{runs}] {row:<16} {key:<7} {shown}", file=sys.stderr,
-                          flush=True)
+                    shown = (
+                        f"{sample['gbps']:.2f} Gbit/s"
+                        if "gbps" in sample
+                        else f"FAILED: {str(sample.get('error'))[:120]}"
+                    )
+                    print(
+                        f"[{rep + 1}/{runs}] {row:<16} {key:<7} {shown}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=10)
         host.delete()
-    summary = {key: {row: spread([s["gbps"] for s in results[row][key] if "gbps" in s],
-                                 [str(s["error"]) for s in results[row][key] if "error" in s])
-                     for row in ROWS} for key in METRICS}
+    summary = {
+        key: {
+            row: spread(
+                [s["gbps"] for s in results[row][key] if "gbps" in s],
+                [str(s["error"]) for s in results[row][key] if "error" in s],
+            )
+            for row in ROWS
+        }
+        for key in METRICS
+    }
     print(f"bypass_bench: {runs} run(s), iperf3 -t {seconds}; medians [min-max, n]\n")
     print(render(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"runs": runs, "seconds": seconds, "elapsed": time.time() - started,
-             "summary": summary, "samples": results}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "runs": runs,
+                    "seconds": seconds,
+                    "elapsed": time.time() - started,
+                    "summary": summary,
+                    "samples": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 
 def _measure(row: str, host: Netns, seconds: int, streams: int, reverse: bool) -> Sample:
-    argv = [*prefix(row, host), "iperf3", "-c", HOST_IP, "-p", str(PORT), "-t", str(seconds),
-            "-J", "--connect-timeout", "5000"]
+    argv = [
+        *prefix(row, host),
+        "iperf3",
+        "-c",
+        HOST_IP,
+        "-p",
+        str(PORT),
+        "-t",
+        str(seconds),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]
     if streams > 1:
         argv += ["-P", str(streams)]
     if reverse:
@@ -144,8 +189,7 @@ def render(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
             if fast and row == "nsbridge-bypass":
                 ratios.append(f"{st['median'] / fast:.2f}x fast path")
             text = f"{st['median']:.2f}" + (f" ({', '.join(ratios)})" if ratios else "")
-            lines.append(f"  {row:<16} {text:<40} [{st['min']:.2f}-{st['max']:.2f}, "
-                         f"n={st['n']}]")
+            lines.append(f"  {row:<16} {text:<40} [{st['min']:.2f}-{st['max']:.2f}, n={st['n']}]")
         lines.append("")
     return "\n".join(lines)
 

@@ -76,8 +76,12 @@ METRICS = [
         for kind, arrow, rev in (("out", "child->host", ""), ("in", "host->child", ", -R"))
     ),
     Metric("ready_ms", "time to ready ms (start to ready-fd byte, MTU 65520)", False, "{:.1f}"),
-    Metric("ready_locked_ms", "time to ready ms, with --enable-sandbox --enable-seccomp",
-           False, "{:.1f}"),
+    Metric(
+        "ready_locked_ms",
+        "time to ready ms, with --enable-sandbox --enable-seccomp",
+        False,
+        "{:.1f}",
+    ),
 ]
 # What each time-to-ready metric adds to the helper's command line: podman and
 # dockerd-rootless.sh pass the lock-down flags whenever the helper's --help lists them.
@@ -269,8 +273,9 @@ def throughput(
     return out
 
 
-def time_to_ready(user: RootlessUser, host: Netns, binary: str,
-                  flags: list[str] | None = None) -> Sample:
+def time_to_ready(
+    user: RootlessUser, host: Netns, binary: str, flags: list[str] | None = None
+) -> Sample:
     """The helper started as rootlesskit starts it (plus ``flags``), timed to its
     ready-fd byte."""
     holder = subprocess.Popen(
@@ -436,7 +441,8 @@ def bench(args: argparse.Namespace) -> int:
                     for key, flags in READY_FLAGS.items():
                         for row in active:
                             results[row][-1][key].append(
-                                time_to_ready(user, host, binaries[row], flags))
+                                time_to_ready(user, host, binaries[row], flags)
+                            )
         finally:
             for pid in user_processes(user.uid):
                 with contextlib.suppress(ProcessLookupError):

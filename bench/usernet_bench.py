@@ -53,8 +53,18 @@ SLEEP_MARK = "86399"  # `sleep 86399`: the namespace's placeholder process, foun
 ROWS = ["direct", "nsbridge", "nsbridge-tun", "slirp4netns", "pasta"]
 # Measurements that need TCP from inside (iperf3 -u too: its control connection is TCP).
 TCP_KINDS = {"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "udp"}
-KINDS = ["tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "udp", "dns", "ping",
-         "ping_fast", "pub"]
+KINDS = [
+    "tcp_out",
+    "tcp_in",
+    "tcp_out_p4",
+    "tcp_in_p4",
+    "wrk_close",
+    "udp",
+    "dns",
+    "ping",
+    "ping_fast",
+    "pub",
+]
 
 
 @dataclass(frozen=True)
@@ -75,10 +85,12 @@ METRICS = [
     Metric("udp", f"UDP ns->host highest 0%-loss step Gbit/s (-l {UDP_LEN})", True),
     Metric("dns_p50", "DNS query p50 us (10.0.2.3; direct: 127.0.0.1)", False, "{:.0f}"),
     Metric("dns_added", "DNS p50 us added over direct query", False, "{:.0f}"),
-    Metric("ping", "ping RTT p50 us to 192.0.2.1 (-i 0.05: the tool idles between)", False,
-           "{:.0f}"),
-    Metric("ping_fast", "ping RTT p50 us back to back (-i 0.002: the tool stays hot)", False,
-           "{:.0f}"),
+    Metric(
+        "ping", "ping RTT p50 us to 192.0.2.1 (-i 0.05: the tool idles between)", False, "{:.0f}"
+    ),
+    Metric(
+        "ping_fast", "ping RTT p50 us back to back (-i 0.002: the tool stays hot)", False, "{:.0f}"
+    ),
     Metric("pub", "published port Gbit/s host->ns iperf3 (direct: loopback)", True),
 ]
 

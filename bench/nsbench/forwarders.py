@@ -238,7 +238,9 @@ class CReference(Forwarder):
             out = workdir / "cforward"
             done = subprocess.run(
                 ["gcc", "-O2", "-Wall", "-o", str(out), str(self.SOURCE)],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if done.returncode != 0:
                 raise BenchError(f"gcc could not build {self.SOURCE}:\n{done.stderr}")
@@ -248,8 +250,13 @@ class CReference(Forwarder):
     def start(self, reg: ProcessRegistry, ns: Netns, upstream_port: int, workdir: Path) -> Instance:
         """cforward 127.0.0.1:PORT <B's path> 127.0.0.1:SERVERPORT <workers>."""
         binary = self._build(workdir)
-        argv = [str(binary), "127.0.0.1:{PORT}", str(ns.path),
-                f"127.0.0.1:{upstream_port}", str(self.workers)]
+        argv = [
+            str(binary),
+            "127.0.0.1:{PORT}",
+            str(ns.path),
+            f"127.0.0.1:{upstream_port}",
+            str(self.workers),
+        ]
         return _start_single(reg, self.name, argv)
 
 
