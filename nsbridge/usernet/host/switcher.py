@@ -284,20 +284,15 @@ class SocketSwitcher:
         shown = format_sockaddr((str(ip), port))
         decided_ip = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and \
             ip.ipv4_mapped is not None else ip
-        if decided_ip.is_loopback or decided_ip.is_unspecified or decided_ip in self._own:
-            # The namespace's own: 0.0.0.0 and :: mean "this host" to connect(2) too.
+        # The namespace's own addresses (0.0.0.0 and :: mean "this host" to connect(2)
+        # too) need no decision; the DNS address is served by the namespace's own path
+        # (checked queries).  Both stay in the namespace, never on a switched socket.
+        own = decided_ip.is_loopback or decided_ip.is_unspecified or decided_ip in self._own
+        decision = None if own else self.policy.decide("tcp", decided_ip, port)
+        if decision is None or isinstance(decision, AllowResolver):
             if host_socket:
                 self._refuse(call, ON_SWITCHED, f"-> {shown}", errno.ENETUNREACH)
                 return
-            self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
-                          blocking=_is_blocking(sock))
-            return
-        decision = self.policy.decide("tcp", decided_ip, port)
-        if isinstance(decision, AllowResolver):
-            if host_socket:
-                self._refuse(call, ON_SWITCHED, f"-> {shown}", errno.ENETUNREACH)
-                return
-            # The DNS address: the namespace's own path serves it (checked queries).
             self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
                           blocking=_is_blocking(sock))
             return
