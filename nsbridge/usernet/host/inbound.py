@@ -208,13 +208,18 @@ class InboundPorts:
         return None
 
 
-def _listen(host: HostPort, name: str) -> socket.socket:
-    """A non-blocking listener on ``host`` (an IP address; IPv6 only for an IPv6 one)."""
+def _family(host: HostPort, name: str) -> int:
+    """The address family of ``host``'s address; UserError if it is not an IP address."""
     try:
         ip = ipaddress.ip_address(host.host.partition("%")[0])
     except ValueError:
         raise UserError(f"{name}: listen address {host.host!r} is not an IP address") from None
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def _listen(host: HostPort, name: str) -> socket.socket:
+    """A non-blocking listener on ``host`` (an IP address; IPv6 only for an IPv6 one)."""
+    family = _family(host, name)
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,11 +238,7 @@ def _listen_udp(host: HostPort, name: str, *, shared_ok: bool = False) -> socket
     flow socket joins it (the kernel allows that to this user's sockets only).
     ``shared_ok``: a port of ours was removed there, so flow sockets of ours may still be
     bound to it; they are no reason to refuse."""
-    try:
-        ip = ipaddress.ip_address(host.host.partition("%")[0])
-    except ValueError:
-        raise UserError(f"{name}: listen address {host.host!r} is not an IP address") from None
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    family = _family(host, name)
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
