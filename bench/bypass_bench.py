@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nsbench.measure import Sample, run_iperf_json
+from nsbench.measure import Sample, iperf
 from nsbench.procs import BenchError, Netns, bench_main, run_checked, try_connect
 from nsbench.report import spread
 
@@ -149,27 +149,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _measure(row: str, host: Netns, seconds: int, streams: int, reverse: bool) -> Sample:
-    argv = [
-        *prefix(row, host),
-        "iperf3",
-        "-c",
-        HOST_IP,
-        "-p",
-        str(PORT),
-        "-t",
-        str(seconds),
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ]
-    if streams > 1:
-        argv += ["-P", str(streams)]
-    if reverse:
-        argv.append("-R")
-    sample, data, _cpu = run_iperf_json(argv, seconds + 60)
-    if data is not None:
-        sample["gbps"] = data["end"]["sum_received"]["bits_per_second"] / 1e9
-    return sample
+    return iperf(prefix(row, host), PORT, seconds, streams=streams, reverse=reverse, host=HOST_IP)
 
 
 def render(summary: dict[str, dict[str, dict[str, Any]]]) -> str:

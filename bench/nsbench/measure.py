@@ -68,8 +68,9 @@ def iperf(
     streams: int = 1,
     reverse: bool = False,
     cpu_pids: Sequence[int] = (),
+    host: str = "127.0.0.1",
 ) -> Sample:
-    """One iperf3 client run; also the forwarder's CPU time over the run.
+    """One iperf3 client run to ``host``; also the forwarder's CPU time over the run.
 
     Throughput is what the receiver got (end.sum_received), the honest
     figure when a forwarder buffers.  CPU is the delta of user+sys ticks
@@ -79,7 +80,7 @@ def iperf(
         *prefix,
         "iperf3",
         "-c",
-        "127.0.0.1",
+        host,
         "-p",
         str(port),
         "-t",
