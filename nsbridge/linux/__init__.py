@@ -14,6 +14,10 @@
   installed with ``seccomp(2)``, for x86_64 and aarch64.
 * :mod:`.seccomp_notify` — serving a seccomp user-notification listener: RECV, SEND,
   ID_VALID, ADDFD, the caller's memory and fds (``run --bypass``).
+* :mod:`.sockdiag` — the TCP listeners of this network namespace by inode
+  (``NETLINK_SOCK_DIAG``): whether a listener handed to a program still exists.
+* :mod:`.inroot` — a Unix socket path resolved inside another process's root
+  (``openat2(RESOLVE_IN_ROOT)``), for the binds and connects ``run --bypass`` performs.
 * :mod:`.rtaddr` — rtnetlink address messages (the ``RTM_GETADDR`` dump, address
   events), sans-IO, for readers that must not wait for pyroute2's import.
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root
