@@ -7,7 +7,7 @@ attacker who took it over would want (running programs, debugging other processe
 mounting, loading kernel code, entering namespaces).  slirp4netns makes the same choice.
 
 A second program, :func:`notify_program`, is ``nsbridge run --bypass``'s: it hands the
-program's ``connect``/``listen`` calls to a listener (``SECCOMP_RET_USER_NOTIF``,
+program's ``connect``/``listen``/``bind`` calls to a listener (``SECCOMP_RET_USER_NOTIF``,
 served by :mod:`.seccomp_notify` and ``usernet/host/switcher.py``).
 
 Two halves, so the program can be tested and reused (issue 18 wants a notify filter)
@@ -110,7 +110,7 @@ X86_64 = Arch("x86_64", 0xC000003E, True, _table("""
     prctl 157 acct 163 quotactl 179 lookup_dcookie 212 syslog 103 iopl 172 ioperm 173
     io_uring_setup 425 io_uring_enter 426 io_uring_register 427 clone 56 clone3 435
     seccomp 317 getppid 110
-    connect 42 listen 50 sendto 44 sendmsg 46 sendmmsg 307
+    connect 42 listen 50 bind 49 sendto 44 sendmsg 46 sendmmsg 307
 """))
 AARCH64 = Arch("aarch64", 0xC00000B7, False, _table("""
     execve 221 execveat 281 ptrace 117 process_vm_readv 270 process_vm_writev 271
@@ -123,7 +123,7 @@ AARCH64 = Arch("aarch64", 0xC00000B7, False, _table("""
     prctl 167 acct 89 quotactl 60 lookup_dcookie 18 syslog 116
     io_uring_setup 425 io_uring_enter 426 io_uring_register 427 clone 220 clone3 435
     seccomp 277 getppid 173
-    connect 203 listen 201 sendto 206 sendmsg 211 sendmmsg 269
+    connect 203 listen 201 bind 200 sendto 206 sendmsg 211 sendmmsg 269
 """))
 ARCHES = {arch.name: arch for arch in (X86_64, AARCH64)}
 
@@ -233,7 +233,7 @@ def deny_list_program(arch: Arch, denied: Iterable[str] = DENIED,
     return program
 
 
-def notify_program(arch: Arch, trapped: Iterable[str] = ("connect", "listen"),
+def notify_program(arch: Arch, trapped: Iterable[str] = ("connect", "listen", "bind"),
                    denied: Iterable[str] = ("io_uring_setup", "io_uring_enter",
                                             "io_uring_register")) -> list[Insn]:
     """The filter of ``nsbridge run --bypass`` (socket switching): foreign ABI → kill;
@@ -249,7 +249,10 @@ def notify_program(arch: Arch, trapped: Iterable[str] = ("connect", "listen"),
     traffic on a socket of the host's namespace that the host side did not decide.  The
     flags are read from the register itself (the low word), which the program cannot
     change after the filter ran; ``TCP_FASTOPEN_CONNECT`` needs a ``connect``, which is
-    trapped.  ENOSYS for io_uring lets programs fall back to plain system calls."""
+    trapped.  ENOSYS for io_uring lets programs fall back to plain system calls.
+    ``bind`` is trapped too: on a host socket (a switched one disconnected with
+    ``AF_UNSPEC`` is unbound again) it would reserve a host port, and a published port's
+    listener is handed over by the host side (``usernet/host/switchbind.py``)."""
     numbers = arch.numbers
     program = [
         Insn(BPF_LD_W_ABS, OFFSET_ARCH),

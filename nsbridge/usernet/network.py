@@ -427,8 +427,11 @@ class Network:
             return
         from nsbridge.usernet.host.switcher import SocketSwitcher
 
+        netns = getattr(self.handle, "netns", None)  # published ports dial into it
         self.switcher = SocketSwitcher(self.bridge.loop, listener, self.policy,
-                                       outbound=self.outbound)
+                                       outbound=self.outbound, inbound=self.inbound,
+                                       namespace=None if netns is None else
+                                       os.fstat(netns.fd).st_ino)
         self.switcher.start()
         log.info("TCP: socket switching (--bypass): allowed outbound connections are "
                  "sockets of the host's namespace")

@@ -30,11 +30,12 @@ AUDIT_ARCH_I386 = 0x40000003
 
 
 @pytest.mark.parametrize("arch", list(ARCHES.values()), ids=list(ARCHES))
-def test_connect_and_listen_trapped_io_uring_refused(arch: Arch) -> None:
+def test_connect_listen_and_bind_trapped_io_uring_refused(arch: Arch) -> None:
     program = assemble(notify_program(arch))
     n = arch.numbers
     assert run_filter(program, n["connect"], arch.audit_arch) == RET_USER_NOTIF
     assert run_filter(program, n["listen"], arch.audit_arch) == RET_USER_NOTIF
+    assert run_filter(program, n["bind"], arch.audit_arch) == RET_USER_NOTIF
     for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
         assert run_filter(program, n[name], arch.audit_arch) == RET_ERRNO | errno.ENOSYS
     # Everything else runs untouched, the filter's own helpers included.

@@ -24,5 +24,8 @@
 * :mod:`.tap` — the engine on a TAP device: Ethernet in and out, ARP, neighbour
   discovery and DHCP answered, IP packets to the engine.
 * :mod:`.switcher` — socket switching (``run --bypass``): the program's trapped
-  ``connect``/``listen`` answered, allowed TCP moved onto host sockets.
+  ``connect``/``listen``/``bind`` answered, allowed TCP moved onto host sockets.
+* :mod:`.switchbind` — published ports under socket switching: the program's listener
+  becomes the publication's host listener (handed over at ``listen``, taken back when
+  it is gone).
 """

@@ -127,11 +127,45 @@ class InboundPorts:
             self.loop.add(port.listener.fileno(), IN, partial(self._on_datagrams, port))
         else:
             port = InboundPort(name, _listen(host, name), guest, guest_port)
-            port.acceptor = Acceptor(self.loop, port.listener, partial(self._on_client, port),
-                                     name=f"{name} on {port.listen_address}")
-            port.acceptor.start()
+            self.resume(port)
         self.ports.append(port)
         return port
+
+    # ---- socket switching (host/switchbind.py) ---------------------------------------
+
+    def resume(self, port: InboundPort) -> None:
+        """Accept on ``port``'s listener (again): its clients are dialed through the
+        device."""
+        if port.acceptor is not None:
+            port.acceptor.close()
+        port.acceptor = Acceptor(self.loop, port.listener, partial(self._on_client, port),
+                                 name=f"{port.name} on {port.listen_address}")
+        port.acceptor.start()
+
+    def hand_over(self, port: InboundPort) -> socket.socket:
+        """Stop accepting on ``port``'s TCP listener and return it: socket switching
+        gives it to the program, whose ``accept`` then takes the clients (those already
+        queued included).  :meth:`resume` undoes it while the listener is still ours."""
+        if port.acceptor is not None:
+            port.acceptor.close()
+            port.acceptor = None
+        return port.listener
+
+    def listen_again(self, port: InboundPort) -> None:
+        """A new listener where ``port`` listened (the program's, handed over, is gone),
+        accepted on as before.  UserError when the address cannot be listened on now."""
+        port.listener.close()
+        port.listener = _listen(port.listen_address, port.name)
+        self.resume(port)
+
+    def hold(self, port: InboundPort, held: bool) -> None:
+        """Leave new clients of ``port`` queued in the kernel (``held``) or accept them
+        again: between a program's ``bind`` and its ``listen`` they are kept for it."""
+        if port.acceptor is not None:
+            if held:
+                port.acceptor.hold()
+            else:
+                port.acceptor.release()
 
     def remove(self, port: InboundPort) -> None:
         """Stop listening.  TCP connections already made carry on (libslirp's

@@ -2,8 +2,10 @@
 sockets of the host's namespace, each connect decided by the policy first.
 
 The program runs under the filter of :func:`nsbridge.linux.seccomp.notify_program`:
-every ``connect`` and ``listen`` it makes waits for this module's answer, io_uring and
-sends with ``MSG_FASTOPEN`` are refused.  For each trapped call, on the event loop:
+every ``connect``, ``listen`` and ``bind`` it makes waits for this module's answer,
+io_uring and sends with ``MSG_FASTOPEN`` are refused.  (Published ports, whose listener
+the program gets at ``listen``, and ``bind``: :mod:`.switchbind`.)  For each trapped
+call, on the event loop:
 
 1. Our own reference to the program's socket (``pidfd_getfd`` on its fd number), the
    sockaddr read from its memory, then ``ID_VALID`` (the thread still waits, so what we
@@ -54,15 +56,26 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nsbridge.defaults import CONNECT_TIMEOUT
+from nsbridge.linux import inroot
 from nsbridge.linux import seccomp_notify as notify
 from nsbridge.linux.libc import libc
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
+from nsbridge.usernet.host.switchbind import (
+    PRIVILEGED_PORTS,
+    PublishedListeners,
+    bound_of_sockaddr,
+    may_bind_privileged,
+)
 from nsbridge.usernet.proto.addresses import IPAddress
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Policy
+
+if TYPE_CHECKING:
+    from nsbridge.usernet.host.inbound import InboundPorts
 
 log = logging.getLogger("nsbridge")
 
@@ -87,11 +100,16 @@ _LINGER = struct.Struct("ii")
 
 libc.connect.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 libc.listen.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 # Refusal reasons of the switcher's own (the policy's are its own words).
 ON_SWITCHED = "namespace address on a switched socket"
 LISTEN_SWITCHED = "listen on a switched socket"
 FOREIGN_SOCKET = "undecidable connect on a host socket"
+BIND_SWITCHED = "bind on a host socket"
+CONNECT_PUBLISHED = "connect on a published listener"
+PUBLISHED_IN_USE = "published port in use"
+LOW_PORT = "privileged port without CAP_NET_BIND_SERVICE"
 
 
 @dataclass
@@ -140,7 +158,8 @@ class SocketSwitcher:
 
     def __init__(self, loop: EventLoop, listener: int, policy: Policy, *,
                  outbound: OutboundAddresses = NONE,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 inbound: InboundPorts | None = None, namespace: int | None = None) -> None:
         self.loop = loop
         self.listener = listener
         self.policy = policy
@@ -153,10 +172,14 @@ class SocketSwitcher:
         self._pending: dict[int, tuple[_Call, socket.socket, Timer]] = {}
         self._blocking = _BlockingCalls()
         self._closed = False
+        # Published ports: a program's listener may become the publication's host
+        # listener (switchbind.py).
+        self.published = PublishedListeners(loop, inbound, namespace)
         from nsbridge.linux.seccomp import native_arch
 
         numbers = native_arch().numbers
         self._connect_nr, self._listen_nr = numbers["connect"], numbers["listen"]
+        self._bind_nr = numbers["bind"]
 
     def start(self) -> None:
         self.loop.add(self.listener, IN, self._on_listener)
@@ -167,6 +190,7 @@ class SocketSwitcher:
         if self._closed:
             return
         self._closed = True
+        self.published.close()
         self.loop.remove(self.listener)
         for call, host, timer in list(self._pending.values()):
             timer.cancel()
@@ -177,7 +201,7 @@ class SocketSwitcher:
         os.close(self.listener)
 
     def snapshot(self) -> dict:
-        return self.stats.as_dict()
+        return {**self.stats.as_dict(), "published": dict(vars(self.published.stats))}
 
     # ---- receiving -----------------------------------------------------------------
 
@@ -234,6 +258,8 @@ class SocketSwitcher:
             self._listen(call, _signed(n.args[1]))
         elif n.nr == self._connect_nr:
             self._connect(call)
+        elif n.nr == self._bind_nr:
+            self._bind(call)
         else:
             self._answer(call, error=errno.ENOSYS)
             call.close()
@@ -244,9 +270,58 @@ class SocketSwitcher:
         sock = call.sock
         assert sock is not None
         if self._is_host_socket(sock):
+            if self.published.owns(sock):  # the publication's listener, handed over
+                self._perform(call, lambda fd: libc.listen(fd, backlog), blocking=False)
+                return
             self._refuse(call, LISTEN_SWITCHED, "listen", errno.EOPNOTSUPP)
             return
-        self._perform(call, lambda fd: libc.listen(fd, backlog), blocking=False)
+        target = self.published.listen_target(sock)
+        if isinstance(target, int):
+            self._refuse(call, PUBLISHED_IN_USE, "listen", target)
+        elif target is not None:
+            n = call.notification
+            self.published.hand_over(target, sock, backlog, lambda host: notify.install_fd(
+                self.listener, n.id, host.fileno(), call.fd, notify.fd_cloexec(n.pid, call.fd)))
+            self._answer(call)
+            call.close()
+        else:
+            self._perform(call, lambda fd: libc.listen(fd, backlog), blocking=False)
+
+    # ---- bind ----------------------------------------------------------------------
+
+    def _bind(self, call: _Call) -> None:
+        """Performed on the program's own socket with the bytes read (a namespace
+        socket); refused on a host socket, which would reserve a host port (a switched
+        socket disconnected with AF_UNSPEC is unbound again)."""
+        n, sock = call.notification, call.sock
+        assert sock is not None
+        length = n.args[2] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR:
+            notify.check_valid(self.listener, n.id)
+            self._answer(call, error=errno.EINVAL)
+            call.close()
+            return
+        raw = notify.read_memory(n.pid, n.args[1], length)
+        notify.check_valid(self.listener, n.id)  # the bytes were the caller's
+        if self._is_host_socket(sock):
+            self._refuse(call, BIND_SWITCHED, "bind", errno.EINVAL)
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            bound = bound_of_sockaddr(sock.family, raw, False)
+            if bound is not None and 0 < bound.port < PRIVILEGED_PORTS and \
+                    not may_bind_privileged(n.pid):
+                self._refuse(call, LOW_PORT, f"bind :{bound.port}", errno.EACCES)
+                return
+            refused = self.published.bind(sock, raw)
+            if refused:
+                self._refuse(call, PUBLISHED_IN_USE, "bind", refused)
+                return
+        holder = -1
+        if len(raw) >= 2 and struct.unpack_from("=H", raw)[0] == socket.AF_UNIX \
+                and sock.family == socket.AF_UNIX:
+            raw, holder = inroot.unix_sockaddr(raw, n.pid, create=True)
+        self._perform(call, _closing(holder, lambda fd: libc.bind(fd, raw, len(raw))),
+                      blocking=holder >= 0)
 
     # ---- connect -------------------------------------------------------------------
 
@@ -263,6 +338,9 @@ class SocketSwitcher:
         notify.check_valid(self.listener, n.id)  # the bytes were the caller's
         family = struct.unpack_from("=H", raw)[0]
         host_socket = self._is_host_socket(sock)
+        if host_socket and self.published.owns(sock):
+            self._refuse(call, CONNECT_PUBLISHED, f"-> {_family_name(family)}", errno.EOPNOTSUPP)
+            return
         tcp = (sock.family in (socket.AF_INET, socket.AF_INET6)
                and sock.type == socket.SOCK_STREAM
                and sock.proto in (0, socket.IPPROTO_TCP))
@@ -275,9 +353,10 @@ class SocketSwitcher:
                 return
             # Not TCP to an address, or AF_UNSPEC (a disconnect: a switched socket stays
             # one of the host's, and every later connect or listen on it is trapped).
-            if family == socket.AF_UNIX:
-                raw = _unix_in_callers_view(raw, n.pid)
-            self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+            holder = -1
+            if family == socket.AF_UNIX and sock.family == socket.AF_UNIX:
+                raw, holder = inroot.unix_sockaddr(raw, n.pid, create=False)
+            self._perform(call, _closing(holder, lambda fd: libc.connect(fd, raw, len(raw))),
                           blocking=_is_blocking(sock))
             return
         ip, port = destination
@@ -524,19 +603,19 @@ def _sockaddr(family: int, ip: IPAddress, port: int) -> bytes:
     return struct.pack("=H", family) + struct.pack("!HI", port, 0) + packed + bytes(4)
 
 
-def _unix_in_callers_view(raw: bytes, pid: int) -> bytes:
-    """A Unix sockaddr with its path resolved where the caller sees it (its root and
-    working directory: it has a mount namespace of its own), through ``/proc/PID``.
-    Abstract names are left alone (they belong to the socket's network namespace)."""
-    path = raw[2:].split(b"\0", 1)[0]
-    if not path:
-        return raw
-    base = f"/proc/{pid}/root" if path.startswith(b"/") else f"/proc/{pid}/cwd/"
-    resolved = base.encode() + path
-    if len(resolved) > 107:
-        raise OSError(errno.ENAMETOOLONG, "a Unix socket path too long to reach through "
-                      "/proc for the program")
-    return raw[:2] + resolved + b"\0"
+def _closing(holder: int, operation: Callable[[int], int]) -> Callable[[int], int]:
+    """``operation``, then ``holder`` closed (an fd the call's sockaddr names through
+    ``/proc/self/fd``; -1 for none)."""
+    if holder < 0:
+        return operation
+
+    def run(fd: int) -> int:
+        try:
+            return operation(fd)
+        finally:
+            os.close(holder)
+
+    return run
 
 
 def _copy_options(source: socket.socket, target: socket.socket) -> None:
