@@ -13,6 +13,9 @@
   servers that answer with the client address they saw.
 * :mod:`.switch_probe` — the socket-switching tests' program inside ``run --bypass``
   (stdlib only).
+* :mod:`.publish_probe` — the published-port switching tests' program inside
+  ``run --bypass -p`` (stdlib only): servers that answer with the client's address, and
+  the doors around bind switching tried from inside.
 * :mod:`.tun_engine` — the tun engine on a socketpair, its loop in a namespace.
 * :mod:`.tcp_mix` — the soak tests' TCP scenario (server program and clients).
 * :mod:`.bypass` — the policy-bypass harness: presets, the ``Case`` record, sentinels, checks.

@@ -315,9 +315,10 @@ print(json.dumps({{"probe": json.loads(output), "bypass": stats.get("bypass")}})
 
 
 def test_published_port_reaches_a_listener_under_bypass(world: World) -> None:
-    """``-p`` with ``--bypass``: the program's listen() is trapped and made on its own
-    socket, so a published port (device mode) still reaches it, with the client's
-    address (the host's loopback shows as the gateway)."""
+    """``-p`` with ``--bypass``: the program's listen() is trapped and the publication's
+    host listener handed to it (tests/usernet/test_switching_publish.py has the rest), so
+    it accepts the client with its real address: the host's loopback, not the gateway
+    the device path shows."""
     argv = ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "run",
             "--bypass", "--dns", OUT4, "-p", "127.0.0.1:7320:8080", "--", sys.executable,
             PROBE, "serve_once", "8080"]
@@ -331,10 +332,10 @@ def test_published_port_reaches_a_listener_under_bypass(world: World) -> None:
             with socket.create_connection(("127.0.0.1", 7320), timeout=10) as sock:
                 return sock.recv(100).decode().strip()
 
-        assert in_netns(world.host, fetch) == "10.0.2.2"
+        assert in_netns(world.host, fetch) == "127.0.0.1"
         out, err = process.communicate(timeout=30)
         assert process.returncode == 0, err
-        assert json.loads(out.strip().splitlines()[-1]) == {"client": "10.0.2.2"}
+        assert json.loads(out.strip().splitlines()[-1]) == {"client": "127.0.0.1"}
     finally:
         if process.poll() is None:
             process.kill()
