@@ -83,6 +83,14 @@ class Program:
             _, self.stderr = self.process.communicate(timeout=timeout)
         return self.stderr
 
+    def __enter__(self) -> Program:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate(timeout=30)
+
 
 @contextmanager
 def program(world: World, publish: list[str], case: str, *args: str,
@@ -95,13 +103,8 @@ def program(world: World, publish: list[str], case: str, *args: str,
             *(command or [sys.executable, PROBE, case, *args])]
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO)
-    made = Program(process)
-    try:
+    with Program(process) as made:
         yield made
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
 
 
 def settled_fds(pid: int) -> list[str]:
@@ -420,3 +423,37 @@ def test_bad_bind_arguments_get_the_kernels_errors(world: World) -> None:
             answers.append(run.line())
     assert answers[0] == answers[1]
     assert answers[0]["bad_pointer"] == "EFAULT" and answers[0]["ok"] == "0"
+
+
+@pytest.mark.skipif(not os.stat("/dev/net/tun").st_mode & 0o006 if os.path.exists(
+    "/dev/net/tun") else True, reason="/dev/net/tun is not open to other users here "
+    "(mode 0600 by default): uid 65534 could not make the namespace's device")
+def test_hand_over_and_back_unprivileged(world: World) -> None:
+    """As uid 65534 (no capabilities on the host; /dev/net/tun must be mode 0666, as on
+    this machine, else skipped): the hand-over (ADDFD of nsbridge's listener), the
+    namespace check (SIOCGSKNS on the program's socket), the listener list
+    (sock_diag) that notices the program closed it, and the second hand-over."""
+    from helpers.unprivileged import as_nobody, unprivileged_checkout
+
+    with unprivileged_checkout() as (tree, python, env):
+        probe = str(tree / "tests" / "helpers" / "publish_probe.py")
+        argv = ["ip", "netns", "exec", world.host, *as_nobody(
+            *python, "-m", "nsbridge", "run", "-v", "--bypass", "--dns", OUT4, "-p",
+            f"{HOST_PORT}:{GUEST_PORT}", "--", *python, probe, "restart", str(GUEST_PORT))]
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
+        with Program(process) as run:
+            assert run.line()["listening"][1] == HOST_PORT
+            first, mine, _ = visit(world.outside, UP4, HOST_PORT)
+            assert first == mine
+            assert run.line() == {"closed": True}
+            time.sleep(1.5)
+            run.tell("go")
+            assert run.line()["listening"][1] == HOST_PORT
+            second, mine, _ = visit(world.outside, UP4, HOST_PORT)
+            assert second == mine
+            run.line()
+            log = run.finish()
+    assert process.returncode == 0, log
+    assert "served through the device again" in log
+    assert log.count("listener handed to the program") == 2
