@@ -101,6 +101,36 @@ def serve(family: str, address: str, port: str, count: str, *, wait: str = "0",
         sys.stdin.readline()
 
 
+def serve_async(port: str, count: str) -> None:
+    """asyncio's server (a non-blocking listener, accept through the event loop):
+    ``count`` clients answered with ``getpeername()`` of the accepted socket."""
+    import asyncio
+
+    peers: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("socket").getpeername()
+        peers.append(f"{peer[0]} {peer[1]}")
+        writer.write(f"{peer[0]} {peer[1]}\n".encode())
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+        if len(peers) == int(count):
+            done.set()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "0.0.0.0", int(port))
+        say({"listening": server.sockets[0].getsockname()[:2]})
+        await done.wait()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    say({"peers": peers})
+
+
 def restart(port: str) -> None:
     """Serve one client, close the listener and say so, wait for a line on stdin, then
     listen again and serve one more."""
@@ -366,8 +396,9 @@ def bad_binds() -> None:
     say(out)
 
 
-CASES = {"serve": serve, "bad_binds": bad_binds, "restart": restart, "hand_to_child": hand_to_child,
-         "doors": doors, "race": race, "low_port": low_port, "unix_escape": unix_escape}
+CASES = {"serve": serve, "serve_async": serve_async, "bad_binds": bad_binds,
+         "restart": restart, "hand_to_child": hand_to_child, "doors": doors, "race": race,
+         "low_port": low_port, "unix_escape": unix_escape}
 
 if __name__ == "__main__":
     case, *args = sys.argv[1:]

@@ -177,6 +177,16 @@ def test_dual_stack_listener_through_an_ipv4_publication(world: World) -> None:
         run.line()
 
 
+def test_asyncio_server_with_a_nonblocking_listener(world: World) -> None:
+    with program(world, [f"127.0.0.1:{HOST_PORT}:{GUEST_PORT}"], "serve_async",
+                 str(GUEST_PORT), "3") as run:
+        assert run.line()["listening"] == ["127.0.0.1", HOST_PORT]
+        for _ in range(3):
+            seen, mine, echo = visit(world.host, "127.0.0.1", HOST_PORT, b"async")
+            assert seen == mine and echo == b"async"
+        assert len(run.line()["peers"]) == 3
+
+
 def test_without_bypass_the_device_path_is_the_control(world: World) -> None:
     with program(world, [f"127.0.0.1:{HOST_PORT}:{GUEST_PORT}"], "serve", "4", "0.0.0.0",
                  str(GUEST_PORT), "1", bypass=False) as run:

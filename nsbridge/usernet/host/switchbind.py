@@ -53,6 +53,7 @@ on the namespace's address (it listens on the host).  ``connect`` on it is refus
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -292,7 +293,9 @@ class PublishedListeners:
             _copy_options(sock, listener)
             if libc.listen(listener.fileno(), backlog) != 0:  # its backlog, as the kernel reads it
                 raise last_error("listen")
-            listener.setblocking(sock.getblocking())
+            # The file's flag, as the program set it (our socket object made from the
+            # fd does not know it: getblocking() would say True).
+            listener.setblocking(not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
             inode = os.fstat(listener.fileno()).st_ino
             install(listener)
         except BaseException:
