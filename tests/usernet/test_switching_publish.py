@@ -94,8 +94,9 @@ class Program:
 
 @contextmanager
 def program(world: World, publish: list[str], case: str, *args: str,
-            bypass: bool = True, command: list[str] | None = None) -> Iterator[Program]:
-    options = ["--bypass"] if bypass else []
+            bypass: bool = True, command: list[str] | None = None,
+            extra: tuple[str, ...] = ()) -> Iterator[Program]:
+    options = ["--bypass", *extra] if bypass else [*extra]
     for spec in publish:
         options += ["-p", spec]
     argv = ["ip", "netns", "exec", world.host, sys.executable, "-m", "nsbridge", "run", "-v",
@@ -185,6 +186,18 @@ def test_asyncio_server_with_a_nonblocking_listener(world: World) -> None:
             seen, mine, echo = visit(world.host, "127.0.0.1", HOST_PORT, b"async")
             assert seen == mine and echo == b"async"
         assert len(run.line()["peers"]) == 3
+
+
+def test_splice_mode_is_not_switched(world: World) -> None:
+    """``--publish-mode=splice`` dials the namespace's loopback from inside: no host
+    listener of the device path to hand over, so the program keeps its own."""
+    with program(world, [f"127.0.0.1:{HOST_PORT}:{GUEST_PORT}"], "serve", "4", "0.0.0.0",
+                 str(GUEST_PORT), "1", extra=("--publish-mode=splice",)) as run:
+        assert run.line()["listening"] == ["0.0.0.0", GUEST_PORT]
+        seen, _, echo = visit(world.host, "127.0.0.1", HOST_PORT, b"s")
+        assert seen.split()[0] == "127.0.0.1" and echo == b"s"
+        run.line()
+        assert "handed" not in run.finish()
 
 
 def test_without_bypass_the_device_path_is_the_control(world: World) -> None:
