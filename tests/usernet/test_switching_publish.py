@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import pytest
 
 from helpers.environment import REPO
 from helpers.netns import in_netns
+from helpers.processes import process_tree
 from helpers.switching import ECHO_PORT, OUT4, OUT6, UP4, UP6, World, switching_world
 
 pytestmark = pytest.mark.timeout(300)
@@ -87,8 +89,18 @@ class Program:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """A test that failed midway: nsbridge and the program (which outlives a killed
+        nsbridge by design) and its children, each by PID."""
         if self.process.poll() is None:
-            self.process.kill()
+            try:
+                tree = process_tree(self.process.pid)
+            except OSError:
+                tree = [self.process.pid]
+            for pid in reversed(tree):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.process.communicate(timeout=30)
 
 
