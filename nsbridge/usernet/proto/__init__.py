@@ -13,6 +13,8 @@
 * :mod:`.spellings` — IPv6 spellings of IPv4 addresses (mapped, SIIT, NAT64, 6to4, Teredo).
 * :mod:`.rules` — the allow/deny rules, parsed and matched.
 * :mod:`.policy` — the firewall deciding every flow.
+* :mod:`.exclude` — ``--bypass-exclude`` rules: the allowed connects socket switching
+  leaves on the namespace's path.
 * :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
   last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
