@@ -428,6 +428,11 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "namespace, at the kernel's own speed; denied ones fail with "
                         "ECONNREFUSED; DNS, UDP, ping and the namespace's loopback keep "
                         "their paths")
+    parser.add_argument("--bypass-exclude", metavar="RULE", action="append", default=[],
+                        help="with --bypass: allowed connects to RULE's destinations are not "
+                        "switched but take the namespace's own path (for FTP active mode, "
+                        "SIP: protocols that send their own address); RULE is NETWORK, "
+                        "HOST:PORT, [IPv6]:PORT, *:PORT or PORT[-PORT]; repeatable")
     parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)

@@ -62,6 +62,7 @@ from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.proto.addresses import IPAddress
+from nsbridge.usernet.proto.exclude import NO_EXCLUDE, ExcludeRules
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Policy
 
 log = logging.getLogger("nsbridge")
@@ -106,6 +107,7 @@ class SwitchStats:
     denied: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
     gone: int = 0  # the caller stopped waiting before the answer (killed, signal)
+    excluded: int = 0  # allowed, made on the program's own socket (--bypass-exclude)
     errors: int = 0  # unexpected failures (logged), answered with the errno
 
     def as_dict(self) -> dict:
@@ -140,8 +142,10 @@ class SocketSwitcher:
 
     def __init__(self, loop: EventLoop, listener: int, policy: Policy, *,
                  outbound: OutboundAddresses = NONE,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 exclude: ExcludeRules = NO_EXCLUDE) -> None:
         self.loop = loop
+        self.exclude = exclude
         self.listener = listener
         self.policy = policy
         self.outbound = outbound
@@ -312,7 +316,24 @@ class SocketSwitcher:
             self._perform(call, lambda fd: libc.connect(fd, target, len(target)),
                           blocking=_is_blocking(sock))
             return
+        rule = self.exclude.match(port, ip, decided_ip) if self.exclude else None
+        if rule is not None:
+            self._excluded(call, raw, shown, ExcludeRules.describe(rule))
+            return
         self._switch(call, decision, mapped=decided_ip is not ip, shown=shown)
+
+    def _excluded(self, call: _Call, raw: bytes, shown: str, rule: str) -> None:
+        """An allowed connect a ``--bypass-exclude`` rule covers: made here on the
+        program's own socket with the bytes we read, so it leaves by the namespace's
+        path (the fast path, which decides it again) and keeps the namespace's address
+        for protocols that announce it.  Only the path changes; the policy has spoken."""
+        assert call.sock is not None
+        self.stats.excluded += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("usernet tcp: bypass pid %d -> %s excluded (%s): the namespace's path",
+                     call.notification.pid, shown, rule)
+        self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+                      blocking=_is_blocking(call.sock))
 
     def _switch(self, call: _Call, decision: Allow, *, mapped: bool, shown: str) -> None:
         """A host socket connects to the allowed target and replaces the program's."""
