@@ -85,6 +85,7 @@ _COPIED = (
     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
 )
 _LINGER = struct.Struct("ii")
+_TIMEVAL = struct.Struct("=qq")  # struct timeval on the 64-bit ABIs we serve
 
 libc.connect.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 libc.listen.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -368,26 +369,38 @@ class SocketSwitcher:
             self._install(call, host, blocking, errno.EINPROGRESS)
         else:
             nid = call.notification.id
-            timer = self.loop.call_later(self.connect_timeout,
-                                         lambda: self._connect_done(nid, shown, timed_out=True))
+            wait, expired = self._blocking_wait(sock)
+            timer = self.loop.call_later(wait, lambda: self._connect_done(nid, shown, expired))
             self._pending[nid] = (call, host, timer)
             self.loop.add(host.fileno(), OUT, lambda _e: self._connect_done(nid, shown))
 
-    def _connect_done(self, nid: int, shown: str, timed_out: bool = False) -> None:
+    def _blocking_wait(self, sock: socket.socket) -> tuple[float, int]:
+        """How long a blocking connect of the program may wait here, and the answer when
+        that runs out: the program's own ``SO_SNDTIMEO`` if it set a shorter one (the
+        kernel then answers ``EINPROGRESS`` and the attempt goes on in the background,
+        so the switched socket is installed still connecting), else our connect
+        timeout (``ETIMEDOUT``)."""
+        send_timeout = _send_timeout(sock)
+        if 0 < send_timeout < self.connect_timeout:
+            return send_timeout, errno.EINPROGRESS
+        return self.connect_timeout, errno.ETIMEDOUT
+
+    def _connect_done(self, nid: int, shown: str, expired: int = 0) -> None:
+        """The pending blocking connect ``nid`` finished, or its wait ran out
+        (``expired``: the answer that gives, see :meth:`_blocking_wait`)."""
         entry = self._pending.pop(nid, None)
         if entry is None:
             return
         call, host, timer = entry
         timer.cancel()
         self.loop.remove(host.fileno())
-        error = errno.ETIMEDOUT if timed_out else \
-            host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
+        error = expired or host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error and error != errno.EINPROGRESS:
             host.close()
             self._connect_failed(call, shown, error)
             return
         try:
-            self._install(call, host, True, 0)
+            self._install(call, host, True, error)
         except notify.NotificationGone:
             self.stats.gone += 1
             call.close()
@@ -515,6 +528,17 @@ def _signed(value: int) -> int:
 
 def _is_blocking(sock: socket.socket) -> bool:
     return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def _send_timeout(sock: socket.socket) -> float:
+    """The socket's ``SO_SNDTIMEO`` in seconds (0: none), which bounds a blocking
+    connect in the kernel too."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.size)
+    except OSError:
+        return 0.0
+    seconds, microseconds = _TIMEVAL.unpack(raw)
+    return seconds + microseconds / 1e6
 
 
 def _family_name(family: int) -> str:
