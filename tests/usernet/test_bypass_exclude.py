@@ -65,7 +65,7 @@ def _probes(world: World, *options: str, calls: list[list[str]]) -> tuple[list[d
 @pytest.mark.parametrize(("rule", "excluded", "switched", "excluded_name", "switched_name"), [
     (f"{OUT4}:{ECHO_PORT}", OUT4, OUT6, NAMESPACE4, UP6),
     (f"[{OUT6}]:{ECHO_PORT}", OUT6, OUT4, NAMESPACE6, UP4),
-    (f"{OUT4}/24", OUT4, OUT6, NAMESPACE4, UP6),
+    ("198.51.100.0/24", OUT4, OUT6, NAMESPACE4, UP6),
 ], ids=["ipv4-host-port", "ipv6-host-port", "ipv4-network"])
 def test_excluded_takes_the_fast_path_the_rest_is_switched(
         world: World, rule: str, excluded: str, switched: str, excluded_name: str,
