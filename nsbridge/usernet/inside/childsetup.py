@@ -99,6 +99,9 @@ def _run_child(
 
 
 WAIT_KILLABLE_VARIABLE = "NSBRIDGE_BYPASS_WAIT_KILLABLE"  # "0": never ask for the flag
+# Read at import, in nsbridge's own process: the helper that installs the filter is
+# forked from it with an empty environment.
+_WAIT_KILLABLE = os.environ.get(WAIT_KILLABLE_VARIABLE, "1") != "0"
 
 
 def _install_switch_filter(fds: list[int]) -> int:
@@ -112,9 +115,8 @@ def _install_switch_filter(fds: list[int]) -> int:
         arch = seccomp.native_arch()
         # WAIT_KILLABLE_RECV where the kernel has it (see install_listener); the
         # variable turns it off to compare (tests, a kernel that misbehaves with it).
-        wait_killable = os.environ.get(WAIT_KILLABLE_VARIABLE, "1") != "0"
         listener, _killable = seccomp.install_listener(
-            seccomp.assemble(seccomp.notify_program(arch)), wait_killable=wait_killable)
+            seccomp.assemble(seccomp.notify_program(arch)), wait_killable=_WAIT_KILLABLE)
         return listener
     except SetupError:
         _close_all(fds)
