@@ -195,3 +195,36 @@ def test_sockaddr_rewritten_during_an_excluded_connect(world: World) -> None:
     assert set(peers) <= {f"{OUT4}:{ECHO_PORT}", "ECONNREFUSED"}, peers
     assert sum(peers.values()) == 200
     assert len(world.seen.get(HOST_LOOPBACK_PORT, [])) == before
+
+
+def test_split_form_takes_rules(world: World, tmp_path) -> None:
+    """``HostSide(bypass=True, bypass_exclude=[...])`` + ``child_setup``: the runtime's
+    own child (made by unshare) has its excluded connect on the namespace's path."""
+    script = tmp_path / "split_driver.py"
+    script.write_text(f"""
+import json, subprocess, sys
+from nsbridge.usernet import api
+child_code = (
+    "import subprocess, sys\\n"
+    "from nsbridge.usernet import api\\n"
+    "api.child_setup(int(sys.argv[1]))\\n"
+    "sys.exit(subprocess.call([sys.executable, {PROBE!r}, 'connect', '{OUT4}', "
+    "'{ECHO_PORT}']))\\n")
+with api.HostSide(bypass=True, bypass_exclude=["{OUT4}:{ECHO_PORT}"],
+                  dns=[("{OUT4}", 53)]) as side:
+    fd = side.child_fd()
+    child = subprocess.Popen(["unshare", "-Urn", sys.executable, "-c", child_code, str(fd)],
+                             pass_fds=(fd,), stdout=subprocess.PIPE, text=True)
+    side.start(pid=child.pid)
+    output, _ = child.communicate(timeout=60)
+    side.wait(timeout=10)
+    stats = side.stats()
+print(json.dumps({{"probe": json.loads(output), "bypass": stats.get("bypass")}}))
+""")
+    done = subprocess.run(["ip", "netns", "exec", world.host, sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=90, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["probe"]["result"] == "ok" and result["probe"]["sockname"] == NAMESPACE4
+    assert result["bypass"]["excluded"] == 1 and result["bypass"]["switched"] == 0
