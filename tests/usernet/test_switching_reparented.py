@@ -66,6 +66,8 @@ def test_reparented_non_dumpable_daemon_is_switched(world: World) -> None:
                     "(no /proc/sys/kernel/yama/ptrace_scope)")
 def test_reparented_daemon_under_yama_scope_1(world: World) -> None:
     saved = YAMA.read_text().strip()
+    if saved == "3":
+        pytest.skip("Yama ptrace_scope is 3, which cannot be lowered until reboot")
     try:
         YAMA.write_text("1")
         check_served(*daemon_connects(world))
