@@ -1,0 +1,349 @@
+"""``nsbridge seccomp-agent`` served to real runtimes: a rootless busybox container run
+by crun and by runc (Debian's), its seccomp profile the one ``--print-profile`` prints.
+
+Everything runs as a fresh unprivileged user (helpers.rootlesskit's ``nsbrk-*``) inside
+a "host" namespace of the test's own that reaches an "outside" namespace through a veth;
+the servers outside answer with the client address they saw.  The container's network
+namespace has nothing but ``lo``: whatever it reaches outside went through a socket the
+agent switched, and the server then sees the host namespace's address.  /dev/net/tun is
+not used (see helpers.oci).
+
+Then the agent's own input: a connection from another user, garbage, oversized and
+truncated messages, wrong fd counts and fds that are not seccomp listeners, each refused
+with a line and a count while the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers.environment import have
+from helpers.netns import listen_in
+from helpers.oci import (
+    PAGE,
+    RUNTIMES,
+    delete_container,
+    make_bundle,
+    nsbridge_command,
+    run_container,
+)
+from helpers.rootlesskit import (
+    RootlessUser,
+    World,
+    end_user_processes,
+    rootless_user,
+    rootlesskit_world,
+    who,
+)
+from helpers.servers import StreamServer
+from helpers.unprivileged import as_nobody
+from helpers.usernet_host import HOST_OUTSIDE_V4, HOST_OUTSIDE_V6, OUTSIDE_V4, OUTSIDE_V6
+from nsbridge.linux.seccomp_notify import unsupported
+from nsbridge.usernet.proto.ociprofile import seccomp_section
+
+pytestmark = [
+    pytest.mark.skipif(unsupported() is not None, reason=f"{unsupported()}"),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[RootlessUser]:
+    with rootless_user() as made:
+        try:
+            yield made
+        finally:
+            end_user_processes(made.uid, timeout=0)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with rootlesskit_world() as made:
+        denied = StreamServer(listen_in(made.outside, OUTSIDE_V4))
+        made.servers.append(denied)
+        denied.start(who)
+        yield made
+
+
+class Agent:
+    """The agent running as ``user`` in ``host``; :meth:`stop` ends it and returns what
+    it logged."""
+
+    def __init__(self, argv: list[str], path: Path, log: Path) -> None:
+        self.path = path
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=out,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the agent did not start: {self.text()}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # the agent itself: exec'ed through
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.text()
+
+
+@contextlib.contextmanager
+def agent_as(user: RootlessUser | None, host: str, top: Path, *flags: str) -> Iterator[Agent]:
+    """The agent as ``user`` (None: root, from the checkout) in namespace ``host``."""
+    path = top / f"agent-{uuid.uuid4().hex[:6]}.sock"
+    log = top / f"agent-{uuid.uuid4().hex[:6]}.log"
+    if user is None:
+        argv = ["ip", "netns", "exec", host, sys.executable, "-m", "nsbridge",
+                "seccomp-agent", "--socket", str(path), "-v", *flags]
+    else:
+        argv = ["ip", "netns", "exec", host, *user.argv(
+            str(nsbridge_command(user)), "seccomp-agent", "--socket", str(path), "-v", *flags)]
+    agent = Agent(argv, path, log)
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+OWN_ADDRESS = "203.0.113.5"  # added inside, after the agent took the container
+
+CONTAINER_SCRIPT = """\
+httpd -p 8080 -h /www
+ip addr add {own}/32 dev lo
+sleep 0.3
+echo "loopback: $(wget -q -O - http://127.0.0.1:8080/index.html)"
+echo "own: $(wget -q -O - http://{own}:8080/index.html)"
+echo "v4: $(echo hi | nc {v4} {port4} 2>&1)"
+echo "v6: $(echo hi | nc {v6} {port6} 2>&1)"
+echo "denied: $(echo hi | nc {v4} {denied} 2>&1)"
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_container_connects_are_switched_and_decided(runtime: str, user: RootlessUser,
+                                                     world: World) -> None:
+    """Outbound TCP from the container reaches the outside through switched sockets (the
+    server sees the host's addresses), a denied one is refused (and never reaches its
+    server), the container's own loopback works, and so does an address the container
+    adds to itself after start (read live from its namespace: switched, it would have
+    gone to the host), and the agent's counters say so."""
+    if not have(runtime):
+        pytest.skip(f"needs {runtime} (apt-get install {runtime}; .ci/run installs it)")
+    denied = world.servers[-1]
+    top = user.tmpdir / f"{runtime}-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    with agent_as(user, world.host, top,
+                  "--deny", f"tcp:{OUTSIDE_V4}:{denied.port}") as agent:
+        script = CONTAINER_SCRIPT.format(own=OWN_ADDRESS, v4=OUTSIDE_V4, v6=OUTSIDE_V6,
+                                         port4=world.tcp_outside.port,
+                                         port6=world.tcp_outside6.port, denied=denied.port)
+        bundle = make_bundle(top, user, ["sh", "-c", script],
+                             seccomp_section(str(agent.path), metadata=runtime))
+        name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+        try:
+            result = run_container(user, world.host, runtime, bundle, name)
+        finally:
+            delete_container(user, world.host, runtime, bundle, name)
+        log = agent.stop()
+    out = result.stdout
+    assert result.returncode == 0, (out, result.stderr, log)
+    assert f"loopback: {PAGE.strip()}" in out, (out, result.stderr, log)
+    assert f"own: {PAGE.strip()}" in out, (out, result.stderr, log)
+    assert f"v4: {HOST_OUTSIDE_V4}" in out, (out, log)
+    assert f"v6: {HOST_OUTSIDE_V6}" in out, (out, log)
+    assert "denied: " in out and "refused" in out.split("denied: ", 1)[1], (out, log)
+    assert denied.accepted == [], "the denied destination was reached"
+    assert f"serving container '{name}'" in log, log
+    assert f"metadata '{runtime}'" in log, log
+    assert f"container '{name}' ended" in log, log
+    summary = log.strip().splitlines()[-1]
+    assert "containers served: 1" in summary, log
+    assert "switched 2" in summary and "denied:deny rule 1" in summary, summary
+    assert "refused hand-ins: none" in summary, summary
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_containers_at_once_each_served_and_freed(runtime: str, user: RootlessUser,
+                                                  world: World) -> None:
+    """Three containers started at once by one runtime, one agent: each is served, each
+    one's end frees its listener and namespace watch (the agent's fd count is back where
+    it was), and the agent serves the next one after that."""
+    if not have(runtime):
+        pytest.skip(f"needs {runtime} (apt-get install {runtime}; .ci/run installs it)")
+    top = user.tmpdir / f"many-{runtime}-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    script = f"sleep 0.5; echo \"v4: $(echo hi | nc {OUTSIDE_V4} {world.tcp_outside.port})\""
+    with agent_as(user, world.host, top) as agent:
+        fds = Path(f"/proc/{agent.process.pid}/fd")
+        before = len(list(fds.iterdir()))
+        bundles = []
+        for index in range(4):
+            where = top / str(index)
+            where.mkdir()
+            bundles.append(make_bundle(where, user, ["sh", "-c", script],
+                                       seccomp_section(str(agent.path))))
+        names = [f"nsbagent-{uuid.uuid4().hex[:8]}" for _ in bundles]
+        results: list[subprocess.CompletedProcess] = []
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(
+                    lambda pair: run_container(user, world.host, runtime, *pair),
+                    list(zip(bundles[:3], names[:3], strict=True))))
+            wait_for(agent, "ended", 3)
+            assert len(list(fds.iterdir())) == before, agent.text()
+            results.append(run_container(user, world.host, runtime, bundles[3], names[3]))
+            wait_for(agent, "ended", 4)
+        finally:
+            for bundle, name in zip(bundles, names, strict=True):
+                delete_container(user, world.host, runtime, bundle, name)
+        assert len(list(fds.iterdir())) == before, agent.text()
+        log = agent.stop()
+    for result in results:
+        assert result.returncode == 0 and f"v4: {HOST_OUTSIDE_V4}" in result.stdout, \
+            (result.stdout, result.stderr, log)
+    summary = log.strip().splitlines()[-1]
+    assert "containers served: 4" in summary and "switched 4" in summary, log
+
+
+# ---- the agent's own input ------------------------------------------------------------
+
+
+@pytest.fixture
+def root_agent(world: World) -> Iterator[Agent]:
+    """The agent as root (this test is then the runtime) with --allow-user 12345, so
+    its socket is open to everyone and only the peer's uid decides (in a directory
+    every user can reach: pytest's own are 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="nsbagent-"))
+    try:
+        top.chmod(0o755)
+        with agent_as(None, world.host, top, "--allow-user", "12345") as agent:
+            yield agent
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=False)
+
+
+def send(path: Path, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    """One hand-in as a runtime makes it: connect, one message (fds attached), close.
+    The agent may close first (a message too long): that is its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if fds:
+                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", fds))])
+            elif data:
+                sock.sendall(data)
+
+
+def state(fds: list[str], pid: int | None = None) -> bytes:
+    return json.dumps({"ociVersion": "1.0.2", "fds": fds, "pid": pid or os.getpid(),
+                       "metadata": "", "state": {"ociVersion": "1.0.2", "id": "x",
+                                                 "status": "creating", "pid": os.getpid(),
+                                                 "bundle": "/"}}).encode()
+
+
+def refusal_lines(log: str) -> int:
+    """The agent's refusal lines (one per hand-in refused)."""
+    return sum(1 for line in log.splitlines()
+               if line.startswith("nsbridge: seccomp-agent: pid ")
+               or "refused: only uid" in line)
+
+
+def wait_for(agent: Agent, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while agent.text().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} never logged: {agent.text()}"
+        assert agent.alive(), agent.text()
+        time.sleep(0.05)
+
+
+def test_bad_hand_ins_are_refused_with_a_line_and_the_agent_serves_on(
+        root_agent: Agent, world: World) -> None:
+    """Garbage, a non-object, missing fields, too long, no fd, two fds for one name, a
+    pipe as seccompFd, nine fds, and another user's connection: each one line and a
+    count; the agent is still alive, holds none of the fds, and its summary counts them
+    by reason."""
+    path = root_agent.path
+    read, write = os.pipe()
+    try:
+        send(path, b"\x00\xffnot json")
+        send(path, b"[1, 2, 3]")
+        send(path, b'{"ociVersion": "1", "fds": []}')
+        send(path, b" " * (70 * 1024))
+        send(path, state(["seccompFd"]))  # no fd came with it
+        send(path, state(["seccompFd"]), (read, write))
+        send(path, state(["seccompFd"]), (read,))  # a pipe, not a listener
+        send(path, state(["seccompFd"] * 9), (read,) * 9)  # more fds than any runtime
+        send(path, b"")  # connect and close at once
+        subprocess.run(["ip", "netns", "exec", world.host, *as_nobody(
+            "python3", "-c", f"import socket; s = socket.socket(socket.AF_UNIX); "
+            f"s.connect({str(path)!r}); s.recv(1)")], check=True, timeout=30)
+    except BaseException:
+        os.close(read)
+        os.close(write)
+        raise
+    deadline = time.monotonic() + 10
+    while refusal_lines(root_agent.text()) < 10:
+        assert time.monotonic() < deadline, root_agent.text()
+        time.sleep(0.05)
+    assert root_agent.alive()
+    pipe = f"pipe:[{os.fstat(read).st_ino}]"
+    fds = Path(f"/proc/{root_agent.process.pid}/fd")
+    held = [link for link in fds.iterdir() if os.readlink(link) == pipe]
+    os.close(read)
+    os.close(write)
+    assert held == [], f"the agent still holds {held}"
+    log = root_agent.stop()
+    assert "Traceback" not in log, log
+    summary = log.strip().splitlines()[-1]
+    for reason, count in (("malformed state", 6), ("message too long", 1),
+                          ("not a seccomp listener", 1), ("peer user not allowed", 1),
+                          ("too many fds", 1)):
+        assert f"{reason} x{count}" in summary, (reason, log)
+    assert "containers served: 0" in summary, summary
+
+
+def test_a_silent_runtime_is_dropped_after_the_timeout(root_agent: Agent) -> None:
+    """A peer that connects and never closes holds nothing past the receive timeout."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(root_agent.path))
+        sock.sendall(b'{"ociVersion"')
+        wait_for(root_agent, "sent no complete state within")
+        assert sock.recv(1) == b""  # the agent closed its end
+    assert root_agent.alive()
+
+
+def test_print_profile_is_what_the_tests_use(tmp_path: Path) -> None:
+    """``--print-profile`` prints the section the container tests run with."""
+    out = subprocess.run(["python3", "-m", "nsbridge", "seccomp-agent", "--socket",
+                          str(tmp_path / "a.sock"), "--print-profile", "--metadata", "m"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == seccomp_section(str(tmp_path / "a.sock"), "m")
