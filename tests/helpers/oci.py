@@ -30,7 +30,7 @@ from helpers.unprivileged import copy_distributions, system_python
 
 RUNTIMES = ["crun", "runc"]
 BUSYBOX = "/bin/busybox"
-APPLETS = ("sh", "nc", "wget", "echo", "cat", "sleep", "httpd", "true", "ip")
+APPLETS = ("sh", "nc", "wget", "echo", "cat", "sleep", "httpd", "true", "ip", "nslookup")
 PAGE = "served from the container's own loopback\n"
 
 
@@ -111,6 +111,15 @@ def run_container(user: RootlessUser, host: str, runtime: str, bundle: Path, nam
         *runtime_argv(runtime, state), "run", "--bundle", str(bundle), name)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def runtime_as(user: RootlessUser, host: str, runtime: str, bundle: Path,
+               *args: str) -> list[str]:
+    """The words that run ``RUNTIME ARGS`` as ``user`` in ``host`` for ``bundle``."""
+    state = bundle.parent / "state"
+    state.mkdir(exist_ok=True)
+    os.chown(state, user.uid, user.gid)
+    return [*enter(host), *user.argv(*runtime_argv(runtime, state), *args)]
 
 
 def delete_container(user: RootlessUser, host: str, runtime: str, bundle: Path,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
+import ipaddress
 import json
 import os
 import signal
@@ -41,19 +43,25 @@ from helpers.oci import (
     make_bundle,
     nsbridge_command,
     run_container,
+    runtime_as,
 )
 from helpers.rootlesskit import (
+    CHILD_V4,
+    DNS_V4,
     RootlessUser,
     World,
     end_user_processes,
+    helper_binary,
     rootless_user,
     rootlesskit_world,
+    tun_open_to_users,
     who,
 )
-from helpers.servers import StreamServer
+from helpers.servers import DNS_ADDRESS, DNS_NAME, StreamServer
 from helpers.unprivileged import as_nobody
 from helpers.usernet_host import HOST_OUTSIDE_V4, HOST_OUTSIDE_V6, OUTSIDE_V4, OUTSIDE_V6
 from nsbridge.linux.seccomp_notify import unsupported
+from nsbridge.usernet.host.seccompagent import ContainerAddresses
 from nsbridge.usernet.proto.ociprofile import seccomp_section
 
 pytestmark = [
@@ -231,6 +239,126 @@ def test_containers_at_once_each_served_and_freed(runtime: str, user: RootlessUs
             (result.stdout, result.stderr, log)
     summary = log.strip().splitlines()[-1]
     assert "containers served: 4" in summary and "switched 4" in summary, log
+
+
+NOT_SWITCHED_SCRIPT = """\
+httpd -p 8080 -h /www
+until ip addr show tap0 2>/dev/null | grep -q {child}; do sleep 0.05; done
+echo "tcp: $(echo hi | nc {v4} {port})"
+echo "own: $(wget -q -O - http://{child}:8080/index.html)"
+echo "dns: $(nslookup {name} {dns} 2>&1 | grep -c {answer})"
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_what_is_not_switched_takes_the_containers_own_networking(
+        runtime: str, user: RootlessUser, world: World) -> None:
+    """runtimes.md's second step: ``create``, ``start``, nsbridge-slirp4netns
+    ``--configure`` for the container's pid, the command waiting for its ``tap0``.  TCP
+    to the outside is switched by the agent, DNS over UDP to 10.0.2.3 goes through the
+    helper (to the host's resolver), and the container's own 10.0.2.100 stays inside.
+    /dev/net/tun: the helper opens it as the user, so it is made 0666 while the test
+    runs (helpers.rootlesskit)."""
+    if not have(runtime):
+        pytest.skip(f"needs {runtime} (apt-get install {runtime}; .ci/run installs it)")
+    top = user.tmpdir / f"net-{runtime}-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    helper = helper_binary("nsbridge", user)
+    name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+    with tun_open_to_users(), agent_as(user, world.host, top) as agent:
+        script = NOT_SWITCHED_SCRIPT.format(v4=OUTSIDE_V4, port=world.tcp_outside.port,
+                                            child=CHILD_V4, name=DNS_NAME, dns=DNS_V4,
+                                            answer=DNS_ADDRESS)
+        bundle = make_bundle(top, user, ["sh", "-c", script],
+                             seccomp_section(str(agent.path)))
+        output = top / "output"
+        slirp = None
+        try:
+            with open(output, "w") as out:
+                subprocess.run(runtime_as(user, world.host, runtime, bundle, "create",
+                                          "--bundle", str(bundle), name),
+                               stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                               check=True, timeout=60)
+            # crun keeps the process undumpable until it execs: its namespaces can be
+            # entered once it is started, not after create.
+            subprocess.run(runtime_as(user, world.host, runtime, bundle, "start", name),
+                           check=True, timeout=60, capture_output=True)
+            pid = container_state(user, world.host, runtime, bundle, name)["pid"]
+            ready_r, ready_w = os.pipe()
+            try:
+                # ip netns exec: the helper reads the host namespace's resolv.conf
+                # (/etc/netns/HOST), which names the test's DNS server.
+                slirp = subprocess.Popen(
+                    ["ip", "netns", "exec", world.host, *user.argv(
+                        helper, "--configure", "--mtu=65520", "--disable-host-loopback",
+                        f"--ready-fd={ready_w}",
+                        str(pid), "tap0")],
+                    pass_fds=(ready_w,), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+                os.close(ready_w)
+                ready_w = -1
+                assert os.read(ready_r, 1) == b"1", slirp.communicate(timeout=10)
+            finally:
+                os.close(ready_r)
+                if ready_w >= 0:
+                    os.close(ready_w)
+            deadline = time.monotonic() + 30
+            while container_state(user, world.host, runtime, bundle, name).get(
+                    "status") != "stopped":
+                assert time.monotonic() < deadline, output.read_text()
+                time.sleep(0.1)
+            wait_for(agent, "ended")
+        finally:
+            delete_container(user, world.host, runtime, bundle, name)
+            if slirp is not None:
+                try:
+                    slirp.wait(timeout=10)  # it ends with the container's pid
+                except subprocess.TimeoutExpired:
+                    slirp.kill()
+                    slirp.wait()
+        log = agent.stop()
+    out = output.read_text()
+    assert f"tcp: {HOST_OUTSIDE_V4}" in out, (out, log)
+    assert f"own: {PAGE.strip()}" in out, (out, log)
+    assert "dns: 1" in out, (out, log)
+    summary = log.strip().splitlines()[-1]
+    assert "switched 1" in summary, log
+
+
+def container_state(user: RootlessUser, host: str, runtime: str, bundle: Path,
+                    name: str) -> dict:
+    done = subprocess.run(runtime_as(user, host, runtime, bundle, "state", name),
+                          capture_output=True, text=True, timeout=30)
+    return json.loads(done.stdout) if done.returncode == 0 else {"status": "stopped"}
+
+
+def test_container_addresses_wait_until_the_namespace_can_be_reached() -> None:
+    """Until the container's namespace can be opened the fallback answers (one warning),
+    and it is tried again after the retry delay, then read live."""
+    tries: list[int] = []
+
+    def reach(pid: int) -> socket.socket:
+        tries.append(pid)
+        if len(tries) == 1:
+            raise PermissionError(errno.EACCES, "not dumpable yet")
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+    fallback = {ipaddress.ip_address("10.0.2.100")}
+    addresses = ContainerAddresses(4242, "c1", fallback, reach=reach)
+    addresses.RETRY = 0.2
+    try:
+        assert ipaddress.ip_address("10.0.2.100") in addresses  # the fallback
+        assert ipaddress.ip_address("127.0.0.1") not in addresses
+        assert tries == [4242]
+        assert ipaddress.ip_address("10.0.2.100") in addresses  # not tried again yet
+        assert tries == [4242]
+        time.sleep(0.25)
+        assert ipaddress.ip_address("127.0.0.1") in addresses  # this namespace's lo
+        assert ipaddress.ip_address("10.0.2.100") not in addresses
+        assert tries == [4242, 4242]
+    finally:
+        addresses.close()
 
 
 # ---- the agent's own input ------------------------------------------------------------

@@ -21,8 +21,8 @@ Per connection, in order, each failure a logged line and a count, never a crash:
    the file, ``anon_inode:seccomp notify``): anything else is closed, with every other
    fd received.
 4. The container's own addresses, kept live from netlink in its network namespace
-   (:mod:`nsbridge.linux.nssocket`, :class:`~.hostaddrs.HostAddresses`): connects to
-   them stay in the container.  When that namespace cannot be reached (the pid is
+   from its first trapped call on (:class:`ContainerAddresses`): connects to them stay
+   in the container.  While that namespace cannot be reached (not yet exec'd, the pid
    gone or not the user's), loopback and the ``--cidr`` layout's address stay.
 
 A container ends when its listener hangs up (every process under its filter exited):
@@ -39,8 +39,9 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from nsbridge.linux import nssocket
@@ -101,15 +102,77 @@ class _Served:
     """One container being served: its switcher and its namespace's address watch."""
 
     def __init__(self, state: ContainerState, switcher: SocketSwitcher,
-                 addresses: HostAddresses | None) -> None:
+                 addresses: ContainerAddresses) -> None:
         self.state = state
         self.switcher = switcher
         self.addresses = addresses
 
     def close(self) -> None:
         self.switcher.close()
-        if self.addresses is not None:
-            self.addresses.close()
+        self.addresses.close()
+
+
+class ContainerAddresses:
+    """A container's own addresses for its switcher (``address in it``): read live from
+    its network namespace (a netlink socket made there, :mod:`nsbridge.linux.nssocket`,
+    kept current by :class:`~.hostaddrs.HostAddresses`).
+
+    Why not at hand-in: a runtime may hand the listener in before the container's
+    process has exec'd, while it is still undumpable (crun keeps it so), and then its
+    namespaces cannot be opened.  So the watch is set up on the first question, which
+    comes from a trapped call of the running program; if that fails it is tried again
+    at most once per :data:`RETRY` seconds, and meanwhile ``fallback`` answers (loopback
+    is decided before this is asked).  ``reach`` makes the netlink socket (tests give a
+    failing one)."""
+
+    RETRY = 1.0
+
+    def __init__(self, pid: int, label: str, fallback: Container[object],
+                 reach: Callable[[int], socket.socket] | None = None) -> None:
+        self.pid = pid
+        self.label = label
+        self.fallback = fallback
+        self._reach = reach or _netlink_socket_of
+        self._live: HostAddresses | None = None
+        self._next_try = 0.0
+        self._warned = False
+
+    def __contains__(self, address: object) -> bool:
+        if self._live is None and time.monotonic() >= self._next_try:
+            self._watch()
+        if self._live is not None:
+            return address in self._live
+        return address in self.fallback
+
+    def _watch(self) -> None:
+        try:
+            sock = self._reach(self.pid)
+        except OSError as exc:
+            self._next_try = time.monotonic() + self.RETRY
+            if not self._warned:
+                self._warned = True
+                log.warning("seccomp-agent: container %r: its namespace's addresses are not "
+                            "readable yet (%s); until they are, only loopback and the "
+                            "--cidr layout's address stay in it", self.label,
+                            exc.strerror or exc)
+            return
+        try:
+            self._live = HostAddresses(sock=sock)
+        except OSError as exc:
+            sock.close()
+            self._next_try = time.monotonic() + self.RETRY
+            log.warning("seccomp-agent: container %r: reading its addresses failed: %s",
+                        self.label, exc.strerror or exc)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+
+def _netlink_socket_of(pid: int) -> socket.socket:
+    return nssocket.socket_in_netns_of(pid, socket.AF_NETLINK, socket.SOCK_RAW,
+                                       socket.NETLINK_ROUTE)
 
 
 class SeccompAgent:
@@ -276,11 +339,10 @@ class SeccompAgent:
                           f"{self.max_containers} are served already")
             return
         incoming.fds.remove(listener)
-        addresses = self._container_addresses(state)
-        own: Container[object] = addresses if addresses is not None else _fallback_own(
-            self.policy)
+        addresses = ContainerAddresses(state.pid, state.container_id,
+                                       _fallback_own(self.policy))
         switcher = SocketSwitcher(self.loop, listener, self.policy, outbound=self.outbound,
-                                  own_addresses=own,
+                                  own_addresses=addresses,
                                   on_end=lambda: self._end(listener))
         self._served[listener] = _Served(state, switcher, addresses)
         self.stats.containers += 1
@@ -288,23 +350,6 @@ class SeccompAgent:
         switcher.start()
         log.info("seccomp-agent: serving container %r (pid %d%s)", state.container_id,
                  state.pid, f", metadata {state.metadata!r}" if state.metadata else "")
-
-    def _container_addresses(self, state: ContainerState) -> HostAddresses | None:
-        try:
-            sock = nssocket.socket_in_netns_of(state.pid, socket.AF_NETLINK, socket.SOCK_RAW,
-                                               socket.NETLINK_ROUTE)
-        except OSError as exc:
-            log.warning("seccomp-agent: container %r: its namespace's addresses are not "
-                        "readable (%s); loopback and %s stay in it", state.container_id,
-                        exc.strerror or exc, self.policy.addresses.namespace)
-            return None
-        try:
-            return HostAddresses(sock=sock)
-        except OSError as exc:
-            sock.close()
-            log.warning("seccomp-agent: container %r: reading its addresses failed: %s",
-                        state.container_id, exc.strerror or exc)
-            return None
 
     def _end(self, listener: int, closing: bool = False) -> None:
         served = self._served.pop(listener, None)
