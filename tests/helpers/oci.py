@@ -58,8 +58,10 @@ def runtime_argv(runtime: str, state_dir: Path) -> list[str]:
     return ["runc", f"--root={state_dir}"]
 
 
-def make_bundle(top: Path, user: RootlessUser, args: list[str], seccomp: dict) -> Path:
-    """A bundle directory under ``top`` (owned by ``user``) running ``args``."""
+def make_bundle(top: Path, user: RootlessUser, args: list[str], seccomp: dict,
+                programs: tuple[Path, ...] = ()) -> Path:
+    """A bundle directory under ``top`` (owned by ``user``) running ``args``, with
+    ``programs`` (static executables) copied to its /bin."""
     bundle = top / "bundle"
     rootfs = bundle / "rootfs"
     for directory in ("bin", "proc", "dev", "sys", "tmp", "etc", "www"):
@@ -67,6 +69,8 @@ def make_bundle(top: Path, user: RootlessUser, args: list[str], seccomp: dict) -
     shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
     for applet in APPLETS:
         (rootfs / "bin" / applet).symlink_to("busybox")
+    for program in programs:
+        shutil.copy2(program, rootfs / "bin" / program.name)
     (rootfs / "www" / "index.html").write_text(PAGE)
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     config = {
@@ -128,6 +132,13 @@ def delete_container(user: RootlessUser, host: str, runtime: str, bundle: Path,
     state = bundle.parent / "state"
     subprocess.run([*enter(host), *user.argv(
         *runtime_argv(runtime, state), "delete", "--force", name)], capture_output=True)
+
+
+def build_static(source: Path, out: Path) -> Path:
+    """``source`` (C) compiled static to ``out``: the container has no C library."""
+    subprocess.run(["gcc", "-static", "-O1", "-Wall", "-o", str(out), str(source)],
+                   check=True, capture_output=True)
+    return out
 
 
 def nsbridge_command(user: RootlessUser) -> Path:

@@ -39,6 +39,7 @@ from helpers.netns import listen_in
 from helpers.oci import (
     PAGE,
     RUNTIMES,
+    build_static,
     delete_container,
     make_bundle,
     nsbridge_command,
@@ -324,6 +325,67 @@ def test_what_is_not_switched_takes_the_containers_own_networking(
     assert "dns: 1" in out, (out, log)
     summary = log.strip().splitlines()[-1]
     assert "switched 1" in summary, log
+
+
+@pytest.fixture(scope="module")
+def doors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not have("gcc"):
+        pytest.skip("needs gcc and libc6-dev to build the static probe (.ci/run installs "
+                    "them)")
+    return build_static(Path(__file__).parents[1] / "helpers" / "oci_doors.c",
+                        tmp_path_factory.mktemp("doors") / "oci_doors")
+
+
+NOTIFY_ONLY = "notify-only"
+
+
+@pytest.mark.parametrize("runtime", [*RUNTIMES, NOTIFY_ONLY])
+def test_doors_around_a_switched_socket_are_shut_by_the_profile(
+        runtime: str, user: RootlessUser, world: World, doors: Path) -> None:
+    """From a switched socket disconnected with AF_UNSPEC, every way to connect it to a
+    denied server without a trapped connect fails under the profile the runtime built
+    from ``--print-profile``'s section (MSG_FASTOPEN sends: EOPNOTSUPP; connect through
+    ``int 0x80``: never runs; io_uring: ENOSYS), the plain connect is decided (refused),
+    and the denied server is never reached.  The control (crun, a profile that only
+    notifies connect and listen) shows the fastopen sends reaching it: the profile's
+    rules are what shut them."""
+    real = "crun" if runtime == NOTIFY_ONLY else runtime
+    if not have(real):
+        pytest.skip(f"needs {real} (apt-get install {real}; .ci/run installs it)")
+    denied = world.servers[-1]
+    accepted_before = len(denied.accepted)
+    top = user.tmpdir / f"doors-{runtime}-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    with agent_as(user, world.host, top,
+                  "--deny", f"tcp:{OUTSIDE_V4}:{denied.port}") as agent:
+        section = seccomp_section(str(agent.path))
+        if runtime == NOTIFY_ONLY:
+            section["syscalls"] = section["syscalls"][:1]
+        bundle = make_bundle(top, user, ["oci_doors", OUTSIDE_V4, str(world.tcp_outside.port),
+                                         str(denied.port)], section, programs=(doors,))
+        name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+        try:
+            result = run_container(user, world.host, real, bundle, name)
+        finally:
+            delete_container(user, world.host, real, bundle, name)
+        log = agent.stop()
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    print(f"{runtime}: {lines}")  # recorded (-rP): how each door failed under this runtime
+    reached = denied.accepted[accepted_before:]
+    if runtime == NOTIFY_ONLY:
+        assert lines.get("sendto_fastopen") == "ok", (result.stdout, log)
+        assert lines.get("io_uring_setup") == "ok", (result.stdout, log)
+        assert reached, "the control reached nothing: the test cannot tell"
+        return
+    assert result.returncode == 0, (result.stdout, result.stderr, log)
+    for door in ("sendto_fastopen", "sendmsg_fastopen", "sendmmsg_fastopen"):
+        assert lines.get(door) == "EOPNOTSUPP", (door, result.stdout, log)
+    assert lines.get("io_uring_setup") == "ENOSYS", (result.stdout, log)
+    assert lines.get("int80") not in (None, "ok"), (result.stdout, log)
+    assert lines.get("connect_denied") == "ECONNREFUSED", (result.stdout, log)
+    assert reached == [], f"the denied server was reached from {reached}"
+    assert "denied:deny rule 1" in log.strip().splitlines()[-1], log
 
 
 def container_state(user: RootlessUser, host: str, runtime: str, bundle: Path,
