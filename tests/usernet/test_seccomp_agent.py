@@ -388,6 +388,49 @@ def test_doors_around_a_switched_socket_are_shut_by_the_profile(
     assert "denied:deny rule 1" in log.strip().splitlines()[-1], log
 
 
+KILLED_SCRIPT = """\
+echo "kept: $( (sleep 2; echo hi) | nc {v4} {port} 2>&1)"
+echo "after: $(echo hi | nc {v4} {port} 2>&1)"
+"""
+
+
+def test_the_agent_killed_keeps_switched_connections_and_fails_new_ones_at_once(
+        user: RootlessUser, world: World) -> None:
+    """SIGKILL to the agent while a container runs: its switched connection (opened
+    before) still carries its bytes, and its next connect fails with ENOSYS at once
+    (no listener left), nothing hangs."""
+    if not have("crun"):
+        pytest.skip("needs crun (apt-get install crun; .ci/run installs it)")
+    top = user.tmpdir / f"killed-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    server = world.tcp_outside
+    accepted_before = len(server.accepted)
+    name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+    with agent_as(user, world.host, top) as agent:
+        script = KILLED_SCRIPT.format(v4=OUTSIDE_V4, port=server.port)
+        bundle = make_bundle(top, user, ["sh", "-c", script],
+                             seccomp_section(str(agent.path)))
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                running = pool.submit(run_container, user, world.host, "crun", bundle, name)
+                deadline = time.monotonic() + 20
+                while len(server.accepted) == accepted_before:
+                    assert time.monotonic() < deadline and not running.done(), agent.text()
+                    time.sleep(0.02)
+                agent.process.kill()
+                agent.process.wait()
+                started = time.monotonic()
+                result = running.result(timeout=30)
+                took = time.monotonic() - started
+        finally:
+            delete_container(user, world.host, "crun", bundle, name)
+    assert f"kept: {HOST_OUTSIDE_V4}" in result.stdout, (result.stdout, result.stderr)
+    assert "after: " in result.stdout and "Function not implemented" in \
+        result.stdout.split("after: ", 1)[1], result.stdout
+    assert took < 10, f"the container took {took:.1f} s after the agent died"
+
+
 def container_state(user: RootlessUser, host: str, runtime: str, bundle: Path,
                     name: str) -> dict:
     done = subprocess.run(runtime_as(user, host, runtime, bundle, "state", name),
