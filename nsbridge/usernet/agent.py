@@ -72,9 +72,9 @@ def run_agent(socket_path: str, options: UsernetOptions, stops: StopSignals, *,
             host_addresses.close()
         _unlink(socket_path)
         refused = ", ".join(f"{reason} x{n}" for reason, n in stats["refused"].items())
-        log.warning("seccomp-agent: containers served: %d; switching: %s; refused "
-                    "hand-ins: %s", stats["containers"], describe(stats["switching"]),
-                    refused or "none")
+        log.info("seccomp-agent: containers served: %d; switching: %s; refused "
+                 "hand-ins: %s", stats["containers"], describe(stats["switching"]),
+                 refused or "none")
     return 0
 
 
