@@ -45,9 +45,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -357,6 +359,10 @@ class SocketSwitcher:
             self._connect_failed(call, shown, result)
         elif not blocking:
             self._install(call, host, blocking, errno.EINPROGRESS)
+        elif _connected_now(host):
+            # A target on this host has usually answered before connect() returned
+            # (the handshake runs inside the call): no round through the loop.
+            self._connect_finished(call, host, shown, 0)
         else:
             nid = call.notification.id
             timer = self.loop.call_later(self.connect_timeout,
@@ -371,8 +377,12 @@ class SocketSwitcher:
         call, host, timer = entry
         timer.cancel()
         self.loop.remove(host.fileno())
-        error = errno.ETIMEDOUT if timed_out else \
-            host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._connect_finished(call, host, shown, errno.ETIMEDOUT if timed_out else 0)
+
+    def _connect_finished(self, call: _Call, host: socket.socket, shown: str,
+                          error: int) -> None:
+        """A blocking program's connect has an outcome: install, or its error."""
+        error = error or host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             host.close()
             self._connect_failed(call, shown, error)
@@ -504,6 +514,14 @@ def _signed(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
 
+def _connected_now(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect in progress has an outcome already (writable: done,
+    or failed, which SO_ERROR then says)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 def _is_blocking(sock: socket.socket) -> bool:
     return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
 
@@ -552,9 +570,15 @@ def _unix_in_callers_view(raw: bytes, pid: int) -> bytes:
 
 
 def _copy_options(source: socket.socket, target: socket.socket) -> None:
+    """The program's option values onto ``target``, a fresh socket: only those that differ
+    from a fresh socket's (each setsockopt costs a system call on every connect, and some
+    make the connect itself slower)."""
+    defaults = _fresh_defaults(target.family)
     for level, option in _COPIED:
         try:
-            target.setsockopt(level, option, source.getsockopt(level, option))
+            value = source.getsockopt(level, option)
+            if value != defaults.get((level, option)):
+                target.setsockopt(level, option, value)
         except OSError:
             pass
     try:
@@ -567,6 +591,20 @@ def _copy_options(source: socket.socket, target: socket.socket) -> None:
         _copy_int(source, target, socket.IPPROTO_IP, socket.IP_TOS)
     elif source.family == target.family == socket.AF_INET6:
         _copy_int(source, target, socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+
+
+@functools.cache
+def _fresh_defaults(family: int) -> dict[tuple[int, int], int]:
+    """The copied options' values on a fresh TCP socket of ``family`` (a host socket:
+    the values are the host namespace's sysctl defaults, read once)."""
+    values: dict[tuple[int, int], int] = {}
+    with socket.socket(family, socket.SOCK_STREAM) as fresh:
+        for level, option in _COPIED:
+            try:
+                values[(level, option)] = fresh.getsockopt(level, option)
+            except OSError:
+                pass
+    return values
 
 
 def _copy_int(source: socket.socket, target: socket.socket, level: int, option: int) -> None:
