@@ -281,6 +281,9 @@ def test_what_is_not_switched_takes_the_containers_own_networking(
                                           "--bundle", str(bundle), name),
                                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                check=True, timeout=60)
+            # crun connects to the agent at create and sends at start: a pause between
+            # them longer than the agent's 5 s for a started message must not matter.
+            time.sleep(6 if runtime == "crun" else 0)
             # crun keeps the process undumpable until it execs: its namespaces can be
             # entered once it is started, not after create.
             subprocess.run(runtime_as(user, world.host, runtime, bundle, "start", name),
@@ -564,14 +567,62 @@ def test_bad_hand_ins_are_refused_with_a_line_and_the_agent_serves_on(
     assert "containers served: 0" in summary, summary
 
 
-def test_a_silent_runtime_is_dropped_after_the_timeout(root_agent: Agent) -> None:
-    """A peer that connects and never closes holds nothing past the receive timeout."""
+def test_a_runtime_that_starts_a_message_and_stalls_is_dropped(root_agent: Agent) -> None:
+    """A peer that sends part of a message and stops holds nothing past the receive
+    timeout (counted from its first byte)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(root_agent.path))
         sock.sendall(b'{"ociVersion"')
         wait_for(root_agent, "sent no complete state within")
         assert sock.recv(1) == b""  # the agent closed its end
     assert root_agent.alive()
+
+
+def test_a_runtime_that_connects_early_is_waited_for(root_agent: Agent) -> None:
+    """crun connects at ``create`` and sends at ``start``: a connection that has sent
+    nothing is not timed out (its message, here garbage, is read when it comes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(root_agent.path))
+        time.sleep(6)  # past the 5 s a started message has
+        sock.sendall(b"late garbage")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    wait_for(root_agent, "not JSON")
+    assert "sent no complete state" not in root_agent.text()
+
+
+def test_connections_past_the_reading_limit_wait_in_the_backlog(root_agent: Agent) -> None:
+    """With 64 connections being read (idle: no deadline), the 65th waits in the listen
+    backlog without the agent spinning, and is read once one of them ends."""
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(64)]
+    try:
+        for sock in held:
+            sock.connect(str(root_agent.path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+            late.connect(str(root_agent.path))
+            late.sendall(b"[]")
+            late.shutdown(socket.SHUT_WR)
+            time.sleep(0.5)
+            pid = root_agent.process.pid
+            assert "not a JSON object" not in root_agent.text()
+            assert _cpu_seconds(pid, 1.0) < 0.5, "the agent spins while full"
+            held.pop().close()
+            wait_for(root_agent, "not a JSON object")
+    finally:
+        for sock in held:
+            sock.close()
+    assert root_agent.alive()
+
+
+def _cpu_seconds(pid: int, interval: float) -> float:
+    """CPU time process ``pid`` used over ``interval`` seconds."""
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(interval)
+    return used() - before
 
 
 def test_print_profile_is_what_the_tests_use(tmp_path: Path) -> None:

@@ -13,10 +13,13 @@ Per connection, in order, each failure a logged line and a count, never a crash:
 1. The peer's credentials (``SO_PEERCRED``): only the agent's own user (and users named
    with ``--allow-user``) may hand containers in.  Whoever hands one in gets host
    sockets made by the agent, with the agent's view of the network.
-2. The message read to EOF, at most :data:`~nsbridge.usernet.proto.ocistate.MAX_STATE`
-   bytes and :data:`~nsbridge.usernet.proto.ocistate.MAX_FDS` fds, within
-   :data:`RECEIVE_TIMEOUT` seconds (a peer that never closes is dropped), then parsed
-   (:mod:`nsbridge.usernet.proto.ocistate`).
+2. The message read until EOF or until it is one whole JSON document, at most
+   :data:`~nsbridge.usernet.proto.ocistate.MAX_STATE` bytes and
+   :data:`~nsbridge.usernet.proto.ocistate.MAX_FDS` fds, within :data:`RECEIVE_TIMEOUT`
+   seconds of its first byte (a peer that starts and never finishes is dropped; one
+   that has sent nothing yet is waited for: crun connects at ``create`` and sends at
+   ``start``), then parsed (:mod:`nsbridge.usernet.proto.ocistate`).  At most
+   :data:`MAX_PENDING` are read at once; the rest wait in the listen backlog.
 3. The fd named ``seccompFd`` must really be a seccomp listener (the kernel's name for
    the file, ``anon_inode:seccomp notify``): anything else is closed, with every other
    fd received.
@@ -33,7 +36,6 @@ its switcher, namespace watch and fds are freed, the agent keeps running.  At mo
 from __future__ import annotations
 
 import array
-import errno
 import json
 import logging
 import os
@@ -60,7 +62,7 @@ from nsbridge.usernet.proto.policy import Policy
 
 log = logging.getLogger("nsbridge")
 
-RECEIVE_TIMEOUT = 5.0  # seconds for a runtime to send its message and close
+RECEIVE_TIMEOUT = 5.0  # seconds from a message's first byte to its end
 MAX_PENDING = 64  # connections being read at once; more wait in the listen backlog
 MAX_CONTAINERS = 1024
 SECCOMP_FILE = "anon_inode:seccomp notify"  # readlink of a listener fd
@@ -79,19 +81,21 @@ class AgentStats:
 
 
 class _Incoming:
-    """A runtime's connection being read: its bytes and the fds that came with them."""
+    """A runtime's connection being read: its bytes and the fds that came with them;
+    ``timer`` runs from the first byte on."""
 
     __slots__ = ("conn", "data", "fds", "peer", "timer")
 
-    def __init__(self, conn: socket.socket, peer: tuple[int, int, int], timer: Timer) -> None:
+    def __init__(self, conn: socket.socket, peer: tuple[int, int, int]) -> None:
         self.conn = conn
         self.peer = peer
-        self.timer = timer
+        self.timer: Timer | None = None
         self.data = bytearray()
         self.fds: list[int] = []
 
     def close(self) -> None:
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.conn.close()
         for fd in self.fds:
             os.close(fd)
@@ -197,6 +201,7 @@ class SeccompAgent:
         self._incoming: dict[int, _Incoming] = {}
         self._served: dict[int, _Served] = {}  # by listener fd
         self._uid = os.geteuid()
+        self._accepting = True
         listener.setblocking(False)
 
     def start(self) -> None:
@@ -227,16 +232,22 @@ class SeccompAgent:
     # ---- accepting and reading -------------------------------------------------------
 
     def _on_accept(self, _events: int) -> None:
-        while len(self._incoming) < MAX_PENDING:
+        while True:
+            if len(self._incoming) >= MAX_PENDING:
+                # Full: stop watching the listener (it would stay readable and spin the
+                # loop) until a connection being read is done (_forget).
+                self.loop.modify(self.listener.fileno(), 0)
+                self._accepting = False
+                return
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refused("accept failed", f"accept: {exc.strerror}")
-                    return
-                raise
+                # EMFILE and the like: the connection waits in the backlog; others
+                # (ECONNABORTED) concern that one connection only.
+                self._refused("accept failed", f"accept: {exc.strerror}")
+                return
             self.stats.connections += 1
             conn.setblocking(False)
             pid, uid, gid = _UCRED.unpack(conn.getsockopt(
@@ -250,21 +261,30 @@ class SeccompAgent:
             self._read(conn, (pid, uid, gid))
 
     def _read(self, conn: socket.socket, peer: tuple[int, int, int]) -> None:
-        """Read ``conn``'s message on the loop, for at most the receive timeout."""
+        """Read ``conn``'s message on the loop: with no deadline until its first byte
+        (crun connects at ``create`` and sends at ``start``, which a user may run much
+        later), then for at most the receive timeout."""
         fd = conn.fileno()
-        timer = self.loop.call_later(self.receive_timeout, lambda: self._timed_out(fd))
-        self._incoming[fd] = _Incoming(conn, peer, timer)
+        self._incoming[fd] = _Incoming(conn, peer)
         self.loop.add(fd, IN, lambda _events: self._on_readable(fd))
 
-    def _timed_out(self, fd: int) -> None:
-        incoming = self._incoming.pop(fd, None)
-        if incoming is None:
-            return
+    def _forget(self, fd: int) -> _Incoming:
+        """Stop reading ``fd`` (the caller closes it); accept again if that was full."""
+        incoming = self._incoming.pop(fd)
         self.loop.remove(fd)
+        if not self._accepting:
+            self._accepting = True
+            self.loop.modify(self.listener.fileno(), IN)
+        return incoming
+
+    def _timed_out(self, fd: int) -> None:
+        if fd not in self._incoming:
+            return
+        incoming = self._forget(fd)
         pid = incoming.peer[0]
         incoming.close()
         self._refused("timed out", f"pid {pid} sent no complete state within "
-                      f"{self.receive_timeout:g} s")
+                      f"{self.receive_timeout:g} s of its first byte")
 
     def _on_readable(self, fd: int) -> None:
         incoming = self._incoming[fd]
@@ -289,6 +309,9 @@ class SeccompAgent:
             self._drop(fd, "too many fds", f"more than {MAX_FDS} fds sent")
             return
         incoming.data += data
+        if incoming.timer is None and (data or incoming.fds):
+            incoming.timer = self.loop.call_later(self.receive_timeout,
+                                                  lambda: self._timed_out(fd))
         if len(incoming.data) > MAX_STATE:
             self._drop(fd, "message too long", f"a state longer than {MAX_STATE} bytes")
             return
@@ -296,20 +319,22 @@ class SeccompAgent:
             return
         # EOF, or a whole JSON document: runc closes after its one message; crun (1.8)
         # connects early, sends later from the container's process and may never close.
-        self.loop.remove(fd)
-        del self._incoming[fd]
-        incoming.timer.cancel()
+        self._forget(fd)
+        if incoming.timer is not None:
+            incoming.timer.cancel()
         incoming.conn.close()
         try:
             self._take(incoming)
+        except Exception:  # a bug must not end the agent and every container with it
+            self.stats.refused["error"] += 1
+            log.exception("seccomp-agent: serving pid %d's hand-in failed", incoming.peer[0])
         finally:
             for leftover in incoming.fds:
                 os.close(leftover)
             incoming.fds.clear()
 
     def _drop(self, fd: int, reason: str, message: str) -> None:
-        incoming = self._incoming.pop(fd)
-        self.loop.remove(fd)
+        incoming = self._forget(fd)
         incoming.close()
         self._refused(reason, f"pid {incoming.peer[0]}: {message}")
 
