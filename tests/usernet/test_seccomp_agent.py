@@ -434,6 +434,37 @@ def test_the_agent_killed_keeps_switched_connections_and_fails_new_ones_at_once(
     assert took < 10, f"the container took {took:.1f} s after the agent died"
 
 
+def test_a_root_agent_serves_an_allowed_users_rootless_container(
+        user: RootlessUser, world: World) -> None:
+    """One agent for the machine: run as root with ``--allow-user NAME``, it serves that
+    user's rootless container (socket mode 0666, the peer's uid checked)."""
+    if not have("crun"):
+        pytest.skip("needs crun (apt-get install crun; .ci/run installs it)")
+    shared = Path(tempfile.mkdtemp(prefix="nsbagent-"))
+    top = user.tmpdir / f"root-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+    try:
+        shared.chmod(0o755)
+        with agent_as(None, world.host, shared, "--allow-user", user.name) as agent:
+            assert agent.path.stat().st_mode & 0o777 == 0o666
+            script = f"echo \"v4: $(echo hi | nc {OUTSIDE_V4} {world.tcp_outside.port})\""
+            bundle = make_bundle(top, user, ["sh", "-c", script],
+                                 seccomp_section(str(agent.path)))
+            try:
+                result = run_container(user, world.host, "crun", bundle, name)
+            finally:
+                delete_container(user, world.host, "crun", bundle, name)
+            wait_for(agent, "ended")
+            log = agent.stop()
+    finally:
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+    assert f"v4: {HOST_OUTSIDE_V4}" in result.stdout, (result.stdout, result.stderr, log)
+    summary = log.strip().splitlines()[-1]
+    assert "containers served: 1" in summary and "switched 1" in summary, log
+
+
 def container_state(user: RootlessUser, host: str, runtime: str, bundle: Path,
                     name: str) -> dict:
     done = subprocess.run(runtime_as(user, host, runtime, bundle, "state", name),
