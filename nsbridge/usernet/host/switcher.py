@@ -54,7 +54,7 @@ import socket
 import struct
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from nsbridge.defaults import CONNECT_TIMEOUT
@@ -141,12 +141,20 @@ class _Call:
 
 class SocketSwitcher:
     """Serves a ``run --bypass`` program's seccomp listener on ``loop`` (see the module
-    docstring).  Host sockets are made in the namespace of the loop's thread."""
+    docstring).  Host sockets are made in the namespace of the loop's thread.
+
+    ``own_addresses``: the program's namespace's own addresses (anything with ``in``),
+    whose connects stay in it; default the ``run`` namespace's (the policy's
+    ``namespace`` addresses).  ``on_end``: called once every process under the filter
+    has exited (the listener hung up): the seccomp agent frees a container's switcher
+    there; ``run`` ends with its program anyway."""
 
     def __init__(self, loop: EventLoop, listener: int, policy: Policy, *,
                  outbound: OutboundAddresses = NONE,
                  connect_timeout: float = CONNECT_TIMEOUT,
-                 exclude: ExcludeRules = NO_EXCLUDE) -> None:
+                 exclude: ExcludeRules = NO_EXCLUDE,
+                 own_addresses: Container[object] | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
         self.loop = loop
         self.exclude = exclude
         self.listener = listener
@@ -156,7 +164,9 @@ class SocketSwitcher:
         self.stats = SwitchStats()
         self._host_netns = os.stat("/proc/thread-self/ns/net").st_ino
         a = policy.addresses
-        self._own = {a.namespace, a.namespace6}
+        self._own: Container[object] = own_addresses if own_addresses is not None \
+            else {a.namespace, a.namespace6}
+        self._on_end = on_end
         self._pending: dict[int, tuple[_Call, socket.socket, Timer]] = {}
         self._blocking = _BlockingCalls()
         self._closed = False
@@ -193,6 +203,8 @@ class SocketSwitcher:
             if events & (HUP | ERR):
                 # Every process under the filter has exited: nothing more will come.
                 self.loop.remove(self.listener)
+                if self._on_end is not None:
+                    self._on_end()
             return
         try:
             notification = notify.receive(self.listener)

@@ -27,4 +27,7 @@
 * :mod:`.ndp` — IPv6 neighbour discovery on a TAP: router advertisements (SLAAC) and
   neighbour advertisements for the router, gateway and DNS addresses.
 * :mod:`.dhcp` — the DHCPv4 server a TAP guest may ask (slirp4netns's address plan).
+* :mod:`.ocistate` — the OCI seccomp agent's message (a runtime's container process
+  state), parsed and checked as the untrusted input it is.
+* :mod:`.ociprofile` — the ``linux.seccomp`` section of a container handed to the agent.
 """
