@@ -18,6 +18,8 @@
   (``NETLINK_SOCK_DIAG``): whether a listener handed to a program still exists.
 * :mod:`.inroot` — a Unix socket path resolved inside another process's root
   (``openat2(RESOLVE_IN_ROOT)``), for the binds and connects ``run --bypass`` performs.
+* :mod:`.nssocket` — a socket made in another process's network namespace by a forked
+  child that joins its user namespace first (what an unprivileged caller can do).
 * :mod:`.rtaddr` — rtnetlink address messages (the ``RTM_GETADDR`` dump, address
   events), sans-IO, for readers that must not wait for pyroute2's import.
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root

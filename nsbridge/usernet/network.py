@@ -426,10 +426,12 @@ class Network:
         if listener < 0:
             return
         from nsbridge.usernet.host.switcher import SocketSwitcher
+        from nsbridge.usernet.options import exclude_of
 
         netns = getattr(self.handle, "netns", None)  # published ports dial into it
         self.switcher = SocketSwitcher(self.bridge.loop, listener, self.policy,
-                                       outbound=self.outbound, inbound=self.inbound,
+                                       outbound=self.outbound,
+                                       exclude=exclude_of(self.options), inbound=self.inbound,
                                        namespace=None if netns is None else
                                        os.fstat(netns.fd).st_ino)
         self.switcher.start()

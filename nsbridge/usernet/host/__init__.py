@@ -28,4 +28,6 @@
 * :mod:`.switchbind` — published ports under socket switching: the program's listener
   becomes the publication's host listener (handed over at ``listen``, taken back when
   it is gone).
+* :mod:`.seccompagent` — ``nsbridge seccomp-agent``: runc's and crun's hand-ins taken,
+  checked, and each container's listener served by its own switcher.
 """
