@@ -412,7 +412,8 @@ AGENT_EPILOG = """\
 what a container needs (config.json; `--print-profile` prints this section):
   "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW",
      "architectures": ["SCMP_ARCH_X86_64"], "listenerPath": "/run/user/1000/nsb.sock",
-     "syscalls": [{"names": ["connect", "listen"], "action": "SCMP_ACT_NOTIFY"}, ...]}}
+     "syscalls": [{"names": ["connect", "listen", "bind"], "action": "SCMP_ACT_NOTIFY"},
+                  ...]}}
   plus io_uring refused and sends with MSG_FASTOPEN refused (printed in full by
   --print-profile): without them a container could connect around the agent.
 

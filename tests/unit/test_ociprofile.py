@@ -39,7 +39,7 @@ def test_the_section() -> None:
     assert section["listenerPath"] == "/run/user/1000/nsb.sock"
     assert section["listenerMetadata"] == "web"
     rules = section["syscalls"]
-    assert rules[0] == {"names": ["connect", "listen"], "action": "SCMP_ACT_NOTIFY"}
+    assert rules[0] == {"names": ["connect", "listen", "bind"], "action": "SCMP_ACT_NOTIFY"}
     assert rules[1]["errnoRet"] == errno.ENOSYS
     fastopen = {rule["names"][0]: rule for rule in rules[2:]}
     for name, index in FLAGS_ARGUMENT.items():

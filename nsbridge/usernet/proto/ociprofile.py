@@ -6,7 +6,9 @@ libseccomp; the agent cannot add to it.  So the section must close by itself eve
 door ``nsbridge run --bypass``'s own filter (:func:`nsbridge.linux.seccomp.
 notify_program`) closes, or a container could start traffic the agent never decided:
 
-* ``connect`` and ``listen`` → ``SCMP_ACT_NOTIFY`` (the agent answers them);
+* ``connect``, ``listen`` and ``bind`` → ``SCMP_ACT_NOTIFY`` (the agent answers them;
+  ``bind`` because a switched socket disconnected with ``AF_UNSPEC`` is unbound, and a
+  bind on it would reserve a port on the agent's host);
 * ``io_uring_setup``/``enter``/``register`` → ENOSYS (io_uring's connect and sendmsg
   never meet seccomp; ENOSYS lets programs fall back to plain calls);
 * ``sendto``/``sendmmsg`` with ``MSG_FASTOPEN`` in their fourth argument, ``sendmsg`` in
@@ -26,7 +28,7 @@ from __future__ import annotations
 import errno
 import platform
 
-NOTIFIED = ("connect", "listen")
+NOTIFIED = ("connect", "listen", "bind")
 NOT_IMPLEMENTED = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 MSG_FASTOPEN = 0x20000000
 # The send calls and the index of their flags argument.
