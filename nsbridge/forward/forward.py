@@ -333,6 +333,8 @@ class Forward:
         """A Python session's slow connect succeeded: the core relays it from here."""
         self.sessions.discard(session)
         self.stats.active -= 1  # counted again as a native pair
+        log.debug("%s -> %s: connected after a wait, handed to the native relay",
+                  session.client_name, session.server_name)
         self._hand_to_native(session.client, session.server, session.preamble,
                              session.close_leaves_epoll, session.client_name)
 
