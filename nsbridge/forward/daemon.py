@@ -48,10 +48,7 @@ def _choose_relay(asked: str | None) -> None:
 
     if asked:
         os.environ[RELAY_ENV] = asked
-    try:
-        relay = chosen_relay()
-    except ValueError as exc:
-        raise UserError(f"${RELAY_ENV}: {exc}") from None
+    relay = chosen_relay()  # a bad $NSBRIDGE_RELAY: a UserError before anything runs
     if relay == "native":
         log.info("TCP relay: native")
     else:

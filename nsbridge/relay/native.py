@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from nsbridge.errors import errno_name
+from nsbridge.errors import UserError, errno_name
 from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.tcp import SMALL_READ
 
@@ -48,10 +48,11 @@ def unavailable() -> str | None:
 def chosen_relay(name: str | None = None) -> str:
     """The relay that serves: ``name`` (or $NSBRIDGE_RELAY) if given, else the fastest
     built one.  "native" asked for but not built falls back to "python" (``-v`` and
-    ``nsbridge doctor`` say why)."""
+    ``nsbridge doctor`` say why).  An unknown name is a UserError."""
+    where = "relay" if name else f"${RELAY_ENV}"
     name = name or os.environ.get(RELAY_ENV) or "native"
     if name not in RELAYS:
-        raise ValueError(f"unknown relay {name!r} (choose from {', '.join(RELAYS)})")
+        raise UserError(f"{where}: unknown relay {name!r} (choose from {', '.join(RELAYS)})")
     if name == "native" and _tcprelay is None:
         return "python"
     return name
