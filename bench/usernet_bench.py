@@ -3,7 +3,10 @@
 
 Every tool gives a fresh user+network namespace its connectivity in turn, inside a
 "host" namespace this harness creates (veth d0/d1 with 192.0.2.1/24 and 2001:db8::1/64,
-servers bound there), and the same client commands run inside through nsenter.
+servers bound there), and the same client commands run inside through nsenter —
+except under ``nsbridge run --bypass``, whose socket switching applies only to its
+command's descendants: there the command is a small exec server
+(``nsbench/inside_exec.py``) that starts each client with the harness's own pipes.
 
 Run as root:  python3 bench/usernet_bench.py [--quick] [--runs N] [--json OUT.json]
                   [--only ROW,ROW]
@@ -48,23 +51,27 @@ DNS_ADDR = "10.0.2.3"
 UDP_LEN = 1400
 REF = "slirp4netns"
 REQUIRED_TOOLS = ["ip", "iperf3", "wrk", "nsenter", "unshare", "ping", "/usr/sbin/nginx"]
+INSIDE_EXEC = Path(__file__).resolve().parent / "nsbench" / "inside_exec.py"
 SLEEP_MARK = "86399"  # `sleep 86399`: the namespace's placeholder process, found by cmdline
 
-ROWS = ["direct", "nsbridge", "nsbridge-tun", "slirp4netns", "pasta"]
+ROWS = ["direct", "nsbridge", "nsbridge-bypass", "nsbridge-tun", "slirp4netns", "pasta"]
 # Measurements that need TCP from inside (iperf3 -u too: its control connection is TCP).
-TCP_KINDS = {"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "udp"}
+TCP_KINDS = {"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "connect", "udp"}
 KINDS = [
     "tcp_out",
     "tcp_in",
     "tcp_out_p4",
     "tcp_in_p4",
     "wrk_close",
+    "connect",
     "udp",
     "dns",
     "ping",
     "ping_fast",
     "pub",
+    "pub_p4",
 ]
+CONNECT_COUNT = 400
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,10 @@ METRICS = [
     Metric("tcp_out_p4", "TCP ns->host Gbit/s (-P 4)", True),
     Metric("tcp_in_p4", "TCP host->ns Gbit/s (-P 4 -R)", True),
     Metric("cpu", "networking process CPU s per 8 GiB (1 stream, both dirs)", False),
+    Metric("cpu_machine", "whole machine CPU s per 8 GiB (1 stream, both dirs)", False),
     Metric("wrk_close", "TCP connect+request/s (wrk c16 Connection: close)", True, "{:.0f}"),
+    Metric("connect_p50", "TCP connect() p50 us to 192.0.2.1 (blocking, spaced)", False, "{:.0f}"),
+    Metric("connect_added", "TCP connect() p50 us added over direct", False, "{:.0f}"),
     Metric("udp", f"UDP ns->host highest 0%-loss step Gbit/s (-l {UDP_LEN})", True),
     Metric("dns_p50", "DNS query p50 us (10.0.2.3; direct: 127.0.0.1)", False, "{:.0f}"),
     Metric("dns_added", "DNS p50 us added over direct query", False, "{:.0f}"),
@@ -92,6 +102,7 @@ METRICS = [
         "ping_fast", "ping RTT p50 us back to back (-i 0.002: the tool stays hot)", False, "{:.0f}"
     ),
     Metric("pub", "published port Gbit/s host->ns iperf3 (direct: loopback)", True),
+    Metric("pub_p4", "published port Gbit/s host->ns iperf3 -P 4 (direct: loopback)", True),
 ]
 
 
@@ -105,16 +116,19 @@ class Config:
     dns_count: int
     ping_count: int
     quick: bool
+    connect_count: int = CONNECT_COUNT
 
 
 @dataclass
 class Side:
-    """A started namespace side: the target PID for nsenter and the processes to charge."""
+    """A started namespace side: how to run a client there and the processes to charge."""
 
     target: int | None  # None: the host namespace itself (direct row)
     cpu_pids: list[int]
+    prefix: list[str]  # runs a client in the namespace
     procs: list[Managed] = field(default_factory=list)
     not_implemented: str | None = None  # TCP path missing (nsbridge --tcp=tun)
+    cpu_descendants: bool = True  # False: the measured clients run below cpu_pids
 
 
 def log(msg: str) -> None:
@@ -136,7 +150,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if runs < 1:
         raise BenchError("--runs must be at least 1")
     if args.quick:
-        return Config(runs, 1, 1, 1, [50, 200, 500, 1000, 2000], 200, 10, True)
+        return Config(runs, 1, 1, 1, [50, 200, 500, 1000, 2000], 200, 10, True, 100)
     return Config(runs, 3, 3, 1, [50, 100, 200, 500, 1000, 2000, 4000], 1000, 30, False)
 
 
@@ -222,14 +236,14 @@ def inside(target: int | None, ns: Netns) -> list[str]:
     return ["nsenter", "-t", str(target), "-U", "-n", "--preserve-credentials"]
 
 
-def _wait_ready(side: Side, ns: Netns, proc: Managed, what: str) -> None:
+def _wait_ready(side: Side, proc: Managed, what: str) -> None:
     """Until the namespace has a default route (the tool configured it)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not proc.alive():
             raise BenchError(f"{what} exited ({proc.popen.returncode}): {proc.log_tail(5)}")
         out = subprocess.run(
-            [*inside(side.target, ns), "ip", "-4", "route", "show", "default"],
+            [*side.prefix, "ip", "-4", "route", "show", "default"],
             capture_output=True,
             text=True,
         ).stdout
@@ -248,7 +262,7 @@ def _unshared(reg: ProcessRegistry, ns: Netns, name: str) -> tuple[Managed, int]
 
 def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side:
     if row == "direct":
-        return Side(None, [])
+        return Side(None, [], inside(None, ns))
     if row.startswith("nsbridge"):
         argv = [sys.executable, "-m", "nsbridge", "run", "--dns", "127.0.0.1:53"]
         # The fast-path row publishes in splice mode (the relay of `forward`; its figure
@@ -264,11 +278,23 @@ def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side
         if row == "nsbridge-tun":
             argv.append("--tcp=tun")
         extra = os.environ.get("NSBRIDGE_ARGS", "").split()
-        proc = reg.start(
-            row, ns.exec_argv([*argv, *extra, "--", "sleep", SLEEP_MARK]), cwd=str(REPO)
-        )
-        side = Side(_find_sleeper(proc.pid, ns.path), [proc.pid], [proc])
-        _wait_ready(side, ns, proc, row)
+        if row == "nsbridge-bypass":
+            # Clients must descend from the command to be switched (module docstring).
+            sock = str(workdir / "inside-exec.sock")
+            Path(sock).unlink(missing_ok=True)
+            command = [sys.executable, str(INSIDE_EXEC), "serve", sock]
+            proc = reg.start(
+                row, ns.exec_argv([*argv, "--bypass", *extra, "--", *command]), cwd=str(REPO)
+            )
+            prefix = [sys.executable, str(INSIDE_EXEC), "run", sock, "--"]
+            side = Side(proc.pid, [proc.pid], prefix, [proc], cpu_descendants=False)
+        else:
+            proc = reg.start(
+                row, ns.exec_argv([*argv, *extra, "--", "sleep", SLEEP_MARK]), cwd=str(REPO)
+            )
+            target = _find_sleeper(proc.pid, ns.path)
+            side = Side(target, [proc.pid], inside(target, ns), [proc])
+        _wait_ready(side, proc, row)
         return side
     if row == "slirp4netns":
         holder, target = _unshared(reg, ns, row)
@@ -282,8 +308,8 @@ def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side
                 ]
             ),
         )  # fmt: skip
-        side = Side(target, [proc.pid], [proc, holder])
-        _wait_ready(side, ns, proc, row)
+        side = Side(target, [proc.pid], inside(target, ns), [proc, holder])
+        _wait_ready(side, proc, row)
         reply = _slirp_api(
             sock,
             {
@@ -312,8 +338,8 @@ def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side
                 ]
             ),
         )  # fmt: skip
-        side = Side(target, [proc.pid], [proc, holder])
-        _wait_ready(side, ns, proc, row)
+        side = Side(target, [proc.pid], inside(target, ns), [proc, holder])
+        _wait_ready(side, proc, row)
         return side
     raise BenchError(f"unknown row {row}")
 
@@ -333,7 +359,7 @@ def _slirp_api(sock_path: Path, request: dict[str, Any]) -> dict[str, Any]:
     return json.loads(data or b"{}")
 
 
-def tcp_probe(side: Side, ns: Netns) -> str | None:
+def tcp_probe(side: Side) -> str | None:
     """None if a TCP connection to the host's iperf3 port works, else what happened."""
     code = (
         "import socket,sys\n"
@@ -342,9 +368,7 @@ def tcp_probe(side: Side, ns: Netns) -> str | None:
         "except ConnectionRefusedError: sys.exit(11)\n"
         "except OSError as e: print(e); sys.exit(12)\n"
     )
-    res = subprocess.run(
-        [*inside(side.target, ns), sys.executable, "-c", code], capture_output=True, text=True
-    )
+    res = subprocess.run([*side.prefix, sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode == 0:
         return None
     if res.returncode == 11:
@@ -364,6 +388,7 @@ def iperf(
     reverse: bool = False,
     udp_mbit: int | None = None,
     cpu_pids: Sequence[int] = (),
+    cpu_descendants: bool = True,
 ) -> Sample:
     argv = [*prefix, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"]
     argv += ["--connect-timeout", "5000"]
@@ -373,7 +398,9 @@ def iperf(
         argv.append("-R")
     if udp_mbit:
         argv += ["-u", "-b", f"{udp_mbit}M", "-l", str(UDP_LEN), "-w", "4M"]
-    sample, data, cpu = run_iperf_json(argv, seconds + 30, cpu_pids)
+    sample, data, cpu = run_iperf_json(
+        argv, seconds + 30, cpu_pids, cpu_descendants=cpu_descendants
+    )
     if data is None:
         return sample
     if udp_mbit:
@@ -455,14 +482,29 @@ def wrk_close(prefix: list[str], seconds: int) -> Sample:
     return sample
 
 
-def published(side: Side, reg: ProcessRegistry, ns: Netns, cfg: Config) -> Sample:
+def connect_latency(prefix: list[str], count: int) -> Sample:
+    probe = Path(__file__).resolve().parent / "nsbench" / "connectprobe.py"
+    argv = [*prefix, sys.executable, str(probe), HOST_IP, str(HTTP_PORT), str(count)]
+    rc, out, err = run_client(argv, 60)
+    sample: Sample = {"argv": argv, "rc": rc}
+    try:
+        sample.update(json.loads(out))
+    except json.JSONDecodeError:
+        sample["error"] = (err.strip() or f"exit {rc}")[-300:]
+        return sample
+    if "p50_us" not in sample:
+        sample["error"] = f"no connects ({sample.get('failed')} failed)"
+    return sample
+
+
+def published(side: Side, reg: ProcessRegistry, ns: Netns, cfg: Config, streams: int = 1) -> Sample:
     """iperf3 server inside the namespace, client in the host on the published port."""
     if side.target is None:  # reference: plain loopback in the host namespace
-        return iperf(ns.exec_argv([]), "127.0.0.1", IPERF_PORT, cfg.tcp_s)
-    srv = reg.start("iperf3-inside", [*inside(side.target, ns), "iperf3", "-s", "-p", "5201"])
+        return iperf(ns.exec_argv([]), "127.0.0.1", IPERF_PORT, cfg.tcp_s, streams=streams)
+    srv = reg.start("iperf3-inside", [*side.prefix, "iperf3", "-s", "-p", "5201"])
     try:
         time.sleep(0.3)
-        return iperf(ns.exec_argv([]), "127.0.0.1", PUB_HOST_PORT, cfg.tcp_s)
+        return iperf(ns.exec_argv([]), "127.0.0.1", PUB_HOST_PORT, cfg.tcp_s, streams=streams)
     finally:
         reg.stop(srv)
 
@@ -470,7 +512,7 @@ def published(side: Side, reg: ProcessRegistry, ns: Netns, cfg: Config) -> Sampl
 def measure_row(
     row: str, side: Side, ns: Netns, reg: ProcessRegistry, cfg: Config, rep: int
 ) -> dict[str, Sample]:
-    pre = inside(side.target, ns)
+    pre = side.prefix
     out: dict[str, Sample] = {}
     tcp_missing = {"error": f"not implemented ({side.not_implemented})"}
     for kind in KINDS:
@@ -486,9 +528,12 @@ def measure_row(
                 streams=4 if kind.endswith("p4") else 1,
                 reverse="_in" in kind,
                 cpu_pids=side.cpu_pids,
+                cpu_descendants=side.cpu_descendants,
             )
         elif kind == "wrk_close":
             s = wrk_close(pre, cfg.wrk_s)
+        elif kind == "connect":
+            s = connect_latency(pre, cfg.connect_count)
         elif kind == "udp":
             s = udp_zero_loss(pre, cfg)
         elif kind == "dns":
@@ -498,7 +543,7 @@ def measure_row(
         elif kind == "ping_fast":
             s = ping_rtt(pre, cfg.ping_count * 5, "0.002")
         else:
-            s = published(side, reg, ns, cfg)
+            s = published(side, reg, ns, cfg, streams=4 if kind == "pub_p4" else 1)
         s.update(rep=rep, t=time.time())
         out[kind] = s
         log(f"[{rep + 1}/{cfg.runs}] {row:<12} {kind:<10} {_describe(s)}")
@@ -518,40 +563,59 @@ def _describe(s: Sample) -> str:
 # ---------------------------------------------------------------- summary and table
 
 
-def values(metric: str, samples: list[dict[str, Sample]], dns_ref: float | None) -> list[float]:
+def values(metric: str, samples: list[dict[str, Sample]], refs: dict[str, float]) -> list[float]:
+    """One figure per run for ``metric``; ``refs``: the direct row's medians that the
+    ``*_added`` metrics subtract."""
     out: list[float] = []
     for rep in samples:
-        if metric == "cpu":
-            good = [rep[k] for k in ("tcp_out", "tcp_in") if "cpu_s" in rep.get(k, {})]
+        if metric in ("cpu", "cpu_machine"):
+            fld = "cpu_s" if metric == "cpu" else "machine_cpu_s"
+            good = [rep[k] for k in ("tcp_out", "tcp_in") if fld in rep.get(k, {})]
             if good and sum(g["bytes"] for g in good):
-                out.append(sum(g["cpu_s"] for g in good) / sum(g["bytes"] for g in good) * GIB8)
+                out.append(sum(g[fld] for g in good) / sum(g["bytes"] for g in good) * GIB8)
             continue
         kind, fld = {
             "dns_p50": ("dns", "p50_us"),
             "dns_added": ("dns", "p50_us"),
+            "connect_p50": ("connect", "p50_us"),
+            "connect_added": ("connect", "p50_us"),
             "ping": ("ping", "p50_us"),
             "ping_fast": ("ping_fast", "p50_us"),
         }.get(metric, (metric, "gbps" if metric != "wrk_close" else "rps"))
         s = rep.get(kind, {})
         if "error" not in s and s.get(fld) is not None:
             v = s[fld]
-            if metric == "dns_added":
-                if dns_ref is None:
+            if metric.endswith("_added"):
+                if metric not in refs:
                     continue
-                v -= dns_ref
+                v -= refs[metric]
             out.append(v)
     return out
 
 
+ADDED = {"dns_added": "dns_p50", "connect_added": "connect_p50"}  # metric: its direct figure
+KIND_OF = {
+    "cpu": "tcp_out",
+    "cpu_machine": "tcp_out",
+    "dns_p50": "dns",
+    "dns_added": "dns",
+    "connect_p50": "connect",
+    "connect_added": "connect",
+}
+
+
 def summarize(results: dict[str, list[dict[str, Sample]]]) -> dict[str, dict[str, Any]]:
-    ref_vals = values("dns_p50", results.get("direct", []), None)
-    dns_ref = statistics.median(ref_vals) if ref_vals else None
+    refs: dict[str, float] = {}
+    for added, base in ADDED.items():
+        ref_vals = values(base, results.get("direct", []), {})
+        if ref_vals:
+            refs[added] = statistics.median(ref_vals)
     summary: dict[str, dict[str, Any]] = {}
     for m in METRICS:
         per: dict[str, Any] = {}
         for row, reps in results.items():
-            vals = values(m.key, reps, dns_ref)
-            kind = {"cpu": "tcp_out", "dns_p50": "dns", "dns_added": "dns"}.get(m.key, m.key)
+            vals = values(m.key, reps, refs)
+            kind = KIND_OF.get(m.key, m.key)
             errors = [r[kind]["error"] for r in reps if "error" in r.get(kind, {})]
             per[row] = spread(vals, errors)
         summary[m.key] = per
@@ -574,7 +638,7 @@ def render(summary: dict[str, dict[str, Any]], rows: list[str], unavailable: dic
             st = summary[m.key].get(row)
             if row in unavailable:
                 cell = unavailable[row]
-            elif row == "direct" and m.key in ("cpu", "dns_added"):
+            elif row == "direct" and m.key in ("cpu", "dns_added", "connect_added"):
                 cell = "n/a"
             elif not st or st["median"] is None:
                 errs = st["errors"] if st else []
@@ -590,8 +654,11 @@ def render(summary: dict[str, dict[str, Any]], rows: list[str], unavailable: dic
                         _ratio(med, summary[m.key].get("pasta"), "pasta")
                         if row not in ("pasta", "direct") and m.key.startswith("tcp")
                         else None,
+                        _ratio(med, summary[m.key].get("direct"), "direct")
+                        if row == "nsbridge-bypass" and m.key not in ADDED
+                        else None,
                     )
-                    if r and m.key != "dns_added"
+                    if r and m.key not in ADDED
                 ]
                 text = m.fmt.format(med) + (f" ({', '.join(ratios)})" if ratios else "")
                 cell = (
@@ -669,6 +736,28 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
         lambda: med("pub", "nsbridge") / med("pub", "direct") >= 0.8,
         fmt_ratio("nsbridge", "direct", "pub"),
     )
+    bypass = "nsbridge-bypass"
+    for metric in ("tcp_out", "tcp_out_p4", "pub", "pub_p4"):
+        check(
+            f"--bypass {metric} >= 0.95x direct",
+            lambda m=metric: med(m, bypass) / med(m, "direct") >= 0.95,
+            fmt_ratio(bypass, "direct", metric),
+        )
+    check(
+        "--bypass whole-machine CPU per GiB within 10% of direct",
+        lambda: med("cpu_machine", bypass) / med("cpu_machine", "direct") <= 1.1,
+        fmt_ratio(bypass, "direct", "cpu_machine"),
+    )
+    check(
+        "--bypass connect+request/s >= 0.8x direct",
+        lambda: med("wrk_close", bypass) / med("wrk_close", "direct") >= 0.8,
+        fmt_ratio(bypass, "direct", "wrk_close"),
+    )
+    check(
+        "--bypass connect p50 added <= 50 us",
+        lambda: med("connect_added", bypass) <= 50,
+        f"{med('connect_added', bypass) or 0:.0f} us",
+    )
     return out
 
 
@@ -724,7 +813,7 @@ def bench(args: argparse.Namespace) -> int:
                     continue
                 try:
                     if side.target is not None:
-                        problem = tcp_probe(side, ns)
+                        problem = tcp_probe(side)
                         if problem == "refused" and row == "nsbridge-tun":
                             side.not_implemented = "TCP SYN answered with a reset: --tcp=tun path"
                         elif problem:

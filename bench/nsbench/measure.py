@@ -39,16 +39,28 @@ def run_client(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
 
 
 def run_iperf_json(
-    argv: list[str], timeout: float, cpu_pids: Sequence[int] = (), settle: float = 0.0
+    argv: list[str],
+    timeout: float,
+    cpu_pids: Sequence[int] = (),
+    settle: float = 0.0,
+    cpu_descendants: bool = True,
 ) -> tuple[Sample, dict | None, float | None]:
     """Run an ``iperf3 -J`` client: (sample with argv/rc or error, its JSON or None, the
-    CPU seconds ``cpu_pids`` used meanwhile or None).  Shared by both benchmarks."""
-    cpu0 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
+    CPU seconds ``cpu_pids`` (and their descendants unless told not to) used meanwhile
+    or None; the sample has the whole machine's busy seconds as ``machine_cpu_s``).
+    Shared by both benchmarks."""
+
+    def cpu() -> float | None:
+        if not cpu_pids:
+            return None
+        return procstat.cpu_seconds(cpu_pids, descendants=cpu_descendants)
+
+    cpu0, machine0 = cpu(), procstat.machine_cpu_seconds()
     rc, out, err = run_client(argv, timeout)
     if cpu_pids and settle:
         time.sleep(settle)  # let per-connection children finish and be reaped (cutime)
-    cpu1 = procstat.cpu_seconds(cpu_pids) if cpu_pids else None
-    sample: Sample = {"argv": argv, "rc": rc}
+    cpu1, machine1 = cpu(), procstat.machine_cpu_seconds()
+    sample: Sample = {"argv": argv, "rc": rc, "machine_cpu_s": machine1 - machine0}
     try:
         data = json.loads(out)
     except json.JSONDecodeError:

@@ -76,9 +76,21 @@ def tree(roots: Iterable[int], stats: dict[int, ProcStat] | None = None) -> list
     return out
 
 
-def cpu_seconds(roots: Iterable[int]) -> float:
-    """User+system CPU seconds consumed so far by the tree (incl. reaped children)."""
-    return sum(st.cpu_ticks for st in tree(roots)) / CLK_TCK
+def cpu_seconds(roots: Iterable[int], *, descendants: bool = True) -> float:
+    """User+system CPU seconds consumed so far by the tree (incl. reaped children), or
+    by the roots alone: ``nsbridge run --bypass``'s command is its descendant, and
+    under it the measured program itself runs below nsbridge."""
+    if descendants:
+        return sum(st.cpu_ticks for st in tree(roots)) / CLK_TCK
+    own = (read_stat(pid) for pid in roots)
+    return sum(st.cpu_ticks for st in own if st is not None) / CLK_TCK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all CPUs, /proc/stat): what a
+    transfer costs in total, whoever pays it (the kernel in the programs' own system
+    calls, a relay, softirqs)."""
+    return _cpu_jiffies()[0] / CLK_TCK
 
 
 def _status_kib(pid: int, field: str, path: str = "status") -> int:

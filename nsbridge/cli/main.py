@@ -285,6 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a process whose namespace to serve, or an nsfs path")
     att.set_defaults(handler=attach_usernet)
 
+    agent = sub.add_parser(
+        "seccomp-agent",
+        usage="nsbridge seccomp-agent --socket PATH [OPTIONS]",
+        help="socket switching for runc/crun containers: serve the seccomp listenerPath "
+        "their profile names",
+        description="Serve the OCI runtime spec's seccomp agent socket: runc or crun hand "
+        "in each container whose seccomp profile names PATH as listenerPath, and its "
+        "outbound TCP connections the policy allows become sockets of this namespace, at "
+        "the kernel's own speed (as run --bypass).  Denied ones fail with ECONNREFUSED; "
+        "the container's loopback, its own addresses, DNS, UDP and ping keep the "
+        "container's own networking.  Runs until SIGINT/SIGTERM; many containers at once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=AGENT_EPILOG,
+    )
+    agent.add_argument("--socket", metavar="PATH", required=True,
+                       help="the Unix socket to serve (the profile's listenerPath; mode "
+                       "0600 unless --allow-user)")
+    agent.add_argument("--allow-user", metavar="USER", action="append", default=[],
+                       help="also accept containers handed in by this user (name or uid; "
+                       "repeatable): the socket becomes mode 0666 and the peer's uid "
+                       "decides (default: only the agent's own user)")
+    agent.add_argument("--print-profile", action="store_true",
+                       help="print the linux.seccomp section for config.json (JSON) and exit")
+    agent.add_argument("--metadata", metavar="TEXT", default="",
+                       help="with --print-profile: the listenerMetadata to put in it (shown "
+                       "in the agent's log)")
+    add_policy_flags(agent)
+    agent.add_argument("-v", "--verbose", action="count", default=0,
+                       help="-v: one line per container and per denied connect; -vv: debug")
+    agent.set_defaults(handler=run_seccomp_agent)
+
     # Listed for --help and the man page; main() hands its arguments to
     # cli/slirp4netns.py before argparse sees them (slirp4netns parses with getopt).
     sub.add_parser(
@@ -383,15 +414,26 @@ examples:
 """
 
 
-def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
-                        action="append", default=[],
-                        help="publish a namespace port on the host (docker syntax)")
-    parser.add_argument("--publish-mode", choices=("device", "splice"), default="device",
-                        help="how published TCP ports reach the namespace: device (default) "
-                        "= through the device to its interface address, so the server sees "
-                        "the client's address (the gateway for the host's loopback); splice "
-                        "= a forward to its 127.0.0.1 (faster; every client is 127.0.0.1)")
+AGENT_EPILOG = """\
+what a container needs (config.json; `--print-profile` prints this section):
+  "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW",
+     "architectures": ["SCMP_ARCH_X86_64"], "listenerPath": "/run/user/1000/nsb.sock",
+     "syscalls": [{"names": ["connect", "listen"], "action": "SCMP_ACT_NOTIFY"}, ...]}}
+  plus io_uring refused and sends with MSG_FASTOPEN refused (printed in full by
+  --print-profile): without them a container could connect around the agent.
+
+the policy is run's: the gateway address (10.0.2.2 of --cidr) is the host's loopback
+when --allow-host-access; the DNS address (.3) and the container's own addresses stay
+in the container; the rest of --cidr and special addresses are refused.
+
+examples:
+  nsbridge seccomp-agent --socket $XDG_RUNTIME_DIR/nsb.sock --deny 192.0.2.0/24 -v
+  nsbridge seccomp-agent --socket /tmp/nsb.sock --print-profile > seccomp.json
+"""
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """The policy's flags, shared by run/attach and seccomp-agent."""
     parser.add_argument("--allow-host-access", "--allow-host-loopback", action="store_true",
                         help="let the namespace reach the host itself: its 127.0.0.1/::1 "
                         "through the gateway address, and its own addresses (off by "
@@ -405,17 +447,6 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         help="a NAT64 prefix the host's translator uses (RFC 6052: /32, /40, "
                         "/48, /56, /64 or /96; repeatable): its addresses are decided as the "
                         "IPv4 addresses they embed too")
-    parser.add_argument("--tcp", choices=("auto", "redirect", "tun"), default="auto",
-                        help="TCP path: redirect = kernel fast path via nftables; tun = "
-                        "terminated on the host side from the tun device (Linux 6.9+); "
-                        "auto (default) = redirect, or tun when nf_tables is missing")
-    parser.add_argument("--relay", choices=("auto", "native", "engine"), default="auto",
-                        help="UDP and ping path: native = a C thread on a device of its "
-                        "own (run only; needs the built module; ping only with ping sockets); "
-                        "engine = the Python engine; auto (default) = native when it can, "
-                        "else engine")
-    parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
-                        help="host resolver to forward DNS to (default: /etc/resolv.conf)")
     parser.add_argument("--cidr", metavar="NETWORK", default=USERNET_CIDR,
                         help=f"the namespace's IPv4 network (default {USERNET_CIDR}): it gets "
                         "host .100, the gateway .2, DNS .3 (as slirp4netns --cidr)")
@@ -428,12 +459,72 @@ def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
                         "only, the policy still decides (default: the kernel's choice)")
     parser.add_argument("--outbound-addr6", metavar="IPv6|INTERFACE",
                         help="the same for IPv6 (an interface's first global address)")
+
+
+def run_seccomp_agent(args: argparse.Namespace) -> int:
+    from nsbridge.usernet.agent import print_profile, run_agent
+    from nsbridge.usernet.options import UsernetOptions, check_options
+
+    if args.print_profile:
+        return print_profile(args.socket, args.metadata)
+    setup_logging(args.verbose)
+    options = UsernetOptions(allow_host_access=args.allow_host_access, allow=args.allow,
+                             deny=args.deny, cidr=args.cidr, cidr6=args.cidr6,
+                             nat64_prefix=args.nat64_prefix,
+                             outbound_addr=args.outbound_addr,
+                             outbound_addr6=args.outbound_addr6, dns=[])
+    check_options(options)
+    uids = [_uid_of(name) for name in args.allow_user]
+    stops = StopSignals()
+    try:
+        return run_agent(args.socket, options, stops, allowed_uids=uids)
+    finally:
+        stops.close()
+
+
+def _uid_of(user: str) -> int:
+    import pwd
+
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise UserError(f"--allow-user {user}: no such user") from None
+
+
+def add_usernet_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--publish", metavar="[HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]",
+                        action="append", default=[],
+                        help="publish a namespace port on the host (docker syntax)")
+    parser.add_argument("--publish-mode", choices=("device", "splice"), default="device",
+                        help="how published TCP ports reach the namespace: device (default) "
+                        "= through the device to its interface address, so the server sees "
+                        "the client's address (the gateway for the host's loopback); splice "
+                        "= a forward to its 127.0.0.1 (faster; every client is 127.0.0.1)")
+    add_policy_flags(parser)
+    parser.add_argument("--tcp", choices=("auto", "redirect", "tun"), default="auto",
+                        help="TCP path: redirect = kernel fast path via nftables; tun = "
+                        "terminated on the host side from the tun device (Linux 6.9+); "
+                        "auto (default) = redirect, or tun when nf_tables is missing")
+    parser.add_argument("--relay", choices=("auto", "native", "engine"), default="auto",
+                        help="UDP and ping path: native = a C thread on a device of its "
+                        "own (run only; needs the built module; ping only with ping sockets); "
+                        "engine = the Python engine; auto (default) = native when it can, "
+                        "else engine")
+    parser.add_argument("--dns", metavar="IP[:PORT]", action="append",
+                        help="host resolver to forward DNS to (default: /etc/resolv.conf)")
     parser.add_argument("--bypass", action="store_true",
                         help="socket switching (run only; Linux 5.9+): outbound TCP "
                         "connections the policy allows become sockets of the host's "
                         "namespace, at the kernel's own speed; denied ones fail with "
                         "ECONNREFUSED; DNS, UDP, ping and the namespace's loopback keep "
                         "their paths")
+    parser.add_argument("--bypass-exclude", metavar="RULE", action="append", default=[],
+                        help="with --bypass: allowed connects to RULE's destinations are not "
+                        "switched but take the namespace's own path (for FTP active mode, "
+                        "SIP: protocols that send their own address); RULE is NETWORK, "
+                        "HOST:PORT, [IPv6]:PORT, *:PORT or PORT[-PORT]; repeatable")
     parser.add_argument("--mtu", type=int, default=MTU, help=f"MTU (default {MTU})")
     parser.add_argument("--disable-ipv6", action="store_true", help="IPv4 only")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -493,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         # Bare `nsbridge` is a usage error: one line (like every other), not a help dump.
-        parser.error("missing command: give one of forward, serve, ctl, run, attach, demo, doctor")
+        parser.error("missing command: give one of forward, serve, ctl, run, attach, "
+                     "demo, doctor, seccomp-agent")
     return run_guarded(args.handler, args)
 
 

@@ -14,6 +14,8 @@
   installed with ``seccomp(2)``, for x86_64 and aarch64.
 * :mod:`.seccomp_notify` — serving a seccomp user-notification listener: RECV, SEND,
   ID_VALID, ADDFD, the caller's memory and fds (``run --bypass``).
+* :mod:`.nssocket` — a socket made in another process's network namespace by a forked
+  child that joins its user namespace first (what an unprivileged caller can do).
 * :mod:`.rtaddr` — rtnetlink address messages (the ``RTM_GETADDR`` dump, address
   events), sans-IO, for readers that must not wait for pyroute2's import.
 * :mod:`.lockdown` — a process locks itself down: a user namespace joined, an empty root

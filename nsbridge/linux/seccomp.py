@@ -65,6 +65,9 @@ PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3  # the result is a notification listener's fd
+# Linux 5.19: once the listener has received a notification, the caller waits for the
+# answer killably (only a fatal signal ends the wait), not interruptibly.
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 MSG_FASTOPEN = 0x20000000  # <linux/socket.h>: a send that connects first
 MAX_INSNS = 4096  # BPF_MAXINSNS
 X32_SYSCALL_BIT = 0x40000000
@@ -323,6 +326,28 @@ def install(program: bytes, flags: int = SECCOMP_FILTER_FLAG_TSYNC) -> int:
     if result > 0:
         raise SeccompError(errno.EBUSY, f"seccomp: thread {result} cannot take the filter")
     return 0
+
+
+def install_listener(program: bytes, *, wait_killable: bool = True) -> tuple[int, bool]:
+    """Install assembled ``program`` with a notification listener; (its fd, whether
+    the callers wait killably).
+
+    ``wait_killable`` asks for ``SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`` (Linux 5.19)
+    and falls back without it where the kernel refuses the flag (``EINVAL``).  Why it
+    matters to socket switching: without it, a signal that reaches a thread whose
+    trapped call the listener is already serving interrupts the wait; the kernel then
+    restarts the call (a handler with ``SA_RESTART``) as a new notification, or returns
+    ``EINTR``, while the first answer is being prepared, so a host side that dials for
+    the call may dial twice.  With it, a received call is answered before the signal's
+    handler runs; ``SIGKILL`` still ends the wait at once."""
+    if wait_killable:
+        try:
+            return install(program, SECCOMP_FILTER_FLAG_NEW_LISTENER
+                           | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV), True
+        except SeccompError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return install(program, SECCOMP_FILTER_FLAG_NEW_LISTENER), False
 
 
 def install_deny_list(denied: Iterable[str] = DENIED, error: int = errno.EPERM) -> Arch:

@@ -224,12 +224,21 @@ def fd_cloexec(pid: int, fd: int) -> bool:
     """Whether ``fd`` of thread ``pid`` is close-on-exec (from ``/proc/PID/fdinfo``;
     False when that cannot be read)."""
     try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("flags:"):
-                    return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
-    except (OSError, ValueError):
-        pass
+        info = os.open(f"/proc/{pid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:  # raw reads, not open(): this is on every switched connect's path
+        text = os.read(info, 4096)
+    except OSError:
+        return False
+    finally:
+        os.close(info)
+    for line in text.split(b"\n"):
+        if line.startswith(b"flags:"):
+            try:
+                return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+            except (IndexError, ValueError):
+                return False
     return False
 
 

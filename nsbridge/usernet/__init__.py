@@ -22,6 +22,8 @@ and a host-side policy decides every new flow.  The package is split by what a m
 * :mod:`.slirpsandbox` — its ``--enable-sandbox`` and ``--enable-seccomp``: the serving
   process locks itself down after set-up, before the ready byte.
 * :mod:`.api` — the Python API: ``run``, ``attach``, the split form.
+* :mod:`.agent` — ``nsbridge seccomp-agent`` for the CLI: socket switching for containers
+  that runc or crun hand in (:mod:`.host.seccompagent`).
 
 docs/architecture.md walks through the data paths.
 """

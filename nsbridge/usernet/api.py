@@ -59,6 +59,7 @@ from nsbridge.usernet.options import (
     UsernetOptions,
     check_bypass,
     check_options,
+    exclude_of,
     netconfig_of,
     option_warnings,
 )
@@ -227,6 +228,21 @@ class Process:
         return f"<nsbridge Process pid={self._handle.pid} returncode={self.returncode}>"
 
 
+def _with_bypass(opts: UsernetOptions, bypass: bool,
+                 exclude: Iterable[str]) -> UsernetOptions:
+    """``opts`` with socket switching asked for (checked: the kernel can, the
+    ``bypass_exclude`` rules parse and come with ``bypass``); UserError otherwise."""
+    from dataclasses import replace
+
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    opts = replace(opts, bypass=bypass, bypass_exclude=list(exclude))
+    exclude_of(opts)
+    if bypass:
+        check_bypass()
+    return opts
+
+
 def run(
     command: Sequence[str],
     *,
@@ -248,6 +264,7 @@ def run(
     outbound_addr6: str | None = None,
     publish_mode: str = "device",
     bypass: bool = False,
+    bypass_exclude: Iterable[str] = (),
     stdin: int | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -261,7 +278,9 @@ def run(
     then started.  ``stdin``/``stdout``/``stderr`` are fds (default: ours); only
     ``pass_fds`` and those stay open in it.  ``bypass=True`` switches the command's
     allowed outbound TCP connections to sockets of the host's namespace (``nsbridge run
-    --bypass``; docs/usernet.md).  Raises UserError/SandboxError.
+    --bypass``; docs/usernet.md); ``bypass_exclude`` takes ``--bypass-exclude`` rules
+    (``["*:21", "192.0.2.1:5060"]``): allowed connects they cover keep the namespace's
+    path.  Raises UserError/SandboxError.
     """
     if not command:
         raise UserError("run: give the command to run, e.g. run(['curl', URL])")
@@ -271,11 +290,7 @@ def run(
                    cidr6=cidr6, nat64_prefix=nat64_prefix, api_socket=api_socket,
                    outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
                    publish_mode=publish_mode)
-    if bypass:
-        from dataclasses import replace
-
-        opts = replace(opts, bypass=True)
-        check_bypass()
+    opts = _with_bypass(opts, bypass, bypass_exclude)
     handle = _sandbox.Sandbox.create(
         list(command), netconfig_of(opts), extra=redirect_setup(opts), hold=True, stdin=stdin,
         stdout=stdout, stderr=stderr, pass_fds=pass_fds, env=env, timeout=timeout,
@@ -430,15 +445,15 @@ class HostSide:
                  nat64_prefix: str | Iterable[str] = (),
                  outbound_addr: str | None = None, outbound_addr6: str | None = None,
                  publish_mode: str = "device", bypass: bool = False,
+                 bypass_exclude: Iterable[str] = (),
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        if bypass:
-            check_bypass()
         self._options = options(publish=publish, allow_host_access=allow_host_access,
                                 allow_host_loopback=allow_host_loopback,
                                 allow=allow, deny=deny, dns=dns, tcp=tcp, mtu=mtu, ipv6=ipv6,
                                 cidr=cidr, cidr6=cidr6, nat64_prefix=nat64_prefix,
                                 outbound_addr=outbound_addr, outbound_addr6=outbound_addr6,
                                 publish_mode=publish_mode)
+        self._options = _with_bypass(self._options, bypass, bypass_exclude)
         self._config = netconfig_of(self._options)
         self._timeout = timeout
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

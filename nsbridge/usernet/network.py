@@ -428,9 +428,11 @@ class Network:
         if listener < 0:
             return
         from nsbridge.usernet.host.switcher import SocketSwitcher
+        from nsbridge.usernet.options import exclude_of
 
         self.switcher = SocketSwitcher(self.bridge.loop, listener, self.policy,
-                                       outbound=self.outbound)
+                                       outbound=self.outbound,
+                                       exclude=exclude_of(self.options))
         self.switcher.start()
         log.info("TCP: socket switching (--bypass): allowed outbound connections are "
                  "sockets of the host's namespace")

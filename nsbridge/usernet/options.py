@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from nsbridge.usernet.host.outbound import OutboundAddresses
     from nsbridge.usernet.inside.netconf import NetConfig
     from nsbridge.usernet.proto.addresses import UsernetAddresses
+    from nsbridge.usernet.proto.exclude import ExcludeRules
     from nsbridge.usernet.proto.policy import Policy
 
 PUBLISH_MODES = ("device", "splice")
@@ -55,6 +56,8 @@ class UsernetOptions:
     publish_mode: str = "device"
     # socket switching (host/switcher.py): outbound TCP on host sockets, run only
     bypass: bool = False
+    # --bypass-exclude: allowed connects that keep the namespace's path (proto/exclude.py)
+    bypass_exclude: list[str] = field(default_factory=list)
 
 
 def addresses_of(options: UsernetOptions) -> UsernetAddresses:
@@ -110,8 +113,21 @@ def check_options(options: UsernetOptions) -> None:
         from nsbridge.usernet.host.apisocket import check_path
 
         check_path(options.api_socket)
+    exclude_of(options)
     if options.bypass:
         check_bypass()
+
+
+def exclude_of(options: UsernetOptions) -> ExcludeRules:
+    """The ``--bypass-exclude`` rules; UserError (one line) for a bad one, or for rules
+    without ``--bypass`` (nothing would be switched, so they would mean nothing)."""
+    from nsbridge.usernet.proto.exclude import ExcludeRules
+
+    rules = ExcludeRules.parse(options.bypass_exclude)
+    if rules and not options.bypass:
+        raise UserError("--bypass-exclude picks connects that --bypass does not switch; "
+                        "give --bypass too")
+    return rules
 
 
 def check_bypass() -> None:
@@ -192,4 +208,5 @@ def options_from_args(args: Namespace) -> UsernetOptions:
                           cidr=args.cidr, cidr6=args.cidr6, nat64_prefix=args.nat64_prefix,
                           outbound_addr=args.outbound_addr, outbound_addr6=args.outbound_addr6,
                           publish_mode=args.publish_mode,
-                          bypass=getattr(args, "bypass", False))
+                          bypass=getattr(args, "bypass", False),
+                          bypass_exclude=getattr(args, "bypass_exclude", None) or [])

@@ -129,7 +129,9 @@ def summary(stats: dict[str, Any]) -> str:
     bypass = stats.get("bypass")
     if bypass is not None:
         parts.insert(1, f"switched TCP connections: {bypass.get('switched', 0)} "
-                     f"({bypass.get('connect_failed', 0)} failed to connect)")
+                     f"({bypass.get('connect_failed', 0)} failed to connect)"
+                     + (f", {bypass['excluded']} excluded (the namespace's path)"
+                        if bypass.get("excluded") else ""))
         for reason, count in (bypass.get("refused") or {}).items():
             denied[reason] += count
     if denied:

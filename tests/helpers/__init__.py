@@ -13,6 +13,9 @@
   servers that answer with the client address they saw.
 * :mod:`.switch_probe` — the socket-switching tests' program inside ``run --bypass``
   (stdlib only).
+* :mod:`.switch_probe_tcp` — more cases for that program: resets, silent and down
+  targets, threads, signals, a re-parented daemon.
+* :mod:`.signal_driver` — the signal tests' API driver in the host namespace.
 * :mod:`.tun_engine` — the tun engine on a socketpair, its loop in a namespace.
 * :mod:`.tcp_mix` — the soak tests' TCP scenario (server program and clients).
 * :mod:`.bypass` — the policy-bypass harness: presets, the ``Case`` record, sentinels, checks.

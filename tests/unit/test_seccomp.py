@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -203,3 +204,30 @@ def test_a_thread_already_running_gets_the_filter_too() -> None:
                             text=True, timeout=30, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["thread"] == [-1, errno.EPERM]
+
+
+LISTENER_CHECK = """
+import json, os, sys
+from nsbridge.linux import seccomp
+program = seccomp.assemble(seccomp.notify_program(seccomp.native_arch()))
+out = {}
+for wait_killable in (True, False):
+    pid = os.fork()
+    if pid == 0:
+        fd, killable = seccomp.install_listener(program, wait_killable=wait_killable)
+        os.write(1, json.dumps([fd >= 0, killable]).encode() + b"\\n")
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_install_listener_asks_for_wait_killable_where_the_kernel_has_it() -> None:
+    """WAIT_KILLABLE_RECV (Linux 5.19) with the listener where the kernel accepts it,
+    a plain listener otherwise, and never when asked not to."""
+    result = subprocess.run([sys.executable, "-c", LISTENER_CHECK], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    killable, plain = (json.loads(line) for line in result.stdout.splitlines())
+    release = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+    assert killable == [True, release >= (5, 19)]
+    assert plain == [True, False]

@@ -25,4 +25,6 @@
   discovery and DHCP answered, IP packets to the engine.
 * :mod:`.switcher` — socket switching (``run --bypass``): the program's trapped
   ``connect``/``listen`` answered, allowed TCP moved onto host sockets.
+* :mod:`.seccompagent` — ``nsbridge seccomp-agent``: runc's and crun's hand-ins taken,
+  checked, and each container's listener served by its own switcher.
 """

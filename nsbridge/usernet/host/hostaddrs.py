@@ -52,12 +52,17 @@ class HostAddresses:
     """A live set of the host namespace's addresses (module doc); ``address in it``.
 
     ``receive_buffer`` is the event socket's buffer (tests make it tiny to provoke an
-    overflow).  Close it with :meth:`close` (or use it as a context manager).
+    overflow).  ``sock``: an unbound ``NETLINK_ROUTE`` socket made elsewhere, whose
+    namespace's addresses to keep instead of this thread's (the seccomp agent's view of
+    a container, :mod:`nsbridge.linux.nssocket`); it is owned from here on.  Close it
+    with :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                   | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    def __init__(self, receive_buffer: int = RECEIVE_BUFFER,
+                 sock: socket.socket | None = None) -> None:
+        self._sock = sock if sock is not None else socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self._sock.setblocking(False)
         self._entries: dict[_Key, tuple[Address, ...]] = {}
         self._count: Counter[Address] = Counter()
         self._buffer = bytearray(1 << 16)

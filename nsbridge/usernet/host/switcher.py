@@ -45,14 +45,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from nsbridge.defaults import CONNECT_TIMEOUT
@@ -62,6 +64,7 @@ from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.proto.addresses import IPAddress
+from nsbridge.usernet.proto.exclude import NO_EXCLUDE, ExcludeRules
 from nsbridge.usernet.proto.policy import Allow, AllowResolver, Policy
 
 log = logging.getLogger("nsbridge")
@@ -84,6 +87,7 @@ _COPIED = (
     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
 )
 _LINGER = struct.Struct("ii")
+_TIMEVAL = struct.Struct("=qq")  # struct timeval on the 64-bit ABIs we serve
 
 libc.connect.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 libc.listen.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -106,6 +110,7 @@ class SwitchStats:
     denied: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
     gone: int = 0  # the caller stopped waiting before the answer (killed, signal)
+    excluded: int = 0  # allowed, made on the program's own socket (--bypass-exclude)
     errors: int = 0  # unexpected failures (logged), answered with the errno
 
     def as_dict(self) -> dict:
@@ -136,12 +141,22 @@ class _Call:
 
 class SocketSwitcher:
     """Serves a ``run --bypass`` program's seccomp listener on ``loop`` (see the module
-    docstring).  Host sockets are made in the namespace of the loop's thread."""
+    docstring).  Host sockets are made in the namespace of the loop's thread.
+
+    ``own_addresses``: the program's namespace's own addresses (anything with ``in``),
+    whose connects stay in it; default the ``run`` namespace's (the policy's
+    ``namespace`` addresses).  ``on_end``: called once every process under the filter
+    has exited (the listener hung up): the seccomp agent frees a container's switcher
+    there; ``run`` ends with its program anyway."""
 
     def __init__(self, loop: EventLoop, listener: int, policy: Policy, *,
                  outbound: OutboundAddresses = NONE,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 exclude: ExcludeRules = NO_EXCLUDE,
+                 own_addresses: Container[object] | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
         self.loop = loop
+        self.exclude = exclude
         self.listener = listener
         self.policy = policy
         self.outbound = outbound
@@ -149,7 +164,9 @@ class SocketSwitcher:
         self.stats = SwitchStats()
         self._host_netns = os.stat("/proc/thread-self/ns/net").st_ino
         a = policy.addresses
-        self._own = {a.namespace, a.namespace6}
+        self._own: Container[object] = own_addresses if own_addresses is not None \
+            else {a.namespace, a.namespace6}
+        self._on_end = on_end
         self._pending: dict[int, tuple[_Call, socket.socket, Timer]] = {}
         self._blocking = _BlockingCalls()
         self._closed = False
@@ -186,6 +203,8 @@ class SocketSwitcher:
             if events & (HUP | ERR):
                 # Every process under the filter has exited: nothing more will come.
                 self.loop.remove(self.listener)
+                if self._on_end is not None:
+                    self._on_end()
             return
         try:
             notification = notify.receive(self.listener)
@@ -312,7 +331,24 @@ class SocketSwitcher:
             self._perform(call, lambda fd: libc.connect(fd, target, len(target)),
                           blocking=_is_blocking(sock))
             return
+        rule = self.exclude.match(port, ip, decided_ip) if self.exclude else None
+        if rule is not None:
+            self._excluded(call, raw, shown, ExcludeRules.describe(rule))
+            return
         self._switch(call, decision, mapped=decided_ip is not ip, shown=shown)
+
+    def _excluded(self, call: _Call, raw: bytes, shown: str, rule: str) -> None:
+        """An allowed connect a ``--bypass-exclude`` rule covers: made here on the
+        program's own socket with the bytes we read, so it leaves by the namespace's
+        path (the fast path, which decides it again) and keeps the namespace's address
+        for protocols that announce it.  Only the path changes; the policy has spoken."""
+        assert call.sock is not None
+        self.stats.excluded += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("usernet tcp: bypass pid %d -> %s excluded (%s): the namespace's path",
+                     call.notification.pid, shown, rule)
+        self._perform(call, lambda fd: libc.connect(fd, raw, len(raw)),
+                      blocking=_is_blocking(call.sock))
 
     def _switch(self, call: _Call, decision: Allow, *, mapped: bool, shown: str) -> None:
         """A host socket connects to the allowed target and replaces the program's."""
@@ -345,28 +381,50 @@ class SocketSwitcher:
             self._connect_failed(call, shown, result)
         elif not blocking:
             self._install(call, host, blocking, errno.EINPROGRESS)
+        elif _connected_now(host):
+            # A target on this host has usually answered before connect() returned
+            # (the handshake runs inside the call): no round through the loop.
+            self._connect_finished(call, host, shown, 0)
         else:
             nid = call.notification.id
-            timer = self.loop.call_later(self.connect_timeout,
-                                         lambda: self._connect_done(nid, shown, timed_out=True))
+            wait, expired = self._blocking_wait(sock)
+            timer = self.loop.call_later(wait, lambda: self._connect_done(nid, shown, expired))
             self._pending[nid] = (call, host, timer)
             self.loop.add(host.fileno(), OUT, lambda _e: self._connect_done(nid, shown))
 
-    def _connect_done(self, nid: int, shown: str, timed_out: bool = False) -> None:
+    def _blocking_wait(self, sock: socket.socket) -> tuple[float, int]:
+        """How long a blocking connect of the program may wait here, and the answer when
+        that runs out: the program's own ``SO_SNDTIMEO`` if it set a shorter one (the
+        kernel then answers ``EINPROGRESS`` and the attempt goes on in the background,
+        so the switched socket is installed still connecting), else our connect
+        timeout (``ETIMEDOUT``)."""
+        send_timeout = _send_timeout(sock)
+        if 0 < send_timeout < self.connect_timeout:
+            return send_timeout, errno.EINPROGRESS
+        return self.connect_timeout, errno.ETIMEDOUT
+
+    def _connect_done(self, nid: int, shown: str, expired: int = 0) -> None:
+        """The pending blocking connect ``nid`` finished, or its wait ran out
+        (``expired``: the answer that gives, see :meth:`_blocking_wait`)."""
         entry = self._pending.pop(nid, None)
         if entry is None:
             return
         call, host, timer = entry
         timer.cancel()
         self.loop.remove(host.fileno())
-        error = errno.ETIMEDOUT if timed_out else \
-            host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
+        self._connect_finished(call, host, shown, expired)
+
+    def _connect_finished(self, call: _Call, host: socket.socket, shown: str,
+                          error: int) -> None:
+        """A blocking program's connect has an outcome: install (answering 0, or
+        ``EINPROGRESS`` when its ``SO_SNDTIMEO`` ran out first), or its error."""
+        error = error or host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error and error != errno.EINPROGRESS:
             host.close()
             self._connect_failed(call, shown, error)
             return
         try:
-            self._install(call, host, True, 0)
+            self._install(call, host, True, error)
         except notify.NotificationGone:
             self.stats.gone += 1
             call.close()
@@ -492,8 +550,27 @@ def _signed(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
 
+def _connected_now(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect in progress has an outcome already (writable: done,
+    or failed, which SO_ERROR then says)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 def _is_blocking(sock: socket.socket) -> bool:
     return not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def _send_timeout(sock: socket.socket) -> float:
+    """The socket's ``SO_SNDTIMEO`` in seconds (0: none), which bounds a blocking
+    connect in the kernel too."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.size)
+    except OSError:
+        return 0.0
+    seconds, microseconds = _TIMEVAL.unpack(raw)
+    return seconds + microseconds / 1e6
 
 
 def _family_name(family: int) -> str:
@@ -540,9 +617,15 @@ def _unix_in_callers_view(raw: bytes, pid: int) -> bytes:
 
 
 def _copy_options(source: socket.socket, target: socket.socket) -> None:
+    """The program's option values onto ``target``, a fresh socket: only those that differ
+    from a fresh socket's (each setsockopt costs a system call on every connect, and some
+    make the connect itself slower)."""
+    defaults = _fresh_defaults(target.family)
     for level, option in _COPIED:
         try:
-            target.setsockopt(level, option, source.getsockopt(level, option))
+            value = source.getsockopt(level, option)
+            if value != defaults.get((level, option)):
+                target.setsockopt(level, option, value)
         except OSError:
             pass
     try:
@@ -555,6 +638,20 @@ def _copy_options(source: socket.socket, target: socket.socket) -> None:
         _copy_int(source, target, socket.IPPROTO_IP, socket.IP_TOS)
     elif source.family == target.family == socket.AF_INET6:
         _copy_int(source, target, socket.IPPROTO_IPV6, socket.IPV6_TCLASS)
+
+
+@functools.cache
+def _fresh_defaults(family: int) -> dict[tuple[int, int], int]:
+    """The copied options' values on a fresh TCP socket of ``family`` (a host socket:
+    the values are the host namespace's sysctl defaults, read once)."""
+    values: dict[tuple[int, int], int] = {}
+    with socket.socket(family, socket.SOCK_STREAM) as fresh:
+        for level, option in _COPIED:
+            try:
+                values[(level, option)] = fresh.getsockopt(level, option)
+            except OSError:
+                pass
+    return values
 
 
 def _copy_int(source: socket.socket, target: socket.socket, level: int, option: int) -> None:

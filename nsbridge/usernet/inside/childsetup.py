@@ -98,6 +98,12 @@ def _run_child(
     os._exit(1)
 
 
+WAIT_KILLABLE_VARIABLE = "NSBRIDGE_BYPASS_WAIT_KILLABLE"  # "0": never ask for the flag
+# Read at import, in nsbridge's own process: the helper that installs the filter is
+# forked from it with an empty environment.
+_WAIT_KILLABLE = os.environ.get(WAIT_KILLABLE_VARIABLE, "1") != "0"
+
+
 def _install_switch_filter(fds: list[int]) -> int:
     """Install ``run --bypass``'s notify filter here (no_new_privs first) and return its
     listener fd; on failure close ``fds`` and raise SetupError with one line."""
@@ -107,8 +113,11 @@ def _install_switch_filter(fds: list[int]) -> int:
         if len(fds) >= _SCM_MAX_FD:
             raise SetupError("too many fds to pass the seccomp listener too")
         arch = seccomp.native_arch()
-        return seccomp.install(seccomp.assemble(seccomp.notify_program(arch)),
-                               seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER)
+        # WAIT_KILLABLE_RECV where the kernel has it (see install_listener); the
+        # variable turns it off to compare (tests, a kernel that misbehaves with it).
+        listener, _killable = seccomp.install_listener(
+            seccomp.assemble(seccomp.notify_program(arch)), wait_killable=_WAIT_KILLABLE)
+        return listener
     except SetupError:
         _close_all(fds)
         raise

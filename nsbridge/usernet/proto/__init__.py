@@ -13,6 +13,8 @@
 * :mod:`.spellings` — IPv6 spellings of IPv4 addresses (mapped, SIIT, NAT64, 6to4, Teredo).
 * :mod:`.rules` — the allow/deny rules, parsed and matched.
 * :mod:`.policy` — the firewall deciding every flow.
+* :mod:`.exclude` — ``--bypass-exclude`` rules: the allowed connects socket switching
+  leaves on the namespace's path.
 * :mod:`.hostaccess` — the host's own addresses closed unless allowed (the policy's
   last step).
 * :mod:`.publish` — ``-p [HOSTIP:]HOSTPORT:NSPORT[/tcp|/udp]``.
@@ -25,4 +27,7 @@
 * :mod:`.ndp` — IPv6 neighbour discovery on a TAP: router advertisements (SLAAC) and
   neighbour advertisements for the router, gateway and DNS addresses.
 * :mod:`.dhcp` — the DHCPv4 server a TAP guest may ask (slirp4netns's address plan).
+* :mod:`.ocistate` — the OCI seccomp agent's message (a runtime's container process
+  state), parsed and checked as the untrusted input it is.
+* :mod:`.ociprofile` — the ``linux.seccomp`` section of a container handed to the agent.
 """

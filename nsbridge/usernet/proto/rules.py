@@ -20,7 +20,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp", "icmp")
 _EVERY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 _EVERY_V6 = ipaddress.IPv6Network("::/0")
 
-_RULE_EXAMPLES = "e.g. 10.0.0.0/8, 192.0.2.1:443, tcp:*:25 or udp:[2001:db8::]/32:53"
+RULE_EXAMPLES = "e.g. 10.0.0.0/8, 192.0.2.1:443, tcp:*:25 or udp:[2001:db8::]/32:53"
 EVERY_ADDRESS = "*"  # a rule's network: every address of both families
 
 
@@ -121,15 +121,15 @@ def _split_port(text: str, label: str) -> tuple[str, str | None]:
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
-            raise UserError(f"{label}: missing ']' ({_RULE_EXAMPLES})")
+            raise UserError(f"{label}: missing ']' ({RULE_EXAMPLES})")
         inside, after = text[1:close], text[close + 1 :]
         if EVERY_ADDRESS in inside:
             raise _star_misused(label)
         prefix, colon, port = after.partition(":")
         if prefix and not prefix.startswith("/"):
-            raise UserError(f"{label}: unexpected {after!r} after ']' ({_RULE_EXAMPLES})")
+            raise UserError(f"{label}: unexpected {after!r} after ']' ({RULE_EXAMPLES})")
         if after and not colon and not prefix:
-            raise UserError(f"{label}: unexpected {after!r} after ']' ({_RULE_EXAMPLES})")
+            raise UserError(f"{label}: unexpected {after!r} after ']' ({RULE_EXAMPLES})")
         return inside + prefix, port if colon else None
     if text.count(":") > 1:  # bare IPv6, no port possible
         return text, None
@@ -142,7 +142,7 @@ def _parse_ports(text: str, label: str) -> tuple[int, int]:
     ports = []
     for part in (low_text, high_text) if dash else (low_text,):
         if not (part.isascii() and part.isdigit() and 1 <= int(part) <= 65535):
-            raise UserError(f"{label}: port {part!r} is not 1-65535 ({_RULE_EXAMPLES})")
+            raise UserError(f"{label}: port {part!r} is not 1-65535 ({RULE_EXAMPLES})")
         ports.append(int(part))
     low, high = ports[0], ports[-1]
     if low > high:
