@@ -87,7 +87,14 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
             optional=True,
-        )
+        ),
+        Extension(
+            "nsbridge.relay._tcprelay",
+            ["nsbridge/relay/_tcprelay.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+            optional=True,
+        ),
     ],
     data_files=generated_data_files(),
 )

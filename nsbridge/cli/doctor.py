@@ -176,6 +176,14 @@ def check_native_relay() -> Finding:
                               instead="UDP and ping are served by Python (slower)")
 
 
+def check_native_tcp_relay() -> Finding:
+    from nsbridge.relay import native
+
+    return Finding.limited_if(native.unavailable(), "native TCP relay",
+                              ok="built (forwarded TCP connections are relayed in C)",
+                              instead="forwarded TCP is relayed by Python (slower)")
+
+
 def check_socket_switching() -> Finding:
     from nsbridge.linux.seccomp import SeccompUnsupported, native_arch
     from nsbridge.linux.seccomp_notify import unsupported
@@ -199,6 +207,7 @@ CHECKS: tuple[Callable[[], Finding | Iterator[Finding]], ...] = (
     check_tun_tcp_path,
     check_ping_sockets,
     check_native_relay,
+    check_native_tcp_relay,
     check_socket_switching,
 )
 

@@ -33,6 +33,7 @@ from nsbridge.forward.launch import run_as_daemon, run_forwards
 from nsbridge.forward.options import forward_options, serve_options, specs_from_args
 from nsbridge.forward.supervisor import ACCEPT_MODES
 from nsbridge.linux.signals import StopSignals
+from nsbridge.relay.native import RELAYS
 
 log = logging.getLogger("nsbridge")
 
@@ -105,7 +106,7 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
                             mover=MOVER, workers=None, endpoints=[], accept=ACCEPT,
                             control=None, allow=[], deny=[], proxy_protocol=None,
                             idle_timeout=UDP_IDLE_TIMEOUT, max_flows=MAX_UDP_FLOWS,
-                            exit_with=None, ready_fd=None)
+                            exit_with=None, ready_fd=None, relay=None)
         return
     parser.add_argument("--listen-netns", metavar="SPEC",
                         help="namespace to listen in: path, pid:N, fd:N or an `ip netns` name")
@@ -121,6 +122,9 @@ def add_forward_flags(parser: argparse.ArgumentParser, *, compat: bool) -> None:
     parser.add_argument("--mover", "--engine", dest="mover", choices=("splice", "copy"),
                         default=MOVER, help="data mover: splice (zero-copy through pipes, "
                         "default) or copy; --engine is its older name")
+    parser.add_argument("--relay", choices=RELAYS, default=None,
+                        help="TCP relay: native (C, the default when built) or python "
+                        "(for debugging); also $NSBRIDGE_RELAY")
     parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="relay in N worker processes (default: one per CPU, at most "
                         f"{MAX_DEFAULT_WORKERS}; 1 = a single process); -S/-C always use one")
@@ -221,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mover", "--engine", dest="mover", choices=("splice", "copy"),
                        default=None, help="data mover (overrides the file; --engine is its "
                        "older name)")
+    serve.add_argument("--relay", choices=RELAYS, default=None,
+                       help="TCP relay: native (default when built) or python")
     serve.add_argument("--accept", choices=ACCEPT_MODES, default=None,
                        help=ACCEPT_HELP + " (overrides the file)")
     serve.add_argument("-v", "--verbose", action="count", default=0)

@@ -27,6 +27,7 @@ from nsbridge.net.factory import SocketFactory, factory_for
 from nsbridge.relay.log import log
 from nsbridge.relay.loop import EventLoop
 from nsbridge.relay.movers import MoverName, make_mover
+from nsbridge.relay.native import NativeRelay, chosen_relay
 from nsbridge.relay.tcp import SplicePipeMover
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (worker memory)
@@ -38,9 +39,15 @@ if TYPE_CHECKING:
 
 
 class Bridge:
-    def __init__(self, mover: MoverName = "splice", pipe_size: int | None = None) -> None:
+    def __init__(self, mover: MoverName = "splice", pipe_size: int | None = None,
+                 relay: str | None = None) -> None:
+        """``relay``: "native" (the C core relays TCP connections; the default when it
+        was built) or "python" (relay/tcp.py); None reads $NSBRIDGE_RELAY."""
         self.loop = EventLoop()
         self.mover = make_mover(mover, pipe_size)
+        self.relay = chosen_relay(relay)
+        self.native = (NativeRelay(self.loop, mover, pipe_size) if self.relay == "native"
+                       else None)
         self.forwards: list[Forward] = []
         # Removed forwards whose connections still run: close() must still reset them.
         self._removed: list[Forward] = []
@@ -88,6 +95,7 @@ class Bridge:
             listen_factory=self.factory(listen_ns),
             connect_factory=self.factory(connect_ns),
             on_finished=self._forward_finished,
+            native=self.native,
         )
         forward.open()
         self.forwards.append(forward)
@@ -101,8 +109,8 @@ class Bridge:
         until they end, as a removed slirp4netns hostfwd's do.  Loop thread only."""
         forward.stop_listening()
         self.forwards.remove(forward)
-        self._removed = [f for f in self._removed if f.sessions]
-        if forward.sessions:
+        self._removed = [f for f in self._removed if f.open_connections]
+        if forward.open_connections:
             self._removed.append(forward)
 
     def adopt(self, spec: ForwardSpec, target: ResolvedAddress, netns: Netns | None) -> Forward:
@@ -116,6 +124,7 @@ class Bridge:
             connect_factory=self.factory(netns),
             on_finished=self._forward_finished,
             target=target,
+            native=self.native,
         )
         forward.build_acl()
         self.forwards.append(forward)
@@ -159,7 +168,7 @@ class Bridge:
 
     @property
     def active_connections(self) -> int:
-        return sum(len(f.sessions) for f in self.forwards)
+        return sum(f.open_connections for f in self.forwards)
 
     def shutdown(self, drain: float | None = None) -> None:
         """Stop accepting; reset what is still open (after up to ``drain`` seconds); stop.
@@ -202,6 +211,8 @@ class Bridge:
             forward.stop_listening()
             forward.abort_all("reset: nsbridge closing")
         self.close_factories()
+        if self.native is not None:
+            self.native.close()
         if isinstance(self.mover, SplicePipeMover):
             self.mover.pool.close()
         self.loop.close()

@@ -37,6 +37,22 @@ class DaemonOptions:
     ready_fd: str | None = None
     exit_with: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # for forwards added at run time
+    relay: str | None = None  # "native" or "python"; None: $NSBRIDGE_RELAY or the fastest
+
+
+def _choose_relay(asked: str | None) -> None:
+    """Which relay the workers' TCP connections get, said once at -v (with why not the
+    native one when it is not).  --relay travels to the workers as $NSBRIDGE_RELAY, which
+    they inherit (and read, as any Bridge does)."""
+    from nsbridge.relay.native import RELAY_ENV, chosen_relay, unavailable
+
+    if asked:
+        os.environ[RELAY_ENV] = asked
+    relay = chosen_relay()  # a bad $NSBRIDGE_RELAY: a UserError before anything runs
+    if relay == "native":
+        log.info("TCP relay: native")
+    else:
+        log.info("TCP relay: python (%s)", unavailable() or f"${RELAY_ENV}=python")
 
 
 def run_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopSignals) -> int:
@@ -45,6 +61,7 @@ def run_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopSign
         from nsbridge.linux.lifetime import check_ready_fd
 
         check_ready_fd(options.ready_fd)
+    _choose_relay(options.relay)
     supervisor = Supervisor(options.workers, options.mover, options.drain,  # type: ignore[arg-type]
                             accept=options.accept)
     control: ControlServer | None = None

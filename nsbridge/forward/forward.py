@@ -8,6 +8,7 @@ client address.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable
 
@@ -33,7 +34,15 @@ from nsbridge.net.sockets import (
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.log import INFO, log
 from nsbridge.relay.loop import EventLoop
-from nsbridge.relay.tcp import Mover, TcpSession, peer_name, reset_and_close, tally
+from nsbridge.relay.tcp import (
+    Mover,
+    TcpSession,
+    peer_name,
+    raw_family,
+    reset_and_close,
+    tally,
+    tally_outcome,
+)
 
 __all__ = [
     "ConnectAddress", "ConnectSide", "Forward", "ForwardSpec", "ForwardStats", "ListenAddress",
@@ -45,6 +54,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from nsbridge.net.acl import ClientAcl
+    from nsbridge.relay.native import NativeRelay
     from nsbridge.relay.udp import UdpRelay
 
 # Plain classes, not dataclasses: worker processes import this module, and
@@ -101,6 +111,7 @@ class Forward:
         on_finished: Callable[[Forward], None],
         target: ResolvedAddress | None = None,
         reuseport: bool = False,
+        native: NativeRelay | None = None,
     ) -> None:
         self.spec = spec
         self.loop = loop
@@ -120,6 +131,13 @@ class Forward:
         # Bind the TCP listener with SO_REUSEPORT (--accept reuseport), so that more
         # listeners can join it: see reuseport_sibling().
         self.reuseport = reuseport
+        # The native relay (relay/native.py), when it serves: established pairs go to it,
+        # and only its records come back (``native_open`` counts the pairs it holds).
+        self.native = native
+        self.native_slot = native.new_slot(self._native_done) if native is not None else -1
+        self.native_open = 0
+        self._native_names: dict[int, str] = {}  # token -> client name, only at -v
+        self._next_token = 0
 
     def __repr__(self) -> str:
         return f"<Forward {self.spec.name or '?'} {self.target_description}>"
@@ -274,12 +292,82 @@ class Forward:
             self.stats.connect_failed += 1
             self._maybe_finish()
             return
+        if self.native is not None:
+            self._start_native(client, server, accepted)
+            return
         session = TcpSession(self.loop, self.mover, client, server, self._session_done,
                              close_leaves_epoll=accepted)
         if self.spec.proxy:
             session.preamble = proxy_header(self.spec.proxy, client)
         self._track(session)
         session.connect(self.target.sockaddr, self.spec.connect_timeout)
+
+    # ---- the native relay -------------------------------------------------------------
+
+    def _start_native(self, client: socket.socket, server: socket.socket,
+                      accepted: bool) -> None:
+        """Connect here; relay in the native core.  A target that answers at once (the
+        usual case: loopback, a veth into a namespace) goes straight to the core; a slow
+        or failed connect is the Python session's (its timeout, its outcome words), which
+        hands the pair over once connected."""
+        assert self.target is not None
+        sockaddr = self.target.sockaddr
+        code = server.connect_ex(sockaddr)
+        if code == errno.EINPROGRESS:
+            # As TcpSession.connect: a local handshake is done by now, a second call says so.
+            code = server.connect_ex(sockaddr)
+            if code == errno.EALREADY:
+                code = errno.EINPROGRESS
+        preamble = proxy_header(self.spec.proxy, client) if self.spec.proxy else b""
+        if code == 0 or code == errno.EISCONN:
+            self._hand_to_native(client, server, preamble, accepted)
+            return
+        session = TcpSession(self.loop, self.mover, client, server, self._session_done,
+                             close_leaves_epoll=accepted)
+        session.preamble = preamble
+        session.handover = self._session_connected
+        self._track(session)
+        session.connect(sockaddr, self.spec.connect_timeout, code)
+
+    def _session_connected(self, session: TcpSession) -> None:
+        """A Python session's slow connect succeeded: the core relays it from here."""
+        self.sessions.discard(session)
+        self.stats.active -= 1  # counted again as a native pair
+        log.debug("%s -> %s: connected after a wait, handed to the native relay",
+                  session.client_name, session.server_name)
+        self._hand_to_native(session.client, session.server, session.preamble,
+                             session.close_leaves_epoll, session.client_name)
+
+    def _hand_to_native(self, client: socket.socket, server: socket.socket, preamble: bytes,
+                        exclusive: bool, client_name: str = "") -> None:
+        assert self.native is not None
+        if client.gettimeout() != 0.0:  # as TcpSession: the core needs non-blocking fds
+            client.setblocking(False)
+        nodelay = (raw_family(client) in _TCP_FAMILIES) | (
+            (raw_family(server) in _TCP_FAMILIES) << 1)
+        token = self._next_token
+        self._next_token = token + 1
+        if log.isEnabledFor(INFO):
+            self._native_names[token] = (client_name if client_name not in ("", "?")
+                                         else peer_name(client))
+        self.stats.active += 1
+        self.native_open += 1
+        self.native.add(client.detach(), server.detach(), self.native_slot, token, preamble,
+                        exclusive, nodelay)
+
+    def _native_done(self, token: int, up: int, down: int, duration: float,
+                     outcome: str) -> None:
+        """A record from the core: count it as tally() counts a session, log it at -v."""
+        self.native_open -= 1
+        tally_outcome(self.stats, up, down, outcome)
+        if log.isEnabledFor(INFO):
+            client_name = self._native_names.pop(token, "?")
+            assert self.target is not None
+            log.info("%s -> %s: %d B up, %d B down, %.3fs, %s", client_name,
+                     format_sockaddr(self.target.sockaddr), up, down, duration, outcome)
+        else:
+            self._native_names.pop(token, None)
+        self._maybe_finish()
 
     def _track(self, session: TcpSession) -> None:
         self.sessions.add(session)
@@ -292,8 +380,13 @@ class Forward:
             log.info("%s", session.describe())
         self._maybe_finish()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections still open: Python sessions and pairs in the native core."""
+        return len(self.sessions) + self.native_open
+
     def _maybe_finish(self) -> None:
-        if self.spec.one_shot and not self.sessions and not self.finished:
+        if self.spec.one_shot and not self.open_connections and not self.finished:
             self.finished = True
             self.on_finished(self)
 
@@ -318,6 +411,8 @@ class Forward:
     def abort_all(self, outcome: str) -> None:
         for session in list(self.sessions):
             session.abort(outcome)
+        if self.native_open and self.native is not None:
+            self.native.abort(self.native_slot, outcome)
 
     def snapshot(self) -> ForwardStats:
         """Counters including the bytes that still-open connections moved so far."""
@@ -333,7 +428,14 @@ class Forward:
         for session in self.sessions:
             stats.bytes_up += session.up.total
             stats.bytes_down += session.down.total
+        if self.native_open and self.native is not None:
+            _active, up, down = self.native.live(self.native_slot)
+            stats.bytes_up += up
+            stats.bytes_down += down
         return stats
+
+
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def proxy_header(version: str, client: socket.socket) -> bytes:

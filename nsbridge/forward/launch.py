@@ -42,7 +42,7 @@ def run_as_daemon(specs: list[ForwardSpec], options: DaemonOptions, stops: StopS
 def run_one_shot(spec: ForwardSpec, options: DaemonOptions, stops: StopSignals) -> int:
     """-S/-C: one connection, in this process, no workers.  Exit status 1 when that
     connection never reached its target."""
-    bridge = Bridge(mover=options.mover)  # type: ignore[arg-type]
+    bridge = Bridge(mover=options.mover, relay=options.relay)  # type: ignore[arg-type]
     try:
         forward = bridge.add(spec)
 

@@ -149,7 +149,7 @@ def forward_options(args: Namespace) -> DaemonOptions:
     """How ``nsbridge forward``'s forwards run (workers, mover, drain, control, ...)."""
     return DaemonOptions(workers=worker_count(args.workers), mover=args.mover,
                          drain=args.drain, accept=args.accept, control=args.control,
-                         ready_fd=args.ready_fd, exit_with=args.exit_with)
+                         ready_fd=args.ready_fd, exit_with=args.exit_with, relay=args.relay)
 
 
 def serve_options(args: Namespace, config: Config) -> DaemonOptions:
@@ -160,7 +160,7 @@ def serve_options(args: Namespace, config: Config) -> DaemonOptions:
         accept=args.accept or config.accept or ACCEPT,
         drain=args.drain if args.drain is not None else (config.drain or DRAIN),
         control=args.control or config.control, ready_fd=args.ready_fd,
-        exit_with=args.exit_with, defaults=config.defaults)
+        exit_with=args.exit_with, defaults=config.defaults, relay=args.relay)
 
 
 def _one_of(args: Namespace, names: Sequence[tuple[str, str]], role: str,

@@ -129,7 +129,8 @@ class Supervisor:
         self.pipe_size = pipe_size
         self.drain = drain
         self.loop = EventLoop()
-        self.opener = Bridge(mover=mover)  # only for its namespace threads while opening
+        # Only for its namespace threads while opening: it relays nothing itself.
+        self.opener = Bridge(mover=mover, relay="python")
         self.forwards: dict[int, Forward] = {}
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)

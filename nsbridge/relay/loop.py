@@ -71,8 +71,19 @@ class EventLoop:
         self._handlers[self._wake_r] = self._drain_wakeups
         self._running = False
         self._thread: threading.Thread | None = None
+        self._waiter: Callable[[float], bool] | None = None
 
     # ---- registration ------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The loop's epoll fd (a waiter nests it in its own set)."""
+        return self._epoll.fileno()
+
+    def set_waiter(self, waiter: Callable[[float], bool] | None) -> None:
+        """Let ``waiter(timeout)`` do the waiting (before run()): the native TCP relay
+        serves its connections' events there, without a round trip through Python, and
+        returns True when this loop's own fds are ready (it nests our epoll fd)."""
+        self._waiter = waiter
 
     def add(self, fd: int, mask: int, handler: Handler) -> None:
         self._epoll.register(fd, mask)
@@ -143,11 +154,18 @@ class EventLoop:
         poll = self._epoll.poll
         handlers = self._handlers
         timers = self._timers
+        waiter = self._waiter
         while self._running:
             timeout = -1.0
             if timers:
                 timeout = max(0.0, timers[0][0] - time.monotonic())
-            for fd, events in poll(timeout, 512):
+            if waiter is None:
+                ready = poll(timeout, 512)
+            elif waiter(timeout):
+                ready = poll(0, 512)
+            else:
+                ready = []
+            for fd, events in ready:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(events)

@@ -53,7 +53,8 @@ _CHUNK = 1 << 20
 # request or a response the pipe round trip costs more than copying a few KiB (measured:
 # bench/RESULTS.md).  A read that fills it marks the direction as bulk, which then
 # splices.  Tunable for experiments with NSBRIDGE_SMALL_READ (bytes; 0 = always splice).
-_SMALL_READ = int(os.environ.get("NSBRIDGE_SMALL_READ", 64 << 10))
+SMALL_READ = int(os.environ.get("NSBRIDGE_SMALL_READ", 64 << 10))
+_SMALL_READ = SMALL_READ
 
 
 class Direction:
@@ -258,6 +259,7 @@ class TcpSession:
         "close_leaves_epoll",
         "down",
         "ended",
+        "handover",
         "outcome",
         "preamble",
         "server",
@@ -300,6 +302,9 @@ class TcpSession:
         # True when nothing else holds either socket's file (accepted or handed over here,
         # the target made for this session): closing them is then enough to leave epoll.
         self.close_leaves_epoll = close_leaves_epoll
+        # Set: once connected, both sockets go to it (the native relay) instead of being
+        # relayed here; it sends the preamble too.
+        self.handover: Callable[[TcpSession], None] | None = None
         for sock in (client, server):
             if sock.gettimeout() != 0.0:  # made with SOCK_NONBLOCK: skip the ioctl
                 sock.setblocking(False)
@@ -316,19 +321,26 @@ class TcpSession:
 
     # ---- phase 1: connecting -----------------------------------------------------
 
-    def connect(self, sockaddr: tuple | str | bytes, timeout: float | None) -> None:
-        """Start a non-blocking connect of the server socket, then relay."""
+    def connect(self, sockaddr: tuple | str | bytes, timeout: float | None,
+                code: int | None = None) -> None:
+        """Start a non-blocking connect of the server socket, then relay.  ``code``: the
+        caller already called connect() and got this (EINPROGRESS, or a failure)."""
         if not self._server_name:
             self._server_name = sockaddr if isinstance(sockaddr, tuple | bytes) else str(sockaddr)
-        code = self.server.connect_ex(sockaddr)
-        if code == errno.EINPROGRESS:
-            # To a local target (loopback, a veth into another namespace) the handshake
-            # is done by the time connect() returns: the SYN-ACK waited in the socket's
-            # backlog, processed as connect() released the socket.  A second connect()
-            # says so (0), which spares the timer, the OUT event and the SO_ERROR check.
+        if code is None:
             code = self.server.connect_ex(sockaddr)
-            if code == errno.EALREADY:
-                code = errno.EINPROGRESS
+            if code == errno.EINPROGRESS:
+                # To a local target (loopback, a veth into another namespace) the
+                # handshake is done by the time connect() returns: the SYN-ACK waited in
+                # the socket's backlog, processed as connect() released the socket.  A
+                # second connect() says so (0), which spares the timer, the OUT event and
+                # the SO_ERROR check.
+                code = self.server.connect_ex(sockaddr)
+                if code == errno.EALREADY:
+                    code = errno.EINPROGRESS
+        if (code == 0 or code == errno.EISCONN) and self.handover is not None:
+            self._connected()
+            return
         if code == 0 or code == errno.EISCONN:
             if self.preamble and not self._send_preamble():
                 return
@@ -371,6 +383,12 @@ class TcpSession:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.handover is not None:
+            self.ended = True  # relayed elsewhere from now on: on_done is not called
+            self._loop.remove(self.client_fd)
+            self._loop.remove(self.server_fd)
+            self.handover(self)
+            return
         # Swap in the relaying handler; edges that fired while connecting were not
         # acted on, so run both directions once by hand.
         self._loop.set_handler(self.client_fd, self._on_client)
@@ -529,13 +547,18 @@ class TcpSession:
 def tally(stats: Any, session: TcpSession) -> None:
     """Count an ended session into ``stats`` (anything with active, closed, reset,
     connect_failed, bytes_up, bytes_down): one definition of "how it ended" for every
-    user of the relay (forwards, the usernet redirector)."""
+    user of the relay (forwards, the usernet redirector, the native relay's records)."""
+    tally_outcome(stats, session.up.total, session.down.total, session.outcome)
+
+
+def tally_outcome(stats: Any, up: int, down: int, outcome: str) -> None:
+    """tally() for a connection known by its byte counts and outcome (a native record)."""
     stats.active -= 1
-    stats.bytes_up += session.up.total
-    stats.bytes_down += session.down.total
-    if session.outcome == "closed":
+    stats.bytes_up += up
+    stats.bytes_down += down
+    if outcome == "closed":
         stats.closed += 1
-    elif session.outcome.startswith(("connect", "client reset before")):
+    elif outcome.startswith(("connect", "client reset before")):
         stats.connect_failed += 1
     else:
         stats.reset += 1
@@ -543,7 +566,8 @@ def tally(stats: Any, session: TcpSession) -> None:
 
 # The family as a plain int: socket.family converts it to an IntEnum member, twice per
 # connection, for a comparison that needs no enum.
-_raw_family = _socket.socket.family.__get__
+raw_family = _socket.socket.family.__get__
+_raw_family = raw_family
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 

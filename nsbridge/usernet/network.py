@@ -125,7 +125,9 @@ class Network:
         self.handle = handle
         self.options = options
         self.policy = policy if policy is not None else policy_of(options)
-        self.bridge = Bridge()
+        # The Python relay: this loop also carries the tun engine and its fds, which the
+        # native TCP relay's waiting would put behind a second epoll_wait each.
+        self.bridge = Bridge(relay="python")
         self.engine: TunEngine | None = None
         self.redirector: TcpRedirector | None = None
         self.tun_tcp: TunTcp | None = None

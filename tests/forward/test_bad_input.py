@@ -116,12 +116,31 @@ def test_port_out_of_range(flag: str, value: str, why: str) -> None:
     pytest.param("--accept", "fast", id="accept"),
     pytest.param("--engine", "zerocopy", id="engine"),
     pytest.param("--mover", "zerocopy", id="mover"),
+    pytest.param("--relay", "turbo", id="relay"),
 ])
 def test_unknown_mode_names_the_choices(flag: str, value: str, listen_port: int) -> None:
     result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c", "127.0.0.1:9",
                           flag, value)
     line = assert_one_line_error(result, flag, f"invalid choice: {value!r}")
     assert "choose from" in line
+
+
+@pytest.mark.parametrize("one_shot", [False, True], ids=["daemon", "one-shot"])
+def test_unknown_relay_in_the_environment_is_one_line(one_shot: bool,
+                                                       listen_port: int) -> None:
+    """$NSBRIDGE_RELAY is read by every process (workers too): a bad value is refused
+    up front, naming the variable, whichever way the forward runs."""
+    env = {**os.environ, "NSBRIDGE_RELAY": "turbo"}
+    if one_shot:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            result = run_nsbridge("forward", "-S", str(theirs.fileno()), "-c", "127.0.0.1:9",
+                                  env=env, pass_fds=(theirs.fileno(),))
+    else:
+        result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c",
+                              "127.0.0.1:9", env=env)
+    line = assert_one_line_error(result, "$NSBRIDGE_RELAY", "'turbo'")
+    assert "choose from native, python" in line
 
 
 def _resolution_stays_local() -> bool:

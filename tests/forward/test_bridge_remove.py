@@ -16,6 +16,9 @@ from nsbridge.forward import Bridge, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.linux.netns import Netns
 from nsbridge.net.addresses import HostPort
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 
 @pytest.fixture
 def two_netns() -> Iterator[tuple[str, str]]:

@@ -29,6 +29,9 @@ from helpers.servers import StreamServer, tcp_roundtrip
 from helpers.waiting import wait_until
 from nsbridge.forward.control import MAX_CLIENTS, MAX_LINE
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 
 @dataclass
 class Daemon:

@@ -32,6 +32,9 @@ from helpers.processes import Forwarder, host_port, process_tree, wait_forwardin
 from helpers.servers import tcp_roundtrip, udp_roundtrip
 from helpers.waiting import wait_until
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 # ---- systemd socket activation ------------------------------------------------------------
 
 

@@ -39,6 +39,9 @@ from helpers.servers import (
 )
 from nsbridge.forward import proxy_protocol
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 try:
     import dns.message
     import dns.name

@@ -29,6 +29,9 @@ from helpers.processes import Forwarder, host_port, process_tree, wait_forwardin
 from helpers.servers import echo, recv_all, serve_in_thread
 from helpers.waiting import wait_until
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 

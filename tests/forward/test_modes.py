@@ -29,6 +29,9 @@ from helpers.processes import Forwarder
 from helpers.servers import recv_all
 from helpers.waiting import wait_until
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 PAYLOAD_UP = os.urandom(1 << 20)  # big enough to take many reads and fill socket buffers
 PAYLOAD_DOWN = os.urandom(1 << 20)
 AFTER_FIN = b"the target still talks after the client's FIN"

@@ -21,6 +21,9 @@ from helpers.processes import open_fds
 from helpers.servers import echo, recv_all, serve_in_thread
 from helpers.waiting import wait_until
 
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -252,6 +255,36 @@ def test_silent_target_bounded_by_connect_timeout(netns, forwarder):
     listener.close()
     fwd.stop()
     assert "connect timed out" in fwd.log()
+
+
+def test_slow_connect_is_relayed_once_the_target_answers(netns, forwarder, relay):
+    """A target that answers only a retransmitted SYN (its accept queue was full at
+    first): the client waits, then is relayed like any other.  With the native relay this
+    is the pair a Python session connects and then hands over to the core."""
+    listener = listen_in(netns, backlog=0)
+    port = listener.getsockname()[1]
+    # A backlog of 0 queues one connection: with it queued the forward's SYN is dropped.
+    filler = connect_in(netns, ("127.0.0.1", port))
+    fwd = start_forward(forwarder, netns, port, "-v")  # -vv: the hand-over is logged
+    started = time.monotonic()
+    with client(fwd) as sock:
+        sock.sendall(b"hello")
+        time.sleep(0.3)
+        filler.close()
+        serve_in_thread(listener, echo)  # takes the filler, then the retransmitted SYN
+        echoed = b""
+        while len(echoed) < 5:
+            echoed += sock.recv(5)
+        assert echoed == b"hello"
+        assert time.monotonic() - started > 0.8  # the connect really waited
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b""
+    wait_until(lambda: "5 B up, 5 B down" in fwd.log(), what="the connection's log line")
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which then ends
+    listener.close()
+    assert fwd.stop() == 0
+    assert "5 B up, 5 B down" in fwd.log() and ", closed" in fwd.log()
+    assert ("handed to the native relay" in fwd.log()) == (relay == "native")
 
 
 # ---- concurrency ----------------------------------------------------------------------

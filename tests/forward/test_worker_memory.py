@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from helpers.netns import listen_in
 from helpers.processes import process_tree
 from helpers.servers import echo, recv_all, serve_in_thread
 from helpers.waiting import wait_until
+
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
 
 WORKER_RSS_BUDGET_KIB = 24 * 1024  # twice what was measured; see the test's docstring
 

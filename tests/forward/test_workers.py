@@ -6,10 +6,15 @@ import os
 import signal
 import socket
 
+import pytest
+
 from helpers.netns import listen_in
 from helpers.processes import process_tree
 from helpers.servers import echo, recv_all, serve_in_thread
 from helpers.waiting import wait_until
+
+BOTH_RELAYS = True  # conftest.py: each test runs on the native and the Python relay
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _growth_while_holding(fwd, count: int) -> dict[int, int]:

@@ -1,0 +1,904 @@
+/*
+ * nsbridge.relay._tcprelay: the per-connection hot path of the TCP relay, in C.
+ *
+ * Why native code: every event of a relayed connection costs the Python relay
+ * (relay/tcp.py) an interpreter dispatch around its two syscalls, which on request/
+ * response traffic is most of a forwarder's CPU (issue 19; docs/performance.md).  Here
+ * an established pair -- the client socket and the target socket, both connected, the
+ * PROXY header (if any) sent -- is handed to a Core, which relays it to the end with
+ * no Python at all.  Python keeps everything that decides: accepting, the ACL, the
+ * connect and its timeout, -v logging and the statistics (from close records this
+ * module queues).
+ *
+ * The semantics are relay/tcp.py's, line for line (its tests run against both):
+ *
+ *   half-close   EOF from one side becomes shutdown(SHUT_WR) on the other once every
+ *                byte before it was written; the other direction keeps flowing;
+ *   resets       a failed read or write, or EPOLLERR with a pending SO_ERROR, aborts
+ *                the pair with SO_LINGER {1, 0} on both sockets: the peers see resets;
+ *   backpressure a direction reads nothing more until what it read was written;
+ *   movers       "splice": reads up to small_read bytes are copied through one shared
+ *                buffer; a read that fills it makes the direction bulk, which then
+ *                splices through a pooled pipe (held only while bytes wait in it),
+ *                and a splice read under small_read / 4 makes it copy again.
+ *                "copy": one shared buffer of 1 MiB, never a pipe;
+ *   edges        both sockets registered once, edge-triggered, IN|OUT|RDHUP; an IN
+ *                edge without RDHUP/HUP whose read was short ends after its write,
+ *                without the read that would only say EAGAIN.
+ *
+ * Integration with the Python event loop (relay/loop.py): the Core's epoll set holds
+ * the Python loop's own epoll fd, level-triggered.  The loop calls Core.wait(timeout)
+ * instead of its own epoll_wait: connection events are served here, and wait()
+ * returns when the Python side has something to do (its epoll fd is readable), its
+ * timer is due, or connections ended (their records are waiting).  The GIL is released
+ * only around epoll_wait; everything else runs with it held, so the Core's state needs
+ * no lock of its own.
+ *
+ * Memory: a connection is one struct conn (well under 200 bytes); copied bytes that the
+ * destination could not take yet get a private malloc'd copy until written; pipes only
+ * while spliced bytes wait.  So idle connections cost their struct and their sockets.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EVENTS 512
+#define COPY_BUFFER (1 << 20)      /* the copy mover's buffer, as relay/tcp.py's _CHUNK */
+#define DEFAULT_PIPE_SIZE (1 << 20)
+#define MAX_IDLE_PIPES 64
+#define REGISTER_MASK (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+
+/* How a connection ended (close records carry it, Python words it). */
+enum outcome {
+    OUT_CLOSED = 0,       /* "closed" */
+    OUT_CLIENT_RESET = 1, /* "client reset (ERRNO)" */
+    OUT_SERVER_RESET = 2, /* "server reset (ERRNO)" */
+    OUT_ABORTED = 3,      /* reset on Python's request (its words) */
+    OUT_NO_PREAMBLE = 4,  /* "server did not take the PROXY header" */
+};
+
+struct dir {
+    char *data;        /* pending copied bytes: a private copy, or the shared buffer */
+    int pipe_r, pipe_w; /* spliced: where pending bytes wait (-1: no pipe) */
+    uint32_t pending;  /* bytes read from src and not yet written to dst */
+    uint8_t eof;       /* src said EOF */
+    uint8_t done;      /* EOF passed on to dst */
+    uint8_t bulk;      /* splice from now on */
+    uint8_t drained;   /* the last read was short: src had nothing more queued */
+    uint8_t owned;     /* data is a private malloc'd copy */
+    uint64_t total;    /* bytes written to dst */
+};
+
+struct conn {
+    struct conn *prev, *next; /* the Core's list of live connections */
+    int fd[2];                /* 0: client, 1: server */
+    uint32_t slot;            /* the forward's counters */
+    uint8_t ended;
+    uint8_t exclusive;        /* no other reference to either file: close() leaves epoll */
+    uint8_t code;             /* enum outcome, once ended */
+    int err;                  /* the errno behind a reset */
+    int64_t token;            /* Python's name for the connection (records carry it) */
+    uint64_t started_ns;
+    struct dir up;            /* client -> server */
+    struct dir down;          /* server -> client */
+};
+
+struct slot_counters {
+    uint64_t active;
+    uint64_t live_up, live_down; /* bytes moved by connections still open */
+};
+
+struct record {
+    uint32_t slot;
+    uint8_t code;
+    int err;
+    int64_t token;
+    uint64_t up, down;
+    double duration;
+};
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int outer_fd;            /* the Python loop's epoll fd, nested in ours */
+    int copy_only;           /* the copy mover */
+    int always_splice;       /* small_read 0: every read splices */
+    uint32_t buf_size;       /* the shared copy buffer's size */
+    uint32_t back_to_copy;
+    int pipe_size;
+    char *buf;
+    int idle_pipes[MAX_IDLE_PIPES][2];
+    int n_idle_pipes;
+    int pipes_open;          /* every pipe we hold, idle or in use (tests read it) */
+    struct conn live;        /* list head */
+    uint64_t n_live;
+    struct conn *dead;       /* ended this batch, freed after it (epoll may still name them) */
+    struct slot_counters *slots;
+    uint32_t n_slots;
+    struct record *records;
+    size_t n_records, cap_records;
+    int record_failed;       /* a record could not be queued (out of memory) */
+} Core;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void dir_init(struct dir *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->pipe_r = d->pipe_w = -1;
+}
+
+/* ---- the pipe pool --------------------------------------------------------------- */
+
+static int pipe_acquire(Core *core, struct dir *d)
+{
+    if (core->n_idle_pipes) {
+        core->n_idle_pipes--;
+        d->pipe_r = core->idle_pipes[core->n_idle_pipes][0];
+        d->pipe_w = core->idle_pipes[core->n_idle_pipes][1];
+        return 0;
+    }
+    int p[2];
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+        return -1;
+    /* Bigger pipes move more per splice; the kernel may cap it: keep what we got. */
+    int got = fcntl(p[1], F_SETPIPE_SZ, core->pipe_size);
+    if (got > 0)
+        core->pipe_size = got;
+    core->pipes_open++;
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    return 0;
+}
+
+static void pipe_discard(Core *core, struct dir *d)
+{
+    close(d->pipe_r);
+    close(d->pipe_w);
+    core->pipes_open--;
+    d->pipe_r = d->pipe_w = -1;
+}
+
+static void pipe_release(Core *core, struct dir *d)
+{
+    if (core->n_idle_pipes < MAX_IDLE_PIPES) {
+        core->idle_pipes[core->n_idle_pipes][0] = d->pipe_r;
+        core->idle_pipes[core->n_idle_pipes][1] = d->pipe_w;
+        core->n_idle_pipes++;
+        d->pipe_r = d->pipe_w = -1;
+    } else {
+        pipe_discard(core, d);
+    }
+}
+
+/* Forget what a direction holds (its pipe back to the pool, or discarded if full). */
+static void dir_drop(Core *core, struct dir *d)
+{
+    if (d->pipe_r >= 0) {
+        if (d->pending)
+            pipe_discard(core, d);
+        else
+            pipe_release(core, d);
+    }
+    if (d->owned)
+        free(d->data);
+    d->owned = 0;
+    d->data = NULL;
+    d->pending = 0;
+}
+
+/* ---- ending ---------------------------------------------------------------------- */
+
+static void queue_record(Core *core, struct conn *c)
+{
+    if (core->n_records == core->cap_records) {
+        size_t cap = core->cap_records ? core->cap_records * 2 : 64;
+        struct record *grown = realloc(core->records, cap * sizeof(*grown));
+        if (!grown) {
+            core->record_failed = 1;
+            return;
+        }
+        core->records = grown;
+        core->cap_records = cap;
+    }
+    struct record *r = &core->records[core->n_records++];
+    r->slot = c->slot;
+    r->code = c->code;
+    r->err = c->err;
+    r->token = c->token;
+    r->up = c->up.total;
+    r->down = c->down.total;
+    r->duration = (double)(now_ns() - c->started_ns) / 1e9;
+}
+
+static void conn_close(Core *core, struct conn *c, int code, int err)
+{
+    if (c->ended)
+        return;
+    c->ended = 1;
+    c->code = (uint8_t)code;
+    c->err = err;
+    dir_drop(core, &c->up);
+    dir_drop(core, &c->down);
+    for (int i = 0; i < 2; i++) {
+        if (!c->exclusive)
+            epoll_ctl(core->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
+        close(c->fd[i]);
+    }
+    struct slot_counters *s = &core->slots[c->slot];
+    s->active--;
+    s->live_up -= c->up.total;
+    s->live_down -= c->down.total;
+    queue_record(core, c);
+    c->prev->next = c->next;
+    c->next->prev = c->prev;
+    core->n_live--;
+    c->next = core->dead; /* freed after the batch: its events may still be in it */
+    core->dead = c;
+}
+
+static void conn_abort(Core *core, struct conn *c, int code, int err)
+{
+    static const struct linger reset = {1, 0};
+    if (c->ended)
+        return;
+    for (int i = 0; i < 2; i++)
+        setsockopt(c->fd[i], SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+    conn_close(core, c, code, err);
+}
+
+/* A reset because the socket fd[side] failed with err. */
+static void abort_from(Core *core, struct conn *c, int side, int err)
+{
+    conn_abort(core, c, side == 0 ? OUT_CLIENT_RESET : OUT_SERVER_RESET, err);
+}
+
+static void free_dead(Core *core)
+{
+    while (core->dead) {
+        struct conn *c = core->dead;
+        core->dead = c->next;
+        free(c);
+    }
+}
+
+/* ---- moving bytes ---------------------------------------------------------------- */
+
+/* Results of fill/flush, as relay/tcp.py's exceptions. */
+#define MOVED 0
+#define WOULD_BLOCK (-1)
+#define SRC_FAILED (-2)
+#define DST_FAILED (-3)
+
+static inline int side_of(struct conn *c, struct dir *d) { return d == &c->up ? 0 : 1; }
+static inline int src_fd(struct conn *c, struct dir *d) { return c->fd[side_of(c, d)]; }
+static inline int dst_fd(struct conn *c, struct dir *d) { return c->fd[1 - side_of(c, d)]; }
+
+static inline void count(Core *core, struct conn *c, struct dir *d, uint64_t n)
+{
+    d->total += n;
+    if (d == &c->up)
+        core->slots[c->slot].live_up += n;
+    else
+        core->slots[c->slot].live_down += n;
+}
+
+/* Read into the source side: *n the bytes read (0: EOF). */
+static int fill(Core *core, struct conn *c, struct dir *d, ssize_t *n)
+{
+    if (!d->bulk && !core->always_splice) {
+        ssize_t got = read(src_fd(c, d), core->buf, core->buf_size);
+        if (got < 0)
+            return errno == EAGAIN ? WOULD_BLOCK : SRC_FAILED;
+        d->pending = (uint32_t)got;
+        d->data = core->buf;
+        d->drained = (uint32_t)got < core->buf_size;
+        if (!core->copy_only)
+            d->bulk = !d->drained;
+        *n = got;
+        return MOVED;
+    }
+    if (d->pipe_r < 0 && pipe_acquire(core, d) < 0)
+        return SRC_FAILED; /* out of fds or pipe quota: as a failed read, a reset */
+    d->drained = 0;
+    ssize_t got = splice(src_fd(c, d), NULL, d->pipe_w, NULL, (size_t)core->pipe_size,
+                         SPLICE_FLAGS);
+    if (got < 0) {
+        if (errno == EAGAIN) {
+            pipe_release(core, d); /* idle connections hold no pipe */
+            return WOULD_BLOCK;
+        }
+        return SRC_FAILED;
+    }
+    d->pending = (uint32_t)got;
+    if ((uint32_t)got < core->back_to_copy)
+        d->bulk = 0;
+    *n = got;
+    return MOVED;
+}
+
+/* Write pending bytes: MOVED when all are written. */
+static int flush(Core *core, struct conn *c, struct dir *d)
+{
+    int dst = dst_fd(c, d);
+    if (d->pipe_r >= 0) {
+        while (d->pending) {
+            ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->pending, SPLICE_FLAGS);
+            if (n < 0)
+                return errno == EAGAIN ? WOULD_BLOCK : DST_FAILED;
+            d->pending -= (uint32_t)n;
+            count(core, c, d, (uint64_t)n);
+        }
+        pipe_release(core, d);
+        return MOVED;
+    }
+    while (d->pending) {
+        ssize_t n = write(dst, d->data, d->pending);
+        if (n < 0) {
+            if (errno != EAGAIN)
+                return DST_FAILED;
+            if (!d->owned) {
+                /* The shared buffer is reused by the next read: keep a private copy. */
+                char *copy = malloc(d->pending);
+                if (!copy) {
+                    errno = ENOMEM;
+                    return DST_FAILED;
+                }
+                memcpy(copy, d->data, d->pending);
+                d->data = copy;
+                d->owned = 1;
+            }
+            return WOULD_BLOCK;
+        }
+        d->pending -= (uint32_t)n;
+        count(core, c, d, (uint64_t)n);
+        if (!d->owned)
+            d->data += n;
+        else if (d->pending)
+            memmove(d->data, d->data + n, d->pending);
+    }
+    if (d->owned)
+        free(d->data);
+    d->owned = 0;
+    d->data = NULL;
+    return MOVED;
+}
+
+static void finish(Core *core, struct conn *c, struct dir *d)
+{
+    if (d->done)
+        return;
+    d->done = 1;
+    dir_drop(core, d);
+    struct dir *other = d == &c->up ? &c->down : &c->up;
+    if (other->done) {
+        /* dst already sent its FIN and we read it: close() sends ours. */
+        conn_close(core, c, OUT_CLOSED, 0);
+        return;
+    }
+    if (shutdown(dst_fd(c, d), SHUT_WR) < 0)
+        abort_from(core, c, 1 - side_of(c, d), errno);
+}
+
+/* Move src -> dst until src is empty, dst full, or src ends (relay/tcp.py _pump). */
+static void pump(Core *core, struct conn *c, struct dir *d, int edge)
+{
+    for (;;) {
+        if (d->pending) {
+            int r = flush(core, c, d);
+            if (r == WOULD_BLOCK)
+                return;
+            if (r == DST_FAILED) {
+                abort_from(core, c, 1 - side_of(c, d), errno);
+                return;
+            }
+        }
+        if (d->eof) {
+            finish(core, c, d);
+            return;
+        }
+        ssize_t n = 0;
+        int r = fill(core, c, d, &n);
+        if (r == WOULD_BLOCK)
+            return;
+        if (r == SRC_FAILED) {
+            abort_from(core, c, side_of(c, d), errno);
+            return;
+        }
+        if (n == 0) {
+            d->eof = 1;
+        } else if (edge && d->drained) {
+            r = flush(core, c, d); /* written or not, the next edge resumes us */
+            if (r == DST_FAILED)
+                abort_from(core, c, 1 - side_of(c, d), errno);
+            return;
+        }
+    }
+}
+
+/* An IN edge of request/response traffic: one copied read and, when it was short, its
+ * write.  1: served; 0: the caller pumps on (EOF, a full buffer, or a bulk direction). */
+static int serve_edge(Core *core, struct conn *c, struct dir *d)
+{
+    if (d->bulk || core->always_splice)
+        return 0;
+    ssize_t n = read(src_fd(c, d), core->buf, core->buf_size);
+    if (n < 0) {
+        if (errno == EAGAIN)
+            return 1;
+        abort_from(core, c, side_of(c, d), errno);
+        return 1;
+    }
+    if (n == 0) {
+        d->eof = 1;
+        return 0;
+    }
+    if ((uint32_t)n == core->buf_size) {
+        d->pending = (uint32_t)n;
+        d->data = core->buf;
+        d->drained = 0;
+        if (!core->copy_only)
+            d->bulk = 1;
+        return 0;
+    }
+    ssize_t written = write(dst_fd(c, d), core->buf, (size_t)n);
+    if (written < 0) {
+        if (errno != EAGAIN) {
+            abort_from(core, c, 1 - side_of(c, d), errno);
+            return 1;
+        }
+        written = 0;
+    }
+    count(core, c, d, (uint64_t)written);
+    if (written < n) {
+        uint32_t rest = (uint32_t)(n - written);
+        char *copy = malloc(rest);
+        if (!copy) {
+            abort_from(core, c, 1 - side_of(c, d), ENOMEM);
+            return 1;
+        }
+        memcpy(copy, core->buf + written, rest);
+        d->data = copy;
+        d->owned = 1;
+        d->pending = rest;
+    }
+    return 1;
+}
+
+static void on_readable(Core *core, struct conn *c, struct dir *d, uint32_t events)
+{
+    if (events & (EPOLLRDHUP | EPOLLHUP)) {
+        pump(core, c, d, 0);
+        return;
+    }
+    if (serve_edge(core, c, d))
+        return;
+    if (!c->ended)
+        pump(core, c, d, 1);
+}
+
+/* An event on c->fd[side] (relay/tcp.py _on_client / _on_server). */
+static void on_event(Core *core, struct conn *c, int side, uint32_t events)
+{
+    struct dir *reading = side == 0 ? &c->up : &c->down;
+    struct dir *writing = side == 0 ? &c->down : &c->up;
+    if (events & EPOLLERR) {
+        int code = 0;
+        socklen_t len = sizeof(code);
+        if (getsockopt(c->fd[side], SOL_SOCKET, SO_ERROR, &code, &len) == 0 && code) {
+            abort_from(core, c, side, code);
+            return;
+        }
+    }
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP) && !reading->pending)
+        on_readable(core, c, reading, events);
+    if (events & EPOLLOUT && writing->pending && !c->ended)
+        pump(core, c, writing, 0);
+}
+
+/* ---- the Python type ------------------------------------------------------------- */
+
+static int Core_init(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"outer_fd", "copy", "small_read", "pipe_size", NULL};
+    int outer_fd, copy = 0, small_read = 64 << 10, pipe_size = DEFAULT_PIPE_SIZE;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|pii", kwlist, &outer_fd, &copy,
+                                     &small_read, &pipe_size))
+        return -1;
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
+        return -1;
+    }
+    if (small_read < 0 || pipe_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "small_read must be >= 0 and pipe_size > 0");
+        return -1;
+    }
+    self->copy_only = copy;
+    self->always_splice = !copy && small_read == 0;
+    self->buf_size = copy ? COPY_BUFFER : (uint32_t)(small_read ? small_read : 1);
+    self->back_to_copy = (uint32_t)small_read / 4;
+    self->pipe_size = pipe_size;
+    self->buf = malloc(self->buf_size);
+    if (!self->buf) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, outer_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->outer_fd = outer_fd;
+    return 0;
+}
+
+static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Core *self = (Core *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->epfd = -1;
+    self->outer_fd = -1;
+    self->live.next = self->live.prev = &self->live;
+    return (PyObject *)self;
+}
+
+static void abort_all(Core *self, int code)
+{
+    while (self->live.next != &self->live)
+        conn_abort(self, self->live.next, code, 0);
+    free_dead(self);
+}
+
+static void Core_dealloc(Core *self)
+{
+    if (self->epfd >= 0) {
+        abort_all(self, OUT_ABORTED);
+        close(self->epfd);
+    }
+    while (self->n_idle_pipes) {
+        self->n_idle_pipes--;
+        close(self->idle_pipes[self->n_idle_pipes][0]);
+        close(self->idle_pipes[self->n_idle_pipes][1]);
+    }
+    free(self->buf);
+    free(self->slots);
+    free(self->records);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_open(Core *self)
+{
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the Core is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Core_new_slot(Core *self, PyObject *noargs)
+{
+    if (check_open(self) < 0)
+        return NULL;
+    struct slot_counters *grown = realloc(self->slots, (self->n_slots + 1) * sizeof(*grown));
+    if (!grown)
+        return PyErr_NoMemory();
+    self->slots = grown;
+    memset(&grown[self->n_slots], 0, sizeof(*grown));
+    return PyLong_FromUnsignedLong(self->n_slots++);
+}
+
+PyDoc_STRVAR(Core_add_doc,
+"add(client_fd, server_fd, slot, token, preamble=b'', exclusive=True, nodelay=3)\n"
+"Relay an established pair to its end; the Core owns (and closes) both fds from now\n"
+"on, even when this raises (bad arguments only).  ``preamble`` is sent to the server first (a PROXY\n"
+"header); ``exclusive``: nothing else holds either file, so closing it is enough to\n"
+"leave epoll; ``nodelay``: bit 0 sets TCP_NODELAY on the client, bit 1 on the server.\n"
+"A pair that fails at once (the header refused) ends with a record like any other.");
+
+static PyObject *Core_add(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"client_fd", "server_fd", "slot", "token", "preamble",
+                             "exclusive", "nodelay", NULL};
+    int client_fd, server_fd, exclusive = 1, nodelay = 3;
+    unsigned int slot;
+    long long token;
+    Py_buffer preamble = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiIL|y*pi", kwlist, &client_fd, &server_fd,
+                                     &slot, &token, &preamble, &exclusive, &nodelay))
+        return NULL;
+    PyObject *result = NULL;
+    struct conn *c = NULL;
+    if (check_open(self) < 0 || client_fd < 0 || server_fd < 0 || client_fd == server_fd ||
+        slot >= self->n_slots) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad fds or unknown slot");
+        goto fail;
+    }
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    c->fd[0] = client_fd;
+    c->fd[1] = server_fd;
+    c->slot = slot;
+    c->token = token;
+    c->exclusive = (uint8_t)exclusive;
+    c->started_ns = now_ns();
+    dir_init(&c->up);
+    dir_init(&c->down);
+    static const int one = 1;
+    for (int i = 0; i < 2; i++)
+        if (nodelay & (1 << i))
+            setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* Counted live from here: conn_close undoes it, whichever way the pair ends. */
+    self->slots[slot].active++;
+    c->next = self->live.next;
+    c->prev = &self->live;
+    self->live.next->prev = c;
+    self->live.next = c;
+    self->n_live++;
+    if (preamble.len) {
+        /* A fresh connection's send buffer always has room for a ~100-byte header. */
+        ssize_t sent = send(server_fd, preamble.buf, (size_t)preamble.len, MSG_NOSIGNAL);
+        if (sent < 0) {
+            conn_abort(self, c, OUT_SERVER_RESET, errno);
+            goto done;
+        }
+        if (sent != preamble.len) {
+            conn_abort(self, c, OUT_NO_PREAMBLE, 0);
+            goto done;
+        }
+    }
+    /* Registered only now: adding an fd to epoll reports what is already pending (a
+     * request, even a FIN), so nothing has to be pumped by hand. */
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = REGISTER_MASK,
+                                 .data.u64 = (uint64_t)(uintptr_t)c | (uint64_t)i};
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
+            /* Out of memory for epoll, or a socket epoll refuses: a reset, counted. */
+            conn_abort(self, c, i == 0 ? OUT_CLIENT_RESET : OUT_SERVER_RESET, errno);
+            break;
+        }
+    }
+done:
+    free_dead(self);
+    result = Py_None;
+    Py_INCREF(result);
+    PyBuffer_Release(&preamble);
+    return result;
+fail:
+    if (client_fd >= 0)
+        close(client_fd);
+    if (server_fd >= 0 && server_fd != client_fd)
+        close(server_fd);
+    PyBuffer_Release(&preamble);
+    return NULL;
+}
+
+PyDoc_STRVAR(Core_wait_doc,
+"wait(timeout_ms) -> int\n"
+"Serve connection events until the Python loop's epoll fd is readable (bit 0 of the\n"
+"result), connections ended (bit 1: take_records() has them), or the timeout passes.\n"
+"-1 waits without a timeout.  The GIL is released while waiting.");
+
+static PyObject *Core_wait(Core *self, PyObject *arg)
+{
+    int timeout = (int)PyLong_AsLong(arg);
+    if (timeout == -1 && PyErr_Occurred())
+        return NULL;
+    if (check_open(self) < 0)
+        return NULL;
+    struct epoll_event events[EVENTS];
+    int outer_ready = 0;
+    if (self->n_records)
+        timeout = 0; /* records queued outside a wait (add, abort_slot) go out first */
+    uint64_t deadline = timeout > 0 ? now_ns() + (uint64_t)timeout * 1000000u : 0;
+    for (;;) {
+        int n, err;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(self->epfd, events, EVENTS, timeout);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (err != EINTR) {
+                errno = err;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            break; /* let the loop look at its signals and timers */
+        }
+        for (int i = 0; i < n; i++) {
+            uint64_t data = events[i].data.u64;
+            if (data == 0) {
+                outer_ready = 1;
+                continue;
+            }
+            struct conn *c = (struct conn *)(uintptr_t)(data & ~(uint64_t)1);
+            if (!c->ended)
+                on_event(self, c, (int)(data & 1), events[i].events);
+        }
+        free_dead(self);
+        /* Only connection events, all served: wait on here, without a round trip
+         * through the interpreter, until the Python side has work or its timer is due. */
+        if (outer_ready || self->n_records || n == 0 || timeout == 0)
+            break;
+        if (timeout > 0) {
+            uint64_t now = now_ns();
+            if (now >= deadline)
+                break;
+            timeout = (int)((deadline - now + 999999u) / 1000000u);
+        }
+    }
+    return PyLong_FromLong(outer_ready | (self->n_records ? 2 : 0));
+}
+
+PyDoc_STRVAR(Core_take_records_doc,
+"take_records() -> list of (slot, token, bytes_up, bytes_down, duration, code, errno)\n"
+"The connections that ended since the last call.  code: 0 closed, 1 client reset,\n"
+"2 server reset, 3 aborted on request, 4 the server did not take the PROXY header.");
+
+static PyObject *Core_take_records(Core *self, PyObject *noargs)
+{
+    PyObject *list = PyList_New((Py_ssize_t)self->n_records);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < self->n_records; i++) {
+        struct record *r = &self->records[i];
+        PyObject *item = Py_BuildValue("(ILKKdii)", r->slot, r->token,
+                                       (unsigned long long)r->up, (unsigned long long)r->down,
+                                       r->duration, (int)r->code, r->err);
+        if (!item) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    self->n_records = 0;
+    if (self->cap_records > 4096) { /* give a burst's memory back */
+        free(self->records);
+        self->records = NULL;
+        self->cap_records = 0;
+    }
+    return list;
+}
+
+PyDoc_STRVAR(Core_abort_slot_doc,
+"abort_slot(slot)\n"
+"Reset every open connection of the forward ``slot`` now (records with code 3).");
+
+static PyObject *Core_abort_slot(Core *self, PyObject *arg)
+{
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (slot == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (check_open(self) < 0)
+        return NULL;
+    struct conn *c = self->live.next;
+    while (c != &self->live) {
+        struct conn *next = c->next;
+        if (c->slot == slot)
+            conn_abort(self, c, OUT_ABORTED, 0);
+        c = next;
+    }
+    free_dead(self);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Core_slot_doc,
+"slot(slot) -> (active, bytes_up, bytes_down)\n"
+"The forward's open connections and the bytes they moved so far.");
+
+static PyObject *Core_slot(Core *self, PyObject *arg)
+{
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (slot == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (slot >= self->n_slots) {
+        PyErr_SetString(PyExc_ValueError, "unknown slot");
+        return NULL;
+    }
+    struct slot_counters *s = &self->slots[slot];
+    return Py_BuildValue("(KKK)", (unsigned long long)s->active,
+                         (unsigned long long)s->live_up, (unsigned long long)s->live_down);
+}
+
+static PyObject *Core_info(Core *self, PyObject *noargs)
+{
+    return Py_BuildValue("{sKsisisisn}", "connections", (unsigned long long)self->n_live,
+                         "pipes_open", self->pipes_open, "idle_pipes", self->n_idle_pipes,
+                         "record_failed", self->record_failed, "conn_size",
+                         (Py_ssize_t)sizeof(struct conn));
+}
+
+PyDoc_STRVAR(Core_close_doc,
+"close()\n"
+"Reset every open connection (records with code 3) and release the epoll set and\n"
+"the pipes.  The records stay readable with take_records().");
+
+static PyObject *Core_close(Core *self, PyObject *noargs)
+{
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    abort_all(self, OUT_ABORTED);
+    close(self->epfd);
+    self->epfd = -1;
+    while (self->n_idle_pipes) {
+        self->n_idle_pipes--;
+        close(self->idle_pipes[self->n_idle_pipes][0]);
+        close(self->idle_pipes[self->n_idle_pipes][1]);
+        self->pipes_open--;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Core_methods[] = {
+    {"new_slot", (PyCFunction)Core_new_slot, METH_NOARGS,
+     PyDoc_STR("new_slot() -> int: counters for one more forward")},
+    {"add", (PyCFunction)(void (*)(void))Core_add, METH_VARARGS | METH_KEYWORDS, Core_add_doc},
+    {"wait", (PyCFunction)Core_wait, METH_O, Core_wait_doc},
+    {"take_records", (PyCFunction)Core_take_records, METH_NOARGS, Core_take_records_doc},
+    {"abort_slot", (PyCFunction)Core_abort_slot, METH_O, Core_abort_slot_doc},
+    {"slot", (PyCFunction)Core_slot, METH_O, Core_slot_doc},
+    {"info", (PyCFunction)Core_info, METH_NOARGS,
+     PyDoc_STR("info() -> dict: connections, pipes_open, idle_pipes, record_failed, conn_size")},
+    {"close", (PyCFunction)Core_close, METH_NOARGS, Core_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nsbridge.relay._tcprelay.Core",
+    .tp_doc = PyDoc_STR("Core(outer_fd, copy=False, small_read=65536, pipe_size=1048576)"),
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Core_new,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_tcprelay",
+    "The TCP relay's per-connection hot path in C (see relay/native.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tcprelay(void)
+{
+    if (PyType_Ready(&CoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,136 @@
+"""The native TCP relay's Python side: which relay serves, and the C core on a loop.
+
+``_tcprelay.c`` relays an established client/target pair with no Python per event (see
+its header for the semantics, which are relay/tcp.py's).  This module decides whether it
+serves (:func:`chosen_relay`: ``NSBRIDGE_RELAY=python`` or a missing build picks the
+Python relay, and :func:`unavailable` says why), and :class:`NativeRelay` puts one core
+on an :class:`~nsbridge.relay.loop.EventLoop`: the core does the loop's waiting, serves
+connection events itself and hands the loop back its own events, its timers, and the
+records of connections that ended, which go to the owner of their slot (a forward) for
+its statistics and its ``-v`` line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from nsbridge.errors import UserError, errno_name
+from nsbridge.relay.loop import EventLoop
+from nsbridge.relay.tcp import SMALL_READ
+
+try:
+    from nsbridge.relay import _tcprelay
+except ImportError:  # built without a C compiler: the Python relay serves
+    _tcprelay = None  # type: ignore[assignment]
+
+__all__ = ["RELAYS", "RELAY_ENV", "NativeRelay", "chosen_relay", "unavailable"]
+
+RELAY_ENV = "NSBRIDGE_RELAY"
+RELAYS = ("native", "python")
+
+# Record codes (_tcprelay.c, enum outcome).
+_CLOSED, _CLIENT_RESET, _SERVER_RESET, _ABORTED, _NO_PREAMBLE = range(5)
+
+# What a slot's owner gets for each connection that ended:
+# (token, bytes up, bytes down, duration in seconds, outcome in relay/tcp.py's words).
+OnRecord = Callable[[int, int, int, float, str], None]
+
+
+def unavailable() -> str | None:
+    """Why the native relay cannot serve here (None if it can): it was not built."""
+    if _tcprelay is None:
+        return ("nsbridge was installed without its native TCP relay (reinstall with a C "
+                "compiler and the Python headers present); the Python relay serves, slower")
+    return None
+
+
+def chosen_relay(name: str | None = None) -> str:
+    """The relay that serves: ``name`` (or $NSBRIDGE_RELAY) if given, else the fastest
+    built one.  "native" asked for but not built falls back to "python" (``-v`` and
+    ``nsbridge doctor`` say why).  An unknown name is a UserError."""
+    where = "relay" if name else f"${RELAY_ENV}"
+    name = name or os.environ.get(RELAY_ENV) or "native"
+    if name not in RELAYS:
+        raise UserError(f"{where}: unknown relay {name!r} (choose from {', '.join(RELAYS)})")
+    if name == "native" and _tcprelay is None:
+        return "python"
+    return name
+
+
+def outcome_words(code: int, err: int) -> str:
+    """A record's outcome as the Python relay words it (tally() counts by these)."""
+    if code == _CLOSED:
+        return "closed"
+    if code == _CLIENT_RESET:
+        return f"client reset ({errno_name(err)})"
+    if code == _SERVER_RESET:
+        return f"server reset ({errno_name(err)})"
+    if code == _NO_PREAMBLE:
+        return "server did not take the PROXY header"
+    return "reset by nsbridge"
+
+
+class NativeRelay:
+    """One C core doing the waiting of one event loop (set up before the loop runs)."""
+
+    def __init__(self, loop: EventLoop, mover: str = "splice",
+                 pipe_size: int | None = None) -> None:
+        assert _tcprelay is not None
+        self.core = _tcprelay.Core(loop.fileno(), copy=mover == "copy", small_read=SMALL_READ,
+                                   pipe_size=pipe_size or (1 << 20))
+        self._owners: dict[int, OnRecord] = {}
+        self._abort_outcome = "reset by nsbridge"
+        self._loop = loop
+        loop.set_waiter(self.wait)
+
+    def new_slot(self, on_record: OnRecord) -> int:
+        """Counters for one forward; ``on_record`` gets its ended connections."""
+        slot: int = self.core.new_slot()
+        self._owners[slot] = on_record
+        return slot
+
+    def add(self, client_fd: int, server_fd: int, slot: int, token: int, preamble: bytes,
+            exclusive: bool, nodelay: int) -> None:
+        """Relay an established pair; the core owns both fds from now on."""
+        self.core.add(client_fd, server_fd, slot, token, preamble, exclusive, nodelay)
+
+    def wait(self, timeout: float) -> bool:
+        """The loop's wait (EventLoop.set_waiter): True when the loop's own fds are ready."""
+        flags: int = self.core.wait(-1 if timeout < 0 else int(timeout * 1000 + 0.999))
+        if flags & 2:
+            self._dispatch()
+        return bool(flags & 1)
+
+    def _dispatch(self) -> None:
+        owners = self._owners
+        for slot, token, up, down, duration, code, err in self.core.take_records():
+            words = self._abort_outcome if code == _ABORTED else outcome_words(code, err)
+            owners[slot](token, up, down, duration, words)
+
+    def live(self, slot: int) -> tuple[int, int, int]:
+        """(open connections, bytes up, bytes down they moved so far) of ``slot``."""
+        active, up, down = self.core.slot(slot)
+        return active, up, down
+
+    def abort(self, slot: int, outcome: str) -> None:
+        """Reset every open connection of ``slot`` now; their records say ``outcome``."""
+        self._dispatch()  # earlier records keep their own words
+        self._abort_outcome = outcome
+        try:
+            self.core.abort_slot(slot)
+            self._dispatch()
+        finally:
+            self._abort_outcome = "reset by nsbridge"
+
+    def info(self) -> dict[str, int]:
+        info: dict[str, int] = self.core.info()
+        return info
+
+    def close(self, outcome: str = "reset: nsbridge closing") -> None:
+        """Reset what is still open (records dispatched) and release the core."""
+        self._loop.set_waiter(None)
+        self._dispatch()
+        self._abort_outcome = outcome
+        self.core.close()
+        self._dispatch()
