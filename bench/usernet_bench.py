@@ -440,9 +440,10 @@ def udp_zero_loss(prefix: list[str], cfg: Config) -> Sample:
     return sample
 
 
-def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
-    probe = Path(__file__).resolve().parent / "nsbench" / "dnsprobe.py"
-    argv = [*prefix, sys.executable, str(probe), "query", server, "53", str(count)]
+def _latency_probe(prefix: list[str], probe: str, args: list[str], nothing: str) -> Sample:
+    """Run one of nsbench's probes (JSON with ``p50_us`` and ``failed`` on stdout)."""
+    path = Path(__file__).resolve().parent / "nsbench" / probe
+    argv = [*prefix, sys.executable, str(path), *args]
     rc, out, err = run_client(argv, 60)
     sample: Sample = {"argv": argv, "rc": rc}
     try:
@@ -451,8 +452,12 @@ def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
         sample["error"] = (err.strip() or f"exit {rc}")[-300:]
         return sample
     if "p50_us" not in sample:
-        sample["error"] = f"no answers ({sample.get('failed')} failed)"
+        sample["error"] = f"no {nothing} ({sample.get('failed')} failed)"
     return sample
+
+
+def dns_latency(prefix: list[str], server: str, count: int) -> Sample:
+    return _latency_probe(prefix, "dnsprobe.py", ["query", server, "53", str(count)], "answers")
 
 
 def ping_rtt(prefix: list[str], count: int, interval: str = "0.05") -> Sample:
@@ -483,18 +488,8 @@ def wrk_close(prefix: list[str], seconds: int) -> Sample:
 
 
 def connect_latency(prefix: list[str], count: int) -> Sample:
-    probe = Path(__file__).resolve().parent / "nsbench" / "connectprobe.py"
-    argv = [*prefix, sys.executable, str(probe), HOST_IP, str(HTTP_PORT), str(count)]
-    rc, out, err = run_client(argv, 60)
-    sample: Sample = {"argv": argv, "rc": rc}
-    try:
-        sample.update(json.loads(out))
-    except json.JSONDecodeError:
-        sample["error"] = (err.strip() or f"exit {rc}")[-300:]
-        return sample
-    if "p50_us" not in sample:
-        sample["error"] = f"no connects ({sample.get('failed')} failed)"
-    return sample
+    args = [HOST_IP, str(HTTP_PORT), str(count)]
+    return _latency_probe(prefix, "connectprobe.py", args, "connects")
 
 
 def published(side: Side, reg: ProcessRegistry, ns: Netns, cfg: Config, streams: int = 1) -> Sample:
