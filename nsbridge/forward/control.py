@@ -169,25 +169,11 @@ class _Client:
 
 def _listen(path: str) -> socket.socket:
     """Create the socket file 0600 from the start (umask), replacing a stale one."""
-    from nsbridge.net.sockets import clear_stale_socket
+    from nsbridge.net.sockets import listen_private_unix
 
     if not path:
         raise UserError("--control: empty path")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f"--control {path}: directory {directory} does not exist")
-    clear_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"--control {path}: cannot create the socket: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+    sock = listen_private_unix(path, f"--control {path}", 16)
     sock.setblocking(False)
     return sock
 

@@ -218,6 +218,35 @@ def clear_stale_socket(path: str) -> None:
                     "pick another path")
 
 
+def listen_private_unix(path: str, what: str, backlog: int, *,
+                        shared: bool = False) -> socket.socket:
+    """A listening Unix socket at ``path`` for a control-type socket (``what`` names the
+    option in errors, e.g. ``--control PATH``): created mode 0600 from the start (the
+    umask is set around bind, so there is no moment another user could connect), made
+    0666 only when ``shared`` (the peer's credentials then decide); a stale socket file is
+    replaced, anything else in the way is refused."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{what}: directory {directory} does not exist")
+    try:
+        clear_stale_socket(path)
+    except UserError as exc:
+        raise UserError(f"{what}: {str(exc).split(': ', 1)[-1]}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        if shared:
+            os.chmod(path, 0o666)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"{what}: cannot create the socket: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
 def remove_unix_socket(path: str) -> None:
     try:
         os.unlink(path)

@@ -81,29 +81,9 @@ def run_agent(socket_path: str, options: UsernetOptions, stops: StopSignals, *,
 def listen(path: str, *, shared: bool) -> socket.socket:
     """The agent's socket at ``path``: mode 0600 (0666 with ``--allow-user``: the peer's
     credentials decide, :mod:`.host.seccompagent`); a stale socket file is replaced."""
-    from nsbridge.net.sockets import clear_stale_socket
+    from nsbridge.net.sockets import listen_private_unix
 
-    what = f"--socket {path}"
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f"{what}: directory {directory} does not exist")
-    try:
-        clear_stale_socket(path)
-    except UserError as exc:
-        raise UserError(f"{what}: {str(exc).split(': ', 1)[-1]}") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-        if shared:
-            os.chmod(path, 0o666)
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"{what}: cannot create the socket: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    sock.listen(BACKLOG)
-    return sock
+    return listen_private_unix(path, f"--socket {path}", BACKLOG, shared=shared)
 
 
 def _unlink(path: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from nsbridge.errors import UserError
 from nsbridge.forward import UDP, ConnectAddress, ForwardSpec, ListenAddress
 from nsbridge.net.addresses import HostPort
-from nsbridge.net.sockets import clear_stale_socket, remove_unix_socket
+from nsbridge.net.sockets import listen_private_unix, remove_unix_socket
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.loop import IN, OUT, EventLoop, Timer
 from nsbridge.usernet.host.inbound import InboundPort
@@ -253,20 +253,5 @@ def check_path(path: str) -> None:
 def _listen(path: str) -> socket.socket:
     """The listening socket, mode 0600 from the start; a stale socket file is replaced
     (slirp4netns unlinks whatever is there, even a regular file: we do not)."""
-    what = f"--api-socket {path}"
     check_path(path)
-    try:
-        clear_stale_socket(path)
-    except UserError as exc:
-        raise UserError(f"{what}: {str(exc).split(': ', 1)[-1]}") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"{what}: cannot create the socket: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    sock.listen(MAX_CLIENTS)
-    return sock
+    return listen_private_unix(path, f"--api-socket {path}", MAX_CLIENTS)
