@@ -8,6 +8,12 @@ on an :class:`~nsbridge.relay.loop.EventLoop`: the core does the loop's waiting,
 connection events itself and hands the loop back its own events, its timers, and the
 records of connections that ended, which go to the owner of their slot (a forward) for
 its statistics and its ``-v`` line.
+
+Listeners (:meth:`NativeRelay.listen`): a forward whose clients need no Python (see
+``Forward.accepts_natively``) gives the core its listener; the core accepts and connects
+itself, from a pool of target sockets this module keeps filled through the forward's
+socket factory, and hands back what it cannot finish (a slow or failed connect, an
+empty pool, an accept error) to the listener's owner, which runs its Python path for it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ try:
 except ImportError:  # built without a C compiler: the Python relay serves
     _tcprelay = None  # type: ignore[assignment]
 
-__all__ = ["RELAYS", "RELAY_ENV", "NativeRelay", "chosen_relay", "unavailable"]
+__all__ = ["CORE_ACCEPTED", "NATIVE_ACCEPT_ENV", "RELAYS", "RELAY_ENV", "ListenerOwner",
+           "NativeRelay", "chosen_relay", "native_accept_enabled", "unavailable"]
 
 RELAY_ENV = "NSBRIDGE_RELAY"
 RELAYS = ("native", "python")
@@ -35,6 +42,32 @@ _CLOSED, _CLIENT_RESET, _SERVER_RESET, _ABORTED, _NO_PREAMBLE = range(5)
 # What a slot's owner gets for each connection that ended:
 # (token, bytes up, bytes down, duration in seconds, outcome in relay/tcp.py's words).
 OnRecord = Callable[[int, int, int, float, str], None]
+
+# The token of a pair the core accepted itself (Python gave it none).
+CORE_ACCEPTED = -1
+
+# Whether forwards may accept in the core (NSBRIDGE_NATIVE_ACCEPT=0: never, for A/B
+# measurements and for tests comparing the two paths).
+NATIVE_ACCEPT_ENV = "NSBRIDGE_NATIVE_ACCEPT"
+
+# A listener's pool of target sockets: refilled to POOL_CAP when under POOL_LOW.  Small:
+# an idle forward holds POOL_CAP sockets per worker; a burst beyond it is handed back
+# and served by Python, never dropped.
+POOL_LOW = 8
+POOL_CAP = 32
+
+
+class ListenerOwner:
+    """What the core's listener needs from its owner (a Forward): sockets for its pool,
+    and a home for what the core hands back."""
+
+    def pool_sockets(self, count: int) -> list[int]:
+        """Up to ``count`` new unconnected target socket fds (ownership passes)."""
+        raise NotImplementedError
+
+    def handed_back(self, client_fd: int, server_fd: int, code: int) -> None:
+        """See ``Core.take_handbacks``; the owner owns the fds from the call on."""
+        raise NotImplementedError
 
 
 def unavailable() -> str | None:
@@ -56,6 +89,11 @@ def chosen_relay(name: str | None = None) -> str:
     if name == "native" and _tcprelay is None:
         return "python"
     return name
+
+
+def native_accept_enabled() -> bool:
+    """Whether forwards may accept in the core ($NSBRIDGE_NATIVE_ACCEPT not "0")."""
+    return os.environ.get(NATIVE_ACCEPT_ENV, "1") != "0"
 
 
 def outcome_words(code: int, err: int) -> str:
@@ -80,6 +118,7 @@ class NativeRelay:
         self.core = _tcprelay.Core(loop.fileno(), copy=mover == "copy", small_read=SMALL_READ,
                                    pipe_size=pipe_size or (1 << 20))
         self._owners: dict[int, OnRecord] = {}
+        self._listeners: dict[int, ListenerOwner] = {}
         self._abort_outcome = "reset by nsbridge"
         self._loop = loop
         loop.set_waiter(self.wait)
@@ -100,7 +139,47 @@ class NativeRelay:
         flags: int = self.core.wait(-1 if timeout < 0 else int(timeout * 1000 + 0.999))
         if flags & 2:
             self._dispatch()
+        if flags & 4:
+            self._serve_listeners()
         return bool(flags & 1)
+
+    # ---- listeners -----------------------------------------------------------------
+
+    def listen(self, listener_fd: int, slot: int, family: int, sockaddr: tuple,
+               owner: ListenerOwner) -> int:
+        """Accept from ``listener_fd`` in the core and connect each client to ``sockaddr``
+        (a numeric IPv4/IPv6 address) with a pooled socket; returns the listener's id.
+        The listener stays the caller's: :meth:`unlisten` before closing it."""
+        host, port = sockaddr[0], sockaddr[1]
+        scope_id = sockaddr[3] if len(sockaddr) > 3 else 0
+        host = host.split("%", 1)[0]  # a link-local scope is in scope_id
+        lid: int = self.core.listen(listener_fd, slot, family, host, port, scope_id,
+                                    POOL_LOW, POOL_CAP)
+        self._listeners[lid] = owner
+        self._serve_listeners()  # fill the pool before the first client
+        return lid
+
+    def unlisten(self, lid: int) -> None:
+        """Stop accepting from ``lid``; what it handed back so far is served first."""
+        self._serve_listeners()
+        self.core.unlisten(lid)
+        del self._listeners[lid]
+
+    def _serve_listeners(self) -> None:
+        listeners = self._listeners
+        for lid, client_fd, server_fd, code in self.core.take_handbacks():
+            listeners[lid].handed_back(client_fd, server_fd, code)
+        for lid, count in self.core.pool_wants():
+            owner = listeners.get(lid)
+            if owner is None:
+                continue
+            for fd in owner.pool_sockets(count):
+                self.core.pool_put(lid, fd)
+
+    def listener_info(self, lid: int) -> dict[str, int]:
+        info: dict[str, int] = self.core.listener_info(lid)
+        return info
+
 
     def _dispatch(self) -> None:
         owners = self._owners
@@ -108,10 +187,11 @@ class NativeRelay:
             words = self._abort_outcome if code == _ABORTED else outcome_words(code, err)
             owners[slot](token, up, down, duration, words)
 
-    def live(self, slot: int) -> tuple[int, int, int]:
-        """(open connections, bytes up, bytes down they moved so far) of ``slot``."""
-        active, up, down = self.core.slot(slot)
-        return active, up, down
+    def live(self, slot: int) -> tuple[int, int, int, int]:
+        """(open connections, bytes up, bytes down they moved so far, how many of the open
+        ones the core accepted itself) of ``slot``."""
+        active, up, down, core_accepted = self.core.slot(slot)
+        return active, up, down, core_accepted
 
     def abort(self, slot: int, outcome: str) -> None:
         """Reset every open connection of ``slot`` now; their records say ``outcome``."""
