@@ -271,23 +271,22 @@ class Forward:
             self._core_client_family = raw_family(listener)
             self.native_listener = self.native.listen(
                 listener.fileno(), self.native_slot, self.target.family,
-                self.target.sockaddr, _CoreListener(self))
+                self.target.sockaddr, _CoreListener(self), peer=log.isEnabledFor(INFO))
             return
         self._accept_in_python(listener)
 
     def accepts_natively(self, listener: socket.socket) -> bool:
         """Whether the core may accept this forward's clients: nothing per client needs
         Python.  Not with allow/deny rules (the ACL), a PROXY header, a one-shot forward,
-        a Unix socket on either side, a pre-connected target, or at ``-v`` (the line
-        names the client, which the core does not record); nor with
-        $NSBRIDGE_NATIVE_ACCEPT=0."""
+        a Unix socket on either side or a pre-connected target; nor with
+        $NSBRIDGE_NATIVE_ACCEPT=0.  At ``-v`` the core keeps each client's address for
+        its line."""
         target = self.target
         return (self.native is not None and self.acl is None and not self.spec.proxy
                 and not self.spec.one_shot and isinstance(self.spec.connect, ConnectAddress)
                 and target is not None and target.family in _TCP_FAMILIES
                 and isinstance(target.sockaddr, tuple)
-                and raw_family(listener) in _TCP_FAMILIES
-                and not log.isEnabledFor(INFO) and native_accept_enabled())
+                and raw_family(listener) in _TCP_FAMILIES and native_accept_enabled())
 
     def _accept_in_python(self, listener: socket.socket) -> None:
         self._acceptor = Acceptor(self.loop, listener, self._on_client,
@@ -455,7 +454,7 @@ class Forward:
                         exclusive, nodelay)
 
     def _native_done(self, token: int, up: int, down: int, duration: float,
-                     outcome: str) -> None:
+                     outcome: str, peer: tuple | None) -> None:
         """A record from the core: count it as tally() counts a session, log it at -v."""
         if token == CORE_ACCEPTED:  # Python sees this pair for the first time
             self.stats.accepted += 1
@@ -464,7 +463,8 @@ class Forward:
             self.native_open -= 1
         tally_outcome(self.stats, up, down, outcome)
         if log.isEnabledFor(INFO):
-            client_name = self._native_names.pop(token, "?")
+            client_name = (format_sockaddr(peer) if peer is not None
+                           else self._native_names.pop(token, "?"))
             assert self.target is not None
             log.info("%s -> %s: %d B up, %d B down, %.3fs, %s", client_name,
                      format_sockaddr(self.target.sockaddr), up, down, duration, outcome)

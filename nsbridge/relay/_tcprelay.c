@@ -109,6 +109,7 @@ struct conn {
     uint8_t code;             /* enum outcome, once ended */
     int err;                  /* the errno behind a reset */
     int64_t token;            /* Python's name for the connection (records carry it) */
+    struct peer *peer;        /* accepted by the core at -v: who the client is */
     uint64_t started_ns;
     struct dir up;            /* client -> server */
     struct dir down;          /* server -> client */
@@ -121,7 +122,14 @@ struct slot_counters {
     uint64_t live_up, live_down; /* bytes moved by connections still open */
 };
 
+/* The client's address, kept only for the -v line of a pair the core accepted. */
+struct peer {
+    socklen_t len;
+    struct sockaddr_in6 addr; /* room for either family */
+};
+
 struct record {
+    struct peer *peer;
     uint32_t slot;
     uint8_t code;
     int err;
@@ -135,6 +143,7 @@ struct listener {
     int fd;                  /* Python's: the core never closes it */
     uint32_t slot;
     int armed;               /* in the core's epoll set */
+    int want_peer;           /* records name the client (-v) */
     int low;                 /* refill wanted below this many pooled sockets */
     int cap;
     int n_pool;
@@ -266,12 +275,16 @@ static void queue_record(Core *core, struct conn *c)
         struct record *grown = realloc(core->records, cap * sizeof(*grown));
         if (!grown) {
             core->record_failed = 1;
+            free(c->peer);
+            c->peer = NULL;
             return;
         }
         core->records = grown;
         core->cap_records = cap;
     }
     struct record *r = &core->records[core->n_records++];
+    r->peer = c->peer;
+    c->peer = NULL;
     r->slot = c->slot;
     r->code = c->code;
     r->err = c->err;
@@ -575,10 +588,11 @@ static void on_event(Core *core, struct conn *c, int side, uint32_t events)
  * (the header refused, epoll full) ends with a record like any other. */
 static int conn_start(Core *self, int client_fd, int server_fd, uint32_t slot, int64_t token,
                       const void *preamble, Py_ssize_t preamble_len, int exclusive,
-                      int nodelay, int c_accepted)
+                      int nodelay, int c_accepted, struct peer *peer)
 {
     struct conn *c = calloc(1, sizeof(*c));
     if (!c) {
+        free(peer);
         static const struct linger reset = {1, 0};
         setsockopt(client_fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
         close(client_fd);
@@ -591,6 +605,7 @@ static int conn_start(Core *self, int client_fd, int server_fd, uint32_t slot, i
     c->token = token;
     c->exclusive = (uint8_t)exclusive;
     c->c_accepted = (uint8_t)c_accepted;
+    c->peer = peer;
     c->started_ns = now_ns();
     dir_init(&c->up);
     dir_init(&c->down);
@@ -692,7 +707,10 @@ static void on_listener(Core *core, int lid)
     if (!l || !l->armed)
         return;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        int client = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_in6 addr;
+        socklen_t addr_len = sizeof(addr);
+        int client = accept4(l->fd, l->want_peer ? (struct sockaddr *)&addr : NULL,
+                             l->want_peer ? &addr_len : NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (client < 0) {
             int err = errno;
             if (err == EAGAIN)
@@ -721,7 +739,12 @@ static void on_listener(Core *core, int lid)
             hand_back(core, lid, client, server, code);
             continue;
         }
-        conn_start(core, client, server, l->slot, -1, NULL, 0, 1, 3, 1);
+        struct peer *peer = NULL;
+        if (l->want_peer && (peer = malloc(sizeof(*peer))) != NULL) {
+            peer->len = addr_len < sizeof(addr) ? addr_len : sizeof(addr);
+            memcpy(&peer->addr, &addr, peer->len);
+        }
+        conn_start(core, client, server, l->slot, -1, NULL, 0, 1, 3, 1, peer);
     }
 }
 
@@ -834,6 +857,8 @@ static void Core_dealloc(Core *self)
     }
     free(self->buf);
     free(self->slots);
+    for (size_t i = 0; i < self->n_records; i++)
+        free(self->records[i].peer);
     free(self->records);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -886,7 +911,7 @@ static PyObject *Core_add(Core *self, PyObject *args, PyObject *kwds)
         goto fail;
     }
     if (conn_start(self, client_fd, server_fd, slot, token, preamble.buf, preamble.len,
-                   exclusive, nodelay, 0) < 0) {
+                   exclusive, nodelay, 0, NULL) < 0) {
         PyErr_NoMemory();
         client_fd = server_fd = -1; /* closed by conn_start */
         goto fail;
@@ -972,9 +997,12 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
 }
 
 PyDoc_STRVAR(Core_take_records_doc,
-"take_records() -> list of (slot, token, bytes_up, bytes_down, duration, code, errno)\n"
+"take_records() -> list of (slot, token, bytes_up, bytes_down, duration, code, errno,\n"
+"peer)\n"
 "The connections that ended since the last call.  code: 0 closed, 1 client reset,\n"
-"2 server reset, 3 aborted on request, 4 the server did not take the PROXY header.");
+"2 server reset, 3 aborted on request, 4 the server did not take the PROXY header.\n"
+"peer: the client's raw sockaddr when the core accepted it for a listener with\n"
+"peer=True, else None.");
 
 static PyObject *Core_take_records(Core *self, PyObject *noargs)
 {
@@ -983,14 +1011,26 @@ static PyObject *Core_take_records(Core *self, PyObject *noargs)
         return NULL;
     for (size_t i = 0; i < self->n_records; i++) {
         struct record *r = &self->records[i];
-        PyObject *item = Py_BuildValue("(ILKKdii)", r->slot, r->token,
-                                       (unsigned long long)r->up, (unsigned long long)r->down,
-                                       r->duration, (int)r->code, r->err);
+        PyObject *peer;
+        if (r->peer)
+            peer = PyBytes_FromStringAndSize((const char *)&r->peer->addr,
+                                             (Py_ssize_t)r->peer->len);
+        else
+            peer = Py_NewRef(Py_None);
+        PyObject *item = peer ? Py_BuildValue("(ILKKdiiN)", r->slot, r->token,
+                                              (unsigned long long)r->up,
+                                              (unsigned long long)r->down, r->duration,
+                                              (int)r->code, r->err, peer)
+                              : NULL;
         if (!item) {
             Py_DECREF(list);
             return NULL;
         }
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    for (size_t i = 0; i < self->n_records; i++) {
+        free(self->records[i].peer);
+        self->records[i].peer = NULL;
     }
     self->n_records = 0;
     if (self->cap_records > 4096) { /* give a burst's memory back */
@@ -1074,21 +1114,23 @@ static PyObject *Core_close(Core *self, PyObject *noargs)
 }
 
 PyDoc_STRVAR(Core_listen_doc,
-"listen(listener_fd, slot, family, host, port, scope_id=0, low=8, cap=32) -> int\n"
+"listen(listener_fd, slot, family, host, port, scope_id=0, low=8, cap=32, peer=False)\n"
+"-> int\n"
 "Accept from the listening socket ``listener_fd`` in the core (it stays the caller's:\n"
 "unlisten() before closing it) and relay each client to host:port with a socket from\n"
 "this listener's pool (pool_put()); refill wanted below ``low``, ``cap`` at most.\n"
-"Returns the listener's id.  What the core cannot finish is handed back.");
+"``peer``: records carry each client's address (for -v lines; a small malloc per\n"
+"connection).  Returns the listener's id.  What the core cannot finish is handed back.");
 
 static PyObject *Core_listen(Core *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"listener_fd", "slot", "family", "host", "port", "scope_id",
-                             "low", "cap", NULL};
-    int fd, family, port, low = 8, cap = 32;
+                             "low", "cap", "peer", NULL};
+    int fd, family, port, low = 8, cap = 32, want_peer = 0;
     unsigned int slot, scope_id = 0;
     const char *host;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iIisi|Iii", kwlist, &fd, &slot, &family,
-                                     &host, &port, &scope_id, &low, &cap))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iIisi|Iiip", kwlist, &fd, &slot, &family,
+                                     &host, &port, &scope_id, &low, &cap, &want_peer))
         return NULL;
     if (check_open(self) < 0)
         return NULL;
@@ -1109,6 +1151,7 @@ static PyObject *Core_listen(Core *self, PyObject *args, PyObject *kwds)
     l->slot = slot;
     l->low = low;
     l->cap = cap;
+    l->want_peer = want_peer;
     int ok;
     if (family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)&l->target;

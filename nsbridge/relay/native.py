@@ -19,6 +19,8 @@ empty pool, an accept error) to the listener's owner, which runs its Python path
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Callable
 
 from nsbridge.errors import UserError, errno_name
@@ -39,9 +41,10 @@ RELAYS = ("native", "python")
 # Record codes (_tcprelay.c, enum outcome).
 _CLOSED, _CLIENT_RESET, _SERVER_RESET, _ABORTED, _NO_PREAMBLE = range(5)
 
-# What a slot's owner gets for each connection that ended:
-# (token, bytes up, bytes down, duration in seconds, outcome in relay/tcp.py's words).
-OnRecord = Callable[[int, int, int, float, str], None]
+# What a slot's owner gets for each connection that ended: (token, bytes up, bytes down,
+# duration in seconds, outcome in relay/tcp.py's words, the client's address when the
+# core accepted it and was asked to keep it -- else None).
+OnRecord = Callable[[int, int, int, float, str, "tuple | None"], None]
 
 # The token of a pair the core accepted itself (Python gave it none).
 CORE_ACCEPTED = -1
@@ -50,11 +53,15 @@ CORE_ACCEPTED = -1
 # measurements and for tests comparing the two paths).
 NATIVE_ACCEPT_ENV = "NSBRIDGE_NATIVE_ACCEPT"
 
-# A listener's pool of target sockets: refilled to POOL_CAP when under POOL_LOW.  Small:
-# an idle forward holds POOL_CAP sockets per worker; a burst beyond it is handed back
-# and served by Python, never dropped.
-POOL_LOW = 8
-POOL_CAP = 32
+# A listener's pool of target sockets, topped up to POOL_CAP whenever the core's wait
+# returns with one taken (low-water mark = cap).  Topping up at once keeps an idle
+# forward's fd count constant -- a pool that floated between a low mark and its cap
+# would look like a leak to anyone counting fds -- and costs no extra round trip on
+# short connections, whose records bring wait() back anyway.  Small: an idle forward
+# holds POOL_CAP sockets per worker; a burst beyond it is handed back and served by
+# Python's path, never dropped.
+POOL_CAP = 16
+POOL_LOW = POOL_CAP
 
 
 class ListenerOwner:
@@ -94,6 +101,17 @@ def chosen_relay(name: str | None = None) -> str:
 def native_accept_enabled() -> bool:
     """Whether forwards may accept in the core ($NSBRIDGE_NATIVE_ACCEPT not "0")."""
     return os.environ.get(NATIVE_ACCEPT_ENV, "1") != "0"
+
+
+def sockaddr_from_raw(raw: bytes) -> tuple:
+    """A raw struct sockaddr_in/_in6 (a record's peer) as Python's sockaddr tuple."""
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET6:
+        port, flowinfo = struct.unpack_from("!HI", raw, 2)
+        (scope_id,) = struct.unpack_from("=I", raw, 24)
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope_id)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
 
 
 def outcome_words(code: int, err: int) -> str:
@@ -146,15 +164,16 @@ class NativeRelay:
     # ---- listeners -----------------------------------------------------------------
 
     def listen(self, listener_fd: int, slot: int, family: int, sockaddr: tuple,
-               owner: ListenerOwner) -> int:
+               owner: ListenerOwner, peer: bool = False) -> int:
         """Accept from ``listener_fd`` in the core and connect each client to ``sockaddr``
         (a numeric IPv4/IPv6 address) with a pooled socket; returns the listener's id.
-        The listener stays the caller's: :meth:`unlisten` before closing it."""
+        ``peer``: records carry the client's address (for ``-v`` lines).  The listener
+        stays the caller's: :meth:`unlisten` before closing it."""
         host, port = sockaddr[0], sockaddr[1]
         scope_id = sockaddr[3] if len(sockaddr) > 3 else 0
         host = host.split("%", 1)[0]  # a link-local scope is in scope_id
         lid: int = self.core.listen(listener_fd, slot, family, host, port, scope_id,
-                                    POOL_LOW, POOL_CAP)
+                                    POOL_LOW, POOL_CAP, peer)
         self._listeners[lid] = owner
         self._serve_listeners()  # fill the pool before the first client
         return lid
@@ -183,9 +202,10 @@ class NativeRelay:
 
     def _dispatch(self) -> None:
         owners = self._owners
-        for slot, token, up, down, duration, code, err in self.core.take_records():
+        for slot, token, up, down, duration, code, err, peer in self.core.take_records():
             words = self._abort_outcome if code == _ABORTED else outcome_words(code, err)
-            owners[slot](token, up, down, duration, words)
+            owners[slot](token, up, down, duration, words,
+                         None if peer is None else sockaddr_from_raw(peer))
 
     def live(self, slot: int) -> tuple[int, int, int, int]:
         """(open connections, bytes up, bytes down they moved so far, how many of the open

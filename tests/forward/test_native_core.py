@@ -233,7 +233,7 @@ def test_random_life_cycles_leave_no_fd_and_count_exactly(harness, mover, seed):
     by_token = {r[1]: r for r in h.records}
     assert set(by_token) == set(done)
     for token, state in done.items():
-        _slot, _token, up, down, _duration, code, _err = by_token[token]
+        _slot, _token, up, down, _duration, code, _err, _peer = by_token[token]
         # Never more than the peer sent; exactly that when the pair ended cleanly (both
         # ways finished: every byte read before each EOF was written on).
         assert up <= state["sent"][0] and down <= state["sent"][1], (state, by_token[token])
