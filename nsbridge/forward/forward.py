@@ -145,6 +145,7 @@ class Forward:
         # The core accepted for us at some point: its slot may hold pairs Python has not
         # counted yet (their records count them).  And their clients' family.
         self._core_listened = False
+        self.native_accept_failures = 0  # times the core gave the listener back (accept failed)
         self._core_client_family = socket.AF_INET
 
     def __repr__(self) -> str:
@@ -412,7 +413,8 @@ class Forward:
         log.debug("%s: accept failed in the native core (%s); Python's acceptor takes over",
                   self.name, errno_name(code))
         self.native_listener = None
-        self.native.unlisten(lid)
+        self.native_accept_failures += 1
+        self.native.unlisten(lid)  # closes its pooled sockets: fds for Python's accept
         self._accept_in_python(listener)
         self.loop.call_later(RETRY_BACK, self._back_to_native)
 

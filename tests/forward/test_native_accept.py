@@ -21,6 +21,7 @@ counters and the process's fds and heap.  Nothing here needs /dev/net/tun.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -471,5 +472,77 @@ def test_a_burst_beyond_the_pool_is_served_whole(monkeypatch):
     finally:
         for c in clients:
             c.close()
+        bridge.close()
+        server.close()
+
+
+def _lowest_free_fd() -> int:
+    """The fd the next open would get (a soft limit of this makes every new fd fail)."""
+    fd = os.dup(0)
+    os.close(fd)
+    return fd
+
+
+def test_out_of_fds_goes_to_pythons_acceptor_and_back_to_the_core(monkeypatch):
+    """EMFILE in the core's accept4: the core gives the listener to Python's Acceptor
+    (closing its pool, which frees fds for it; were there none, the Acceptor's back-off
+    and warning apply, as test_faults.py's fd-limit tests check end to end), the queued
+    client is served, and after RETRY_BACK the core accepts again.  The fd limit is this
+    test process's own soft limit, lowered for a moment and restored in any case."""
+    import resource
+
+    from nsbridge.forward import forward as forward_module
+
+    monkeypatch.setenv(native.NATIVE_ACCEPT_ENV, "1")
+    monkeypatch.setattr(forward_module, "RETRY_BACK", 0.3)
+    server, _thread = _echo_server()
+    bridge = Bridge(relay="native")
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        forward = bridge.add(ForwardSpec(
+            ListenAddress(HostPort("127.0.0.1", 0)),
+            ConnectAddress(HostPort("127.0.0.1", server.getsockname()[1]))))
+        bridge.start_thread()
+        address = forward.listener.getsockname()  # type: ignore[union-attr]
+        assert _roundtrip(address, b"before") == b"before"
+        lid = forward.native_listener
+        assert lid is not None
+        assert bridge.native is not None
+        relay = bridge.native
+
+        def idle() -> bool:  # no fd about to be closed or made: the limit is exact
+            return bool(bridge.call(lambda: forward.snapshot().active) == 0
+                        and bridge.call(lambda: relay.listener_info(lid)["pooled"])
+                        == native.POOL_CAP)
+
+        wait_until(idle, what="the first connection closed and the pool full")
+        client = socket.socket()
+        client.settimeout(10)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), limits[1]))
+        try:
+            # Fds other threads freed below the limit (earlier tests' servers): taken.
+            with contextlib.suppress(OSError):
+                while True:
+                    fillers.append(os.dup(0))
+            client.connect(address)  # queued in the kernel: accept4 fails with EMFILE
+            wait_until(lambda: forward.native_accept_failures == 1,
+                       what="the core giving the listener back")
+            client.sendall(b"queued")
+            assert client.recv(16) == b"queued"  # served by Python's path
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            for fd in fillers:
+                os.close(fd)
+        client.close()
+        wait_until(lambda: forward.native_listener is not None, what="the core accepting again")
+        assert forward._acceptor is None  # Python's Acceptor left
+        assert _roundtrip(address, b"after") == b"after"
+        wait_until(lambda: bridge.call(lambda: forward.snapshot().active) == 0, what="closed")
+        stats = bridge.call(forward.snapshot)
+        assert (stats.accepted, stats.closed, stats.reset) == (3, 3, 0), stats
+        assert forward.native_accept_failures == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         bridge.close()
         server.close()
