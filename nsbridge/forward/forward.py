@@ -405,8 +405,8 @@ class Forward:
     def _native_accept_failed(self, code: int) -> None:
         """accept() failed in the core, which stopped watching the listener: Python's
         Acceptor takes it over and meets the error itself (its back-off and warning for
-        EMFILE and friends, stop listening for EINVAL).  Once it accepts again without
-        backing off, the core gets the listener back (checked every RETRY_BACK)."""
+        EMFILE and friends, stop listening for EINVAL).  Once it is no longer backing
+        off, the core gets the listener back (checked every RETRY_BACK)."""
         lid, listener = self.native_listener, self.listener
         if lid is None or listener is None or self.native is None:
             return  # stopping: the listener is going away anyway
@@ -489,8 +489,8 @@ class Forward:
     def open_connections(self) -> int:
         """Connections still open: Python sessions and pairs in the native core."""
         opened = len(self.sessions) + self.native_open
-        if self.native_listener is not None or self._core_listened:
-            opened += self.native.live(self.native_slot)[3]  # type: ignore[union-attr]
+        if self._core_listened and self.native is not None:
+            opened += self.native.live(self.native_slot)[3]
         return opened
 
     def _maybe_finish(self) -> None:
