@@ -12,6 +12,7 @@ import errno
 import socket
 from collections.abc import Callable
 
+from nsbridge.errors import errno_name
 from nsbridge.forward.spec import (
     UDP,
     ConnectAddress,
@@ -34,6 +35,7 @@ from nsbridge.net.sockets import (
 from nsbridge.relay.accept import Acceptor
 from nsbridge.relay.log import INFO, log
 from nsbridge.relay.loop import EventLoop
+from nsbridge.relay.native import CORE_ACCEPTED, ListenerOwner, native_accept_enabled
 from nsbridge.relay.tcp import (
     Mover,
     TcpSession,
@@ -138,6 +140,13 @@ class Forward:
         self.native_open = 0
         self._native_names: dict[int, str] = {}  # token -> client name, only at -v
         self._next_token = 0
+        # While the core accepts from our listener (accepts_natively): its listener id.
+        self.native_listener: int | None = None
+        # The core accepted for us at some point: its slot may hold pairs Python has not
+        # counted yet (their records count them).  And their clients' family.
+        self._core_listened = False
+        self.native_accept_failures = 0  # times the core gave the listener back (accept failed)
+        self._core_client_family = socket.AF_INET
 
     def __repr__(self) -> str:
         return f"<Forward {self.spec.name or '?'} {self.target_description}>"
@@ -251,10 +260,36 @@ class Forward:
     # ---- accepting ----------------------------------------------------------------------
 
     def _accept_from(self, listener: socket.socket) -> None:
-        """Accept clients from ``listener`` on this forward's loop (relay/accept.py's
+        """Accept clients from ``listener``: in the native core when no client needs
+        Python (accepts_natively), else on this forward's loop (relay/accept.py's
         policy: batches, and a pause rather than a spin when fds run out).  A listener
         that stops listening is a worker's SO_REUSEPORT listener the supervisor shut
         down (stop, drain, removal): this forward then stops listening too."""
+        if self.accepts_natively(listener):
+            assert self.native is not None and self.target is not None
+            assert isinstance(self.target.sockaddr, tuple)
+            self._core_listened = True
+            self._core_client_family = raw_family(listener)
+            self.native_listener = self.native.listen(
+                listener.fileno(), self.native_slot, self.target.family,
+                self.target.sockaddr, _CoreListener(self), peer=log.isEnabledFor(INFO))
+            return
+        self._accept_in_python(listener)
+
+    def accepts_natively(self, listener: socket.socket) -> bool:
+        """Whether the core may accept this forward's clients: nothing per client needs
+        Python.  Not with allow/deny rules (the ACL), a PROXY header, a one-shot forward,
+        a Unix socket on either side or a pre-connected target; nor with
+        $NSBRIDGE_NATIVE_ACCEPT=0.  At ``-v`` the core keeps each client's address for
+        its line."""
+        target = self.target
+        return (self.native is not None and self.acl is None and not self.spec.proxy
+                and not self.spec.one_shot and isinstance(self.spec.connect, ConnectAddress)
+                and target is not None and target.family in _TCP_FAMILIES
+                and isinstance(target.sockaddr, tuple)
+                and raw_family(listener) in _TCP_FAMILIES and native_accept_enabled())
+
+    def _accept_in_python(self, listener: socket.socket) -> None:
         self._acceptor = Acceptor(self.loop, listener, self._on_client,
                                   name=self.listen_address,
                                   on_not_listening=self.stop_listening)
@@ -318,16 +353,81 @@ class Forward:
             code = server.connect_ex(sockaddr)
             if code == errno.EALREADY:
                 code = errno.EINPROGRESS
-        preamble = proxy_header(self.spec.proxy, client) if self.spec.proxy else b""
         if code == 0 or code == errno.EISCONN:
+            preamble = proxy_header(self.spec.proxy, client) if self.spec.proxy else b""
             self._hand_to_native(client, server, preamble, accepted)
             return
+        self._connect_in_python(client, server, accepted, code)
+
+    def _connect_in_python(self, client: socket.socket, server: socket.socket,
+                           accepted: bool, code: int) -> None:
+        """A connect that did not complete at once (``code``: its errno) is the Python
+        session's; once connected, it hands the pair to the core."""
+        assert self.target is not None
+        sockaddr = self.target.sockaddr
+        preamble = proxy_header(self.spec.proxy, client) if self.spec.proxy else b""
         session = TcpSession(self.loop, self.mover, client, server, self._session_done,
                              close_leaves_epoll=accepted)
         session.preamble = preamble
         session.handover = self._session_connected
         self._track(session)
         session.connect(sockaddr, self.spec.connect_timeout, code)
+
+    def _pool_sockets(self, count: int) -> list[int]:
+        """Target sockets for the core's pool, made by the connect side's factory (so in
+        the target's namespace).  Fewer when the factory fails: the core hands clients
+        back while its pool is empty, and Python's path reports the failure per client."""
+        assert self.target is not None
+        fds = []
+        try:
+            for _ in range(count):
+                fds.append(self.connect_factory.socket(self.target.family,
+                                                       socket.SOCK_STREAM).detach())
+        except OSError as exc:
+            log.debug("%s: cannot fill the native accept pool: %s", self.name, exc)
+        return fds
+
+    def _handed_back(self, client_fd: int, server_fd: int, code: int) -> None:
+        """What the core's listener could not finish: Python's path serves it."""
+        if client_fd < 0:
+            self._native_accept_failed(code)
+            return
+        client = socket.socket(self._core_client_family, socket.SOCK_STREAM, 0,
+                               fileno=client_fd)
+        self.stats.accepted += 1
+        if server_fd < 0:  # the pool was empty
+            self.start_session(client, accepted=True)
+            return
+        assert self.target is not None
+        server = socket.socket(self.target.family, socket.SOCK_STREAM, 0, fileno=server_fd)
+        self._connect_in_python(client, server, True, code)
+
+    def _native_accept_failed(self, code: int) -> None:
+        """accept() failed in the core, which stopped watching the listener: Python's
+        Acceptor takes it over and meets the error itself (its back-off and warning for
+        EMFILE and friends, stop listening for EINVAL).  Once it is no longer backing
+        off, the core gets the listener back (checked every RETRY_BACK)."""
+        lid, listener = self.native_listener, self.listener
+        if lid is None or listener is None or self.native is None:
+            return  # stopping: the listener is going away anyway
+        log.debug("%s: accept failed in the native core (%s); Python's acceptor takes over",
+                  self.name, errno_name(code))
+        self.native_listener = None
+        self.native_accept_failures += 1
+        self.native.unlisten(lid)  # closes its pooled sockets: fds for Python's accept
+        self._accept_in_python(listener)
+        self.loop.call_later(RETRY_BACK, self._back_to_native)
+
+    def _back_to_native(self) -> None:
+        acceptor, listener = self._acceptor, self.listener
+        if acceptor is None or listener is None or acceptor.closed:
+            return  # stopped listening meanwhile
+        if acceptor.backing_off:
+            self.loop.call_later(RETRY_BACK, self._back_to_native)
+            return
+        acceptor.close()
+        self._acceptor = None
+        self._accept_from(listener)
 
     def _session_connected(self, session: TcpSession) -> None:
         """A Python session's slow connect succeeded: the core relays it from here."""
@@ -356,12 +456,17 @@ class Forward:
                         exclusive, nodelay)
 
     def _native_done(self, token: int, up: int, down: int, duration: float,
-                     outcome: str) -> None:
+                     outcome: str, peer: tuple | None) -> None:
         """A record from the core: count it as tally() counts a session, log it at -v."""
-        self.native_open -= 1
+        if token == CORE_ACCEPTED:  # Python sees this pair for the first time
+            self.stats.accepted += 1
+            self.stats.active += 1
+        else:
+            self.native_open -= 1
         tally_outcome(self.stats, up, down, outcome)
         if log.isEnabledFor(INFO):
-            client_name = self._native_names.pop(token, "?")
+            client_name = (format_sockaddr(peer) if peer is not None
+                           else self._native_names.pop(token, "?"))
             assert self.target is not None
             log.info("%s -> %s: %d B up, %d B down, %.3fs, %s", client_name,
                      format_sockaddr(self.target.sockaddr), up, down, duration, outcome)
@@ -383,7 +488,10 @@ class Forward:
     @property
     def open_connections(self) -> int:
         """Connections still open: Python sessions and pairs in the native core."""
-        return len(self.sessions) + self.native_open
+        opened = len(self.sessions) + self.native_open
+        if self._core_listened and self.native is not None:
+            opened += self.native.live(self.native_slot)[3]
+        return opened
 
     def _maybe_finish(self) -> None:
         if self.spec.one_shot and not self.open_connections and not self.finished:
@@ -401,6 +509,10 @@ class Forward:
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
+        if self.native_listener is not None:
+            assert self.native is not None
+            lid, self.native_listener = self.native_listener, None
+            self.native.unlisten(lid)
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -411,7 +523,7 @@ class Forward:
     def abort_all(self, outcome: str) -> None:
         for session in list(self.sessions):
             session.abort(outcome)
-        if self.native_open and self.native is not None:
+        if self.native is not None and (self.native_open or self._core_listened):
             self.native.abort(self.native_slot, outcome)
 
     def snapshot(self) -> ForwardStats:
@@ -428,14 +540,37 @@ class Forward:
         for session in self.sessions:
             stats.bytes_up += session.up.total
             stats.bytes_down += session.down.total
-        if self.native_open and self.native is not None:
-            _active, up, down = self.native.live(self.native_slot)
+        if self.native is not None and (self.native_open or self._core_listened):
+            _active, up, down, core_accepted = self.native.live(self.native_slot)
             stats.bytes_up += up
             stats.bytes_down += down
+            # Pairs the core accepted count from their records on; until then, here.
+            stats.accepted += core_accepted
+            stats.active += core_accepted
         return stats
 
 
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+# How often a listener whose accept failed in the core is offered back to it, once
+# Python's Acceptor no longer backs off (relay/accept.py RETRY_DELAY is the retry pace).
+RETRY_BACK = 1.0
+
+
+class _CoreListener(ListenerOwner):
+    """The forward as the core's listener owner (relay/native.py ListenerOwner)."""
+
+    __slots__ = ("forward",)
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+
+    def pool_sockets(self, count: int) -> list[int]:
+        return self.forward._pool_sockets(count)
+
+    def handed_back(self, client_fd: int, server_fd: int, code: int) -> None:
+        self.forward._handed_back(client_fd, server_fd, code)
 
 
 def proxy_header(version: str, client: socket.socket) -> bytes:

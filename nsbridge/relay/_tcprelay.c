@@ -34,6 +34,23 @@
  * only around epoll_wait; everything else runs with it held, so the Core's state needs
  * no lock of its own.
  *
+ * Accepting in C (issue 19 step 2): Core.listen() hands the core a forward's listener
+ * whose per-connection work needs no Python (no ACL, no PROXY header, TCP both sides,
+ * no -v line).  The core then accepts (accept4, batches until EAGAIN), takes a target
+ * socket from the listener's pool (made by Python's socket factory in the target's
+ * namespace and put in with pool_put()), connects it, and relays the pair when the
+ * connect completed at once -- a local target's usual case.  Everything else is handed
+ * back to Python, which runs its own path for it (same -v lines, same counters):
+ *   - a connect that did not complete at once (slow, refused, unreachable): the client,
+ *     the target socket and connect's errno go back, and Python's session finishes the
+ *     connect (its timeout, its outcome words);
+ *   - the pool is empty (a burst outran the refill): the client goes back alone, and
+ *     Python makes its target socket -- a client is never dropped for want of one;
+ *   - accept() failed other than EAGAIN / a client gone (EMFILE, EINVAL of a listener
+ *     shut down...): the core stops watching the listener and reports the errno; Python's
+ *     Acceptor takes the listener over and applies its rules (back-off, stop listening).
+ * wait() returns (bit 2) when hand-backs wait or a pool fell under its low-water mark.
+ *
  * Memory: a connection is one struct conn (well under 200 bytes); copied bytes that the
  * destination could not take yet get a private malloc'd copy until written; pipes only
  * while spliced bytes wait.  So idle connections cost their struct and their sockets.
@@ -43,6 +60,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -87,9 +105,11 @@ struct conn {
     uint32_t slot;            /* the forward's counters */
     uint8_t ended;
     uint8_t exclusive;        /* no other reference to either file: close() leaves epoll */
+    uint8_t c_accepted;       /* accepted by the core itself: Python has not counted it */
     uint8_t code;             /* enum outcome, once ended */
     int err;                  /* the errno behind a reset */
     int64_t token;            /* Python's name for the connection (records carry it) */
+    struct peer *peer;        /* accepted by the core at -v: who the client is */
     uint64_t started_ns;
     struct dir up;            /* client -> server */
     struct dir down;          /* server -> client */
@@ -97,10 +117,19 @@ struct conn {
 
 struct slot_counters {
     uint64_t active;
+    uint64_t c_open;             /* of active: accepted by the core (Python counts them
+                                    from their records) */
     uint64_t live_up, live_down; /* bytes moved by connections still open */
 };
 
+/* The client's address, kept only for the -v line of a pair the core accepted. */
+struct peer {
+    socklen_t len;
+    struct sockaddr_in6 addr; /* room for either family */
+};
+
 struct record {
+    struct peer *peer;
     uint32_t slot;
     uint8_t code;
     int err;
@@ -108,6 +137,34 @@ struct record {
     uint64_t up, down;
     double duration;
 };
+
+/* A listener the core accepts from (Core.listen). */
+struct listener {
+    int fd;                  /* Python's: the core never closes it */
+    uint32_t slot;
+    int armed;               /* in the core's epoll set */
+    int want_peer;           /* records name the client (-v) */
+    int low;                 /* refill wanted below this many pooled sockets */
+    int cap;
+    int n_pool;
+    int *pool;               /* pre-made target sockets, non-blocking */
+    socklen_t target_len;
+    struct sockaddr_storage target;
+    uint64_t aborted;        /* clients gone before accept (ECONNABORTED, EPROTO) */
+    uint64_t empty;          /* clients handed back because the pool was empty */
+    uint64_t slow;           /* connects handed back (not completed at once) */
+};
+
+/* Something the core hands back to Python (take_handbacks). */
+struct handback {
+    int lid;
+    int client;              /* -1: an accept error (code is its errno) */
+    int server;              /* -1: the pool was empty */
+    int code;                /* connect's (or accept's) errno */
+};
+
+#define LISTENER_TAG 2u      /* epoll data: a struct listener index << 2 | LISTENER_TAG */
+#define MAX_LISTENERS 4096
 
 typedef struct {
     PyObject_HEAD
@@ -130,6 +187,11 @@ typedef struct {
     struct record *records;
     size_t n_records, cap_records;
     int record_failed;       /* a record could not be queued (out of memory) */
+    struct listener **listeners; /* by id; NULL: free */
+    int n_listeners;
+    struct handback *handbacks;
+    size_t n_handbacks, cap_handbacks;
+    int pool_low;            /* some listener's pool is under its low-water mark */
 } Core;
 
 static uint64_t now_ns(void)
@@ -213,12 +275,16 @@ static void queue_record(Core *core, struct conn *c)
         struct record *grown = realloc(core->records, cap * sizeof(*grown));
         if (!grown) {
             core->record_failed = 1;
+            free(c->peer);
+            c->peer = NULL;
             return;
         }
         core->records = grown;
         core->cap_records = cap;
     }
     struct record *r = &core->records[core->n_records++];
+    r->peer = c->peer;
+    c->peer = NULL;
     r->slot = c->slot;
     r->code = c->code;
     r->err = c->err;
@@ -244,6 +310,8 @@ static void conn_close(Core *core, struct conn *c, int code, int err)
     }
     struct slot_counters *s = &core->slots[c->slot];
     s->active--;
+    if (c->c_accepted)
+        s->c_open--;
     s->live_up -= c->up.total;
     s->live_down -= c->down.total;
     queue_record(core, c);
@@ -513,6 +581,186 @@ static void on_event(Core *core, struct conn *c, int side, uint32_t events)
         pump(core, c, writing, 0);
 }
 
+/* ---- starting a pair ------------------------------------------------------------- */
+
+/* Relay an established pair from now on (Core.add, and the core's own accepts).  -1:
+ * out of memory, both fds closed (the client with a reset); a pair that fails at once
+ * (the header refused, epoll full) ends with a record like any other. */
+static int conn_start(Core *self, int client_fd, int server_fd, uint32_t slot, int64_t token,
+                      const void *preamble, Py_ssize_t preamble_len, int exclusive,
+                      int nodelay, int c_accepted, struct peer *peer)
+{
+    struct conn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        free(peer);
+        static const struct linger reset = {1, 0};
+        setsockopt(client_fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+        close(client_fd);
+        close(server_fd);
+        return -1;
+    }
+    c->fd[0] = client_fd;
+    c->fd[1] = server_fd;
+    c->slot = slot;
+    c->token = token;
+    c->exclusive = (uint8_t)exclusive;
+    c->c_accepted = (uint8_t)c_accepted;
+    c->peer = peer;
+    c->started_ns = now_ns();
+    dir_init(&c->up);
+    dir_init(&c->down);
+    static const int one = 1;
+    for (int i = 0; i < 2; i++)
+        if (nodelay & (1 << i))
+            setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* Counted live from here: conn_close undoes it, whichever way the pair ends. */
+    self->slots[slot].active++;
+    if (c_accepted)
+        self->slots[slot].c_open++;
+    c->next = self->live.next;
+    c->prev = &self->live;
+    self->live.next->prev = c;
+    self->live.next = c;
+    self->n_live++;
+    if (preamble_len) {
+        /* A fresh connection's send buffer always has room for a ~100-byte header. */
+        ssize_t sent = send(server_fd, preamble, (size_t)preamble_len, MSG_NOSIGNAL);
+        if (sent < 0) {
+            conn_abort(self, c, OUT_SERVER_RESET, errno);
+            return 0;
+        }
+        if (sent != preamble_len) {
+            conn_abort(self, c, OUT_NO_PREAMBLE, 0);
+            return 0;
+        }
+    }
+    /* Registered only now: adding an fd to epoll reports what is already pending (a
+     * request, even a FIN), so nothing has to be pumped by hand. */
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = REGISTER_MASK,
+                                 .data.u64 = (uint64_t)(uintptr_t)c | (uint64_t)i};
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
+            /* Out of memory for epoll, or a socket epoll refuses: a reset, counted. */
+            conn_abort(self, c, i == 0 ? OUT_CLIENT_RESET : OUT_SERVER_RESET, errno);
+            break;
+        }
+    }
+    return 0;
+}
+
+/* ---- accepting ------------------------------------------------------------------- */
+
+#define ACCEPT_BATCH 64 /* as relay/accept.py: a burst in few wake-ups, others get turns */
+
+static void hand_back(Core *core, int lid, int client, int server, int code)
+{
+    if (core->n_handbacks == core->cap_handbacks) {
+        size_t cap = core->cap_handbacks ? core->cap_handbacks * 2 : 16;
+        struct handback *grown = realloc(core->handbacks, cap * sizeof(*grown));
+        if (!grown) {
+            /* Nowhere to put it: the client gets a reset rather than silence. */
+            static const struct linger reset = {1, 0};
+            if (client >= 0) {
+                setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+                close(client);
+            }
+            if (server >= 0)
+                close(server);
+            core->record_failed = 1;
+            return;
+        }
+        core->handbacks = grown;
+        core->cap_handbacks = cap;
+    }
+    struct handback *h = &core->handbacks[core->n_handbacks++];
+    h->lid = lid;
+    h->client = client;
+    h->server = server;
+    h->code = code;
+}
+
+static void listener_disarm(Core *core, struct listener *l)
+{
+    if (l->armed) {
+        epoll_ctl(core->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+        l->armed = 0;
+    }
+}
+
+/* Connect a pooled socket to the target: 0 when connected, else connect's errno. */
+static int connect_now(int fd, const struct sockaddr *to, socklen_t len)
+{
+    if (connect(fd, to, len) == 0)
+        return 0;
+    if (errno != EINPROGRESS)
+        return errno;
+    /* As relay/tcp.py: to a local target the handshake is done by the time connect()
+     * returns, and a second connect() says so -- no OUT event, no SO_ERROR read. */
+    if (connect(fd, to, len) == 0 || errno == EISCONN)
+        return 0;
+    return errno == EALREADY ? EINPROGRESS : errno;
+}
+
+static void on_listener(Core *core, int lid)
+{
+    struct listener *l = core->listeners[lid];
+    if (!l || !l->armed)
+        return;
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_in6 addr;
+        socklen_t addr_len = sizeof(addr);
+        int client = accept4(l->fd, l->want_peer ? (struct sockaddr *)&addr : NULL,
+                             l->want_peer ? &addr_len : NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (client < 0) {
+            int err = errno;
+            if (err == EAGAIN)
+                return;
+            if (err == ECONNABORTED || err == EPROTO) {
+                l->aborted++;
+                continue;
+            }
+            /* Out of fds or memory, the listener shut down, or worse: Python's Acceptor
+             * takes the listener over and applies its rules. */
+            listener_disarm(core, l);
+            hand_back(core, lid, -1, -1, err);
+            return;
+        }
+        if (!l->n_pool) {
+            l->empty++;
+            hand_back(core, lid, client, -1, 0);
+            continue;
+        }
+        int server = l->pool[--l->n_pool];
+        if (l->n_pool < l->low)
+            core->pool_low = 1;
+        int code = connect_now(server, (struct sockaddr *)&l->target, l->target_len);
+        if (code) {
+            l->slow++;
+            hand_back(core, lid, client, server, code);
+            continue;
+        }
+        struct peer *peer = NULL;
+        if (l->want_peer && (peer = malloc(sizeof(*peer))) != NULL) {
+            peer->len = addr_len < sizeof(addr) ? addr_len : sizeof(addr);
+            memcpy(&peer->addr, &addr, peer->len);
+        }
+        conn_start(core, client, server, l->slot, -1, NULL, 0, 1, 3, 1, peer);
+    }
+}
+
+static void listener_free(Core *core, int lid)
+{
+    struct listener *l = core->listeners[lid];
+    if (!l)
+        return;
+    listener_disarm(core, l);
+    for (int i = 0; i < l->n_pool; i++)
+        close(l->pool[i]);
+    free(l->pool);
+    free(l);
+    core->listeners[lid] = NULL;
+}
+
 /* ---- the Python type ------------------------------------------------------------- */
 
 static int Core_init(Core *self, PyObject *args, PyObject *kwds)
@@ -572,9 +820,33 @@ static void abort_all(Core *self, int code)
     free_dead(self);
 }
 
+static void release_listeners(Core *self)
+{
+    for (int i = 0; i < self->n_listeners; i++)
+        listener_free(self, i);
+    free(self->listeners);
+    self->listeners = NULL;
+    self->n_listeners = 0;
+    static const struct linger reset = {1, 0};
+    for (size_t i = 0; i < self->n_handbacks; i++) {
+        struct handback *h = &self->handbacks[i];
+        if (h->client >= 0) {
+            setsockopt(h->client, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+            close(h->client);
+        }
+        if (h->server >= 0)
+            close(h->server);
+    }
+    free(self->handbacks);
+    self->handbacks = NULL;
+    self->n_handbacks = self->cap_handbacks = 0;
+    self->pool_low = 0;
+}
+
 static void Core_dealloc(Core *self)
 {
     if (self->epfd >= 0) {
+        release_listeners(self);
         abort_all(self, OUT_ABORTED);
         close(self->epfd);
     }
@@ -585,6 +857,8 @@ static void Core_dealloc(Core *self)
     }
     free(self->buf);
     free(self->slots);
+    for (size_t i = 0; i < self->n_records; i++)
+        free(self->records[i].peer);
     free(self->records);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -630,61 +904,18 @@ static PyObject *Core_add(Core *self, PyObject *args, PyObject *kwds)
                                      &slot, &token, &preamble, &exclusive, &nodelay))
         return NULL;
     PyObject *result = NULL;
-    struct conn *c = NULL;
     if (check_open(self) < 0 || client_fd < 0 || server_fd < 0 || client_fd == server_fd ||
         slot >= self->n_slots) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "bad fds or unknown slot");
         goto fail;
     }
-    c = calloc(1, sizeof(*c));
-    if (!c) {
+    if (conn_start(self, client_fd, server_fd, slot, token, preamble.buf, preamble.len,
+                   exclusive, nodelay, 0, NULL) < 0) {
         PyErr_NoMemory();
+        client_fd = server_fd = -1; /* closed by conn_start */
         goto fail;
     }
-    c->fd[0] = client_fd;
-    c->fd[1] = server_fd;
-    c->slot = slot;
-    c->token = token;
-    c->exclusive = (uint8_t)exclusive;
-    c->started_ns = now_ns();
-    dir_init(&c->up);
-    dir_init(&c->down);
-    static const int one = 1;
-    for (int i = 0; i < 2; i++)
-        if (nodelay & (1 << i))
-            setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    /* Counted live from here: conn_close undoes it, whichever way the pair ends. */
-    self->slots[slot].active++;
-    c->next = self->live.next;
-    c->prev = &self->live;
-    self->live.next->prev = c;
-    self->live.next = c;
-    self->n_live++;
-    if (preamble.len) {
-        /* A fresh connection's send buffer always has room for a ~100-byte header. */
-        ssize_t sent = send(server_fd, preamble.buf, (size_t)preamble.len, MSG_NOSIGNAL);
-        if (sent < 0) {
-            conn_abort(self, c, OUT_SERVER_RESET, errno);
-            goto done;
-        }
-        if (sent != preamble.len) {
-            conn_abort(self, c, OUT_NO_PREAMBLE, 0);
-            goto done;
-        }
-    }
-    /* Registered only now: adding an fd to epoll reports what is already pending (a
-     * request, even a FIN), so nothing has to be pumped by hand. */
-    for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = REGISTER_MASK,
-                                 .data.u64 = (uint64_t)(uintptr_t)c | (uint64_t)i};
-        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
-            /* Out of memory for epoll, or a socket epoll refuses: a reset, counted. */
-            conn_abort(self, c, i == 0 ? OUT_CLIENT_RESET : OUT_SERVER_RESET, errno);
-            break;
-        }
-    }
-done:
     free_dead(self);
     result = Py_None;
     Py_INCREF(result);
@@ -702,7 +933,9 @@ fail:
 PyDoc_STRVAR(Core_wait_doc,
 "wait(timeout_ms) -> int\n"
 "Serve connection events until the Python loop's epoll fd is readable (bit 0 of the\n"
-"result), connections ended (bit 1: take_records() has them), or the timeout passes.\n"
+"result), connections ended (bit 1: take_records() has them), a listener handed work\n"
+"back or a pool wants refilling (bit 2: take_handbacks(), pool_wants()), or the\n"
+"timeout passes.\n"
 "-1 waits without a timeout.  The GIL is released while waiting.");
 
 static PyObject *Core_wait(Core *self, PyObject *arg)
@@ -714,8 +947,8 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
         return NULL;
     struct epoll_event events[EVENTS];
     int outer_ready = 0;
-    if (self->n_records)
-        timeout = 0; /* records queued outside a wait (add, abort_slot) go out first */
+    if (self->n_records || self->n_handbacks || self->pool_low)
+        timeout = 0; /* queued outside a wait (add, abort_slot) or left: out first */
     uint64_t deadline = timeout > 0 ? now_ns() + (uint64_t)timeout * 1000000u : 0;
     for (;;) {
         int n, err;
@@ -738,6 +971,10 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
                 outer_ready = 1;
                 continue;
             }
+            if ((data & 3) == LISTENER_TAG) {
+                on_listener(self, (int)(data >> 2));
+                continue;
+            }
             struct conn *c = (struct conn *)(uintptr_t)(data & ~(uint64_t)1);
             if (!c->ended)
                 on_event(self, c, (int)(data & 1), events[i].events);
@@ -745,7 +982,8 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
         free_dead(self);
         /* Only connection events, all served: wait on here, without a round trip
          * through the interpreter, until the Python side has work or its timer is due. */
-        if (outer_ready || self->n_records || n == 0 || timeout == 0)
+        if (outer_ready || self->n_records || self->n_handbacks || self->pool_low || n == 0 ||
+            timeout == 0)
             break;
         if (timeout > 0) {
             uint64_t now = now_ns();
@@ -754,13 +992,17 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
             timeout = (int)((deadline - now + 999999u) / 1000000u);
         }
     }
-    return PyLong_FromLong(outer_ready | (self->n_records ? 2 : 0));
+    return PyLong_FromLong(outer_ready | (self->n_records ? 2 : 0) |
+                           (self->n_handbacks || self->pool_low ? 4 : 0));
 }
 
 PyDoc_STRVAR(Core_take_records_doc,
-"take_records() -> list of (slot, token, bytes_up, bytes_down, duration, code, errno)\n"
+"take_records() -> list of (slot, token, bytes_up, bytes_down, duration, code, errno,\n"
+"peer)\n"
 "The connections that ended since the last call.  code: 0 closed, 1 client reset,\n"
-"2 server reset, 3 aborted on request, 4 the server did not take the PROXY header.");
+"2 server reset, 3 aborted on request, 4 the server did not take the PROXY header.\n"
+"peer: the client's raw sockaddr when the core accepted it for a listener with\n"
+"peer=True, else None.");
 
 static PyObject *Core_take_records(Core *self, PyObject *noargs)
 {
@@ -769,14 +1011,26 @@ static PyObject *Core_take_records(Core *self, PyObject *noargs)
         return NULL;
     for (size_t i = 0; i < self->n_records; i++) {
         struct record *r = &self->records[i];
-        PyObject *item = Py_BuildValue("(ILKKdii)", r->slot, r->token,
-                                       (unsigned long long)r->up, (unsigned long long)r->down,
-                                       r->duration, (int)r->code, r->err);
+        PyObject *peer;
+        if (r->peer)
+            peer = PyBytes_FromStringAndSize((const char *)&r->peer->addr,
+                                             (Py_ssize_t)r->peer->len);
+        else
+            peer = Py_NewRef(Py_None);
+        PyObject *item = peer ? Py_BuildValue("(ILKKdiiN)", r->slot, r->token,
+                                              (unsigned long long)r->up,
+                                              (unsigned long long)r->down, r->duration,
+                                              (int)r->code, r->err, peer)
+                              : NULL;
         if (!item) {
             Py_DECREF(list);
             return NULL;
         }
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    for (size_t i = 0; i < self->n_records; i++) {
+        free(self->records[i].peer);
+        self->records[i].peer = NULL;
     }
     self->n_records = 0;
     if (self->cap_records > 4096) { /* give a burst's memory back */
@@ -810,8 +1064,9 @@ static PyObject *Core_abort_slot(Core *self, PyObject *arg)
 }
 
 PyDoc_STRVAR(Core_slot_doc,
-"slot(slot) -> (active, bytes_up, bytes_down)\n"
-"The forward's open connections and the bytes they moved so far.");
+"slot(slot) -> (active, bytes_up, bytes_down, c_open)\n"
+"The forward's open connections, the bytes they moved so far, and how many of the\n"
+"open ones the core accepted itself (Python has not counted those yet).");
 
 static PyObject *Core_slot(Core *self, PyObject *arg)
 {
@@ -823,8 +1078,9 @@ static PyObject *Core_slot(Core *self, PyObject *arg)
         return NULL;
     }
     struct slot_counters *s = &self->slots[slot];
-    return Py_BuildValue("(KKK)", (unsigned long long)s->active,
-                         (unsigned long long)s->live_up, (unsigned long long)s->live_down);
+    return Py_BuildValue("(KKKK)", (unsigned long long)s->active,
+                         (unsigned long long)s->live_up, (unsigned long long)s->live_down,
+                         (unsigned long long)s->c_open);
 }
 
 static PyObject *Core_info(Core *self, PyObject *noargs)
@@ -844,6 +1100,7 @@ static PyObject *Core_close(Core *self, PyObject *noargs)
 {
     if (self->epfd < 0)
         Py_RETURN_NONE;
+    release_listeners(self);
     abort_all(self, OUT_ABORTED);
     close(self->epfd);
     self->epfd = -1;
@@ -856,7 +1113,235 @@ static PyObject *Core_close(Core *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(Core_listen_doc,
+"listen(listener_fd, slot, family, host, port, scope_id=0, low=8, cap=32, peer=False)\n"
+"-> int\n"
+"Accept from the listening socket ``listener_fd`` in the core (it stays the caller's:\n"
+"unlisten() before closing it) and relay each client to host:port with a socket from\n"
+"this listener's pool (pool_put()); refill wanted below ``low``, ``cap`` at most.\n"
+"``peer``: records carry each client's address (for -v lines; a small malloc per\n"
+"connection).  Returns the listener's id.  What the core cannot finish is handed back.");
+
+static PyObject *Core_listen(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"listener_fd", "slot", "family", "host", "port", "scope_id",
+                             "low", "cap", "peer", NULL};
+    int fd, family, port, low = 8, cap = 32, want_peer = 0;
+    unsigned int slot, scope_id = 0;
+    const char *host;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iIisi|Iiip", kwlist, &fd, &slot, &family,
+                                     &host, &port, &scope_id, &low, &cap, &want_peer))
+        return NULL;
+    if (check_open(self) < 0)
+        return NULL;
+    if (fd < 0 || slot >= self->n_slots || port < 0 || port > 65535 || low < 0 || cap < 1 ||
+        low > cap || (family != AF_INET && family != AF_INET6)) {
+        PyErr_SetString(PyExc_ValueError, "bad listener fd, slot, family, port or pool size");
+        return NULL;
+    }
+    struct listener *l = calloc(1, sizeof(*l));
+    if (!l)
+        return PyErr_NoMemory();
+    l->pool = malloc((size_t)cap * sizeof(int));
+    if (!l->pool) {
+        free(l);
+        return PyErr_NoMemory();
+    }
+    l->fd = fd;
+    l->slot = slot;
+    l->low = low;
+    l->cap = cap;
+    l->want_peer = want_peer;
+    int ok;
+    if (family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&l->target;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        ok = inet_pton(AF_INET, host, &a->sin_addr);
+        l->target_len = sizeof(*a);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&l->target;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        a->sin6_scope_id = scope_id;
+        ok = inet_pton(AF_INET6, host, &a->sin6_addr);
+        l->target_len = sizeof(*a);
+    }
+    if (ok != 1) {
+        free(l->pool);
+        free(l);
+        PyErr_Format(PyExc_ValueError, "not a numeric address: %s", host);
+        return NULL;
+    }
+    int lid = -1;
+    for (int i = 0; i < self->n_listeners; i++)
+        if (!self->listeners[i]) {
+            lid = i;
+            break;
+        }
+    if (lid < 0) {
+        if (self->n_listeners >= MAX_LISTENERS) {
+            free(l->pool);
+            free(l);
+            PyErr_SetString(PyExc_ValueError, "too many listeners in one core");
+            return NULL;
+        }
+        struct listener **grown = realloc(self->listeners,
+                                          (size_t)(self->n_listeners + 1) * sizeof(*grown));
+        if (!grown) {
+            free(l->pool);
+            free(l);
+            return PyErr_NoMemory();
+        }
+        self->listeners = grown;
+        lid = self->n_listeners++;
+    }
+    struct epoll_event ev = {.events = EPOLLIN,
+                             .data.u64 = ((uint64_t)lid << 2) | LISTENER_TAG};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        free(l->pool);
+        free(l);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    l->armed = 1;
+    self->listeners[lid] = l;
+    self->pool_low = self->pool_low || low > 0;
+    return PyLong_FromLong(lid);
+}
+
+static struct listener *listener_arg(Core *self, int lid)
+{
+    if (lid < 0 || lid >= self->n_listeners || !self->listeners[lid]) {
+        PyErr_SetString(PyExc_ValueError, "unknown listener");
+        return NULL;
+    }
+    return self->listeners[lid];
+}
+
+PyDoc_STRVAR(Core_unlisten_doc,
+"unlisten(lid)\n"
+"Stop accepting from the listener and close its pooled sockets (not the listener).\n"
+"Hand-backs already queued for it stay queued.");
+
+static PyObject *Core_unlisten(Core *self, PyObject *arg)
+{
+    int lid = (int)PyLong_AsLong(arg);
+    if (lid == -1 && PyErr_Occurred())
+        return NULL;
+    if (!listener_arg(self, lid))
+        return NULL;
+    listener_free(self, lid);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Core_pool_put_doc,
+"pool_put(lid, fd) -> bool\n"
+"Give the listener's pool one unconnected TCP socket of the target's family (made\n"
+"non-blocking here); the core owns it from the call on.  False: the pool was full and\n"
+"the socket was closed.");
+
+static PyObject *Core_pool_put(Core *self, PyObject *args)
+{
+    int lid, fd;
+    if (!PyArg_ParseTuple(args, "ii", &lid, &fd))
+        return NULL;
+    struct listener *l = listener_arg(self, lid);
+    if (!l || fd < 0) {
+        if (fd >= 0)
+            close(fd);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad fd");
+        return NULL;
+    }
+    if (l->n_pool >= l->cap) {
+        close(fd);
+        Py_RETURN_FALSE;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && !(flags & O_NONBLOCK))
+        fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    l->pool[l->n_pool++] = fd;
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(Core_pool_wants_doc,
+"pool_wants() -> list of (lid, count)\n"
+"Listeners whose pool is under its low-water mark, and how many sockets fill it.");
+
+static PyObject *Core_pool_wants(Core *self, PyObject *noargs)
+{
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    for (int i = 0; i < self->n_listeners; i++) {
+        struct listener *l = self->listeners[i];
+        if (!l || l->n_pool >= l->low)
+            continue;
+        PyObject *item = Py_BuildValue("(ii)", i, l->cap - l->n_pool);
+        if (!item || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    self->pool_low = 0;
+    return list;
+}
+
+PyDoc_STRVAR(Core_take_handbacks_doc,
+"take_handbacks() -> list of (lid, client_fd, server_fd, code)\n"
+"What the core's listeners handed back since the last call; the caller owns the fds.\n"
+"client_fd -1: accept() failed with errno ``code`` and the core stopped watching the\n"
+"listener.  server_fd -1: the pool was empty.  Otherwise connect() did not complete at\n"
+"once and ``code`` is its errno (EINPROGRESS: still connecting).");
+
+static PyObject *Core_take_handbacks(Core *self, PyObject *noargs)
+{
+    PyObject *list = PyList_New((Py_ssize_t)self->n_handbacks);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < self->n_handbacks; i++) {
+        struct handback *h = &self->handbacks[i];
+        PyObject *item = Py_BuildValue("(iiii)", h->lid, h->client, h->server, h->code);
+        if (!item) {
+            /* The fds of the items not built yet stay queued for the next call. */
+            memmove(self->handbacks, self->handbacks + i,
+                    (self->n_handbacks - i) * sizeof(*h));
+            self->n_handbacks -= i;
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    self->n_handbacks = 0;
+    return list;
+}
+
+PyDoc_STRVAR(Core_listener_info_doc,
+"listener_info(lid) -> dict: pooled, armed, aborted, empty, slow");
+
+static PyObject *Core_listener_info(Core *self, PyObject *arg)
+{
+    int lid = (int)PyLong_AsLong(arg);
+    if (lid == -1 && PyErr_Occurred())
+        return NULL;
+    struct listener *l = listener_arg(self, lid);
+    if (!l)
+        return NULL;
+    return Py_BuildValue("{sisisKsKsK}", "pooled", l->n_pool, "armed", l->armed, "aborted",
+                         (unsigned long long)l->aborted, "empty", (unsigned long long)l->empty,
+                         "slow", (unsigned long long)l->slow);
+}
+
 static PyMethodDef Core_methods[] = {
+    {"listen", (PyCFunction)(void (*)(void))Core_listen, METH_VARARGS | METH_KEYWORDS,
+     Core_listen_doc},
+    {"unlisten", (PyCFunction)Core_unlisten, METH_O, Core_unlisten_doc},
+    {"pool_put", (PyCFunction)Core_pool_put, METH_VARARGS, Core_pool_put_doc},
+    {"pool_wants", (PyCFunction)Core_pool_wants, METH_NOARGS, Core_pool_wants_doc},
+    {"take_handbacks", (PyCFunction)Core_take_handbacks, METH_NOARGS, Core_take_handbacks_doc},
+    {"listener_info", (PyCFunction)Core_listener_info, METH_O, Core_listener_info_doc},
     {"new_slot", (PyCFunction)Core_new_slot, METH_NOARGS,
      PyDoc_STR("new_slot() -> int: counters for one more forward")},
     {"add", (PyCFunction)(void (*)(void))Core_add, METH_VARARGS | METH_KEYWORDS, Core_add_doc},

@@ -18,10 +18,22 @@ class Core:
         """The core owns both fds from the call on, even when it raises."""
     def wait(self, timeout_ms: int, /) -> int:
         """Bit 0: the outer fd is readable; bit 1: records are waiting."""
-    def take_records(self) -> list[tuple[int, int, int, int, float, int, int]]:
-        """(slot, token, bytes up, bytes down, duration, code, errno) per ended pair."""
+    def take_records(self) -> list[tuple[int, int, int, int, float, int, int, bytes | None]]:
+        """(slot, token, bytes up, bytes down, duration, code, errno, raw client sockaddr
+        or None) per ended pair."""
     def abort_slot(self, slot: int, /) -> None: ...
-    def slot(self, slot: int, /) -> tuple[int, int, int]:
-        """(open pairs, bytes up, bytes down they moved so far)."""
+    def slot(self, slot: int, /) -> tuple[int, int, int, int]:
+        """(open pairs, bytes up, bytes down they moved so far, open pairs it accepted)."""
+    def listen(self, listener_fd: int, slot: int, family: int, host: str, port: int,
+               scope_id: int = 0, low: int = 8, cap: int = 32, peer: bool = False) -> int:
+        """Accept from the listener in the core; returns its id (see ``_tcprelay.c``)."""
+    def unlisten(self, lid: int, /) -> None: ...
+    def pool_put(self, lid: int, fd: int, /) -> bool:
+        """The core owns ``fd`` from the call on; False: the pool was full (fd closed)."""
+    def pool_wants(self) -> list[tuple[int, int]]:
+        """(listener id, sockets wanted) for each pool under its low-water mark."""
+    def take_handbacks(self) -> list[tuple[int, int, int, int]]:
+        """(listener id, client fd, server fd, errno); the caller owns the fds."""
+    def listener_info(self, lid: int, /) -> dict[str, int]: ...
     def info(self) -> dict[str, int]: ...
     def close(self) -> None: ...

@@ -8,11 +8,19 @@ on an :class:`~nsbridge.relay.loop.EventLoop`: the core does the loop's waiting,
 connection events itself and hands the loop back its own events, its timers, and the
 records of connections that ended, which go to the owner of their slot (a forward) for
 its statistics and its ``-v`` line.
+
+Listeners (:meth:`NativeRelay.listen`): a forward whose clients need no Python (see
+``Forward.accepts_natively``) gives the core its listener; the core accepts and connects
+itself, from a pool of target sockets this module keeps filled through the forward's
+socket factory, and hands back what it cannot finish (a slow or failed connect, an
+empty pool, an accept error) to the listener's owner, which runs its Python path for it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Callable
 
 from nsbridge.errors import UserError, errno_name
@@ -24,7 +32,8 @@ try:
 except ImportError:  # built without a C compiler: the Python relay serves
     _tcprelay = None  # type: ignore[assignment]
 
-__all__ = ["RELAYS", "RELAY_ENV", "NativeRelay", "chosen_relay", "unavailable"]
+__all__ = ["CORE_ACCEPTED", "NATIVE_ACCEPT_ENV", "RELAYS", "RELAY_ENV", "ListenerOwner",
+           "NativeRelay", "chosen_relay", "native_accept_enabled", "unavailable"]
 
 RELAY_ENV = "NSBRIDGE_RELAY"
 RELAYS = ("native", "python")
@@ -32,9 +41,40 @@ RELAYS = ("native", "python")
 # Record codes (_tcprelay.c, enum outcome).
 _CLOSED, _CLIENT_RESET, _SERVER_RESET, _ABORTED, _NO_PREAMBLE = range(5)
 
-# What a slot's owner gets for each connection that ended:
-# (token, bytes up, bytes down, duration in seconds, outcome in relay/tcp.py's words).
-OnRecord = Callable[[int, int, int, float, str], None]
+# What a slot's owner gets for each connection that ended: (token, bytes up, bytes down,
+# duration in seconds, outcome in relay/tcp.py's words, the client's address when the
+# core accepted it and was asked to keep it -- else None).
+OnRecord = Callable[[int, int, int, float, str, "tuple | None"], None]
+
+# The token of a pair the core accepted itself (Python gave it none).
+CORE_ACCEPTED = -1
+
+# Whether forwards may accept in the core (NSBRIDGE_NATIVE_ACCEPT=0: never, for A/B
+# measurements and for tests comparing the two paths).
+NATIVE_ACCEPT_ENV = "NSBRIDGE_NATIVE_ACCEPT"
+
+# A listener's pool of target sockets, topped up to POOL_CAP whenever the core's wait
+# returns with one taken (low-water mark = cap).  Topping up at once keeps an idle
+# forward's fd count constant -- a pool that floated between a low mark and its cap
+# would look like a leak to anyone counting fds -- and costs no extra round trip on
+# short connections, whose records bring wait() back anyway.  Small: an idle forward
+# holds POOL_CAP sockets per worker; a burst beyond it is handed back and served by
+# Python's path, never dropped.
+POOL_CAP = 16
+POOL_LOW = POOL_CAP
+
+
+class ListenerOwner:
+    """What the core's listener needs from its owner (a Forward): sockets for its pool,
+    and a home for what the core hands back."""
+
+    def pool_sockets(self, count: int) -> list[int]:
+        """Up to ``count`` new unconnected target socket fds (ownership passes)."""
+        raise NotImplementedError
+
+    def handed_back(self, client_fd: int, server_fd: int, code: int) -> None:
+        """See ``Core.take_handbacks``; the owner owns the fds from the call on."""
+        raise NotImplementedError
 
 
 def unavailable() -> str | None:
@@ -56,6 +96,22 @@ def chosen_relay(name: str | None = None) -> str:
     if name == "native" and _tcprelay is None:
         return "python"
     return name
+
+
+def native_accept_enabled() -> bool:
+    """Whether forwards may accept in the core ($NSBRIDGE_NATIVE_ACCEPT not "0")."""
+    return os.environ.get(NATIVE_ACCEPT_ENV, "1") != "0"
+
+
+def sockaddr_from_raw(raw: bytes) -> tuple:
+    """A raw struct sockaddr_in/_in6 (a record's peer) as Python's sockaddr tuple."""
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET6:
+        port, flowinfo = struct.unpack_from("!HI", raw, 2)
+        (scope_id,) = struct.unpack_from("=I", raw, 24)
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope_id)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
 
 
 def outcome_words(code: int, err: int) -> str:
@@ -80,6 +136,7 @@ class NativeRelay:
         self.core = _tcprelay.Core(loop.fileno(), copy=mover == "copy", small_read=SMALL_READ,
                                    pipe_size=pipe_size or (1 << 20))
         self._owners: dict[int, OnRecord] = {}
+        self._listeners: dict[int, ListenerOwner] = {}
         self._abort_outcome = "reset by nsbridge"
         self._loop = loop
         loop.set_waiter(self.wait)
@@ -100,18 +157,61 @@ class NativeRelay:
         flags: int = self.core.wait(-1 if timeout < 0 else int(timeout * 1000 + 0.999))
         if flags & 2:
             self._dispatch()
+        if flags & 4:
+            self._serve_listeners()
         return bool(flags & 1)
+
+    # ---- listeners -----------------------------------------------------------------
+
+    def listen(self, listener_fd: int, slot: int, family: int, sockaddr: tuple,
+               owner: ListenerOwner, peer: bool = False) -> int:
+        """Accept from ``listener_fd`` in the core and connect each client to ``sockaddr``
+        (a numeric IPv4/IPv6 address) with a pooled socket; returns the listener's id.
+        ``peer``: records carry the client's address (for ``-v`` lines).  The listener
+        stays the caller's: :meth:`unlisten` before closing it."""
+        host, port = sockaddr[0], sockaddr[1]
+        scope_id = sockaddr[3] if len(sockaddr) > 3 else 0
+        host = host.split("%", 1)[0]  # a link-local scope is in scope_id
+        lid: int = self.core.listen(listener_fd, slot, family, host, port, scope_id,
+                                    POOL_LOW, POOL_CAP, peer)
+        self._listeners[lid] = owner
+        self._serve_listeners()  # fill the pool before the first client
+        return lid
+
+    def unlisten(self, lid: int) -> None:
+        """Stop accepting from ``lid``; what it handed back so far is served first."""
+        self._serve_listeners()
+        self.core.unlisten(lid)
+        del self._listeners[lid]
+
+    def _serve_listeners(self) -> None:
+        listeners = self._listeners
+        for lid, client_fd, server_fd, code in self.core.take_handbacks():
+            listeners[lid].handed_back(client_fd, server_fd, code)
+        for lid, count in self.core.pool_wants():
+            owner = listeners.get(lid)
+            if owner is None:
+                continue
+            for fd in owner.pool_sockets(count):
+                self.core.pool_put(lid, fd)
+
+    def listener_info(self, lid: int) -> dict[str, int]:
+        info: dict[str, int] = self.core.listener_info(lid)
+        return info
+
 
     def _dispatch(self) -> None:
         owners = self._owners
-        for slot, token, up, down, duration, code, err in self.core.take_records():
+        for slot, token, up, down, duration, code, err, peer in self.core.take_records():
             words = self._abort_outcome if code == _ABORTED else outcome_words(code, err)
-            owners[slot](token, up, down, duration, words)
+            owners[slot](token, up, down, duration, words,
+                         None if peer is None else sockaddr_from_raw(peer))
 
-    def live(self, slot: int) -> tuple[int, int, int]:
-        """(open connections, bytes up, bytes down they moved so far) of ``slot``."""
-        active, up, down = self.core.slot(slot)
-        return active, up, down
+    def live(self, slot: int) -> tuple[int, int, int, int]:
+        """(open connections, bytes up, bytes down they moved so far, how many of the open
+        ones the core accepted itself) of ``slot``."""
+        active, up, down, core_accepted = self.core.slot(slot)
+        return active, up, down, core_accepted
 
     def abort(self, slot: int, outcome: str) -> None:
         """Reset every open connection of ``slot`` now; their records say ``outcome``."""

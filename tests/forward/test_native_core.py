@@ -140,7 +140,7 @@ def test_preamble_goes_first_and_bytes_are_counted(harness):
     h.pump()
     client.settimeout(5)
     assert client.recv(100) == b"world!"
-    assert h.core.slot(h.slot) == (1, 5, 6)  # the header is ours, not the client's bytes
+    assert h.core.slot(h.slot) == (1, 5, 6, 0)  # the header is ours, not the client's bytes
     client.close()
     target_end.close()
     for _ in range(20):
@@ -148,7 +148,7 @@ def test_preamble_goes_first_and_bytes_are_counted(harness):
         if h.records:
             break
     assert [(r[1], r[2], r[3], r[5]) for r in h.records] == [(token, 5, 6, 0)]
-    assert h.core.slot(h.slot) == (0, 0, 0)
+    assert h.core.slot(h.slot) == (0, 0, 0, 0)
 
 
 # ---- random life cycles ------------------------------------------------------------------
@@ -233,14 +233,14 @@ def test_random_life_cycles_leave_no_fd_and_count_exactly(harness, mover, seed):
     by_token = {r[1]: r for r in h.records}
     assert set(by_token) == set(done)
     for token, state in done.items():
-        _slot, _token, up, down, _duration, code, _err = by_token[token]
+        _slot, _token, up, down, _duration, code, _err, _peer = by_token[token]
         # Never more than the peer sent; exactly that when the pair ended cleanly (both
         # ways finished: every byte read before each EOF was written on).
         assert up <= state["sent"][0] and down <= state["sent"][1], (state, by_token[token])
         if code == 0:
             assert (up, down) == tuple(state["sent"]), (state, by_token[token])
         assert code in (0, 1, 2), by_token[token]
-    assert h.core.slot(h.slot) == (0, 0, 0)
+    assert h.core.slot(h.slot) == (0, 0, 0, 0)
     h.close()
     h.core.close()  # twice is harmless
     assert _open_fds() == before
