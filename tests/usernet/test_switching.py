@@ -45,7 +45,9 @@ from helpers.switching import (
     switching_world,
 )
 
-pytestmark = pytest.mark.timeout(300)
+# Each test twice: the switcher's native core and its Python path (conftest.py).
+BOTH_SWITCH_PATHS = True
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 
 
 @pytest.fixture(scope="module")
