@@ -34,6 +34,13 @@ number *again*.  Another thread can change both in between (write another addres
 kernel unchecked is a way around the policy.  Performing the call ourselves on the
 object and bytes we checked leaves no such gap.
 
+Who makes the system calls: where it was built, the native core (``_notifycore.c``,
+chosen by :mod:`nsbridge.linux.notifycore`) runs step 1 and the where-it-lives check of
+a connect in one call, and step 3's host socket, connect, ``ADDFD`` and answer in
+another, with the GIL released; this module keeps every decision.  Same steps, same
+order, same outcomes as the Python path, which serves without it (or with
+``NSBRIDGE_SWITCH=python``); listen and bind always take the Python path.
+
 What a host socket in the program cannot do: ``connect`` undecided (trapped: an outside
 address is decided, then connected on that socket by us, so the kernel's answers stay
 its own: ``EISCONN``, ``EALREADY``...; the namespace's own addresses are refused with
