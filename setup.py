@@ -3,6 +3,8 @@
 * ``nsbridge.usernet.host._flowrelay`` serves UDP and ping for ``nsbridge run`` from a thread
   that never takes the GIL for a known flow.  It is optional: without a C compiler and the
   Python headers the build skips it and the Python engine serves them, slower.
+* ``nsbridge.linux._notifycore`` runs the system calls of a switched connect (``run
+  --bypass``) one call per step; optional too: without it the Python path serves.
 * Man pages (``nsbridge(1)``, ``netns_tcp_bridge(1)``, ``nsbridge-slirp4netns(1)``) and the bash completion are generated
   at build time from the very argparse parsers the commands use (argparse-manpage and shtab,
   build requirements), so they cannot drift from ``--help``.  They are installed as data
@@ -91,6 +93,13 @@ setup(
         Extension(
             "nsbridge.relay._tcprelay",
             ["nsbridge/relay/_tcprelay.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+            optional=True,
+        ),
+        Extension(
+            "nsbridge.linux._notifycore",
+            ["nsbridge/linux/_notifycore.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
             optional=True,

@@ -14,6 +14,8 @@
   installed with ``seccomp(2)``, for x86_64 and aarch64.
 * :mod:`.seccomp_notify` — serving a seccomp user-notification listener: RECV, SEND,
   ID_VALID, ADDFD, the caller's memory and fds (``run --bypass``).
+* :mod:`.notifycore` — whether the native switching core (``_notifycore.c``: a switched
+  connect's system calls, one call per step) or the Python path serves.
 * :mod:`.sockdiag` — the TCP listeners of this network namespace by inode
   (``NETLINK_SOCK_DIAG``): whether a listener handed to a program still exists.
 * :mod:`.inroot` — a Unix socket path resolved inside another process's root

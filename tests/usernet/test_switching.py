@@ -45,7 +45,9 @@ from helpers.switching import (
     switching_world,
 )
 
-pytestmark = pytest.mark.timeout(300)
+# Each test twice: the switcher's native core and its Python path (conftest.py).
+BOTH_SWITCH_PATHS = True
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +342,30 @@ def test_published_port_reaches_a_listener_under_bypass(world: World) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(("target", "option", "source"),
+                         [(OUT4, "--outbound-addr", "198.51.100.9"),
+                          (OUT6, "--outbound-addr6", "2001:db8:5::9")], ids=["ipv4", "ipv6"])
+def test_switched_socket_leaves_from_the_outbound_address(world: World, target: str,
+                                                          option: str, source: str) -> None:
+    """``--outbound-addr(6)`` binds the host socket before it connects (the native core
+    takes the sockaddr the switcher built): the server sees that second address of the
+    host's, which the kernel would never have picked, and so does the program."""
+    up = UP6 if ":" in target else UP4
+    shown = subprocess.run(["ip", "-n", world.host, "-j", "addr", "show"], check=True,
+                           capture_output=True, text=True).stdout
+    device = next(link["ifname"] for link in json.loads(shown)
+                  if any(a["local"] == up for a in link.get("addr_info", [])))
+    prefix = "64" if ":" in source else "24"
+    subprocess.run(["ip", "-n", world.host, "addr", "add", f"{source}/{prefix}", "dev", device,
+                    *(["nodad"] if ":" in source else [])], check=True)
+    try:
+        result, log = world.probe("connect", target, str(ECHO_PORT),
+                                  options=("--bypass", option, source))
+    finally:
+        subprocess.run(["ip", "-n", world.host, "addr", "del", f"{source}/{prefix}", "dev",
+                        device], check=True)
+    assert result == {"result": "ok", "server_saw": source, "echo": "ping",
+                      "sockname": source}
+    assert "switched TCP connections: 1" in log

@@ -35,7 +35,9 @@ from helpers.environment import REPO
 from helpers.netns import in_netns
 from helpers.switching import OUT4, UP4, World, switching_world
 
-pytestmark = pytest.mark.timeout(300)
+# Each test twice: the switcher's native core and its Python path (conftest.py).
+BOTH_SWITCH_PATHS = True
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 DRIVER = str(REPO / "tests" / "helpers" / "signal_driver.py")
 GATE = 4.0  # seconds from the program's start until the target accepts
 FIRST_PORT = 7350

@@ -29,7 +29,9 @@ from helpers.environment import REPO
 from helpers.netns import in_netns
 from helpers.switching import OUT4, OUT6, UP4, UP6, World, switching_world
 
-pytestmark = pytest.mark.timeout(300)
+# Each test twice: the switcher's native core and its Python path (conftest.py).
+BOTH_SWITCH_PATHS = True
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 PROBE = str(REPO / "tests" / "helpers" / "switch_probe_tcp.py")
 RESET_PORT, OBSERVE_PORT, SILENT_PORT, THREADS_PORT = 7341, 7342, 7343, 7344
 DOWN4 = "198.51.100.77"  # on the outside link, owned by nobody: ARP goes unanswered

@@ -34,6 +34,13 @@ number *again*.  Another thread can change both in between (write another addres
 kernel unchecked is a way around the policy.  Performing the call ourselves on the
 object and bytes we checked leaves no such gap.
 
+Who makes the system calls: where it was built, the native core (``_notifycore.c``,
+chosen by :mod:`nsbridge.linux.notifycore`) runs step 1 and the where-it-lives check of
+a connect in one call, and step 3's host socket, connect, ``ADDFD`` and answer in
+another, with the GIL released; this module keeps every decision.  Same steps, same
+order, same outcomes as the Python path, which serves without it (or with
+``NSBRIDGE_SWITCH=python``); listen and bind always take the Python path.
+
 What a host socket in the program cannot do: ``connect`` undecided (trapped: an outside
 address is decided, then connected on that socket by us, so the kernel's answers stay
 its own: ``EISCONN``, ``EALREADY``...; the namespace's own addresses are refused with
@@ -61,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nsbridge.defaults import CONNECT_TIMEOUT
-from nsbridge.linux import inroot
+from nsbridge.linux import inroot, notifycore
 from nsbridge.linux import seccomp_notify as notify
 from nsbridge.linux.libc import libc
 from nsbridge.net.addresses import format_sockaddr
@@ -138,15 +145,24 @@ class SwitchStats:
 
 class _Call:
     """One trapped call being answered: the notification, the thread's pidfd, and our
-    reference to the program's socket (both closed by :meth:`close`)."""
+    reference to the program's socket (both closed by :meth:`close`).
 
-    __slots__ = ("fd", "notification", "pidfd", "sock")
+    ``fetched``: what the native core's ``receive`` fetched for a connect (pidfd, fd,
+    sockaddr, namespace; see ``_notifycore.pyi``), None on the Python path or for other
+    calls; ``raw`` and ``netns`` keep its last two once taken over."""
 
-    def __init__(self, notification: notify.Notification) -> None:
+    __slots__ = ("fd", "fetched", "netns", "notification", "pidfd", "raw", "sock")
+
+    def __init__(self, notification: notify.Notification,
+                 fetched: tuple[int | None, int | None, bytes | int | None, int | None]
+                 | None = None) -> None:
         self.notification = notification
+        self.fetched = fetched
         self.pidfd = -1
         self.sock: socket.socket | None = None
         self.fd = _signed(notification.args[0])
+        self.raw: bytes | int | None = None
+        self.netns: int | None = None
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -197,6 +213,8 @@ class SocketSwitcher:
         numbers = native_arch().numbers
         self._connect_nr, self._listen_nr = numbers["connect"], numbers["listen"]
         self._bind_nr = numbers["bind"]
+        # The native core, or None: the Python path (notifycore.py says which and why).
+        self._core = notifycore.chosen()
 
     def start(self) -> None:
         self.loop.add(self.listener, IN, self._on_listener)
@@ -230,14 +248,22 @@ class SocketSwitcher:
                 if self._on_end is not None:
                     self._on_end()
             return
+        fetched = None
         try:
-            notification = notify.receive(self.listener)
+            if self._core is not None:
+                nid, pid, nr, arch, args, *rest = self._core.receive(self.listener,
+                                                                     self._connect_nr)
+                notification = notify.Notification(nid, pid, nr, arch, args)
+                if rest[0] is not None:
+                    fetched = (rest[0], rest[1], rest[2], rest[3])
+            else:
+                notification = notify.receive(self.listener)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EINTR):
                 log.warning("bypass: reading the seccomp listener failed: %s", exc.strerror)
             return
         self.stats.notifications += 1
-        call = _Call(notification)
+        call = _Call(notification, fetched)
         try:
             self._serve(call)
         except notify.NotificationGone:
@@ -263,6 +289,9 @@ class SocketSwitcher:
 
     def _serve(self, call: _Call) -> None:
         n = call.notification
+        if call.fetched is not None:
+            self._serve_fetched(call)
+            return
         call.pidfd = notify.pidfd_of_thread(n.pid)
         notify.check_valid(self.listener, n.id)  # the pid still names the caller
         try:
@@ -282,6 +311,28 @@ class SocketSwitcher:
         else:
             self._answer(call, error=errno.ENOSYS)
             call.close()
+
+    def _serve_fetched(self, call: _Call) -> None:
+        """A connect whose pidfd, socket reference and sockaddr the native core fetched
+        (with ID_VALID after each step, as :meth:`_serve` and :meth:`_connect` check):
+        the same outcomes as the Python path for each failure."""
+        n = call.notification
+        assert call.fetched is not None
+        pidfd, sockfd, call.raw, call.netns = call.fetched
+        assert pidfd is not None and sockfd is not None
+        if pidfd < 0:  # no pidfd, or the caller was gone already (ENOENT)
+            raise OSError(-pidfd, os.strerror(-pidfd))
+        call.pidfd = pidfd
+        try:
+            if sockfd < 0:
+                raise OSError(-sockfd, os.strerror(-sockfd))
+            call.sock = _socket_of(sockfd)
+        except OSError as exc:
+            notify.check_valid(self.listener, n.id)
+            self._answer(call, error=exc.errno or errno.EBADF)
+            call.close()
+            return
+        self._connect(call)
 
     # ---- listen --------------------------------------------------------------------
 
@@ -353,10 +404,19 @@ class SocketSwitcher:
             self._answer(call, error=errno.EINVAL)
             call.close()
             return
-        raw = notify.read_memory(n.pid, n.args[1], length)
-        notify.check_valid(self.listener, n.id)  # the bytes were the caller's
+        if call.fetched is None:
+            raw = notify.read_memory(n.pid, n.args[1], length)
+            notify.check_valid(self.listener, n.id)  # the bytes were the caller's
+            host_socket = self._is_host_socket(sock)
+        else:  # read and checked by the native core, and where the socket lives
+            if not isinstance(call.raw, bytes):
+                error = -call.raw if isinstance(call.raw, int) else errno.EFAULT
+                if error == errno.ENOENT:
+                    raise notify.NotificationGone(errno.ENOENT, "the trapped call is gone")
+                raise OSError(error, "cannot read the caller's memory")
+            raw = call.raw
+            host_socket = call.netns is None or call.netns == self._host_netns
         family = struct.unpack_from("=H", raw)[0]
-        host_socket = self._is_host_socket(sock)
         if host_socket and self.published.owns(sock):
             self._refuse(call, CONNECT_PUBLISHED, f"-> {_family_name(family)}", errno.EOPNOTSUPP)
             return
@@ -442,6 +502,10 @@ class SocketSwitcher:
             target = (str(target_ip), decision.host_port)
             family = socket.AF_INET6 if target_ip.version == 6 else socket.AF_INET
         blocking = _is_blocking(sock)
+        if self._core is not None:
+            self._switch_native(call, family, target_ip, decision.host_port, mapped,
+                                blocking, shown)
+            return
         host = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
@@ -465,11 +529,59 @@ class SocketSwitcher:
             # (the handshake runs inside the call): no round through the loop.
             self._connect_finished(call, host, shown, 0)
         else:
-            nid = call.notification.id
-            wait, expired = self._blocking_wait(sock)
-            timer = self.loop.call_later(wait, lambda: self._connect_done(nid, shown, expired))
-            self._pending[nid] = (call, host, timer)
-            self.loop.add(host.fileno(), OUT, lambda _e: self._connect_done(nid, shown))
+            self._wait_connect(call, host, shown)
+
+    def _wait_connect(self, call: _Call, host: socket.socket, shown: str) -> None:
+        """A blocking program's connect with no outcome yet: the loop waits for it."""
+        assert call.sock is not None
+        nid = call.notification.id
+        wait, expired = self._blocking_wait(call.sock)
+        timer = self.loop.call_later(wait, lambda: self._connect_done(nid, shown, expired))
+        self._pending[nid] = (call, host, timer)
+        self.loop.add(host.fileno(), OUT, lambda _e: self._connect_done(nid, shown))
+
+    def _switch_native(self, call: _Call, family: int, target_ip: IPAddress, port: int,
+                       mapped: bool, blocking: bool, shown: str) -> None:
+        """:meth:`_switch`'s system calls in one call of the native core: the host
+        socket, options, outbound bind, connect, and (when there is an outcome at once)
+        ADDFD and the answer.  The same outcomes, counted the same way."""
+        assert self._core is not None and call.sock is not None
+        core, n = self._core, call.notification
+        outcome, value = core.switch_connect(
+            self.listener, n.id, n.pid, call.fd, call.sock.fileno(), call.sock.family,
+            family, _sockaddr(family, target_ip, port), family == socket.AF_INET6 and mapped,
+            self._outbound_sockaddr(family, target_ip), blocking)
+        if outcome == core.FAILED:
+            self._connect_failed(call, shown, value)
+        elif outcome == core.PENDING:
+            self._wait_connect(call, socket.socket(fileno=value), shown)
+        else:
+            self._installed(call, outcome)
+
+    def _installed(self, call: _Call, outcome: int) -> None:
+        """Count what the native core's install did (SWITCHED, SWITCHED_GONE, GONE)."""
+        assert self._core is not None
+        if outcome == self._core.GONE:
+            self.stats.gone += 1
+        else:
+            self.stats.switched += 1
+            if outcome == self._core.SWITCHED_GONE:
+                self.stats.gone += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("usernet tcp: bypass pid %d fd %d switched", call.notification.pid,
+                          call.fd)
+        call.close()
+
+    def _outbound_sockaddr(self, family: int, target_ip: IPAddress) -> bytes | None:
+        """The sockaddr :meth:`OutboundAddresses.bind` would bind a host socket of
+        ``family`` to for ``target_ip`` (port 0), or None for no bind."""
+        outbound = self.outbound
+        if outbound.ipv4 is None and outbound.ipv6 is None:
+            return None
+        source = outbound.source_for(target_ip)
+        if source is None or (family == socket.AF_INET6) != (source.version == 6):
+            return None
+        return _sockaddr(family, source, 0)
 
     def _blocking_wait(self, sock: socket.socket) -> tuple[float, int]:
         """How long a blocking connect of the program may wait here, and the answer when
@@ -517,6 +629,13 @@ class SocketSwitcher:
         """``host`` over the program's fd number (its close-on-exec flag kept), then the
         answer.  The program's namespace socket is closed by the replacement."""
         n = call.notification
+        if self._core is not None:
+            outcome = self._core.install(self.listener, n.id, n.pid, call.fd, host.detach(),
+                                         blocking, result)
+            if outcome == self._core.GONE:
+                raise notify.NotificationGone(errno.ENOENT, "the trapped call is gone")
+            self._installed(call, outcome)
+            return
         try:
             if blocking:
                 host.setblocking(True)  # the file's flag: the program's socket was blocking
