@@ -184,6 +184,16 @@ def check_native_tcp_relay() -> Finding:
                               instead="forwarded TCP is relayed by Python (slower)")
 
 
+def check_native_switching() -> Finding:
+    from nsbridge.linux import notifycore
+
+    return Finding.limited_if(notifycore.unavailable(), "native switching core",
+                              ok="built (run --bypass serves each connect's system calls "
+                              "in C)",
+                              instead="run --bypass serves connects in Python (slower per "
+                              "connect)")
+
+
 def check_socket_switching() -> Finding:
     from nsbridge.linux.seccomp import SeccompUnsupported, native_arch
     from nsbridge.linux.seccomp_notify import unsupported
@@ -208,6 +218,7 @@ CHECKS: tuple[Callable[[], Finding | Iterator[Finding]], ...] = (
     check_ping_sockets,
     check_native_relay,
     check_native_tcp_relay,
+    check_native_switching,
     check_socket_switching,
 )
 

@@ -49,11 +49,15 @@ def test_doctor_reports_what_this_machine_does() -> None:
     assert f"{mode:04o}" in found["tun device"][1]
     assert found["tun device"][0] == ("ok" if mode & 0o006 == 0o006 else "limited")
     for topic in ("python", "pyroute2", "tcp fast path", "user namespaces", "--tcp=tun",
-                  "ping", "native relay", "native TCP relay", "--bypass"):
+                  "ping", "native relay", "native TCP relay", "native switching core",
+                  "--bypass"):
         assert topic in found, (topic, found)
+    from nsbridge.linux import notifycore
     from nsbridge.relay import native
 
     assert found["native TCP relay"][0] == ("limited" if native.unavailable() else "ok")
+    assert found["native switching core"][0] == (
+        "limited" if notifycore.unavailable() else "ok")
 
 
 def test_doctor_ping_hint_follows_the_sysctl(netns: str) -> None:
