@@ -445,13 +445,16 @@ def test_a_burst_beyond_the_pool_is_served_whole(monkeypatch):
             ListenAddress(HostPort("127.0.0.1", 0)),
             ConnectAddress(HostPort("127.0.0.1", server.getsockname()[1]))))
         forward.listener.listen(512)  # type: ignore[union-attr]
-        bridge.start_thread()
         address = forward.listener.getsockname()  # type: ignore[union-attr]
+        # All 200 wait in the backlog before the loop runs: a burst the pool cannot
+        # cover whatever the scheduling (connected one by one to a running loop, the
+        # refill can keep up and the pool never runs dry).
         for _ in range(200):
             c = socket.socket()
             c.settimeout(10)
             c.connect(address)
             clients.append(c)
+        bridge.start_thread()
         for i, c in enumerate(clients):
             c.sendall(b"%d" % i)
         for i, c in enumerate(clients):
