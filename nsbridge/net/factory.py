@@ -45,7 +45,7 @@ else:
         """Makes sockets in one namespace and runs namespace-sensitive calls there
         (a protocol: ``label``, ``socket(family, type)``, ``call(fn, *args)``, ``close()``)."""
 
-_POOL_BATCH = 32
+POOL_BATCH = 32
 _SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
@@ -127,7 +127,7 @@ class ThreadFactory:
         if pool is None:
             pool = self._pools[(family, type)] = deque()
         if not pool:
-            pool.extend(self.call(_make_sockets, family, type, _POOL_BATCH))
+            pool.extend(self.call(_make_sockets, family, type, POOL_BATCH))
         return pool.popleft()
 
     def close(self) -> None:

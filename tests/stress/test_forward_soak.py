@@ -28,6 +28,7 @@ from helpers.control import stats_by_name
 from helpers.processes import Forwarder, open_fds, process_tree
 from helpers.tcp_mix import plan, run_mix, start_server
 from helpers.waiting import wait_until
+from nsbridge.net.factory import POOL_BATCH
 
 pytestmark = pytest.mark.stress
 
@@ -113,7 +114,12 @@ def test_tcp_soak(netns: str, forwarder, tmp_path: Path) -> None:
         assert seen["cabort_reset"] == expected["cabort"], seen
         assert seen["sabort_sent"] == c["sabort_reset"] == expected["sabort"], (c, seen)
         assert not [k for k in seen if k.startswith("server_error")], seen
-        assert fds_after <= fds_before
+        # Each worker's socket factory makes target sockets POOL_BATCH at a time, so its
+        # spare sockets float between 0 and POOL_BATCH - 1 (the native core's pool draws
+        # them in bursts, not one per connection): that much per worker is not a leak.
+        # A leak of one fd per thousand connections would still show a hundred times over.
+        workers = len(process_tree(fwd.proc.pid)) - 1
+        assert fds_after <= fds_before + workers * (POOL_BATCH - 1), (fds_before, fds_after)
         assert rss_after <= rss_before + 8 * 1024
         assert fwd.proc.poll() is None
         assert fwd.stop() == 0
