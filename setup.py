@@ -81,29 +81,20 @@ def generated_data_files() -> list[tuple[str, list[str]]]:
     ]
 
 
+def native(module: str) -> Extension:
+    """An optional C module built from ``<module path>.c``: without a compiler and the
+    Python headers the build skips it and the Python path serves."""
+    return Extension(module, [module.replace(".", "/") + ".c"],
+                     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                         "-Wno-missing-field-initializers"],
+                     optional=True)
+
+
 setup(
     ext_modules=[
-        Extension(
-            "nsbridge.usernet.host._flowrelay",
-            ["nsbridge/usernet/host/_flowrelay.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
-            optional=True,
-        ),
-        Extension(
-            "nsbridge.relay._tcprelay",
-            ["nsbridge/relay/_tcprelay.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
-            optional=True,
-        ),
-        Extension(
-            "nsbridge.linux._notifycore",
-            ["nsbridge/linux/_notifycore.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
-            optional=True,
-        ),
+        native("nsbridge.usernet.host._flowrelay"),
+        native("nsbridge.relay._tcprelay"),
+        native("nsbridge.linux._notifycore"),
     ],
     data_files=generated_data_files(),
 )
