@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --print-profile: the listenerMetadata to put in it (shown "
                        "in the agent's log)")
     add_policy_flags(agent)
+    agent.add_argument("--bypass-exclude", metavar="RULE", action="append", default=[],
+                       help="allowed connects to RULE's destinations are not switched but "
+                       "made on the container's own socket, so they take the container's "
+                       "own networking (nsbridge-slirp4netns or another; with none they "
+                       "fail with ENETUNREACH): for FTP active mode, SIP; RULE is NETWORK, "
+                       "HOST:PORT, [IPv6]:PORT, *:PORT or PORT[-PORT]; repeatable")
     agent.add_argument("-v", "--verbose", action="count", default=0,
                        help="-v: one line per container and per denied connect; -vv: debug")
     agent.set_defaults(handler=run_seccomp_agent)
@@ -473,7 +479,8 @@ def run_seccomp_agent(args: argparse.Namespace) -> int:
                              deny=args.deny, cidr=args.cidr, cidr6=args.cidr6,
                              nat64_prefix=args.nat64_prefix,
                              outbound_addr=args.outbound_addr,
-                             outbound_addr6=args.outbound_addr6, dns=[])
+                             outbound_addr6=args.outbound_addr6, dns=[], bypass=True,
+                             bypass_exclude=args.bypass_exclude)
     check_options(options)
     uids = [_uid_of(name) for name in args.allow_user]
     stops = StopSignals()

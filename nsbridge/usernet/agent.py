@@ -18,7 +18,13 @@ from collections.abc import Collection
 
 from nsbridge.errors import UserError
 from nsbridge.linux.signals import StopSignals
-from nsbridge.usernet.options import UsernetOptions, check_bypass, outbound_of, policy_of
+from nsbridge.usernet.options import (
+    UsernetOptions,
+    check_bypass,
+    exclude_of,
+    outbound_of,
+    policy_of,
+)
 
 log = logging.getLogger("nsbridge")
 
@@ -55,13 +61,16 @@ def run_agent(socket_path: str, options: UsernetOptions, stops: StopSignals, *,
         policy.host_addresses = host_addresses
     listener = listen(socket_path, shared=bool(allowed_uids))
     loop = EventLoop()
-    agent = SeccompAgent(loop, listener, policy, outbound=outbound,
+    exclude = exclude_of(options)
+    agent = SeccompAgent(loop, listener, policy, outbound=outbound, exclude=exclude,
                          allowed_uids=frozenset(allowed_uids))
     try:
         agent.start()
         stops.attach(loop, lambda _signum, _count: loop.stop())
-        log.info("seccomp-agent: listening on %s; policy: %s", socket_path,
-                 policy.describe())
+        log.info("seccomp-agent: listening on %s; policy: %s%s", socket_path,
+                 policy.describe(),
+                 f"; not switched: {', '.join(map(exclude.describe, exclude.rules))}"
+                 if exclude else "")
         loop.run()
     finally:
         stats = agent.snapshot()

@@ -251,13 +251,16 @@ echo "dns: $(nslookup {name} {dns} 2>&1 | grep -c {answer})"
 """
 
 
+@pytest.mark.parametrize("excluded", [False, True], ids=["switched", "excluded"])
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_what_is_not_switched_takes_the_containers_own_networking(
-        runtime: str, user: RootlessUser, world: World) -> None:
+        runtime: str, excluded: bool, user: RootlessUser, world: World) -> None:
     """runtimes.md's second step: ``create``, ``start``, nsbridge-slirp4netns
     ``--configure`` for the container's pid, the command waiting for its ``tap0``.  TCP
     to the outside is switched by the agent, DNS over UDP to 10.0.2.3 goes through the
     helper (to the host's resolver), and the container's own 10.0.2.100 stays inside.
+    With ``--bypass-exclude PORT`` for the TCP server, that connect is made on the
+    container's own socket and reaches the outside through the helper instead.
     /dev/net/tun: the helper opens it as the user, so it is made 0666 while the test
     runs (helpers.rootlesskit)."""
     if not have(runtime):
@@ -267,7 +270,8 @@ def test_what_is_not_switched_takes_the_containers_own_networking(
     os.chown(top, user.uid, user.gid)
     helper = helper_binary("nsbridge", user)
     name = f"nsbagent-{uuid.uuid4().hex[:8]}"
-    with tun_open_to_users(), agent_as(user, world.host, top) as agent:
+    flags = ("--bypass-exclude", str(world.tcp_outside.port)) if excluded else ()
+    with tun_open_to_users(), agent_as(user, world.host, top, *flags) as agent:
         script = NOT_SWITCHED_SCRIPT.format(v4=OUTSIDE_V4, port=world.tcp_outside.port,
                                             child=CHILD_V4, name=DNS_NAME, dns=DNS_V4,
                                             answer=DNS_ADDRESS)
@@ -327,7 +331,26 @@ def test_what_is_not_switched_takes_the_containers_own_networking(
     assert f"own: {PAGE.strip()}" in out, (out, log)
     assert "dns: 1" in out, (out, log)
     summary = log.strip().splitlines()[-1]
-    assert "switched 1" in summary, log
+    if excluded:
+        assert "excluded 1" in summary and "switched" not in summary, log
+        assert f"not switched: *:{world.tcp_outside.port}" in log, log
+    else:
+        assert "switched 1" in summary and "excluded" not in summary, log
+
+
+@pytest.mark.parametrize(("rule", "says"), [("udp:192.0.2.1", "only TCP"),
+                                            ("*", "every connect")])
+def test_bad_exclude_rules_exit_with_one_line_and_no_socket(rule: str, says: str,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    done = subprocess.run([sys.executable, "-m", "nsbridge", "seccomp-agent", "--socket",
+                           str(path), "--bypass-exclude", rule],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"--bypass-exclude {rule}" in lines[0] and says in lines[0]
+    assert not path.exists()
 
 
 @pytest.fixture(scope="module")

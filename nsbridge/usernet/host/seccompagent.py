@@ -51,6 +51,7 @@ from nsbridge.relay.loop import IN, EventLoop, Timer
 from nsbridge.usernet.host.hostaddrs import HostAddresses
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.switcher import SocketSwitcher
+from nsbridge.usernet.proto.exclude import NO_EXCLUDE, ExcludeRules
 from nsbridge.usernet.proto.ocistate import (
     MAX_FDS,
     MAX_STATE,
@@ -186,6 +187,7 @@ class SeccompAgent:
 
     def __init__(self, loop: EventLoop, listener: socket.socket, policy: Policy, *,
                  outbound: OutboundAddresses = NONE,
+                 exclude: ExcludeRules = NO_EXCLUDE,
                  allowed_uids: Container[int] = (),
                  max_containers: int = MAX_CONTAINERS,
                  receive_timeout: float = RECEIVE_TIMEOUT) -> None:
@@ -193,6 +195,7 @@ class SeccompAgent:
         self.listener = listener
         self.policy = policy
         self.outbound = outbound
+        self.exclude = exclude
         self.allowed_uids = allowed_uids
         self.max_containers = max_containers
         self.receive_timeout = receive_timeout
@@ -367,7 +370,7 @@ class SeccompAgent:
         addresses = ContainerAddresses(state.pid, state.container_id,
                                        _fallback_own(self.policy))
         switcher = SocketSwitcher(self.loop, listener, self.policy, outbound=self.outbound,
-                                  own_addresses=addresses,
+                                  exclude=self.exclude, own_addresses=addresses,
                                   on_end=lambda: self._end(listener))
         self._served[listener] = _Served(state, switcher, addresses)
         self.stats.containers += 1
