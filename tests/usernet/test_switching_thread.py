@@ -1,0 +1,223 @@
+"""The socket switcher's native serving thread and its decision cache
+(``nsbridge run --bypass`` with the native core; the Python path for comparison).
+
+In the switching world (helpers.switching: nsbridge in a "host" namespace of the test's
+own, echo servers in an "outside" one that first say the address they saw), a driver
+runs the Python API in the host namespace with a small program under the filter that
+connects when told (one JSON line per step on its stdin, one back on its stdout), so
+the test can change the host between two connects of the same program:
+
+- repeated connects to an allowed destination are switched, and with the native core
+  all but the first are taken from the cache (``cached``), blocking and non-blocking,
+  IPv4 and IPv6; thousands leave the program's and the host side's fd counts as they
+  were;
+- a denied destination is denied on every attempt (never cached);
+- the race the cache must not lose: a destination switched (and cached), then made one
+  of the host's own addresses (``ip addr add`` in the host namespace): the very next
+  connect is denied ("host address"); removed again, switched again.  Twenty rounds;
+- the switcher closed while the program connects in a loop: the program's next connect
+  fails (ENOSYS: no listener left) instead of hanging, and it exits.
+
+IPv4 for the race: the kernel announces an IPv4 address before ``ip addr add`` returns,
+an IPv6 one a moment later from a work queue (tests/usernet/test_hostaddrs.py), so only
+for IPv4 is "at once" the kernel's promise.  No /dev/net/tun is opened as an ordinary
+user here: everything runs as root in the test's own namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers.environment import REPO
+from helpers.switching import DENIED_PORT, ECHO_PORT, OUT4, OUT6, UP4, UP6, World, switching_world
+
+BOTH_SWITCH_PATHS = True
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
+
+# The program under the filter: one step per line on stdin, one JSON result per line.
+STEPPER = r'''
+import errno, json, os, select, socket, sys
+
+def one(ip, port, blocking):
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    try:
+        if blocking:
+            sock.settimeout(10)
+            sock.connect((ip, port))
+        else:
+            sock.setblocking(False)
+            error = sock.connect_ex((ip, port))
+            if error == errno.EINPROGRESS:
+                select.select([], [sock], [], 10)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+            sock.setblocking(True)
+            sock.settimeout(10)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            line += chunk
+        return "saw " + line.decode().strip()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc))
+    finally:
+        sock.close()
+
+for line in sys.stdin:
+    kind, ip, port, count = json.loads(line)
+    if kind == "until_error":
+        done = 0
+        while (outcome := one(ip, port, True)).startswith("saw "):
+            done += 1
+            if done == 1:
+                print(json.dumps({"started": True}), flush=True)
+        print(json.dumps({"done": done, "error": outcome}), flush=True)
+        break
+    before = len(os.listdir("/proc/self/fd"))
+    outcomes = {}
+    for _ in range(count):
+        outcome = one(ip, port, kind == "blocking")
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(json.dumps({"outcomes": outcomes, "fds": [before, len(os.listdir("/proc/self/fd"))]}),
+          flush=True)
+'''
+
+# The driver, run in the host namespace: the API with the stepper under --bypass.
+DRIVER = r'''
+import json, os, subprocess, sys, time
+from nsbridge.usernet import api
+steps = json.loads(sys.argv[2])
+to_r, to_w = os.pipe()
+from_r, from_w = os.pipe()
+results = []
+with api.run([sys.executable, sys.argv[1]], bypass=True, deny=[f"tcp:*:{sys.argv[3]}"],
+             dns=[(sys.argv[4], 53)], stdin=to_r, stdout=from_w) as proc:
+    os.close(to_r)
+    os.close(from_w)
+    to_program = os.fdopen(to_w, "w")
+    from_program = os.fdopen(from_r)
+    for step in steps:
+        if step[0] == "sh":
+            subprocess.run(step[1:], check=True, capture_output=True)
+            continue
+        if step[0] == "close_switcher_when_started":
+            network = proc._network
+            assert json.loads(from_program.readline()) == {"started": True}
+            time.sleep(0.2)  # well into the loop
+            network.bridge.loop.call_soon_threadsafe(network.switcher.close)
+            results.append(json.loads(from_program.readline()))
+            continue
+        before = len(os.listdir("/proc/self/fd"))
+        to_program.write(json.dumps(step) + "\n")
+        to_program.flush()
+        if step[0] == "until_error":
+            continue
+        result = json.loads(from_program.readline())
+        result["host_fds"] = [before, len(os.listdir("/proc/self/fd"))]
+        results.append(result)
+    to_program.close()
+    proc.wait()
+    stats = proc.stats()
+print(json.dumps({"results": results, "bypass": stats["bypass"]}))
+'''
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with switching_world() as made:
+        yield made
+
+
+def drive(world: World, tmp_path: Path, steps: list[list], timeout: float = 180) -> dict:
+    stepper, driver = tmp_path / "stepper.py", tmp_path / "driver.py"
+    stepper.write_text(STEPPER)
+    driver.write_text(DRIVER)
+    done = subprocess.run(["ip", "netns", "exec", world.host, sys.executable, str(driver),
+                           str(stepper), json.dumps(steps), str(DENIED_PORT), OUT4],
+                          capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cache_hits_are_switched_and_counted(world: World, tmp_path: Path,
+                                             switch_path: str) -> None:
+    steps = [["blocking", OUT4, ECHO_PORT, 1],  # warm-up: the host side's fds settle
+             ["blocking", OUT4, ECHO_PORT, 2000],
+             ["nonblocking", OUT4, ECHO_PORT, 500],
+             ["blocking", OUT6, ECHO_PORT, 500]]
+    report = drive(world, tmp_path, steps)
+    warm, many, nonblocking, six = report["results"]
+    assert warm["outcomes"] == {f"saw {UP4}": 1}
+    assert many["outcomes"] == {f"saw {UP4}": 2000}
+    assert nonblocking["outcomes"] == {f"saw {UP4}": 500}
+    assert six["outcomes"] == {f"saw {UP6}": 500}
+    for result in (many, nonblocking, six):
+        assert result["fds"][0] == result["fds"][1], result  # the program's
+        assert result["host_fds"][0] == result["host_fds"][1], result  # nsbridge's
+    bypass = report["bypass"]
+    assert bypass["switched"] == 3001 and bypass["errors"] == 0 and bypass["denied"] == {}
+    if switch_path == "python":
+        assert bypass["cached"] == 0
+    else:  # the first connect to each destination is decided by Python, then cached
+        assert bypass["cached"] == 3001 - 2, bypass
+
+
+def test_denied_destination_stays_denied(world: World, tmp_path: Path) -> None:
+    steps = [["blocking", OUT4, DENIED_PORT, 50], ["blocking", OUT4, ECHO_PORT, 5],
+             ["nonblocking", OUT4, DENIED_PORT, 50], ["blocking", OUT6, DENIED_PORT, 20]]
+    report = drive(world, tmp_path, steps)
+    denied4, allowed, denied4_nb, denied6 = report["results"]
+    assert denied4["outcomes"] == {"ECONNREFUSED": 50}
+    assert allowed["outcomes"] == {f"saw {UP4}": 5}
+    assert denied4_nb["outcomes"] == {"ECONNREFUSED": 50}
+    assert denied6["outcomes"] == {"ECONNREFUSED": 20}
+    assert report["bypass"]["denied"] == {"deny rule": 120}
+    assert report["bypass"]["switched"] == 5
+    assert world.seen.get(DENIED_PORT, []) == []  # nothing reached the denied port
+
+
+def test_host_address_added_after_caching_is_denied_at_once(world: World,
+                                                            tmp_path: Path) -> None:
+    """The cache's race: an allowed destination is cached; ``ip addr add`` makes it one
+    of the host's own; the next connect, right after that returned, must be denied."""
+    add = ["sh", "ip", "addr", "add", f"{OUT4}/32", "dev", "lo"]
+    remove = ["sh", "ip", "addr", "del", f"{OUT4}/32", "dev", "lo"]
+    rounds = 20
+    steps: list[list] = []
+    for _ in range(rounds):
+        steps += [["blocking", OUT4, ECHO_PORT, 3], add, ["blocking", OUT4, ECHO_PORT, 1],
+                  ["nonblocking", OUT4, ECHO_PORT, 1], remove]
+    steps.append(["blocking", OUT4, ECHO_PORT, 3])
+    try:
+        report = drive(world, tmp_path, steps)
+    finally:
+        subprocess.run(["ip", "-n", world.host, "addr", "del", f"{OUT4}/32", "dev", "lo"],
+                       capture_output=True)
+    results = report["results"]
+    assert len(results) == 3 * rounds + 1
+    for index in range(rounds):
+        allowed, blocked, blocked_nb = results[3 * index:3 * index + 3]
+        assert allowed["outcomes"] == {f"saw {UP4}": 3}, index
+        assert blocked["outcomes"] == {"ECONNREFUSED": 1}, index
+        assert blocked_nb["outcomes"] == {"ECONNREFUSED": 1}, index
+    assert results[-1]["outcomes"] == {f"saw {UP4}": 3}
+    assert report["bypass"]["denied"] == {"host address": 2 * rounds}
+    assert report["bypass"]["switched"] == 3 * rounds + 3
+
+
+def test_switcher_closed_mid_traffic_nothing_hangs(world: World, tmp_path: Path) -> None:
+    report = drive(world, tmp_path, [["until_error", OUT4, ECHO_PORT, 0],
+                                     ["close_switcher_when_started"]], timeout=120)
+    (ended,) = report["results"]
+    assert ended["done"] >= 1 and ended["error"] == "ENOSYS", ended
