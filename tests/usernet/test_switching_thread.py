@@ -36,21 +36,35 @@ from pathlib import Path
 import pytest
 
 from helpers.environment import REPO
-from helpers.switching import DENIED_PORT, ECHO_PORT, OUT4, OUT6, UP4, UP6, World, switching_world
+from helpers.switching import (
+    DENIED_PORT,
+    ECHO_PORT,
+    OUT4,
+    OUT6,
+    PROBE,
+    UP4,
+    UP6,
+    World,
+    switching_world,
+)
 
 BOTH_SWITCH_PATHS = True
+REFUSING_PORT, SILENT_PORT = 7399, 7398  # nothing listens; SYNs dropped (one test's nft)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 
 # The program under the filter: one step per line on stdin, one JSON result per line.
 STEPPER = r'''
-import errno, json, os, select, socket, sys
+import errno, json, os, select, socket, struct, sys
 
-def one(ip, port, blocking):
+def one(ip, port, kind):
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
     try:
-        if blocking:
-            sock.settimeout(10)
+        if kind == "sndtimeo":  # a blocking connect the kernel gives up after 0.3 s
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("=qq", 0, 300000))
+        if kind in ("blocking", "sndtimeo"):  # blocking for the kernel: no settimeout
             sock.connect((ip, port))
+            sock.settimeout(10)
         else:
             sock.setblocking(False)
             error = sock.connect_ex((ip, port))
@@ -77,7 +91,7 @@ for line in sys.stdin:
     kind, ip, port, count = json.loads(line)
     if kind == "until_error":
         done = 0
-        while (outcome := one(ip, port, True)).startswith("saw "):
+        while (outcome := one(ip, port, "blocking")).startswith("saw "):
             done += 1
             if done == 1:
                 print(json.dumps({"started": True}), flush=True)
@@ -86,7 +100,7 @@ for line in sys.stdin:
     before = len(os.listdir("/proc/self/fd"))
     outcomes = {}
     for _ in range(count):
-        outcome = one(ip, port, kind == "blocking")
+        outcome = one(ip, port, kind)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     print(json.dumps({"outcomes": outcomes, "fds": [before, len(os.listdir("/proc/self/fd"))]}),
           flush=True)
@@ -214,6 +228,51 @@ def test_host_address_added_after_caching_is_denied_at_once(world: World,
     assert results[-1]["outcomes"] == {f"saw {UP4}": 3}
     assert report["bypass"]["denied"] == {"host address": 2 * rounds}
     assert report["bypass"]["switched"] == 3 * rounds + 3
+
+
+def test_cached_switches_that_fail_or_wait_go_back_to_python(world: World, tmp_path: Path,
+                                                            switch_path: str) -> None:
+    """A cached destination whose host connect is refused (nothing listens: FAILED) or
+    does not finish in the call (SYNs dropped, a blocking connect bounded by
+    ``SO_SNDTIMEO``: PENDING) is handed back and answered as on Python's path:
+    ECONNREFUSED each time; EINPROGRESS when the program's timeout runs out."""
+    subprocess.run(["ip", "netns", "exec", world.outside, "nft", "-f", "-"], check=True,
+                   text=True, input=f"""
+table inet thread_silent {{
+    chain input {{
+        type filter hook input priority 0;
+        tcp dport {SILENT_PORT} drop
+    }}
+}}
+""")
+    try:
+        report = drive(world, tmp_path, [["blocking", OUT4, REFUSING_PORT, 5],
+                                         ["nonblocking", OUT4, REFUSING_PORT, 5],
+                                         ["sndtimeo", OUT4, SILENT_PORT, 3]])
+    finally:
+        subprocess.run(["ip", "netns", "exec", world.outside, "nft", "delete", "table",
+                        "inet", "thread_silent"], capture_output=True)
+    refused, refused_nb, silent = report["results"]
+    assert refused["outcomes"] == {"ECONNREFUSED": 5}
+    assert refused_nb["outcomes"] == {"ECONNREFUSED": 5}
+    assert silent["outcomes"] == {"EINPROGRESS": 3}
+    for result in report["results"]:
+        assert result["fds"][0] == result["fds"][1], result
+    bypass = report["bypass"]
+    # blocking refusals fail before install; non-blocking and the silent ones are
+    # installed (the host socket carries the refusal, or goes on connecting)
+    assert bypass["connect_failed"] == 5 and bypass["switched"] == 8, bypass
+    assert bypass["errors"] == 0
+    # the first connect to each destination decided by Python, the rest from the cache
+    assert bypass["cached"] == (0 if switch_path == "python" else 4 + 5 + 2), bypass
+
+
+def test_debug_logging_leaves_every_switch_to_python(world: World) -> None:
+    """At -vv each switched connect is logged, so none is taken from the cache."""
+    done = world.run("-v", "--bypass", command=[sys.executable, str(PROBE), "connect_many",
+                                                OUT4, str(ECHO_PORT), "20"])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("switched\n") == 20, done.stderr[-2000:]
 
 
 def test_switcher_closed_mid_traffic_nothing_hangs(world: World, tmp_path: Path) -> None:
