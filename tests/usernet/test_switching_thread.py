@@ -204,7 +204,12 @@ def test_denied_destination_stays_denied(world: World, tmp_path: Path) -> None:
 def test_host_address_added_after_caching_is_denied_at_once(world: World,
                                                             tmp_path: Path) -> None:
     """The cache's race: an allowed destination is cached; ``ip addr add`` makes it one
-    of the host's own; the next connect, right after that returned, must be denied."""
+    of the host's own; the next connect, right after that returned, must be denied.
+
+    A stale hit would be refused too (nothing listens on that address in the host), so
+    the denial counter tells: with the thread not watching the netlink socket, no
+    connect is denied; without the hook that empties the cache, only the first after
+    each ``ip addr add`` (the second rides the stale entry).  Both were tried."""
     add = ["sh", "ip", "addr", "add", f"{OUT4}/32", "dev", "lo"]
     remove = ["sh", "ip", "addr", "del", f"{OUT4}/32", "dev", "lo"]
     rounds = 20

@@ -279,7 +279,7 @@ class SocketSwitcher:
         log.info("bypass: switched connects served by a native thread (%s; decision cache "
                  "%s)", "synchronous wake-ups" if sync == 0 else
                  f"no synchronous wake-ups: {os.strerror(sync)}, they need Linux 6.6",
-                 "on" if self._cache else "off: the namespace's own addresses are live")
+                 "on" if self._cache else "off: an address set it reads cannot be watched")
         return True
 
     def _live_sources(self) -> list[HostAddresses] | None:
