@@ -9,9 +9,8 @@ the test can change the host between two connects of the same program:
 
 - repeated connects to an allowed destination are switched, and with the native core
   all but the first (give or take an address event) come from the cache (``cached``),
-  blocking and non-blocking,
-  IPv4 and IPv6; thousands leave the program's and the host side's fd counts as they
-  were;
+  blocking and non-blocking, IPv4 and IPv6; thousands leave the program's and the host
+  side's fd counts as they were;
 - a denied destination is denied on every attempt (never cached);
 - the race the cache must not lose: a destination switched (and cached), then made one
   of the host's own addresses (``ip addr add`` in the host namespace): the very next
