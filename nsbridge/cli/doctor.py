@@ -187,9 +187,11 @@ def check_native_tcp_relay() -> Finding:
 def check_native_switching() -> Finding:
     from nsbridge.linux import notifycore
 
+    slower = notifycore.no_sync_wake_up()
     return Finding.limited_if(notifycore.unavailable(), "native switching core",
                               ok="built (run --bypass serves each connect's system calls "
-                              "in C)",
+                              "in C, from a thread of its own" + (f"; {slower})" if slower
+                                                                  else " woken synchronously)"),
                               instead="run --bypass serves connects in Python (slower per "
                               "connect)")
 

@@ -40,12 +40,15 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -61,6 +64,13 @@
 #endif
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64) /* Linux 6.6 */
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP 1
 #endif
 
 #define MAX_SOCKADDR 128 /* sizeof(struct sockaddr_storage): the kernel refuses longer */
@@ -151,82 +161,113 @@ static unsigned long long netns_of(int fd)
     return inode;
 }
 
+/* What one RECV brought, and for a connect what was fetched for it (see receive()). */
+struct fetch {
+    struct seccomp_notif n;
+    int fetched;   /* a connect: the fields below are set */
+    int pidfd;     /* ours, or -errno */
+    int sockfd;    /* ours, or -errno from pidfd_getfd; 0 when pidfd < 0 */
+    int raw_error; /* 0, or -errno reading the sockaddr / from ID_VALID */
+    size_t length; /* the caller's sockaddr length */
+    unsigned long long netns; /* the socket's namespace inode, 0 when unknown */
+    unsigned char raw[MAX_SOCKADDR];
+};
+
+/* RECV, and for a connect the fetching steps (the GIL must not be held): 0, or the
+ * errno of RECV (nothing fetched then). */
+static int fetch(int listener, int connect_nr, struct fetch *f)
+{
+    memset(f, 0, sizeof *f); /* the kernel wants the notification zeroed */
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &f->n) < 0)
+        return errno;
+    struct seccomp_notif *n = &f->n;
+    if (n->data.nr != connect_nr)
+        return 0;
+    f->fetched = 1;
+    f->length = (size_t)(n->data.args[2] & 0xFFFFFFFFu);
+    f->pidfd = pidfd_of_thread((int)n->pid);
+    if (f->pidfd >= 0) {
+        int valid = id_valid(listener, n->id); /* the pid still names the caller */
+        if (valid < 0) {
+            close(f->pidfd);
+            f->pidfd = valid;
+        }
+    }
+    if (f->pidfd >= 0) {
+        long fd = syscall(SYS_pidfd_getfd, f->pidfd, (int)(n->data.args[0] & 0xFFFFFFFFu), 0);
+        f->sockfd = fd >= 0 ? (int)fd : -errno;
+    }
+    if (f->pidfd >= 0 && f->sockfd >= 0 && f->length >= 2 && f->length <= MAX_SOCKADDR) {
+        f->raw_error = read_memory((int)n->pid, n->data.args[1], f->raw, f->length);
+        if (f->raw_error == 0)
+            f->raw_error = id_valid(listener, n->id); /* the bytes were the caller's */
+    }
+    if (f->pidfd >= 0 && f->sockfd >= 0)
+        f->netns = netns_of(f->sockfd);
+    return 0;
+}
+
+/* Close the fds a fetch holds (nobody else will). */
+static void fetch_release(struct fetch *f)
+{
+    if (f->fetched && f->pidfd >= 0) {
+        close(f->pidfd);
+        if (f->sockfd >= 0)
+            close(f->sockfd);
+    }
+    f->fetched = 0;
+}
+
+/* receive()'s tuple for a fetch; on failure (NULL) the fds are closed. */
+static PyObject *fetch_tuple(struct fetch *f)
+{
+    struct seccomp_notif *n = &f->n;
+    PyObject *call_args = Py_BuildValue("(KKKKKK)", (unsigned long long)n->data.args[0],
+                                        (unsigned long long)n->data.args[1],
+                                        (unsigned long long)n->data.args[2],
+                                        (unsigned long long)n->data.args[3],
+                                        (unsigned long long)n->data.args[4],
+                                        (unsigned long long)n->data.args[5]);
+    if (call_args == NULL)
+        goto fail;
+    if (!f->fetched)
+        return Py_BuildValue("(KIiINNNNN)", (unsigned long long)n->id, n->pid, n->data.nr,
+                             n->data.arch, call_args, Py_NewRef(Py_None), Py_NewRef(Py_None),
+                             Py_NewRef(Py_None), Py_NewRef(Py_None));
+    PyObject *raw_value;
+    if (f->pidfd < 0 || f->sockfd < 0 || f->length < 2 || f->length > MAX_SOCKADDR)
+        raw_value = Py_NewRef(Py_None);
+    else if (f->raw_error < 0)
+        raw_value = PyLong_FromLong(f->raw_error);
+    else
+        raw_value = PyBytes_FromStringAndSize((const char *)f->raw, (Py_ssize_t)f->length);
+    PyObject *netns_value = f->netns ? PyLong_FromUnsignedLongLong(f->netns)
+                                     : Py_NewRef(Py_None);
+    PyObject *result = Py_BuildValue("(KIiINiiNN)", (unsigned long long)n->id, n->pid,
+                                     n->data.nr, n->data.arch, call_args, f->pidfd,
+                                     f->pidfd < 0 ? 0 : f->sockfd, raw_value, netns_value);
+    if (result != NULL)
+        return result;
+fail:
+    fetch_release(f);
+    return NULL;
+}
+
 static PyObject *core_receive(PyObject *self, PyObject *args)
 {
     int listener, connect_nr;
     if (!PyArg_ParseTuple(args, "ii:receive", &listener, &connect_nr))
         return NULL;
-    struct seccomp_notif n;
-    memset(&n, 0, sizeof n); /* the kernel wants it zeroed */
-    int pidfd = 0, sockfd = 0, raw_error = 0, fetched = 0;
-    unsigned long long netns = 0;
-    unsigned char raw[MAX_SOCKADDR];
-    size_t length = 0;
+    struct fetch f;
     int failed;
-
     Py_BEGIN_ALLOW_THREADS
-    failed = ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &n) < 0 ? errno : 0;
-    if (!failed && n.data.nr == connect_nr) {
-        fetched = 1;
-        length = (size_t)(n.data.args[2] & 0xFFFFFFFFu);
-        pidfd = pidfd_of_thread((int)n.pid);
-        if (pidfd >= 0) {
-            int valid = id_valid(listener, n.id); /* the pid still names the caller */
-            if (valid < 0) {
-                close(pidfd);
-                pidfd = valid;
-            }
-        }
-        if (pidfd >= 0) {
-            long fd = syscall(SYS_pidfd_getfd, pidfd, (int)(n.data.args[0] & 0xFFFFFFFFu), 0);
-            sockfd = fd >= 0 ? (int)fd : -errno;
-        }
-        if (pidfd >= 0 && sockfd >= 0 && length >= 2 && length <= MAX_SOCKADDR) {
-            raw_error = read_memory((int)n.pid, n.data.args[1], raw, length);
-            if (raw_error == 0)
-                raw_error = id_valid(listener, n.id); /* the bytes were the caller's */
-        }
-        if (pidfd >= 0 && sockfd >= 0)
-            netns = netns_of(sockfd);
-    }
+    failed = fetch(listener, connect_nr, &f);
     Py_END_ALLOW_THREADS
-
     if (failed) {
         errno = failed;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *call_args = Py_BuildValue("(KKKKKK)", (unsigned long long)n.data.args[0],
-                                        (unsigned long long)n.data.args[1],
-                                        (unsigned long long)n.data.args[2],
-                                        (unsigned long long)n.data.args[3],
-                                        (unsigned long long)n.data.args[4],
-                                        (unsigned long long)n.data.args[5]);
-    if (call_args == NULL)
-        goto fail;
-    if (!fetched)
-        return Py_BuildValue("(KIiINNNNN)", (unsigned long long)n.id, n.pid, n.data.nr,
-                             n.data.arch, call_args, Py_NewRef(Py_None), Py_NewRef(Py_None),
-                             Py_NewRef(Py_None), Py_NewRef(Py_None));
-    PyObject *raw_value;
-    if (pidfd < 0 || sockfd < 0 || length < 2 || length > MAX_SOCKADDR)
-        raw_value = Py_NewRef(Py_None);
-    else if (raw_error < 0)
-        raw_value = PyLong_FromLong(raw_error);
-    else
-        raw_value = PyBytes_FromStringAndSize((const char *)raw, (Py_ssize_t)length);
-    PyObject *netns_value = netns ? PyLong_FromUnsignedLongLong(netns) : Py_NewRef(Py_None);
-    PyObject *result = Py_BuildValue("(KIiINiiNN)", (unsigned long long)n.id, n.pid,
-                                     n.data.nr, n.data.arch, call_args, pidfd,
-                                     pidfd < 0 ? 0 : sockfd, raw_value, netns_value);
-    if (result != NULL)
-        return result;
-fail:
-    /* The fds are ours: without a result nobody else will close them. */
-    if (pidfd >= 0)
-        close(pidfd);
-    if (pidfd >= 0 && sockfd >= 0)
-        close(sockfd);
-    return NULL;
+    return fetch_tuple(&f);
 }
 
 /* ---- switch_connect -------------------------------------------------------------- */
@@ -370,6 +411,64 @@ static int parse_sockaddr(PyObject *object, struct sockaddr_storage *out, sockle
     return 0;
 }
 
+/* switch_connect's steps (the GIL must not be held; fresh[] read before): 0 with
+ * ``*outcome`` and ``*value`` set, or the errno of a host socket, bind, ADDFD or SEND
+ * failure. */
+static int do_switch(int listener, __u64 id, int pid, int fd, int source, int source_family,
+                     int family, const struct sockaddr_storage *target,
+                     socklen_t target_length, int v6only_off,
+                     const struct sockaddr_storage *bound, socklen_t bound_length,
+                     int blocking, int *outcome, int *value)
+{
+    int error = 0;
+    *outcome = 0;
+    *value = 0;
+    int host = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (host < 0)
+        return errno;
+    copy_options(source, source_family, host, family);
+    if (v6only_off) {
+        int zero = 0;
+        (void)setsockopt(host, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    }
+    if (bound_length) {
+        int one = 1;
+        (void)setsockopt(host, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(host, (const struct sockaddr *)bound, bound_length) < 0) {
+            error = errno;
+            close(host);
+            return error;
+        }
+    }
+    int result = connect(host, (const struct sockaddr *)target, target_length) == 0 ? 0 : errno;
+    if (result == EINPROGRESS && blocking) {
+        /* A target on this host has usually answered before connect() returned (the
+         * handshake runs inside the call): no round through the caller's loop. */
+        struct pollfd p = {.fd = host, .events = POLLOUT};
+        if (poll(&p, 1, 0) == 1) {
+            socklen_t len = sizeof result;
+            if (getsockopt(host, SOL_SOCKET, SO_ERROR, &result, &len) < 0)
+                result = errno;
+        } else {
+            *outcome = PENDING;
+            *value = host;
+            return 0;
+        }
+    }
+    if (result != 0 && result != EINPROGRESS) {
+        close(host);
+        *outcome = FAILED;
+        *value = result;
+        return 0;
+    }
+    *value = result;
+    int installed = install(listener, id, pid, fd, host, blocking, result);
+    if (installed < 0)
+        return -installed;
+    *outcome = installed;
+    return 0;
+}
+
 static PyObject *core_switch_connect(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"listener", "id", "pid", "fd", "source", "source_family",
@@ -396,55 +495,11 @@ static PyObject *core_switch_connect(PyObject *self, PyObject *args, PyObject *k
     if (!fresh[slot].ready)
         read_fresh(slot, family);
 
-    int outcome = 0, value = 0, error = 0;
+    int outcome = 0, value = 0, error;
     Py_BEGIN_ALLOW_THREADS
-    int host = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (host < 0) {
-        error = errno;
-        goto done;
-    }
-    copy_options(source, source_family, host, family);
-    if (v6only_off) {
-        int zero = 0;
-        (void)setsockopt(host, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    }
-    if (bound_length) {
-        int one = 1;
-        (void)setsockopt(host, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-        if (bind(host, (struct sockaddr *)&bound, bound_length) < 0) {
-            error = errno;
-            close(host);
-            goto done;
-        }
-    }
-    int result = connect(host, (struct sockaddr *)&target, target_length) == 0 ? 0 : errno;
-    if (result == EINPROGRESS && blocking) {
-        /* A target on this host has usually answered before connect() returned (the
-         * handshake runs inside the call): no round through the caller's loop. */
-        struct pollfd p = {.fd = host, .events = POLLOUT};
-        if (poll(&p, 1, 0) == 1) {
-            socklen_t len = sizeof result;
-            if (getsockopt(host, SOL_SOCKET, SO_ERROR, &result, &len) < 0)
-                result = errno;
-        } else {
-            outcome = PENDING;
-            value = host;
-            goto done;
-        }
-    }
-    if (result != 0 && result != EINPROGRESS) {
-        close(host);
-        outcome = FAILED;
-        value = result;
-        goto done;
-    }
-    value = result;
-    outcome = install(listener, (__u64)id, pid, fd, host, blocking, result);
-    if (outcome < 0) {
-        error = -outcome;
-        outcome = 0;
-    }
-done:;
+    error = do_switch(listener, (__u64)id, pid, fd, source, source_family, family, &target,
+                      target_length, v6only_off, bound_length ? &bound : NULL, bound_length,
+                      blocking, &outcome, &value);
     Py_END_ALLOW_THREADS
     if (error) {
         errno = error;
@@ -474,6 +529,554 @@ static PyObject *core_install(PyObject *self, PyObject *args)
     return PyLong_FromLong(outcome);
 }
 
+/* ---- the serving thread ----------------------------------------------------------
+ *
+ * Server(listener, connect_nr, host_netns, watch): one pthread per listener that waits
+ * in poll() on it (and a stop eventfd), RECVs and fetches as receive() does, and serves
+ * a connect here, without the interpreter, when a decision Python made earlier for the
+ * same destination is in the cache and still valid; everything else is queued, with
+ * what was fetched, for Python (take(), woken by the queue eventfd, fileno()).
+ *
+ * Why a thread: with SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (Linux 6.6) the kernel hands
+ * the CPU straight from the trapped thread to a supervisor waiting in poll() or RECV on
+ * the listener and back, which is most of what a switched connect costs; a waiter in
+ * epoll (the event loop's) does not get that (docs/performance.md, "Socket switching").
+ *
+ * When the cache may answer (all of it, else the connect goes to Python):
+ *   - the fetch succeeded (pidfd, our socket reference, the sockaddr read and confirmed
+ *     with ID_VALID) and the socket lives in a namespace other than ours (a socket of
+ *     the program's, not one we switched or one handed in);
+ *   - it is a TCP socket (SO_DOMAIN AF_INET/AF_INET6, SO_TYPE SOCK_STREAM, SO_PROTOCOL
+ *     TCP) and the sockaddr is of its family and long enough, as the Python path reads it;
+ *   - none of the watch fds is readable (under the cache's lock): they are the netlink
+ *     sockets whose events change what the policy reads (the host's addresses).  Python
+ *     clears the cache under the same lock before it reads any of their events, so an
+ *     entry found here was decided with every event so far applied;
+ *   - the key (the socket's family, the sockaddr's family, address and port) is cached.
+ * Only Python fills the cache, and only with plain switches it allowed (see switcher.py).
+ */
+#define CACHE_SLOTS 512 /* a power of two; a colliding insert replaces */
+#define MAX_WATCH 8
+
+/* What a queued item is (notifycore.py names them). */
+enum kind {
+    NOTIFY,         /* a notification for Python, with what was fetched */
+    SWITCH_FAILED,  /* a cached switch whose host connect failed (value: errno) */
+    SWITCH_PENDING, /* a cached switch still connecting (value: the host socket) */
+    SWITCH_ERROR,   /* a cached switch whose socket, bind, ADDFD or SEND failed (errno) */
+    HUNG_UP,        /* every process under the filter has exited */
+    RECV_FAILED,    /* poll or RECV failed (value: errno) */
+};
+
+struct key {
+    int sock_family, family;
+    unsigned short port; /* network order, as in the sockaddr */
+    unsigned char address[16];
+};
+
+struct entry {
+    int used, family, v6only_off;
+    struct key key;
+    socklen_t target_length, bound_length;
+    struct sockaddr_storage target, bound;
+};
+
+struct item {
+    struct item *next;
+    int kind, value;
+    struct fetch f;
+};
+
+typedef struct {
+    PyObject_HEAD
+    int listener, connect_nr;
+    unsigned long long host_netns;
+    int queue_fd, stop_fd;
+    int watch[MAX_WATCH], nwatch;
+    pthread_mutex_t lock; /* the cache, the queue, the counts */
+    struct entry *cache;
+    struct item *head, *tail;
+    unsigned long long notifications, hits, switched, gone;
+    int running, closed;
+    pthread_t thread;
+} Server;
+
+/* The cache key of a sockaddr, as switcher._inet_destination reads it: -1 when it is
+ * not a TCP destination of the socket's family. */
+static int key_of(int sock_family, const unsigned char *raw, size_t length, struct key *k)
+{
+    sa_family_t family;
+    if (length < sizeof family)
+        return -1;
+    memcpy(&family, raw, sizeof family);
+    memset(k, 0, sizeof *k); /* padding included: keys are compared as bytes */
+    k->sock_family = sock_family;
+    k->family = family;
+    if (family == AF_INET && sock_family == AF_INET && length >= 16) {
+        memcpy(&k->port, raw + 2, 2);
+        memcpy(k->address, raw + 4, 4);
+        return 0;
+    }
+    if (family == AF_INET6 && sock_family == AF_INET6 && length >= 24) {
+        memcpy(&k->port, raw + 2, 2);
+        memcpy(k->address, raw + 8, 16);
+        return 0;
+    }
+    return -1;
+}
+
+static size_t slot_of(const struct key *k)
+{
+    const unsigned char *bytes = (const unsigned char *)k;
+    unsigned long long hash = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < sizeof *k; i++)
+        hash = (hash ^ bytes[i]) * 1099511628211ull;
+    return (size_t)(hash & (CACHE_SLOTS - 1));
+}
+
+/* Whether a watch fd has something queued (or cannot be asked: then treat it as
+ * stale too).  Called with the lock held. */
+static int watched_ready(Server *s)
+{
+    if (s->nwatch == 0)
+        return 0;
+    struct pollfd p[MAX_WATCH];
+    for (int i = 0; i < s->nwatch; i++)
+        p[i] = (struct pollfd){.fd = s->watch[i], .events = POLLIN};
+    return poll(p, (nfds_t)s->nwatch, 0) != 0;
+}
+
+static void wake_python(Server *s)
+{
+    unsigned long long one = 1;
+    (void)!write(s->queue_fd, &one, sizeof one);
+}
+
+/* Queue ``f`` (its fds move to the item) for Python.  Without memory the notification
+ * is answered ENOMEM here and its fds closed: nothing may wait for an item never queued. */
+static void push(Server *s, int kind, int value, struct fetch *f)
+{
+    struct item *it = calloc(1, sizeof *it);
+    if (it == NULL) {
+        if (f != NULL) {
+            struct seccomp_notif_resp r = {.id = f->n.id, .error = -ENOMEM};
+            (void)ioctl(s->listener, SECCOMP_IOCTL_NOTIF_SEND, &r);
+        }
+        if (f != NULL)
+            fetch_release(f);
+        if (kind == SWITCH_PENDING)
+            close(value);
+        return;
+    }
+    it->kind = kind;
+    it->value = value;
+    if (f != NULL)
+        it->f = *f;
+    pthread_mutex_lock(&s->lock);
+    if (s->tail)
+        s->tail->next = it;
+    else
+        s->head = it;
+    s->tail = it;
+    pthread_mutex_unlock(&s->lock);
+    wake_python(s);
+}
+
+/* Serve a fetched connect from the cache (module comment above): 1 when done here
+ * (answered, or queued with its outcome), 0 when Python must decide. */
+static int serve_cached(Server *s, struct fetch *f)
+{
+    if (!f->fetched || f->pidfd < 0 || f->sockfd < 0 || f->raw_error != 0 ||
+        f->length < 2 || f->length > MAX_SOCKADDR)
+        return 0;
+    if (f->netns == 0 || f->netns == s->host_netns)
+        return 0;
+    int domain, type, protocol;
+    socklen_t len = sizeof(int);
+    if (getsockopt(f->sockfd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0)
+        return 0;
+    len = sizeof(int);
+    if (getsockopt(f->sockfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return 0;
+    len = sizeof(int);
+    if (getsockopt(f->sockfd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) < 0)
+        return 0;
+    if ((domain != AF_INET && domain != AF_INET6) || type != SOCK_STREAM ||
+        (protocol != 0 && protocol != IPPROTO_TCP))
+        return 0;
+    struct key k;
+    if (key_of(domain, f->raw, f->length, &k) < 0)
+        return 0;
+    struct entry e;
+    int hit = 0;
+    pthread_mutex_lock(&s->lock);
+    if (!watched_ready(s)) {
+        struct entry *slot = &s->cache[slot_of(&k)];
+        if (slot->used && memcmp(&slot->key, &k, sizeof k) == 0) {
+            e = *slot;
+            hit = 1;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (!hit)
+        return 0;
+    int flags = fcntl(f->sockfd, F_GETFL);
+    if (flags < 0)
+        return 0;
+    int outcome, value;
+    int error = do_switch(s->listener, f->n.id, (int)f->n.pid,
+                          (int)(f->n.data.args[0] & 0xFFFFFFFFu), f->sockfd, domain, e.family,
+                          &e.target, e.target_length, e.v6only_off,
+                          e.bound_length ? &e.bound : NULL, e.bound_length,
+                          !(flags & O_NONBLOCK), &outcome, &value);
+    pthread_mutex_lock(&s->lock);
+    s->hits++;
+    if (!error && (outcome == SWITCHED || outcome == SWITCHED_GONE))
+        s->switched++;
+    if (!error && (outcome == GONE || outcome == SWITCHED_GONE))
+        s->gone++;
+    pthread_mutex_unlock(&s->lock);
+    if (error)
+        push(s, SWITCH_ERROR, error, f);
+    else if (outcome == FAILED)
+        push(s, SWITCH_FAILED, value, f);
+    else if (outcome == PENDING)
+        push(s, SWITCH_PENDING, value, f);
+    else
+        fetch_release(f);
+    return 1;
+}
+
+static void *serve(void *arg)
+{
+    Server *s = arg;
+    struct pollfd p[2] = {{.fd = s->listener, .events = POLLIN},
+                          {.fd = s->stop_fd, .events = POLLIN}};
+    struct fetch f;
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            push(s, RECV_FAILED, errno, NULL);
+            usleep(10000); /* a failure that repeats must not spin a CPU */
+            continue;
+        }
+        if (p[1].revents)
+            break;
+        if (p[0].revents & POLLIN) {
+            int failed = fetch(s->listener, s->connect_nr, &f);
+            if (failed) {
+                if (failed != ENOENT && failed != EINTR) {
+                    push(s, RECV_FAILED, failed, NULL);
+                    usleep(10000);
+                }
+                continue;
+            }
+            pthread_mutex_lock(&s->lock);
+            s->notifications++;
+            pthread_mutex_unlock(&s->lock);
+            if (!serve_cached(s, &f))
+                push(s, NOTIFY, 0, &f);
+        } else if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            push(s, HUNG_UP, 0, NULL);
+            break; /* nothing more will come */
+        }
+    }
+    return NULL;
+}
+
+static void free_items(struct item *it)
+{
+    while (it != NULL) {
+        struct item *next = it->next;
+        fetch_release(&it->f);
+        if (it->kind == SWITCH_PENDING)
+            close(it->value);
+        free(it);
+        it = next;
+    }
+}
+
+/* Stop and join the thread (the GIL released), free the queue (closing the fds its
+ * items hold; their notifications are answered by the kernel when the caller closes
+ * the listener) and the rest.  Idempotent. */
+static void server_stop(Server *s)
+{
+    if (s->closed)
+        return;
+    s->closed = 1;
+    if (s->running) {
+        unsigned long long one = 1;
+        (void)!write(s->stop_fd, &one, sizeof one);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(s->thread, NULL);
+        Py_END_ALLOW_THREADS
+        s->running = 0;
+    }
+    free_items(s->head);
+    s->head = s->tail = NULL;
+    if (s->queue_fd >= 0)
+        close(s->queue_fd);
+    if (s->stop_fd >= 0)
+        close(s->stop_fd);
+    s->queue_fd = s->stop_fd = -1;
+    free(s->cache);
+    s->cache = NULL;
+}
+
+static void server_dealloc(Server *s)
+{
+    server_stop(s);
+    pthread_mutex_destroy(&s->lock);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int server_init(Server *s, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"listener", "connect_nr", "host_netns", "watch", NULL};
+    PyObject *watch = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiK|O:Server", keywords, &s->listener,
+                                     &s->connect_nr, &s->host_netns, &watch))
+        return -1;
+    if (s->cache != NULL || s->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "a Server is initialised once");
+        return -1;
+    }
+    if (watch != NULL) {
+        PyObject *fds = PySequence_Fast(watch, "watch is a sequence of fds");
+        if (fds == NULL)
+            return -1;
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(fds);
+        if (count > MAX_WATCH) {
+            Py_DECREF(fds);
+            PyErr_Format(PyExc_ValueError, "at most %d watch fds", MAX_WATCH);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(fds, i));
+            if (fd == -1 && PyErr_Occurred()) {
+                Py_DECREF(fds);
+                return -1;
+            }
+            if (fd < 0 || fd > 0x7FFFFFFF) {
+                Py_DECREF(fds);
+                PyErr_SetString(PyExc_ValueError, "a watch fd is not negative");
+                return -1;
+            }
+            s->watch[i] = (int)fd;
+        }
+        s->nwatch = (int)count;
+        Py_DECREF(fds);
+    }
+    s->cache = calloc(CACHE_SLOTS, sizeof *s->cache);
+    if (s->cache == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->queue_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->queue_fd < 0 || s->stop_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        server_stop(s);
+        return -1;
+    }
+    for (int slot = 0; slot < 2; slot++)
+        if (!fresh[slot].ready)
+            read_fresh(slot, slot ? AF_INET6 : AF_INET);
+    return 0;
+}
+
+static PyObject *server_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Server *s = (Server *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    s->queue_fd = s->stop_fd = -1;
+    pthread_mutex_init(&s->lock, NULL);
+    return (PyObject *)s;
+}
+
+static int server_usable(Server *s)
+{
+    if (s->closed || s->cache == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the Server is closed");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *server_start(Server *s, PyObject *unused)
+{
+    if (!server_usable(s))
+        return NULL;
+    if (s->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the Server runs already");
+        return NULL;
+    }
+    int sync_error = ioctl(s->listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                           (unsigned long)SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP) < 0 ? errno : 0;
+    /* Signals stay with Python's threads: the new one starts with all blocked. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int error = pthread_create(&s->thread, NULL, serve, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (error) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->running = 1;
+    return PyLong_FromLong(sync_error);
+}
+
+static PyObject *server_fileno(Server *s, PyObject *unused)
+{
+    if (!server_usable(s))
+        return NULL;
+    return PyLong_FromLong(s->queue_fd);
+}
+
+/* Every queued item, oldest first: (kind, value, *receive()'s tuple). */
+static PyObject *server_take(Server *s, PyObject *unused)
+{
+    if (!server_usable(s))
+        return NULL;
+    unsigned long long count;
+    (void)!read(s->queue_fd, &count, sizeof count); /* before taking: no wake-up lost */
+    pthread_mutex_lock(&s->lock);
+    struct item *it = s->head;
+    s->head = s->tail = NULL;
+    pthread_mutex_unlock(&s->lock);
+    PyObject *items = PyList_New(0);
+    while (it != NULL) {
+        struct item *next = it->next;
+        it->next = NULL;
+        PyObject *fetched = items == NULL ? NULL : fetch_tuple(&it->f); /* fds move */
+        PyObject *item = fetched == NULL ? NULL : Py_BuildValue("(ii)", it->kind, it->value);
+        PyObject *whole = item == NULL ? NULL : PySequence_Concat(item, fetched);
+        Py_XDECREF(item);
+        Py_XDECREF(fetched);
+        if (whole == NULL || PyList_Append(items, whole) < 0) {
+            /* the fds are still ours (a failed fetch_tuple closed them already) */
+            fetch_release(&it->f);
+            if (it->kind == SWITCH_PENDING)
+                close(it->value);
+            Py_XDECREF(whole);
+            Py_CLEAR(items);
+            free(it);
+            it = next;
+            continue;
+        }
+        Py_DECREF(whole);
+        free(it);
+        it = next;
+    }
+    return items;
+}
+
+static PyObject *server_cache_put(Server *s, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"sock_family", "raw", "family", "target", "v6only_off",
+                               "bind", NULL};
+    int sock_family, family, v6only_off;
+    Py_buffer raw;
+    PyObject *target_object, *bind_object;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iy*iOpO:cache_put", keywords,
+                                     &sock_family, &raw, &family, &target_object,
+                                     &v6only_off, &bind_object))
+        return NULL;
+    struct entry e;
+    memset(&e, 0, sizeof e);
+    int bad = key_of(sock_family, raw.buf, (size_t)raw.len, &e.key);
+    PyBuffer_Release(&raw);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "raw is no TCP destination of sock_family");
+        return NULL;
+    }
+    if (family != AF_INET && family != AF_INET6) {
+        PyErr_SetString(PyExc_ValueError, "family is AF_INET or AF_INET6");
+        return NULL;
+    }
+    if (parse_sockaddr(target_object, &e.target, &e.target_length) < 0)
+        return NULL;
+    if (bind_object != Py_None && parse_sockaddr(bind_object, &e.bound, &e.bound_length) < 0)
+        return NULL;
+    if (!server_usable(s))
+        return NULL;
+    e.used = 1;
+    e.family = family;
+    e.v6only_off = v6only_off;
+    pthread_mutex_lock(&s->lock);
+    s->cache[slot_of(&e.key)] = e;
+    pthread_mutex_unlock(&s->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *server_cache_clear(Server *s, PyObject *unused)
+{
+    if (s->cache != NULL) {
+        pthread_mutex_lock(&s->lock);
+        memset(s->cache, 0, CACHE_SLOTS * sizeof *s->cache);
+        pthread_mutex_unlock(&s->lock);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *server_cached(Server *s, PyObject *unused)
+{
+    long used = 0;
+    if (s->cache != NULL) {
+        pthread_mutex_lock(&s->lock);
+        for (size_t i = 0; i < CACHE_SLOTS; i++)
+            used += s->cache[i].used;
+        pthread_mutex_unlock(&s->lock);
+    }
+    return PyLong_FromLong(used);
+}
+
+/* (notifications, hits, switched, gone) since the last call. */
+static PyObject *server_counts(Server *s, PyObject *unused)
+{
+    pthread_mutex_lock(&s->lock);
+    unsigned long long n = s->notifications, h = s->hits, w = s->switched, g = s->gone;
+    s->notifications = s->hits = s->switched = s->gone = 0;
+    pthread_mutex_unlock(&s->lock);
+    return Py_BuildValue("(KKKK)", n, h, w, g);
+}
+
+static PyObject *server_close(Server *s, PyObject *unused)
+{
+    server_stop(s);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef server_methods[] = {
+    {"start", (PyCFunction)server_start, METH_NOARGS,
+     "start() -> errno of setting SYNC_WAKE_UP (0: set); OSError if no thread"},
+    {"fileno", (PyCFunction)server_fileno, METH_NOARGS, "the queue's eventfd"},
+    {"take", (PyCFunction)server_take, METH_NOARGS, "take() -> [queued items]"},
+    {"cache_put", (PyCFunction)(void (*)(void))server_cache_put,
+     METH_VARARGS | METH_KEYWORDS, "cache a decided switch"},
+    {"cache_clear", (PyCFunction)server_cache_clear, METH_NOARGS, "forget every decision"},
+    {"cached", (PyCFunction)server_cached, METH_NOARGS, "entries in the cache"},
+    {"counts", (PyCFunction)server_counts, METH_NOARGS,
+     "counts() -> (notifications, hits, switched, gone) since the last call"},
+    {"close", (PyCFunction)server_close, METH_NOARGS, "stop, join, free"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nsbridge.linux._notifycore.Server",
+    .tp_basicsize = sizeof(Server),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A thread serving a seccomp listener (see the C source).",
+    .tp_new = server_new,
+    .tp_init = (initproc)server_init,
+    .tp_dealloc = (destructor)server_dealloc,
+    .tp_methods = server_methods,
+};
+
 static PyMethodDef core_methods[] = {
     {"receive", core_receive, METH_VARARGS,
      "receive(listener, connect_nr) -> (id, pid, nr, arch, args, pidfd, sockfd, raw, netns)"},
@@ -500,7 +1103,16 @@ PyMODINIT_FUNC PyInit__notifycore(void)
         PyModule_AddIntConstant(module, "SWITCHED_GONE", SWITCHED_GONE) < 0 ||
         PyModule_AddIntConstant(module, "GONE", GONE) < 0 ||
         PyModule_AddIntConstant(module, "FAILED", FAILED) < 0 ||
-        PyModule_AddIntConstant(module, "PENDING", PENDING) < 0) {
+        PyModule_AddIntConstant(module, "PENDING", PENDING) < 0 ||
+        PyModule_AddIntConstant(module, "NOTIFY", NOTIFY) < 0 ||
+        PyModule_AddIntConstant(module, "SWITCH_FAILED", SWITCH_FAILED) < 0 ||
+        PyModule_AddIntConstant(module, "SWITCH_PENDING", SWITCH_PENDING) < 0 ||
+        PyModule_AddIntConstant(module, "SWITCH_ERROR", SWITCH_ERROR) < 0 ||
+        PyModule_AddIntConstant(module, "HUNG_UP", HUNG_UP) < 0 ||
+        PyModule_AddIntConstant(module, "RECV_FAILED", RECV_FAILED) < 0 ||
+        PyModule_AddIntConstant(module, "CACHE_SLOTS", CACHE_SLOTS) < 0 ||
+        PyType_Ready(&ServerType) < 0 ||
+        PyModule_AddObjectRef(module, "Server", (PyObject *)&ServerType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

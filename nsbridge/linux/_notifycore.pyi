@@ -10,6 +10,40 @@ SWITCHED_GONE: int
 GONE: int
 FAILED: int
 PENDING: int
+NOTIFY: int
+SWITCH_FAILED: int
+SWITCH_PENDING: int
+SWITCH_ERROR: int
+HUNG_UP: int
+RECV_FAILED: int
+CACHE_SLOTS: int
+
+class Server:
+    """A thread serving ``listener`` (see the C source): sets the synchronous wake-up
+    flag, polls, RECVs, switches connects whose decision is cached, queues the rest."""
+
+    def __init__(self, listener: int, connect_nr: int, host_netns: int,
+                 watch: list[int] | tuple[int, ...] = ...) -> None: ...
+    def start(self) -> int:
+        """The errno of setting SYNC_WAKE_UP (0: set; EINVAL before Linux 6.6).
+        OSError when no thread could be made."""
+    def fileno(self) -> int:
+        """The queue's eventfd: readable when items wait."""
+    def take(self) -> list[tuple[int, int, int, int, int, int, tuple[int, ...], int | None,
+                                 int | None, bytes | int | None, int | None]]:
+        """Every queued item: (kind, value) + receive()'s tuple; the fds are the
+        caller's now."""
+    def cache_put(self, sock_family: int, raw: bytes, family: int, target: ReadableBuffer,
+                  v6only_off: bool, bind: ReadableBuffer | None) -> None:
+        """Cache a switch decided for the destination in ``raw`` (the caller's sockaddr)
+        on a socket of ``sock_family``: connect to ``target`` on a socket of
+        ``family``, bound to ``bind``."""
+    def cache_clear(self) -> None: ...
+    def cached(self) -> int: ...
+    def counts(self) -> tuple[int, int, int, int]:
+        """(notifications, hits, switched, gone) since the last call."""
+    def close(self) -> None:
+        """Stop and join the thread, close the fds of queued items.  Idempotent."""
 
 def receive(
     listener: int, connect_nr: int, /

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 
 import pytest
 
+from helpers.waiting import wait_until
 from nsbridge.errors import UserError
 from nsbridge.linux import notifycore
 
@@ -95,3 +97,95 @@ def test_install_without_a_listener_closes_the_socket() -> None:
         core.install(-1, 1, os.getpid(), 3, host.detach(), True, 0)
     assert caught.value.errno == errno.EBADF
     assert _open_fds() == before
+
+
+def _sockaddr4(address: bytes, port: int) -> bytes:
+    return socket.AF_INET.to_bytes(2, "little") + port.to_bytes(2, "big") + address + bytes(8)
+
+
+@needs_core
+def test_server_refuses_bad_arguments() -> None:
+    assert core is not None
+    with pytest.raises(ValueError, match="at most 8 watch fds"):
+        core.Server(-1, 42, 1, list(range(9)))
+    with pytest.raises(ValueError, match="not negative"):
+        core.Server(-1, 42, 1, [-3])
+    with pytest.raises(TypeError):
+        core.Server(-1, 42, 1, 5)
+    before = _open_fds()
+    server = core.Server(-1, 42, 1, [])
+    target = _sockaddr4(bytes([192, 0, 2, 1]), 80)
+    for sock_family, raw in ((socket.AF_INET6, target), (socket.AF_INET, target[:15]),
+                             (socket.AF_UNIX, target), (socket.AF_INET, b"\x02")):
+        with pytest.raises(ValueError, match="no TCP destination"):
+            server.cache_put(sock_family, raw, socket.AF_INET, target, False, None)
+    with pytest.raises(ValueError, match="family is AF_INET or AF_INET6"):
+        server.cache_put(socket.AF_INET, target, socket.AF_UNIX, target, False, None)
+    with pytest.raises(ValueError, match="a sockaddr is 2 to 128 bytes"):
+        server.cache_put(socket.AF_INET, target, socket.AF_INET, b"", False, None)
+    assert server.cached() == 0
+    server.close()
+    with pytest.raises(ValueError, match="closed"):
+        server.start()
+    with pytest.raises(ValueError, match="closed"):
+        server.cache_put(socket.AF_INET, target, socket.AF_INET, target, False, None)
+    server.close()  # again: nothing
+    assert _open_fds() == before
+
+
+@needs_core
+def test_server_cache_is_bounded_replaced_and_cleared() -> None:
+    """Entries keyed by destination; a full table replaces on collision (never grows);
+    cache_clear empties it."""
+    assert core is not None
+    server = core.Server(-1, 42, 1)
+    target = _sockaddr4(bytes([192, 0, 2, 1]), 80)
+    server.cache_put(socket.AF_INET, target, socket.AF_INET, target, False, None)
+    server.cache_put(socket.AF_INET, target, socket.AF_INET, target, False, None)
+    assert server.cached() == 1
+    for port in range(1, 4 * core.CACHE_SLOTS):
+        raw = _sockaddr4(bytes([198, 51, 100, 7]), port)
+        server.cache_put(socket.AF_INET, raw, socket.AF_INET6, bytes(28), True, raw)
+    assert 0 < server.cached() <= core.CACHE_SLOTS
+    server.cache_clear()
+    assert server.cached() == 0
+    assert server.counts() == (0, 0, 0, 0)
+    server.close()
+
+
+@needs_core
+def test_server_thread_starts_and_stops_on_what_is_no_listener() -> None:
+    """On an fd that is no seccomp listener the wake-up flag is refused (its errno
+    returned), the thread waits all the same (an idle TCP listener: nothing to read),
+    and close() stops and joins it at once, leaving no fd behind.  An fd that hangs up
+    (an unconnected socket polls as POLLHUP) is reported as HUNG_UP, once."""
+    assert core is not None
+    before = _open_fds()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        server = core.Server(sock.fileno(), 42, 1, [sock.fileno()])
+        assert server.start() in (errno.ENOTTY, errno.EINVAL)
+        with pytest.raises(RuntimeError, match="runs already"):
+            server.start()
+        assert server.take() == []
+        server.close()
+    with socket.socket() as sock:
+        server = core.Server(sock.fileno(), 42, 1)
+        server.start()
+        wait_until(lambda: select.select([server.fileno()], [], [], 0)[0], timeout=5)
+        (item,) = server.take()
+        assert item[0] == core.HUNG_UP
+        server.close()
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize(("release", "missing"), [
+    ("6.6.0", False), ("6.12.9-amd64", False), ("6.5.13", True), ("5.10.0-28-cloud", True),
+    ("odd", False),
+])
+def test_sync_wake_up_kernel(release: str, missing: bool) -> None:
+    said = notifycore.no_sync_wake_up(release)
+    assert (said is not None) == missing
+    if said:
+        assert release in said and "6.6" in said

@@ -97,3 +97,25 @@ def test_socket_belongs_to_its_namespace(make_netns: Callable[[], str]) -> None:
     sh(other, "link add v0 type veth peer name v1", "addr add 10.250.0.1/24 dev v0")
     with tracker_in(one) as tracker:
         assert ip("10.250.0.1") not in tracker
+
+
+def test_before_change_runs_before_an_event_is_applied(netns: str) -> None:
+    """The hook the socket switcher's decision cache hangs on: called when an event
+    waits, before it is applied (the set still without the new address), once per
+    refresh; not at all while nothing is queued; no longer once discarded."""
+    sh(netns, "link add v0 type veth peer name v1")
+    with tracker_in(netns) as tracker:
+        seen: list[bool] = []
+
+        def before() -> None:
+            seen.append(ip("10.250.0.9") in tracker._count)  # `in tracker` would refresh
+
+        tracker.before_change(before)
+        assert ip("10.250.0.9") not in tracker and seen == []
+        sh(netns, "addr add 10.250.0.9/32 dev v0")
+        assert ip("10.250.0.9") in tracker
+        assert seen == [False]
+        assert ip("10.250.0.9") in tracker and seen == [False]  # nothing new queued
+        tracker.discard_before_change(before)
+        sh(netns, "addr del 10.250.0.9/32 dev v0")
+        assert ip("10.250.0.9") not in tracker and seen == [False]

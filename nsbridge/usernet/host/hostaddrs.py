@@ -38,6 +38,7 @@ import os
 import select
 import socket
 from collections import Counter
+from collections.abc import Callable
 
 from nsbridge.linux import rtaddr
 
@@ -68,6 +69,7 @@ class HostAddresses:
         self._buffer = bytearray(1 << 16)
         self._seq = 0
         self.resyncs = 0  # dumps after the first: how often events were lost
+        self._before_change: list[Callable[[], None]] = []
         self._ready = select.poll()
         self._ready.register(self._sock.fileno(), select.POLLIN)
         try:
@@ -92,6 +94,7 @@ class HostAddresses:
         ``recv`` that fails with EAGAIN, whose exception Python must build and catch."""
         if not self._ready.poll(0):
             return
+        self._changing()
         while True:
             try:
                 size = self._sock.recv_into(self._buffer)
@@ -104,6 +107,26 @@ class HostAddresses:
                 self._resync()
                 return
             self._apply(memoryview(self._buffer)[:size])
+
+    def before_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` before any queued event is read (and before a re-dump).
+
+        For a cache of decisions made from this set, kept by another thread that sees
+        :meth:`fileno` readable while events wait (the socket switcher's native thread):
+        the callback forgets every decision *before* the set can change, so a decision
+        still cached was made with every event read so far applied, and while one is
+        queued the cache's owner sees the fd readable and asks again.  No window in
+        between where a changed set and an old decision meet."""
+        self._before_change.append(callback)
+
+    def discard_before_change(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` (its cache is gone)."""
+        if callback in self._before_change:
+            self._before_change.remove(callback)
+
+    def _changing(self) -> None:
+        for callback in self._before_change:
+            callback()
 
     def snapshot(self) -> frozenset[Address]:
         """The current addresses (after applying queued events)."""
@@ -133,6 +156,7 @@ class HostAddresses:
         read in order with its parts, each reflecting the state when it was made, so the
         set ends current; an overflow during a dump (``ENOBUFS``) loses events, so the
         dump is read to its end and made again."""
+        self._changing()
         while True:
             self._drain()
             self._entries.clear()

@@ -41,6 +41,25 @@ another, with the GIL released; this module keeps every decision.  Same steps, s
 order, same outcomes as the Python path, which serves without it (or with
 ``NSBRIDGE_SWITCH=python``); listen and bind always take the Python path.
 
+Who waits on the listener: with the native core, a thread of its own (``Server``),
+which gets the kernel's synchronous wake-ups (``SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP``,
+Linux 6.6), and serves a connect without waking Python when this module decided the
+same destination before: a *decision cache*, filled here only with plain switches
+(allowed, TCP, a socket of the namespace, no ``--bypass-exclude`` rule, not the
+namespace's own addresses or the DNS address).  Why that is sound: a switch's decision
+depends on the destination (address, port, the socket's family) and on inputs fixed for
+the switcher's life (the policy's rules and address layout, host access, the exclude
+rules, the own addresses when they are a fixed set, the outbound addresses) — except
+the host's addresses, a live :class:`~.hostaddrs.HostAddresses`.  Its netlink socket is
+watched by the thread: while an event is queued on it, every connect comes here; and
+before this side reads one, the cache is emptied (:meth:`HostAddresses.before_change
+<nsbridge.usernet.host.hostaddrs.HostAddresses.before_change>`).  So an entry is valid
+as of the last read of events, and any unread event sends the connect here.  Live sets
+the switcher cannot watch (the seccomp agent's per-container addresses) turn the cache
+off; the thread then queues every notification.  Everything the thread does not finish
+(denials, misses, binds, listens, a cached switch that failed or is still connecting)
+comes to the loop through a queue with what was fetched, and is served as below.
+
 What a host socket in the program cannot do: ``connect`` undecided (trapped: an outside
 address is decided, then connected on that socket by us, so the kernel's answers stay
 its own: ``EISCONN``, ``EALREADY``...; the namespace's own addresses are refused with
@@ -65,6 +84,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from nsbridge.defaults import CONNECT_TIMEOUT
@@ -73,6 +93,7 @@ from nsbridge.linux import seccomp_notify as notify
 from nsbridge.linux.libc import libc
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
+from nsbridge.usernet.host.hostaddrs import HostAddresses
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.switchbind import (
     PRIVILEGED_PORTS,
@@ -130,6 +151,7 @@ class SwitchStats:
 
     notifications: int = 0  # trapped calls received
     switched: int = 0  # connects now carried by a host socket
+    cached: int = 0  # of the connects decided, those the native thread took from its cache
     connect_failed: int = 0  # allowed, but the host connect failed (refused, timeout...)
     performed: int = 0  # calls made here on the program's own socket (not switched)
     denied: Counter[str] = field(default_factory=Counter)
@@ -215,9 +237,69 @@ class SocketSwitcher:
         self._bind_nr = numbers["bind"]
         # The native core, or None: the Python path (notifycore.py says which and why).
         self._core = notifycore.chosen()
+        # The core's serving thread, once started; None: the loop serves the listener.
+        self._server: notifycore.Server | None = None
+        self._cache = False  # whether decisions go into the thread's cache
+        self._watched: list[HostAddresses] = []
 
     def start(self) -> None:
+        if self._core is not None and self._start_thread():
+            return
         self.loop.add(self.listener, IN, self._on_listener)
+
+    def _start_thread(self) -> bool:
+        """Serve the listener from the native core's thread (module docstring); False,
+        said at ``-v``, when it cannot start (the loop serves then)."""
+        assert self._core is not None
+        if os.stat("/proc/thread-self/ns/net").st_ino != self._host_netns:
+            log.info("bypass: switched connects served on the event loop (this thread is "
+                     "in another network namespace than the switcher's)")
+            return False
+        watched = self._live_sources()
+        try:
+            server = self._core.Server(self.listener, self._connect_nr, self._host_netns,
+                                       [source.fileno() for source in watched or ()])
+            self.loop.add(server.fileno(), IN, self._on_queue)
+            try:
+                sync = server.start()
+            except OSError:
+                self.loop.remove(server.fileno())
+                server.close()
+                raise
+        except OSError as exc:
+            log.info("bypass: no serving thread (%s): switched connects are served on the "
+                     "event loop", exc.strerror or exc)
+            return False
+        self._server = server
+        if watched is not None:
+            self._cache = True
+            self._watched = watched
+            for source in watched:
+                source.before_change(self._forget)
+        log.info("bypass: switched connects served by a native thread (%s; decision cache "
+                 "%s)", "synchronous wake-ups" if sync == 0 else
+                 f"no synchronous wake-ups: {os.strerror(sync)}, they need Linux 6.6",
+                 "on" if self._cache else "off: an address set it reads cannot be watched")
+        return True
+
+    def _live_sources(self) -> list[HostAddresses] | None:
+        """The live address sets a switch's decision reads, whose events the thread must
+        watch; None when one of them cannot be watched (no cache then)."""
+        sources: list[object] = [self._own]
+        if not self.policy.allow_host_access:
+            sources.append(self.policy.host_addresses)
+        live: list[HostAddresses] = []
+        for source in sources:
+            if isinstance(source, HostAddresses):
+                live.append(source)
+            elif not isinstance(source, (frozenset, set)):
+                return None
+        return live
+
+    def _forget(self) -> None:
+        """A watched address set is about to change: no cached decision survives it."""
+        if self._server is not None:
+            self._server.cache_clear()
 
     def close(self) -> None:
         """Stop serving; the program's trapped calls then fail with ENOSYS (the kernel's
@@ -227,6 +309,13 @@ class SocketSwitcher:
         self._closed = True
         self.published.close()
         self.loop.remove(self.listener)
+        if self._server is not None:
+            self._fold()
+            self.loop.remove(self._server.fileno())
+            self._server.close()  # joins the thread; queued calls' fds closed
+            for source in self._watched:
+                source.discard_before_change(self._forget)
+            self._server = None
         for call, host, timer in list(self._pending.values()):
             timer.cancel()
             self.loop.remove(host.fileno())
@@ -236,6 +325,7 @@ class SocketSwitcher:
         os.close(self.listener)
 
     def snapshot(self) -> dict:
+        self._fold()
         return {**self.stats.as_dict(), "published": dict(vars(self.published.stats))}
 
     # ---- receiving -----------------------------------------------------------------
@@ -263,9 +353,76 @@ class SocketSwitcher:
                 log.warning("bypass: reading the seccomp listener failed: %s", exc.strerror)
             return
         self.stats.notifications += 1
-        call = _Call(notification, fetched)
+        self._run(_Call(notification, fetched), self._serve)
+
+    def _on_queue(self, _events: int) -> None:
+        """What the native thread handed over (module docstring), oldest first."""
+        assert self._core is not None and self._server is not None
+        core = self._core
+        items = self._server.take()
+        self._fold()
+        for index, (kind, value, nid, pid, nr, arch, args, pidfd, sockfd, raw,
+                    netns) in enumerate(items):
+            if self._closed:  # on_end closed us: what is left only holds fds
+                for rest in items[index:]:
+                    _release(core, rest)
+                return
+            if kind == core.HUNG_UP:
+                # Every process under the filter has exited: nothing more will come.
+                self.loop.remove(self._server.fileno())
+                if self._on_end is not None:
+                    self._on_end()
+                continue
+            if kind == core.RECV_FAILED:
+                log.warning("bypass: reading the seccomp listener failed: %s",
+                            os.strerror(value))
+                continue
+            call = _Call(notify.Notification(nid, pid, nr, arch, args),
+                         None if pidfd is None else (pidfd, sockfd, raw, netns))
+            if kind == core.NOTIFY:
+                self._run(call, self._serve)
+            else:
+                self._run(call, functools.partial(self._cached_outcome, kind, value))
+
+    def _cached_outcome(self, kind: int, value: int, call: _Call) -> None:
+        """A connect the thread switched from the cache whose outcome it leaves to us:
+        the host connect failed (``value``: its errno), is still connecting for a
+        blocking program (``value``: the host socket), or a step failed (its errno)."""
+        assert self._core is not None and call.fetched is not None
+        host = socket.socket(fileno=value) if kind == self._core.SWITCH_PENDING else None
+        pidfd, sockfd, raw, _netns = call.fetched
+        assert pidfd is not None and sockfd is not None and isinstance(raw, bytes)
+        call.pidfd, call.raw = pidfd, raw
+        call.sock = _socket_of(sockfd)
+        destination = _inet_destination(call.sock.family, struct.unpack_from("=H", raw)[0],
+                                        raw)
+        assert destination is not None  # the thread serves TCP destinations only
+        shown = format_sockaddr((str(destination[0]), destination[1]))
+        if host is not None:
+            self._wait_connect(call, host, shown)
+        elif kind == self._core.SWITCH_FAILED:
+            self._connect_failed(call, shown, value)
+        else:
+            raise OSError(value, os.strerror(value))
+
+    def _fold(self) -> None:
+        """The thread's counts into ours: every connect it served from the cache was
+        an allowed decision, so the policy counts it too."""
+        if self._server is None:
+            return
+        notifications, hits, switched, gone = self._server.counts()
+        self.stats.notifications += notifications
+        self.stats.switched += switched
+        self.stats.gone += gone
+        self.stats.cached += hits
+        self.policy.allowed += hits
+
+    def _run(self, call: _Call, serve: Callable[[_Call], None]) -> None:
+        """``serve(call)``, answering the call when it fails as the Python path always
+        has (gone, the errno of a failed step, EIO for a bug)."""
+        notification = call.notification
         try:
-            self._serve(call)
+            serve(call)
         except notify.NotificationGone:
             self.stats.gone += 1
             call.close()
@@ -547,10 +704,18 @@ class SocketSwitcher:
         ADDFD and the answer.  The same outcomes, counted the same way."""
         assert self._core is not None and call.sock is not None
         core, n = self._core, call.notification
+        target = _sockaddr(family, target_ip, port)
+        v6only_off = family == socket.AF_INET6 and mapped
+        bound = self._outbound_sockaddr(family, target_ip)
+        if self._cache and isinstance(call.raw, bytes) and self._server is not None \
+                and not log.isEnabledFor(logging.DEBUG):
+            # A plain switch, allowed (see the module docstring on why it may be cached;
+            # at -vv every switch is left to us, so each is logged).
+            self._server.cache_put(call.sock.family, call.raw, family, target, v6only_off,
+                                   bound)
         outcome, value = core.switch_connect(
             self.listener, n.id, n.pid, call.fd, call.sock.fileno(), call.sock.family,
-            family, _sockaddr(family, target_ip, port), family == socket.AF_INET6 and mapped,
-            self._outbound_sockaddr(family, target_ip), blocking)
+            family, target, v6only_off, bound, blocking)
         if outcome == core.FAILED:
             self._connect_failed(call, shown, value)
         elif outcome == core.PENDING:
@@ -731,6 +896,18 @@ class _BlockingCalls:
                     return
                 job = self._queue.popleft()
             job()
+
+
+def _release(core: ModuleType, item: tuple) -> None:
+    """Close the fds a queued item of the thread holds (the switcher is closing; the
+    kernel answers its call when the listener is closed)."""
+    kind, value, _nid, _pid, _nr, _arch, _args, pidfd, sockfd, _raw, _netns = item
+    if kind == core.SWITCH_PENDING:
+        os.close(value)
+    if pidfd is not None and pidfd >= 0:
+        os.close(pidfd)
+        if sockfd is not None and sockfd >= 0:
+            os.close(sockfd)
 
 
 def _socket_of(fd: int) -> socket.socket:
