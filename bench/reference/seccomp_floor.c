@@ -1,0 +1,272 @@
+/*
+ * seccomp_floor: what a switched connect() costs at the least, with no interpreter.
+ *
+ * Why it exists: issue 18 asks socket switching (nsbridge run --bypass) for connect
+ * latency within 50 us of direct and new connections at 0.8x direct.  Whatever
+ * nsbridge does, a switched connect pays the trap, two wake-ups and the supervisor's
+ * system calls; this program measures exactly that floor on the machine at hand, so
+ * the gap between nsbridge and it is ours and the gap between it and direct is the
+ * kernel's.  It is a benchmark reference only (docs/performance.md, "Socket switching").
+ *
+ * One process, three parts: a loopback server thread that accepts and closes; a client
+ * that times N blocking connect() calls (p50, p90, and connects/s of the whole loop);
+ * and, for the trapped rows, a supervisor process serving the client's seccomp listener
+ * (SECCOMP_FILTER_FLAG_NEW_LISTENER, handed over with SCM_RIGHTS).  Rows:
+ *
+ *   direct           the client alone
+ *   answer only      every connect() trapped and answered 0 at once (nothing connects):
+ *                    the round trip through the supervisor
+ *   full switch      what nsbridge's native thread does for a cached decision:
+ *                    pidfd_open(PIDFD_THREAD), ID_VALID, pidfd_getfd, process_vm_readv of
+ *                    the sockaddr, ID_VALID, SO_TYPE, a host socket, connect(), ADDFD with
+ *                    SETFD, the answer (no policy, no option copy, no fdinfo read)
+ *
+ * each with ordinary wake-ups and with SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (Linux 6.6;
+ * the "+sync" rows; refused on older kernels, which the row then says).  The
+ * supervisor waits in poll() like nsbridge's thread (the flag reaches a poll() waiter,
+ * not an epoll one).
+ *
+ * usage: gcc -O2 -o seccomp_floor seccomp_floor.c -lpthread && ./seccomp_floor [N]
+ * Traffic stays on 127.0.0.1 of the namespace it runs in.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP 1
+#endif
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
+
+enum { ANSWER_ONLY, FULL_SWITCH };
+
+static struct sockaddr_in server_address;
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void *serve(void *arg)
+{
+    int listener = (int)(long)arg;
+    for (;;) {
+        int c = accept(listener, NULL, NULL);
+        if (c >= 0)
+            close(c);
+    }
+    return NULL;
+}
+
+static int by_value(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void time_connects(const char *label, int n)
+{
+    double *took = malloc(n * sizeof *took), start = now();
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        double t = now();
+        if (connect(s, (struct sockaddr *)&server_address, sizeof server_address) < 0) {
+            perror("connect");
+            exit(1);
+        }
+        took[i] = now() - t;
+        close(s);
+    }
+    double whole = now() - start;
+    qsort(took, n, sizeof *took, by_value);
+    printf("%-22s p50 %6.1f us  p90 %6.1f us  %8.0f connects/s\n", label, took[n / 2] * 1e6,
+           took[n * 9 / 10] * 1e6, n / whole);
+    fflush(stdout);
+    free(took);
+}
+
+static int trap_connect(void)
+{
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_connect, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog program = {.len = 4, .filter = code};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                        SECCOMP_FILTER_FLAG_NEW_LISTENER, &program);
+}
+
+static void send_fd(int via, int fd)
+{
+    char space[CMSG_SPACE(sizeof fd)], byte = 0;
+    struct iovec io = {&byte, 1};
+    struct msghdr m = {.msg_iov = &io, .msg_iovlen = 1, .msg_control = space,
+                       .msg_controllen = sizeof space};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof fd);
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (sendmsg(via, &m, 0) < 0)
+        perror("sendmsg");
+}
+
+static int receive_fd(int via)
+{
+    char space[CMSG_SPACE(sizeof(int))], byte;
+    struct iovec io = {&byte, 1};
+    struct msghdr m = {.msg_iov = &io, .msg_iovlen = 1, .msg_control = space,
+                       .msg_controllen = sizeof space};
+    if (recvmsg(via, &m, 0) <= 0 || CMSG_FIRSTHDR(&m) == NULL)
+        return -1;
+    int fd;
+    memcpy(&fd, CMSG_DATA(CMSG_FIRSTHDR(&m)), sizeof fd);
+    return fd;
+}
+
+static void switch_one(int listener, struct seccomp_notif *req)
+{
+    int target = (int)req->data.args[0];
+    socklen_t length = (socklen_t)req->data.args[2];
+    char sockaddr[128];
+    if (length > sizeof sockaddr)
+        return;
+    int pidfd = (int)syscall(SYS_pidfd_open, req->pid, PIDFD_THREAD);
+    (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id);
+    int theirs = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0);
+    struct iovec local = {sockaddr, length}, remote = {(void *)req->data.args[1], length};
+    (void)process_vm_readv(req->pid, &local, 1, &remote, 1, 0);
+    (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id);
+    int type;
+    socklen_t size = sizeof type;
+    (void)getsockopt(theirs, SOL_SOCKET, SO_TYPE, &type, &size);
+    int host = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(host, (struct sockaddr *)sockaddr, length) < 0)
+        perror("supervisor connect");
+    struct seccomp_notif_addfd add = {.id = req->id, .flags = SECCOMP_ADDFD_FLAG_SETFD,
+                                      .srcfd = (__u32)host, .newfd = (__u32)target,
+                                      .newfd_flags = O_CLOEXEC};
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0)
+        perror("ADDFD");
+    close(host);
+    close(theirs);
+    close(pidfd);
+}
+
+static void supervise(int listener, int what, int sync)
+{
+    if (sync && ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                      SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0) < 0)
+        fprintf(stderr, "  (SYNC_WAKE_UP refused: %s; Linux 6.6 has it)\n", strerror(errno));
+    for (;;) {
+        struct pollfd p = {.fd = listener, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0)
+            continue;
+        if (p.revents & POLLHUP)
+            return;
+        struct seccomp_notif req;
+        memset(&req, 0, sizeof req);
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0) {
+            if (errno == EINTR || errno == ENOENT)
+                continue;
+            return;
+        }
+        if (what == FULL_SWITCH)
+            switch_one(listener, &req);
+        struct seccomp_notif_resp answer = {.id = req.id};
+        (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
+    }
+}
+
+static void trapped_row(const char *label, int n, int what, int sync)
+{
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+        perror("socketpair");
+        exit(1);
+    }
+    pid_t client = fork();
+    if (client == 0) {
+        close(pair[0]);
+        int listener = trap_connect();
+        if (listener < 0) {
+            perror("seccomp");
+            _exit(1);
+        }
+        send_fd(pair[1], listener);
+        close(listener);
+        time_connects(label, n);
+        _exit(0);
+    }
+    close(pair[1]);
+    int listener = receive_fd(pair[0]);
+    close(pair[0]);
+    pid_t supervisor = fork();
+    if (supervisor == 0) {
+        supervise(listener, what, sync);
+        _exit(0);
+    }
+    close(listener);
+    int status;
+    waitpid(client, &status, 0);
+    kill(supervisor, SIGKILL);
+    waitpid(supervisor, &status, 0);
+}
+
+int main(int argc, char **argv)
+{
+    int n = argc > 1 ? atoi(argv[1]) : 20000;
+    if (n < 10) {
+        fprintf(stderr, "usage: %s [N >= 10 connects per row]\n", argv[0]);
+        return 2;
+    }
+    int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    server_address.sin_family = AF_INET;
+    server_address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t size = sizeof server_address;
+    if (bind(listener, (struct sockaddr *)&server_address, sizeof server_address) < 0 ||
+        listen(listener, 4096) < 0 ||
+        getsockname(listener, (struct sockaddr *)&server_address, &size) < 0) {
+        perror("listener");
+        return 1;
+    }
+    pthread_t thread;
+    pthread_create(&thread, NULL, serve, (void *)(long)listener);
+    time_connects("direct", n);
+    trapped_row("answer only", n, ANSWER_ONLY, 0);
+    trapped_row("full switch", n, FULL_SWITCH, 0);
+    trapped_row("answer only +sync", n, ANSWER_ONLY, 1);
+    trapped_row("full switch +sync", n, FULL_SWITCH, 1);
+    return 0;
+}
