@@ -163,6 +163,15 @@ struct handback {
     int code;                /* connect's (or accept's) errno */
 };
 
+/* A socket option set on each relayed socket as its pair starts (Core(sockopts=...)):
+ * the tuning knobs of issue 19 (buffer sizes, TCP_NOTSENT_LOWAT, SO_BUSY_POLL), given by
+ * Python so the C side needs no knowledge of which one won. */
+struct sockopt {
+    int sides;               /* bit 0: the client socket, bit 1: the server socket */
+    int level, name, value;
+};
+#define MAX_SOCKOPTS 8
+
 #define LISTENER_TAG 2u      /* epoll data: a struct listener index << 2 | LISTENER_TAG */
 #define MAX_LISTENERS 4096
 
@@ -192,6 +201,10 @@ typedef struct {
     struct handback *handbacks;
     size_t n_handbacks, cap_handbacks;
     int pool_low;            /* some listener's pool is under its low-water mark */
+    struct sockopt sockopts[MAX_SOCKOPTS];
+    int n_sockopts;
+    uint64_t sockopt_failed; /* setsockopt calls the kernel refused (EPERM without
+                                CAP_NET_ADMIN, say): the pair relays untuned */
 } Core;
 
 static uint64_t now_ns(void)
@@ -613,6 +626,13 @@ static int conn_start(Core *self, int client_fd, int server_fd, uint32_t slot, i
     for (int i = 0; i < 2; i++)
         if (nodelay & (1 << i))
             setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    for (int k = 0; k < self->n_sockopts; k++) {
+        const struct sockopt *o = &self->sockopts[k];
+        for (int i = 0; i < 2; i++)
+            if ((o->sides & (1 << i)) &&
+                setsockopt(c->fd[i], o->level, o->name, &o->value, sizeof(o->value)) < 0)
+                self->sockopt_failed++;
+    }
     /* Counted live from here: conn_close undoes it, whichever way the pair ends. */
     self->slots[slot].active++;
     if (c_accepted)
@@ -765,11 +785,41 @@ static void listener_free(Core *core, int lid)
 
 static int Core_init(Core *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"outer_fd", "copy", "small_read", "pipe_size", NULL};
+    static char *kwlist[] = {"outer_fd", "copy", "small_read", "pipe_size", "sockopts",
+                             NULL};
     int outer_fd, copy = 0, small_read = 64 << 10, pipe_size = DEFAULT_PIPE_SIZE;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|pii", kwlist, &outer_fd, &copy,
-                                     &small_read, &pipe_size))
+    PyObject *sockopts = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|piiO", kwlist, &outer_fd, &copy,
+                                     &small_read, &pipe_size, &sockopts))
         return -1;
+    if (sockopts && sockopts != Py_None) {
+        PyObject *seq = PySequence_Fast(sockopts, "sockopts must be a sequence");
+        if (!seq)
+            return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > MAX_SOCKOPTS) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "at most %d sockopts", MAX_SOCKOPTS);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            struct sockopt *o = &self->sockopts[i];
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i),
+                                  "iiii;a sockopt is (sides, level, name, value)", &o->sides,
+                                  &o->level, &o->name, &o->value)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (o->sides < 1 || o->sides > 3) {
+                Py_DECREF(seq);
+                PyErr_SetString(PyExc_ValueError,
+                                "a sockopt's sides is 1 (client), 2 (server) or 3 (both)");
+                return -1;
+            }
+        }
+        self->n_sockopts = (int)n;
+        Py_DECREF(seq);
+    }
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
         return -1;
@@ -1085,10 +1135,11 @@ static PyObject *Core_slot(Core *self, PyObject *arg)
 
 static PyObject *Core_info(Core *self, PyObject *noargs)
 {
-    return Py_BuildValue("{sKsisisisn}", "connections", (unsigned long long)self->n_live,
+    return Py_BuildValue("{sKsisisisnsK}", "connections", (unsigned long long)self->n_live,
                          "pipes_open", self->pipes_open, "idle_pipes", self->n_idle_pipes,
                          "record_failed", self->record_failed, "conn_size",
-                         (Py_ssize_t)sizeof(struct conn));
+                         (Py_ssize_t)sizeof(struct conn), "sockopt_failed",
+                         (unsigned long long)self->sockopt_failed);
 }
 
 PyDoc_STRVAR(Core_close_doc,
@@ -1350,7 +1401,8 @@ static PyMethodDef Core_methods[] = {
     {"abort_slot", (PyCFunction)Core_abort_slot, METH_O, Core_abort_slot_doc},
     {"slot", (PyCFunction)Core_slot, METH_O, Core_slot_doc},
     {"info", (PyCFunction)Core_info, METH_NOARGS,
-     PyDoc_STR("info() -> dict: connections, pipes_open, idle_pipes, record_failed, conn_size")},
+     PyDoc_STR("info() -> dict: connections, pipes_open, idle_pipes, record_failed, "
+               "conn_size, sockopt_failed")},
     {"close", (PyCFunction)Core_close, METH_NOARGS, Core_close_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1358,7 +1410,11 @@ static PyMethodDef Core_methods[] = {
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nsbridge.relay._tcprelay.Core",
-    .tp_doc = PyDoc_STR("Core(outer_fd, copy=False, small_read=65536, pipe_size=1048576)"),
+    .tp_doc = PyDoc_STR("Core(outer_fd, copy=False, small_read=65536, pipe_size=1048576, "
+                        "sockopts=())\n"
+                        "sockopts: (sides, level, name, int value) tuples set on each "
+                        "relayed socket as its pair starts; sides bit 0 the client, bit 1 "
+                        "the server."),
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Core_new,
