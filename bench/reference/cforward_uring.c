@@ -121,6 +121,11 @@ static void ring_setup(void)
 	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
 		  IORING_SETUP_SUBMIT_ALL;
 	ring_fd = (int)syscall(__NR_io_uring_setup, RING_ENTRIES, &p);
+	if (ring_fd < 0 && errno == EINVAL) {
+		/* A kernel before 6.1 has no DEFER_TASKRUN: plain completions, slower. */
+		memset(&p, 0, sizeof p);
+		ring_fd = (int)syscall(__NR_io_uring_setup, RING_ENTRIES, &p);
+	}
 	if (ring_fd < 0)
 		die("io_uring_setup");
 	if (!(p.features & IORING_FEAT_SINGLE_MMAP) || !(p.features & IORING_FEAT_NODROP))
