@@ -30,7 +30,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import measure, procstat, report, sanity
-from nsbench.forwarders import CReference, Extra, Forwarder, Instance, Nsbridge, SocatPair
+from nsbench.forwarders import (
+    CReference,
+    CUringReference,
+    Extra,
+    Forwarder,
+    Instance,
+    Nsbridge,
+    SocatPair,
+)
 from nsbench.procs import BenchError, Netns, ProcessRegistry, bench_main, raise_nofile
 from nsbench.servers import HTTP_PORT, IDLE_PORT, IPERF_PORT, Servers, idle_count, start_servers
 
@@ -101,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reference",
         action="store_true",
         help="add the c-epoll row: bench/reference/cforward.c, the same data path in C "
-        "(built with gcc), to show what any user-space forwarder costs here",
+        "(built with gcc), to show what any user-space forwarder costs here, and the "
+        "c-uring row: the same forwarder on io_uring (bench/reference/cforward_uring.c)",
     )
     p.add_argument(
         "--strict",
@@ -137,15 +146,20 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def make_rows(only: str | None, target_flag: str, reference: bool = False) -> list[Row]:
-    """direct, nsbridge, socat, c-epoll with --reference, then the NSBRIDGE_BENCH_EXTRA
-    row if set."""
+    """direct, nsbridge, socat, c-epoll and c-uring with --reference, then the
+    NSBRIDGE_BENCH_EXTRA rows if set."""
     rows = [Row("direct", None), Row("nsbridge", Nsbridge(target_flag)), Row("socat", SocatPair())]
     if reference:
         rows.append(Row(CReference.name, CReference()))
-    template = os.environ.get("NSBRIDGE_BENCH_EXTRA", "").strip()
-    if template:
-        extra = Extra(template, os.environ.get("NSBRIDGE_BENCH_EXTRA_NAME") or None)
-        if extra.name in {r.name for r in rows}:
+        rows.append(Row(CUringReference.name, CUringReference()))
+    # One extra row per line of NSBRIDGE_BENCH_EXTRA (A/B of several variants in one
+    # run), named by the comma-separated NSBRIDGE_BENCH_EXTRA_NAME in order.
+    templates = [t.strip() for t in os.environ.get("NSBRIDGE_BENCH_EXTRA", "").splitlines()]
+    names = os.environ.get("NSBRIDGE_BENCH_EXTRA_NAME", "").split(",")
+    for i, template in enumerate(t for t in templates if t):
+        name = names[i].strip() if i < len(names) else ""
+        extra = Extra(template, name or None)
+        while extra.name in {r.name for r in rows}:
             extra.name += "-extra"
         rows.append(Row(extra.name, extra))
     if only:

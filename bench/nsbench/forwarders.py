@@ -224,6 +224,7 @@ class CReference(Forwarder):
 
     name = "c-epoll"
     SOURCE = REPO_ROOT / "bench" / "reference" / "cforward.c"
+    BINARY = "cforward"
 
     def __init__(self, workers: int = 2) -> None:
         self.workers = workers
@@ -235,7 +236,7 @@ class CReference(Forwarder):
 
     def _build(self, workdir: Path) -> Path:
         if self._binary is None:
-            out = workdir / "cforward"
+            out = workdir / self.BINARY
             done = subprocess.run(
                 ["gcc", "-O2", "-Wall", "-o", str(out), str(self.SOURCE)],
                 capture_output=True,
@@ -258,6 +259,26 @@ class CReference(Forwarder):
             str(self.workers),
         ]
         return _start_single(reg, self.name, argv)
+
+
+class CUringReference(CReference):
+    """bench/reference/cforward_uring.c: cforward's data path on io_uring (issue 19's
+    question whether io_uring beats epoll for the request path here).  Same arguments,
+    same 2 workers; unavailable where the kernel refuses io_uring."""
+
+    name = "c-uring"
+    SOURCE = REPO_ROOT / "bench" / "reference" / "cforward_uring.c"
+    BINARY = "cforward_uring"
+
+    def unavailable_reason(self) -> str | None:
+        """It needs a C compiler and io_uring enabled (kernel.io_uring_disabled 0)."""
+        try:
+            disabled = Path("/proc/sys/kernel/io_uring_disabled").read_text().strip()
+        except OSError:
+            disabled = "0"  # older kernels have no switch
+        if disabled != "0":
+            return f"unavailable (kernel.io_uring_disabled = {disabled})"
+        return super().unavailable_reason()
 
 
 def _which(cmd: str) -> bool:

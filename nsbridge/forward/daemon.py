@@ -44,13 +44,21 @@ def _choose_relay(asked: str | None) -> None:
     """Which relay the workers' TCP connections get, said once at -v (with why not the
     native one when it is not).  --relay travels to the workers as $NSBRIDGE_RELAY, which
     they inherit (and read, as any Bridge does)."""
-    from nsbridge.relay.native import RELAY_ENV, chosen_relay, unavailable
+    from nsbridge.relay.native import (
+        RELAY_ENV,
+        SOCKOPTS_ENV,
+        chosen_relay,
+        parse_sockopts,
+        unavailable,
+    )
 
     if asked:
         os.environ[RELAY_ENV] = asked
     relay = chosen_relay()  # a bad $NSBRIDGE_RELAY: a UserError before anything runs
+    tuned = os.environ.get(SOCKOPTS_ENV, "")
+    parse_sockopts(tuned)  # the same for a bad $NSBRIDGE_RELAY_SOCKOPTS
     if relay == "native":
-        log.info("TCP relay: native")
+        log.info("TCP relay: native%s", f" ({SOCKOPTS_ENV}={tuned})" if tuned.strip() else "")
     else:
         log.info("TCP relay: python (%s)", unavailable() or f"${RELAY_ENV}=python")
 

@@ -30,9 +30,10 @@
  * the Python loop's own epoll fd, level-triggered.  The loop calls Core.wait(timeout)
  * instead of its own epoll_wait: connection events are served here, and wait()
  * returns when the Python side has something to do (its epoll fd is readable), its
- * timer is due, or connections ended (their records are waiting).  The GIL is released
- * only around epoll_wait; everything else runs with it held, so the Core's state needs
- * no lock of its own.
+ * timer is due, or connections ended (their records are waiting).  wait() serves with
+ * the GIL released (it touches no Python object); every other method runs with it held
+ * and refuses to run while a wait is in progress in another thread, so the Core's state
+ * needs no lock of its own.
  *
  * Accepting in C (issue 19 step 2): Core.listen() hands the core a forward's listener
  * whose per-connection work needs no Python (no ACL, no PROXY header, TCP both sides,
@@ -163,6 +164,15 @@ struct handback {
     int code;                /* connect's (or accept's) errno */
 };
 
+/* A socket option set on each relayed socket as its pair starts (Core(sockopts=...)):
+ * the tuning knobs of issue 19 (buffer sizes, TCP_NOTSENT_LOWAT, SO_BUSY_POLL), given by
+ * Python so the C side needs no knowledge of which one won. */
+struct sockopt {
+    int sides;               /* bit 0: the client socket, bit 1: the server socket */
+    int level, name, value;
+};
+#define MAX_SOCKOPTS 8
+
 #define LISTENER_TAG 2u      /* epoll data: a struct listener index << 2 | LISTENER_TAG */
 #define MAX_LISTENERS 4096
 
@@ -192,6 +202,11 @@ typedef struct {
     struct handback *handbacks;
     size_t n_handbacks, cap_handbacks;
     int pool_low;            /* some listener's pool is under its low-water mark */
+    int waiting;             /* a wait() serves without the GIL: other calls must not run */
+    struct sockopt sockopts[MAX_SOCKOPTS];
+    int n_sockopts;
+    uint64_t sockopt_failed; /* setsockopt calls the kernel refused (EPERM without
+                                CAP_NET_ADMIN, say): the pair relays untuned */
 } Core;
 
 static uint64_t now_ns(void)
@@ -613,6 +628,13 @@ static int conn_start(Core *self, int client_fd, int server_fd, uint32_t slot, i
     for (int i = 0; i < 2; i++)
         if (nodelay & (1 << i))
             setsockopt(c->fd[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    for (int k = 0; k < self->n_sockopts; k++) {
+        const struct sockopt *o = &self->sockopts[k];
+        for (int i = 0; i < 2; i++)
+            if ((o->sides & (1 << i)) &&
+                setsockopt(c->fd[i], o->level, o->name, &o->value, sizeof(o->value)) < 0)
+                self->sockopt_failed++;
+    }
     /* Counted live from here: conn_close undoes it, whichever way the pair ends. */
     self->slots[slot].active++;
     if (c_accepted)
@@ -765,11 +787,41 @@ static void listener_free(Core *core, int lid)
 
 static int Core_init(Core *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"outer_fd", "copy", "small_read", "pipe_size", NULL};
+    static char *kwlist[] = {"outer_fd", "copy", "small_read", "pipe_size", "sockopts",
+                             NULL};
     int outer_fd, copy = 0, small_read = 64 << 10, pipe_size = DEFAULT_PIPE_SIZE;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|pii", kwlist, &outer_fd, &copy,
-                                     &small_read, &pipe_size))
+    PyObject *sockopts = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|piiO", kwlist, &outer_fd, &copy,
+                                     &small_read, &pipe_size, &sockopts))
         return -1;
+    if (sockopts && sockopts != Py_None) {
+        PyObject *seq = PySequence_Fast(sockopts, "sockopts must be a sequence");
+        if (!seq)
+            return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > MAX_SOCKOPTS) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "at most %d sockopts", MAX_SOCKOPTS);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            struct sockopt *o = &self->sockopts[i];
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i),
+                                  "iiii;a sockopt is (sides, level, name, value)", &o->sides,
+                                  &o->level, &o->name, &o->value)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (o->sides < 1 || o->sides > 3) {
+                Py_DECREF(seq);
+                PyErr_SetString(PyExc_ValueError,
+                                "a sockopt's sides is 1 (client), 2 (server) or 3 (both)");
+                return -1;
+            }
+        }
+        self->n_sockopts = (int)n;
+        Py_DECREF(seq);
+    }
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
         return -1;
@@ -863,8 +915,20 @@ static void Core_dealloc(Core *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Another thread's call while wait() serves without the GIL would race with it. */
+static int busy(Core *self)
+{
+    if (self->waiting) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core is waiting in another thread");
+        return 1;
+    }
+    return 0;
+}
+
 static int check_open(Core *self)
 {
+    if (busy(self))
+        return -1;
     if (self->epfd < 0) {
         PyErr_SetString(PyExc_ValueError, "the Core is closed");
         return -1;
@@ -950,20 +1014,20 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
     if (self->n_records || self->n_handbacks || self->pool_low)
         timeout = 0; /* queued outside a wait (add, abort_slot) or left: out first */
     uint64_t deadline = timeout > 0 ? now_ns() + (uint64_t)timeout * 1000000u : 0;
+    /* The GIL is released once for the whole serving loop, not around each epoll_wait:
+     * under load the loop turns thousands of times a second without returning, and a
+     * release and re-take per turn was most of the core's own user time (the profile in
+     * docs/performance.md).  Nothing below touches a Python object; the other methods
+     * refuse to run while a wait is in progress (self->waiting), so the core's state
+     * still needs no lock of its own. */
+    int n = 0, err = 0;
+    self->waiting = 1;
+    Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        int n, err;
-        Py_BEGIN_ALLOW_THREADS
         n = epoll_wait(self->epfd, events, EVENTS, timeout);
-        err = errno;
-        Py_END_ALLOW_THREADS
         if (n < 0) {
-            if (err != EINTR) {
-                errno = err;
-                return PyErr_SetFromErrno(PyExc_OSError);
-            }
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
-            break; /* let the loop look at its signals and timers */
+            err = errno;
+            break;
         }
         for (int i = 0; i < n; i++) {
             uint64_t data = events[i].data.u64;
@@ -992,6 +1056,17 @@ static PyObject *Core_wait(Core *self, PyObject *arg)
             timeout = (int)((deadline - now + 999999u) / 1000000u);
         }
     }
+    Py_END_ALLOW_THREADS
+    self->waiting = 0;
+    if (n < 0) {
+        if (err != EINTR) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+        /* else: let the loop look at its signals and timers */
+    }
     return PyLong_FromLong(outer_ready | (self->n_records ? 2 : 0) |
                            (self->n_handbacks || self->pool_low ? 4 : 0));
 }
@@ -1006,6 +1081,8 @@ PyDoc_STRVAR(Core_take_records_doc,
 
 static PyObject *Core_take_records(Core *self, PyObject *noargs)
 {
+    if (busy(self))
+        return NULL;
     PyObject *list = PyList_New((Py_ssize_t)self->n_records);
     if (!list)
         return NULL;
@@ -1070,6 +1147,8 @@ PyDoc_STRVAR(Core_slot_doc,
 
 static PyObject *Core_slot(Core *self, PyObject *arg)
 {
+    if (busy(self))
+        return NULL;
     unsigned long slot = PyLong_AsUnsignedLong(arg);
     if (slot == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
@@ -1085,10 +1164,13 @@ static PyObject *Core_slot(Core *self, PyObject *arg)
 
 static PyObject *Core_info(Core *self, PyObject *noargs)
 {
-    return Py_BuildValue("{sKsisisisn}", "connections", (unsigned long long)self->n_live,
+    if (busy(self))
+        return NULL;
+    return Py_BuildValue("{sKsisisisnsK}", "connections", (unsigned long long)self->n_live,
                          "pipes_open", self->pipes_open, "idle_pipes", self->n_idle_pipes,
                          "record_failed", self->record_failed, "conn_size",
-                         (Py_ssize_t)sizeof(struct conn));
+                         (Py_ssize_t)sizeof(struct conn), "sockopt_failed",
+                         (unsigned long long)self->sockopt_failed);
 }
 
 PyDoc_STRVAR(Core_close_doc,
@@ -1098,6 +1180,8 @@ PyDoc_STRVAR(Core_close_doc,
 
 static PyObject *Core_close(Core *self, PyObject *noargs)
 {
+    if (busy(self))
+        return NULL;
     if (self->epfd < 0)
         Py_RETURN_NONE;
     release_listeners(self);
@@ -1225,6 +1309,8 @@ PyDoc_STRVAR(Core_unlisten_doc,
 
 static PyObject *Core_unlisten(Core *self, PyObject *arg)
 {
+    if (busy(self))
+        return NULL;
     int lid = (int)PyLong_AsLong(arg);
     if (lid == -1 && PyErr_Occurred())
         return NULL;
@@ -1245,7 +1331,7 @@ static PyObject *Core_pool_put(Core *self, PyObject *args)
     int lid, fd;
     if (!PyArg_ParseTuple(args, "ii", &lid, &fd))
         return NULL;
-    struct listener *l = listener_arg(self, lid);
+    struct listener *l = busy(self) ? NULL : listener_arg(self, lid);
     if (!l || fd < 0) {
         if (fd >= 0)
             close(fd);
@@ -1270,6 +1356,8 @@ PyDoc_STRVAR(Core_pool_wants_doc,
 
 static PyObject *Core_pool_wants(Core *self, PyObject *noargs)
 {
+    if (busy(self))
+        return NULL;
     PyObject *list = PyList_New(0);
     if (!list)
         return NULL;
@@ -1298,6 +1386,8 @@ PyDoc_STRVAR(Core_take_handbacks_doc,
 
 static PyObject *Core_take_handbacks(Core *self, PyObject *noargs)
 {
+    if (busy(self))
+        return NULL;
     PyObject *list = PyList_New((Py_ssize_t)self->n_handbacks);
     if (!list)
         return NULL;
@@ -1323,6 +1413,8 @@ PyDoc_STRVAR(Core_listener_info_doc,
 
 static PyObject *Core_listener_info(Core *self, PyObject *arg)
 {
+    if (busy(self))
+        return NULL;
     int lid = (int)PyLong_AsLong(arg);
     if (lid == -1 && PyErr_Occurred())
         return NULL;
@@ -1350,7 +1442,8 @@ static PyMethodDef Core_methods[] = {
     {"abort_slot", (PyCFunction)Core_abort_slot, METH_O, Core_abort_slot_doc},
     {"slot", (PyCFunction)Core_slot, METH_O, Core_slot_doc},
     {"info", (PyCFunction)Core_info, METH_NOARGS,
-     PyDoc_STR("info() -> dict: connections, pipes_open, idle_pipes, record_failed, conn_size")},
+     PyDoc_STR("info() -> dict: connections, pipes_open, idle_pipes, record_failed, "
+               "conn_size, sockopt_failed")},
     {"close", (PyCFunction)Core_close, METH_NOARGS, Core_close_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1358,7 +1451,11 @@ static PyMethodDef Core_methods[] = {
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nsbridge.relay._tcprelay.Core",
-    .tp_doc = PyDoc_STR("Core(outer_fd, copy=False, small_read=65536, pipe_size=1048576)"),
+    .tp_doc = PyDoc_STR("Core(outer_fd, copy=False, small_read=65536, pipe_size=1048576, "
+                        "sockopts=())\n"
+                        "sockopts: (sides, level, name, int value) tuples set on each "
+                        "relayed socket as its pair starts; sides bit 0 the client, bit 1 "
+                        "the server."),
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Core_new,

@@ -4,13 +4,16 @@ Kept next to the C file so a change to its method table or to ``Core_init``'s ar
 parsing is seen to need one here; :mod:`nsbridge.relay.native` is the caller.
 """
 
+from collections.abc import Sequence
+
 from _typeshed import ReadableBuffer
 
 class Core:
     """Relays established TCP pairs on an epoll set of its own (see ``_tcprelay.c``)."""
 
     def __init__(self, outer_fd: int, copy: bool = False, small_read: int = 65536,
-                 pipe_size: int = 1048576) -> None:
+                 pipe_size: int = 1048576,
+                 sockopts: Sequence[tuple[int, int, int, int]] = ()) -> None:
         """``outer_fd``: the Python loop's epoll fd, nested in the core's set."""
     def new_slot(self) -> int: ...
     def add(self, client_fd: int, server_fd: int, slot: int, token: int,

@@ -32,8 +32,9 @@ try:
 except ImportError:  # built without a C compiler: the Python relay serves
     _tcprelay = None  # type: ignore[assignment]
 
-__all__ = ["CORE_ACCEPTED", "NATIVE_ACCEPT_ENV", "RELAYS", "RELAY_ENV", "ListenerOwner",
-           "NativeRelay", "chosen_relay", "native_accept_enabled", "unavailable"]
+__all__ = ["CORE_ACCEPTED", "NATIVE_ACCEPT_ENV", "RELAYS", "RELAY_ENV", "SOCKOPTS_ENV",
+           "ListenerOwner", "NativeRelay", "chosen_relay", "native_accept_enabled",
+           "parse_sockopts", "unavailable"]
 
 RELAY_ENV = "NSBRIDGE_RELAY"
 RELAYS = ("native", "python")
@@ -62,6 +63,22 @@ NATIVE_ACCEPT_ENV = "NSBRIDGE_NATIVE_ACCEPT"
 # Python's path, never dropped.
 POOL_CAP = 16
 POOL_LOW = POOL_CAP
+
+# Socket options the core sets on every relayed socket as its pair starts, e.g.
+# NSBRIDGE_RELAY_SOCKOPTS="server:sndbuf=16M,notsent_lowat=128K": the tuning knobs issue 19
+# asked to try (docs/performance.md has what each measured).  Read once per process.
+SOCKOPTS_ENV = "NSBRIDGE_RELAY_SOCKOPTS"
+_SOL_SOCKET, _IPPROTO_TCP = socket.SOL_SOCKET, socket.IPPROTO_TCP
+# name -> (level, option); the *FORCE buffer options pass net.core.[rw]mem_max, which is
+# why they need CAP_NET_ADMIN (refusals are counted in Core.info()'s sockopt_failed).
+_SOCKOPT_NAMES = {
+    "sndbuf": (_SOL_SOCKET, 32),         # SO_SNDBUFFORCE
+    "rcvbuf": (_SOL_SOCKET, 33),         # SO_RCVBUFFORCE
+    "notsent_lowat": (_IPPROTO_TCP, 25),  # TCP_NOTSENT_LOWAT
+    "busy_poll": (_SOL_SOCKET, 46),      # SO_BUSY_POLL, in microseconds
+}
+_SIDES = {"client": 1, "server": 2, "both": 3}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20}
 
 
 class ListenerOwner:
@@ -103,6 +120,33 @@ def native_accept_enabled() -> bool:
     return os.environ.get(NATIVE_ACCEPT_ENV, "1") != "0"
 
 
+def parse_sockopts(text: str) -> list[tuple[int, int, int, int]]:
+    """``[side:]name=value`` items, comma-separated, as Core's sockopts tuples (sides,
+    level, option, value).  side: client, server or both (the default); name: sndbuf,
+    rcvbuf, notsent_lowat, busy_poll; value: an integer, K or M suffix allowed.  Anything
+    else is a UserError naming the item."""
+    result = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        side, _, rest = item.rpartition(":")
+        name, eq, value = rest.partition("=")
+        value = value.strip().upper()
+        unit = value[-1:] if value[-1:] in ("K", "M") else ""
+        number = value[: len(value) - len(unit)]
+        if (side or "both") not in _SIDES or name not in _SOCKOPT_NAMES or not eq \
+                or not number.isdigit() or int(number) * _UNITS[unit] >= 1 << 31:
+            raise UserError(
+                f"${SOCKOPTS_ENV}: bad item {item!r} (want [client:|server:|both:]NAME=VALUE, "
+                f"NAME one of {', '.join(_SOCKOPT_NAMES)}, VALUE an integer with an "
+                "optional K or M under 2G)")
+        level, option = _SOCKOPT_NAMES[name]
+        result.append((_SIDES[side or "both"], level, option, int(number) * _UNITS[unit]))
+    if len(result) > 8:
+        raise UserError(f"${SOCKOPTS_ENV}: at most 8 items")
+    return result
+
+
 def sockaddr_from_raw(raw: bytes) -> tuple:
     """A raw struct sockaddr_in/_in6 (a record's peer) as Python's sockaddr tuple."""
     (family,) = struct.unpack_from("=H", raw)
@@ -134,7 +178,8 @@ class NativeRelay:
                  pipe_size: int | None = None) -> None:
         assert _tcprelay is not None
         self.core = _tcprelay.Core(loop.fileno(), copy=mover == "copy", small_read=SMALL_READ,
-                                   pipe_size=pipe_size or (1 << 20))
+                                   pipe_size=pipe_size or (1 << 20),
+                                   sockopts=parse_sockopts(os.environ.get(SOCKOPTS_ENV, "")))
         self._owners: dict[int, OnRecord] = {}
         self._listeners: dict[int, ListenerOwner] = {}
         self._abort_outcome = "reset by nsbridge"

@@ -22,6 +22,7 @@ import pytest
 from helpers.environment import REPO, have
 from helpers.netns import connect_in, listen_in
 from helpers.processes import run_nsbridge
+from nsbridge.relay.native import unavailable as native_unavailable
 
 # ---- helpers ------------------------------------------------------------------------
 
@@ -141,6 +142,27 @@ def test_unknown_relay_in_the_environment_is_one_line(one_shot: bool,
                               "127.0.0.1:9", env=env)
     line = assert_one_line_error(result, "$NSBRIDGE_RELAY", "'turbo'")
     assert "choose from native, python" in line
+
+
+@pytest.mark.parametrize("one_shot", [False, True], ids=["daemon", "one-shot"])
+def test_bad_relay_sockopts_in_the_environment_are_one_line(one_shot: bool,
+                                                            listen_port: int) -> None:
+    """$NSBRIDGE_RELAY_SOCKOPTS (the native core's tuning knobs) is refused up front
+    with the item named, never half-applied by the workers."""
+    env = {**os.environ, "NSBRIDGE_RELAY": "native",
+           "NSBRIDGE_RELAY_SOCKOPTS": "server:sndbuf=16M,client:turbo=1"}
+    if one_shot and native_unavailable():
+        pytest.skip("the one-shot forward reads it only in the native core, not built here")
+    if one_shot:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            result = run_nsbridge("forward", "-S", str(theirs.fileno()), "-c", "127.0.0.1:9",
+                                  env=env, pass_fds=(theirs.fileno(),))
+    else:
+        result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c",
+                              "127.0.0.1:9", env=env)
+    line = assert_one_line_error(result, "$NSBRIDGE_RELAY_SOCKOPTS", "'client:turbo=1'")
+    assert "sndbuf, rcvbuf, notsent_lowat, busy_poll" in line
 
 
 def _resolution_stays_local() -> bool:

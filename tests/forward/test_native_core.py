@@ -26,6 +26,7 @@ import random
 import select
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,10 +51,11 @@ def _open_fds() -> int:
 class Harness:
     """A core, its outer epoll fd, and two loopback listeners (forward and target)."""
 
-    def __init__(self, copy: bool = False, small_read: int = 65536) -> None:
+    def __init__(self, copy: bool = False, small_read: int = 65536,
+                 sockopts: tuple = ()) -> None:
         self.outer = select.epoll()
         self.core = native._tcprelay.Core(self.outer.fileno(), copy=copy,
-                                          small_read=small_read)
+                                          small_read=small_read, sockopts=sockopts)
         self.slot = self.core.new_slot()
         self.front = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.target = socket.create_server(("127.0.0.1", 0), backlog=512)
@@ -119,6 +121,93 @@ def test_bad_arguments_are_refused_and_fds_still_closed(harness):
         native._tcprelay.Core(-1)
     with pytest.raises(ValueError, match="unknown slot"):
         h.core.slot(7)
+
+
+SO_SNDBUFFORCE, SO_BUSY_POLL, TCP_NOTSENT_LOWAT = 32, 46, 25
+
+
+def test_socket_options_are_set_on_the_sides_asked(harness):
+    """Core(sockopts=...) (NSBRIDGE_RELAY_SOCKOPTS) reaches the relayed sockets, each
+    on its side only; one the kernel refuses is counted and the pair still relays.
+    The test keeps a duplicate of each fd to look (so the pair is not exclusive)."""
+    h = harness(sockopts=[(1, socket.SOL_SOCKET, SO_SNDBUFFORCE, 1 << 20),
+                          (2, socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 128 << 10),
+                          (3, socket.SOL_SOCKET, SO_BUSY_POLL, 50),
+                          (2, socket.SOL_SOCKET, 9999, 1)])
+    client = socket.create_connection(h.front.getsockname())
+    accepted, _ = h.front.accept()
+    server = socket.create_connection(h.target.getsockname())
+    target_end, _ = h.target.accept()
+    default_sndbuf = server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    look = [socket.socket(fileno=os.dup(s.fileno())) for s in (accepted, server)]
+    try:
+        accepted.setblocking(False)
+        server.setblocking(False)
+        h.core.add(accepted.detach(), server.detach(), h.slot, 1, b"", False)
+        front, back = look
+        assert front.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 << 20  # doubled
+        assert back.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default_sndbuf
+        assert back.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 128 << 10
+        assert front.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) != 128 << 10
+        for s in look:
+            assert s.getsockopt(socket.SOL_SOCKET, SO_BUSY_POLL) == 50
+        assert h.core.info()["sockopt_failed"] == 1
+        client.sendall(b"ping")
+        h.pump()
+        target_end.settimeout(5)
+        assert target_end.recv(10) == b"ping"
+    finally:
+        for s in [*look, client, target_end]:
+            s.close()
+
+
+def test_bad_socket_options_are_refused(harness):
+    outer = harness().outer.fileno()
+    with pytest.raises(ValueError, match="sides"):
+        native._tcprelay.Core(outer, sockopts=[(4, socket.SOL_SOCKET, SO_BUSY_POLL, 1)])
+    with pytest.raises(ValueError, match="at most"):
+        native._tcprelay.Core(outer, sockopts=[(1, 1, SO_BUSY_POLL, 1)] * 9)
+    with pytest.raises(TypeError, match="sockopt"):
+        native._tcprelay.Core(outer, sockopts=[(1, 2)])
+    with pytest.raises(TypeError):
+        native._tcprelay.Core(outer, sockopts=5)
+
+
+def test_calls_during_a_wait_in_another_thread_are_refused(harness):
+    """wait() serves with the GIL released; a call from another thread meanwhile would
+    race with it, so it is refused (and the fd given to pool_put still closed)."""
+    h = harness()
+    started = threading.Event()
+    result: list[int] = []
+
+    def waiter() -> None:
+        started.set()
+        result.append(h.core.wait(3000))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+        started.wait()
+        wait_until(lambda: _refused(h.core.info), timeout=5)
+        for call in (h.core.take_records, h.core.new_slot, h.core.close,
+                     lambda: h.core.abort_slot(h.slot), lambda: h.core.slot(h.slot)):
+            assert _refused(call)
+    finally:
+        h.outer.register(wake := os.eventfd(1), select.EPOLLIN)  # readable: wakes it
+        thread.join(10)
+        h.outer.unregister(wake)
+        os.close(wake)
+    assert result == [1]  # the outer fd woke it
+    assert h.core.info()["connections"] == 0  # usable again once the wait returned
+
+
+def _refused(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except RuntimeError as exc:
+        assert "waiting in another thread" in str(exc)
+        return True
+    return False
 
 
 def test_a_connection_state_is_small(harness):
