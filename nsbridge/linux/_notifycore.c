@@ -35,6 +35,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/seccomp.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
@@ -1022,6 +1023,33 @@ static PyObject *server_cache_clear(Server *s, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* One more fd to watch (an address set that became readable later, such as a
+ * container's own addresses once its namespace could be entered): from now on a
+ * queued event on it sends connects to Python.  The cache is emptied with it, so no
+ * entry predates the watch. */
+static PyObject *server_watch(Server *s, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a watch fd is not negative");
+        return NULL;
+    }
+    if (!server_usable(s))
+        return NULL;
+    pthread_mutex_lock(&s->lock);
+    if (s->nwatch >= MAX_WATCH) {
+        pthread_mutex_unlock(&s->lock);
+        PyErr_Format(PyExc_ValueError, "at most %d watch fds", MAX_WATCH);
+        return NULL;
+    }
+    s->watch[s->nwatch++] = (int)fd;
+    memset(s->cache, 0, CACHE_SLOTS * sizeof *s->cache);
+    pthread_mutex_unlock(&s->lock);
+    Py_RETURN_NONE;
+}
+
 static PyObject *server_cached(Server *s, PyObject *unused)
 {
     long used = 0;
@@ -1058,6 +1086,8 @@ static PyMethodDef server_methods[] = {
     {"cache_put", (PyCFunction)(void (*)(void))server_cache_put,
      METH_VARARGS | METH_KEYWORDS, "cache a decided switch"},
     {"cache_clear", (PyCFunction)server_cache_clear, METH_NOARGS, "forget every decision"},
+    {"watch", (PyCFunction)server_watch, METH_O,
+     "watch(fd): a queued event on fd sends connects to Python; empties the cache"},
     {"cached", (PyCFunction)server_cached, METH_NOARGS, "entries in the cache"},
     {"counts", (PyCFunction)server_counts, METH_NOARGS,
      "counts() -> (notifications, hits, switched, gone) since the last call"},

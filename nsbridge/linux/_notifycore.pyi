@@ -39,6 +39,9 @@ class Server:
         on a socket of ``sock_family``: connect to ``target`` on a socket of
         ``family``, bound to ``bind``."""
     def cache_clear(self) -> None: ...
+    def watch(self, fd: int, /) -> None:
+        """Watch one more fd (a queued event on it sends connects to Python); the cache
+        is emptied.  ValueError past the limit or when closed."""
     def cached(self) -> int: ...
     def counts(self) -> tuple[int, int, int, int]:
         """(notifications, hits, switched, gone) since the last call."""

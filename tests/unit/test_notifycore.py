@@ -154,6 +154,29 @@ def test_server_cache_is_bounded_replaced_and_cleared() -> None:
 
 
 @needs_core
+def test_server_watch_adds_a_watch_and_empties_the_cache() -> None:
+    """watch(fd) (an address set readable only later, a container's): the cache is
+    emptied with it, so no decision predates the watch; the limit holds for watches
+    added later too; bad fds and a closed Server are refused."""
+    assert core is not None
+    server = core.Server(-1, 42, 1, list(range(100, 107)))
+    target = _sockaddr4(bytes([192, 0, 2, 1]), 80)
+    server.cache_put(socket.AF_INET, target, socket.AF_INET, target, False, None)
+    assert server.cached() == 1
+    server.watch(107)
+    assert server.cached() == 0
+    with pytest.raises(ValueError, match="at most 8 watch fds"):
+        server.watch(108)
+    with pytest.raises(ValueError, match="not negative"):
+        server.watch(-1)
+    with pytest.raises(TypeError):
+        server.watch("3")  # type: ignore[arg-type]
+    server.close()
+    with pytest.raises(ValueError, match="closed"):
+        server.watch(3)
+
+
+@needs_core
 def test_server_thread_starts_and_stops_on_what_is_no_listener() -> None:
     """On an fd that is no seccomp listener the wake-up flag is refused (its errno
     returned), the thread waits all the same (an idle TCP listener: nothing to read),

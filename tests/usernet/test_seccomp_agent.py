@@ -61,6 +61,7 @@ from helpers.rootlesskit import (
 from helpers.servers import DNS_ADDRESS, DNS_NAME, StreamServer
 from helpers.unprivileged import as_nobody
 from helpers.usernet_host import HOST_OUTSIDE_V4, HOST_OUTSIDE_V6, OUTSIDE_V4, OUTSIDE_V6
+from nsbridge.linux import notifycore
 from nsbridge.linux.seccomp_notify import unsupported
 from nsbridge.usernet.host.seccompagent import ContainerAddresses
 from nsbridge.usernet.proto.ociprofile import seccomp_section
@@ -196,6 +197,53 @@ def test_container_connects_are_switched_and_decided(runtime: str, user: Rootles
     assert "containers served: 1" in summary, log
     assert "switched 2" in summary and "denied:deny rule 1" in summary, summary
     assert "refused hand-ins: none" in summary, summary
+
+
+CACHE_SCRIPT = """\
+httpd -p 8080 -h /www
+for i in 1 2 3 4 5 6; do echo "out $i: $(echo hi | nc {v4} {port} 2>&1)"; done
+ip addr add {v4}/32 dev lo
+echo "own now: $(wget -q -O - http://{v4}:8080/index.html 2>&1)"
+echo "own port: $(echo hi | nc {v4} {port} 2>&1)"
+"""
+
+
+def test_cached_decisions_give_way_to_an_address_the_container_adds(
+        user: RootlessUser, world: World) -> None:
+    """Repeated connects to one outside destination are switched from the serving
+    thread's decision cache (the agent watches the container's own addresses once it
+    can read them); then the container makes that address its own, and the very next
+    connect to it stays inside (its own httpd answers; a connect to the outside server's
+    port finds nothing there) instead of going out on a cached decision."""
+    runtime = next((name for name in RUNTIMES if have(name)), None)
+    if runtime is None:
+        pytest.skip(f"needs one of {', '.join(RUNTIMES)} (.ci/run installs them)")
+    if notifycore.chosen() is None:
+        pytest.skip(f"the cache is the native core's ({notifycore.unavailable()})")
+    top = user.tmpdir / f"cache-{uuid.uuid4().hex[:6]}"
+    top.mkdir()
+    os.chown(top, user.uid, user.gid)
+    before = len(world.tcp_outside.accepted)
+    with agent_as(user, world.host, top) as agent:
+        script = CACHE_SCRIPT.format(v4=OUTSIDE_V4, port=world.tcp_outside.port)
+        bundle = make_bundle(top, user, ["sh", "-c", script], seccomp_section(str(agent.path)))
+        name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+        try:
+            result = run_container(user, world.host, runtime, bundle, name)
+        finally:
+            delete_container(user, world.host, runtime, bundle, name)
+        log = agent.stop()
+    out = result.stdout
+    assert result.returncode == 0, (out, result.stderr, log)
+    for i in range(1, 7):
+        assert f"out {i}: {HOST_OUTSIDE_V4}" in out, (out, log)
+    assert f"own now: {PAGE.strip()}" in out, (out, log)
+    assert f"own port: {HOST_OUTSIDE_V4}" not in out, (out, log)
+    assert len(world.tcp_outside.accepted) - before == 6, (out, log)
+    summary = log.strip().splitlines()[-1]
+    cached = int(summary.split("cached ", 1)[1].split(",")[0]) if "cached " in summary else 0
+    assert 1 <= cached <= 5, summary
+    assert "switched 6" in summary, summary
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -39,6 +39,7 @@ import select
 import socket
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
 from nsbridge.linux import rtaddr
 
@@ -47,6 +48,16 @@ RECEIVE_BUFFER = 1 << 20  # room for a burst of events between two decisions
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Key = tuple[int, int, int, bytes]  # family, interface index, prefix length, local address
+
+
+class LiveSource(Protocol):
+    """An address set a decision may read whose changes a cache must see: a
+    :class:`HostAddresses`, or something kept current by one that may come later (the
+    seccomp agent's per-container addresses, readable once the container's namespace
+    can be entered).  ``live()`` is that :class:`HostAddresses`, or None while there is
+    none yet (then nothing decided from the set may be cached)."""
+
+    def live(self) -> HostAddresses | None: ...
 
 
 class HostAddresses:
@@ -118,6 +129,10 @@ class HostAddresses:
         queued the cache's owner sees the fd readable and asks again.  No window in
         between where a changed set and an old decision meet."""
         self._before_change.append(callback)
+
+    def live(self) -> HostAddresses:
+        """This set itself: what a decision cache watches (see :class:`LiveSource`)."""
+        return self
 
     def discard_before_change(self, callback: Callable[[], None]) -> None:
         """Stop calling ``callback`` (its cache is gone)."""

@@ -149,6 +149,11 @@ class ContainerAddresses:
             return address in self._live
         return address in self.fallback
 
+    def live(self) -> HostAddresses | None:
+        """The set kept current from the container's namespace, None until it could be
+        read (the switcher's decision cache watches it from then on)."""
+        return self._live
+
     def _watch(self) -> None:
         try:
             sock = self._reach(self.pid)

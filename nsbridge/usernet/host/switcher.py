@@ -54,9 +54,11 @@ the host's addresses, a live :class:`~.hostaddrs.HostAddresses`.  Its netlink so
 watched by the thread: while an event is queued on it, every connect comes here; and
 before this side reads one, the cache is emptied (:meth:`HostAddresses.before_change
 <nsbridge.usernet.host.hostaddrs.HostAddresses.before_change>`).  So an entry is valid
-as of the last read of events, and any unread event sends the connect here.  Live sets
-the switcher cannot watch (the seccomp agent's per-container addresses) turn the cache
-off; the thread then queues every notification.  Everything the thread does not finish
+as of the last read of events, and any unread event sends the connect here.  A live
+set whose :class:`HostAddresses` comes later (the seccomp agent's per-container
+addresses, read once the container's namespace can be entered) keeps the cache empty
+until then, and is watched from then on; a set that cannot be watched at all turns the
+cache off, and the thread then queues every connect.  Everything the thread does not finish
 (denials, misses, binds, listens, a cached switch that failed or is still connecting)
 comes to the loop through a queue with what was fetched, and is served as below.
 
@@ -93,7 +95,7 @@ from nsbridge.linux import seccomp_notify as notify
 from nsbridge.linux.libc import libc
 from nsbridge.net.addresses import format_sockaddr
 from nsbridge.relay.loop import ERR, HUP, IN, OUT, EventLoop, Timer
-from nsbridge.usernet.host.hostaddrs import HostAddresses
+from nsbridge.usernet.host.hostaddrs import HostAddresses, LiveSource
 from nsbridge.usernet.host.outbound import NONE, OutboundAddresses
 from nsbridge.usernet.host.switchbind import (
     PRIVILEGED_PORTS,
@@ -240,7 +242,8 @@ class SocketSwitcher:
         # The core's serving thread, once started; None: the loop serves the listener.
         self._server: notifycore.Server | None = None
         self._cache = False  # whether decisions go into the thread's cache
-        self._watched: list[HostAddresses] = []
+        self._sources: list[LiveSource] = []  # the live sets a switch's decision reads
+        self._watched: list[HostAddresses] = []  # those the thread watches so far
 
     def start(self) -> None:
         if self._core is not None and self._start_thread():
@@ -255,10 +258,9 @@ class SocketSwitcher:
             log.info("bypass: switched connects served on the event loop (this thread is "
                      "in another network namespace than the switcher's)")
             return False
-        watched = self._live_sources()
+        sources = self._live_sources()
         try:
-            server = self._core.Server(self.listener, self._connect_nr, self._host_netns,
-                                       [source.fileno() for source in watched or ()])
+            server = self._core.Server(self.listener, self._connect_nr, self._host_netns)
             self.loop.add(server.fileno(), IN, self._on_queue)
             try:
                 sync = server.start()
@@ -271,30 +273,45 @@ class SocketSwitcher:
                      "event loop", exc.strerror or exc)
             return False
         self._server = server
-        if watched is not None:
+        if sources is not None:
             self._cache = True
-            self._watched = watched
-            for source in watched:
-                source.before_change(self._forget)
+            self._sources = sources
         log.info("bypass: switched connects served by a native thread (%s; decision cache "
                  "%s)", "synchronous wake-ups" if sync == 0 else
                  f"no synchronous wake-ups: {os.strerror(sync)}, they need Linux 6.6",
                  "on" if self._cache else "off: an address set it reads cannot be watched")
         return True
 
-    def _live_sources(self) -> list[HostAddresses] | None:
+    def _live_sources(self) -> list[LiveSource] | None:
         """The live address sets a switch's decision reads, whose events the thread must
         watch; None when one of them cannot be watched (no cache then)."""
         sources: list[object] = [self._own]
         if not self.policy.allow_host_access:
             sources.append(self.policy.host_addresses)
-        live: list[HostAddresses] = []
+        live: list[LiveSource] = []
         for source in sources:
-            if isinstance(source, HostAddresses):
-                live.append(source)
+            if callable(getattr(source, "live", None)):
+                live.append(source)  # type: ignore[arg-type]  # LiveSource by its method
             elif not isinstance(source, (frozenset, set)):
                 return None
         return live
+
+    def _watching(self) -> bool:
+        """Whether every live set has its :class:`HostAddresses` watched by the thread,
+        watching those that came since (a container's addresses once its namespace could
+        be read); False while one has none yet: nothing may be cached then.  A set is
+        watched (its fd polled by the thread, the cache emptied before its events are
+        read) before the first decision made from it is cached."""
+        assert self._server is not None
+        for source in self._sources:
+            live = source.live()
+            if live is None:
+                return False
+            if not any(live is watched for watched in self._watched):
+                self._server.watch(live.fileno())
+                live.before_change(self._forget)
+                self._watched.append(live)
+        return True
 
     def _forget(self) -> None:
         """A watched address set is about to change: no cached decision survives it."""
@@ -708,7 +725,7 @@ class SocketSwitcher:
         v6only_off = family == socket.AF_INET6 and mapped
         bound = self._outbound_sockaddr(family, target_ip)
         if self._cache and isinstance(call.raw, bytes) and self._server is not None \
-                and not log.isEnabledFor(logging.DEBUG):
+                and not log.isEnabledFor(logging.DEBUG) and self._watching():
             # A plain switch, allowed (see the module docstring on why it may be cached;
             # at -vv every switch is left to us, so each is logged).
             self._server.cache_put(call.sock.family, call.raw, family, target, v6only_off,
