@@ -132,7 +132,11 @@ def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (nsbridge's supervisor and its workers)."""
     pids = [pid]
     for current in pids:
-        for task in os.listdir(f"/proc/{current}/task"):
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:  # exited since its parent listed it (a killed worker)
+            continue
+        for task in tasks:
             try:
                 with open(f"/proc/{current}/task/{task}/children") as f:
                     pids.extend(int(x) for x in f.read().split())
