@@ -63,6 +63,9 @@
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL /* Linux 6.9 */
 #endif
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71 /* Linux 5.14 */
+#endif
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -171,12 +174,22 @@ struct fetch {
     int raw_error; /* 0, or -errno reading the sockaddr / from ID_VALID */
     size_t length; /* the caller's sockaddr length */
     unsigned long long netns; /* the socket's namespace inode, 0 when unknown */
+    int netns_read; /* netns is set (the serving thread reads it only for Python) */
     unsigned char raw[MAX_SOCKADDR];
 };
 
+/* The socket's namespace inode into ``f`` (once): what Python compares. */
+static void fetch_netns(struct fetch *f)
+{
+    if (f->fetched && !f->netns_read && f->pidfd >= 0 && f->sockfd >= 0)
+        f->netns = netns_of(f->sockfd);
+    f->netns_read = 1;
+}
+
 /* RECV, and for a connect the fetching steps (the GIL must not be held): 0, or the
- * errno of RECV (nothing fetched then). */
-static int fetch(int listener, int connect_nr, struct fetch *f)
+ * errno of RECV (nothing fetched then).  ``read_netns``: the namespace inode too
+ * (the serving thread that compares cookies reads it only for what it queues). */
+static int fetch(int listener, int connect_nr, struct fetch *f, int read_netns)
 {
     memset(f, 0, sizeof *f); /* the kernel wants the notification zeroed */
     if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &f->n) < 0)
@@ -203,8 +216,8 @@ static int fetch(int listener, int connect_nr, struct fetch *f)
         if (f->raw_error == 0)
             f->raw_error = id_valid(listener, n->id); /* the bytes were the caller's */
     }
-    if (f->pidfd >= 0 && f->sockfd >= 0)
-        f->netns = netns_of(f->sockfd);
+    if (read_netns)
+        fetch_netns(f);
     return 0;
 }
 
@@ -262,7 +275,7 @@ static PyObject *core_receive(PyObject *self, PyObject *args)
     struct fetch f;
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = fetch(listener, connect_nr, &f);
+    failed = fetch(listener, connect_nr, &f, 1);
     Py_END_ALLOW_THREADS
     if (failed) {
         errno = failed;
@@ -340,13 +353,80 @@ static void copy_options(int source, int source_family, int host, int family)
         copy_int(source, host, IPPROTO_IPV6, IPV6_TCLASS);
 }
 
+/* Open directories /proc/TID/fdinfo of the threads that trapped last, so that reading
+ * a close-on-exec flag is one openat() instead of a walk of the whole path.
+ *
+ * Why a stale entry can never read another process's table: the directory fd pins the
+ * thread it was opened for (its struct pid), not the number.  Once that thread has
+ * exited, every openat() in it fails (ESRCH), even when the number names a new thread
+ * by then (tests/unit/test_notifycore.py reuses a pid to show it); the entry is then
+ * dropped and the path walked afresh.  Used by the serving thread only (no lock). */
+#define FDINFO_DIRS 4
+
+struct fdinfo_dirs {
+    int tid[FDINFO_DIRS];
+    int dir[FDINFO_DIRS]; /* -1: empty */
+    unsigned next;        /* the entry replaced next (round robin) */
+};
+
+static void fdinfo_dirs_init(struct fdinfo_dirs *dirs)
+{
+    for (int i = 0; i < FDINFO_DIRS; i++)
+        dirs->dir[i] = -1;
+    dirs->next = 0;
+}
+
+static void fdinfo_dirs_close(struct fdinfo_dirs *dirs)
+{
+    for (int i = 0; i < FDINFO_DIRS; i++) {
+        if (dirs->dir[i] >= 0)
+            close(dirs->dir[i]);
+        dirs->dir[i] = -1;
+    }
+}
+
+/* An fd reading /proc/``pid``/fdinfo/``fd`` (through ``dirs`` when not NULL), or -1. */
+static int fdinfo_open(int pid, int fd, struct fdinfo_dirs *dirs)
+{
+    char path[64], name[16];
+    if (dirs == NULL) {
+        snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
+        return open(path, O_RDONLY | O_CLOEXEC);
+    }
+    snprintf(name, sizeof name, "%d", fd);
+    for (int i = 0; i < FDINFO_DIRS; i++) {
+        if (dirs->dir[i] >= 0 && dirs->tid[i] == pid) {
+            int info = openat(dirs->dir[i], name, O_RDONLY | O_CLOEXEC);
+            if (info >= 0)
+                return info;
+            close(dirs->dir[i]); /* that thread is gone (ESRCH) or the fd: walk afresh */
+            dirs->dir[i] = -1;
+            break;
+        }
+    }
+    snprintf(path, sizeof path, "/proc/%d/fdinfo", pid);
+    int dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+        return -1;
+    int info = openat(dir, name, O_RDONLY | O_CLOEXEC);
+    if (info < 0) {
+        close(dir);
+        return -1;
+    }
+    int slot = (int)(dirs->next++ % FDINFO_DIRS);
+    if (dirs->dir[slot] >= 0)
+        close(dirs->dir[slot]);
+    dirs->dir[slot] = dir;
+    dirs->tid[slot] = pid;
+    return info;
+}
+
 /* Whether fd ``fd`` of thread ``pid`` is close-on-exec (its fdinfo ``flags:`` line, in
  * octal); 0 when that cannot be read (seccomp_notify.fd_cloexec). */
-static int fd_cloexec(int pid, int fd)
+static int fd_cloexec(int pid, int fd, struct fdinfo_dirs *dirs)
 {
-    char path[64], text[4096];
-    snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
-    int info = open(path, O_RDONLY | O_CLOEXEC);
+    char text[4096];
+    int info = fdinfo_open(pid, fd, dirs);
     if (info < 0)
         return 0;
     ssize_t got = read(info, text, sizeof text - 1);
@@ -367,33 +447,34 @@ static int fd_cloexec(int pid, int fd)
 }
 
 /* ``host`` over the program's fd number, then the answer ``result`` (an errno, 0 for
- * success).  ``host`` is closed in every case.  Returns an outcome, or -errno for an
- * ADDFD or SEND failure other than the caller being gone. */
+ * success).  ``host`` is closed in every case, after the answer: with synchronous
+ * wake-ups the answer hands this CPU to the program, so what can wait does.  Returns
+ * an outcome, or -errno for an ADDFD or SEND failure other than the caller being
+ * gone.  ``dirs``: the serving thread's fdinfo directories, or NULL. */
 static int install(int listener, __u64 id, int pid, int fd, int host, int blocking,
-                   int result)
+                   int result, struct fdinfo_dirs *dirs)
 {
-    if (blocking) {
-        /* the file's flag: the program's socket was blocking */
-        int flags = fcntl(host, F_GETFL);
-        if (flags >= 0)
-            (void)fcntl(host, F_SETFL, flags & ~O_NONBLOCK);
-    }
+    /* The file's flag: the program's socket was blocking.  The host socket is ours
+     * and was made with only O_NONBLOCK among the flags F_SETFL sets. */
+    if (blocking)
+        (void)fcntl(host, F_SETFL, 0);
     struct seccomp_notif_addfd add = {
         .id = id,
         .flags = SECCOMP_ADDFD_FLAG_SETFD,
         .srcfd = (__u32)host,
         .newfd = (__u32)fd,
-        .newfd_flags = fd_cloexec(pid, fd) ? O_CLOEXEC : 0,
+        .newfd_flags = fd_cloexec(pid, fd, dirs) ? O_CLOEXEC : 0,
     };
-    int added = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
-    int add_error = added < 0 ? errno : 0;
+    int outcome = SWITCHED;
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {
+        outcome = errno == ENOENT ? GONE : -errno;
+    } else {
+        struct seccomp_notif_resp response = {.id = id, .val = 0, .error = -result};
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &response) < 0)
+            outcome = errno == ENOENT ? SWITCHED_GONE : -errno;
+    }
     close(host); /* the program holds its own reference now (or nobody does) */
-    if (add_error)
-        return add_error == ENOENT ? GONE : -add_error;
-    struct seccomp_notif_resp response = {.id = id, .val = 0, .error = -result, .flags = 0};
-    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &response) < 0)
-        return errno == ENOENT ? SWITCHED_GONE : -errno;
-    return SWITCHED;
+    return outcome;
 }
 
 static int parse_sockaddr(PyObject *object, struct sockaddr_storage *out, socklen_t *length)
@@ -419,7 +500,7 @@ static int do_switch(int listener, __u64 id, int pid, int fd, int source, int so
                      int family, const struct sockaddr_storage *target,
                      socklen_t target_length, int v6only_off,
                      const struct sockaddr_storage *bound, socklen_t bound_length,
-                     int blocking, int *outcome, int *value)
+                     int blocking, struct fdinfo_dirs *dirs, int *outcome, int *value)
 {
     int error = 0;
     *outcome = 0;
@@ -463,7 +544,7 @@ static int do_switch(int listener, __u64 id, int pid, int fd, int source, int so
         return 0;
     }
     *value = result;
-    int installed = install(listener, id, pid, fd, host, blocking, result);
+    int installed = install(listener, id, pid, fd, host, blocking, result, dirs);
     if (installed < 0)
         return -installed;
     *outcome = installed;
@@ -500,7 +581,7 @@ static PyObject *core_switch_connect(PyObject *self, PyObject *args, PyObject *k
     Py_BEGIN_ALLOW_THREADS
     error = do_switch(listener, (__u64)id, pid, fd, source, source_family, family, &target,
                       target_length, v6only_off, bound_length ? &bound : NULL, bound_length,
-                      blocking, &outcome, &value);
+                      blocking, NULL, &outcome, &value);
     Py_END_ALLOW_THREADS
     if (error) {
         errno = error;
@@ -521,7 +602,7 @@ static PyObject *core_install(PyObject *self, PyObject *args)
         return NULL;
     int outcome;
     Py_BEGIN_ALLOW_THREADS
-    outcome = install(listener, (__u64)id, pid, fd, host, blocking, result);
+    outcome = install(listener, (__u64)id, pid, fd, host, blocking, result, NULL);
     Py_END_ALLOW_THREADS
     if (outcome < 0) {
         errno = -outcome;
@@ -592,6 +673,8 @@ typedef struct {
     PyObject_HEAD
     int listener, connect_nr;
     unsigned long long host_netns;
+    unsigned long long host_cookie; /* SO_NETNS_COOKIE of host_netns; 0: compare inodes */
+    struct fdinfo_dirs dirs;        /* the thread's (fd_cloexec) */
     int queue_fd, stop_fd;
     int watch[MAX_WATCH], nwatch;
     pthread_mutex_t lock; /* the cache, the queue, the counts */
@@ -690,8 +773,18 @@ static int serve_cached(Server *s, struct fetch *f)
     if (!f->fetched || f->pidfd < 0 || f->sockfd < 0 || f->raw_error != 0 ||
         f->length < 2 || f->length > MAX_SOCKADDR)
         return 0;
-    if (f->netns == 0 || f->netns == s->host_netns)
-        return 0;
+    if (s->host_cookie) {
+        /* Cookies are never reused: equal ones are the same namespace. */
+        unsigned long long cookie;
+        socklen_t cookie_length = sizeof cookie;
+        if (getsockopt(f->sockfd, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cookie_length) < 0 ||
+            cookie_length != sizeof cookie || cookie == s->host_cookie)
+            return 0;
+    } else {
+        fetch_netns(f);
+        if (f->netns == 0 || f->netns == s->host_netns)
+            return 0;
+    }
     int domain, type, protocol;
     socklen_t len = sizeof(int);
     if (getsockopt(f->sockfd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0)
@@ -729,7 +822,7 @@ static int serve_cached(Server *s, struct fetch *f)
                           (int)(f->n.data.args[0] & 0xFFFFFFFFu), f->sockfd, domain, e.family,
                           &e.target, e.target_length, e.v6only_off,
                           e.bound_length ? &e.bound : NULL, e.bound_length,
-                          !(flags & O_NONBLOCK), &outcome, &value);
+                          !(flags & O_NONBLOCK), &s->dirs, &outcome, &value);
     pthread_mutex_lock(&s->lock);
     s->hits++;
     if (!error && (outcome == SWITCHED || outcome == SWITCHED_GONE))
@@ -737,6 +830,8 @@ static int serve_cached(Server *s, struct fetch *f)
     if (!error && (outcome == GONE || outcome == SWITCHED_GONE))
         s->gone++;
     pthread_mutex_unlock(&s->lock);
+    if (error || outcome == FAILED || outcome == PENDING)
+        fetch_netns(f); /* queued: the item carries what Python reads */
     if (error)
         push(s, SWITCH_ERROR, error, f);
     else if (outcome == FAILED)
@@ -765,7 +860,7 @@ static void *serve(void *arg)
         if (p[1].revents)
             break;
         if (p[0].revents & POLLIN) {
-            int failed = fetch(s->listener, s->connect_nr, &f);
+            int failed = fetch(s->listener, s->connect_nr, &f, s->host_cookie == 0);
             if (failed) {
                 if (failed != ENOENT && failed != EINTR) {
                     push(s, RECV_FAILED, failed, NULL);
@@ -776,8 +871,10 @@ static void *serve(void *arg)
             pthread_mutex_lock(&s->lock);
             s->notifications++;
             pthread_mutex_unlock(&s->lock);
-            if (!serve_cached(s, &f))
+            if (!serve_cached(s, &f)) {
+                fetch_netns(&f); /* Python compares inodes */
                 push(s, NOTIFY, 0, &f);
+            }
         } else if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
             push(s, HUNG_UP, 0, NULL);
             break; /* nothing more will come */
@@ -823,6 +920,7 @@ static void server_stop(Server *s)
     s->queue_fd = s->stop_fd = -1;
     free(s->cache);
     s->cache = NULL;
+    fdinfo_dirs_close(&s->dirs);
 }
 
 static void server_dealloc(Server *s)
@@ -830,6 +928,26 @@ static void server_dealloc(Server *s)
     server_stop(s);
     pthread_mutex_destroy(&s->lock);
     Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* The SO_NETNS_COOKIE of namespace ``inode`` when it is this thread's (the caller made
+ * the Server there, as the serving thread will run there), read from a socket made
+ * here: 0 when it is not or the kernel has no cookies (before 5.14), and the thread
+ * then compares inodes (SIOCGSKNS, an fd opened and closed per connect).  A cookie is
+ * one getsockopt() and means the same: the socket lives in the host side's namespace. */
+static unsigned long long cookie_of(unsigned long long inode)
+{
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    unsigned long long cookie = 0;
+    socklen_t length = sizeof cookie;
+    if (netns_of(fd) != inode ||
+        getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &length) < 0 ||
+        length != sizeof cookie)
+        cookie = 0;
+    close(fd);
+    return cookie;
 }
 
 static int server_init(Server *s, PyObject *args, PyObject *kwargs)
@@ -884,6 +1002,7 @@ static int server_init(Server *s, PyObject *args, PyObject *kwargs)
     for (int slot = 0; slot < 2; slot++)
         if (!fresh[slot].ready)
             read_fresh(slot, slot ? AF_INET6 : AF_INET);
+    s->host_cookie = cookie_of(s->host_netns);
     return 0;
 }
 
@@ -893,6 +1012,7 @@ static PyObject *server_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     if (s == NULL)
         return NULL;
     s->queue_fd = s->stop_fd = -1;
+    fdinfo_dirs_init(&s->dirs);
     pthread_mutex_init(&s->lock, NULL);
     return (PyObject *)s;
 }
@@ -1072,6 +1192,29 @@ static PyObject *server_counts(Server *s, PyObject *unused)
     return Py_BuildValue("(KKKK)", n, h, w, g);
 }
 
+/* fd_cloexec(pid, fd): what the thread would read for fd ``fd`` of thread ``pid``,
+ * through the same fdinfo directories (tests: a reused pid must not be misread).
+ * Refused while the thread runs: the directories are its own, unlocked. */
+static PyObject *server_fd_cloexec(Server *s, PyObject *args)
+{
+    int pid, fd;
+    if (!PyArg_ParseTuple(args, "ii:fd_cloexec", &pid, &fd))
+        return NULL;
+    if (!server_usable(s))
+        return NULL;
+    if (s->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the thread's fdinfo directories are its own");
+        return NULL;
+    }
+    return PyBool_FromLong(fd_cloexec(pid, fd, &s->dirs));
+}
+
+/* Whether the thread tells the host side's sockets by namespace cookie (else inode). */
+static PyObject *server_compares_cookies(Server *s, PyObject *unused)
+{
+    return PyBool_FromLong(s->host_cookie != 0);
+}
+
 static PyObject *server_close(Server *s, PyObject *unused)
 {
     server_stop(s);
@@ -1091,6 +1234,10 @@ static PyMethodDef server_methods[] = {
     {"cached", (PyCFunction)server_cached, METH_NOARGS, "entries in the cache"},
     {"counts", (PyCFunction)server_counts, METH_NOARGS,
      "counts() -> (notifications, hits, switched, gone) since the last call"},
+    {"fd_cloexec", (PyCFunction)server_fd_cloexec, METH_VARARGS,
+     "fd_cloexec(pid, fd) -> bool, through the thread's fdinfo directories (not running)"},
+    {"compares_cookies", (PyCFunction)server_compares_cookies, METH_NOARGS,
+     "whether the host side's namespace is told by SO_NETNS_COOKIE (else by inode)"},
     {"close", (PyCFunction)server_close, METH_NOARGS, "stop, join, free"},
     {NULL, NULL, 0, NULL},
 };
