@@ -937,13 +937,18 @@ static void server_dealloc(Server *s)
  * one getsockopt() and means the same: the socket lives in the host side's namespace. */
 static unsigned long long cookie_of(unsigned long long inode)
 {
+    /* This thread's namespace by its nsfs inode, not SIOCGSKNS on the socket: that
+     * needs CAP_NET_ADMIN over the namespace, which an ordinary user lacks in the
+     * initial one (a socket made here lives in this thread's namespace either way). */
+    struct stat own;
+    if (stat("/proc/thread-self/ns/net", &own) < 0 || (unsigned long long)own.st_ino != inode)
+        return 0;
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return 0;
     unsigned long long cookie = 0;
     socklen_t length = sizeof cookie;
-    if (netns_of(fd) != inode ||
-        getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &length) < 0 ||
+    if (getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &length) < 0 ||
         length != sizeof cookie)
         cookie = 0;
     close(fd);
