@@ -132,16 +132,21 @@ def test_unknown_relay_in_the_environment_is_one_line(one_shot: bool,
     """$NSBRIDGE_RELAY is read by every process (workers too): a bad value is refused
     up front, naming the variable, whichever way the forward runs."""
     env = {**os.environ, "NSBRIDGE_RELAY": "turbo"}
+    result = _forward_with_env(one_shot, listen_port, env)
+    line = assert_one_line_error(result, "$NSBRIDGE_RELAY", "'turbo'")
+    assert "choose from native, python" in line
+
+
+def _forward_with_env(one_shot: bool, listen_port: int, env: dict[str, str]):
+    """``nsbridge forward`` to a closed port with ``env``, one-shot on an inherited
+    socket or as a daemon on ``listen_port``: for errors read before any traffic."""
     if one_shot:
         ours, theirs = socket.socketpair()
         with ours, theirs:
-            result = run_nsbridge("forward", "-S", str(theirs.fileno()), "-c", "127.0.0.1:9",
-                                  env=env, pass_fds=(theirs.fileno(),))
-    else:
-        result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c",
-                              "127.0.0.1:9", env=env)
-    line = assert_one_line_error(result, "$NSBRIDGE_RELAY", "'turbo'")
-    assert "choose from native, python" in line
+            return run_nsbridge("forward", "-S", str(theirs.fileno()), "-c", "127.0.0.1:9",
+                                env=env, pass_fds=(theirs.fileno(),))
+    return run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c", "127.0.0.1:9",
+                        env=env)
 
 
 @pytest.mark.parametrize("one_shot", [False, True], ids=["daemon", "one-shot"])
@@ -153,14 +158,7 @@ def test_bad_relay_sockopts_in_the_environment_are_one_line(one_shot: bool,
            "NSBRIDGE_RELAY_SOCKOPTS": "server:sndbuf=16M,client:turbo=1"}
     if one_shot and native_unavailable():
         pytest.skip("the one-shot forward reads it only in the native core, not built here")
-    if one_shot:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            result = run_nsbridge("forward", "-S", str(theirs.fileno()), "-c", "127.0.0.1:9",
-                                  env=env, pass_fds=(theirs.fileno(),))
-    else:
-        result = run_nsbridge("forward", "-l", f"127.0.0.1:{listen_port}", "-c",
-                              "127.0.0.1:9", env=env)
+    result = _forward_with_env(one_shot, listen_port, env)
     line = assert_one_line_error(result, "$NSBRIDGE_RELAY_SOCKOPTS", "'client:turbo=1'")
     assert "sndbuf, rcvbuf, notsent_lowat, busy_poll" in line
 
