@@ -113,29 +113,23 @@ def parse_stat(path: Path) -> dict[str, float]:
     return result
 
 
+def _perf_report(data: Path, sort: str) -> str:
+    """``perf report --stdio`` of ``data`` by ``sort`` keys (self time only)."""
+    return subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+
+
 def summarise_record(data: Path) -> dict[str, object]:
     """Share of samples by binary, and the top symbols."""
-    report = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    dsos = re.findall(r"^\s+([\d.]+)%\s+(\S+)", report, re.M)
-    report = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", "sym", "--stdio"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    syms = re.findall(r"^\s+([\d.]+)%\s+\[.\]\s+(\S+)", report, re.M)
-    report = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    user = re.findall(r"^\s+([\d.]+)%\s+(\S+)\s+\[\.\]\s+(\S+)", report, re.M)
+    dsos = re.findall(r"^\s+([\d.]+)%\s+(\S+)", _perf_report(data, "dso"), re.M)
+    syms = re.findall(r"^\s+([\d.]+)%\s+\[.\]\s+(\S+)", _perf_report(data, "sym"), re.M)
+    user = re.findall(
+        r"^\s+([\d.]+)%\s+(\S+)\s+\[\.\]\s+(\S+)", _perf_report(data, "dso,sym"), re.M
+    )
     return {"dso": dsos[:8], "sym": syms[:15], "user": user[:15]}
 
 
