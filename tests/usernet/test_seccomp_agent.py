@@ -141,6 +141,20 @@ def agent_as(user: RootlessUser | None, host: str, top: Path, *flags: str) -> It
         agent.stop()
 
 
+def run_script(user: RootlessUser, world: World, runtime: str, agent: Agent, top: Path,
+               script: str, metadata: str = "") -> tuple[subprocess.CompletedProcess, str]:
+    """``sh -c script`` in a fresh container of ``runtime`` whose profile names the
+    agent's socket, run to its end and deleted; (the run's result, the container's
+    name)."""
+    bundle = make_bundle(top, user, ["sh", "-c", script],
+                         seccomp_section(str(agent.path), metadata=metadata))
+    name = f"nsbagent-{uuid.uuid4().hex[:8]}"
+    try:
+        return run_container(user, world.host, runtime, bundle, name), name
+    finally:
+        delete_container(user, world.host, runtime, bundle, name)
+
+
 OWN_ADDRESS = "203.0.113.5"  # added inside, after the agent took the container
 
 CONTAINER_SCRIPT = """\
@@ -174,13 +188,8 @@ def test_container_connects_are_switched_and_decided(runtime: str, user: Rootles
         script = CONTAINER_SCRIPT.format(own=OWN_ADDRESS, v4=OUTSIDE_V4, v6=OUTSIDE_V6,
                                          port4=world.tcp_outside.port,
                                          port6=world.tcp_outside6.port, denied=denied.port)
-        bundle = make_bundle(top, user, ["sh", "-c", script],
-                             seccomp_section(str(agent.path), metadata=runtime))
-        name = f"nsbagent-{uuid.uuid4().hex[:8]}"
-        try:
-            result = run_container(user, world.host, runtime, bundle, name)
-        finally:
-            delete_container(user, world.host, runtime, bundle, name)
+        result, name = run_script(user, world, runtime, agent, top, script,
+                                  metadata=runtime)
         log = agent.stop()
     out = result.stdout
     assert result.returncode == 0, (out, result.stderr, log)
@@ -226,12 +235,7 @@ def test_cached_decisions_give_way_to_an_address_the_container_adds(
     before = len(world.tcp_outside.accepted)
     with agent_as(user, world.host, top) as agent:
         script = CACHE_SCRIPT.format(v4=OUTSIDE_V4, port=world.tcp_outside.port)
-        bundle = make_bundle(top, user, ["sh", "-c", script], seccomp_section(str(agent.path)))
-        name = f"nsbagent-{uuid.uuid4().hex[:8]}"
-        try:
-            result = run_container(user, world.host, runtime, bundle, name)
-        finally:
-            delete_container(user, world.host, runtime, bundle, name)
+        result, _name = run_script(user, world, runtime, agent, top, script)
         log = agent.stop()
     out = result.stdout
     assert result.returncode == 0, (out, result.stderr, log)
