@@ -8,6 +8,13 @@ except under ``nsbridge run --bypass``, whose socket switching applies only to i
 command's descendants: there the command is a small exec server
 (``nsbench/inside_exec.py``) that starts each client with the harness's own pipes.
 
+Two reference rows put the bypass row in proportion: ``seccomp-trap`` and
+``seccomp-floor`` run the clients in the host namespace under
+``bench/reference/seccomp_floor.c`` (built with gcc here), which traps every connect()
+and either continues it (the trap alone) or switches it with nothing else (no policy,
+no option copy): what any socket switcher pays at the least.  They measure only what
+they trap (outbound TCP: iperf3, wrk, connect latency).
+
 Run as root:  python3 bench/usernet_bench.py [--quick] [--runs N] [--json OUT.json]
                   [--only ROW,ROW]
 See bench/README.md ("usernet_bench.py").
@@ -54,7 +61,20 @@ REQUIRED_TOOLS = ["ip", "iperf3", "wrk", "nsenter", "unshare", "ping", "/usr/sbi
 INSIDE_EXEC = Path(__file__).resolve().parent / "nsbench" / "inside_exec.py"
 SLEEP_MARK = "86399"  # `sleep 86399`: the namespace's placeholder process, found by cmdline
 
-ROWS = ["direct", "nsbridge", "nsbridge-bypass", "nsbridge-tun", "slirp4netns", "pasta"]
+ROWS = [
+    "direct",
+    "nsbridge",
+    "nsbridge-bypass",
+    "seccomp-trap",
+    "seccomp-floor",
+    "nsbridge-tun",
+    "slirp4netns",
+    "pasta",
+]
+# The reference rows (module docstring): seccomp_floor's mode, and what they measure.
+FLOOR_MODES = {"seccomp-trap": "trap", "seccomp-floor": "switch"}
+FLOOR_KINDS = frozenset({"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "connect"})
+FLOOR_SOURCE = REPO / "bench" / "reference" / "seccomp_floor.c"
 # Measurements that need TCP from inside (iperf3 -u too: its control connection is TCP).
 TCP_KINDS = {"tcp_out", "tcp_in", "tcp_out_p4", "tcp_in_p4", "wrk_close", "connect", "udp"}
 KINDS = [
@@ -129,6 +149,7 @@ class Side:
     procs: list[Managed] = field(default_factory=list)
     not_implemented: str | None = None  # TCP path missing (nsbridge --tcp=tun)
     cpu_descendants: bool = True  # False: the measured clients run below cpu_pids
+    kinds: frozenset[str] | None = None  # what the row measures (None: every kind)
 
 
 def log(msg: str) -> None:
@@ -260,9 +281,28 @@ def _unshared(reg: ProcessRegistry, ns: Netns, name: str) -> tuple[Managed, int]
     return holder, _find_sleeper(holder.pid, ns.path)
 
 
+def build_floor(workdir: Path) -> Path:
+    """seccomp_floor compiled into the work dir (the reference rows' wrapper)."""
+    binary = workdir / "seccomp_floor"
+    done = subprocess.run(
+        ["gcc", "-O2", "-o", str(binary), str(FLOOR_SOURCE), "-lpthread"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"gcc could not build {FLOOR_SOURCE.name}: {done.stderr.strip()[-200:]}")
+    return binary
+
+
 def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side:
     if row == "direct":
         return Side(None, [], inside(None, ns))
+    if row in FLOOR_MODES:
+        binary = workdir / "seccomp_floor"
+        if not binary.exists():
+            build_floor(workdir)
+        prefix = ns.exec_argv([str(binary), FLOOR_MODES[row]])
+        return Side(None, [], prefix, kinds=FLOOR_KINDS)
     if row.startswith("nsbridge"):
         argv = [sys.executable, "-m", "nsbridge", "run", "--dns", "127.0.0.1:53"]
         # The fast-path row publishes in splice mode (the relay of `forward`; its figure
@@ -511,6 +551,8 @@ def measure_row(
     out: dict[str, Sample] = {}
     tcp_missing = {"error": f"not implemented ({side.not_implemented})"}
     for kind in KINDS:
+        if side.kinds is not None and kind not in side.kinds:
+            continue
         if side.not_implemented and kind in TCP_KINDS:
             out[kind] = dict(tcp_missing)
             continue
@@ -635,6 +677,10 @@ def render(summary: dict[str, dict[str, Any]], rows: list[str], unavailable: dic
                 cell = unavailable[row]
             elif row == "direct" and m.key in ("cpu", "dns_added", "connect_added"):
                 cell = "n/a"
+            elif row in FLOOR_MODES and (
+                m.key == "cpu" or KIND_OF.get(m.key, m.key) not in FLOOR_KINDS
+            ):
+                cell = "n/a (not trapped)" if m.key != "cpu" else "n/a"
             elif not st or st["median"] is None:
                 errs = st["errors"] if st else []
                 cell = f"{errs[0][:90]}" if errs else "no data"
@@ -650,7 +696,7 @@ def render(summary: dict[str, dict[str, Any]], rows: list[str], unavailable: dic
                         if row not in ("pasta", "direct") and m.key.startswith("tcp")
                         else None,
                         _ratio(med, summary[m.key].get("direct"), "direct")
-                        if row == "nsbridge-bypass" and m.key not in ADDED
+                        if (row == "nsbridge-bypass" or row in FLOOR_MODES) and m.key not in ADDED
                         else None,
                     )
                     if r and m.key not in ADDED
@@ -753,6 +799,14 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
         lambda: med("connect_added", bypass) <= 50,
         f"{med('connect_added', bypass) or 0:.0f} us",
     )
+    floor, trap = "seccomp-floor", "seccomp-trap"
+    if med("wrk_close", floor) or med("wrk_close", trap):
+        out.append(
+            f"reference    what trapping costs, connect+request/s against direct: the trap "
+            f"alone {fmt_ratio(trap, 'direct', 'wrk_close')}, a bare switch "
+            f"{fmt_ratio(floor, 'direct', 'wrk_close')}; --bypass "
+            f"{fmt_ratio(bypass, floor, 'wrk_close')} of the bare switch"
+        )
     return out
 
 

@@ -28,11 +28,27 @@
  *
  * usage: gcc -O2 -o seccomp_floor seccomp_floor.c -lpthread && ./seccomp_floor [N]
  * Traffic stays on 127.0.0.1 of the namespace it runs in.
+ *
+ * Wrapper modes, for a real client (bench/usernet_bench.py's seccomp-trap and
+ * seccomp-floor rows, so that the nsbridge-bypass row is read against them in one run):
+ *
+ *   seccomp_floor trap CMD [ARG...]    every connect() of CMD trapped and continued
+ *                                      unchanged: the price of the trap alone, the
+ *                                      least anything deciding each connect can cost
+ *   seccomp_floor switch CMD [ARG...]  every TCP connect() switched as in "full switch
+ *                                      +sync" (the file flags kept, EINPROGRESS for a
+ *                                      non-blocking socket); no policy, no option
+ *                                      copy, no close-on-exec read
+ *
+ * Connects the switch cannot handle (not TCP, an unreadable sockaddr) are continued
+ * unchecked, which is no way to decide anything and fine for a reference.  Both modes
+ * print what they did to stderr at the end.  Synchronous wake-ups in both.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
@@ -114,12 +130,15 @@ static void time_connects(const char *label, int n)
 static int trap_connect(void)
 {
     struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_connect, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
-    struct sock_fprog program = {.len = 4, .filter = code};
+    struct sock_fprog program = {.len = sizeof code / sizeof code[0], .filter = code};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         return -1;
     return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
@@ -243,11 +262,145 @@ static void trapped_row(const char *label, int n, int what, int sync)
     waitpid(supervisor, &status, 0);
 }
 
+static unsigned long switched_count, continued_count;
+
+/* A pidfd of thread ``tid``: of the thread itself (Linux 6.9), else of its process,
+ * which is the same for the single-threaded clients the benchmarks run. */
+static int pidfd_of(pid_t tid)
+{
+    int fd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
+    return fd >= 0 || errno != EINVAL ? fd : (int)syscall(SYS_pidfd_open, tid, 0);
+}
+
+/* Switch mode's handling of one connect: answered here in every case. */
+static void switch_program_connect(int listener, struct seccomp_notif *req)
+{
+    struct seccomp_notif_resp answer = {.id = req->id};
+    int target = (int)req->data.args[0];
+    socklen_t length = (socklen_t)req->data.args[2];
+    struct sockaddr_storage sockaddr;
+    int pidfd = -1, theirs = -1, host = -1, domain = 0, type = 0, flags = 0;
+    socklen_t size = sizeof domain;
+    if (length < sizeof(sa_family_t) || length > sizeof sockaddr)
+        goto continue_unchecked;
+    pidfd = pidfd_of((pid_t)req->pid);
+    if (pidfd < 0 || ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id) < 0)
+        goto continue_unchecked;
+    theirs = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0);
+    struct iovec local = {&sockaddr, length}, remote = {(void *)req->data.args[1], length};
+    if (theirs < 0 || process_vm_readv(req->pid, &local, 1, &remote, 1, 0) != (ssize_t)length ||
+        ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id) < 0)
+        goto continue_unchecked;
+    if (getsockopt(theirs, SOL_SOCKET, SO_DOMAIN, &domain, &size) < 0 ||
+        (domain != AF_INET && domain != AF_INET6) ||
+        getsockopt(theirs, SOL_SOCKET, SO_TYPE, &type, &size) < 0 || type != SOCK_STREAM ||
+        sockaddr.ss_family != domain || (flags = fcntl(theirs, F_GETFL)) < 0)
+        goto continue_unchecked;
+    host = socket(domain, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (host < 0)
+        goto continue_unchecked;
+    int result = connect(host, (struct sockaddr *)&sockaddr, length) == 0 ? 0 : errno;
+    if (result == EINPROGRESS && !(flags & O_NONBLOCK)) {
+        struct pollfd p = {.fd = host, .events = POLLOUT};
+        (void)poll(&p, 1, -1); /* the floor's targets are local: no wait to speak of */
+        size = sizeof result;
+        (void)getsockopt(host, SOL_SOCKET, SO_ERROR, &result, &size);
+    }
+    if (result != 0 && result != EINPROGRESS) {
+        answer.error = -result;
+    } else {
+        if (!(flags & O_NONBLOCK))
+            (void)fcntl(host, F_SETFL, 0);
+        struct seccomp_notif_addfd add = {.id = req->id, .flags = SECCOMP_ADDFD_FLAG_SETFD,
+                                          .srcfd = (__u32)host, .newfd = (__u32)target};
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0)
+            answer.error = -EIO;
+        else
+            answer.error = -result;
+    }
+    switched_count++;
+    goto answer_and_close;
+continue_unchecked:
+    continued_count++;
+    answer.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+answer_and_close:
+    (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer); /* first: the program waits */
+    if (host >= 0)
+        close(host);
+    if (theirs >= 0)
+        close(theirs);
+    if (pidfd >= 0)
+        close(pidfd);
+}
+
+/* seccomp_floor trap|switch CMD...: CMD's exit status (128+signal when killed). */
+static int wrapper_mode(int switching, char **command)
+{
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+        perror("socketpair");
+        return 1;
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        close(pair[0]);
+        (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int listener = trap_connect();
+        if (listener < 0) {
+            perror("seccomp");
+            _exit(126);
+        }
+        send_fd(pair[1], listener);
+        close(listener);
+        close(pair[1]);
+        execvp(command[0], command);
+        perror(command[0]);
+        _exit(127);
+    }
+    close(pair[1]);
+    int listener = receive_fd(pair[0]);
+    close(pair[0]);
+    if (listener < 0) {
+        fprintf(stderr, "seccomp_floor: no listener from the child\n");
+        return 1;
+    }
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0) < 0)
+        fprintf(stderr, "seccomp_floor: SYNC_WAKE_UP refused (%s)\n", strerror(errno));
+    for (;;) {
+        struct pollfd p = {.fd = listener, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0)
+            continue;
+        if (p.revents & (POLLHUP | POLLERR))
+            break; /* every process under the filter has exited */
+        struct seccomp_notif req;
+        memset(&req, 0, sizeof req);
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0)
+            continue;
+        if (switching) {
+            switch_program_connect(listener, &req);
+        } else {
+            struct seccomp_notif_resp answer = {.id = req.id,
+                                                .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
+            (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
+            continued_count++;
+        }
+    }
+    fprintf(stderr, "seccomp_floor: %lu connects switched, %lu continued\n", switched_count,
+            continued_count);
+    int status;
+    if (waitpid(child, &status, 0) < 0)
+        return 1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 2 && (strcmp(argv[1], "trap") == 0 || strcmp(argv[1], "switch") == 0))
+        return wrapper_mode(strcmp(argv[1], "switch") == 0, argv + 2);
     int n = argc > 1 ? atoi(argv[1]) : 20000;
     if (n < 10) {
-        fprintf(stderr, "usage: %s [N >= 10 connects per row]\n", argv[0]);
+        fprintf(stderr, "usage: %s [N >= 10 connects per row]\n"
+                        "       %s trap|switch CMD [ARG...]\n", argv[0], argv[0]);
         return 2;
     }
     int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
