@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import procstat
+from nsbench.cpuidle import cpus_kept_awake
 from nsbench.measure import GIB8, Sample, parse_wrk, run_client, run_iperf_json
 from nsbench.procs import BenchError, Managed, Netns, ProcessRegistry, bench_main, run_checked
 from nsbench.report import spread
@@ -163,6 +164,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="OUT.json", help="write raw samples and the summary")
     p.add_argument("--only", metavar="ROW,ROW", help=f"rows to run: {','.join(ROWS)}")
     p.add_argument("--keep-workdir", action="store_true", help="keep logs for debugging")
+    p.add_argument(
+        "--poll-idle",
+        action="store_true",
+        help="keep every CPU out of idle states for the run (/dev/cpu_dma_latency 0): on a "
+        "VM whose idle vCPUs halt, a wake-up of an idle CPU costs the waker µs, which "
+        "charges rows that leave the server idle more often; see nsbench/cpuidle.py",
+    )
     return p.parse_args(argv)
 
 
@@ -849,29 +857,32 @@ def bench(args: argparse.Namespace) -> int:
     try:
         setup_host(ns, reg, workdir)
         log(f"host netns {ns.name}, workdir {workdir}")
-        for rep in range(cfg.runs):
-            active = [r for r in rows if r not in unavailable]
-            k = rep % max(len(active), 1)
-            for row in active[k:] + active[:k]:
-                try:
-                    side = start_side(row, reg, ns, workdir)
-                except BenchError as exc:
-                    unavailable[row] = f"unavailable ({str(exc).splitlines()[0][:150]})"
-                    log(f"{row}: {unavailable[row]}")
-                    events.append(f"{row}: {exc}")
-                    continue
-                try:
-                    if side.target is not None:
-                        problem = tcp_probe(side)
-                        if problem == "refused" and row == "nsbridge-tun":
-                            side.not_implemented = "TCP SYN answered with a reset: --tcp=tun path"
-                        elif problem:
-                            events.append(f"{row}: TCP probe failed: {problem}")
-                            side.not_implemented = f"TCP probe failed: {problem}"
-                    results[row].append(measure_row(row, side, ns, reg, cfg, rep))
-                finally:
-                    for p in side.procs:
-                        reg.stop(p)
+        with cpus_kept_awake(args.poll_idle):
+            for rep in range(cfg.runs):
+                active = [r for r in rows if r not in unavailable]
+                k = rep % max(len(active), 1)
+                for row in active[k:] + active[:k]:
+                    try:
+                        side = start_side(row, reg, ns, workdir)
+                    except BenchError as exc:
+                        unavailable[row] = f"unavailable ({str(exc).splitlines()[0][:150]})"
+                        log(f"{row}: {unavailable[row]}")
+                        events.append(f"{row}: {exc}")
+                        continue
+                    try:
+                        if side.target is not None:
+                            problem = tcp_probe(side)
+                            if problem == "refused" and row == "nsbridge-tun":
+                                side.not_implemented = (
+                                    "TCP SYN answered with a reset: --tcp=tun path"
+                                )
+                            elif problem:
+                                events.append(f"{row}: TCP probe failed: {problem}")
+                                side.not_implemented = f"TCP probe failed: {problem}"
+                        results[row].append(measure_row(row, side, ns, reg, cfg, rep))
+                    finally:
+                        for p in side.procs:
+                            reg.stop(p)
     finally:
         reg.stop_all()
         cleanup_host(ns)
@@ -882,7 +893,9 @@ def bench(args: argparse.Namespace) -> int:
     print(
         f"usernet_bench: {cfg.runs} run(s), iperf3 -t {cfg.tcp_s}, wrk -d {cfg.wrk_s}s, "
         f"medians [min-max, n]; ratios vs {REF} (and pasta for TCP); "
-        f"CPU busy before start {busy:.0%}\n"
+        f"CPU busy before start {busy:.0%}"
+        + ("; CPUs kept out of idle states (--poll-idle)" if args.poll_idle else "")
+        + "\n"
     )
     print(render(summary, shown, unavailable))
     tlines = targets(summary)
@@ -894,7 +907,12 @@ def bench(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "config": cfg.__dict__,
-                    "run": {"started": started, "elapsed": time.time() - started, "busy": busy},
+                    "run": {
+                        "started": started,
+                        "elapsed": time.time() - started,
+                        "busy": busy,
+                        "poll_idle": args.poll_idle,
+                    },
                     "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
                     "versions": _versions(),
                     "rows": shown,
