@@ -353,80 +353,18 @@ static void copy_options(int source, int source_family, int host, int family)
         copy_int(source, host, IPPROTO_IPV6, IPV6_TCLASS);
 }
 
-/* Open directories /proc/TID/fdinfo of the threads that trapped last, so that reading
- * a close-on-exec flag is one openat() instead of a walk of the whole path.
- *
- * Why a stale entry can never read another process's table: the directory fd pins the
- * thread it was opened for (its struct pid), not the number.  Once that thread has
- * exited, every openat() in it fails (ESRCH), even when the number names a new thread
- * by then (tests/unit/test_notifycore.py reuses a pid to show it); the entry is then
- * dropped and the path walked afresh.  Used by the serving thread only (no lock). */
-#define FDINFO_DIRS 4
-
-struct fdinfo_dirs {
-    int tid[FDINFO_DIRS];
-    int dir[FDINFO_DIRS]; /* -1: empty */
-    unsigned next;        /* the entry replaced next (round robin) */
-};
-
-static void fdinfo_dirs_init(struct fdinfo_dirs *dirs)
+/* Whether fd ``fd`` of thread ``pid`` is close-on-exec (its ``/proc/PID/fdinfo/FD``
+ * ``flags:`` line, in octal); 0 when that cannot be read (seccomp_notify.fd_cloexec).
+ * Read by path each time, no directory kept open: a cache of them saved too little to
+ * be worth the pid-reuse argument it needed.  Should the caller exit meanwhile and its
+ * number go to another process, the flag read is a stranger's, but it only chooses
+ * ADDFD's O_CLOEXEC, and that ADDFD fails (ENOENT): the notification died with its
+ * caller. */
+static int fd_cloexec(int pid, int fd)
 {
-    for (int i = 0; i < FDINFO_DIRS; i++)
-        dirs->dir[i] = -1;
-    dirs->next = 0;
-}
-
-static void fdinfo_dirs_close(struct fdinfo_dirs *dirs)
-{
-    for (int i = 0; i < FDINFO_DIRS; i++) {
-        if (dirs->dir[i] >= 0)
-            close(dirs->dir[i]);
-        dirs->dir[i] = -1;
-    }
-}
-
-/* An fd reading /proc/``pid``/fdinfo/``fd`` (through ``dirs`` when not NULL), or -1. */
-static int fdinfo_open(int pid, int fd, struct fdinfo_dirs *dirs)
-{
-    char path[64], name[16];
-    if (dirs == NULL) {
-        snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
-        return open(path, O_RDONLY | O_CLOEXEC);
-    }
-    snprintf(name, sizeof name, "%d", fd);
-    for (int i = 0; i < FDINFO_DIRS; i++) {
-        if (dirs->dir[i] >= 0 && dirs->tid[i] == pid) {
-            int info = openat(dirs->dir[i], name, O_RDONLY | O_CLOEXEC);
-            if (info >= 0)
-                return info;
-            close(dirs->dir[i]); /* that thread is gone (ESRCH) or the fd: walk afresh */
-            dirs->dir[i] = -1;
-            break;
-        }
-    }
-    snprintf(path, sizeof path, "/proc/%d/fdinfo", pid);
-    int dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir < 0)
-        return -1;
-    int info = openat(dir, name, O_RDONLY | O_CLOEXEC);
-    if (info < 0) {
-        close(dir);
-        return -1;
-    }
-    int slot = (int)(dirs->next++ % FDINFO_DIRS);
-    if (dirs->dir[slot] >= 0)
-        close(dirs->dir[slot]);
-    dirs->dir[slot] = dir;
-    dirs->tid[slot] = pid;
-    return info;
-}
-
-/* Whether fd ``fd`` of thread ``pid`` is close-on-exec (its fdinfo ``flags:`` line, in
- * octal); 0 when that cannot be read (seccomp_notify.fd_cloexec). */
-static int fd_cloexec(int pid, int fd, struct fdinfo_dirs *dirs)
-{
-    char text[4096];
-    int info = fdinfo_open(pid, fd, dirs);
+    char path[64], text[4096];
+    snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
+    int info = open(path, O_RDONLY | O_CLOEXEC);
     if (info < 0)
         return 0;
     ssize_t got = read(info, text, sizeof text - 1);
@@ -450,9 +388,9 @@ static int fd_cloexec(int pid, int fd, struct fdinfo_dirs *dirs)
  * success).  ``host`` is closed in every case, after the answer: with synchronous
  * wake-ups the answer hands this CPU to the program, so what can wait does.  Returns
  * an outcome, or -errno for an ADDFD or SEND failure other than the caller being
- * gone.  ``dirs``: the serving thread's fdinfo directories, or NULL. */
+ * gone. */
 static int install(int listener, __u64 id, int pid, int fd, int host, int blocking,
-                   int result, struct fdinfo_dirs *dirs)
+                   int result)
 {
     /* The file's flag: the program's socket was blocking.  The host socket is ours
      * and was made with only O_NONBLOCK among the flags F_SETFL sets. */
@@ -463,7 +401,7 @@ static int install(int listener, __u64 id, int pid, int fd, int host, int blocki
         .flags = SECCOMP_ADDFD_FLAG_SETFD,
         .srcfd = (__u32)host,
         .newfd = (__u32)fd,
-        .newfd_flags = fd_cloexec(pid, fd, dirs) ? O_CLOEXEC : 0,
+        .newfd_flags = fd_cloexec(pid, fd) ? O_CLOEXEC : 0,
     };
     int outcome = SWITCHED;
     if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {
@@ -500,7 +438,7 @@ static int do_switch(int listener, __u64 id, int pid, int fd, int source, int so
                      int family, const struct sockaddr_storage *target,
                      socklen_t target_length, int v6only_off,
                      const struct sockaddr_storage *bound, socklen_t bound_length,
-                     int blocking, struct fdinfo_dirs *dirs, int *outcome, int *value)
+                     int blocking, int *outcome, int *value)
 {
     int error = 0;
     *outcome = 0;
@@ -544,7 +482,7 @@ static int do_switch(int listener, __u64 id, int pid, int fd, int source, int so
         return 0;
     }
     *value = result;
-    int installed = install(listener, id, pid, fd, host, blocking, result, dirs);
+    int installed = install(listener, id, pid, fd, host, blocking, result);
     if (installed < 0)
         return -installed;
     *outcome = installed;
@@ -581,7 +519,7 @@ static PyObject *core_switch_connect(PyObject *self, PyObject *args, PyObject *k
     Py_BEGIN_ALLOW_THREADS
     error = do_switch(listener, (__u64)id, pid, fd, source, source_family, family, &target,
                       target_length, v6only_off, bound_length ? &bound : NULL, bound_length,
-                      blocking, NULL, &outcome, &value);
+                      blocking, &outcome, &value);
     Py_END_ALLOW_THREADS
     if (error) {
         errno = error;
@@ -602,7 +540,7 @@ static PyObject *core_install(PyObject *self, PyObject *args)
         return NULL;
     int outcome;
     Py_BEGIN_ALLOW_THREADS
-    outcome = install(listener, (__u64)id, pid, fd, host, blocking, result, NULL);
+    outcome = install(listener, (__u64)id, pid, fd, host, blocking, result);
     Py_END_ALLOW_THREADS
     if (outcome < 0) {
         errno = -outcome;
@@ -674,7 +612,6 @@ typedef struct {
     int listener, connect_nr;
     unsigned long long host_netns;
     unsigned long long host_cookie; /* SO_NETNS_COOKIE of host_netns; 0: compare inodes */
-    struct fdinfo_dirs dirs;        /* the thread's (fd_cloexec) */
     int queue_fd, stop_fd;
     int watch[MAX_WATCH], nwatch;
     pthread_mutex_t lock; /* the cache, the queue, the counts */
@@ -822,7 +759,7 @@ static int serve_cached(Server *s, struct fetch *f)
                           (int)(f->n.data.args[0] & 0xFFFFFFFFu), f->sockfd, domain, e.family,
                           &e.target, e.target_length, e.v6only_off,
                           e.bound_length ? &e.bound : NULL, e.bound_length,
-                          !(flags & O_NONBLOCK), &s->dirs, &outcome, &value);
+                          !(flags & O_NONBLOCK), &outcome, &value);
     pthread_mutex_lock(&s->lock);
     s->hits++;
     if (!error && (outcome == SWITCHED || outcome == SWITCHED_GONE))
@@ -920,7 +857,6 @@ static void server_stop(Server *s)
     s->queue_fd = s->stop_fd = -1;
     free(s->cache);
     s->cache = NULL;
-    fdinfo_dirs_close(&s->dirs);
 }
 
 static void server_dealloc(Server *s)
@@ -1017,7 +953,6 @@ static PyObject *server_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     if (s == NULL)
         return NULL;
     s->queue_fd = s->stop_fd = -1;
-    fdinfo_dirs_init(&s->dirs);
     pthread_mutex_init(&s->lock, NULL);
     return (PyObject *)s;
 }
@@ -1197,23 +1132,6 @@ static PyObject *server_counts(Server *s, PyObject *unused)
     return Py_BuildValue("(KKKK)", n, h, w, g);
 }
 
-/* fd_cloexec(pid, fd): what the thread would read for fd ``fd`` of thread ``pid``,
- * through the same fdinfo directories (tests: a reused pid must not be misread).
- * Refused while the thread runs: the directories are its own, unlocked. */
-static PyObject *server_fd_cloexec(Server *s, PyObject *args)
-{
-    int pid, fd;
-    if (!PyArg_ParseTuple(args, "ii:fd_cloexec", &pid, &fd))
-        return NULL;
-    if (!server_usable(s))
-        return NULL;
-    if (s->running) {
-        PyErr_SetString(PyExc_RuntimeError, "the thread's fdinfo directories are its own");
-        return NULL;
-    }
-    return PyBool_FromLong(fd_cloexec(pid, fd, &s->dirs));
-}
-
 /* Whether the thread tells the host side's sockets by namespace cookie (else inode). */
 static PyObject *server_compares_cookies(Server *s, PyObject *unused)
 {
@@ -1239,8 +1157,6 @@ static PyMethodDef server_methods[] = {
     {"cached", (PyCFunction)server_cached, METH_NOARGS, "entries in the cache"},
     {"counts", (PyCFunction)server_counts, METH_NOARGS,
      "counts() -> (notifications, hits, switched, gone) since the last call"},
-    {"fd_cloexec", (PyCFunction)server_fd_cloexec, METH_VARARGS,
-     "fd_cloexec(pid, fd) -> bool, through the thread's fdinfo directories (not running)"},
     {"compares_cookies", (PyCFunction)server_compares_cookies, METH_NOARGS,
      "whether the host side's namespace is told by SO_NETNS_COOKIE (else by inode)"},
     {"close", (PyCFunction)server_close, METH_NOARGS, "stop, join, free"},

@@ -45,10 +45,6 @@ class Server:
     def cached(self) -> int: ...
     def counts(self) -> tuple[int, int, int, int]:
         """(notifications, hits, switched, gone) since the last call."""
-    def fd_cloexec(self, pid: int, fd: int, /) -> bool:
-        """Whether fd ``fd`` of thread ``pid`` is close-on-exec, read as the thread reads
-        it (through its cached /proc/TID/fdinfo directories).  RuntimeError while the
-        thread runs."""
     def compares_cookies(self) -> bool:
         """Whether the thread tells the host side's sockets by SO_NETNS_COOKIE (Linux
         5.14, ``host_netns`` being the caller's namespace), else by namespace inode."""

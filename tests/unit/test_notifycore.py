@@ -9,8 +9,6 @@ import errno
 import os
 import select
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -214,99 +212,6 @@ def test_sync_wake_up_kernel(release: str, missing: bool) -> None:
     assert (said is not None) == missing
     if said:
         assert release in said and "6.6" in said
-
-
-# In a pid namespace of its own (pid 1 there, /proc its own), so that a pid can be
-# reused on purpose: ns_last_pid set to one below the dead child's pid.
-_PID_REUSE = r"""
-import os, signal, sys, time
-from nsbridge.linux import _notifycore as core
-
-server = core.Server(-1, 42, 1)
-fd = os.open("/dev/null", os.O_RDONLY)  # close-on-exec, as Python opens files
-
-def child(inheritable):
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        if inheritable:
-            os.set_inheritable(fd, True)
-        os.write(ready_w, b"x")
-        time.sleep(60)
-        os._exit(0)
-    os.read(ready_r, 1)
-    os.close(ready_r)
-    os.close(ready_w)
-    return pid
-
-first = child(False)
-assert server.fd_cloexec(first, fd) is True  # the thread's directory of `first` cached
-stale = os.open(f"/proc/{first}/fdinfo", os.O_RDONLY | os.O_DIRECTORY)
-os.kill(first, signal.SIGKILL)
-os.waitpid(first, 0)
-with open("/proc/sys/kernel/ns_last_pid", "w") as last:
-    last.write(str(first - 1))
-second = child(True)
-assert second == first, (first, second)
-try:
-    os.open(str(fd), os.O_RDONLY, dir_fd=stale)
-except (FileNotFoundError, ProcessLookupError):  # ENOENT or ESRCH: nothing read
-    pass
-else:
-    sys.exit("a dead process's fdinfo directory read the new process's table")
-assert server.fd_cloexec(second, fd) is False  # read afresh: the new process's flag
-os.kill(second, signal.SIGKILL)
-os.waitpid(second, 0)
-server.close()
-print("reused", first)
-"""
-
-
-@needs_core
-def test_fdinfo_directory_of_a_dead_thread_never_reads_its_pid_reused() -> None:
-    """The serving thread keeps /proc/TID/fdinfo directories open to read close-on-exec
-    flags with one openat(); the claim that makes it sound is the kernel's: such a
-    directory pins the thread, not the number.  Shown with a pid reused on purpose: the
-    stale directory finds nothing (ESRCH or ENOENT), and the thread's lookup reads the new
-    process's flag, not the cached one.  A user+pid namespace of its own (unshare -Urpf),
-    so no root is needed and no other process's pid is touched."""
-    assert core is not None
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"],
-                           capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"no user+pid namespace here: {probe.stderr.decode().strip()}")
-    done = subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, "-c",
-                           _PID_REUSE], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": root}, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("reused ")
-
-
-@needs_core
-def test_fdinfo_directories_read_flags_and_are_closed_with_the_server() -> None:
-    """The cached directories give the same answers as the path (both flags, a missing
-    fd reads as not close-on-exec), are refused to Python while the thread runs, and
-    close() closes them."""
-    assert core is not None
-    before = _open_fds()
-    server = core.Server(-1, 42, 1)
-    with open("/dev/null", "rb") as null:
-        assert server.fd_cloexec(os.getpid(), null.fileno()) is True
-        os.set_inheritable(null.fileno(), True)
-        assert server.fd_cloexec(os.getpid(), null.fileno()) is False
-    assert server.fd_cloexec(os.getpid(), 1_000_000) is False
-    assert server.fd_cloexec(os.getpid(), 0) in (True, False)
-    server.close()
-    assert _open_fds() == before
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        server = core.Server(sock.fileno(), 42, 1)
-        server.start()
-        with pytest.raises(RuntimeError, match="its own"):
-            server.fd_cloexec(os.getpid(), 0)
-        server.close()
 
 
 @needs_core

@@ -11,6 +11,8 @@ the test can change the host between two connects of the same program:
   all but the first (give or take an address event) come from the cache (``cached``),
   blocking and non-blocking, IPv4 and IPv6; thousands leave the program's and the host
   side's fd counts as they were;
+- sockets made with and without ``SOCK_CLOEXEC`` keep that flag once switched, on
+  cached switches as on Python's;
 - a denied destination is denied on every attempt (never cached);
 - the race the cache must not lose: a destination switched (and cached), then made one
   of the host's own addresses (``ip addr add`` in the host namespace): the very next
@@ -56,7 +58,37 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("switch_path")]
 
 # The program under the filter: one step per line on stdin, one JSON result per line.
 STEPPER = r'''
-import errno, json, os, select, socket, struct, sys
+import ctypes, errno, fcntl, json, os, select, socket, struct, sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+def said(sock):
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        line += chunk
+    return "saw " + line.decode().strip()
+
+def flagged(ip, port, cloexec):
+    """A socket made by libc's socket() with or without SOCK_CLOEXEC (Python's own
+    always sets it), connected blocking: its close-on-exec flag before and after."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    fd = libc.socket(family, socket.SOCK_STREAM | (socket.SOCK_CLOEXEC if cloexec else 0), 0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "socket")
+    sock = socket.socket(fileno=fd)
+    made = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    try:
+        sock.connect((ip, port))
+        kept = bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+        sock.settimeout(10)
+        return {"made": made, "kept": kept, "said": said(sock)}
+    except OSError as exc:
+        return {"made": made, "error": errno.errorcode.get(exc.errno, str(exc))}
+    finally:
+        sock.close()
 
 def one(ip, port, kind):
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
@@ -77,13 +109,7 @@ def one(ip, port, kind):
                 raise OSError(error, os.strerror(error))
             sock.setblocking(True)
             sock.settimeout(10)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            line += chunk
-        return "saw " + line.decode().strip()
+        return said(sock)
     except OSError as exc:
         return errno.errorcode.get(exc.errno, str(exc))
     finally:
@@ -99,6 +125,10 @@ for line in sys.stdin:
                 print(json.dumps({"started": True}), flush=True)
         print(json.dumps({"done": done, "error": outcome}), flush=True)
         break
+    if kind == "flags":  # count: the close-on-exec flag of each socket in turn
+        print(json.dumps({"flags": [flagged(ip, port, cloexec) for cloexec in count]}),
+              flush=True)
+        continue
     before = len(os.listdir("/proc/self/fd"))
     outcomes = {}
     for _ in range(count):
@@ -185,15 +215,13 @@ def drive(world: World, tmp_path: Path, steps: list[list], timeout: float = 180)
 
 def test_cache_hits_are_switched_and_counted(world: World, tmp_path: Path,
                                              switch_path: str) -> None:
-    # Warm-up: the host side's fds settle (the first connect is decided by Python, the
-    # second, a cache hit, opens the serving thread's fdinfo directory of this thread).
-    steps = [["blocking", OUT4, ECHO_PORT, 2],
+    steps = [["blocking", OUT4, ECHO_PORT, 1],  # warm-up: the host side's fds settle
              ["blocking", OUT4, ECHO_PORT, 2000],
              ["nonblocking", OUT4, ECHO_PORT, 500],
              ["blocking", OUT6, ECHO_PORT, 500]]
     report = drive(world, tmp_path, steps)
     warm, many, nonblocking, six = report["results"]
-    assert warm["outcomes"] == {f"saw {UP4}": 2}
+    assert warm["outcomes"] == {f"saw {UP4}": 1}
     assert many["outcomes"] == {f"saw {UP4}": 2000}
     assert nonblocking["outcomes"] == {f"saw {UP4}": 500}
     assert six["outcomes"] == {f"saw {UP6}": 500}
@@ -201,14 +229,43 @@ def test_cache_hits_are_switched_and_counted(world: World, tmp_path: Path,
         assert result["fds"][0] == result["fds"][1], result  # the program's
         assert result["host_fds"][0] == result["host_fds"][1], result  # nsbridge's
     bypass = report["bypass"]
-    assert bypass["switched"] == 3002 and bypass["errors"] == 0 and bypass["denied"] == {}
+    assert bypass["switched"] == 3001 and bypass["errors"] == 0 and bypass["denied"] == {}
     if switch_path == "python":
         assert bypass["cached"] == 0
     else:
         # The first connect to each destination is decided by Python, then cached; an
         # address event of the host namespace's own life (an IPv6 address finishing
         # DAD) empties the cache meanwhile, so one or two more may be decided again.
-        assert 3002 - 10 <= bypass["cached"] <= 3002 - 2, bypass
+        assert 3001 - 10 <= bypass["cached"] <= 3001 - 2, bypass
+
+
+def test_cached_switches_keep_the_programs_close_on_exec_flag(world: World, tmp_path: Path,
+                                                             switch_path: str) -> None:
+    """The switched socket keeps the close-on-exec flag the program gave its own: the
+    native thread reads it from ``/proc/PID/fdinfo/FD`` for every cached switch, as the
+    Python path does for the ones it decides.  Sockets with and without
+    ``SOCK_CLOEXEC`` alternate to one destination per family; the first to each is
+    decided by Python (once with, once without the flag), the rest are cache hits.
+    ``cached`` bounds the misses (an address event may empty the cache) below the
+    count of either flag, so each flag was kept on cached switches too."""
+    rounds = 10
+    steps = [["flags", OUT4, ECHO_PORT, [True] + [False, True] * rounds],
+             ["flags", OUT6, ECHO_PORT, [False] + [True, False] * rounds]]
+    report = drive(world, tmp_path, steps)
+    total = 0
+    for (_, _, _, wanted), up, result in zip(steps, (UP4, UP6), report["results"],
+                                             strict=True):
+        assert [one["made"] for one in result["flags"]] == wanted  # the program's socket
+        assert [one["kept"] for one in result["flags"]] == wanted, result  # after connect
+        assert {one["said"] for one in result["flags"]} == {f"saw {up}"}  # switched
+        total += len(wanted)
+    bypass = report["bypass"]
+    assert bypass["switched"] == total and bypass["errors"] == 0, bypass
+    if switch_path == "python":
+        assert bypass["cached"] == 0
+    else:
+        misses = 6  # beyond the first per destination; below `rounds` of either flag
+        assert total - 2 - misses <= bypass["cached"] <= total - 2, bypass
 
 
 def test_denied_destination_stays_denied(world: World, tmp_path: Path) -> None:
