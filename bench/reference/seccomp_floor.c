@@ -78,7 +78,8 @@
 #define PIDFD_THREAD O_EXCL
 #endif
 
-enum { ANSWER_ONLY, FULL_SWITCH };
+/* What the supervisor does with one notification; every handler answers it. */
+typedef void (*handler)(int listener, struct seccomp_notif *req);
 
 static struct sockaddr_in server_address;
 
@@ -202,7 +203,20 @@ static void switch_one(int listener, struct seccomp_notif *req)
     close(pidfd);
 }
 
-static void supervise(int listener, int what, int sync)
+static void answer_only(int listener, struct seccomp_notif *req)
+{
+    struct seccomp_notif_resp answer = {.id = req->id};
+    (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
+}
+
+static void full_switch(int listener, struct seccomp_notif *req)
+{
+    switch_one(listener, req);
+    answer_only(listener, req);
+}
+
+/* Serve ``listener`` with ``serve_one`` until every process under the filter is gone. */
+static void supervise(int listener, handler serve_one, int sync)
 {
     if (sync && ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS,
                       SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0) < 0)
@@ -211,7 +225,7 @@ static void supervise(int listener, int what, int sync)
         struct pollfd p = {.fd = listener, .events = POLLIN};
         if (poll(&p, 1, -1) < 0)
             continue;
-        if (p.revents & POLLHUP)
+        if (p.revents & (POLLHUP | POLLERR))
             return;
         struct seccomp_notif req;
         memset(&req, 0, sizeof req);
@@ -220,39 +234,50 @@ static void supervise(int listener, int what, int sync)
                 continue;
             return;
         }
-        if (what == FULL_SWITCH)
-            switch_one(listener, &req);
-        struct seccomp_notif_resp answer = {.id = req.id};
-        (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
+        serve_one(listener, &req);
     }
 }
 
-static void trapped_row(const char *label, int n, int what, int sync)
+/* Fork a child that installs the trap and hands its listener over.  In the child this
+ * returns 0 (the caller goes on under the trap); in the parent the child's pid, with
+ * ``*listener`` set (-1 when none came). */
+static pid_t fork_trapped(int *listener)
 {
     int pair[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
         perror("socketpair");
         exit(1);
     }
-    pid_t client = fork();
-    if (client == 0) {
+    pid_t child = fork();
+    if (child == 0) {
         close(pair[0]);
-        int listener = trap_connect();
-        if (listener < 0) {
+        int mine = trap_connect();
+        if (mine < 0) {
             perror("seccomp");
-            _exit(1);
+            _exit(126);
         }
-        send_fd(pair[1], listener);
-        close(listener);
+        send_fd(pair[1], mine);
+        close(mine);
+        close(pair[1]);
+        return 0;
+    }
+    close(pair[1]);
+    *listener = receive_fd(pair[0]);
+    close(pair[0]);
+    return child;
+}
+
+static void trapped_row(const char *label, int n, handler serve_one, int sync)
+{
+    int listener;
+    pid_t client = fork_trapped(&listener);
+    if (client == 0) {
         time_connects(label, n);
         _exit(0);
     }
-    close(pair[1]);
-    int listener = receive_fd(pair[0]);
-    close(pair[0]);
     pid_t supervisor = fork();
     if (supervisor == 0) {
-        supervise(listener, what, sync);
+        supervise(listener, serve_one, sync);
         _exit(0);
     }
     close(listener);
@@ -270,6 +295,15 @@ static int pidfd_of(pid_t tid)
 {
     int fd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
     return fd >= 0 || errno != EINVAL ? fd : (int)syscall(SYS_pidfd_open, tid, 0);
+}
+
+/* Trap mode's handling of one connect: continued unchanged. */
+static void continue_connect(int listener, struct seccomp_notif *req)
+{
+    struct seccomp_notif_resp answer = {.id = req->id,
+                                        .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
+    (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
+    continued_count++;
 }
 
 /* Switch mode's handling of one connect: answered here in every case. */
@@ -336,55 +370,20 @@ answer_and_close:
 /* seccomp_floor trap|switch CMD...: CMD's exit status (128+signal when killed). */
 static int wrapper_mode(int switching, char **command)
 {
-    int pair[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
-        perror("socketpair");
-        return 1;
-    }
-    pid_t child = fork();
+    int listener;
+    pid_t child = fork_trapped(&listener);
     if (child == 0) {
-        close(pair[0]);
         (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int listener = trap_connect();
-        if (listener < 0) {
-            perror("seccomp");
-            _exit(126);
-        }
-        send_fd(pair[1], listener);
-        close(listener);
-        close(pair[1]);
         execvp(command[0], command);
         perror(command[0]);
         _exit(127);
     }
-    close(pair[1]);
-    int listener = receive_fd(pair[0]);
-    close(pair[0]);
     if (listener < 0) {
         fprintf(stderr, "seccomp_floor: no listener from the child\n");
         return 1;
     }
-    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, 0) < 0)
-        fprintf(stderr, "seccomp_floor: SYNC_WAKE_UP refused (%s)\n", strerror(errno));
-    for (;;) {
-        struct pollfd p = {.fd = listener, .events = POLLIN};
-        if (poll(&p, 1, -1) < 0)
-            continue;
-        if (p.revents & (POLLHUP | POLLERR))
-            break; /* every process under the filter has exited */
-        struct seccomp_notif req;
-        memset(&req, 0, sizeof req);
-        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0)
-            continue;
-        if (switching) {
-            switch_program_connect(listener, &req);
-        } else {
-            struct seccomp_notif_resp answer = {.id = req.id,
-                                                .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
-            (void)ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &answer);
-            continued_count++;
-        }
-    }
+    supervise(listener, switching ? switch_program_connect : continue_connect, 1);
+    close(listener); /* should serving have failed, the child's connects fail (ENOSYS) */
     fprintf(stderr, "seccomp_floor: %lu connects switched, %lu continued\n", switched_count,
             continued_count);
     int status;
@@ -417,9 +416,9 @@ int main(int argc, char **argv)
     pthread_t thread;
     pthread_create(&thread, NULL, serve, (void *)(long)listener);
     time_connects("direct", n);
-    trapped_row("answer only", n, ANSWER_ONLY, 0);
-    trapped_row("full switch", n, FULL_SWITCH, 0);
-    trapped_row("answer only +sync", n, ANSWER_ONLY, 1);
-    trapped_row("full switch +sync", n, FULL_SWITCH, 1);
+    trapped_row("answer only", n, answer_only, 0);
+    trapped_row("full switch", n, full_switch, 0);
+    trapped_row("answer only +sync", n, answer_only, 1);
+    trapped_row("full switch +sync", n, full_switch, 1);
     return 0;
 }
