@@ -289,9 +289,11 @@ def _unshared(reg: ProcessRegistry, ns: Netns, name: str) -> tuple[Managed, int]
     return holder, _find_sleeper(holder.pid, ns.path)
 
 
-def build_floor(workdir: Path) -> Path:
-    """seccomp_floor compiled into the work dir (the reference rows' wrapper)."""
+def floor_binary(workdir: Path) -> Path:
+    """seccomp_floor in the work dir (the reference rows' wrapper), compiled the first time."""
     binary = workdir / "seccomp_floor"
+    if binary.exists():
+        return binary
     done = subprocess.run(
         ["gcc", "-O2", "-o", str(binary), str(FLOOR_SOURCE), "-lpthread"],
         capture_output=True,
@@ -306,10 +308,7 @@ def start_side(row: str, reg: ProcessRegistry, ns: Netns, workdir: Path) -> Side
     if row == "direct":
         return Side(None, [], inside(None, ns))
     if row in FLOOR_MODES:
-        binary = workdir / "seccomp_floor"
-        if not binary.exists():
-            build_floor(workdir)
-        prefix = ns.exec_argv([str(binary), FLOOR_MODES[row]])
+        prefix = ns.exec_argv([str(floor_binary(workdir)), FLOOR_MODES[row]])
         return Side(None, [], prefix, kinds=FLOOR_KINDS)
     if row.startswith("nsbridge"):
         argv = [sys.executable, "-m", "nsbridge", "run", "--dns", "127.0.0.1:53"]
